@@ -1,0 +1,207 @@
+"""DoRALinear: weight-decomposed low-rank adaptation over any supported frozen base.
+
+    W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖        (norm per output row, detached in backward)
+
+The layer never forms W + s·B·A. It uses the expansion
+
+    ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s·(B ⊙ W·Aᵀ)_i·1 + s²·(B ⊙ B·(A·Aᵀ))_i·1
+
+with ‖W‖² cached (W is frozen) and W·Aᵀ, an (out, r) matrix, computed from row chunks of the (dequantized)
+weight. The output reuses the single base matmul: y = (m/‖·‖) ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b. Only with dropout in
+training does DoRA need the base matmul on the dropped input as well (peft's behaviour, kept for parity).
+
+`use_dora=False` gives plain LoRA through the same code, so benchmarks compare like with like.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dora_dist.nn.weight_source import WeightSource, weight_source_for
+
+
+def safe_divide_norm(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """m / ‖·‖ where a zero-norm row gets scale m (its direction is the zero vector, so the output is 0, not NaN)."""
+    return magnitude / torch.where(norm == 0, torch.ones_like(norm), norm)
+
+
+def dora_output(base_out: torch.Tensor, lora_out: torch.Tensor, scale: torch.Tensor | None, scaling: float,
+                base_out_dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """Combine base and low-rank outputs (no bias).
+
+    scale is m/‖W + sBA‖ (None for plain LoRA). base_out_dropped is x_drop·Wᵀ when dropout is active in training;
+    then, as in peft, y = x·Wᵀ + (scale-1) ⊙ x_drop·Wᵀ + scale ⊙ s·lora.
+    """
+    lora_out = lora_out.to(base_out.dtype)
+    if scale is None:
+        return torch.add(base_out, lora_out, alpha=scaling)
+    scale = scale.to(base_out.dtype)
+    if base_out_dropped is None:
+        return torch.add(base_out, lora_out, alpha=scaling) * scale
+    return base_out + (scale - 1) * base_out_dropped + (scale * scaling) * lora_out
+
+
+class DoRALinear(nn.Module):
+    """A frozen base layer plus trainable lora_A (r, in), lora_B (out, r) and magnitude (out,)."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 use_dora: bool = True, adapter_dtype: torch.dtype = torch.float32, init_magnitude: bool = True):
+        super().__init__()
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"DoRA rank r must be a positive integer, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.base_layer = base_layer
+        source = self.weight_source  # raises for unsupported bases
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = source.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=adapter_dtype))
+        if use_dora:
+            self.magnitude = nn.Parameter(torch.ones(self.out_features, device=device, dtype=adapter_dtype))
+        else:
+            self.register_parameter("magnitude", None)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # ‖W‖² per row; W is frozen, so it is computed once (non-persistent: derived from the base weight).
+        self.register_buffer("base_row_sq", None, persistent=False)
+        self.merged = False
+        self.register_buffer("merge_scale", None, persistent=False)
+        self.reset_lora_parameters()
+        if use_dora and init_magnitude and device.type != "meta":
+            self.init_magnitude()
+
+    # --- parameters --------------------------------------------------------------------------------
+    @property
+    def weight_source(self) -> WeightSource:
+        return weight_source_for(self.base_layer)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return type(self.base_layer).__name__ == "Conv1D"
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """A ~ kaiming_uniform(a=√5) as nn.Linear and peft do, B = 0 so the adapter starts as the identity."""
+        if self.lora_A.device.type == "meta":
+            return
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @torch.no_grad()
+    def init_magnitude(self) -> None:
+        """m = ‖W + s·B·A‖ per row (= ‖W‖ at B = 0). Call after the real base weights are loaded."""
+        self.base_row_sq = None
+        if self.magnitude is not None:
+            self.magnitude.copy_(self.weight_norm().to(self.magnitude.dtype))
+
+    def invalidate_cache(self) -> None:
+        """Forget the cached ‖W‖² (after the base weight was changed by hand)."""
+        self.base_row_sq = None
+
+    # --- norms ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def base_row_sq_norms(self) -> torch.Tensor:
+        if self.base_row_sq is None:
+            self.base_row_sq = self.weight_source.row_sq_norms()
+        return self.base_row_sq
+
+    @torch.no_grad()
+    def weight_norm(self, exact: bool = False) -> torch.Tensor:
+        """‖W + s·B·A‖ per output row, ≥ fp32, never materialising the (out, in) sum.
+
+        exact=True sums the rows chunk by chunk instead of using the expansion (reference path for tests).
+        """
+        source, s = self.weight_source, self.scaling
+        a = self.lora_A.detach()
+        a = a.to(torch.promote_types(a.dtype, torch.float32))
+        b = self.lora_B.detach().to(a.dtype)
+        if exact:
+            return source.reduce_rows(lambda w, i, j: (w + s * (b[i:j] @ a).to(w.dtype)).norm(dim=1), None)
+        w_sq = self.base_row_sq_norms().to(a.dtype)
+        cross = (b * source.times_A(a).to(a.dtype)).sum(dim=1)
+        ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
+        return (w_sq + (2 * s) * cross + (s * s) * ba_sq).clamp_min(0).sqrt()
+
+    def dora_scale(self) -> torch.Tensor:
+        """m / ‖W + sBA‖ with the norm detached: gradients reach m (and A, B through the output), not the norm."""
+        return safe_divide_norm(self.magnitude, self.weight_norm().detach())
+
+    # --- forward ------------------------------------------------------------------------------------
+    def lora_path(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.dtype)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        source = self.weight_source
+        base_out = source.matmul(x)
+        dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
+        x_lora = self.lora_dropout(x) if dropout_active else x
+        lora_out = self.lora_path(x_lora)
+        scale = self.dora_scale() if self.use_dora else None
+        base_dropped = source.matmul(x_lora) if (dropout_active and self.use_dora) else None
+        out = dora_output(base_out, lora_out, scale, self.scaling, base_dropped)
+        bias = source.bias
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        return out
+
+    # --- merge -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merged_scale(self) -> torch.Tensor:
+        if not self.use_dora:
+            return torch.ones(self.out_features, device=self.lora_A.device)
+        return safe_divide_norm(self.magnitude.detach().float(), self.weight_norm(exact=True).float())
+
+    @torch.no_grad()
+    def merged_rows(self, chunk: torch.Tensor, start: int, stop: int, scale: torch.Tensor) -> torch.Tensor:
+        delta = self.lora_B[start:stop].to(chunk.dtype) @ self.lora_A.to(chunk.dtype)
+        return (chunk + self.scaling * delta) * scale[start:stop, None].to(chunk.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold W' into the base weight in place (dense and Conv1D bases); `unmerge` undoes it."""
+        if self.merged:
+            return
+        source = self.weight_source
+        if not source.supports_inplace_merge():
+            raise TypeError(f"cannot merge into a {type(self.base_layer).__name__} in place; use merge_and_unload()")
+        scale = self.merged_scale()
+        for start, chunk in source.iter_row_chunks():
+            source.write_rows(start, self.merged_rows(chunk, start, start + chunk.shape[0], scale))
+        self.merge_scale, self.merged = scale, True
+        self.base_row_sq = None
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        source, scale = self.weight_source, self.merge_scale
+        for start, chunk in source.iter_row_chunks():
+            stop = start + chunk.shape[0]
+            delta = self.lora_B[start:stop].to(chunk.dtype) @ self.lora_A.to(chunk.dtype)
+            source.write_rows(start, chunk / scale[start:stop, None].to(chunk.dtype) - self.scaling * delta)
+        self.merged, self.merge_scale, self.base_row_sq = False, None, None
+
+    @torch.no_grad()
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full merged (out, in) weight, built row chunk by row chunk (for merge_and_unload)."""
+        source = self.weight_source
+        scale = self.merged_scale()
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype or source.compute_dtype,
+                          device=source.device)
+        for start, chunk in source.iter_row_chunks():
+            stop = start + chunk.shape[0]
+            out[start:stop] = self.merged_rows(chunk, start, stop, scale).to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        kind = "DoRA" if self.use_dora else "LoRA"
+        return (f"{kind}: in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+                f"scaling={self.scaling:.4g}, base={type(self.base_layer).__name__}")

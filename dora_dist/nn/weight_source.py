@@ -1,0 +1,221 @@
+"""Weight sources: a frozen base layer seen as an (out, in) matrix.
+
+`DoRALinear` never touches a base weight directly. It asks its weight source for the few things DoRA needs:
+the base matmul, per-row squared norms, W·Aᵀ and (for merging) the dense weight. Each kind of base (dense
+`nn.Linear`, transformers `Conv1D`, bitsandbytes 4-bit and 8-bit) is one small subclass, so quantized and
+sharded bases never need a full fp32 copy of the weight: everything is computed over row chunks.
+
+A source reads `module.weight` on every call instead of holding the tensor, because FSDP2 and ZeRO-3 swap the
+parameter object between its sharded and unsharded forms.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+# Elements per dequantized fp32 chunk: 4M elements = 16 MiB, whatever the layer size.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Promote to float32 (keeping float64) for numerically safe reductions."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class WeightSource:
+    """Read-only access to a frozen base weight W of shape (out, in)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    # --- shape -------------------------------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype in which the dense weight is naturally expressed (for merge and adapter init)."""
+        return self.module.weight.dtype
+
+    # --- the operations DoRA needs -------------------------------------------------------------------
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ Wᵀ without bias, in x's dtype."""
+        raise NotImplementedError
+
+    def row_chunk(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of W as float32 (float64 for a float64 base), shape (stop - start, in)."""
+        raise NotImplementedError
+
+    def rows_per_chunk(self) -> int:
+        """Rows per chunk so one fp32 chunk holds about CHUNK_ELEMENTS values."""
+        return max(1, min(self.out_features, CHUNK_ELEMENTS // max(1, self.in_features)))
+
+    def iter_row_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        step = self.rows_per_chunk()
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            yield start, self.row_chunk(start, stop)
+
+    @torch.no_grad()
+    def reduce_rows(self, fn: Callable[[torch.Tensor, int, int], torch.Tensor], width: int | None) -> torch.Tensor:
+        """Apply fn(chunk, start, stop) -> (rows,) or (rows, width) per row chunk, concatenated in fp32."""
+        shape = (self.out_features,) if width is None else (self.out_features, width)
+        out = None
+        for start, chunk in self.iter_row_chunks():
+            part = fn(chunk, start, start + chunk.shape[0])
+            if out is None:
+                out = torch.empty(shape, dtype=part.dtype, device=part.device)
+            out[start : start + chunk.shape[0]] = part
+        return out
+
+    def row_sq_norms(self) -> torch.Tensor:
+        """‖W_i‖² per output row, fp32 (out,)."""
+        return self.reduce_rows(lambda w, *_: w.pow(2).sum(dim=1), None)
+
+    def times_A(self, lora_A: torch.Tensor) -> torch.Tensor:
+        """W·Aᵀ, fp32 (out, r), computed per row chunk."""
+        a_t = at_least_fp32(lora_A.detach()).t()
+        return self.reduce_rows(lambda w, *_: w @ a_t.to(w.dtype), lora_A.shape[0])
+
+    @torch.no_grad()
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full (out, in) weight. Only for merging: it allocates the whole matrix."""
+        dtype = dtype or self.compute_dtype
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.device)
+        for start, chunk in self.iter_row_chunks():
+            out[start : start + chunk.shape[0]] = chunk.to(dtype)
+        return out
+
+    # --- merging ---------------------------------------------------------------------------------------
+    def supports_inplace_merge(self) -> bool:
+        return False
+
+    def write_rows(self, start: int, rows: torch.Tensor) -> None:
+        """Overwrite rows [start, start+len) of W (dense bases only)."""
+        raise TypeError(f"{type(self.module).__name__} weights cannot be modified in place; use merge_and_unload")
+
+    def to_plain_module(self, weight: torch.Tensor) -> nn.Module:
+        """A plain module with the given (out, in) weight and this base's bias (for merge_and_unload)."""
+        bias = self.bias
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
+                        dtype=weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+            if bias is not None:
+                lin.bias.copy_(bias.to(weight.dtype))
+        return lin
+
+
+class DenseWeight(WeightSource):
+    """`nn.Linear`, or any module whose `weight` is an (out, in) floating tensor."""
+
+    @property
+    def in_features(self) -> int:
+        return self.module.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.module.weight.shape[0]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.module.weight.to(x.dtype))
+
+    def row_chunk(self, start: int, stop: int) -> torch.Tensor:
+        return at_least_fp32(self.module.weight.detach()[start:stop])
+
+    def rows_per_chunk(self) -> int:
+        # An fp32 weight is already fp32: one "chunk" is a view, not a copy.
+        if self.module.weight.dtype in (torch.float32, torch.float64):
+            return self.out_features
+        return super().rows_per_chunk()
+
+    def supports_inplace_merge(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def write_rows(self, start: int, rows: torch.Tensor) -> None:
+        w = self.module.weight
+        w.data[start : start + rows.shape[0]] = rows.to(w.dtype)
+
+
+class Conv1DWeight(WeightSource):
+    """transformers `Conv1D` (GPT-2): weight stored as (in, out), forward x @ W + b (fan_in_fan_out)."""
+
+    @property
+    def in_features(self) -> int:
+        return self.module.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.module.weight.shape[1]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.module.weight.to(x.dtype)
+
+    def row_chunk(self, start: int, stop: int) -> torch.Tensor:
+        return at_least_fp32(self.module.weight.detach()[:, start:stop].t())
+
+    def supports_inplace_merge(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def write_rows(self, start: int, rows: torch.Tensor) -> None:
+        w = self.module.weight
+        w.data[:, start : start + rows.shape[0]] = rows.t().to(w.dtype)
+
+    def to_plain_module(self, weight: torch.Tensor) -> nn.Module:
+        from transformers.pytorch_utils import Conv1D
+
+        conv = Conv1D(self.out_features, self.in_features)
+        conv.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight.t())
+            conv.bias.copy_(self.bias.to(weight.dtype))
+        return conv
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def weight_source_for(module: nn.Module) -> WeightSource:
+    """Pick the weight source for a base layer, or raise naming the unsupported type."""
+    name = type(module).__name__
+    if name == "Linear4bit" or name == "Linear8bitLt":
+        from dora_dist.quant.bnb import BnB4bitWeight, BnB8bitWeight
+
+        return BnB4bitWeight(module) if name == "Linear4bit" else BnB8bitWeight(module)
+    if _is_conv1d(module):
+        return Conv1DWeight(module)
+    if isinstance(module, nn.Linear):
+        return DenseWeight(module)
+    raise TypeError(
+        f"DoRA does not support base layers of type {type(module).__module__}.{name}; supported: torch.nn.Linear, "
+        "transformers Conv1D, bitsandbytes Linear4bit and Linear8bitLt"
+    )
+
+
+SUPPORTED_BASE_NAMES = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    try:
+        weight_source_for(module)
+    except TypeError:
+        return False
+    return True
