@@ -1,0 +1,107 @@
+"""DoRAConfig: what to adapt and how, validated on construction, convertible to and from PEFT's LoraConfig JSON."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "float64": torch.float64}
+
+
+@dataclass
+class DoRAConfig:
+    """Adapter hyper-parameters.
+
+    target_modules: a list of module-name suffixes (peft semantics: "q_proj" matches "...self_attn.q_proj"),
+    a single regular expression matched against the full module name, or "all-linear" (every supported linear
+    layer except the output head).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+    use_rslora: bool = False
+    use_dora: bool = True
+    adapter_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"DoRAConfig.r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha) \
+                or self.alpha <= 0:
+            raise ValueError(f"DoRAConfig.alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"DoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, (list, tuple)):
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError(f"DoRAConfig.target_modules must be a non-empty list of names, got "
+                                 f"{self.target_modules!r}")
+            self.target_modules = list(self.target_modules)
+        elif not isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError(f"DoRAConfig.target_modules must be a list of names, a regex or 'all-linear', got "
+                             f"{self.target_modules!r}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"DoRAConfig.adapter_dtype must be one of {sorted(ADAPTER_DTYPES)}, got "
+                             f"{self.adapter_dtype!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    @property
+    def torch_adapter_dtype(self) -> torch.dtype:
+        return ADAPTER_DTYPES[self.adapter_dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_peft_dict(self, target_modules: list[str] | str, fan_in_fan_out: bool,
+                     base_model_name_or_path: str | None) -> dict[str, Any]:
+        """The adapter_config.json that peft's LoraConfig / PeftModel.from_pretrained read."""
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": target_modules,
+            "use_dora": self.use_dora,
+            "use_rslora": self.use_rslora,
+            "fan_in_fan_out": fan_in_fan_out,
+            "bias": "none",
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "library": "dora_dist",
+        }
+
+    @classmethod
+    def from_peft_dict(cls, cfg: dict[str, Any], source: str = "adapter_config.json",
+                       allow_lora: bool = False) -> "DoRAConfig":
+        """Read peft's adapter_config.json, refusing what this layer cannot represent."""
+        peft_type = cfg.get("peft_type")
+        if peft_type != "LORA":
+            raise ValueError(f"{source}: peft_type is {peft_type!r}; dora_dist loads LoRA/DoRA adapters only")
+        if not cfg.get("use_dora", False) and not allow_lora:
+            raise ValueError(f"{source}: this is a plain LoRA adapter (use_dora is false), not a DoRA adapter; "
+                             "pass allow_lora=True to load it as LoRA")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if cfg.get(key):
+                raise ValueError(f"{source}: per-module {key} is not supported ({cfg[key]!r})")
+        if cfg.get("modules_to_save"):
+            raise ValueError(f"{source}: modules_to_save={cfg['modules_to_save']!r} is not supported")
+        if cfg.get("bias", "none") != "none":
+            raise ValueError(f"{source}: bias={cfg['bias']!r} is not supported (only 'none')")
+        target = cfg.get("target_modules")
+        if target is None:
+            raise ValueError(f"{source}: target_modules is missing")
+        return cls(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout", 0.0)),
+                   target_modules=sorted(target) if isinstance(target, (list, set, tuple)) else target,
+                   use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)))

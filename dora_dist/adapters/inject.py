@@ -1,0 +1,150 @@
+"""Put DoRA layers into a model (apply_dora), find them again, and fold them back in (merge_and_unload)."""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from dora_dist.adapters.config import DoRAConfig
+from dora_dist.nn.dora_linear import DoRALinear
+from dora_dist.nn.weight_source import is_supported_base
+
+
+def dora_layers(model: nn.Module) -> Iterator[tuple[str, DoRALinear]]:
+    """(module name, layer) for every DoRALinear in the model, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, DoRALinear):
+            yield name, module
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output projection (lm_head), which 'all-linear' leaves alone as peft does."""
+    heads = {"lm_head"}
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None:
+        heads |= {name for name, module in model.named_modules() if module is head}
+    return heads
+
+
+def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every named module that is not inside an existing DoRA layer."""
+    inside: list[str] = []
+    out = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, DoRALinear):
+            inside.append(name)
+        out.append((name, module))
+    return out
+
+
+def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+    """Names of the modules `target_modules` selects, with errors that list what the model has."""
+    candidates = candidate_modules(model)
+    supported = [name for name, m in candidates if is_supported_base(m)]
+    if target_modules == "all-linear":
+        heads = _output_head_names(model)
+        names = [n for n in supported if n not in heads and n.rsplit(".", 1)[-1] not in heads]
+    elif isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        names = [name for name, _ in candidates if pattern.fullmatch(name)]
+        if not names:
+            raise ValueError(f"target_modules regex {target_modules!r} matches no module; linear layers in this "
+                             f"model: {_leaf_summary(supported)}")
+    else:
+        names, unmatched = [], []
+        for target in target_modules:
+            hits = [name for name, _ in candidates if name == target or name.endswith("." + target)]
+            if not hits:
+                unmatched.append(target)
+            names.extend(h for h in hits if h not in names)
+        if unmatched:
+            raise ValueError(f"target_modules {unmatched} match no module in {type(model).__name__}; linear layers "
+                             f"in this model: {_leaf_summary(supported)}")
+    if not names:
+        raise ValueError(f"no linear layer to adapt in {type(model).__name__} (target_modules={target_modules!r})")
+    by_name = dict(candidates)
+    bad = [f"{n} ({type(by_name[n]).__name__})" for n in names if not is_supported_base(by_name[n])]
+    if bad:
+        raise TypeError(f"target_modules select unsupported module types: {', '.join(bad)}; DoRA supports "
+                        "nn.Linear, transformers Conv1D, bitsandbytes Linear4bit and Linear8bitLt")
+    return names
+
+
+def _leaf_summary(names: Iterable[str]) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return ", ".join(leaves) if leaves else "(none)"
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def inject_dora(model: nn.Module, names: list[str], cfg: DoRAConfig, init_magnitude: bool = True) -> nn.Module:
+    """Replace exactly the named modules by DoRALinear; freeze everything else."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in names:
+        base = model.get_submodule(name)
+        layer = DoRALinear(base, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+                           use_dora=cfg.use_dora, adapter_dtype=cfg.torch_adapter_dtype, init_magnitude=init_magnitude)
+        _set_submodule(model, name, layer)
+    model.dora_config = cfg
+    return model
+
+
+def apply_dora(model: nn.Module, cfg: DoRAConfig, init_magnitude: bool = True) -> nn.Module:
+    """Turn the modules selected by cfg.target_modules into DoRALinear, in place; only adapters stay trainable.
+
+    init_magnitude=False leaves m at 1 (for models on the meta device, or when an engine initialises it from
+    sharded weights after loading); call `init_magnitudes(model)` once the real weights are in place.
+    """
+    if not isinstance(cfg, DoRAConfig):
+        raise TypeError(f"apply_dora expects a DoRAConfig, got {type(cfg).__name__}")
+    if any(True for _ in dora_layers(model)):
+        raise ValueError("this model already has DoRA layers; merge_and_unload() it or load a fresh base model")
+    return inject_dora(model, find_target_modules(model, cfg.target_modules), cfg, init_magnitude)
+
+
+@torch.no_grad()
+def init_magnitudes(model: nn.Module) -> None:
+    """m = ‖W‖ per row for every DoRA layer (single process, or a model whose weights are not sharded)."""
+    for _, layer in dora_layers(model):
+        layer.init_magnitude()
+
+
+def set_merged(model: nn.Module, merged: bool) -> None:
+    """Merge (or unmerge) every DoRA layer in place; the layers stay, so training can resume after unmerge."""
+    for _, layer in dora_layers(model):
+        layer.merge() if merged else layer.unmerge()
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, requantize: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every DoRA layer by a plain module holding W' = m ⊙ (W + sBA)/‖W + sBA‖.
+
+    Dense and Conv1D bases are merged in place. A quantized base becomes a dense nn.Linear in its compute dtype
+    (or `dtype`); with requantize=True a 4-bit base is quantized again to 4 bits, which is lossy: the merged
+    weight gets a fresh quantization error on top of the adapter's effect.
+    """
+    from dora_dist.quant.bnb import BnB4bitWeight
+
+    for name, layer in list(dora_layers(model)):
+        source = layer.weight_source
+        if layer.merged or source.supports_inplace_merge():
+            layer.merge()
+            plain = layer.base_layer
+        elif requantize and isinstance(source, BnB4bitWeight):
+            plain = source.to_plain_module(layer.merged_weight(source.compute_dtype), requantize=True)
+        else:
+            plain = source.to_plain_module(layer.merged_weight(dtype or source.compute_dtype))
+        _set_submodule(model, name, plain)
+    if hasattr(model, "dora_config"):
+        del model.dora_config
+    return model
