@@ -67,10 +67,11 @@ class DoRALinear(nn.Module):
         else:
             self.register_parameter("magnitude", None)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # ‖W‖² per row; W is frozen, so it is computed once (non-persistent: derived from the base weight).
-        self.register_buffer("base_row_sq", None, persistent=False)
+        # ‖W‖² per row, fp32. W is frozen, so it is computed once. A plain attribute, not a buffer: derived
+        # state must not be saved, sharded, or cast to bf16 by model.to(dtype).
+        self.base_row_sq: torch.Tensor | None = None
         self.merged = False
-        self.register_buffer("merge_scale", None, persistent=False)
+        self.merge_scale: torch.Tensor | None = None
         self.reset_lora_parameters()
         if use_dora and init_magnitude and device.type != "meta":
             self.init_magnitude()
@@ -106,9 +107,10 @@ class DoRALinear(nn.Module):
     # --- norms ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def base_row_sq_norms(self) -> torch.Tensor:
-        if self.base_row_sq is None:
-            self.base_row_sq = self.weight_source.row_sq_norms()
-        return self.base_row_sq
+        cached, source = self.base_row_sq, self.weight_source
+        if cached is None or cached.device != source.device or cached.dtype not in (torch.float32, torch.float64):
+            self.base_row_sq = cached = source.row_sq_norms()
+        return cached
 
     @torch.no_grad()
     def weight_norm(self, exact: bool = False) -> torch.Tensor:
