@@ -60,11 +60,11 @@ class DoRAConfig:
         return asdict(self)
 
     def to_peft_dict(self, target_modules: list[str] | str, fan_in_fan_out: bool,
-                     base_model_name_or_path: str | None) -> dict[str, Any]:
+                     base_model_name_or_path: str | None, task_type: str | None = "CAUSAL_LM") -> dict[str, Any]:
         """The adapter_config.json that peft's LoraConfig / PeftModel.from_pretrained read."""
         return {
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": task_type,
             "base_model_name_or_path": base_model_name_or_path,
             "r": self.r,
             "lora_alpha": self.alpha,

@@ -141,7 +141,9 @@ def merge_and_unload(model: nn.Module, requantize: bool = False, dtype: torch.dt
             layer.merge()
             plain = layer.base_layer
         elif requantize and isinstance(source, BnB4bitWeight):
-            plain = source.to_plain_module(layer.merged_weight(source.compute_dtype), requantize=True)
+            # merge in fp32: requantize_4bit casts to the dtype the base was quantized from; going through a bf16
+            # compute dtype first would add a bf16 rounding on top of the (documented) requantization error.
+            plain = source.to_plain_module(layer.merged_weight(torch.float32), requantize=True)
         else:
             plain = source.to_plain_module(layer.merged_weight(dtype or source.compute_dtype))
         _set_submodule(model, name, plain)

@@ -78,7 +78,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, state_dict: dic
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in dora_layers(model))
-    peft_cfg = cfg.to_peft_dict(saved_target_modules(model), fan_in_fan_out, base_model_name_or_path)
+    # peft wraps CAUSAL_LM adapters in PeftModelForCausalLM, which needs a transformers model with generate().
+    task_type = "CAUSAL_LM" if callable(getattr(model, "generate", None)) else None
+    peft_cfg = cfg.to_peft_dict(saved_target_modules(model), fan_in_fan_out, base_model_name_or_path, task_type)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
 
     out = Path(directory)

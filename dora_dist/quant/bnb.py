@@ -38,10 +38,13 @@ class BnB4bitWeight(WeightSource):
 
     def _quant_state(self):
         bnb = _bnb()
+        # Only ask bitsandbytes to recover a lost quant_state when the module kept one: on a weight that was never
+        # quantized, its helper fails with a bare AssertionError instead of our message below.
         fix = getattr(bnb.nn.modules, "fix_4bit_weight_quant_state_from_module", None)
-        if fix is not None:
+        if fix is not None and getattr(self.module.weight, "quant_state", None) is None \
+                and getattr(self.module, "quant_state", None) is not None:
             fix(self.module)
-        qs = self.module.weight.quant_state
+        qs = getattr(self.module.weight, "quant_state", None)
         if qs is None:
             raise ValueError(f"{type(self.module).__name__} weight is not quantized yet (no quant_state): move the "
                              "model to its device (or load it quantized) before applying DoRA")
@@ -84,7 +87,8 @@ class BnB4bitWeight(WeightSource):
         if e0 % bs or (e1 % bs and stop != self.out_features):
             raise ValueError(f"row chunk [{start}, {stop}) is not aligned to 4-bit blocks of {bs}")
         absmax = self._absmax()[e0 // bs : -(-e1 // bs)]
-        packed = self.module.weight.data.reshape(-1)[e0 // 2 : e1 // 2]
+        # e0 is even (a block boundary); an odd e1 (odd out*in, last chunk) still needs its final half byte.
+        packed = self.module.weight.data.reshape(-1)[e0 // 2 : (e1 + 1) // 2]
         chunk_state = copy(qs)
         chunk_state.absmax, chunk_state.shape, chunk_state.dtype = absmax, torch.Size((stop - start, n_in)), torch.float32
         chunk_state.nested, chunk_state.state2, chunk_state.offset = False, None, None
