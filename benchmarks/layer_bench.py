@@ -110,14 +110,20 @@ def run(args) -> dict:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     results = {name: {"times": []} for name in variants}
-    for name, module in variants.items():  # warm-up + memory
+    failed: dict[str, str] = {}
+    for name, module in list(variants.items()):  # warm-up + memory
         params = {id(p) for p in module.parameters()} | {id(x)}
         saved: list[int] = []
-        for _ in range(args.warmup):
-            step(module, x, grad)
-        with saved_activation_bytes(params, saved):
-            y = module(x)
-        y.backward(grad)
+        try:
+            for _ in range(max(2, args.warmup)):  # at least 2: some implementations fail only on a second step
+                step(module, x, grad)
+            with saved_activation_bytes(params, saved):
+                y = module(x)
+            y.backward(grad)
+        except Exception as exc:  # report a broken competitor instead of hiding the rest of the table
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            del variants[name], results[name]
+            continue
         results[name]["saved_activation_bytes"] = saved[0]
         if device.startswith("cuda"):
             del y
@@ -153,7 +159,7 @@ def run(args) -> dict:
             "peft_over_lora_time": peft_r["median_s"] / lora["median_s"],
             "peft_extra_in_activations": (peft_r["saved_activation_bytes"] - lora["saved_activation_bytes"]) / act,
         })
-    return {"config": vars(args), "one_activation_bytes": act, "results": results, "ratios": ratios,
+    return {"config": vars(args), "one_activation_bytes": act, "results": results, "ratios": ratios, "failed": failed,
             "torch": torch.__version__, "device_name": torch.cuda.get_device_name() if device.startswith("cuda")
             else "cpu"}
 
@@ -167,6 +173,8 @@ def print_table(report: dict) -> None:
         peak = r.get("peak_bytes_above_resident")
         peak_s = f"{peak / 2**20:9.1f}" if peak is not None else f"{'n/a':>9}"
         print(f"{name:<10} {r['median_s'] * 1e3:10.1f} {r['saved_activation_bytes'] / 2**20:14.1f} {peak_s}")
+    for name, error in report["failed"].items():
+        print(f"{name:<10} FAILED: {error[:160]}")
     for key, value in report["ratios"].items():
         print(f"{key:<30} {value:.3f}" if isinstance(value, float) else f"{key:<30} {value}")
 
