@@ -19,6 +19,11 @@ from torch import nn
 CHUNK_ELEMENTS = 1 << 22
 
 
+def logical_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The weight's full shape, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    return tuple(getattr(weight, "ds_shape", weight.shape))
+
+
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """Promote to float32 (keeping float64) for numerically safe reductions."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -126,11 +131,11 @@ class DenseWeight(WeightSource):
 
     @property
     def in_features(self) -> int:
-        return self.module.weight.shape[1]
+        return logical_shape(self.module.weight)[1]
 
     @property
     def out_features(self) -> int:
-        return self.module.weight.shape[0]
+        return logical_shape(self.module.weight)[0]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.module.weight.to(x.dtype))
@@ -158,11 +163,11 @@ class Conv1DWeight(WeightSource):
 
     @property
     def in_features(self) -> int:
-        return self.module.weight.shape[0]
+        return logical_shape(self.module.weight)[0]
 
     @property
     def out_features(self) -> int:
-        return self.module.weight.shape[1]
+        return logical_shape(self.module.weight)[1]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.module.weight.to(x.dtype)
@@ -200,6 +205,10 @@ def weight_source_for(module: nn.Module) -> WeightSource:
         from dora_dist.quant.bnb import BnB4bitWeight, BnB8bitWeight
 
         return BnB4bitWeight(module) if name == "Linear4bit" else BnB8bitWeight(module)
+    if name == "ShardedLinear4bit":  # FSDP2-shardable 4-bit base (dora_dist.quant.sharded4bit)
+        from dora_dist.quant.sharded4bit_source import Sharded4bitWeight
+
+        return Sharded4bitWeight(module)
     if _is_conv1d(module):
         return Conv1DWeight(module)
     if isinstance(module, nn.Linear):
@@ -210,7 +219,7 @@ def weight_source_for(module: nn.Module) -> WeightSource:
     )
 
 
-SUPPORTED_BASE_NAMES = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
+SUPPORTED_BASE_NAMES = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt", "ShardedLinear4bit")
 
 
 def is_supported_base(module: nn.Module) -> bool:

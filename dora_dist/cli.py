@@ -1,0 +1,102 @@
+"""`dora-dist` command line.
+
+    dora-dist train [--config FILE.yaml] [key=value ...]    fine-tune (same as python -m dora_dist.train)
+    dora-dist merge --adapter DIR [--base PATH] --out DIR     write a merged model transformers can load
+    dora-dist keys                                            list every config key
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP_EPILOG = """examples:
+  dora-dist train                                   # built-in quickstart: tiny Llama + synthetic corpus
+  dora-dist train --config configs/quickstart.yaml training.max_steps=50
+  torchrun --nproc-per-node 2 -m dora_dist.train --config configs/quickstart.yaml
+  dora-dist merge --adapter outputs/quickstart/adapter --out outputs/quickstart/merged
+"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dora-dist", description="DoRA / QDoRA fine-tuning of causal LMs, from one "
+                                     "CPU process to many GPUs on many nodes.", epilog=HELP_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    tr = sub.add_parser("train", help="fine-tune (under torchrun for several processes)")
+    tr.add_argument("--config", "-c", default=None, help="YAML config (default: built-in quickstart)")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides: training.lr=1e-3 parallel.engine=fsdp2 ...")
+    mg = sub.add_parser("merge", help="merge an adapter into its base model and save it (safetensors)")
+    mg.add_argument("--adapter", required=True, help="adapter directory (PEFT format, e.g. <output.dir>/adapter)")
+    mg.add_argument("--base", default=None, help="base model path or hub id (default: the adapter's "
+                    "base_model_name_or_path)")
+    mg.add_argument("--out", required=True, help="output directory for the merged model")
+    mg.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="dtype of the merged weights (auto: the base checkpoint's)")
+    sub.add_parser("keys", help="list every config key")
+    return parser
+
+
+def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto") -> Path:
+    """Load the base unquantized, apply the adapter, fold W' = m·(W+sBA)/‖W+sBA‖ into the weights, save."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dora_dist.adapters import load_adapter, merge_and_unload
+
+    adapter_dir = Path(adapter)
+    cfg_file = adapter_dir / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not an adapter directory (no adapter_config.json)")
+    base = base or json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError("the adapter does not name its base model; pass --base")
+    kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    load_adapter(model, adapter_dir, allow_lora=True)
+    model = merge_and_unload(model)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
+    try:
+        AutoTokenizer.from_pretrained(tok_src).save_pretrained(out_dir)
+    except Exception as exc:  # a base without tokenizer files is still a valid merge
+        print(f"[dora_dist] warning: tokenizer not saved ({exc})", file=sys.stderr)
+    print(f"[dora_dist] merged {adapter_dir} into {base} -> {out_dir}")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
+    from dora_dist.config import ConfigError
+
+    try:
+        if args.command == "train":
+            from dora_dist.config import load_job_config
+            from dora_dist.train import train
+
+            train(load_job_config(args.config, args.overrides))
+        elif args.command == "merge":
+            merge(args.adapter, args.out, args.base, args.dtype)
+        elif args.command == "keys":
+            from dora_dist.config import valid_keys
+
+            print("\n".join(valid_keys()))
+        else:
+            parser.print_help()
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"dora-dist: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

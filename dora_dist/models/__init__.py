@@ -1,0 +1,205 @@
+"""Models and tokenizers: the built-in tiny Llama, local paths, hub ids, from-scratch configs, meta-device builds,
+and 4/8-bit loading through transformers' BitsAndBytesConfig.
+
+The built-in default ("builtin:tiny-llama") needs no download: a BPE tokenizer is trained locally on the synthetic
+corpus and a small Llama is initialised from a fixed seed; both are saved once as an ordinary transformers
+checkpoint under the cache directory, so every later run (and `dora-dist merge`) loads them like any local model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dora_dist.models.builtin import (BUILTIN_NAME, TINY_LLAMA, builtin_model_dir, default_cache_dir,
+                                      ensure_builtin_model, train_builtin_tokenizer)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: architecture of well-known hub models, embedded so configs can be validated (and built on meta) offline
+KNOWN_ARCHITECTURES = {
+    "meta-llama/Llama-3.1-8B": "llama-3.1-8b.json",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b.json",
+    "meta-llama/Meta-Llama-3.1-8B": "llama-3.1-8b.json",
+    "meta-llama/Meta-Llama-3.1-8B-Instruct": "llama-3.1-8b.json",
+    "meta-llama/Llama-3.1-70B": "llama-3.1-70b.json",
+    "meta-llama/Llama-3.1-70B-Instruct": "llama-3.1-70b.json",
+    "meta-llama/Meta-Llama-3.1-70B": "llama-3.1-70b.json",
+    "meta-llama/Meta-Llama-3.1-70B-Instruct": "llama-3.1-70b.json",
+}
+ARCH_DIR = Path(__file__).resolve().parent / "architectures"
+
+
+def base_dtype(cfg) -> torch.dtype:
+    if cfg.model.dtype != "auto":
+        return DTYPES[cfg.model.dtype]
+    return torch.bfloat16 if cfg.training.precision == "bf16" else torch.float32
+
+
+def resolve_model_path(cfg, env=None) -> str:
+    """The local directory or hub id to load; builds the built-in model first when needed."""
+    name = cfg.model.name_or_path
+    if name == BUILTIN_NAME:
+        return str(ensure_builtin_model(cfg, env))
+    if name.startswith("builtin:"):
+        raise ValueError(f"model.name_or_path: unknown built-in model {name!r}; the built-in one is {BUILTIN_NAME!r}")
+    return name
+
+
+def known_architecture(name_or_path: str) -> dict | None:
+    """The embedded config.json of a known hub model (no download), else None."""
+    fname = KNOWN_ARCHITECTURES.get(name_or_path)
+    if fname is None:
+        return None
+    return json.loads((ARCH_DIR / fname).read_text())
+
+
+def hf_config_from_dict(d: dict):
+    from transformers import AutoConfig
+
+    d = dict(d)
+    model_type = d.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("a model config dict needs a 'model_type' key (e.g. 'llama')")
+    d.pop("architectures", None)
+    d.pop("torch_dtype", None)
+    d.pop("transformers_version", None)
+    return AutoConfig.for_model(model_type, **d)
+
+
+def model_config(cfg, env=None):
+    """The transformers config of the model the job will train (no weights loaded)."""
+    from transformers import AutoConfig
+
+    if cfg.model.config is not None and cfg.model.name_or_path != BUILTIN_NAME:
+        return hf_config_from_dict(cfg.model.config)
+    path = resolve_model_path(cfg, env)
+    arch = known_architecture(path)
+    if arch is not None and not Path(path).exists():
+        return hf_config_from_dict(arch)
+    return AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+
+
+def build_on_meta(config) -> nn.Module:
+    """Instantiate a causal LM from a transformers config (or dict) on the meta device: no memory, no download."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(config, dict):
+        config = hf_config_from_dict(config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def quantization_config(cfg):
+    q = cfg.quantization
+    if q.mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if q.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.mode, bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+                              bnb_4bit_quant_storage=getattr(torch, q.quant_storage))
+
+
+def load_tokenizer(cfg, env=None):
+    from transformers import AutoTokenizer
+
+    name = cfg.model.tokenizer or resolve_model_path(cfg, env)
+    if cfg.model.config is not None and cfg.model.name_or_path != BUILTIN_NAME and not cfg.model.tokenizer:
+        raise ValueError("model.config builds a model from scratch: set model.tokenizer to a tokenizer path or id")
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
+                                        revision=cfg.model.revision)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg, env=None, device: torch.device | str = "cpu") -> nn.Module:
+    """The base causal LM with real weights, on `device` (4/8-bit bases are quantized when placed on it).
+
+    From-scratch configs are initialised with torch.manual_seed(training.seed), identical on every rank.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if cfg.quantization.mode in ("nf4", "fp4") and cfg.parallel.engine == "fsdp2":
+        # FSDP2 cannot shard bitsandbytes Params4bit: build on meta with row-shardable 4-bit linears; the engine
+        # loads each rank's rows after fully_shard (dora_dist/models/lowmem_load.py, issue 6).
+        from dora_dist.models.lowmem_load import build_lowmem_qdora_model
+
+        return build_lowmem_qdora_model(cfg, env)
+
+    dtype = base_dtype(cfg)
+    common: dict[str, Any] = {}
+    if cfg.model.attn_implementation:
+        common["attn_implementation"] = cfg.model.attn_implementation
+    if str(device) == "meta":
+        # Parameters on meta (no memory, no weights read), buffers (e.g. RoPE inv_freq) real: the engine fills the
+        # parameters afterwards (FSDP2 load_on_rank0: broadcast from rank 0 into each rank's shards).
+        from accelerate import init_empty_weights
+
+        if cfg.quantization.mode != "none":
+            raise ValueError("a 4/8-bit model cannot be built on the meta device by this loader")
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(model_config(cfg, env), dtype=dtype, **common)
+        model.config.use_cache = False
+        return model
+    if cfg.model.config is not None and cfg.model.name_or_path != BUILTIN_NAME:
+        if cfg.quantization.mode != "none":
+            raise ValueError("quantization needs pretrained weights; a model built from model.config cannot be "
+                             "loaded in 4/8 bits (save it with save_pretrained first)")
+        config = hf_config_from_dict(cfg.model.config)
+        torch.manual_seed(cfg.training.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+        return model.to(device)
+    path = resolve_model_path(cfg, env)
+    qcfg = quantization_config(cfg)
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision, **common)
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        kwargs["device_map"] = {"": str(device) if str(device) != "cuda" else torch.cuda.current_device()}
+        if str(device).startswith("cuda") and torch.device(device).index is not None:
+            kwargs["device_map"] = {"": torch.device(device).index}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if qcfg is None:
+        model = model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+def dora_config_from(cfg):
+    from dora_dist.adapters import DoRAConfig
+
+    d = cfg.dora
+    return DoRAConfig(r=d.r, alpha=d.alpha, dropout=d.dropout, target_modules=d.target_modules,
+                      use_rslora=d.use_rslora, use_dora=d.use_dora, adapter_dtype=d.adapter_dtype)
+
+
+def add_adapters(model: nn.Module, cfg) -> nn.Module:
+    """apply_dora with the job's settings. Magnitudes are left for the engine (`Engine.init_magnitudes`)."""
+    from dora_dist.adapters import apply_dora
+
+    return apply_dora(model, dora_config_from(cfg), init_magnitude=False)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a ZeRO-3 partitioned parameter counts by its full size (ds_numel)."""
+    def numel(p: nn.Parameter) -> int:
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+__all__ = ["BUILTIN_NAME", "TINY_LLAMA", "DTYPES", "KNOWN_ARCHITECTURES", "base_dtype", "resolve_model_path",
+           "known_architecture", "hf_config_from_dict", "model_config", "build_on_meta", "quantization_config",
+           "load_tokenizer", "load_model", "dora_config_from", "add_adapters", "count_parameters",
+           "builtin_model_dir", "default_cache_dir", "ensure_builtin_model", "train_builtin_tokenizer"]

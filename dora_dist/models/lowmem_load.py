@@ -1,0 +1,332 @@
+"""Low-memory QDoRA loading: no rank ever holds the full bf16 model.
+
+The model is built on the meta device, its linear layers replaced by (meta) `ShardedLinear4bit`s, DoRA applied,
+FSDP2 applied (each parameter becomes a meta DTensor of this rank's rows), and only then are real tensors
+allocated (`to_empty`) and filled from the safetensors files, one tensor at a time:
+
+- a dense tensor (embeddings, norms, lm_head) is read as just this rank's rows (`safe_open(...).get_slice`);
+- a linear weight is read in row chunks of about CHUNK_ELEMENTS values, each chunk quantized with bitsandbytes'
+  own `quantize_4bit`; the rank keeps the packed bytes of its rows plus the (small) per-block absmax of the whole
+  matrix, from which the double quantization (a global mean and 256-block groups) is computed exactly as bnb does
+  on the whole matrix. Chunks start at block boundaries, so the result is bit-identical to quantizing the full
+  matrix in one call, and the peak is one bf16 chunk + this rank's 4-bit rows + one matrix's absmax.
+
+Every rank reads each linear weight in full (to get the global double-quant statistics) but holds at most one
+chunk of it; the 70B job thus needs ~1/N of the 4-bit model per GPU plus a few MiB of staging.
+Then `init_adapters` draws lora_A exactly as a single process would (same seed, same module order) and writes
+each rank's rows, and the trainer's engine initialises the magnitudes from the local packed rows.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from dora_dist.quant.sharded4bit import Sharded4bitTensor, ShardedLinear4bit
+
+CHUNK_ELEMENTS = 1 << 24  # values per bf16 staging chunk (32 MiB)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# meta model
+# ------------------------------------------------------------------------------------------------------------
+def replace_linears_with_4bit(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64,
+                              double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+                              skip: Iterable[str] = ("lm_head",)) -> list[str]:
+    """Swap every nn.Linear (except `skip` leaf names, as bnb's llm_int8_skip_modules) for a ShardedLinear4bit.
+
+    On a meta model the new layers are empty meta tensors (to be filled by `load_safetensors_lowmem`); on a real
+    model each weight is quantized as bitsandbytes would, layer by layer (the dense weight is released as we go).
+    Returns the replaced module names.
+    """
+    skip = set(skip)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] not in skip]
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lin = getattr(parent, leaf)
+        if lin.weight.is_meta:
+            new = ShardedLinear4bit.empty(lin.in_features, lin.out_features, lin.bias is not None, quant_type,
+                                          blocksize, double_quant, compute_dtype, device="meta")
+        else:
+            new = ShardedLinear4bit.from_linear(lin, quant_type, blocksize, double_quant, compute_dtype)
+        setattr(parent, leaf, new)
+    return names
+
+
+def build_qdora_on_meta(hf_config, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                        compute_dtype: torch.dtype = torch.bfloat16, dtype: torch.dtype = torch.bfloat16,
+                        **from_config_kwargs):
+    """A causal LM from a transformers config, on meta, with 4-bit shardable linears. No memory used."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **from_config_kwargs)
+    replace_linears_with_4bit(model, quant_type, blocksize, double_quant, compute_dtype)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------------
+# materialize + load
+# ------------------------------------------------------------------------------------------------------------
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _local(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(rank-local tensor, global index of its first row) for a DTensor sharded by rows, or (t, 0)."""
+    if not _is_dtensor(t):
+        return t, 0
+    from dora_dist.quant.sharded4bit_source import local_row_offset
+
+    return t._local_tensor, local_row_offset(t)
+
+
+def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Allocate every meta tensor (sharded or not) on `device`, uninitialised, and recompute RoPE buffers."""
+    model.to_empty(device=device)
+    _reinit_rotary(model, device)
+    return model
+
+
+def _reinit_rotary(model: nn.Module, device) -> None:
+    """Non-persistent buffers such as RoPE's inv_freq are not in checkpoints: rebuild them from the config."""
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "config"):
+            with torch.device(device):
+                fresh = type(module)(module.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                setattr(module, name, buf)
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors checkpoint in {path}")
+    return files
+
+
+def _resolve(model: nn.Module, key: str) -> tuple[nn.Module, str] | None:
+    """The module and attribute a checkpoint key loads into (DoRA layers redirect to their base layer)."""
+    from dora_dist.nn.dora_linear import DoRALinear
+
+    mod_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        return None
+    if isinstance(module, DoRALinear):
+        module = module.base_layer
+    if not hasattr(module, attr) or getattr(module, attr) is None:
+        return None
+    return module, attr
+
+
+@torch.no_grad()
+def quantize_rows_streaming(read_rows, out_features: int, in_features: int, rows: tuple[int, int],
+                            quant_type: str, blocksize: int, double_quant: bool, dtype: torch.dtype,
+                            device=None) -> Sharded4bitTensor:
+    """Quantize a (out, in) matrix read by `read_rows(a, b)` in chunks; keep rows [r0, r1). Bit-exact vs bnb."""
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.functional import QuantState
+
+    r0, r1 = rows
+    align = blocksize // math.gcd(in_features, blocksize)  # chunks must start on a block boundary
+    step = max(align, (CHUNK_ELEMENTS // max(1, in_features)) // align * align)
+    absmaxes, local_bytes = [], []
+    for a in range(0, out_features, step):
+        b = min(a + step, out_features)
+        chunk = read_rows(a, b).to(device)
+        if chunk.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            chunk = chunk.float()
+        packed, qs = bnbf.quantize_4bit(chunk.contiguous(), blocksize=blocksize, compress_statistics=False,
+                                        quant_type=quant_type)
+        absmaxes.append(qs.absmax)
+        lo, hi = max(a, r0), min(b, r1)
+        if lo < hi:
+            local_bytes.append(packed.reshape(-1)[(lo - a) * in_features // 2: (hi - a) * in_features // 2].clone())
+        del chunk, packed
+    absmax = torch.cat(absmaxes)
+    code = bnbf.get_4bit_type(quant_type, device=absmax.device)
+    shape = torch.Size((out_features, in_features))
+    if double_quant:  # exactly bitsandbytes.functional.quantize_4bit(compress_statistics=True), on the whole matrix
+        offset = absmax.mean()
+        qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+        qs = QuantState(absmax=qabsmax, shape=shape, dtype=dtype, blocksize=blocksize, code=code,
+                        quant_type=quant_type, offset=offset, state2=state2)
+    else:
+        qs = QuantState(absmax=absmax, shape=shape, dtype=dtype, blocksize=blocksize, code=code,
+                        quant_type=quant_type)
+    packed_local = torch.cat(local_bytes) if local_bytes else torch.empty(0, dtype=torch.uint8, device=absmax.device)
+    return Sharded4bitTensor.from_bnb(packed_local, qs, dtype, rows=(r0, r1))
+
+
+@torch.no_grad()
+def load_safetensors_lowmem(model: nn.Module, path: str | Path, strict: bool = True,
+                            weight_dtype: torch.dtype | None = None) -> dict:
+    """Fill a materialized (possibly FSDP2-sharded) model from safetensors, tensor by tensor, rows by rows.
+
+    weight_dtype: cast linear weights to this dtype before quantizing (as transformers does when it loads a
+    checkpoint in `dtype` and then quantizes), so the codes equal a bitsandbytes load of the same model.
+
+    Returns {"loaded": n, "skipped": [...], "max_staging_bytes": peak bytes of one read}.
+    """
+    from safetensors import safe_open
+
+    loaded, skipped, max_staging = 0, [], 0
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                target = _resolve(model, key)
+                if target is None:
+                    skipped.append(key)
+                    continue
+                module, attr = target
+                param = getattr(module, attr)
+                sl = f.get_slice(key)
+                shape = tuple(sl.get_shape())
+                local, r0 = _local(param)
+                if tuple(param.shape) != shape:
+                    raise ValueError(f"{file.name}:{key} has shape {shape}, the model expects {tuple(param.shape)}")
+                r1 = r0 + (local.shape[0] if local.dim() else 0)
+                if isinstance(module, ShardedLinear4bit) and attr == "weight":
+                    m = local.meta
+                    staging = []
+
+                    def read(a, b, sl=sl, staging=staging):
+                        t = sl[a:b]
+                        staging.append(t.numel() * t.element_size())
+                        return t.to(weight_dtype) if weight_dtype is not None else t
+
+                    q = quantize_rows_streaming(read, shape[0], shape[1], (r0, r1), m.quant_type, m.blocksize,
+                                                m.nested, local.dtype, device=local.packed.device)
+                    local.copy_(q)
+                    max_staging = max(max_staging, max(staging))
+                else:
+                    t = sl[r0:r1] if local.dim() else sl[:]
+                    max_staging = max(max_staging, t.numel() * t.element_size())
+                    local.copy_(t.to(dtype=local.dtype))
+                loaded += 1
+    if strict:
+        _check_tied_or_loaded(model, loaded)
+    return {"loaded": loaded, "skipped": skipped, "max_staging_bytes": max_staging}
+
+
+def _check_tied_or_loaded(model: nn.Module, loaded: int) -> None:
+    if loaded == 0:
+        raise ValueError("no checkpoint tensor matched the model (wrong path or architecture?)")
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """Draw lora_A (kaiming) and zero lora_B as DoRALinear does, in module order from `seed`, on every rank.
+
+    Each rank draws the full (r, in) A of every layer from the same generator (r·in values: small) and keeps
+    its rows, so the adapters equal those of a single process that ran apply_dora after torch.manual_seed(seed).
+    """
+    from dora_dist.nn.dora_linear import DoRALinear
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for layer in model.modules():
+            if not isinstance(layer, DoRALinear):
+                continue
+            full = torch.empty(tuple(layer.lora_A.shape), dtype=layer.lora_A.dtype)
+            nn.init.kaiming_uniform_(full, a=math.sqrt(5))
+            for name, value in (("lora_A", full), ("lora_B", None)):
+                p = getattr(layer, name)
+                local, r0 = _local(p)
+                if value is None:
+                    local.zero_()
+                else:
+                    local.copy_(value[r0: r0 + local.shape[0]].to(local.device))
+            if layer.magnitude is not None:
+                _local(layer.magnitude)[0].fill_(1.0)  # set for real by the engine's init_magnitudes
+            layer.base_row_sq = None
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# trainer integration: parallel.engine=fsdp2 with quantization.mode=nf4|fp4
+# ------------------------------------------------------------------------------------------------------------
+LOWMEM_ATTR = "_dora_dist_lowmem"
+
+
+def wants_lowmem_qdora(cfg, engine_name: str) -> bool:
+    """FSDP2 with a 4-bit base: the model is built on meta and loaded after sharding (bnb Params4bit cannot shard)."""
+    return engine_name == "fsdp2" and cfg.quantization.mode in ("nf4", "fp4")
+
+
+def local_checkpoint_dir(name_or_path: str, revision: str | None = None) -> Path:
+    """A local directory holding the safetensors of `name_or_path` (downloads *.safetensors/*.json from the hub)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+
+
+def build_lowmem_qdora_model(cfg, env=None) -> nn.Module:
+    """The job's causal LM on meta with ShardedLinear4bit linears; loading is deferred to `finish_lowmem_load`."""
+    from dora_dist import models
+
+    if cfg.quantization.mode not in ("nf4", "fp4"):
+        raise ValueError(f"the low-memory 4-bit path needs quantization.mode nf4 or fp4, got {cfg.quantization.mode}")
+    if cfg.model.config is not None and cfg.model.name_or_path != models.BUILTIN_NAME:
+        raise ValueError("quantization needs pretrained weights; a model built from model.config cannot be loaded "
+                         "in 4 bits (save it with save_pretrained first)")
+    path = models.resolve_model_path(cfg, env)
+    hf_config = models.model_config(cfg, env)
+    dtype = models.base_dtype(cfg)
+    compute_dtype = models.DTYPES[cfg.quantization.compute_dtype]
+    extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    model = build_qdora_on_meta(hf_config, cfg.quantization.mode, 64, cfg.quantization.double_quant, compute_dtype,
+                                dtype, trust_remote_code=cfg.model.trust_remote_code, **extra)
+    model.config.use_cache = False
+    setattr(model, LOWMEM_ATTR, {"path": str(path), "revision": cfg.model.revision, "weight_dtype": dtype,
+                                 "seed": cfg.training.seed})
+    return model
+
+
+@torch.no_grad()
+def finish_lowmem_load(model: nn.Module, device) -> dict | None:
+    """After fully_shard: allocate this rank's shards, stream the checkpoint into them, draw the adapters.
+
+    A no-op (None) for a model that was not built by `build_lowmem_qdora_model`.
+    """
+    spec = getattr(model, LOWMEM_ATTR, None)
+    if spec is None:
+        return None
+    materialize(model, device)
+    path = local_checkpoint_dir(spec["path"], spec.get("revision"))
+    stats = load_safetensors_lowmem(model, path, weight_dtype=spec["weight_dtype"])
+    _retie_embeddings(model)
+    init_adapters(model, spec["seed"])
+    delattr(model, LOWMEM_ATTR)
+    return stats
+
+
+def _retie_embeddings(model: nn.Module) -> None:
+    """to_empty() unties shared parameters; copy the input embedding into a tied output head (same row shards)."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not callable(get_in) or not callable(get_out) or get_out() is None:
+        return
+    w_in, w_out = get_in().weight, get_out().weight
+    if w_in is not w_out:
+        _local(w_out)[0].copy_(_local(w_in)[0])

@@ -1,0 +1,248 @@
+"""The parallel engine interface: the only place the trainer meets data parallelism.
+
+The trainer (dora_dist/train.py) drives every engine with the same calls and no engine-specific branches:
+
+    engine = make_engine(cfg, env)                  # parallel/__init__.py: "auto" -> none | fsdp2 | ddp
+    with engine.model_init_context():               # (ZeRO-3: zero.Init)
+        model = load_model(cfg, device=engine.load_device()); apply_dora(...)
+    model = engine.prepare(model)                   # wrap -> init_magnitudes -> build_optimizer; returns the
+                                                    #   module to call for forward (may be a wrapper)
+    if resuming: extra = engine.load_checkpoint(dir)
+    for each optimizer step:
+        for i, micro_batch in enumerate(micro_batches):
+            with engine.accumulate(last=(i == n - 1)):   # no gradient sync on all but the last micro-step
+                loss = <this micro-batch's share of the global-batch mean loss>
+                engine.backward(loss)
+        grad_norm = engine.step()                   # clip, optimizer step, scheduler step, zero grads
+    state = engine.adapter_state_dict()             # full adapter tensors (PEFT keys) on rank 0, None elsewhere
+    engine.save_checkpoint(dir, extra_state)        # called by checkpoint.CheckpointManager inside a temp dir
+
+Loss convention. The loss handed to `backward` is the micro-batch's *contribution* to the global-batch mean:
+sum of its token losses / number of target tokens in the whole global batch (all ranks, all micro-steps). Summed
+over micro-steps and ranks it is the global mean. Engines whose gradient reduction *averages* over data-parallel
+ranks (DDP, FSDP2, ZeRO) therefore multiply by the data-parallel world size in `backward` (`loss_scale`); an engine
+whose backward also divides by the accumulation steps (DeepSpeed's default) must undo that. The result: the
+gradient is the same for any (world size × accumulation) split of the same global batch.
+
+To add an engine: subclass `Engine` in parallel/<name>.py, implement `wrap` (and override what differs), and
+register it in `ENGINES` in parallel/__init__.py. Method names here are stable.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from dora_dist.parallel.dist_env import DistEnv
+
+
+def dora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, DoRALinear) pairs of a (possibly wrapped) model."""
+    from dora_dist.nn.dora_linear import DoRALinear
+
+    for name, module in model.named_modules():
+        if isinstance(module, DoRALinear):
+            yield name, module
+
+
+def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def clean_param_name(name: str) -> str:
+    """Strip wrapper prefixes (DDP's `module.`, activation checkpointing, torch.compile) from a parameter name."""
+    for prefix in ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module."):
+        name = name.replace(prefix, "")
+    return name
+
+
+def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0, schedule: str = "cosine"):
+    """LR multiplier: linear warmup from ~0 to 1 over warmup_steps, then cosine (or constant/linear) decay."""
+
+    def fn(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+class Engine:
+    """Base engine: one process's view of data parallelism. Subclasses override `wrap` and what differs."""
+
+    name = "base"
+    #: engines that accept bitsandbytes 4/8-bit base layers
+    supports_quantized_base = True
+
+    def __init__(self, cfg, env: DistEnv):
+        self.cfg = cfg
+        self.env = env
+        self.model: nn.Module | None = None          # what the trainer calls for forward (possibly a wrapper)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+
+    # --- set-up ---------------------------------------------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        """Factor applied in `backward` so that averaging gradients over ranks yields the global-batch gradient."""
+        return float(self.env.world_size)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model this engine cannot train (called first by `prepare`)."""
+        if not self.supports_quantized_base:
+            for name, layer in dora_layers(model):
+                if type(layer.base_layer).__name__ in ("Linear4bit", "Linear8bitLt"):
+                    raise ValueError(f"parallel.engine={self.name} does not support 4/8-bit base layers ({name}); "
+                                     "use parallel.engine=none or ddp for QDoRA")
+
+    def model_init_context(self):
+        """Context the trainer loads the base model in (e.g. DeepSpeed ZeRO-3's zero.Init). Default: none."""
+        return contextlib.nullcontext()
+
+    def load_device(self) -> torch.device:
+        """Where this rank loads the base model: its device by default; "meta" on ranks that receive the weights
+        from rank 0 inside `wrap` (FSDP2 load_on_rank0)."""
+        return self.env.device
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Shard / replicate the model for this engine; returns the module to call. Collectives: engine-specific."""
+        raise NotImplementedError
+
+    def unwrap(self, model: nn.Module | None = None) -> nn.Module:
+        """The underlying transformers model (for generation, config access, merging)."""
+        model = model if model is not None else self.model
+        return getattr(model, "module", model)
+
+    @torch.no_grad()
+    def init_magnitudes(self, model: nn.Module) -> None:
+        """m = ‖W + s·B·A‖ per row, from the real (loaded) base weights. Default: each layer on its full weight."""
+        for _, layer in dora_layers(model):
+            if layer.magnitude is not None:
+                layer.init_magnitude()
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """AdamW groups: weight decay on lora_A/lora_B, none on magnitudes and biases."""
+        wd = float(self.cfg.training.weight_decay)
+        decay, no_decay = [], []
+        for name, p in trainable_named_parameters(model):
+            (no_decay if (name.endswith("magnitude") or name.endswith("bias") or p.ndim < 2) else decay).append(p)
+        groups = []
+        if decay:
+            groups.append({"params": decay, "weight_decay": wd})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        if not groups:
+            raise ValueError("the model has no trainable parameters (did apply_dora match any target module?)")
+        return groups
+
+    def build_optimizer(self, model: nn.Module):
+        """AdamW over the trainable (adapter) parameters + warmup/cosine LambdaLR. Returns (optimizer, scheduler)."""
+        t = self.cfg.training
+        opt = torch.optim.AdamW(self.param_groups(model), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                eps=t.adam_eps, foreach=False if self.env.device.type == "cpu" else None)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_cosine_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio, t.lr_schedule))
+        return opt, sched
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """check_model -> wrap -> init_magnitudes -> build_optimizer. Returns the module to call for forward."""
+        self.check_model(model)
+        self.model = self.wrap(model)
+        self.init_magnitudes(self.model)
+        self.optimizer, self.scheduler = self.build_optimizer(self.model)
+        return self.model
+
+    # --- the step -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def accumulate(self, last: bool):
+        """Context for one micro-step's forward+backward; engines skip the gradient sync unless `last`."""
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.loss_scale).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Global gradient norm over the trainable parameters, clipped to max_norm when max_norm > 0."""
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if not params:
+            return 0.0
+        limit = max_norm if max_norm and max_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        return float(_to_full(norm))
+
+    def step(self) -> float:
+        """Clip, optimizer step, scheduler step, zero grads; returns the global gradient norm (before clipping)."""
+        grad_norm = self.clip_grad_norm(self.cfg.training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # --- adapter export -------------------------------------------------------------------------------
+    def adapter_state_dict(self, model: nn.Module | None = None) -> dict[str, torch.Tensor] | None:
+        """Full adapter tensors in PEFT key format on rank 0 (None on other ranks). Default: no gathering."""
+        from dora_dist.adapters import adapter_state_dict as peft_state
+
+        model = self.unwrap(model)
+        if not self.env.is_main:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in peft_state(model).items()}
+
+    # --- checkpoints (content only; dir naming, atomicity, retention: checkpoint.CheckpointManager) ---
+    def save_checkpoint(self, directory: str, extra_state: dict[str, Any]) -> None:
+        """Write adapter params + optimizer (+ scheduler) into `directory` (all ranks call; DCP by default)."""
+        from dora_dist.checkpoint.dcp import save_train_state
+
+        save_train_state(directory, self.model, self.optimizer, self.scheduler, extra_state, self.env)
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any]:
+        """Restore what `save_checkpoint` wrote; returns its extra_state."""
+        from dora_dist.checkpoint.dcp import load_train_state
+
+        return load_train_state(directory, self.model, self.optimizer, self.scheduler, self.env)
+
+    # --- misc ---------------------------------------------------------------------------------------
+    def peak_memory_bytes(self) -> int:
+        """Peak memory of this process: CUDA max allocated, else the process's max RSS."""
+        if self.env.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.env.device))
+        try:
+            import resource
+
+            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        except Exception:  # pragma: no cover
+            return 0
+
+    def close(self) -> None:
+        """Release engine resources (the process group is destroyed by the trainer)."""
+
+
+def _to_full(t) -> torch.Tensor:
+    """A DTensor (e.g. FSDP2's total grad norm) as a plain tensor; plain tensors unchanged."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return t
+    if isinstance(t, DTensor):
+        return t.full_tensor()
+    return t
+
+
+def rank_zero_print(env: DistEnv, *args, **kwargs) -> None:
+    if env.is_main:
+        print(*args, **kwargs, flush=True)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

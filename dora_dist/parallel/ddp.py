@@ -1,0 +1,39 @@
+"""DistributedDataParallel: every rank holds the whole model; adapter gradients are all-reduced (averaged).
+
+Frozen base weights are excluded from DDP's parameter set (`_ddp_params_and_buffers_to_ignore`): they are loaded
+identically on every rank, so DDP neither broadcasts them at wrap time (a full-model broadcast) nor tracks them.
+That also keeps bitsandbytes 4/8-bit weights away from DDP (QDoRA + DDP works).
+Collectives: one broadcast of the adapter parameters at wrap; an all-reduce of adapter gradients on the last
+micro-step of each optimizer step; one all-reduce of a scalar for the logged loss (trainer).
+"""
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dora_dist.parallel.base import Engine
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if not self.env.distributed:
+            raise RuntimeError("parallel.engine=ddp needs several processes (launch with torchrun)")
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        frozen += [n for n, _ in model.named_buffers()]
+        model._ddp_params_and_buffers_to_ignore = frozen
+        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        return DDP(model, device_ids=device_ids, bucket_cap_mb=self.cfg.parallel.ddp_bucket_mb,
+                   broadcast_buffers=False, find_unused_parameters=False,
+                   gradient_as_bucket_view=True)
+
+    @contextlib.contextmanager
+    def accumulate(self, last: bool):
+        if last:
+            yield
+        else:
+            with self.model.no_sync():
+                yield

@@ -1,0 +1,414 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 engines (`parallel.engine=zero2|zero3`).
+
+Launched by `deepspeed --num_gpus N --module dora_dist.train ...` (launch/deepspeed.sh; or `deepspeed --hostfile
+...`, or torchrun: all set RANK/WORLD_SIZE/MASTER_ADDR, and the trainer makes the process group before DeepSpeed is
+touched). On the CPU, DeepSpeed picks its cpu accelerator and uses the gloo group the trainer made.
+
+The math is the single-process math. The DeepSpeed JSON comes from our config (`zero_config.py`); the trainer's
+torch AdamW and warmup/cosine LambdaLR are handed to `deepspeed.initialize` as a client optimizer and scheduler, so
+ZeRO only partitions their state. `backward` multiplies by the world size (DeepSpeed averages gradients over
+ranks) and passes `scale_wrt_gas=False` (the trainer's loss is already the micro-batch's share of the global mean),
+and `accumulate(last)` sets DeepSpeed's accumulation boundary, so `step` is called once per optimizer step.
+
+ZeRO-2: every rank holds the whole model; gradients and optimizer state of the adapters are partitioned. The
+magnitude is initialised from the full local weight (no communication), before `deepspeed.initialize`.
+4/8-bit (bitsandbytes) bases work: frozen parameters are never handed to the ZeRO optimizer.
+
+ZeRO-3: every parameter, frozen base weights included, is flattened and split evenly by element count over the
+ranks (rank k holds elements [k·P, (k+1)·P) of the flat weight, P = ceil(numel/N); parameters smaller than
+`stage3_param_persistence_threshold` are also kept whole on every rank after their first use). DeepSpeed gathers
+a module's own parameters when that module's forward runs; `DoRALinear.forward` reads `base_layer.weight`
+through its weight source without calling `base_layer.forward`, so each base weight is registered as an
+*external parameter* of its DoRALinear (`deepspeed.zero.register_external_parameter`): it is gathered with the
+adapter in the layer's forward and backward and released afterwards, one layer at a time, like any other ZeRO-3
+parameter. (DeepSpeed would also gather it lazily on first access as a "dangling" parameter; registering it makes
+that explicit and prefetchable. Marking DoRALinear a ZeRO-3 leaf module with `set_z3_leaf_modules` instead fails in
+backward here (DeepSpeed 0.19.8: the base weight is still partitioned, shape (0,), when the backward runs).)
+
+Magnitude init and ‖W‖² under ZeRO-3 (`init_magnitudes`), two paths; the default is the first:
+
+- "partition" (no weight gather): each rank squares its own flat slice of W, adds each element into its output
+  row (slices are not row-aligned: a slice may start and end mid-row; whole rows in between are reduced as a
+  block), and one all-reduce sums the partial ‖W_i‖² over ranks. Moves out·4 bytes per layer (fp32 (out,)
+  vector; a ring all-reduce sends about 2·(N-1)/N of that per rank). m = ‖W‖ (B = 0 at init) is written into
+  this rank's slice of the magnitude partition; ‖W‖² is cached on the layer (`base_row_sq`) for forward.
+  If some lora_B is non-zero (not the case after init), that layer falls back to the gather path.
+- "gather": `deepspeed.zero.GatheredParameters([base.weight, lora_A, lora_B])` around one layer at a time,
+  computing the norm from the full weight; the gathered copies are released when the context exits. Moves the
+  whole weight: out·in·itemsize bytes gathered per layer ((N-1)/N of it received per rank).
+`norm_init_stats` records the layers and payload bytes of the last init (tiny test Llama, 14 layers: 2,080 bytes
+all-reduced vs 89,680 bytes gathered; Llama-3.1-8B, 224 layers: 5.5 MB vs the whole 14 GB bf16 base).
+
+Loading (`model_init_context`): transformers builds and loads the model inside zero.Init, straight into the
+partitions (a load-time config names the base dtype, so a bf16 base stays bf16). This needs DoRA's weight sources to
+read a partitioned weight's logical shape (`ds_shape`); without that the base is loaded whole on every rank and
+partitioned by `deepspeed.initialize`.
+
+Adapter export gathers only adapter tensors (one layer at a time) and builds the PEFT state dict on rank 0.
+Checkpoints use DeepSpeed's own `save_checkpoint`/`load_checkpoint` (adapter parameters, partitioned optimizer
+state, the LR scheduler; frozen base weights excluded), with the trainer's extra state (data position, RNG) as
+client state, so a resumed run continues exactly.
+
+QDoRA with ZeRO-3 is refused: ZeRO-3 would flatten and split bitsandbytes' packed 4-bit data while the
+quantization state (absmax, blocksize, shape) stays whole, which is why peft fails there (peft issue #1731).
+ZeRO-2 (or DDP) trains 4/8-bit bases; FSDP2 with 4-bit bases is tracked separately.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dora_dist.parallel.base import Engine, dora_layers, rank_zero_print
+from dora_dist.parallel.zero_config import build_ds_config, describe, grad_accum_steps
+
+CHECKPOINT_TAG = "zero"
+CLIENT_KEY = "dora_dist"
+QUANTIZED_BASES = ("Linear4bit", "Linear8bitLt", "Params4bit", "Int8Params")
+QDORA_ZERO3_REASON = (
+    "ZeRO-3 flattens and splits every parameter over the ranks, including the packed quantized weights, whose "
+    "quantization state cannot be split with them (the same failure as peft issue #1731). For QDoRA on several "
+    "ranks use parallel.engine=zero2 (the 4-bit base stays whole on every rank; adapter gradients and optimizer "
+    "state are partitioned) or parallel.engine=ddp; or train a bf16 base with zero3.")
+
+
+def _is_zero3_param(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def _is_partitioned(p: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter: this rank's slice of its flat data is `p.ds_tensor`. (Small 'persistent' parameters
+    are partitioned too until their first use, then also kept whole in `p.data`.)"""
+    return _is_zero3_param(p) and getattr(p, "ds_tensor", None) is not None
+
+
+def _is_available(p: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter whose full data is currently present in `p.data` (gathered or persistent)."""
+    return getattr(getattr(p, "ds_status", None), "name", "") == "AVAILABLE"
+
+
+def _partition_range(p: torch.Tensor) -> tuple[int, int, int]:
+    """(start, stop, partition size) of this rank's slice of a ZeRO-3 parameter's flat data (stop clipped)."""
+    size = int(p.ds_tensor.ds_numel)
+    rank = dist.get_rank(group=p.ds_process_group)
+    start = rank * size
+    return start, max(start, min(start + size, int(p.ds_numel))), size
+
+
+def _local_slice(p: torch.Tensor) -> torch.Tensor:
+    """This rank's valid elements of a partitioned parameter (a view of its ZeRO-3 partition)."""
+    start, stop, _ = _partition_range(p)
+    return p.ds_tensor.view(-1).narrow(0, 0, stop - start)
+
+
+def partial_row_sq_norms(flat: torch.Tensor, start: int, shape: tuple[int, int], out_dim: int,
+                         chunk_rows: int = 4096) -> torch.Tensor:
+    """Σ w² per output row over the elements of a row-major (d0, d1) weight that lie in flat[start:...].
+
+    out_dim = 0 for an (out, in) weight (nn.Linear), 1 for an (in, out) one (transformers Conv1D). The slice may
+    begin and end mid storage-row: the partial head and tail rows are handled apart, whole rows as (k, d1) blocks.
+    fp32 (fp64 for fp64 weights) and at most chunk_rows storage rows converted at a time.
+    """
+    d0, d1 = shape
+    acc_dtype = torch.promote_types(flat.dtype, torch.float32)
+    out = torch.zeros(shape[out_dim], dtype=acc_dtype, device=flat.device)
+    pos, end, n = 0, flat.numel(), start
+
+    def add(row: int, col0: int, piece: torch.Tensor) -> None:
+        sq = piece.to(acc_dtype).pow(2)
+        if out_dim == 0:
+            out[row] += sq.sum()
+        else:
+            out[col0 : col0 + piece.numel()] += sq
+
+    col = n % d1
+    if col and pos < end:                                   # head: the rest of a storage row
+        take = min(d1 - col, end - pos)
+        add(n // d1, col, flat[pos : pos + take])
+        pos, n = pos + take, n + take
+    while end - pos >= d1:                                  # body: whole storage rows, in blocks
+        rows = min(chunk_rows, (end - pos) // d1)
+        block = flat[pos : pos + rows * d1].view(rows, d1).to(acc_dtype).pow(2)
+        r0 = n // d1
+        if out_dim == 0:
+            out[r0 : r0 + rows] += block.sum(dim=1)
+        else:
+            out += block.sum(dim=0)
+        pos, n = pos + rows * d1, n + rows * d1
+    if pos < end:                                           # tail: the start of a storage row
+        add(n // d1, 0, flat[pos:end])
+    return out
+
+
+def weight_sources_read_ds_shape() -> bool:
+    """Whether DoRA's weight sources take a base's (out, in) from a ZeRO-3 parameter's logical shape (`ds_shape`).
+
+    A model built inside zero.Init has every weight partitioned already (`weight.shape` is (0,)) when the DoRA
+    layers are added, so the layers can only be built if their weight source reads `ds_shape`.
+    """
+    from dora_dist.nn.weight_source import weight_source_for
+
+    lin = nn.Linear(2, 3, bias=False, device="meta")
+    lin.weight.data = torch.empty(0, device="meta")
+    lin.weight.ds_shape = torch.Size([3, 2])
+    try:
+        source = weight_source_for(lin)
+        return (source.out_features, source.in_features) == (3, 2)
+    except (IndexError, RuntimeError, TypeError):
+        return False
+
+
+class ZeroEngine(Engine):
+    """Common ZeRO engine; `stage` picks ZeRO-2 or ZeRO-3."""
+
+    name = "zero"
+    stage = 0
+
+    def __init__(self, cfg, env):
+        super().__init__(cfg, env)
+        self.ds_engine = None
+        self.ds_config: dict[str, Any] | None = None
+        self.norm_init_stats: dict[str, Any] = {}
+        self._hf_ds_config = None
+
+    # --- set-up ---------------------------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        if self.stage == 3:
+            for name, layer in dora_layers(model):
+                if type(layer.base_layer).__name__ in QUANTIZED_BASES:
+                    raise ValueError(
+                        f"parallel.engine=zero3 does not support 4/8-bit (bitsandbytes) base layers ({name}: "
+                        f"{type(layer.base_layer).__name__}): {QDORA_ZERO3_REASON}")
+        super().check_model(model)
+
+    def model_init_context(self):
+        """Build/load the model already partitioned (ZeRO-3), so no rank ever holds the whole base model.
+
+        Under this context transformers' `from_pretrained` / `from_config` construct parameters inside
+        `deepspeed.zero.Init` and load checkpoint shards straight into the partitions (transformers sees the live
+        `HfDeepSpeedConfig`). DoRA layers are added afterwards, outside it; `deepspeed.initialize` partitions them.
+        ZeRO-2 (every rank holds the whole model anyway): a no-op context.
+        """
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        if getattr(self.cfg.quantization, "mode", "none") != "none":
+            raise ValueError(f"parallel.engine=zero3 does not support quantization.mode="
+                             f"{self.cfg.quantization.mode}: {QDORA_ZERO3_REASON}")
+        if not weight_sources_read_ds_shape():
+            rank_zero_print(self.env, "[dora_dist] ZeRO-3: DoRA's weight sources do not read a partitioned "
+                            "parameter's shape (ds_shape) in this version, so the base is loaded whole on every rank "
+                            "and partitioned by deepspeed.initialize (not inside zero.Init)")
+            return contextlib.nullcontext()
+        import deepspeed
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+        deepspeed.init_distributed(dist_backend=self.env.backend)   # wraps the process group the trainer made
+        self.ds_config = self.make_ds_config()
+        # zero.Init casts every floating tensor it creates to the DeepSpeed config's precision (fp32 when bf16/fp16
+        # are off, as in our training config); the load-time copy names the base dtype instead, so a bf16 base
+        # is partitioned in bf16, exactly as `model.dtype` asks.
+        from dora_dist.models import base_dtype
+
+        load_config = copy.deepcopy(self.ds_config)
+        dtype = base_dtype(self.cfg)
+        load_config["bf16"] = {"enabled": dtype == torch.bfloat16}
+        load_config["fp16"] = {"enabled": dtype == torch.float16}
+        # transformers holds this through a weak reference: keep it alive for the engine's lifetime
+        self._hf_ds_config = HfDeepSpeedConfig(load_config)
+        return contextlib.nullcontext()
+
+    def make_ds_config(self) -> dict[str, Any]:
+        gas = grad_accum_steps(self.cfg, self.env.world_size)
+        return build_ds_config(self.cfg, self.env.world_size, self.stage, grad_accum=gas)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Prepare the bare model for deepspeed.initialize (ZeRO-3: base weights as external params)."""
+        if not self.env.distributed:
+            raise RuntimeError(f"parallel.engine={self.name} needs several processes "
+                               "(launch with `deepspeed --num_gpus N` or torchrun)")
+        if self.stage == 3:
+            import deepspeed
+
+            for _, layer in dora_layers(model):
+                for p in layer.base_layer.parameters(recurse=False):
+                    deepspeed.zero.register_external_parameter(layer, p)
+        return model
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """check -> (ZeRO-2: magnitudes) -> optimizer -> deepspeed.initialize -> (ZeRO-3: magnitudes)."""
+        import deepspeed
+
+        self.check_model(model)
+        if self.ds_config is None:
+            self.ds_config = self.make_ds_config()
+        model = self.wrap(model)
+        if self.stage == 2:
+            super().init_magnitudes(model)                    # full weights on every rank: no communication
+        optimizer, scheduler = self.build_optimizer(model)
+        engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            dist_init_required=False)
+        self.ds_engine, self.model = engine, engine
+        self.optimizer, self.scheduler = ds_optimizer, ds_scheduler
+        if self.stage == 3:
+            self.init_magnitudes(engine.module)
+            ds_optimizer.refresh_fp32_params()                 # the fp32 master partitions follow the new m
+        rank_zero_print(self.env, f"[dora_dist] DeepSpeed {describe(self.ds_config)}")
+        return engine
+
+    # --- magnitude init (ZeRO-3) -------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_magnitudes(self, model: nn.Module, method: str = "partition") -> None:
+        """m = ‖W + s·B·A‖ per row from partitioned weights; see the module docstring for the two paths."""
+        if method not in ("partition", "gather"):
+            raise ValueError(f"method must be 'partition' or 'gather', got {method!r}")
+        model = self.unwrap(model)
+        stats = {"method": method, "layers": 0, "allreduce_bytes": 0, "gathered_bytes": 0, "local_layers": 0}
+        layers = list(dora_layers(model))
+        b_nonzero = self._lora_b_nonzero([layer for _, layer in layers])
+        for (_, layer), nonzero in zip(layers, b_nonzero):
+            weight = layer.base_layer.weight
+            stats["layers"] += 1
+            if not _is_partitioned(weight):                    # not a ZeRO-3 parameter: whole on every rank
+                layer.base_row_sq = None
+                layer.base_row_sq = layer.base_row_sq_norms()
+                if layer.magnitude is not None:
+                    self._write_full(layer.magnitude, layer.weight_norm())
+                stats["local_layers"] += 1
+            elif method == "gather" or (nonzero and layer.magnitude is not None):
+                self._init_layer_gathered(layer, stats)
+            else:
+                row_sq = self._row_sq_from_partition(layer, stats)
+                layer.base_row_sq = row_sq
+                if layer.magnitude is not None:
+                    self._write_full(layer.magnitude, row_sq.clamp_min(0).sqrt())
+        self.norm_init_stats = stats
+
+    def _lora_b_nonzero(self, layers: list[nn.Module]) -> list[bool]:
+        """Whether each layer's lora_B has a non-zero element on any rank (one all-reduce of L floats)."""
+        flags = []
+        for layer in layers:
+            b = layer.lora_B
+            local = _local_slice(b) if _is_partitioned(b) else b.data
+            flags.append(float(bool(local.numel()) and bool(local.ne(0).any())))
+        t = torch.tensor(flags, dtype=torch.float32, device=self.env.device)
+        if t.numel() and self.env.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)                          # COLLECTIVE: L floats
+        return [bool(v) for v in t.tolist()]
+
+    def _row_sq_from_partition(self, layer: nn.Module, stats: dict) -> torch.Tensor:
+        """‖W_i‖² (fp32, (out,)) from this rank's flat slice + one all-reduce of (out,) floats."""
+        w = layer.base_layer.weight
+        start, _, _ = _partition_range(w)
+        shape = tuple(int(d) for d in w.ds_shape)
+        out_dim = 1 if layer.fan_in_fan_out else 0
+        partial = partial_row_sq_norms(_local_slice(w), start, shape, out_dim).to(self.env.device)
+        dist.all_reduce(partial, group=w.ds_process_group)                # COLLECTIVE: out floats
+        stats["allreduce_bytes"] += partial.numel() * partial.element_size()
+        return partial.to(torch.float32 if partial.dtype != torch.float64 else partial.dtype)
+
+    def _init_layer_gathered(self, layer: nn.Module, stats: dict) -> None:
+        """Gather one layer's base weight and adapter, compute from the full weight, release on exit."""
+        import deepspeed
+
+        base = [p for p in layer.base_layer.parameters(recurse=False)]
+        params = base + [layer.lora_A, layer.lora_B]
+        stats["gathered_bytes"] += sum(int(p.ds_numel) * p.element_size() for p in params if _is_partitioned(p))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):    # COLLECTIVE: one layer
+            layer.base_row_sq = None
+            layer.base_row_sq = layer.base_row_sq_norms().clone()
+            norm = layer.weight_norm() if layer.magnitude is not None else None
+        if norm is not None:
+            self._write_full(layer.magnitude, norm)
+
+    @staticmethod
+    def _write_full(param: torch.Tensor, full: torch.Tensor) -> None:
+        """Set a parameter from its full value: this rank's slice of a ZeRO-3 partition, else the whole tensor."""
+        full = full.detach().reshape(-1)
+        if _is_partitioned(param):
+            start, stop, _ = _partition_range(param)
+            param.ds_tensor.view(-1)[: stop - start].copy_(full[start:stop].to(param.ds_tensor))
+            if not _is_available(param):
+                return
+        param.data.copy_(full.view_as(param.data).to(param.data))
+
+    # --- the step -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def accumulate(self, last: bool):
+        """DeepSpeed reduces gradients and steps only at the boundary; we mark it on the last micro-step."""
+        self.ds_engine.set_gradient_accumulation_boundary(bool(last))
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds_engine.backward(loss * self.loss_scale, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clipping happens inside DeepSpeed's step (gradient_clipping); this reports the last global norm."""
+        norm = self.ds_engine.get_global_grad_norm()
+        return 0.0 if norm is None else float(norm)
+
+    def step(self) -> float:
+        self.ds_engine.set_gradient_accumulation_boundary(True)
+        self.ds_engine.step()                                  # clip, optimizer + LR scheduler step, zero grads
+        return self.clip_grad_norm(self.cfg.training.max_grad_norm)
+
+    def current_lr(self) -> float:
+        return float(self.ds_engine.get_lr()[0])
+
+    # --- adapter export -------------------------------------------------------------------------------
+    def adapter_state_dict(self, model: nn.Module | None = None) -> dict[str, torch.Tensor] | None:
+        """Full adapter tensors (PEFT keys) on rank 0; ZeRO-3 gathers one layer's adapter at a time, nothing else."""
+        import deepspeed
+        from dora_dist.adapters.peft_format import PREFIX, SUFFIXES
+
+        model = self.unwrap(model if model is not None else self.model)
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in dora_layers(model):
+            params = {suffix: getattr(layer, attr) for suffix, attr in SUFFIXES.items()
+                      if getattr(layer, attr) is not None}
+            gathered = [p for p in params.values() if _is_partitioned(p)]
+            ctx = deepspeed.zero.GatheredParameters(gathered, modifier_rank=None) if gathered \
+                else contextlib.nullcontext()
+            with ctx:                                                        # COLLECTIVE: adapter of one layer
+                if self.env.is_main:
+                    for suffix, p in params.items():
+                        out[f"{PREFIX}{name}.{suffix}"] = p.detach().cpu().clone()
+        return out if self.env.is_main else None
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def save_checkpoint(self, directory: str, extra_state: dict[str, Any]) -> None:
+        """Adapter params, partitioned optimizer state, LR scheduler (no frozen weights) + trainer state."""
+        self.ds_engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={CLIENT_KEY: extra_state},
+                                       save_latest=False, exclude_frozen_parameters=True)
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any]:
+        if not (Path(directory) / CHECKPOINT_TAG).is_dir():
+            raise FileNotFoundError(f"{directory} holds no DeepSpeed checkpoint (no '{CHECKPOINT_TAG}' folder); "
+                                    f"was it written by parallel.engine={self.name}?")
+        path, client = self.ds_engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_module_strict=False,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+        return (client or {}).get(CLIENT_KEY, {})
+
+    def close(self) -> None:
+        destroy = getattr(self.ds_engine, "destroy", None)
+        if callable(destroy):
+            destroy()
+        self._hf_ds_config = None
+
+
+class Zero2Engine(ZeroEngine):
+    name = "zero2"
+    stage = 2
+
+
+class Zero3Engine(ZeroEngine):
+    name = "zero3"
+    stage = 3
+    supports_quantized_base = False

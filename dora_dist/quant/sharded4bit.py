@@ -1,0 +1,587 @@
+"""A 4-bit weight that FSDP2 shards by output rows and all-gathers packed (QDoRA under FSDP2).
+
+bitsandbytes stores a 4-bit weight as a flat byte array (two codes per byte) plus one absmax per block of
+`blocksize` consecutive elements of the *flattened* weight, optionally double-quantized (absmax itself stored as
+uint8 codes with one fp32 scale per 256 blocks, plus a global offset). Neither the flat blocks nor the 256-block
+groups respect row boundaries, so slicing bnb's tensors at an arbitrary row breaks them, which is why a
+`Params4bit` under `fully_shard` fails.
+
+`Sharded4bitTensor` re-lays the *same* quantized state out by rows. Row i gets one record of bytes (one row of a
+single (out, row_bytes) uint8 tensor, so every row range is self-contained and FSDP2 sees one buffer):
+
+    scales2  K2 float32   nested only: the second-level fp32 absmax of the 256-block groups row i touches
+    scales   K1 uint8 (double-quant codes) | float32   the first-level absmax slots of the blocks row i touches
+    rowmeta  2 int32      [phase of row i inside its first block, index of that block inside its 256-group]
+    packed   in/2 uint8   the bnb codes of row i, unchanged (bnb packs the high nibble first)
+
+A block that straddles two rows has its absmax stored in both rows' slots (likewise a 256-group), so no block
+straddles a shard boundary whatever the row split; when `in % blocksize == 0` (every LLM linear) there is no
+duplication and K1 = in/blocksize. Overhead over bnb: ≤ one slot + 8 bytes + alignment per row of in/2 bytes
+(≈ 0.53 bytes per weight for blocksize 64 with double quant, vs 2 for bf16). Dequantization is
+`lut[code] * absmax` in fp32, the absmax being `code2[q] * absmax2 + offset` in fp32 when nested, then one cast:
+the same operations in the same order as bitsandbytes, so the values are bit-identical to
+`bitsandbytes.functional.dequantize_4bit` (tested for nf4/fp4, ± double quant, fp32/bf16/fp16).
+
+FSDP2 integration (torch.distributed.fsdp.fully_shard, the tensor-subclass all-gather extensions):
+- `fully_shard` splits the tensor with `torch.chunk(dim=0)`: the row records are split along the rows (even
+  sharding: `out % world_size == 0`, true for LLM linears; an uneven split raises a clear error).
+- `fsdp_pre_all_gather` hands FSDP the local row records (one uint8 tensor, no copy): the all-gather moves the
+  packed bytes and scales only.
+- `fsdp_post_all_gather` dequantizes the gathered rows into a plain dense (out, in) tensor of FSDP's param dtype
+  (row chunk by row chunk, so the fp32 temporary stays small), which is what the forward/backward matmul uses; FSDP
+  frees it (and the gathered bytes) at reshard, and re-dequantizes in place (`out=`) on the next all-gather.
+Outside forward the parameter is a DTensor whose local tensor is this subclass holding only the rank's rows, so
+row norms (DoRA's ‖W‖² and magnitude init) are computed from the local packed shard with no communication.
+
+No dependency on torchao; bitsandbytes is needed only to quantize a dense weight or convert a bnb layer.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+aten = torch.ops.aten
+
+# bitsandbytes' 4-bit code books (bitsandbytes.functional.get_4bit_type), exact fp32 values.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+FP4_CODE = (
+    0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
+    0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
+)
+DQ_GROUP = 256  # bitsandbytes' blocksize for the second (double) quantization of the absmax values
+DEQUANT_CHUNK_ELEMENTS = 1 << 20  # values per dequantization chunk on the CPU (~13 bytes of temporaries each)
+DEQUANT_CHUNK_ELEMENTS_CUDA = 1 << 23  # fewer, larger kernels on GPUs (~100 MiB of temporaries)
+
+
+def code_book(quant_type: str, device=None) -> torch.Tensor:
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    return torch.tensor(NF4_CODE if quant_type == "nf4" else FP4_CODE, dtype=torch.float32, device=device)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# row layout
+# ------------------------------------------------------------------------------------------------------------
+def row_layout(out_features: int, in_features: int, blocksize: int, nested: bool):
+    """Per-row block geometry of bnb's flat layout: (first block b0, phase p1, blocks per row nb, K1, K2)."""
+    if in_features % 2:
+        raise ValueError(f"Sharded4bitTensor needs an even in_features (two codes per byte per row), got {in_features}")
+    i = torch.arange(out_features, dtype=torch.int64, device="cpu")  # geometry only: always on the CPU
+    start = i * in_features
+    b0 = start // blocksize
+    p1 = start - b0 * blocksize
+    nb = (start + in_features - 1) // blocksize - b0 + 1
+    k1 = int(nb.max()) if out_features else 1
+    if nested:
+        q = b0 % DQ_GROUP
+        k2 = int(((q + nb - 1) // DQ_GROUP + 1).max()) if out_features else 1
+    else:
+        q = torch.zeros_like(b0)
+        k2 = 0
+    return b0, p1, nb, q, k1, k2
+
+
+class _Meta:
+    """Non-tensor state shared by all shards of one weight (replicated, never sharded)."""
+
+    __slots__ = ("quant_type", "blocksize", "nested", "offset", "code2", "k1", "k2", "n_in",
+                 "o_s2", "o_s1", "o_rm", "o_pk", "row_bytes")
+
+    def __init__(self, quant_type, blocksize, nested, offset, code2, k1, k2, n_in):
+        self.quant_type, self.blocksize, self.nested = quant_type, int(blocksize), bool(nested)
+        self.offset = float(offset) if offset is not None else 0.0  # an fp32 value, exact as a Python float
+        self.code2 = code2  # (256,) fp32 code book of the double quantization, or None
+        self.k1, self.k2, self.n_in = int(k1), int(k2), int(n_in)
+        # One row record of bytes: [scales2 fp32 | scales (fp32, or uint8 codes if nested) | rowmeta int32 x2 |
+        # packed codes], 4-byte aligned, so every field is a strided view of one (rows, row_bytes) uint8 tensor
+        # and FSDP2 all-gathers a single buffer.
+        self.o_s2 = 0
+        self.o_s1 = 4 * self.k2 if self.nested else 0
+        self.o_rm = _align4(self.o_s1 + (self.k1 if self.nested else 4 * self.k1))
+        self.o_pk = self.o_rm + 8
+        self.row_bytes = _align4(self.o_pk + self.n_in // 2)
+
+    def to(self, device) -> "_Meta":
+        code2 = self.code2.to(device) if self.code2 is not None else None
+        return _Meta(self.quant_type, self.blocksize, self.nested, self.offset, code2, self.k1, self.k2, self.n_in)
+
+    def same_format(self, other: "_Meta") -> bool:
+        return (self.quant_type, self.blocksize, self.nested, self.k1, self.k2, self.n_in) == (
+            other.quant_type, other.blocksize, other.nested, other.k1, other.k2, other.n_in)
+
+
+def _align4(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
+class Sharded4bitTensor(torch.Tensor):
+    """A frozen (rows, in) 4-bit weight in bitsandbytes' numerics, laid out so any row range is self-contained."""
+
+    @staticmethod
+    def __new__(cls, qdata, meta: _Meta, shape, dtype, requires_grad=False):
+        shape = torch.Size(shape)
+        stride = (shape[1], 1) if len(shape) == 2 else (1,)
+        return torch.Tensor._make_wrapper_subclass(cls, shape, stride, 0, dtype=dtype, device=qdata.device,
+                                                   requires_grad=requires_grad)
+
+    def __init__(self, qdata, meta: _Meta, shape, dtype, requires_grad=False):
+        if qdata.dim() != 2 or qdata.shape[1] != meta.row_bytes or qdata.dtype != torch.uint8:
+            raise ValueError(f"bad 4-bit row records {tuple(qdata.shape)} {qdata.dtype}, expected (rows, "
+                             f"{meta.row_bytes}) uint8")
+        self.qdata, self.meta = qdata, meta  # (rows, row_bytes) uint8: the only tensor FSDP2 sees and gathers
+
+    # --- the fields, as views of the row records ---------------------------------------------------------
+    def _field(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.qdata[:, offset: offset + nbytes].view(dtype)
+
+    @property
+    def packed(self) -> torch.Tensor:
+        return self._field(self.meta.o_pk, self.meta.n_in // 2, torch.uint8)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        m = self.meta
+        return self._field(m.o_s1, m.k1, torch.uint8) if m.nested else self._field(m.o_s1, 4 * m.k1, torch.float32)
+
+    @property
+    def scales2(self) -> torch.Tensor | None:
+        m = self.meta
+        return self._field(m.o_s2, 4 * m.k2, torch.float32) if m.nested else None
+
+    @property
+    def rowmeta(self) -> torch.Tensor:
+        return self._field(self.meta.o_rm, 8, torch.int32)
+
+    @classmethod
+    def assemble(cls, packed, scales, scales2, rowmeta, meta: _Meta, shape, dtype) -> "Sharded4bitTensor":
+        """Pack the fields into row records."""
+        qdata = torch.zeros(packed.shape[0], meta.row_bytes, dtype=torch.uint8, device=packed.device)
+        t = cls(qdata, meta, shape, dtype)
+        t.packed.copy_(packed)
+        t.scales.copy_(scales)
+        if meta.nested:
+            t.scales2.copy_(scales2)
+        t.rowmeta.copy_(rowmeta)
+        return t
+
+    # --- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_bnb(cls, packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None,
+                 rows: tuple[int, int] | None = None) -> "Sharded4bitTensor":
+        """Re-lay out a bitsandbytes 4-bit state (packed bytes + QuantState) by rows. Exact: no re-quantization.
+
+        rows=(r0, r1) keeps only those rows of the (out, in) weight; `packed` may then hold just their bytes
+        ((r1 - r0)·in/2 of them) while the quant_state describes the whole weight (its absmax is small).
+        """
+        out_f, in_f = int(quant_state.shape[0]), int(quant_state.shape[1])
+        bs, nested = int(quant_state.blocksize), bool(quant_state.nested)
+        dtype = dtype or quant_state.dtype
+        device = packed.device
+        r0, r1 = rows if rows is not None else (0, out_f)
+        b0, p1, nb, q, k1, k2 = row_layout(out_f, in_f, bs, nested)
+        b0, p1, nb, q = (t[r0:r1].to(device) for t in (b0, p1, nb, q))
+        flat = packed.reshape(-1).view(torch.uint8)
+        if flat.numel() * 2 < out_f * in_f:  # only the kept rows' bytes were given
+            rows_t = flat[: (r1 - r0) * in_f // 2]
+        else:
+            rows_t = flat[r0 * in_f // 2: r1 * in_f // 2]
+        rows = rows_t.reshape(r1 - r0, in_f // 2).clone()
+        out_f = r1 - r0
+        absmax = quant_state.absmax.reshape(-1)
+        slot = torch.arange(k1, device=device)
+        idx1 = (b0[:, None] + slot[None, :]).clamp_max(absmax.numel() - 1)
+        valid1 = slot[None, :] < nb[:, None]
+        scales = torch.where(valid1, absmax[idx1], torch.zeros((), dtype=absmax.dtype, device=device))
+        scales2, code2, offset = None, None, None
+        if nested:
+            absmax2 = quant_state.state2.absmax.reshape(-1).float()
+            g0 = b0 // DQ_GROUP
+            ng = (q + nb - 1) // DQ_GROUP + 1
+            slot2 = torch.arange(k2, device=device)
+            idx2 = (g0[:, None] + slot2[None, :]).clamp_max(absmax2.numel() - 1)
+            scales2 = torch.where(slot2[None, :] < ng[:, None], absmax2[idx2], torch.zeros((), device=device))
+            code2 = quant_state.state2.code.float().to(device)
+            offset = float(quant_state.offset)
+        else:
+            scales = scales.float()
+        rowmeta = torch.stack([p1, q], dim=1).to(torch.int32)
+        meta = _Meta(quant_state.quant_type, bs, nested, offset, code2, k1, k2, in_f)
+        return cls.assemble(rows, scales, scales2, rowmeta, meta, (out_f, in_f), dtype)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
+                   double_quant: bool = True, dtype: torch.dtype | None = None) -> "Sharded4bitTensor":
+        """Quantize a dense (out, in) weight exactly as bitsandbytes.functional.quantize_4bit does."""
+        packed, qs = quantize_4bit_bnb(weight, quant_type, blocksize, double_quant)
+        return cls.from_bnb(packed, qs, dtype or weight.dtype)
+
+    @classmethod
+    def from_linear4bit(cls, module: nn.Module, dtype: torch.dtype | None = None) -> "Sharded4bitTensor":
+        """From a bitsandbytes Linear4bit (its packed weight and quant_state)."""
+        qs = module.weight.quant_state
+        if qs is None:
+            raise ValueError("the Linear4bit weight is not quantized yet (no quant_state)")
+        if getattr(qs, "packing_format_for_cpu", False):
+            raise ValueError("this Linear4bit was repacked for bitsandbytes' CPU kernel; convert it before inference")
+        return cls.from_bnb(module.weight.data, qs, dtype or module.compute_dtype or qs.dtype)
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, quant_type: str = "nf4", blocksize: int = 64,
+              double_quant: bool = True, dtype: torch.dtype = torch.bfloat16, device=None) -> "Sharded4bitTensor":
+        """Uninitialised storage with the right inner shapes (e.g. on the meta device, filled later by copy_)."""
+        _, _, _, _, k1, k2 = row_layout(out_features, in_features, blocksize, double_quant)
+        meta = _Meta(quant_type, blocksize, double_quant, 0.0, None, k1, k2, in_features)
+        qdata = torch.empty(out_features, meta.row_bytes, dtype=torch.uint8, device=device)
+        return cls(qdata, meta, (out_features, in_features), dtype)
+
+    # --- tensor subclass protocol ----------------------------------------------------------------------
+    def __tensor_flatten__(self):
+        return ["qdata"], (self.meta, self.shape, self.dtype)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
+        meta, shape, dtype = ctx
+        return Sharded4bitTensor(inner["qdata"], meta, shape, dtype)
+
+    def _with(self, fn, dtype=None, meta=None) -> "Sharded4bitTensor":
+        """Apply fn to the row records (an op that keeps the row structure)."""
+        qdata = fn(self.qdata)
+        return Sharded4bitTensor(qdata, meta or self.meta, (qdata.shape[0], self.shape[1]), dtype or self.dtype)
+
+    def __repr__(self):
+        m = self.meta
+        return (f"Sharded4bitTensor(shape={tuple(self.shape)}, dtype={self.dtype}, {m.quant_type}, "
+                f"blocksize={m.blocksize}, double_quant={m.nested}, device={self.device})")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if isinstance(w, Sharded4bitTensor) and not isinstance(x, Sharded4bitTensor):
+                out = Linear4bitFunction.apply(x, w)
+                return out + bias.to(out.dtype) if bias is not None else out
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _OPS.get(func)
+        if handler is None:
+            raise NotImplementedError(
+                f"Sharded4bitTensor does not support {func}; dequantize first (t.dequantize()) for dense math")
+        return handler(func, *args, **kwargs)
+
+    # --- FSDP2 all-gather extensions ----------------------------------------------------------------------
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        """What FSDP2 all-gathers: the packed bytes and scales of the local rows (no dequantization)."""
+        world = mesh.size()
+        if outer_size[0] % world:  # same answer on every rank: no rank is left waiting in the collective
+            raise ValueError(f"a 4-bit weight of shape {tuple(outer_size)} cannot be sharded evenly over {world} "
+                             "ranks; FSDP2 sharding of Sharded4bitTensor needs out_features divisible by the world size")
+        return (self.qdata,), (self.meta, torch.Size(outer_size))
+
+    @torch.no_grad()
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        """Dequantize the gathered rows into a dense (out, in) tensor of the param dtype (in place when `out`)."""
+        meta, outer_size = metadata
+        (qdata,) = all_gather_outputs
+        full = Sharded4bitTensor(qdata.view(-1, meta.row_bytes), meta.to(qdata.device), outer_size, param_dtype)
+        if out is not None:
+            full.dequantize(param_dtype, out=out.data if isinstance(out, nn.Parameter) else out)
+            return None
+        dense = full.dequantize(param_dtype)
+        return dense, (dense,)
+
+    # --- numerics ----------------------------------------------------------------------------------------
+    def absmax_rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """fp32 first-level absmax slots of rows [start, stop), double quantization undone as bnb does."""
+        stop = self.shape[0] if stop is None else stop
+        scales = self.scales[start:stop]
+        meta = self.meta
+        if not meta.nested:
+            return scales.float()
+        code2 = meta.code2.to(scales.device) if meta.code2 is not None else None
+        if code2 is None:
+            raise ValueError("double-quant code book missing (tensor was created empty and never filled)")
+        q = self.rowmeta[start:stop, 1].long()
+        slot = torch.arange(meta.k1, device=scales.device)
+        g = torch.div(q[:, None] + slot[None, :], DQ_GROUP, rounding_mode="floor")
+        absmax2 = torch.gather(self.scales2[start:stop], 1, g.clamp_max(meta.k2 - 1))
+        absmax = code2[scales.long()] * absmax2  # bnb dequantize_blockwise: code[q] * absmax2 (fp32)
+        return absmax + torch.tensor(meta.offset, dtype=torch.float32, device=absmax.device)  # then += offset
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows [start, stop) as a dense (stop-start, in) tensor of dtype (default: fp32)."""
+        dtype = dtype or torch.float32
+        meta = self.meta
+        n_in, bs = self.shape[1], meta.blocksize
+        packed = self.packed[start:stop]
+        codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(-1).to(torch.int32)
+        vals = code_book(meta.quant_type, packed.device).index_select(0, codes).view(packed.shape[0], n_in)
+        absmax = self.absmax_rows(start, stop)
+        if n_in % bs == 0:  # every row starts a block: a plain reshape
+            out = (vals.view(-1, meta.k1, bs) * absmax.view(-1, meta.k1, 1)).view(-1, n_in)
+        else:
+            p1 = self.rowmeta[start:stop, 0].long()
+            j = torch.arange(n_in, device=packed.device)
+            slot = torch.div(p1[:, None] + j[None, :], bs, rounding_mode="floor")
+            out = vals * torch.gather(absmax, 1, slot)
+        return out.to(dtype)
+
+    def rows_per_chunk(self) -> int:
+        budget = DEQUANT_CHUNK_ELEMENTS_CUDA if self.qdata.is_cuda else DEQUANT_CHUNK_ELEMENTS
+        return max(1, min(self.shape[0], budget // max(1, self.shape[1])))
+
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight (dtype defaults to this tensor's dtype), built row chunk by row chunk."""
+        dtype = dtype or self.dtype
+        if out is None:
+            out = torch.empty(tuple(self.shape), dtype=dtype, device=self.packed.device)
+        step = self.rows_per_chunk()
+        for s in range(0, self.shape[0], step):
+            e = min(s + step, self.shape[0])
+            out[s:e] = self.dequantize_rows(s, e, out.dtype)
+        return out
+
+    def packed_nbytes(self) -> int:
+        """Bytes held by this (local) tensor's inner storage."""
+        return self.qdata.numel()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# dispatch table
+# ------------------------------------------------------------------------------------------------------------
+_OPS: dict[Any, Any] = {}
+
+
+def _implements(*ops):
+    def deco(fn):
+        for op in ops:
+            _OPS[op] = fn
+        return fn
+    return deco
+
+
+def _rows_arg(t: Sharded4bitTensor, size) -> int:
+    size = list(size)
+    if len(size) != 2 or size[1] != t.shape[1]:
+        raise NotImplementedError(f"Sharded4bitTensor only resizes along rows: {tuple(t.shape)} -> {tuple(size)}")
+    return size[0]
+
+
+@_implements(aten.detach.default, aten.alias.default)
+def _detach(func, t, *args, **kwargs):
+    return t._with(lambda x: func(x))
+
+
+@_implements(aten.clone.default)
+def _clone(func, t, *args, **kwargs):
+    return t._with(lambda x: x.clone())
+
+
+@_implements(aten.split.Tensor)
+def _split(func, t, split_size, dim=0):
+    if dim != 0:
+        raise NotImplementedError("Sharded4bitTensor splits only along the output rows (dim 0)")
+    rows = t.shape[0]
+    if rows % split_size:
+        raise ValueError(
+            f"a 4-bit weight with {rows} rows cannot be split evenly into chunks of {split_size} rows; FSDP2 "
+            "sharding of Sharded4bitTensor needs out_features divisible by the world size")
+    return [Sharded4bitTensor(part, t.meta, (part.shape[0], t.shape[1]), t.dtype)
+            for part in func(t.qdata, split_size, 0)]
+
+
+@_implements(aten.slice.Tensor)
+def _slice(func, t, dim=0, start=None, end=None, step=1):
+    if step != 1:
+        raise NotImplementedError("Sharded4bitTensor slicing with a step")
+    if dim == 1 or dim == -1:
+        if (start in (None, 0)) and (end is None or end >= t.shape[1]):
+            return t._with(lambda x: x)
+        raise NotImplementedError("Sharded4bitTensor slices only whole rows")
+    return t._with(lambda x: func(x, 0, start, end, 1))
+
+
+@_implements(aten.new_zeros.default, aten.new_empty.default)
+def _new_rows(func, t, size, **kwargs):
+    rows = _rows_arg(t, size)
+    device = kwargs.get("device") or t.device
+    return t._with(lambda x: torch.zeros((rows, x.shape[1]), dtype=x.dtype, device=device), meta=t.meta.to(device))
+
+
+@_implements(aten.empty_like.default, aten.zeros_like.default)
+def _empty_like(func, t, **kwargs):
+    device = kwargs.get("device") or t.device
+    dtype = kwargs.get("dtype") or t.dtype
+    return t._with(lambda x: func(x, device=device), dtype=dtype, meta=t.meta.to(device))
+
+
+@_implements(aten.copy_.default)
+def _copy(func, dst, src, non_blocking=False):
+    if not isinstance(src, Sharded4bitTensor) or not isinstance(dst, Sharded4bitTensor):
+        raise NotImplementedError("copy_ into a Sharded4bitTensor needs a Sharded4bitTensor source (quantize first)")
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(f"copy_ shape mismatch {tuple(src.shape)} vs {tuple(dst.shape)}")
+    if not src.meta.same_format(dst.meta):
+        raise ValueError("copy_ between 4-bit tensors of different formats")
+    dst.qdata.copy_(src.qdata, non_blocking=non_blocking)
+    # The quantization constants (double-quant offset and code book) travel with the data.
+    dst.meta = src.meta.to(dst.packed.device)
+    return dst
+
+
+@_implements(aten.view.default, aten._unsafe_view.default)
+def _view(func, t, size):
+    size = list(size)
+    if size == [-1] or size == [t.numel()]:
+        # FSDP keeps a flat "view" of the padded shard; for a packed tensor it is only a handle (same inner data).
+        return _flat_handle(t)
+    if len(size) == 2 and size[1] in (-1, t.shape[1]) and size[0] in (-1, t.shape[0]):
+        return t._with(lambda x: x)
+    raise NotImplementedError(f"Sharded4bitTensor.view{tuple(size)}")
+
+
+def _flat_handle(t: Sharded4bitTensor) -> Sharded4bitTensor:
+    # Keep the 2-D shape: FSDP only stores this and compares storage pointers for plain tensors.
+    return t._with(lambda x: x)
+
+
+@_implements(aten.as_strided.default)
+def _as_strided(func, t, size, stride, storage_offset=0):
+    if tuple(size) != tuple(t.shape):
+        raise NotImplementedError(f"Sharded4bitTensor.as_strided to a different size {tuple(size)}")
+    return t._with(lambda x: x)
+
+
+@_implements(aten._to_copy.default)
+def _to_copy(func, t, **kwargs):
+    device = kwargs.get("device") or t.device
+    dtype = kwargs.get("dtype") or t.dtype
+    if not dtype.is_floating_point:
+        raise NotImplementedError(f"Sharded4bitTensor.to({dtype})")
+    # A dtype change only changes the dtype the weight dequantizes to (the codes stay 4-bit).
+    nb = kwargs.get("non_blocking", False)
+    return t._with(lambda x: x.to(device, non_blocking=nb), dtype=dtype, meta=t.meta.to(device))
+
+
+@_implements(aten.is_pinned.default)
+def _is_pinned(func, t, *args):
+    return t.qdata.is_pinned()
+
+
+@_implements(aten._pin_memory.default)
+def _pin(func, t, *args):
+    return t._with(lambda x: x.pin_memory())
+
+
+@_implements(aten.is_same_size.default)
+def _same_size(func, a, b):
+    return tuple(a.shape) == tuple(b.shape)
+
+
+def _wait(func, t):
+    return t._with(lambda x: func(x))
+
+
+if hasattr(torch.ops, "_c10d_functional") and hasattr(torch.ops._c10d_functional, "wait_tensor"):
+    _OPS[torch.ops._c10d_functional.wait_tensor.default] = _wait
+
+
+# ------------------------------------------------------------------------------------------------------------
+# matmul that keeps the weight packed for backward
+# ------------------------------------------------------------------------------------------------------------
+class Linear4bitFunction(torch.autograd.Function):
+    """y = x·Wᵀ with W dequantized on the fly; backward dequantizes again instead of saving the dense W."""
+
+    @staticmethod
+    def forward(ctx, x, w: Sharded4bitTensor):
+        ctx.w = w
+        return nn.functional.linear(x, w.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.w.dequantize(grad.dtype), None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# quantization (bitsandbytes' own routine; the result is then re-laid out by rows)
+# ------------------------------------------------------------------------------------------------------------
+def quantize_4bit_bnb(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True):
+    """bitsandbytes.functional.quantize_4bit on the weight (needs bitsandbytes). Returns (packed, QuantState)."""
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError as exc:  # pragma: no cover - environment dependent
+        raise ImportError("quantizing to 4-bit needs bitsandbytes: pip install 'dora_dist[quant]'") from exc
+    w = weight.detach()
+    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        w = w.float()
+    return bnbf.quantize_4bit(w.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
+                              quant_type=quant_type)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the module
+# ------------------------------------------------------------------------------------------------------------
+class ShardedLinear4bit(nn.Module):
+    """A frozen linear layer whose weight is a Sharded4bitTensor parameter (FSDP2-shardable QLoRA/QDoRA base)."""
+
+    def __init__(self, weight: Sharded4bitTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = int(weight.shape[1]), int(weight.shape[0])
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None) -> "ShardedLinear4bit":
+        """From an nn.Linear (quantized as bnb does) or a bitsandbytes Linear4bit (re-laid out, exact)."""
+        if type(linear).__name__ == "Linear4bit":
+            w = Sharded4bitTensor.from_linear4bit(linear, compute_dtype)
+        else:
+            w = Sharded4bitTensor.from_dense(linear.weight.detach(), quant_type, blocksize, double_quant,
+                                             compute_dtype or linear.weight.dtype)
+        return cls(w, linear.bias)
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, quant_type: str = "nf4", blocksize: int = 64,
+              double_quant: bool = True, dtype: torch.dtype = torch.bfloat16, device=None) -> "ShardedLinear4bit":
+        w = Sharded4bitTensor.empty(out_features, in_features, quant_type, blocksize, double_quant, dtype, device)
+        b = torch.empty(out_features, dtype=dtype, device=device) if bias else None
+        return cls(w, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local tensor of a DTensor (a plain tensor is returned as is)."""
+    return t._local_tensor if hasattr(t, "_local_tensor") and type(t).__name__ == "DTensor" else t
+
+
+def packed_bytes(module: nn.Module) -> int:
+    """Bytes of 4-bit weight storage this rank holds in `module` (all ShardedLinear4bit layers, local shards)."""
+    total = 0
+    for m in module.modules():
+        if isinstance(m, ShardedLinear4bit):
+            w = local_tensor(m.weight)
+            if isinstance(w, Sharded4bitTensor):
+                total += w.packed_nbytes()
+    return total

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One node, N processes (one per GPU; on a CPU-only machine N gloo processes).
+#
+#   launch/torchrun.sh [--config FILE.yaml] [key=value ...]
+#   NPROC_PER_NODE=2 launch/torchrun.sh --config configs/quickstart.yaml
+#
+# NPROC_PER_NODE defaults to the number of visible GPUs, or 2 without GPUs.
+set -euo pipefail
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  NPROC_PER_NODE=$(python -c 'import torch; n = torch.cuda.device_count(); print(n if n else 2)')
+fi
+exec torchrun --standalone --nproc-per-node "${NPROC_PER_NODE}" -m dora_dist.train "$@"

@@ -1,0 +1,127 @@
+"""Run under `torchrun --nproc-per-node 2` by tests/dist/test_engines.py (one launch, several checks, so the slow
+process start is paid once):
+
+1. DDP and FSDP2 training runs of the tiny quickstart job (4 steps, global batch 8 = 2 ranks × micro 2 × accum 2);
+2. a QDoRA (NF4 base) run with DDP (3 steps);
+3. an FSDP2 run stopped after step 2 (checkpoint) and resumed to step 4;
+4. the FSDP2 magnitude init (from local rows, uneven shards, nonzero lora_B) vs the single-process init.
+
+Writes a JSON of results (rank 0); the test compares them with a single-process run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def common_overrides(cache: str) -> list[str]:
+    return [f"model.cache_dir={cache}", "data.seq_len=64", "data.synthetic_samples=300", "training.max_steps=4",
+            "training.global_batch_size=8", "training.micro_batch_size=2", "training.lr=5e-3",
+            "training.warmup_steps=1", "output.progress_bar=false", "output.plot=false", "checkpoint.resume=none"]
+
+
+QDORA = ["quantization.mode=nf4", "quantization.compute_dtype=float32", "training.max_steps=3"]
+
+
+def magnitude_check(env) -> dict:
+    from dora_dist.adapters import apply_dora, dora_layers
+    from dora_dist.config import load_config
+    from dora_dist.models import build_on_meta, dora_config_from, hf_config_from_dict
+    from dora_dist.parallel.fsdp2 import FSDP2Engine
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(None, ["parallel.engine=fsdp2", "parallel.load_on_rank0=false"])  # (training runs: true)
+    arch = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 99,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config_from_dict(arch))
+    apply_dora(model, dora_config_from(cfg), init_magnitude=False)
+    with torch.no_grad():
+        for _, layer in dora_layers(model):
+            layer.lora_B.normal_(0, 0.05)                 # exercise the B != 0 terms of the norm
+    ref = copy.deepcopy(model)
+    for _, layer in dora_layers(ref):
+        layer.init_magnitude()
+    ref_state = {n: l.magnitude.detach().clone() for n, l in dora_layers(ref)}
+    ref_rowsq = {n: l.base_row_sq_norms().clone() for n, l in dora_layers(ref)}
+    engine = FSDP2Engine(cfg, env)
+    engine.model = engine.wrap(model)
+    engine.init_magnitudes(engine.model)
+    gathered = engine.adapter_state_dict()
+    rowsq_err = max(float((l.base_row_sq - ref_rowsq[n]).abs().max()) for n, l in dora_layers(model))
+    out = {"rowsq_max_err": rowsq_err}
+    if env.is_main:
+        errs = []
+        for name, m in ref_state.items():
+            key = f"base_model.model.{name}.lora_magnitude_vector"
+            errs.append(float((gathered[key] - m).abs().max() / m.abs().max()))
+        out["magnitude_max_rel_err"] = max(errs)
+        out["n_layers"] = len(errs)
+        local = dict(dora_layers(model))["model.layers.0.mlp.down_proj"].base_layer.weight.to_local()
+        out["down_proj_local_rows"] = int(local.shape[0])
+    # forward of the wrapped model equals the reference forward
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        diff = float((engine.model(input_ids=x).logits - ref(input_ids=x).logits).abs().max())
+    out["forward_max_err"] = diff
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    dist.init_process_group("gloo")
+    from dora_dist.config import load_config
+    from dora_dist.metrics import read_metrics
+    from dora_dist.parallel.dist_env import DistEnv
+    from dora_dist.train import train
+
+    env = DistEnv.from_environ(device="cpu")
+    work = Path(args.workdir)
+    results: dict = {"world_size": env.world_size}
+    base = common_overrides(args.cache)
+    for engine in ("ddp", "fsdp2"):
+        out = work / engine
+        train(load_config(None, base + [f"parallel.engine={engine}", f"output.dir={out}"]))
+        if env.is_main:
+            recs = read_metrics(out)
+            results[engine] = {"losses": [r["loss"] for r in recs], "grad_norms": [r["grad_norm"] for r in recs],
+                               "adapter": str(out / "adapter")}
+    # QDoRA (bitsandbytes NF4 base) with DDP
+    out = work / "ddp_nf4"
+    train(load_config(None, base + QDORA + ["parallel.engine=ddp", f"output.dir={out}"]))
+    if env.is_main:
+        recs = read_metrics(out)
+        results["ddp_nf4"] = {"losses": [r["loss"] for r in recs], "grad_norms": [r["grad_norm"] for r in recs],
+                              "adapter": str(out / "adapter")}
+    out = work / "fsdp2_resume"
+    resume = base + ["parallel.engine=fsdp2", f"output.dir={out}", "checkpoint.every_steps=2"]
+    train(load_config(None, resume + ["training.stop_after_steps=2"]))
+    stopped_ckpts = sorted(p.name for p in (out / "checkpoints").iterdir()) if env.is_main else []
+    train(load_config(None, [o for o in resume if o != "checkpoint.resume=none"] + ["checkpoint.resume=auto"]))
+    if env.is_main:
+        recs = read_metrics(out)
+        results["fsdp2_resume"] = {"losses": [r["loss"] for r in recs], "adapter": str(out / "adapter"),
+                                   "checkpoints_after_stop": stopped_ckpts}
+    results["magnitude"] = magnitude_check(env)
+    rowsq = env.all_reduce_max(results["magnitude"]["rowsq_max_err"])
+    results["magnitude"]["rowsq_max_err"] = rowsq
+    if env.is_main:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""A non-finite loss stops the run with a clear error before the optimizer step, and leaves only good checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dora_dist.train as train_mod
+from dora_dist.checkpoint import find_latest
+from dora_dist.config import load_job_config
+
+
+def test_nan_loss_stops_cleanly(tmp_path, monkeypatch):
+    real = train_mod.micro_batch_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, global_targets):
+        calls["n"] += 1
+        loss = real(model, batch, global_targets)
+        return loss * float("nan") if calls["n"] > 4 else loss   # 2 micro-batches per step: NaN from step 3
+
+    monkeypatch.setattr(train_mod, "micro_batch_loss", poisoned)
+    out = tmp_path / "run"
+    cfg = load_job_config(None, ["training.max_steps=6", "data.synthetic_samples=200", "data.seq_len=32",
+                                 "output.progress_bar=false", f"model.cache_dir={tmp_path / 'cache'}",
+                                 f"output.dir={out}", "checkpoint.every_steps=1", "checkpoint.keep_last=5"])
+    with pytest.raises(train_mod.NonFiniteLossError, match="loss is nan at step 3"):
+        train_mod.train(cfg)
+    latest = find_latest(out / "checkpoints")
+    assert latest is not None and latest.name == "step_00000002"
+    assert not any(p.name.startswith(".tmp") for p in (out / "checkpoints").iterdir())
+    assert not (out / "adapter").exists()
+    # the last checkpoint is usable: resuming (without the poison) finishes the run
+    monkeypatch.setattr(train_mod, "micro_batch_loss", real)
+    summary = train_mod.train(cfg)
+    assert summary["finished"] and summary["steps"] == 6
+    assert torch.isfinite(torch.tensor(summary["last_loss"]))

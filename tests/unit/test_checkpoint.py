@@ -1,0 +1,61 @@
+"""CheckpointManager: atomic directories, keep-last-K, latest complete one, exact restore of adapter + optimizer +
+scheduler + RNG (single process, DCP without a process group)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dora_dist.checkpoint import CheckpointManager, find_latest
+from dora_dist.config import load_config
+from dora_dist.parallel.dist_env import DistEnv
+from dora_dist.parallel.none import SingleProcessEngine
+
+
+def make_engine(adapter_seed: int):
+    from dora_dist.adapters import DoRAConfig, apply_dora
+
+    torch.manual_seed(0)                                   # the frozen base is the same (it is not checkpointed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    torch.manual_seed(adapter_seed)
+    apply_dora(model, DoRAConfig(r=2, alpha=4, target_modules=["0", "2"]))
+    cfg = load_config(None, ["training.max_steps=10", "training.warmup_steps=2", "training.lr=1e-2"])
+    engine = SingleProcessEngine(cfg, DistEnv())
+    engine.prepare(model)
+    return engine
+
+
+def train_steps(engine, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        x = torch.randn(4, 8)
+        loss = engine.model(x).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        out.append(float(loss))
+    return out
+
+
+def test_save_prune_latest_and_exact_resume(tmp_path):
+    env = DistEnv()
+    a = make_engine(0)
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2, env=env)
+    torch.manual_seed(123)
+    for step in range(1, 4):
+        train_steps(a, 1)
+        manager.save(a, step, {"step": step, "data": {"step": step}})
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["step_00000002", "step_00000003"]
+    # an interrupted save (tmp dir, no COMPLETE) is never picked
+    (tmp_path / "ckpt" / ".tmp_step_00000004").mkdir()
+    (tmp_path / "ckpt" / "step_00000005").mkdir()          # no COMPLETE marker: incomplete
+    assert find_latest(tmp_path / "ckpt").name == "step_00000003"
+    expected = train_steps(a, 3)                          # continues with the RNG state saved at step 3
+
+    b = make_engine(1)                                     # other adapter init: it must all come from the file
+    extra = manager.load(b, find_latest(tmp_path / "ckpt"))
+    assert extra == {"step": 3, "data": {"step": 3}}
+    assert b.scheduler.last_epoch == 3
+    got = train_steps(b, 3)
+    assert got == expected
+    for (n1, p1), (n2, p2) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(p1, p2), n1
