@@ -81,13 +81,14 @@ def make_variants(args, device: str, dtype: torch.dtype) -> dict[str, nn.Module]
 
 @contextmanager
 def saved_activation_bytes(params: set[int], out: list[int]):
-    """Sum the unique storages autograd saves for backward, excluding parameters."""
+    """Sum the unique storages autograd saves for backward, excluding the storages of parameters and the input."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        if id(t) not in params and t.device.type != "meta":
+        if t.device.type != "meta":
             storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() not in params:  # weights are resident, not activations
+                seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -112,7 +113,7 @@ def run(args) -> dict:
     results = {name: {"times": []} for name in variants}
     failed: dict[str, str] = {}
     for name, module in list(variants.items()):  # warm-up + memory
-        params = {id(p) for p in module.parameters()} | {id(x)}
+        params = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
         saved: list[int] = []
         try:
             for _ in range(max(2, args.warmup)):  # at least 2: some implementations fail only on a second step

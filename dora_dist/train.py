@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dora_dist.config import Config, load_config, load_job_config
+from dora_dist.config import Config, load_job_config
 from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_dataset
 from dora_dist.metrics import MetricsLogger, format_line, plot_loss
-from dora_dist.parallel import DistEnv, make_engine, resolve_engine_name
+from dora_dist.parallel import DistEnv, make_engine
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

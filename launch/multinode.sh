@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Several nodes with torchrun and a c10d rendezvous. Run this same command on every node:
 #
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 launch/multinode.sh --config configs/llama-3.1-70b-2nodes.yaml
-#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 launch/multinode.sh --config configs/llama-3.1-70b-2nodes.yaml
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 launch/multinode.sh --config configs/llama3.1-70b-fsdp2-2nodes.yaml
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 launch/multinode.sh --config configs/llama3.1-70b-fsdp2-2nodes.yaml
 #
 # MASTER_ADDR is the host of the rendezvous (any node reachable by all; usually node 0). NPROC_PER_NODE defaults to
 # the visible GPUs (2 on a CPU-only machine). RDZV_ID names the job (the same on every node). Checkpoints and the

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # SLURM: one torchrun per node (srun), c10d rendezvous on the first node of the allocation.
 #
-#   sbatch launch/slurm.sh --config configs/llama-3.1-70b-2nodes.yaml [key=value ...]
-#   sbatch --nodes 1 --gpus-per-node 8 launch/slurm.sh --config configs/llama-3.1-8b-fsdp2-8gpu.yaml
+#   sbatch launch/slurm.sh --config configs/llama3.1-70b-fsdp2-2nodes.yaml [key=value ...]
+#   sbatch --nodes 1 --gpus-per-node 8 launch/slurm.sh --config configs/llama3.1-8b-fsdp2-8gpu.yaml
 #
 # checkpoint.resume=auto (the default) makes a requeued job continue from its latest checkpoint.
 #SBATCH --job-name=dora_dist

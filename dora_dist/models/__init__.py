@@ -7,10 +7,7 @@ checkpoint under the cache directory, so every later run (and `dora-dist merge`)
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 

@@ -56,6 +56,7 @@ class DoRALinear(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.base_layer = base_layer
         source = self.weight_source  # raises for unsupported bases
+        base_layer.requires_grad_(False)  # the base is frozen: no dW (a full out×in matmul) in backward
         self.in_features, self.out_features = source.in_features, source.out_features
         self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -113,10 +114,11 @@ class DoRALinear(nn.Module):
         return cached
 
     @torch.no_grad()
-    def weight_norm(self, exact: bool = False) -> torch.Tensor:
+    def weight_norm(self, exact: bool = False, w_times_a: torch.Tensor | None = None) -> torch.Tensor:
         """‖W + s·B·A‖ per output row, ≥ fp32, never materialising the (out, in) sum.
 
         exact=True sums the rows chunk by chunk instead of using the expansion (reference path for tests).
+        w_times_a: W·Aᵀ when the caller already has it (computed alongside the base matmul).
         """
         source, s = self.weight_source, self.scaling
         a = self.lora_A.detach()
@@ -125,13 +127,14 @@ class DoRALinear(nn.Module):
         if exact:
             return source.reduce_rows(lambda w, i, j: (w + s * (b[i:j] @ a).to(w.dtype)).norm(dim=1), None)
         w_sq = self.base_row_sq_norms().to(a.dtype)
-        cross = (b * source.times_A(a).to(a.dtype)).sum(dim=1)
+        wa = source.times_A(a) if w_times_a is None else w_times_a
+        cross = (b * wa.to(a.dtype)).sum(dim=1)
         ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
         return (w_sq + (2 * s) * cross + (s * s) * ba_sq).clamp_min(0).sqrt()
 
-    def dora_scale(self) -> torch.Tensor:
+    def dora_scale(self, w_times_a: torch.Tensor | None = None) -> torch.Tensor:
         """m / ‖W + sBA‖ with the norm detached: gradients reach m (and A, B through the output), not the norm."""
-        return safe_divide_norm(self.magnitude, self.weight_norm().detach())
+        return safe_divide_norm(self.magnitude, self.weight_norm(w_times_a=w_times_a).detach())
 
     # --- forward ------------------------------------------------------------------------------------
     def lora_path(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,11 +145,15 @@ class DoRALinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         source = self.weight_source
-        base_out = source.matmul(x)
+        w_times_a = None
+        if self.use_dora and torch.is_grad_enabled():
+            base_out, w_times_a = source.matmul_and_times_A(x, self.lora_A)  # one dequantization for both
+        else:
+            base_out = source.matmul(x)
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
         x_lora = self.lora_dropout(x) if dropout_active else x
         lora_out = self.lora_path(x_lora)
-        scale = self.dora_scale() if self.use_dora else None
+        scale = self.dora_scale(w_times_a) if self.use_dora else None
         base_dropped = source.matmul(x_lora) if (dropout_active and self.use_dora) else None
         out = dora_output(base_out, lora_out, scale, self.scaling, base_dropped)
         bias = source.bias

@@ -92,6 +92,10 @@ class WeightSource:
         """‖W_i‖² per output row, fp32 (out,)."""
         return self.reduce_rows(lambda w, *_: w.pow(2).sum(dim=1), None)
 
+    def matmul_and_times_A(self, x: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x @ Wᵀ, W·Aᵀ) for a training step. A quantized source overrides this to dequantize W once for both."""
+        return self.matmul(x), self.times_A(lora_A)
+
     def times_A(self, lora_A: torch.Tensor) -> torch.Tensor:
         """W·Aᵀ, fp32 (out, r), computed per row chunk."""
         a_t = at_least_fp32(lora_A.detach()).t()

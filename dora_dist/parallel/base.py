@@ -32,21 +32,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from dora_dist.adapters.inject import dora_layers  # noqa: F401  (re-exported for the engines)
 from dora_dist.parallel.dist_env import DistEnv
-
-
-def dora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, DoRALinear) pairs of a (possibly wrapped) model."""
-    from dora_dist.nn.dora_linear import DoRALinear
-
-    for name, module in model.named_modules():
-        if isinstance(module, DoRALinear):
-            yield name, module
 
 
 def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -33,6 +33,36 @@ def dequantize_absmax(quant_state) -> torch.Tensor:
     return (absmax + quant_state.offset).float()
 
 
+class _Dequant4bitMatmul(torch.autograd.Function):
+    """x @ Wᵀ and W·Aᵀ from one dequantization of a 4-bit W; backward gives dX only (W is frozen, W·Aᵀ feeds the
+    detached norm). Like bitsandbytes' MatMul4Bit it holds the dequantized weight only inside forward and
+    dequantizes again in backward, so it saves nothing but the packed codes."""
+
+    @staticmethod
+    def forward(ctx, x, packed, quant_state, a_t, rows_per_chunk):
+        bnb = _bnb()
+        weight = bnb.functional.dequantize_4bit(packed, quant_state).to(x.dtype)
+        out = torch.nn.functional.linear(x, weight)
+        wa = torch.empty(weight.shape[0], a_t.shape[1], dtype=a_t.dtype, device=weight.device)
+        for start in range(0, weight.shape[0], rows_per_chunk):  # fp32 per chunk: no full fp32 copy
+            rows = weight[start : start + rows_per_chunk]
+            wa[start : start + rows.shape[0]] = rows.to(a_t.dtype) @ a_t
+        del weight
+        ctx.quant_state = quant_state
+        ctx.save_for_backward(packed)
+        ctx.mark_non_differentiable(wa)
+        return out, wa
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_wa):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            (packed,) = ctx.saved_tensors
+            weight = _bnb().functional.dequantize_4bit(packed, ctx.quant_state).to(grad_out.dtype)
+            grad_x = grad_out @ weight
+        return grad_x, None, None, None, None
+
+
 class BnB4bitWeight(WeightSource):
     """`bitsandbytes.nn.Linear4bit`: packed uint8 codes (two per byte) with per-block absmax."""
 
@@ -69,6 +99,16 @@ class BnB4bitWeight(WeightSource):
         # Call the kernel directly (not module.forward): that would add the bias, and on some CPUs repack the
         # weight into a layout our chunked dequantization cannot slice.
         return bnb.matmul_4bit(x.to(cd), self.module.weight.t(), bias=None, quant_state=qs).to(x.dtype)
+
+    def matmul_and_times_A(self, x: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One dequantization for both products (bitsandbytes' training matmul dequantizes the whole weight anyway)."""
+        qs = self._quant_state()
+        if getattr(qs, "packing_format_for_cpu", False):
+            return super().matmul_and_times_A(x, lora_A)
+        cd = self.module.compute_dtype or x.dtype
+        a_t = lora_A.detach().to(torch.promote_types(lora_A.dtype, torch.float32)).t()
+        out, wa = _Dequant4bitMatmul.apply(x.to(cd), self.module.weight.data, qs, a_t, self.rows_per_chunk())
+        return out.to(x.dtype), wa
 
     def rows_per_chunk(self) -> int:
         qs = self._quant_state()

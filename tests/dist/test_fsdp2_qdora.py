@@ -17,12 +17,12 @@ gradient checkpointing, stop-and-resume) is compared with the single-process QDo
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+from netutil import free_port  # noqa: E402
 
 pytest.importorskip("bitsandbytes")
 
@@ -141,11 +141,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ckpt: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -157,7 +152,7 @@ def runs(tmp_path_factory):
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        mp.spawn(_worker, args=(WORLD, _free_port(), out_dir, os.path.join(out_dir, "tiny")), nprocs=WORLD,
+        mp.spawn(_worker, args=(WORLD, free_port(), out_dir, os.path.join(out_dir, "tiny")), nprocs=WORLD,
                  join=True)
     finally:
         if old is None:
@@ -329,7 +324,7 @@ def trainer_runs(tmp_path_factory):
     ref = {"losses": [r["loss"] for r in recs], "grad_norms": [r["grad_norm"] for r in recs],
            "adapter": load_file(str(single / "adapter" / "adapter_model.safetensors"))}
     out = work / "results.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            str(Path(__file__).with_name("qdora_fsdp2_worker.py")), "--workdir", str(work), "--cache", cache,
            "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from netutil import free_port  # noqa: E402
 
 pytest.importorskip("deepspeed")
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -23,11 +23,6 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 WORKER = Path(__file__).with_name("zero_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(stage: int, launcher: str, tmp_path: Path) -> dict:

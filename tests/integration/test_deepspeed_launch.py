@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from netutil import free_port  # noqa: E402
 
 pytest.importorskip("deepspeed")
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -25,11 +25,6 @@ SCRIPT = ROOT / "launch" / "deepspeed.sh"
 QUICK = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "training.max_steps=4",
          "data.synthetic_samples=400", "output.progress_bar=false", "output.plot=false", "checkpoint.every_steps=2"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,13 +1,12 @@
 """apply_dora target matching, freezing, PEFT-format save/load, interop with peft both ways, merging."""
 import json
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from _dora_helpers import ALPHA, BaseKind, Wrap, close, dequantized, make_base, randomize_adapter
-from dora_dist import (DoRAConfig, DoRALinear, apply_dora, dora_layers, load_adapter, merge_and_unload,
+from _dora_helpers import BaseKind, close, make_base, randomize_adapter
+from dora_dist import (DoRAConfig, apply_dora, dora_layers, load_adapter, merge_and_unload,
                        save_adapter)
 from dora_dist.adapters import set_merged
 

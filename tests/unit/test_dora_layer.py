@@ -136,3 +136,13 @@ def test_float64_layer_runs_in_float64():
     y = layer(torch.randn(2, IN, dtype=torch.float64))
     assert y.dtype == torch.float64
     assert layer.weight_norm().dtype == torch.float64
+
+
+def test_layer_freezes_its_base_so_backward_computes_no_base_weight_grad():
+    base = torch.nn.Linear(16, 8)
+    assert base.weight.requires_grad
+    layer = DoRALinear(base, r=2, alpha=4)
+    assert not any(p.requires_grad for p in layer.base_layer.parameters())
+    layer(torch.randn(3, 16)).sum().backward()
+    assert base.weight.grad is None and base.bias.grad is None
+    assert layer.lora_A.grad is not None and layer.magnitude.grad is not None

@@ -6,7 +6,6 @@ to return a fixed tensor.
 """
 import pytest
 import torch
-from torch import nn
 from torch.autograd import gradcheck
 
 from _dora_helpers import (ALPHA, DENSE_KINDS, FOUR_BIT_KINDS, EIGHT_BIT_KINDS, IN, OUT, R, close, dequantized,
@@ -61,7 +60,7 @@ def test_gradcheck_layer_with_fixed_norm(kind, monkeypatch):
     layer = DoRALinear(base, r=RR, alpha=2.0, adapter_dtype=torch.float64)
     randomize_adapter(layer)
     fixed = layer.weight_norm().clone()
-    monkeypatch.setattr(DoRALinear, "weight_norm", lambda self, exact=False: fixed)
+    monkeypatch.setattr(DoRALinear, "weight_norm", lambda self, exact=False, w_times_a=None: fixed)
     x = _f64(3, I, seed=9).requires_grad_()
     params = (layer.lora_A, layer.lora_B, layer.magnitude)
 

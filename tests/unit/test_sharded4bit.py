@@ -169,7 +169,7 @@ def test_clear_errors():
 
 
 def test_70b_qdora_fsdp2_config_builds_on_meta_and_shards_over_16_ranks():
-    """configs/llama70b_qdora_fsdp2_2nodes.yaml: the low-memory path builds the 4-bit model on meta (no download)."""
+    """configs/llama3.1-70b-qdora-fsdp2-2nodes.yaml: the low-memory path builds the 4-bit model on meta (no download)."""
     from pathlib import Path
 
     from dora_dist.adapters import apply_dora, dora_layers
@@ -178,7 +178,7 @@ def test_70b_qdora_fsdp2_config_builds_on_meta_and_shards_over_16_ranks():
     from dora_dist.models.lowmem_load import LOWMEM_ATTR, build_lowmem_qdora_model
 
     root = Path(__file__).resolve().parents[2]
-    cfg = load_config(str(root / "configs" / "llama70b_qdora_fsdp2_2nodes.yaml"))
+    cfg = load_config(str(root / "configs" / "llama3.1-70b-qdora-fsdp2-2nodes.yaml"))
     assert cfg.parallel.engine == "fsdp2" and cfg.quantization.mode == "nf4"
     model = build_lowmem_qdora_model(cfg)
     assert getattr(model, LOWMEM_ATTR)["path"] == "meta-llama/Llama-3.1-70B"
