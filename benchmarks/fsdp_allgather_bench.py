@@ -65,7 +65,7 @@ class Block(nn.Module):
 
 def build(kind: str, hidden: int, layers: int):
     from dora_dist.nn.dora_linear import DoRALinear
-    from dora_dist.quant.sharded4bit import ShardedLinear4bit
+    from dora_dist.quant.sharded4bit_linear import ShardedLinear4bit
 
     blocks = []
     with torch.device("meta"):

@@ -26,7 +26,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from dora_dist.quant.sharded4bit import Sharded4bitTensor, ShardedLinear4bit
+from dora_dist.quant.sharded4bit import Sharded4bitTensor
+from dora_dist.quant.sharded4bit_linear import ShardedLinear4bit
 
 CHUNK_ELEMENTS = 1 << 24  # values per bf16 staging chunk (32 MiB)
 

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from dora_dist.nn.weight_source import WeightSource, at_least_fp32
-from dora_dist.quant.sharded4bit import Linear4bitFunction, Sharded4bitTensor, ShardedLinear4bit
+from dora_dist.quant.sharded4bit import Linear4bitFunction, Sharded4bitTensor
+from dora_dist.quant.sharded4bit_linear import ShardedLinear4bit
 
 
 def _is_dtensor(t) -> bool:

@@ -49,7 +49,7 @@ class Block(nn.Module):
 
 def build_model(checkpoint: bool = False) -> nn.Module:
     from dora_dist.nn.dora_linear import DoRALinear
-    from dora_dist.quant.sharded4bit import ShardedLinear4bit
+    from dora_dist.quant.sharded4bit_linear import ShardedLinear4bit
 
     torch.manual_seed(0)
     blocks = []
@@ -108,7 +108,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ckpt: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-    from dora_dist.quant.sharded4bit import Sharded4bitTensor, ShardedLinear4bit, packed_bytes
+    from dora_dist.quant.sharded4bit import Sharded4bitTensor
+    from dora_dist.quant.sharded4bit_linear import ShardedLinear4bit, packed_bytes
     from dora_dist.quant.sharded4bit_source import init_dora_norms_from_local_shards
 
     torch.set_num_threads(1)
@@ -242,7 +243,7 @@ def _lowmem_run(rank: int, world: int, ckpt: str, out_dir: str) -> None:
     from dora_dist.adapters import apply_dora
     from dora_dist.models.lowmem_load import (build_qdora_on_meta, init_adapters, load_safetensors_lowmem,
                                               materialize)
-    from dora_dist.quant.sharded4bit import packed_bytes
+    from dora_dist.quant.sharded4bit_linear import packed_bytes
     from dora_dist.quant.sharded4bit_source import init_dora_norms_from_local_shards
 
     model = build_qdora_on_meta(_tiny_llama_config(), "nf4", 64, True, torch.float32, torch.float32)
@@ -267,7 +268,7 @@ def test_lowmem_load_fsdp2_equals_single_process(runs):
 
     from dora_dist.adapters import apply_dora
     from dora_dist.models.lowmem_load import replace_linears_with_4bit
-    from dora_dist.quant.sharded4bit import packed_bytes
+    from dora_dist.quant.sharded4bit_linear import packed_bytes
 
     _, _, lowmem_runs, ckpt = runs
 

@@ -17,7 +17,8 @@ import bitsandbytes.functional as bnbf  # noqa: E402
 
 from dora_dist.nn.dora_linear import DoRALinear  # noqa: E402
 from dora_dist.nn.weight_source import weight_source_for  # noqa: E402
-from dora_dist.quant.sharded4bit import Sharded4bitTensor, ShardedLinear4bit, packed_bytes  # noqa: E402
+from dora_dist.quant.sharded4bit import Sharded4bitTensor  # noqa: E402
+from dora_dist.quant.sharded4bit_linear import ShardedLinear4bit, packed_bytes  # noqa: E402
 from dora_dist.quant.sharded4bit_source import Sharded4bitWeight  # noqa: E402
 
 SHAPES = [(32, 128), (24, 96), (10, 6), (64, 40), (48, 512), (7, 64)]
