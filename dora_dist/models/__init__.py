@@ -182,8 +182,12 @@ def dora_config_from(cfg):
 def add_adapters(model: nn.Module, cfg) -> nn.Module:
     """apply_dora with the job's settings. Magnitudes are left for the engine (`Engine.init_magnitudes`)."""
     from dora_dist.adapters import apply_dora
+    from dora_dist.config import ConfigError
 
-    return apply_dora(model, dora_config_from(cfg), init_magnitude=False)
+    try:
+        return apply_dora(model, dora_config_from(cfg), init_magnitude=False)
+    except (ValueError, TypeError) as exc:  # a target list that does not fit this model is a config problem
+        raise ConfigError(f"dora.target_modules: {exc}") from exc
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

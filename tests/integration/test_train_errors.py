@@ -34,3 +34,16 @@ def test_nan_loss_stops_cleanly(tmp_path, monkeypatch):
     summary = train_mod.train(cfg)
     assert summary["finished"] and summary["steps"] == 6
     assert torch.isfinite(torch.tensor(summary["last_loss"]))
+
+
+def test_unmatched_target_module_is_a_clear_cli_error_and_writes_nothing(tmp_path, capsys):
+    from dora_dist.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "dora.target_modules=[q_proj,zz_proj]", "training.max_steps=1", "data.synthetic_samples=50",
+               "data.seq_len=32", "output.progress_bar=false", f"model.cache_dir={tmp_path / 'cache'}",
+               f"output.dir={out}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "dora.target_modules" in err and "zz_proj" in err and "q_proj" in err  # names the bad one and what exists
+    assert not out.exists() or not any((out / "checkpoints").glob("step_*"))
