@@ -28,6 +28,18 @@ def safe_divide_norm(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tenso
     return magnitude / torch.where(norm == 0, torch.ones_like(norm), norm)
 
 
+def dora_row_norms(w_row_sq: torch.Tensor, w_times_a: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                   scaling: float) -> torch.Tensor:
+    """‖W_i + s(BA)_i‖ from ‖W_i‖² and W·Aᵀ, for any set of rows (w_row_sq, w_times_a and lora_B hold the same rows:
+    the whole layer, or one rank's shard), ≥ fp32. The (rows, in) sum is never formed."""
+    a = lora_A.detach()
+    a = a.to(torch.promote_types(a.dtype, torch.float32))
+    b = lora_B.detach().to(a.dtype)
+    cross = (b * w_times_a.to(a.dtype)).sum(dim=1)
+    ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
+    return (w_row_sq.to(a.dtype) + (2 * scaling) * cross + (scaling * scaling) * ba_sq).clamp_min(0).sqrt()
+
+
 def dora_output(base_out: torch.Tensor, lora_out: torch.Tensor, scale: torch.Tensor | None, scaling: float,
                 base_out_dropped: torch.Tensor | None = None) -> torch.Tensor:
     """Combine base and low-rank outputs (no bias).
@@ -121,16 +133,13 @@ class DoRALinear(nn.Module):
         w_times_a: W·Aᵀ when the caller already has it (computed alongside the base matmul).
         """
         source, s = self.weight_source, self.scaling
-        a = self.lora_A.detach()
-        a = a.to(torch.promote_types(a.dtype, torch.float32))
-        b = self.lora_B.detach().to(a.dtype)
         if exact:
+            a = self.lora_A.detach()
+            a = a.to(torch.promote_types(a.dtype, torch.float32))
+            b = self.lora_B.detach().to(a.dtype)
             return source.reduce_rows(lambda w, i, j: (w + s * (b[i:j] @ a).to(w.dtype)).norm(dim=1), None)
-        w_sq = self.base_row_sq_norms().to(a.dtype)
-        wa = source.times_A(a) if w_times_a is None else w_times_a
-        cross = (b * wa.to(a.dtype)).sum(dim=1)
-        ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
-        return (w_sq + (2 * s) * cross + (s * s) * ba_sq).clamp_min(0).sqrt()
+        wa = source.times_A(self.lora_A) if w_times_a is None else w_times_a
+        return dora_row_norms(self.base_row_sq_norms(), wa, self.lora_A, self.lora_B, s)
 
     def dora_scale(self, w_times_a: torch.Tensor | None = None) -> torch.Tensor:
         """m / ‖W + sBA‖ with the norm detached: gradients reach m (and A, B through the output), not the norm."""
@@ -169,8 +178,13 @@ class DoRALinear(nn.Module):
         return safe_divide_norm(self.magnitude.detach().float(), self.weight_norm(exact=True).float())
 
     @torch.no_grad()
+    def delta_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows [start, stop) of B·A (unscaled), for merging chunk by chunk."""
+        return self.lora_B[start:stop].to(dtype) @ self.lora_A.to(dtype)
+
+    @torch.no_grad()
     def merged_rows(self, chunk: torch.Tensor, start: int, stop: int, scale: torch.Tensor) -> torch.Tensor:
-        delta = self.lora_B[start:stop].to(chunk.dtype) @ self.lora_A.to(chunk.dtype)
+        delta = self.delta_rows(start, stop, chunk.dtype)
         return (chunk + self.scaling * delta) * scale[start:stop, None].to(chunk.dtype)
 
     @torch.no_grad()
@@ -194,7 +208,7 @@ class DoRALinear(nn.Module):
         source, scale = self.weight_source, self.merge_scale
         for start, chunk in source.iter_row_chunks():
             stop = start + chunk.shape[0]
-            delta = self.lora_B[start:stop].to(chunk.dtype) @ self.lora_A.to(chunk.dtype)
+            delta = self.delta_rows(start, stop, chunk.dtype)
             source.write_rows(start, chunk / scale[start:stop, None].to(chunk.dtype) - self.scaling * delta)
         self.merged, self.merge_scale, self.base_row_sq = False, None, None
 

@@ -29,6 +29,16 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+class RowsView:
+    """A stand-in base module over a (rows, in) weight tensor, e.g. one rank's shard, so a WeightSource of the
+    matching kind reads just those rows (chunked row norms and W·Aᵀ, no communication)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.bias = None
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+
+
 class WeightSource:
     """Read-only access to a frozen base weight W of shape (out, in)."""
 

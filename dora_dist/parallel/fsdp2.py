@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dora_dist.nn.dora_linear import dora_row_norms
+from dora_dist.nn.weight_source import DenseWeight, RowsView, WeightSource
 from dora_dist.parallel.base import Engine, dora_layers
 
 try:
@@ -120,13 +122,15 @@ class FSDP2Engine(Engine):
         full_state.clear()
 
     # --- magnitude init from local rows ----------------------------------------------------------------
-    def local_weight_rows(self, layer: nn.Module) -> torch.Tensor:
-        """This rank's rows of the base weight as fp32 (dense bases; a 4-bit engine overrides this)."""
-        w = layer.base_layer.weight
-        local = w.to_local() if isinstance(w, DTensor) else w
-        if hasattr(local, "dequantize_rows"):  # Sharded4bitTensor (issue 6): this rank's packed rows, dequantized
-            return local.dequantize(torch.float32).to(self.env.device)
-        return local.detach().to(device=self.env.device, dtype=torch.promote_types(local.dtype, torch.float32))
+    def local_rows_source(self, layer: nn.Module) -> WeightSource:
+        """This rank's rows of the base weight as a weight source: chunked row norms and W·Aᵀ, no communication
+        (a 4-bit shard is dequantized a few rows at a time, a bf16 shard is never copied whole to fp32)."""
+        local = layer.base_layer.weight.to_local()
+        if hasattr(local, "dequantize_rows"):  # Sharded4bitTensor (issue 6): this rank's packed rows
+            from dora_dist.quant.sharded4bit_source import Sharded4bitWeight
+
+            return Sharded4bitWeight(RowsView(local))
+        return DenseWeight(RowsView(local))
 
     def _gather_rows(self, local: torch.Tensor, out_features: int) -> torch.Tensor:
         """All-gather a row-sharded (rows,) vector into (out,) (torch.chunk layout, last shards may be short)."""
@@ -145,17 +149,15 @@ class FSDP2Engine(Engine):
             if not isinstance(weight, DTensor):
                 layer.init_magnitude()  # not sharded (e.g. outside any fully_shard unit)
                 continue
-            w = self.local_weight_rows(layer)                                  # (rows, in), local
-            row_sq = w.pow(2).sum(dim=1)                                       # ‖W_i‖², local rows
+            rows = self.local_rows_source(layer)                              # this rank's rows of W
+            row_sq = rows.row_sq_norms().to(self.env.device)                   # ‖W_i‖², local rows
             layer.base_row_sq = self._gather_rows(row_sq, layer.out_features).to(weight.device)
             if layer.magnitude is None:
                 continue
-            s = layer.scaling
-            a = layer.lora_A.full_tensor().to(w)                               # COLLECTIVE: all-gather A (r, in)
-            b = layer.lora_B.to_local().to(w)                                  # (rows, r), same rows as w
-            cross = (b * (w @ a.t())).sum(dim=1)
-            ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
-            norm = (row_sq + (2 * s) * cross + (s * s) * ba_sq).clamp_min(0).sqrt()
+            a = layer.lora_A.full_tensor()                                     # COLLECTIVE: all-gather A (r, in)
+            b = layer.lora_B.to_local()                                        # (rows, r), same rows as W
+            wa = rows.times_A(a).to(self.env.device)
+            norm = dora_row_norms(row_sq, wa, a.to(self.env.device), b.to(self.env.device), layer.scaling)
             m_local = layer.magnitude.to_local()
             m_local.copy_(norm.to(m_local.dtype))
 

@@ -8,12 +8,13 @@ chunk (CHUNK_ELEMENTS values), never a full fp32 copy of the layer.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from copy import copy
 
 import torch
 from torch import nn
 
-from dora_dist.nn.weight_source import WeightSource
+from dora_dist.nn.weight_source import WeightSource, at_least_fp32
 
 
 def _bnb():
@@ -106,7 +107,7 @@ class BnB4bitWeight(WeightSource):
         if getattr(qs, "packing_format_for_cpu", False):
             return super().matmul_and_times_A(x, lora_A)
         cd = self.module.compute_dtype or x.dtype
-        a_t = lora_A.detach().to(torch.promote_types(lora_A.dtype, torch.float32)).t()
+        a_t = at_least_fp32(lora_A.detach()).t()
         out, wa = _Dequant4bitMatmul.apply(x.to(cd), self.module.weight.data, qs, a_t, self.rows_per_chunk())
         return out.to(x.dtype), wa
 
@@ -141,19 +142,22 @@ class BnB4bitWeight(WeightSource):
             cache = dequantize_absmax(self._quant_state())
         return cache
 
-    def reduce_rows(self, fn, width):
+    @contextmanager
+    def _absmax_cached(self):
+        """Dequantize the absmax once for a whole pass over the row chunks."""
         self._absmax_cache = dequantize_absmax(self._quant_state())
         try:
-            return super().reduce_rows(fn, width)
+            yield
         finally:
             self._absmax_cache = None
 
+    def reduce_rows(self, fn, width):
+        with self._absmax_cached():
+            return super().reduce_rows(fn, width)
+
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        self._absmax_cache = dequantize_absmax(self._quant_state())
-        try:
+        with self._absmax_cached():
             return super().dense(dtype)
-        finally:
-            self._absmax_cache = None
 
     def to_plain_module(self, weight: torch.Tensor, requantize: bool = False) -> nn.Module:
         if not requantize:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dora_dist.nn.weight_source import WeightSource, at_least_fp32
+from dora_dist.nn.weight_source import RowsView, WeightSource, at_least_fp32
 from dora_dist.quant.sharded4bit import Linear4bitFunction, Sharded4bitTensor
 from dora_dist.quant.sharded4bit_linear import ShardedLinear4bit
 
@@ -49,7 +49,7 @@ class Sharded4bitWeight(WeightSource):
         if _is_dtensor(w):
             raise RuntimeError(
                 "the 4-bit weight is sharded (FSDP2, outside forward): only its local rows are available here; use "
-                "local_row_sq_norms()/init_dora_norms_from_local_shards, or call inside forward")
+                "local_rows()/init_dora_norms_from_local_shards, or call inside forward")
         return w
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,34 +81,15 @@ class Sharded4bitWeight(WeightSource):
         loc = w._local_tensor
         return loc, local_row_offset(w)
 
-    @torch.no_grad()
-    def local_row_sq_norms(self) -> torch.Tensor:
-        """‖W_i‖² (fp32) of this rank's rows, from its packed shard; no communication."""
-        loc, _ = self.local()
-        out = torch.empty(loc.shape[0], dtype=torch.float32, device=loc.packed.device)
-        step = loc.rows_per_chunk()
-        for s in range(0, loc.shape[0], step):
-            e = min(s + step, loc.shape[0])
-            out[s:e] = loc.dequantize_rows(s, e, torch.float32).pow(2).sum(dim=1)
-        return out
-
-    @torch.no_grad()
-    def local_times_A(self, lora_A: torch.Tensor) -> torch.Tensor:
-        """W_local·Aᵀ (fp32, (local rows, r)) from the packed shard."""
-        loc, _ = self.local()
-        a_t = at_least_fp32(lora_A.detach()).t()
-        out = torch.empty(loc.shape[0], a_t.shape[1], dtype=a_t.dtype, device=loc.packed.device)
-        step = loc.rows_per_chunk()
-        for s in range(0, loc.shape[0], step):
-            e = min(s + step, loc.shape[0])
-            out[s:e] = loc.dequantize_rows(s, e, a_t.dtype) @ a_t
-        return out
+    def local_rows(self) -> "Sharded4bitWeight":
+        """A source over this rank's packed rows only (row norms and W·Aᵀ dequantize them chunk by chunk)."""
+        return Sharded4bitWeight(RowsView(self.local()[0]))
 
     def row_sq_norms(self) -> torch.Tensor:
         w = self.module.weight
         if _is_dtensor(w):
             # Collective: all-gather of the per-row squared norms (out floats), computed from the local rows.
-            return _gather_rows(w, self.local_row_sq_norms())
+            return _gather_rows(w, self.local_rows().row_sq_norms())
         return super().row_sq_norms()
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -161,7 +142,7 @@ def init_dora_norms_from_local_shards(model: nn.Module, init_magnitude: bool = T
     Call in the sharded state (after fully_shard and after loading the real weights). Returns the number of
     layers handled. Collectives per layer: all-gather of lora_A (r·in values) and of ‖W‖² (out values).
     """
-    from dora_dist.nn.dora_linear import DoRALinear
+    from dora_dist.nn.dora_linear import DoRALinear, dora_row_norms
 
     done = 0
     for layer in model.modules():
@@ -174,24 +155,20 @@ def init_dora_norms_from_local_shards(model: nn.Module, init_magnitude: bool = T
                 layer.init_magnitude()
             done += 1
             continue
-        source = Sharded4bitWeight(base)
-        w_sq = source.local_row_sq_norms()
+        rows = Sharded4bitWeight(base).local_rows()
+        w_sq = rows.row_sq_norms()
         if init_magnitude and layer.magnitude is not None:
-            s = layer.scaling
             a = layer.lora_A.full_tensor() if _is_dtensor(layer.lora_A) else layer.lora_A  # collective: r×in
-            a = at_least_fp32(a.detach())
             b = layer.lora_B.to_local() if _is_dtensor(layer.lora_B) else layer.lora_B
-            b = b.detach().to(a.dtype)
-            norm_sq = w_sq.to(a.dtype)
-            if bool(b.any()):
-                cross = (b * source.local_times_A(a)).sum(dim=1)
-                norm_sq = norm_sq + 2 * s * cross + (s * s) * ((b @ (a @ a.t())) * b).sum(dim=1)
+            # B = 0 (a fresh adapter): W·Aᵀ is not needed, its cross term is exactly zero
+            wa = rows.times_A(a) if bool(b.any()) else torch.zeros(w_sq.shape[0], a.shape[0], device=w_sq.device)
+            norm = dora_row_norms(w_sq, wa, a, b, layer.scaling)
             m = layer.magnitude
             m_local = m.to_local() if _is_dtensor(m) else m
             if m_local.shape[0] != w_sq.shape[0]:
                 raise RuntimeError(f"magnitude shard ({m_local.shape[0]} rows) and 4-bit weight shard "
                                    f"({w_sq.shape[0]} rows) are not sharded alike")
-            m_local.copy_(norm_sq.clamp_min(0).sqrt().to(m_local.dtype))
+            m_local.copy_(norm.to(m_local.dtype))
         layer.base_row_sq = _gather_rows(base.weight, w_sq)  # collective: out floats
         done += 1
     return done
