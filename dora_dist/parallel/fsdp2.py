@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dora_dist.nn.dora_linear import dora_row_norms
-from dora_dist.nn.weight_source import DenseWeight, RowsView, WeightSource
+from dora_dist.nn.weight_source import Conv1DWeight, DenseWeight, RowsView, WeightSource
 from dora_dist.parallel.base import Engine, dora_layers
 
 try:
@@ -149,6 +149,9 @@ class FSDP2Engine(Engine):
             if not isinstance(weight, DTensor):
                 layer.init_magnitude()  # not sharded (e.g. outside any fully_shard unit)
                 continue
+            if layer.fan_in_fan_out:
+                self._init_conv1d_layer(layer)
+                continue
             rows = self.local_rows_source(layer)                              # this rank's rows of W
             row_sq = rows.row_sq_norms().to(self.env.device)                   # ‖W_i‖², local rows
             layer.base_row_sq = self._gather_rows(row_sq, layer.out_features).to(weight.device)
@@ -160,6 +163,24 @@ class FSDP2Engine(Engine):
             norm = dora_row_norms(row_sq, wa, a.to(self.env.device), b.to(self.env.device), layer.scaling)
             m_local = layer.magnitude.to_local()
             m_local.copy_(norm.to(m_local.dtype))
+
+    @torch.no_grad()
+    def _init_conv1d_layer(self, layer: nn.Module) -> None:
+        """A transformers Conv1D stores W as (in, out), so fully_shard's dim-0 shards hold input rows, not the
+        output rows the norm runs over: gather this one layer's weight (never more than one at a time), compute
+        its norms, and keep this rank's chunk of the magnitude (torch.chunk layout, as fully_shard splits it)."""
+        weight = layer.base_layer.weight.full_tensor()                        # COLLECTIVE: one layer's weight
+        source = Conv1DWeight(RowsView(weight))
+        row_sq = source.row_sq_norms()
+        layer.base_row_sq = row_sq.to(weight.device)
+        if layer.magnitude is not None:
+            a, b = layer.lora_A.full_tensor(), layer.lora_B.full_tensor()    # COLLECTIVE: adapter of one layer
+            norm = dora_row_norms(row_sq, source.times_A(a), a, b, layer.scaling)
+            chunks = torch.chunk(norm, self.env.world_size)
+            m_local = layer.magnitude.to_local()
+            mine = chunks[self.env.rank] if self.env.rank < len(chunks) else norm[:0]
+            m_local.copy_(mine.to(device=m_local.device, dtype=m_local.dtype))
+        del weight
 
     # --- step ------------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -30,7 +30,14 @@ def common_overrides(cache: str) -> list[str]:
 QDORA = ["quantization.mode=nf4", "quantization.compute_dtype=float32", "training.max_steps=3"]
 
 
-def magnitude_check(env) -> dict:
+LLAMA_ARCH = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 99,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+# GPT-2's Conv1D stores W as (in, out): fully_shard's dim-0 shards are input rows, not output rows.
+GPT2_ARCH = {"model_type": "gpt2", "vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32,
+             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # no dropout: forwards are compared
+
+
+def magnitude_check(env, arch: dict = LLAMA_ARCH, probe: str | None = "model.layers.0.mlp.down_proj") -> dict:
     from dora_dist.adapters import apply_dora, dora_layers
     from dora_dist.config import load_config
     from dora_dist.models import build_on_meta, dora_config_from, hf_config_from_dict
@@ -38,8 +45,6 @@ def magnitude_check(env) -> dict:
     from transformers import AutoModelForCausalLM
 
     cfg = load_config(None, ["parallel.engine=fsdp2", "parallel.load_on_rank0=false"])  # (training runs: true)
-    arch = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 99,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_config_from_dict(arch))
     apply_dora(model, dora_config_from(cfg), init_magnitude=False)
@@ -64,8 +69,9 @@ def magnitude_check(env) -> dict:
             errs.append(float((gathered[key] - m).abs().max() / m.abs().max()))
         out["magnitude_max_rel_err"] = max(errs)
         out["n_layers"] = len(errs)
-        local = dict(dora_layers(model))["model.layers.0.mlp.down_proj"].base_layer.weight.to_local()
-        out["down_proj_local_rows"] = int(local.shape[0])
+        if probe is not None:
+            local = dict(dora_layers(model))[probe].base_layer.weight.to_local()
+            out["probe_local_rows"] = int(local.shape[0])
     # forward of the wrapped model equals the reference forward
     x = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
@@ -114,8 +120,9 @@ def main() -> int:
         results["fsdp2_resume"] = {"losses": [r["loss"] for r in recs], "adapter": str(out / "adapter"),
                                    "checkpoints_after_stop": stopped_ckpts}
     results["magnitude"] = magnitude_check(env)
-    rowsq = env.all_reduce_max(results["magnitude"]["rowsq_max_err"])
-    results["magnitude"]["rowsq_max_err"] = rowsq
+    results["magnitude_gpt2"] = magnitude_check(env, GPT2_ARCH, probe=None)
+    for key in ("magnitude", "magnitude_gpt2"):
+        results[key]["rowsq_max_err"] = env.all_reduce_max(results[key]["rowsq_max_err"])
     if env.is_main:
         Path(args.out).write_text(json.dumps(results, indent=2))
     dist.barrier()

@@ -100,7 +100,16 @@ def test_fsdp2_magnitude_init_equals_single_process(dist_results):
     assert mag["n_layers"] == 14
     assert mag["magnitude_max_rel_err"] < 1e-6
     assert mag["rowsq_max_err"] < 1e-4            # the cached ‖W‖² (all-gathered (out,) floats)
-    assert mag["down_proj_local_rows"] == 32      # rows of a (64, 99) weight: 32 + 32 (sharded, not gathered)
+    assert mag["probe_local_rows"] == 32          # down_proj, a (64, 99) weight: 32 + 32 rows (sharded, not gathered)
+    assert mag["forward_max_err"] < 1e-5
+
+
+def test_fsdp2_magnitude_init_conv1d_equals_single_process(dist_results):
+    """GPT-2's Conv1D weights are sharded by input rows; the engine gathers one layer at a time for them."""
+    mag = dist_results["magnitude_gpt2"]
+    assert mag["n_layers"] == 8                   # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    assert mag["magnitude_max_rel_err"] < 1e-6
+    assert mag["rowsq_max_err"] < 1e-4
     assert mag["forward_max_err"] < 1e-5
 
 
