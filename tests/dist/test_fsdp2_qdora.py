@@ -74,21 +74,26 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def train(model: nn.Module, rank: int = 0, world: int = 1) -> list[float]:
+def _step_and_mean_loss(loss: torch.Tensor, opt: torch.optim.Optimizer, world: int) -> float:
+    """Backward, optimizer step, and this step's loss averaged over the ranks."""
     import torch.distributed as dist
 
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    val = loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(val)
+    return val.item() / world
+
+
+def train(model: nn.Module, rank: int = 0, world: int = 1) -> list[float]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=False)
     losses = []
     for x, y in batches():
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
         loss = (model(xs) - ys).pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        val = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(val)
-        losses.append(val.item() / world)
+        losses.append(_step_and_mean_loss(loss, opt, world))
     return losses
 
 
@@ -214,20 +219,12 @@ def _tokens():
 
 
 def _train_lm(model, rank=0, world=1):
-    import torch.distributed as dist
-
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=False)
     losses = []
     for ids in _tokens():
         ids = ids.chunk(world)[rank]
         loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        val = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(val)
-        losses.append(val.item() / world)
+        losses.append(_step_and_mean_loss(loss, opt, world))
     return losses
 
 
