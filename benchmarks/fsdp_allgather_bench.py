@@ -115,7 +115,7 @@ def _worker(rank, world, port, args, kind, out_file):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives as coll
 
-    from dora_dist.quant.sharded4bit_source import init_dora_norms_from_local_shards
+    from dora_dist.parallel.fsdp2 import init_sharded_norms
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -148,7 +148,7 @@ def _worker(rank, world, port, args, kind, out_file):
         fill(model, args.hidden, seed=rank)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        init_dora_norms_from_local_shards(model) if kind == "nf4" else None
+        init_sharded_norms(model, device) if kind == "nf4" else None
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
         g = torch.Generator().manual_seed(100 + rank)
         x = torch.randn(args.batch, args.seq, args.hidden, generator=g).to(device)

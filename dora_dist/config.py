@@ -34,8 +34,9 @@ class ModelConfig:
     config: Optional[dict] = None
     #: tokenizer location when it differs from the model (default: the model's own / the built-in one)
     tokenizer: Optional[str] = None
-    #: dtype of the frozen base weights: auto (bf16 when training.precision=bf16, else fp32), float32, bfloat16, float16
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    #: dtype of the frozen base weights: auto (bf16 when training.precision=bf16, else fp32), float32, bfloat16,
+    #: float16; float64 for numerical reference runs (engine parity tests)
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
     attn_implementation: Optional[str] = "sdpa"
     trust_remote_code: bool = False
     revision: Optional[str] = None
@@ -54,7 +55,9 @@ class QuantizationConfig:
 
 
 @dataclass
-class DoRAConfig:
+class AdapterSection:
+    """The job's `dora:` section (validated by the same function as the library's dora_dist.DoRAConfig)."""
+
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -63,7 +66,7 @@ class DoRAConfig:
     use_rslora: bool = False
     #: False gives plain LoRA through the same layer (for comparisons)
     use_dora: bool = True
-    adapter_dtype: Literal["float32", "bfloat16"] = "float32"
+    adapter_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
 
 
 @dataclass
@@ -164,7 +167,7 @@ class OutputConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
-    dora: DoRAConfig = field(default_factory=DoRAConfig)
+    dora: AdapterSection = field(default_factory=AdapterSection)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -187,9 +190,6 @@ class Config:
 _POSITIVE = (lambda v: v > 0, "must be > 0")
 _NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 _RANGES: dict[str, tuple] = {
-    "dora.r": _POSITIVE,
-    "dora.alpha": _POSITIVE,
-    "dora.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "data.seq_len": (lambda v: v >= 2, "must be >= 2"),
     "data.max_samples": _NON_NEGATIVE,
     "data.synthetic_samples": _POSITIVE,
@@ -332,10 +332,14 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"parallel.engine: expected one of {', '.join(ENGINE_CHOICES)}, got {cfg.parallel.engine!r}")
     tm = cfg.dora.target_modules
     if isinstance(tm, str) and tm != "all-linear":
-        cfg.dora.target_modules = [tm]
-    if isinstance(cfg.dora.target_modules, list):
-        if not cfg.dora.target_modules or not all(isinstance(x, str) and x for x in cfg.dora.target_modules):
-            raise ConfigError("dora.target_modules: expected 'all-linear' or a non-empty list of module names")
+        cfg.dora.target_modules = [tm]  # in a job config a single name is a suffix, as in a list
+    from dora_dist.adapters.config import check_adapter_settings
+
+    d = cfg.dora
+    try:  # the one validator of adapter settings, shared with the library's DoRAConfig
+        check_adapter_settings(d.r, d.alpha, d.dropout, d.target_modules, d.adapter_dtype, prefix="dora.")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if cfg.model.config is not None and cfg.model.name_or_path != "builtin:tiny-llama" \
             and "model_type" not in cfg.model.config:
         raise ConfigError("model.config: a from-scratch model config needs a 'model_type' key (e.g. llama)")

@@ -46,7 +46,8 @@ def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int)
     """Sum of next-token losses of this micro-batch / target tokens of the whole global batch (see Engine)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
-    loss_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # ≥ fp32 (fp64 reference runs)
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_sum / global_targets
 

@@ -7,8 +7,24 @@ from typing import Any
 
 import torch
 
+from dora_dist.nn.dora_linear import check_layer_settings
+
 ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "float64": torch.float64}
+
+
+def check_adapter_settings(r, alpha, dropout, target_modules, adapter_dtype, prefix: str = "") -> None:
+    """Validate adapter settings wherever they come from (this DoRAConfig, the job config's `dora:` section), raising
+    ValueError naming the setting as `prefix + name`."""
+    check_layer_settings(r, alpha, dropout, prefix)
+    if isinstance(target_modules, (list, tuple)):
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise ValueError(f"{prefix}target_modules must be a non-empty list of names, got {target_modules!r}")
+    elif not isinstance(target_modules, str) or not target_modules:
+        raise ValueError(f"{prefix}target_modules must be a list of names, a regex or 'all-linear', got "
+                         f"{target_modules!r}")
+    if adapter_dtype not in ADAPTER_DTYPES:
+        raise ValueError(f"{prefix}adapter_dtype must be one of {sorted(ADAPTER_DTYPES)}, got {adapter_dtype!r}")
 
 
 @dataclass
@@ -29,24 +45,10 @@ class DoRAConfig:
     adapter_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"DoRAConfig.r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha) \
-                or self.alpha <= 0:
-            raise ValueError(f"DoRAConfig.alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"DoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.target_modules, (list, tuple)):
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError(f"DoRAConfig.target_modules must be a non-empty list of names, got "
-                                 f"{self.target_modules!r}")
+        check_adapter_settings(self.r, self.alpha, self.dropout, self.target_modules, self.adapter_dtype,
+                               prefix="DoRAConfig.")
+        if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
-        elif not isinstance(self.target_modules, str) or not self.target_modules:
-            raise ValueError(f"DoRAConfig.target_modules must be a list of names, a regex or 'all-linear', got "
-                             f"{self.target_modules!r}")
-        if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise ValueError(f"DoRAConfig.adapter_dtype must be one of {sorted(ADAPTER_DTYPES)}, got "
-                             f"{self.adapter_dtype!r}")
 
     @property
     def scaling(self) -> float:

@@ -9,7 +9,7 @@ from torch import nn
 
 from dora_dist.adapters.config import DoRAConfig
 from dora_dist.nn.dora_linear import DoRALinear
-from dora_dist.nn.weight_source import is_supported_base
+from dora_dist.nn.weight_source import is_supported_base, supported_bases
 
 
 def dora_layers(model: nn.Module) -> Iterator[tuple[str, DoRALinear]]:
@@ -67,11 +67,13 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
                              f"in this model: {_leaf_summary(supported)}")
     if not names:
         raise ValueError(f"no linear layer to adapt in {type(model).__name__} (target_modules={target_modules!r})")
+    chosen = set(names)
+    names = [name for name, _ in candidates if name in chosen]  # module order, whatever the order of the targets
     by_name = dict(candidates)
     bad = [f"{n} ({type(by_name[n]).__name__})" for n in names if not is_supported_base(by_name[n])]
     if bad:
         raise TypeError(f"target_modules select unsupported module types: {', '.join(bad)}; DoRA supports "
-                        "nn.Linear, transformers Conv1D, bitsandbytes Linear4bit and Linear8bitLt")
+                        + ", ".join(supported_bases()))
     return names
 
 

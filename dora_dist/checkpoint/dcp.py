@@ -13,6 +13,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from dora_dist.checkpoint.safe_load import verify_dcp_metadata
+
 TRAINER_STATE = "trainer_state.pt"
 OPTIONS = StateDictOptions(ignore_frozen_params=True)
 # Loading only the adapter keys into the full model: frozen keys are "missing" on purpose. dcp.load itself still
@@ -37,6 +39,7 @@ def save_train_state(directory: str | Path, model, optimizer, scheduler, extra_s
 def load_train_state(directory: str | Path, model, optimizer, scheduler, env) -> dict[str, Any]:
     """All ranks call. Restores adapter params and optimizer in place; returns the extra_state."""
     directory = Path(directory)
+    verify_dcp_metadata(directory)  # DCP unpickles .metadata: check it references plain data only
     model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(directory), no_dist=_no_dist(env))

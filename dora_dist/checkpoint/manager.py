@@ -1,6 +1,7 @@
 """Checkpoint directories: <root>/step_00000100/, written atomically, the last K kept, the latest found on resume.
 
-Atomicity: all ranks write into <root>/.tmp_step_00000100/ (engine content + one RNG file per rank); after a
+Atomicity: all ranks write into <root>/.tmp_step_00000100/ (engine content + one RNG file per rank, JSON: nothing
+here is unpickled on resume, see safe_load.py); after a
 barrier rank 0 writes COMPLETE and renames the directory to its final name. A run killed mid-save leaves only a
 .tmp_ directory, which is ignored (and removed by the next save). The root must be on a filesystem every rank sees
 (shared across nodes for multi-node jobs).
@@ -8,15 +9,15 @@ barrier rank 0 writes COMPLETE and renames the directory to its final name. A ru
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from dora_dist.checkpoint.safe_load import load_rng_state, save_rng_state
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
@@ -34,24 +35,6 @@ def find_latest(root: str | Path) -> Path | None:
             if best is None or step > best[0]:
                 best = (step, child)
     return None if best is None else best[1]
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.random.get_rng_state(), "python": random.getstate()}
-    np_state = np.random.get_state()
-    state["numpy"] = [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.random.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class CheckpointManager:
@@ -76,7 +59,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         env.barrier()
         engine.save_checkpoint(str(tmp), extra_state)
-        torch.save(rng_state(), tmp / f"rng_rank{env.rank:05d}.pt")
+        save_rng_state(tmp / f"rng_rank{env.rank:05d}.json")
         env.barrier()
         if env.is_main:
             (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": env.world_size,
@@ -100,7 +83,7 @@ class CheckpointManager:
         if not (path / COMPLETE).exists():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
         extra = engine.load_checkpoint(str(path))
-        rng_file = path / f"rng_rank{self.env.rank:05d}.pt"
+        rng_file = path / f"rng_rank{self.env.rank:05d}.json"
         if rng_file.exists():
-            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+            load_rng_state(rng_file)
         return extra

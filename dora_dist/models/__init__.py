@@ -17,7 +17,7 @@ from torch import nn
 from dora_dist.models.builtin import (BUILTIN_NAME, TINY_LLAMA, builtin_model_dir, default_cache_dir,
                                       ensure_builtin_model, train_builtin_tokenizer)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 #: architecture of well-known hub models, embedded so configs can be validated (and built on meta) offline
 KNOWN_ARCHITECTURES = {
@@ -180,14 +180,19 @@ def dora_config_from(cfg):
 
 
 def add_adapters(model: nn.Module, cfg) -> nn.Module:
-    """apply_dora with the job's settings. Magnitudes are left for the engine (`Engine.init_magnitudes`)."""
+    """apply_dora with the job's settings, the adapters drawn from training.seed in module order (the same on every
+    engine and world size, see lowmem_load.init_adapters). Magnitudes are left for the engine
+    (`Engine.init_magnitudes`)."""
     from dora_dist.adapters import apply_dora
     from dora_dist.config import ConfigError
+    from dora_dist.models.lowmem_load import init_adapters
 
     try:
-        return apply_dora(model, dora_config_from(cfg), init_magnitude=False)
+        model = apply_dora(model, dora_config_from(cfg), init_magnitude=False)
     except (ValueError, TypeError) as exc:  # a target list that does not fit this model is a config problem
         raise ConfigError(f"dora.target_modules: {exc}") from exc
+    init_adapters(model, cfg.training.seed)
+    return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

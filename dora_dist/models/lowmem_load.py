@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from dora_dist.nn.weight_source import is_dtensor
 from dora_dist.quant.sharded4bit import Sharded4bitTensor
 from dora_dist.quant.sharded4bit_linear import ShardedLinear4bit
 
@@ -74,13 +75,9 @@ def build_qdora_on_meta(hf_config, quant_type: str = "nf4", blocksize: int = 64,
 # ------------------------------------------------------------------------------------------------------------
 # materialize + load
 # ------------------------------------------------------------------------------------------------------------
-def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
 def _local(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(rank-local tensor, global index of its first row) for a DTensor sharded by rows, or (t, 0)."""
-    if not _is_dtensor(t):
+    if not is_dtensor(t):
         return t, 0
     from dora_dist.quant.sharded4bit_source import local_row_offset
 
@@ -231,33 +228,26 @@ def _check_tied_or_loaded(model: nn.Module, loaded: int) -> None:
 
 @torch.no_grad()
 def init_adapters(model: nn.Module, seed: int) -> None:
-    """Draw lora_A (kaiming) and zero lora_B as DoRALinear does, in module order from `seed`, on every rank.
-
-    Each rank draws the full (r, in) A of every layer from the same generator (r·in values: small) and keeps
-    its rows, so the adapters equal those of a single process that ran apply_dora after torch.manual_seed(seed).
-    """
+    """Draw every lora_A (kaiming_uniform, a=√5, as nn.Linear and peft do) and zero every lora_B, layer by layer in
+    module order, from a generator seeded with `seed`: the same adapters for any engine, world size, load path and
+    target order, whatever the global RNG went through before. Sharded adapters (FSDP2 DTensors) keep their own
+    rows of the full (r, in) draw (r·in values per layer: small). A model still on the meta device is skipped; it
+    is drawn once its storage exists."""
     from dora_dist.nn.dora_linear import DoRALinear
 
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        for layer in model.modules():
-            if not isinstance(layer, DoRALinear):
-                continue
-            full = torch.empty(tuple(layer.lora_A.shape), dtype=layer.lora_A.dtype)
-            nn.init.kaiming_uniform_(full, a=math.sqrt(5))
-            for name, value in (("lora_A", full), ("lora_B", None)):
-                p = getattr(layer, name)
-                local, r0 = _local(p)
-                if value is None:
-                    local.zero_()
-                else:
-                    local.copy_(value[r0: r0 + local.shape[0]].to(local.device))
-            if layer.magnitude is not None:
-                _local(layer.magnitude)[0].fill_(1.0)  # set for real by the engine's init_magnitudes
-            layer.base_row_sq = None
-    finally:
-        torch.random.set_rng_state(gen_state)
+    layers = [m for m in model.modules() if isinstance(m, DoRALinear)]
+    if any(_local(layer.lora_A)[0].is_meta for layer in layers):
+        return
+    generator = torch.Generator().manual_seed(int(seed))
+    for layer in layers:
+        full = torch.empty(tuple(layer.lora_A.shape), dtype=layer.lora_A.dtype)
+        nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+        local, r0 = _local(layer.lora_A)
+        local.copy_(full[r0: r0 + local.shape[0]].to(local.device))
+        _local(layer.lora_B)[0].zero_()
+        if layer.magnitude is not None:
+            _local(layer.magnitude)[0].fill_(1.0)  # set for real by the engine's init_magnitudes
+        layer.invalidate_cache()
 
 
 # ------------------------------------------------------------------------------------------------------------

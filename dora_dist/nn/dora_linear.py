@@ -23,6 +23,17 @@ from torch import nn
 from dora_dist.nn.weight_source import WeightSource, weight_source_for
 
 
+def check_layer_settings(r, alpha, dropout, prefix: str = "") -> None:
+    """The layer's hyper-parameters, checked once here for the layer, the library's DoRAConfig and the job config
+    (which pass their own prefix, e.g. "dora.", so the message names the setting as the user wrote it)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{prefix}r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{prefix}alpha must be a positive number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{prefix}dropout must be in [0, 1), got {dropout!r}")
+
+
 def safe_divide_norm(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """m / ‖·‖ where a zero-norm row gets scale m (its direction is the zero vector, so the output is 0, not NaN)."""
     return magnitude / torch.where(norm == 0, torch.ones_like(norm), norm)
@@ -62,12 +73,12 @@ class DoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  use_dora: bool = True, adapter_dtype: torch.dtype = torch.float32, init_magnitude: bool = True):
         super().__init__()
-        if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"DoRA rank r must be a positive integer, got {r!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_layer_settings(r, alpha, dropout)
         self.base_layer = base_layer
-        source = self.weight_source  # raises for unsupported bases
+        # Built once (raises for unsupported bases). It reads base_layer.weight on every call, so engines that swap
+        # the parameter object (FSDP2, ZeRO-3) are seen; the base layer itself is never replaced.
+        self._weight_source = source = weight_source_for(base_layer)
+        source.take_ownership()
         base_layer.requires_grad_(False)  # the base is frozen: no dW (a full out×in matmul) in backward
         self.in_features, self.out_features = source.in_features, source.out_features
         self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
@@ -92,11 +103,12 @@ class DoRALinear(nn.Module):
     # --- parameters --------------------------------------------------------------------------------
     @property
     def weight_source(self) -> WeightSource:
-        return weight_source_for(self.base_layer)
+        return self._weight_source
 
     @property
     def fan_in_fan_out(self) -> bool:
-        return type(self.base_layer).__name__ == "Conv1D"
+        """Whether the base stores W as (in, out) (transformers Conv1D): its dim-0 shards hold input rows."""
+        return self._weight_source.fan_in_fan_out
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
@@ -113,6 +125,19 @@ class DoRALinear(nn.Module):
         if self.magnitude is not None:
             self.magnitude.copy_(self.weight_norm().to(self.magnitude.dtype))
 
+    @torch.no_grad()
+    def set_norms(self, row_sq: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
+        """Install ‖W_i‖² computed elsewhere (e.g. by an engine from sharded rows) and optionally this rank's part of
+        the magnitude (the local shard of a sharded `magnitude`, or the whole vector). The one way engines write a
+        layer's norm state."""
+        self.base_row_sq = row_sq.detach().to(torch.promote_types(row_sq.dtype, torch.float32))
+        if magnitude is not None and self.magnitude is not None:
+            target = self.magnitude.to_local() if hasattr(self.magnitude, "to_local") else self.magnitude
+            if target.shape != magnitude.shape:
+                raise ValueError(f"magnitude of shape {tuple(magnitude.shape)} does not fit this layer's "
+                                 f"{tuple(target.shape)}")
+            target.copy_(magnitude.to(device=target.device, dtype=target.dtype))
+
     def invalidate_cache(self) -> None:
         """Forget the cached ‖W‖² (after the base weight was changed by hand)."""
         self.base_row_sq = None
@@ -120,9 +145,13 @@ class DoRALinear(nn.Module):
     # --- norms ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def base_row_sq_norms(self) -> torch.Tensor:
-        cached, source = self.base_row_sq, self.weight_source
-        if cached is None or cached.device != source.device or cached.dtype not in (torch.float32, torch.float64):
-            self.base_row_sq = cached = source.row_sq_norms()
+        """‖W‖² per row, ≥ fp32: computed once, then only moved (never recomputed from, say, an unsharded bf16
+        copy of W) when the weight shows up on another device."""
+        cached, device = self.base_row_sq, self.weight_source.device
+        if cached is None:
+            self.base_row_sq = cached = self.weight_source.row_sq_norms()
+        elif cached.device != device:
+            self.base_row_sq = cached = cached.to(device)
         return cached
 
     @torch.no_grad()

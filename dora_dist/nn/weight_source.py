@@ -10,6 +10,8 @@ parameter object between its sharded and unsharded forms.
 """
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -22,6 +24,11 @@ CHUNK_ELEMENTS = 1 << 22
 def logical_shape(weight: torch.Tensor) -> tuple[int, ...]:
     """The weight's full shape, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
     return tuple(getattr(weight, "ds_shape", weight.shape))
+
+
+def is_dtensor(t) -> bool:
+    """A DTensor (FSDP2's sharded parameters), recognised without importing torch.distributed."""
+    return hasattr(t, "placements") and hasattr(t, "to_local")
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -42,8 +49,23 @@ class RowsView:
 class WeightSource:
     """Read-only access to a frozen base weight W of shape (out, in)."""
 
+    #: W is stored transposed, (in, out), as in transformers' Conv1D: dim-0 shards then hold input rows.
+    fan_in_fan_out = False
+    #: the base is quantized: engines that cannot shard or partition its storage ask this.
+    quantized = False
+    #: FSDP2's fully_shard can split the stored weight by dim 0 and all-gather it back.
+    fsdp_shardable = True
+
     def __init__(self, module: nn.Module):
         self.module = module
+
+    def take_ownership(self) -> None:
+        """Called once when a DoRA layer wraps the base (a source may fix up or pin the base's storage here)."""
+
+    def over_rows(self, rows: torch.Tensor) -> "WeightSource":
+        """A source of the same kind over a (rows, in) part of this weight, e.g. one rank's shard, so row norms and
+        W·Aᵀ of just those rows are computed chunk by chunk with no communication."""
+        return type(self)(RowsView(rows))
 
     # --- shape -------------------------------------------------------------------------------------
     @property
@@ -175,6 +197,8 @@ class DenseWeight(WeightSource):
 class Conv1DWeight(WeightSource):
     """transformers `Conv1D` (GPT-2): weight stored as (in, out), forward x @ W + b (fan_in_fan_out)."""
 
+    fan_in_fan_out = True
+
     @property
     def in_features(self) -> int:
         return logical_shape(self.module.weight)[0]
@@ -208,37 +232,47 @@ class Conv1DWeight(WeightSource):
         return conv
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+@dataclass(frozen=True)
+class _Registration:
+    matches: Callable[[nn.Module], bool]
+    source: type[WeightSource]
+    description: str
+
+
+_REGISTRY: list[_Registration] = []
+
+
+def register_weight_source(matches: Callable[[nn.Module], bool], source: type[WeightSource],
+                           description: str) -> None:
+    """Make `source` the weight source of every base module for which `matches(module)` is true. Later
+    registrations are tried first, so a specific kind (a quantized Linear subclass) wins over nn.Linear."""
+    _REGISTRY.insert(0, _Registration(matches, source, description))
+
+
+def supported_bases() -> list[str]:
+    """Descriptions of every registered base kind, for error messages."""
+    return [r.description for r in reversed(_REGISTRY)]
 
 
 def weight_source_for(module: nn.Module) -> WeightSource:
-    """Pick the weight source for a base layer, or raise naming the unsupported type."""
-    name = type(module).__name__
-    if name == "Linear4bit" or name == "Linear8bitLt":
-        from dora_dist.quant.bnb import BnB4bitWeight, BnB8bitWeight
-
-        return BnB4bitWeight(module) if name == "Linear4bit" else BnB8bitWeight(module)
-    if name == "ShardedLinear4bit":  # FSDP2-shardable 4-bit base (dora_dist.quant.sharded4bit)
-        from dora_dist.quant.sharded4bit_source import Sharded4bitWeight
-
-        return Sharded4bitWeight(module)
-    if _is_conv1d(module):
-        return Conv1DWeight(module)
-    if isinstance(module, nn.Linear):
-        return DenseWeight(module)
-    raise TypeError(
-        f"DoRA does not support base layers of type {type(module).__module__}.{name}; supported: torch.nn.Linear, "
-        "transformers Conv1D, bitsandbytes Linear4bit and Linear8bitLt"
-    )
-
-
-SUPPORTED_BASE_NAMES = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt", "ShardedLinear4bit")
+    """Pick the weight source for a base layer, or raise naming the unsupported type and the supported ones."""
+    for registration in _REGISTRY:
+        if registration.matches(module):
+            return registration.source(module)
+    kind = type(module)
+    raise TypeError(f"DoRA does not support base layers of type {kind.__module__}.{kind.__name__}; supported: "
+                    + ", ".join(supported_bases()))
 
 
 def is_supported_base(module: nn.Module) -> bool:
-    try:
-        weight_source_for(module)
-    except TypeError:
-        return False
-    return True
+    return any(r.matches(module) for r in _REGISTRY)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # Only a module of an already imported transformers can be a Conv1D: no import of transformers here.
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
+register_weight_source(lambda m: isinstance(m, nn.Linear), DenseWeight, "torch.nn.Linear")
+register_weight_source(_is_conv1d, Conv1DWeight, "transformers Conv1D")

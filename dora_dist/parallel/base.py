@@ -73,7 +73,6 @@ class Engine:
 
     name = "base"
     #: engines that accept bitsandbytes 4/8-bit base layers
-    supports_quantized_base = True
 
     def __init__(self, cfg, env: DistEnv):
         self.cfg = cfg
@@ -89,12 +88,16 @@ class Engine:
         return float(self.env.world_size)
 
     def check_model(self, model: nn.Module) -> None:
-        """Refuse a model this engine cannot train (called first by `prepare`)."""
-        if not self.supports_quantized_base:
-            for name, layer in dora_layers(model):
-                if type(layer.base_layer).__name__ in ("Linear4bit", "Linear8bitLt"):
-                    raise ValueError(f"parallel.engine={self.name} does not support 4/8-bit base layers ({name}); "
-                                     "use parallel.engine=none or ddp for QDoRA")
+        """Refuse a model this engine cannot train (called first by `prepare`), naming the layer and the reason."""
+        for name, layer in dora_layers(model):
+            reason = self.unsupported_base(layer.weight_source)
+            if reason:
+                raise ValueError(f"parallel.engine={self.name} cannot train {name} (a "
+                                 f"{type(layer.base_layer).__name__} base): {reason}")
+
+    def unsupported_base(self, source) -> str | None:
+        """Why this engine cannot train a base read through `source` (a WeightSource), or None. Default: any."""
+        return None
 
     def model_init_context(self):
         """Context the trainer loads the base model in (e.g. DeepSpeed ZeRO-3's zero.Init). Default: none."""

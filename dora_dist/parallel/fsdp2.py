@@ -11,9 +11,10 @@ rank, the last rank possibly fewer). A base weight W (out, in), its magnitude m 
     m_i = ‖W_i + s·(B·A)_i‖ = sqrt(‖W_i‖² + 2s·B_i·(W_i·Aᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ)   for the local rows i
 
 Only lora_A (r, in), sharded over r, is all-gathered (r·in floats; zero at B = 0 but kept for generality).
-‖W_i‖² is also cached on each layer (`DoRALinear.base_row_sq`, a non-persistent buffer that FSDP2 does not
-shard) for the forward pass: computed here from the local rows in fp32 and all-gathered as (out,) floats per layer,
-so forward never recomputes it from the (possibly bf16) unsharded weight. Collectives are marked `# COLLECTIVE`.
+‖W_i‖² is also cached on each layer (`DoRALinear.base_row_sq`, a plain attribute that FSDP2 neither shards nor
+offloads) for the forward pass: computed here from the local rows in fp32, all-gathered as (out,) floats per layer
+and kept on the compute device (also with CPU offload), so forward never recomputes it from the (possibly bf16)
+unsharded weight. See `init_sharded_norms`. Collectives are marked `# COLLECTIVE`.
 
 Forward and backward: FSDP2 all-gathers each block's parameters before use and reduce-scatters gradients
 (averaged over ranks; `loss_scale` = world size compensates, see base.py). Under gradient accumulation,
@@ -24,11 +25,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dora_dist.nn.dora_linear import dora_row_norms
-from dora_dist.nn.weight_source import Conv1DWeight, DenseWeight, RowsView, WeightSource
+from dora_dist.nn.weight_source import RowsView
 from dora_dist.parallel.base import Engine, dora_layers
 
 try:
@@ -53,17 +53,27 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 
 class FSDP2Engine(Engine):
     name = "fsdp2"
-    # bitsandbytes Params4bit cannot be sharded by fully_shard (forward raises `quant_state is required`).
-    supports_quantized_base = False
 
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
         self.mesh = None
 
+    def unsupported_base(self, source) -> str | None:
+        # bitsandbytes' Params4bit / Int8Params cannot be split by fully_shard (forward raises `quant_state is
+        # required`); a ShardedLinear4bit (what the fsdp2 load plan makes of a 4-bit base) can.
+        if source.quantized and not source.fsdp_shardable:
+            return ("bitsandbytes 4/8-bit weights cannot be sharded by fully_shard. Load the model through the "
+                    "trainer with parallel.engine=fsdp2 and quantization.mode=nf4|fp4 (its linears then become "
+                    "row-shardable ShardedLinear4bit), or use parallel.engine=ddp or zero2")
+        return None
+
     # --- wrapping ------------------------------------------------------------------------------------
     def mp_policy(self) -> MixedPrecisionPolicy:
+        # bf16 compute reduces gradients in fp32; otherwise they are reduced in the parameters' own dtype (fp32, or
+        # fp64 for reference runs), never below it.
         bf16 = self.cfg.training.precision == "bf16"
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                    reduce_dtype=torch.float32 if bf16 else None)
 
     def shard_kwargs(self) -> dict:
         kwargs = {"mesh": self.mesh, "mp_policy": self.mp_policy()}
@@ -122,65 +132,9 @@ class FSDP2Engine(Engine):
         full_state.clear()
 
     # --- magnitude init from local rows ----------------------------------------------------------------
-    def local_rows_source(self, layer: nn.Module) -> WeightSource:
-        """This rank's rows of the base weight as a weight source: chunked row norms and W·Aᵀ, no communication
-        (a 4-bit shard is dequantized a few rows at a time, a bf16 shard is never copied whole to fp32)."""
-        local = layer.base_layer.weight.to_local()
-        if hasattr(local, "dequantize_rows"):  # Sharded4bitTensor (issue 6): this rank's packed rows
-            from dora_dist.quant.sharded4bit_source import Sharded4bitWeight
-
-            return Sharded4bitWeight(RowsView(local))
-        return DenseWeight(RowsView(local))
-
-    def _gather_rows(self, local: torch.Tensor, out_features: int) -> torch.Tensor:
-        """All-gather a row-sharded (rows,) vector into (out,) (torch.chunk layout, last shards may be short)."""
-        world = self.env.world_size
-        per = -(-out_features // world)
-        padded = torch.zeros(per, dtype=local.dtype, device=local.device)
-        padded[: local.shape[0]] = local
-        gathered = torch.empty(per * world, dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(gathered, padded)  # COLLECTIVE: (out,) floats per layer
-        return gathered[:out_features]
-
     @torch.no_grad()
     def init_magnitudes(self, model: nn.Module) -> None:
-        for _, layer in dora_layers(model):
-            weight = layer.base_layer.weight
-            if not isinstance(weight, DTensor):
-                layer.init_magnitude()  # not sharded (e.g. outside any fully_shard unit)
-                continue
-            if layer.fan_in_fan_out:
-                self._init_conv1d_layer(layer)
-                continue
-            rows = self.local_rows_source(layer)                              # this rank's rows of W
-            row_sq = rows.row_sq_norms().to(self.env.device)                   # ‖W_i‖², local rows
-            layer.base_row_sq = self._gather_rows(row_sq, layer.out_features).to(weight.device)
-            if layer.magnitude is None:
-                continue
-            a = layer.lora_A.full_tensor()                                     # COLLECTIVE: all-gather A (r, in)
-            b = layer.lora_B.to_local()                                        # (rows, r), same rows as W
-            wa = rows.times_A(a).to(self.env.device)
-            norm = dora_row_norms(row_sq, wa, a.to(self.env.device), b.to(self.env.device), layer.scaling)
-            m_local = layer.magnitude.to_local()
-            m_local.copy_(norm.to(m_local.dtype))
-
-    @torch.no_grad()
-    def _init_conv1d_layer(self, layer: nn.Module) -> None:
-        """A transformers Conv1D stores W as (in, out), so fully_shard's dim-0 shards hold input rows, not the
-        output rows the norm runs over: gather this one layer's weight (never more than one at a time), compute
-        its norms, and keep this rank's chunk of the magnitude (torch.chunk layout, as fully_shard splits it)."""
-        weight = layer.base_layer.weight.full_tensor()                        # COLLECTIVE: one layer's weight
-        source = Conv1DWeight(RowsView(weight))
-        row_sq = source.row_sq_norms()
-        layer.base_row_sq = row_sq.to(weight.device)
-        if layer.magnitude is not None:
-            a, b = layer.lora_A.full_tensor(), layer.lora_B.full_tensor()    # COLLECTIVE: adapter of one layer
-            norm = dora_row_norms(row_sq, source.times_A(a), a, b, layer.scaling)
-            chunks = torch.chunk(norm, self.env.world_size)
-            m_local = layer.magnitude.to_local()
-            mine = chunks[self.env.rank] if self.env.rank < len(chunks) else norm[:0]
-            m_local.copy_(mine.to(device=m_local.device, dtype=m_local.dtype))
-        del weight
+        init_sharded_norms(model, self.env.device)
 
     # --- step ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -206,3 +160,70 @@ class FSDP2Engine(Engine):
             if self.env.is_main:
                 out[key] = t.detach().cpu().clone()
         return out if self.env.is_main else None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DoRA norms of row-sharded layers (the one FSDP2 norm path: the engine, tests and benchmarks call this)
+# ------------------------------------------------------------------------------------------------------------
+def gather_rows(like: DTensor, local: torch.Tensor) -> torch.Tensor:
+    """All-gather a per-row tensor whose rows are sharded like `like` (Shard(0), torch.chunk layout, the last
+    shards possibly short) into the full tensor. COLLECTIVE: rows × trailing dims values."""
+    full_shape = torch.Size((like.shape[0], *local.shape[1:]))
+    dt = DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=full_shape,
+                            stride=torch.empty(full_shape, device="meta").stride())
+    return dt.full_tensor()
+
+
+@torch.no_grad()
+def init_sharded_norms(model: nn.Module, device: torch.device) -> int:
+    """‖W‖² (cached on each layer, on the compute device) and the magnitude of every DoRA layer, after the real
+    weights are loaded, from each rank's own rows: fully_shard splits W (out, in), m (out,) and lora_B (out, r)
+    along dim 0 alike, so rank k holds the same rows of all three and
+
+        m_i = ‖W_i + s·(B·A)_i‖ = sqrt(‖W_i‖² + 2s·B_i·(W_i·Aᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ)
+
+    needs only lora_A (r·in values) gathered, never the weight. ‖W‖² is then all-gathered as (out,) floats because
+    the forward runs on full rows. Conv1D bases store W as (in, out), so their dim-0 shards hold input rows: those
+    are gathered one layer at a time. Returns the number of layers done."""
+    done = 0
+    for _, layer in dora_layers(model):
+        weight, source = layer.base_layer.weight, layer.weight_source
+        done += 1
+        if not isinstance(weight, DTensor):
+            layer.init_magnitude()  # not sharded (e.g. outside any fully_shard unit)
+            continue
+        if source.fan_in_fan_out:
+            _init_gathered_layer(layer, device)
+            continue
+        rows = source.over_rows(weight.to_local())                          # this rank's rows of W
+        row_sq = rows.row_sq_norms().to(device)                              # ‖W_i‖², local rows
+        magnitude = None
+        if layer.magnitude is not None:
+            a = layer.lora_A.full_tensor().to(device)                        # COLLECTIVE: all-gather A (r, in)
+            b = layer.lora_B.to_local().to(device)                           # (rows, r), same rows as W
+            # A fresh adapter (B = 0 on every rank alike) needs no W·Aᵀ: its cross term is exactly zero
+            wa = rows.times_A(a).to(device) if bool(b.any()) else torch.zeros(b.shape[0], a.shape[0], device=device)
+            magnitude = dora_row_norms(row_sq, wa, a, b, layer.scaling)
+        layer.set_norms(gather_rows(weight, row_sq), magnitude)              # COLLECTIVE: (out,) floats
+    return done
+
+
+@torch.no_grad()
+def _init_gathered_layer(layer: nn.Module, device: torch.device) -> None:
+    """Norms of a layer whose shards do not hold whole output rows: gather this one layer's weight (never more than
+    one at a time), compute its norms, keep this rank's chunk of the magnitude (torch.chunk layout, as fully_shard
+    splits it)."""
+    weight = layer.base_layer.weight.full_tensor()                          # COLLECTIVE: one layer's weight
+    source = layer.weight_source
+    full = type(source)(RowsView(weight))
+    row_sq = full.row_sq_norms().to(device)
+    magnitude = None
+    if layer.magnitude is not None:
+        a, b = layer.lora_A.full_tensor(), layer.lora_B.full_tensor()       # COLLECTIVE: adapter of one layer
+        norm = dora_row_norms(row_sq, full.times_A(a).to(device), a.to(device), b.to(device), layer.scaling)
+        mesh = layer.magnitude.device_mesh
+        chunks = torch.chunk(norm, mesh.size())
+        rank = mesh.get_local_rank()
+        magnitude = chunks[rank] if rank < len(chunks) else norm[:0]
+    del weight
+    layer.set_norms(row_sq, magnitude)

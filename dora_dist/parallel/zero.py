@@ -40,9 +40,8 @@ Magnitude init and ‖W‖² under ZeRO-3 (`init_magnitudes`), two paths; the de
 all-reduced vs 89,680 bytes gathered; Llama-3.1-8B, 224 layers: 5.5 MB vs the whole 14 GB bf16 base).
 
 Loading (`model_init_context`): transformers builds and loads the model inside zero.Init, straight into the
-partitions (a load-time config names the base dtype, so a bf16 base stays bf16). This needs DoRA's weight sources to
-read a partitioned weight's logical shape (`ds_shape`); without that the base is loaded whole on every rank and
-partitioned by `deepspeed.initialize`.
+partitions (a load-time config names the base dtype, so a bf16 base stays bf16). DoRA's weight sources read a
+partitioned weight's logical shape (`ds_shape`), so the layers are built over the partitioned base.
 
 Adapter export gathers only adapter tensors (one layer at a time) and builds the PEFT state dict on rank 0.
 Checkpoints use DeepSpeed's own `save_checkpoint`/`load_checkpoint` (adapter parameters, partitioned optimizer
@@ -51,7 +50,7 @@ client state, so a resumed run continues exactly.
 
 QDoRA with ZeRO-3 is refused: ZeRO-3 would flatten and split bitsandbytes' packed 4-bit data while the
 quantization state (absmax, blocksize, shape) stays whole, which is why peft fails there (peft issue #1731).
-ZeRO-2 (or DDP) trains 4/8-bit bases; FSDP2 with 4-bit bases is tracked separately.
+ZeRO-2 (or DDP) trains 4/8-bit bases, and so does FSDP2 (row-sharded packed 4-bit, quant/sharded4bit.py).
 """
 from __future__ import annotations
 
@@ -64,12 +63,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dora_dist.checkpoint.safe_load import verify_torch_file
 from dora_dist.parallel.base import Engine, dora_layers, rank_zero_print
 from dora_dist.parallel.zero_config import build_ds_config, describe, grad_accum_steps
 
 CHECKPOINT_TAG = "zero"
 CLIENT_KEY = "dora_dist"
-QUANTIZED_BASES = ("Linear4bit", "Linear8bitLt", "Params4bit", "Int8Params")
 QDORA_ZERO3_REASON = (
     "ZeRO-3 flattens and splits every parameter over the ranks, including the packed quantized weights, whose "
     "quantization state cannot be split with them (the same failure as peft issue #1731). For QDoRA on several "
@@ -85,11 +84,6 @@ def _is_partitioned(p: torch.Tensor) -> bool:
     """A ZeRO-3 parameter: this rank's slice of its flat data is `p.ds_tensor`. (Small 'persistent' parameters
     are partitioned too until their first use, then also kept whole in `p.data`.)"""
     return _is_zero3_param(p) and getattr(p, "ds_tensor", None) is not None
-
-
-def _is_available(p: torch.Tensor) -> bool:
-    """A ZeRO-3 parameter whose full data is currently present in `p.data` (gathered or persistent)."""
-    return getattr(getattr(p, "ds_status", None), "name", "") == "AVAILABLE"
 
 
 def _partition_range(p: torch.Tensor) -> tuple[int, int, int]:
@@ -145,22 +139,14 @@ def partial_row_sq_norms(flat: torch.Tensor, start: int, shape: tuple[int, int],
     return out
 
 
-def weight_sources_read_ds_shape() -> bool:
-    """Whether DoRA's weight sources take a base's (out, in) from a ZeRO-3 parameter's logical shape (`ds_shape`).
+def deepspeed_checkpoint_globals() -> list:
+    """The plain-data classes DeepSpeed's checkpoint files hold besides tensors (checked by verify_torch_file):
+    an enum, the (static) loss scaler's attribute record and ZeRO-2's fragment addresses (a named tuple)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    A model built inside zero.Init has every weight partitioned already (`weight.shape` is (0,)) when the DoRA
-    layers are added, so the layers can only be built if their weight source reads `ds_shape`.
-    """
-    from dora_dist.nn.weight_source import weight_source_for
-
-    lin = nn.Linear(2, 3, bias=False, device="meta")
-    lin.weight.data = torch.empty(0, device="meta")
-    lin.weight.ds_shape = torch.Size([3, 2])
-    try:
-        source = weight_source_for(lin)
-        return (source.out_features, source.in_features) == (3, 2)
-    except (IndexError, RuntimeError, TypeError):
-        return False
+    return [ZeroStageEnum, LossScaler, fragment_address]
 
 
 class ZeroEngine(Engine):
@@ -177,14 +163,10 @@ class ZeroEngine(Engine):
         self._hf_ds_config = None
 
     # --- set-up ---------------------------------------------------------------------------------------
-    def check_model(self, model: nn.Module) -> None:
-        if self.stage == 3:
-            for name, layer in dora_layers(model):
-                if type(layer.base_layer).__name__ in QUANTIZED_BASES:
-                    raise ValueError(
-                        f"parallel.engine=zero3 does not support 4/8-bit (bitsandbytes) base layers ({name}: "
-                        f"{type(layer.base_layer).__name__}): {QDORA_ZERO3_REASON}")
-        super().check_model(model)
+    def unsupported_base(self, source) -> str | None:
+        if self.stage == 3 and source.quantized:
+            return f"zero3 does not support 4/8-bit (quantized) base layers: {QDORA_ZERO3_REASON}"
+        return None
 
     def model_init_context(self):
         """Build/load the model already partitioned (ZeRO-3), so no rank ever holds the whole base model.
@@ -199,11 +181,6 @@ class ZeroEngine(Engine):
         if getattr(self.cfg.quantization, "mode", "none") != "none":
             raise ValueError(f"parallel.engine=zero3 does not support quantization.mode="
                              f"{self.cfg.quantization.mode}: {QDORA_ZERO3_REASON}")
-        if not weight_sources_read_ds_shape():
-            rank_zero_print(self.env, "[dora_dist] ZeRO-3: DoRA's weight sources do not read a partitioned "
-                            "parameter's shape (ds_shape) in this version, so the base is loaded whole on every rank "
-                            "and partitioned by deepspeed.initialize (not inside zero.Init)")
-            return contextlib.nullcontext()
         import deepspeed
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
@@ -275,19 +252,28 @@ class ZeroEngine(Engine):
             weight = layer.base_layer.weight
             stats["layers"] += 1
             if not _is_partitioned(weight):                    # not a ZeRO-3 parameter: whole on every rank
-                layer.base_row_sq = None
-                layer.base_row_sq = layer.base_row_sq_norms()
-                if layer.magnitude is not None:
-                    self._write_full(layer.magnitude, layer.weight_norm())
+                layer.invalidate_cache()
+                row_sq = layer.base_row_sq_norms()
+                norm = layer.weight_norm() if layer.magnitude is not None else None
                 stats["local_layers"] += 1
             elif method == "gather" or (nonzero and layer.magnitude is not None):
-                self._init_layer_gathered(layer, stats)
+                row_sq, norm = self._norms_gathered(layer, stats)
             else:
                 row_sq = self._row_sq_from_partition(layer, stats)
-                layer.base_row_sq = row_sq
-                if layer.magnitude is not None:
-                    self._write_full(layer.magnitude, row_sq.clamp_min(0).sqrt())
+                norm = row_sq.clamp_min(0).sqrt() if layer.magnitude is not None else None
+            with self._writable(layer.magnitude, stats):
+                layer.set_norms(row_sq, norm)
         self.norm_init_stats = stats
+
+    def _writable(self, param: torch.Tensor | None, stats: dict):
+        """A context in which a ZeRO-3-partitioned parameter is whole and writable; on exit rank 0's value is
+        re-partitioned. COLLECTIVE (partitioned only): the parameter gathered and broadcast, (out,) floats."""
+        if param is None or not _is_partitioned(param):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        stats["magnitude_bytes"] = stats.get("magnitude_bytes", 0) + int(param.ds_numel) * param.element_size()
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
 
     def _lora_b_nonzero(self, layers: list[nn.Module]) -> list[bool]:
         """Whether each layer's lora_B has a non-zero element on any rank (one all-reduce of L floats)."""
@@ -312,30 +298,19 @@ class ZeroEngine(Engine):
         stats["allreduce_bytes"] += partial.numel() * partial.element_size()
         return partial.to(torch.float32 if partial.dtype != torch.float64 else partial.dtype)
 
-    def _init_layer_gathered(self, layer: nn.Module, stats: dict) -> None:
-        """Gather one layer's base weight and adapter, compute from the full weight, release on exit."""
+    def _norms_gathered(self, layer: nn.Module, stats: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gather one layer's base weight and adapter, compute ‖W‖² and ‖W + sBA‖ from the full weight, release on
+        exit."""
         import deepspeed
 
         base = [p for p in layer.base_layer.parameters(recurse=False)]
         params = base + [layer.lora_A, layer.lora_B]
         stats["gathered_bytes"] += sum(int(p.ds_numel) * p.element_size() for p in params if _is_partitioned(p))
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):    # COLLECTIVE: one layer
-            layer.base_row_sq = None
-            layer.base_row_sq = layer.base_row_sq_norms().clone()
+            layer.invalidate_cache()
+            row_sq = layer.base_row_sq_norms().clone()
             norm = layer.weight_norm() if layer.magnitude is not None else None
-        if norm is not None:
-            self._write_full(layer.magnitude, norm)
-
-    @staticmethod
-    def _write_full(param: torch.Tensor, full: torch.Tensor) -> None:
-        """Set a parameter from its full value: this rank's slice of a ZeRO-3 partition, else the whole tensor."""
-        full = full.detach().reshape(-1)
-        if _is_partitioned(param):
-            start, stop, _ = _partition_range(param)
-            param.ds_tensor.view(-1)[: stop - start].copy_(full[start:stop].to(param.ds_tensor))
-            if not _is_available(param):
-                return
-        param.data.copy_(full.view_as(param.data).to(param.data))
+        return row_sq, norm
 
     # --- the step -------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -390,6 +365,8 @@ class ZeroEngine(Engine):
         if not (Path(directory) / CHECKPOINT_TAG).is_dir():
             raise FileNotFoundError(f"{directory} holds no DeepSpeed checkpoint (no '{CHECKPOINT_TAG}' folder); "
                                     f"was it written by parallel.engine={self.name}?")
+        for file in sorted((Path(directory) / CHECKPOINT_TAG).glob("*.pt")):
+            verify_torch_file(file, deepspeed_checkpoint_globals())  # DeepSpeed unpickles with weights_only=False
         path, client = self.ds_engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_module_strict=False,
                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
@@ -411,4 +388,3 @@ class Zero2Engine(ZeroEngine):
 class Zero3Engine(ZeroEngine):
     name = "zero3"
     stage = 3
-    supports_quantized_base = False

@@ -8,13 +8,15 @@ chunk (CHUNK_ELEMENTS values), never a full fp32 copy of the layer.
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import contextmanager
 from copy import copy
 
 import torch
 from torch import nn
 
-from dora_dist.nn.weight_source import WeightSource, at_least_fp32
+from dora_dist.nn.weight_source import WeightSource, at_least_fp32, register_weight_source
+from dora_dist.quant.decode4bit import bnb_decode_is_exact, decode_elements, packed_bytes, unpack_cpu_repacked
 
 
 def _bnb():
@@ -37,35 +39,53 @@ def dequantize_absmax(quant_state) -> torch.Tensor:
 class _Dequant4bitMatmul(torch.autograd.Function):
     """x @ Wᵀ and W·Aᵀ from one dequantization of a 4-bit W; backward gives dX only (W is frozen, W·Aᵀ feeds the
     detached norm). Like bitsandbytes' MatMul4Bit it holds the dequantized weight only inside forward and
-    dequantizes again in backward, so it saves nothing but the packed codes."""
+    dequantizes again in backward, so it saves nothing but a reference to the packed codes."""
 
     @staticmethod
-    def forward(ctx, x, packed, quant_state, a_t, rows_per_chunk):
-        bnb = _bnb()
-        weight = bnb.functional.dequantize_4bit(packed, quant_state).to(x.dtype)
+    def forward(ctx, x, source: "BnB4bitWeight", a_t):
+        weight = source.dequantize_full(x.dtype)
         out = torch.nn.functional.linear(x, weight)
-        wa = torch.empty(weight.shape[0], a_t.shape[1], dtype=a_t.dtype, device=weight.device)
-        for start in range(0, weight.shape[0], rows_per_chunk):  # fp32 per chunk: no full fp32 copy
-            rows = weight[start : start + rows_per_chunk]
-            wa[start : start + rows.shape[0]] = rows.to(a_t.dtype) @ a_t
+        wa = None
+        if a_t is not None:
+            wa = torch.empty(weight.shape[0], a_t.shape[1], dtype=a_t.dtype, device=weight.device)
+            step = source.rows_per_chunk()
+            for start in range(0, weight.shape[0], step):  # fp32 per chunk: no full fp32 copy
+                rows = weight[start : start + step]
+                wa[start : start + rows.shape[0]] = rows.to(a_t.dtype) @ a_t
+            ctx.mark_non_differentiable(wa)
         del weight
-        ctx.quant_state = quant_state
-        ctx.save_for_backward(packed)
-        ctx.mark_non_differentiable(wa)
+        ctx.source = source
         return out, wa
 
     @staticmethod
     def backward(ctx, grad_out, _grad_wa):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            (packed,) = ctx.saved_tensors
-            weight = _bnb().functional.dequantize_4bit(packed, ctx.quant_state).to(grad_out.dtype)
-            grad_x = grad_out @ weight
-        return grad_x, None, None, None, None
+            grad_x = grad_out @ ctx.source.dequantize_full(grad_out.dtype)
+        return grad_x, None, None
 
 
 class BnB4bitWeight(WeightSource):
-    """`bitsandbytes.nn.Linear4bit`: packed uint8 codes (two per byte) with per-block absmax."""
+    """`bitsandbytes.nn.Linear4bit`: packed 4-bit codes (two per byte, any `quant_storage` dtype) with per-block
+    absmax. bitsandbytes' kernels are used where they decode the format exactly (see quant/decode4bit.py), the
+    reference decode elsewhere, for the forward and the norms alike."""
+
+    quantized = True
+    fsdp_shardable = False
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        self._absmax_cache: torch.Tensor | None = None
+
+    def take_ownership(self) -> None:
+        """Called once by the DoRA layer that wraps this base: undo a CPU repacking bitsandbytes may already have
+        done (an eval-mode forward on an AVX512-BF16 CPU), and keep it from repacking the weight again, so the
+        weight DoRA normalises is the one every forward multiplies by."""
+        qs = self._quant_state()
+        if getattr(qs, "packing_format_for_cpu", False):
+            unpack_cpu_repacked(self.module.weight)
+        if hasattr(self.module, "support_avx512bf16_for_cpu"):
+            self.module.support_avx512bf16_for_cpu = False
 
     def _quant_state(self):
         bnb = _bnb()
@@ -79,6 +99,8 @@ class BnB4bitWeight(WeightSource):
         if qs is None:
             raise ValueError(f"{type(self.module).__name__} weight is not quantized yet (no quant_state): move the "
                              "model to its device (or load it quantized) before applying DoRA")
+        if getattr(qs, "packing_format_for_cpu", False):
+            unpack_cpu_repacked(self.module.weight)  # repacked behind our back (a direct call of the base layer)
         return qs
 
     @property
@@ -93,23 +115,32 @@ class BnB4bitWeight(WeightSource):
     def compute_dtype(self) -> torch.dtype:
         return self.module.compute_dtype or self._quant_state().dtype
 
+    def bnb_kernels_exact(self) -> bool:
+        return bnb_decode_is_exact(self.in_features, self._quant_state().blocksize)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        bnb = _bnb()
-        qs = self._quant_state()
         cd = self.module.compute_dtype or x.dtype
-        # Call the kernel directly (not module.forward): that would add the bias, and on some CPUs repack the
-        # weight into a layout our chunked dequantization cannot slice.
-        return bnb.matmul_4bit(x.to(cd), self.module.weight.t(), bias=None, quant_state=qs).to(x.dtype)
+        if self.bnb_kernels_exact():
+            # The kernel directly (not module.forward): that would add the bias and, on some CPUs, repack the weight.
+            qs = self._quant_state()
+            return _bnb().matmul_4bit(x.to(cd), self.module.weight.t(), bias=None, quant_state=qs).to(x.dtype)
+        out, _ = _Dequant4bitMatmul.apply(x.to(cd), self, None)
+        return out.to(x.dtype)
 
     def matmul_and_times_A(self, x: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One dequantization for both products (bitsandbytes' training matmul dequantizes the whole weight anyway)."""
-        qs = self._quant_state()
-        if getattr(qs, "packing_format_for_cpu", False):
-            return super().matmul_and_times_A(x, lora_A)
         cd = self.module.compute_dtype or x.dtype
         a_t = at_least_fp32(lora_A.detach()).t()
-        out, wa = _Dequant4bitMatmul.apply(x.to(cd), self.module.weight.data, qs, a_t, self.rows_per_chunk())
+        out, wa = _Dequant4bitMatmul.apply(x.to(cd), self, a_t)
         return out.to(x.dtype), wa
+
+    @torch.no_grad()
+    def dequantize_full(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole (out, in) weight in `dtype` (the compute dtype: what bitsandbytes' own matmul builds)."""
+        qs = self._quant_state()
+        if self.bnb_kernels_exact():
+            return _bnb().functional.dequantize_4bit(self.module.weight.data, qs).to(dtype)
+        return self.dense(dtype)
 
     def rows_per_chunk(self) -> int:
         qs = self._quant_state()
@@ -118,29 +149,24 @@ class BnB4bitWeight(WeightSource):
         return min(rows, self.out_features)
 
     def row_chunk(self, start: int, stop: int) -> torch.Tensor:
-        bnb = _bnb()
         qs = self._quant_state()
         n_in, bs = self.in_features, qs.blocksize
-        if getattr(qs, "packing_format_for_cpu", False):
-            # bitsandbytes repacked this weight for its CPU inference kernel; slicing is impossible, so fall back.
-            return bnb.functional.dequantize_4bit(self.module.weight.data, qs)[start:stop].float()
         e0, e1 = start * n_in, stop * n_in
+        packed = packed_bytes(self.module.weight.data)
+        if not self.bnb_kernels_exact():
+            return decode_elements(packed, self._absmax(), qs.quant_type, bs, e0, e1).view(stop - start, n_in)
         if e0 % bs or (e1 % bs and stop != self.out_features):
             raise ValueError(f"row chunk [{start}, {stop}) is not aligned to 4-bit blocks of {bs}")
-        absmax = self._absmax()[e0 // bs : -(-e1 // bs)]
-        # e0 is even (a block boundary); an odd e1 (odd out*in, last chunk) still needs its final half byte.
-        packed = self.module.weight.data.reshape(-1)[e0 // 2 : (e1 + 1) // 2]
         chunk_state = copy(qs)
-        chunk_state.absmax, chunk_state.shape, chunk_state.dtype = absmax, torch.Size((stop - start, n_in)), torch.float32
+        chunk_state.absmax = self._absmax()[e0 // bs : -(-e1 // bs)]
+        chunk_state.shape, chunk_state.dtype = torch.Size((stop - start, n_in)), torch.float32
         chunk_state.nested, chunk_state.state2, chunk_state.offset = False, None, None
-        return bnb.functional.dequantize_4bit(packed, chunk_state).float()
+        return _bnb().functional.dequantize_4bit(packed[e0 // 2 : e1 // 2], chunk_state).float()
 
     def _absmax(self) -> torch.Tensor:
-        # Recomputed per chunk pass (cheap: in*out/blocksize values); cached for the duration of one reduction.
-        cache = getattr(self, "_absmax_cache", None)
-        if cache is None:
-            cache = dequantize_absmax(self._quant_state())
-        return cache
+        """fp32 per-block absmax: cached for one pass over the row chunks, else recomputed (in·out/blocksize values)."""
+        cache = self._absmax_cache
+        return cache if cache is not None else dequantize_absmax(self._quant_state())
 
     @contextmanager
     def _absmax_cached(self):
@@ -183,6 +209,9 @@ def requantize_4bit(template: nn.Module, weight: torch.Tensor) -> nn.Module:
 class BnB8bitWeight(WeightSource):
     """`bitsandbytes.nn.Linear8bitLt`: int8 codes with one absmax scale per output row (SCB)."""
 
+    quantized = True
+    fsdp_shardable = False
+
     def _scb(self) -> torch.Tensor:
         scb = getattr(self.module.weight, "SCB", None)
         if scb is None:
@@ -217,3 +246,15 @@ class BnB8bitWeight(WeightSource):
     def row_chunk(self, start: int, stop: int) -> torch.Tensor:
         codes = self.module.weight.data[start:stop].float()
         return codes * (self._scb()[start:stop].float().unsqueeze(1) / 127.0)
+
+
+def _bnb_layer(class_name: str):
+    """Matcher for a bitsandbytes layer class; a module can only be one if bitsandbytes is already imported."""
+    def matches(module: nn.Module) -> bool:
+        bnb = sys.modules.get("bitsandbytes")
+        return bnb is not None and isinstance(module, getattr(bnb.nn, class_name))
+    return matches
+
+
+register_weight_source(_bnb_layer("Linear4bit"), BnB4bitWeight, "bitsandbytes Linear4bit (NF4/FP4)")
+register_weight_source(_bnb_layer("Linear8bitLt"), BnB8bitWeight, "bitsandbytes Linear8bitLt")

@@ -37,31 +37,17 @@ No dependency on torchao; bitsandbytes is needed only to quantize a dense weight
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
+from dora_dist.quant.decode4bit import FP4_CODE, NF4_CODE, code_book  # noqa: F401 (re-exported)
+from dora_dist.quant.sharded4bit_ops import OPS as _OPS
+
 aten = torch.ops.aten
 
-# bitsandbytes' 4-bit code books (bitsandbytes.functional.get_4bit_type), exact fp32 values.
-NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
-FP4_CODE = (
-    0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
-    0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
-)
 DQ_GROUP = 256  # bitsandbytes' blocksize for the second (double) quantization of the absmax values
 DEQUANT_CHUNK_ELEMENTS = 1 << 20  # values per dequantization chunk on the CPU (~13 bytes of temporaries each)
 DEQUANT_CHUNK_ELEMENTS_CUDA = 1 << 23  # fewer, larger kernels on GPUs (~100 MiB of temporaries)
-
-
-def code_book(quant_type: str, device=None) -> torch.Tensor:
-    if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-    return torch.tensor(NF4_CODE if quant_type == "nf4" else FP4_CODE, dtype=torch.float32, device=device)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -388,6 +374,3 @@ def quantize_4bit_bnb(weight: torch.Tensor, quant_type: str = "nf4", blocksize: 
     return bnbf.quantize_4bit(w.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
                               quant_type=quant_type)
 
-
-# The aten ops the subclass supports live in sharded4bit_ops.py; importing it fills the dispatch table.
-from dora_dist.quant.sharded4bit_ops import OPS as _OPS  # noqa: E402

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dora_dist.nn.weight_source import is_dtensor
 from dora_dist.quant.sharded4bit import Sharded4bitTensor
 
 
@@ -24,7 +25,7 @@ class ShardedLinear4bit(nn.Module):
     def from_linear(cls, linear: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype | None = None) -> "ShardedLinear4bit":
         """From an nn.Linear (quantized as bnb does) or a bitsandbytes Linear4bit (re-laid out, exact)."""
-        if type(linear).__name__ == "Linear4bit":
+        if getattr(linear.weight, "quant_state", None) is not None:  # a bitsandbytes Params4bit
             w = Sharded4bitTensor.from_linear4bit(linear, compute_dtype)
         else:
             w = Sharded4bitTensor.from_dense(linear.weight.detach(), quant_type, blocksize, double_quant,
@@ -47,7 +48,7 @@ class ShardedLinear4bit(nn.Module):
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The rank-local tensor of a DTensor (a plain tensor is returned as is)."""
-    return t._local_tensor if hasattr(t, "_local_tensor") and type(t).__name__ == "DTensor" else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def packed_bytes(module: nn.Module) -> int:

@@ -2,15 +2,17 @@
 sharded parameter (split/chunk into row shards, slicing, views of the flat handle, device moves, pinning), each
 keeping the packed row records intact. Anything else raises and asks for an explicit dequantize().
 
-Import through dora_dist.quant.sharded4bit, which imports this module once its tensor class exists.
+Import through dora_dist.quant.sharded4bit, which imports this module once its tensor class exists; this module
+never imports it back (handlers take the class from their arguments).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dora_dist.quant.sharded4bit import Sharded4bitTensor
+if TYPE_CHECKING:  # the tensor class imports this table; handlers get their class from their arguments
+    from dora_dist.quant.sharded4bit import Sharded4bitTensor
 
 aten = torch.ops.aten
 
@@ -54,7 +56,7 @@ def _split(func, t, split_size, dim=0):
         raise ValueError(
             f"a 4-bit weight with {rows} rows cannot be split evenly into chunks of {split_size} rows; FSDP2 "
             "sharding of Sharded4bitTensor needs out_features divisible by the world size")
-    return [Sharded4bitTensor(part, t.meta, (part.shape[0], t.shape[1]), t.dtype)
+    return [type(t)(part, t.meta, (part.shape[0], t.shape[1]), t.dtype)
             for part in func(t.qdata, split_size, 0)]
 
 
@@ -85,7 +87,7 @@ def _empty_like(func, t, **kwargs):
 
 @_implements(aten.copy_.default)
 def _copy(func, dst, src, non_blocking=False):
-    if not isinstance(src, Sharded4bitTensor) or not isinstance(dst, Sharded4bitTensor):
+    if type(src) is not type(dst):
         raise NotImplementedError("copy_ into a Sharded4bitTensor needs a Sharded4bitTensor source (quantize first)")
     if tuple(src.shape) != tuple(dst.shape):
         raise ValueError(f"copy_ shape mismatch {tuple(src.shape)} vs {tuple(dst.shape)}")

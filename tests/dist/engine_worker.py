@@ -22,12 +22,18 @@ import torch.distributed as dist
 
 
 def common_overrides(cache: str) -> list[str]:
+    # float64 base and adapters: engines then differ from one process only by reduction order at 1e-16, which
+    # AdamW's normalisation of near-zero gradients cannot amplify past ~1e-10 (in fp32 it reaches 1e-5 and more,
+    # differently on every CPU's GEMM kernels).
     return [f"model.cache_dir={cache}", "data.seq_len=64", "data.synthetic_samples=300", "training.max_steps=4",
             "training.global_batch_size=8", "training.micro_batch_size=2", "training.lr=5e-3",
-            "training.warmup_steps=1", "output.progress_bar=false", "output.plot=false", "checkpoint.resume=none"]
+            "training.warmup_steps=1", "output.progress_bar=false", "output.plot=false", "checkpoint.resume=none",
+            "model.dtype=float64", "dora.adapter_dtype=float64"]
 
 
-QDORA = ["quantization.mode=nf4", "quantization.compute_dtype=float32", "training.max_steps=3"]
+# bitsandbytes has no float64 kernels: the 4-bit run is fp32 (compared with the AdamW bound, see test_engines.py)
+QDORA = ["quantization.mode=nf4", "quantization.compute_dtype=float32", "training.max_steps=3",
+         "model.dtype=float32", "dora.adapter_dtype=float32"]
 
 
 LLAMA_ARCH = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 99,

@@ -115,7 +115,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ckpt: str) -> None:
 
     from dora_dist.quant.sharded4bit import Sharded4bitTensor
     from dora_dist.quant.sharded4bit_linear import ShardedLinear4bit, packed_bytes
-    from dora_dist.quant.sharded4bit_source import init_dora_norms_from_local_shards
+    from dora_dist.parallel.fsdp2 import init_sharded_norms
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -131,7 +131,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ckpt: str) -> None:
             kinds = {type(m.weight).__name__ + "/" + type(m.weight._local_tensor).__name__
                      for m in model.modules() if isinstance(m, ShardedLinear4bit)}
             assert kinds == {"DTensor/Sharded4bitTensor"}, kinds
-            n = init_dora_norms_from_local_shards(model)
+            n = init_sharded_norms(model, torch.device("cpu"))
             assert n == len(DIMS)
             init = adapter_tensors(model)
             local_bytes = packed_bytes(model)
@@ -241,7 +241,7 @@ def _lowmem_run(rank: int, world: int, ckpt: str, out_dir: str) -> None:
     from dora_dist.models.lowmem_load import (build_qdora_on_meta, init_adapters, load_safetensors_lowmem,
                                               materialize)
     from dora_dist.quant.sharded4bit_linear import packed_bytes
-    from dora_dist.quant.sharded4bit_source import init_dora_norms_from_local_shards
+    from dora_dist.parallel.fsdp2 import init_sharded_norms
 
     model = build_qdora_on_meta(_tiny_llama_config(), "nf4", 64, True, torch.float32, torch.float32)
     apply_dora(model, _dora_cfg(), init_magnitude=False)
@@ -251,7 +251,7 @@ def _lowmem_run(rank: int, world: int, ckpt: str, out_dir: str) -> None:
     materialize(model, "cpu")
     stats = load_safetensors_lowmem(model, ckpt)
     init_adapters(model, seed=0)
-    init_dora_norms_from_local_shards(model)
+    init_sharded_norms(model, torch.device("cpu"))
     init = adapter_tensors(model)
     local_bytes = packed_bytes(model)
     losses = _train_lm(model, rank, world)

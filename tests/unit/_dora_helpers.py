@@ -97,6 +97,11 @@ def make_base(kind: BaseKind, out_f: int = OUT, in_f: int = IN, seed: int = 0, w
             m.load_state_dict(state)
             m = m.to("cpu")
             assert m.weight.quant_state is not None, "4-bit weight was not quantized"
+            # On AVX512-BF16 CPUs bitsandbytes' eval-mode forward repacks the weight in place for an inference
+            # kernel that multiplies with a bf16 copy of the absmax: another weight than the quantized one, and an
+            # assertion for out_features % 32 != 0. dora_dist switches that off on the bases it wraps; reference
+            # layers built here (peft's) get the same, so both sides multiply by the same weight on every CPU.
+            m.support_avx512bf16_for_cpu = False
             assert m.weight.quant_state.nested == kind.double_quant
             assert m.weight.quant_state.quant_type == kind.quant_type
         else:
@@ -107,13 +112,42 @@ def make_base(kind: BaseKind, out_f: int = OUT, in_f: int = IN, seed: int = 0, w
     return m
 
 
+def reference_dequantize_4bit(packed: torch.Tensor, qs, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """bitsandbytes' 4-bit format decoded by hand, the same on every CPU: code table × absmax of the block, blocks
+    of `blocksize` consecutive values of the *flattened* weight (as bitsandbytes quantizes), two codes per byte high
+    nibble first; with double quant the absmax is code2[q] × absmax2[block // 256] + offset, in fp32 and in that
+    order (bitsandbytes' dequantize_blockwise). Computed in fp32, then cast to dtype (default: the quantized dtype).
+
+    bitsandbytes' own CPU kernels agree with this only when in_features is a multiple of the block size (then no
+    block straddles two rows: every real LLM layer); on AVX512 CPUs they decode other shapes differently, so tests
+    compare with bitsandbytes' kernels only for such shapes, and with this reference always."""
+    import bitsandbytes.functional as bf
+
+    n = int(qs.shape[0]) * int(qs.shape[1])
+    data = packed.reshape(-1).view(torch.uint8)
+    codes = torch.stack([data >> 4, data & 0xF], dim=-1).reshape(-1)[:n].long()
+    code = bf.get_4bit_type(qs.quant_type, device="cpu").float()
+    if qs.nested:
+        q = qs.absmax.reshape(-1).long()
+        absmax2 = qs.state2.absmax.float()[torch.arange(q.numel()) // qs.state2.blocksize]
+        absmax = qs.state2.code.float()[q] * absmax2 + torch.tensor(float(qs.offset), dtype=torch.float32)
+    else:
+        absmax = qs.absmax.float().reshape(-1)
+    values = code[codes] * absmax[torch.arange(n) // qs.blocksize]
+    return values.reshape(tuple(qs.shape)).to(dtype or qs.dtype)
+
+
+def bnb_kernels_agree(in_features: int, blocksize: int = 64) -> bool:
+    """Where every bitsandbytes dequantize kernel gives the reference values (see reference_dequantize_4bit)."""
+    return in_features % blocksize == 0
+
+
 def dequantized(base: nn.Module) -> torch.Tensor:
-    """The reference dense (out, in) fp32 weight of a base, via the library's own dequantization."""
+    """The reference dense (out, in) fp32 weight of a base: 4-bit decoded by hand (reference_dequantize_4bit),
+    8-bit as codes × SCB / 127."""
     name = type(base).__name__
     if name == "Linear4bit":
-        import bitsandbytes.functional as bf
-
-        return bf.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        return reference_dequantize_4bit(base.weight.data, base.weight.quant_state, torch.float32)
     if name == "Linear8bitLt":
         import bitsandbytes.functional as bf
 

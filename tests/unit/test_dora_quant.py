@@ -15,8 +15,9 @@ import math
 import pytest
 import torch
 
-from _dora_helpers import (ALPHA, EIGHT_BIT_KINDS, FOUR_BIT_KINDS, IN, OUT, R, BaseKind, Wrap, assert_parity, close,
-                           dequantized, kind_params, make_base, randomize_adapter, run_parity)
+from _dora_helpers import (ALPHA, EIGHT_BIT_KINDS, FOUR_BIT_KINDS, IN, OUT, R, BaseKind, Wrap, assert_parity,
+                           bnb_kernels_agree, close, dequantized, kind_params, make_base, randomize_adapter,
+                           reference_dequantize_4bit, run_parity)
 import dora_dist.nn.weight_source as ws
 from dora_dist import DoRALinear, merge_and_unload
 
@@ -55,16 +56,20 @@ def test_magnitude_init_from_dequantized_weight(kind):
     close(layer(x), ref(x), **tolerances(kind))
 
 
-@pytest.mark.parametrize("shape", [(OUT, IN), (7, 33), (5, 63), (3, 100), (9, 96), (130, 24)])
+@pytest.mark.parametrize("shape", [(OUT, IN), (7, 33), (5, 63), (3, 100), (9, 96), (130, 24), (24, 96)])
 @pytest.mark.parametrize("kind", kind_params([FOUR_BIT_KINDS[0], FOUR_BIT_KINDS[6]]))   # nf4, fp4+dq
 @pytest.mark.parametrize("chunk", [1, 1 << 22])
-def test_4bit_chunked_dequant_is_bnb_dequant(kind, shape, chunk, monkeypatch):
-    """Row chunks of the packed weight dequantize bit-identically to bitsandbytes' whole-weight dequantize_4bit,
-    for every chunk size, including shapes whose rows do not line up with the 64-value blocks and odd out·in."""
+def test_4bit_chunked_dequant_is_exact(kind, shape, chunk, monkeypatch):
+    """Row chunks of the packed weight dequantize bit-identically to the reference decode of the whole weight, for
+    every chunk size, including shapes whose rows do not line up with the 64-value blocks and odd out·in; and the
+    forward multiplies by that same weight. bitsandbytes' own dequantize_4bit is compared only where its CPU
+    kernels decode the format exactly (in_features a multiple of 64; AVX512 CPUs decode other shapes otherwise)."""
     out_f, in_f = shape
     base = make_base(kind, out_f, in_f)
     layer = DoRALinear(base, r=2, alpha=4)
-    full = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+    full = reference_dequantize_4bit(base.weight.data, base.weight.quant_state, torch.float32)
+    if bnb_kernels_agree(in_f):
+        assert torch.equal(full, bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float())
     monkeypatch.setattr(ws, "CHUNK_ELEMENTS", chunk)
     src = layer.weight_source
     rows = src.rows_per_chunk()
@@ -72,6 +77,10 @@ def test_4bit_chunked_dequant_is_bnb_dequant(kind, shape, chunk, monkeypatch):
     assert torch.equal(src.dense(torch.float32), full)
     assert torch.equal(src.row_sq_norms(), full.pow(2).sum(dim=1))
     close(layer.magnitude, torch.linalg.norm(full, dim=1))
+    x = torch.randn(5, in_f)
+    for grad in (False, True):   # the inference and the training matmul both multiply by the norm's weight
+        with torch.set_grad_enabled(grad):
+            close(src.matmul(x), x @ full.t(), rtol=1e-5, atol_frac=1e-5)
 
 
 @pytest.mark.parametrize("kind", kind_params([FOUR_BIT_KINDS[3], FOUR_BIT_KINDS[4], EIGHT_BIT_KINDS[0]]))
