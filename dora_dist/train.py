@@ -10,11 +10,14 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from dora_dist.batching import Batching
 from dora_dist.config import Config, load_job_config
 from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_dataset
 from dora_dist.metrics import MetricsLogger, format_line, plot_loss
@@ -25,21 +28,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-def resolve_batching(cfg: Config, world: int, n_samples: int) -> None:
-    """Fill training.grad_accum (from global_batch_size) and training.max_steps (from epochs) in place."""
-    t = cfg.training
-    if t.global_batch_size:
-        per_step = t.micro_batch_size * world
-        if t.global_batch_size % per_step:
-            raise ValueError(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
-                             f"micro_batch_size × world_size = {t.micro_batch_size} × {world}")
-        t.grad_accum = t.global_batch_size // per_step
-    else:
-        t.global_batch_size = t.micro_batch_size * t.grad_accum * world
-    if not t.max_steps:
-        t.max_steps = max(1, int(t.epochs * n_samples // t.global_batch_size))
 
 
 def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int) -> torch.Tensor:
@@ -58,6 +46,33 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train", file=sys.stderr)
 
 
+@dataclass
+class Job:
+    """Everything a run is made of, built once by `build`; the loop functions below read and advance it."""
+
+    cfg: Config
+    env: Any
+    tokenizer: Any
+    dataset: Any
+    batching: Batching
+    sampler: GlobalBatchSampler
+    engine: Any
+    model: Any
+    manager: Any
+    out_dir: Path
+    start_step: int = 0
+    resume_dir: Path | None = None
+    step: int = 0
+    last_saved: int = -1
+    history: list[float] = field(default_factory=list)
+    t0: float = field(default_factory=time.time)
+
+    @property
+    def stop_at(self) -> int:
+        t = self.cfg.training
+        return min(self.batching.max_steps, t.stop_after_steps) if t.stop_after_steps else self.batching.max_steps
+
+
 def train(cfg: Config) -> dict:
     """Run the job described by `cfg`; returns a summary (rank 0 has the full one)."""
     env = DistEnv.from_environ(device=cfg.training.device)
@@ -67,125 +82,142 @@ def train(cfg: Config) -> dict:
         env.destroy()
 
 
-def _train(cfg: Config, env: DistEnv) -> dict:
+def _train(cfg: Config, env) -> dict:
+    job = build(cfg, env)
+    logger = MetricsLogger(job.out_dir, env.is_main, resume_step=job.start_step)
+    bar = _progress(job.batching.max_steps, job.start_step, env.is_main and cfg.output.progress_bar)
+    try:
+        while job.step < job.stop_at:
+            rec = train_step(job)
+            logger.log(rec)
+            if env.is_main and job.step % cfg.training.log_every == 0:
+                bar.write(format_line(rec, job.batching.max_steps), file=sys.stdout)
+                sys.stdout.flush()
+            bar.update(1)
+            maybe_checkpoint(job)
+        if cfg.checkpoint.save_final and job.last_saved != job.step:
+            save_checkpoint(job)
+    finally:
+        bar.close()
+    return finish(job)
+
+
+def build(cfg: Config, env) -> Job:
+    """Data, batching, engine, model (loaded as the engine's plan says), adapters, resume state; prints the banner."""
     from dora_dist import models
     from dora_dist.checkpoint import CheckpointManager
 
-    t0 = time.time()
-    main = env.is_main
     out_dir = Path(cfg.output.dir)
-    torch.manual_seed(cfg.training.seed)
-
-    # --- data ------------------------------------------------------------------------------------------
+    tcfg = cfg.training
+    torch.manual_seed(tcfg.seed)
     tokenizer = models.load_tokenizer(cfg, env)
     dataset = build_dataset(cfg, tokenizer, env)
-    resolve_batching(cfg, env.world_size, len(dataset))
-    tcfg = cfg.training
-    sampler = GlobalBatchSampler(len(dataset), tcfg.micro_batch_size, tcfg.grad_accum, env.world_size, env.rank,
-                                 tcfg.seed)
+    batching = Batching.resolve(tcfg, env.world_size, len(dataset))
+    sampler = GlobalBatchSampler(len(dataset), batching.micro_batch_size, batching.grad_accum, env.world_size,
+                                 env.rank, tcfg.seed)
 
-    # --- model + engine ------------------------------------------------------------------------------------
-    engine = make_engine(cfg, env)
+    engine = make_engine(cfg, env, batching)
+    plan = engine.load_plan()
     with engine.model_init_context():
-        model = models.load_model(cfg, env, device=engine.load_device())
+        model = models.load_model(cfg, env, plan)
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(tcfg.seed)  # adapter init (lora_A) identical on every rank and for any world size
-    models.add_adapters(model, cfg)
+    models.add_adapters(model, cfg)  # drawn from training.seed: the same on every engine and world size
     trainable, total = models.count_parameters(model)
     model = engine.prepare(model)
     model.train()
 
-    # --- resume ----------------------------------------------------------------------------------------
     ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
     manager = CheckpointManager(ckpt_root, cfg.checkpoint.keep_last, env)
-    start_step = 0
+    job = Job(cfg, env, tokenizer, dataset, batching, sampler, engine, model, manager, out_dir)
     resume = cfg.checkpoint.resume
-    resume_dir = manager.latest() if resume == "auto" else (None if resume == "none" else Path(resume))
-    if resume_dir is not None:
-        extra = manager.load(engine, resume_dir)
+    job.resume_dir = manager.latest() if resume == "auto" else (None if resume == "none" else Path(resume))
+    if job.resume_dir is not None:
+        extra = manager.load(engine, job.resume_dir)
         sampler.load_state_dict(extra["data"])
-        start_step = int(extra["step"])
+        job.start_step = job.step = job.last_saved = int(extra["step"])
 
-    if main:
+    if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
         print(f"[dora_dist] engine={engine.name} world={env.world_size} device={env.device} "
               f"model={cfg.model.name_or_path} trainable={trainable:,}/{total:,} "
-              f"({100 * trainable / max(1, total):.2f}%) samples={len(dataset)} global_batch={tcfg.global_batch_size}"
-              f" (micro {tcfg.micro_batch_size} × accum {tcfg.grad_accum} × world {env.world_size}) "
-              f"steps={tcfg.max_steps}" + (f" resumed_from={resume_dir}" if resume_dir else ""), flush=True)
-    logger = MetricsLogger(out_dir, main, resume_step=start_step)
-    bar = _progress(tcfg.max_steps, start_step, main and cfg.output.progress_bar)
+              f"({100 * trainable / max(1, total):.2f}%) samples={len(dataset)} {batching.describe()}"
+              + (f" resumed_from={job.resume_dir}" if job.resume_dir else ""), flush=True)
+    return job
 
-    # --- loop ------------------------------------------------------------------------------------------
-    stop_at = tcfg.max_steps if not tcfg.stop_after_steps else min(tcfg.max_steps, tcfg.stop_after_steps)
-    every = cfg.checkpoint.every_steps
-    history: list[float] = []
-    last_saved = start_step if resume_dir is not None else -1
-    step = start_step
-    try:
-        while step < stop_at:
-            step_t0 = time.perf_counter()
-            global_idx = sampler.global_indices(step)
-            global_targets = dataset.n_targets(global_idx)
-            global_tokens = sum(len(dataset.input_ids[i]) for i in global_idx)
-            micro_batches = sampler.micro_batches(step)
-            local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
-            for j, indices in enumerate(micro_batches):
-                batch = {k: v.to(env.device, non_blocking=True) for k, v in dataset.collate(indices).items()}
-                with engine.accumulate(last=(j == len(micro_batches) - 1)):
-                    loss = micro_batch_loss(model, batch, global_targets)
-                    engine.backward(loss)
-                local_loss += loss.detach().double()
-            step_loss = env.all_reduce_sum(local_loss)  # COLLECTIVE: one float (the global-batch mean loss)
-            if not math.isfinite(step_loss):
-                raise NonFiniteLossError(
-                    f"loss is {step_loss} at step {step + 1}; stopping before the optimizer step (no checkpoint is "
-                    "written for this step). Lower training.lr, enable clipping or check the data.")
-            lr = engine.current_lr()
-            grad_norm = engine.step()
-            if not math.isfinite(grad_norm):
-                raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step + 1}; stopping (no checkpoint "
-                                         "is written for this step)")
-            step += 1
-            sampler.step = step
-            dt = time.perf_counter() - step_t0
-            history.append(step_loss)
-            rec = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": global_tokens / dt, "step_time_s": dt,
-                   "peak_mem_bytes": engine.peak_memory_bytes(), "epoch": sampler.epoch_of(step)}
-            logger.log(rec)
-            if main and step % tcfg.log_every == 0:
-                bar.write(format_line(rec, tcfg.max_steps), file=sys.stdout)
-                sys.stdout.flush()
-            bar.update(1)
-            if (every and step % every == 0) or (step == stop_at and stop_at < tcfg.max_steps and every):
-                manager.save(engine, step, {"step": step, "data": sampler.state_dict()})
-                last_saved = step
-        if cfg.checkpoint.save_final and last_saved != step:
-            manager.save(engine, step, {"step": step, "data": sampler.state_dict()})
-    finally:
-        bar.close()
 
-    finished = step >= tcfg.max_steps
-    # --- outputs ---------------------------------------------------------------------------------------
-    summary = {"steps": step, "finished": finished, "engine": engine.name, "world_size": env.world_size,
-               "first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
-               "wall_s": time.time() - t0}
+def train_step(job: Job) -> dict:
+    """One optimizer step over the global batch (all micro-batches of this rank); returns its metrics record."""
+    env, engine, dataset, sampler = job.env, job.engine, job.dataset, job.sampler
+    step_t0 = time.perf_counter()
+    global_idx = sampler.global_indices(job.step)
+    global_targets = dataset.n_targets(global_idx)
+    global_tokens = sum(len(dataset.input_ids[i]) for i in global_idx)
+    micro_batches = sampler.micro_batches(job.step)
+    local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+    for j, indices in enumerate(micro_batches):
+        batch = {k: v.to(env.device, non_blocking=True) for k, v in dataset.collate(indices).items()}
+        with engine.accumulate(last=(j == len(micro_batches) - 1)):
+            loss = micro_batch_loss(job.model, batch, global_targets)
+            engine.backward(loss)
+        local_loss += loss.detach().double()
+    step_loss = env.all_reduce_sum(local_loss)  # COLLECTIVE: one float (the global-batch mean loss)
+    if not math.isfinite(step_loss):
+        raise NonFiniteLossError(
+            f"loss is {step_loss} at step {job.step + 1}; stopping before the optimizer step (no checkpoint is "
+            "written for this step). Lower training.lr, enable clipping or check the data.")
+    lr = engine.current_lr()
+    grad_norm = engine.step()
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {job.step + 1}; stopping (no checkpoint "
+                                 "is written for this step)")
+    job.step += 1
+    sampler.step = job.step
+    dt = time.perf_counter() - step_t0
+    job.history.append(step_loss)
+    return {"step": job.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": global_tokens / dt, "step_time_s": dt,
+            "peak_mem_bytes": engine.peak_memory_bytes(), "epoch": sampler.epoch_of(job.step)}
+
+
+def save_checkpoint(job: Job) -> None:
+    job.manager.save(job.engine, job.step, {"step": job.step, "data": job.sampler.state_dict()})
+    job.last_saved = job.step
+
+
+def maybe_checkpoint(job: Job) -> None:
+    """Every checkpoint.every_steps, and at an early stop (training.stop_after_steps) when checkpointing is on."""
+    every = job.cfg.checkpoint.every_steps
+    if not every:
+        return
+    if job.step % every == 0 or (job.step == job.stop_at and job.stop_at < job.batching.max_steps):
+        save_checkpoint(job)
+
+
+def finish(job: Job) -> dict:
+    """Export the adapter (PEFT format) of a finished run, plot, write summary.json; close the engine."""
+    from dora_dist import models
+
+    cfg, env, engine, out_dir = job.cfg, job.env, job.engine, job.out_dir
+    finished = job.step >= job.batching.max_steps
+    summary = {"steps": job.step, "finished": finished, "engine": engine.name, "world_size": env.world_size,
+               "batching": job.batching.to_dict(),
+               "first_loss": job.history[0] if job.history else None,
+               "last_loss": job.history[-1] if job.history else None, "wall_s": time.time() - job.t0}
     if finished and cfg.output.save_adapter:
         state = engine.adapter_state_dict()  # all ranks take part; full tensors on rank 0
-        if main:
+        if env.is_main:
             from dora_dist.adapters import save_adapter
 
             save_adapter(engine.unwrap(), out_dir / "adapter", state_dict=state,
                          base_model_name_or_path=models.resolve_model_path(cfg, env))
-            tokenizer.save_pretrained(out_dir / "adapter")
-    if main:
+            job.tokenizer.save_pretrained(out_dir / "adapter")
+    if env.is_main:
         if cfg.output.plot and (out_dir / "metrics.jsonl").exists():
             plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"[dora_dist] done: {step} steps, loss {summary['first_loss']} -> {summary['last_loss']}, "
+        print(f"[dora_dist] done: {job.step} steps, loss {summary['first_loss']} -> {summary['last_loss']}, "
               f"{summary['wall_s']:.1f}s; outputs in {out_dir}", flush=True)
     env.barrier()
     engine.close()

@@ -119,20 +119,24 @@ def load_tokenizer(cfg, env=None):
     return tok
 
 
-def load_model(cfg, env=None, device: torch.device | str = "cpu") -> nn.Module:
-    """The base causal LM with real weights, on `device` (4/8-bit bases are quantized when placed on it).
+def load_model(cfg, env=None, plan: "LoadPlan | None" = None) -> nn.Module:
+    """The base causal LM as the engine's load plan asks (see models/load_plan.py): real weights on plan.device
+    (4/8-bit bases are quantized when placed there), or a meta build the engine fills after sharding.
 
     From-scratch configs are initialised with torch.manual_seed(training.seed), identical on every rank.
     """
     from transformers import AutoModelForCausalLM
 
-    if cfg.quantization.mode in ("nf4", "fp4") and cfg.parallel.engine == "fsdp2":
-        # FSDP2 cannot shard bitsandbytes Params4bit: build on meta with row-shardable 4-bit linears; the engine
-        # loads each rank's rows after fully_shard (dora_dist/models/lowmem_load.py, issue 6).
+    from dora_dist.models.load_plan import LoadPlan
+
+    plan = plan or LoadPlan("direct", torch.device("cpu"))
+    device = plan.device
+    if plan.kind == "sharded_4bit":
+        # bitsandbytes' Params4bit cannot be sharded: build on meta with row-shardable 4-bit linears; the engine
+        # allocates and loads each rank's rows after fully_shard (models/lowmem_load.py).
         from dora_dist.models.lowmem_load import build_lowmem_qdora_model
 
         return build_lowmem_qdora_model(cfg, env)
-
     dtype = base_dtype(cfg)
     common: dict[str, Any] = {}
     if cfg.model.attn_implementation:

@@ -253,14 +253,6 @@ def init_adapters(model: nn.Module, seed: int) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # trainer integration: parallel.engine=fsdp2 with quantization.mode=nf4|fp4
 # ------------------------------------------------------------------------------------------------------------
-LOWMEM_ATTR = "_dora_dist_lowmem"
-
-
-def wants_lowmem_qdora(cfg, engine_name: str) -> bool:
-    """FSDP2 with a 4-bit base: the model is built on meta and loaded after sharding (bnb Params4bit cannot shard)."""
-    return engine_name == "fsdp2" and cfg.quantization.mode in ("nf4", "fp4")
-
-
 def local_checkpoint_dir(name_or_path: str, revision: str | None = None) -> Path:
     """A local directory holding the safetensors of `name_or_path` (downloads *.safetensors/*.json from the hub)."""
     p = Path(name_or_path)
@@ -272,7 +264,8 @@ def local_checkpoint_dir(name_or_path: str, revision: str | None = None) -> Path
 
 
 def build_lowmem_qdora_model(cfg, env=None) -> nn.Module:
-    """The job's causal LM on meta with ShardedLinear4bit linears; loading is deferred to `finish_lowmem_load`."""
+    """The job's causal LM on meta with ShardedLinear4bit linears; the engine loads it after sharding
+    (`finish_lowmem_load`)."""
     from dora_dist import models
 
     if cfg.quantization.mode not in ("nf4", "fp4"):
@@ -280,7 +273,6 @@ def build_lowmem_qdora_model(cfg, env=None) -> nn.Module:
     if cfg.model.config is not None and cfg.model.name_or_path != models.BUILTIN_NAME:
         raise ValueError("quantization needs pretrained weights; a model built from model.config cannot be loaded "
                          "in 4 bits (save it with save_pretrained first)")
-    path = models.resolve_model_path(cfg, env)
     hf_config = models.model_config(cfg, env)
     dtype = models.base_dtype(cfg)
     compute_dtype = models.DTYPES[cfg.quantization.compute_dtype]
@@ -288,26 +280,20 @@ def build_lowmem_qdora_model(cfg, env=None) -> nn.Module:
     model = build_qdora_on_meta(hf_config, cfg.quantization.mode, 64, cfg.quantization.double_quant, compute_dtype,
                                 dtype, trust_remote_code=cfg.model.trust_remote_code, **extra)
     model.config.use_cache = False
-    setattr(model, LOWMEM_ATTR, {"path": str(path), "revision": cfg.model.revision, "weight_dtype": dtype,
-                                 "seed": cfg.training.seed})
     return model
 
 
 @torch.no_grad()
-def finish_lowmem_load(model: nn.Module, device) -> dict | None:
-    """After fully_shard: allocate this rank's shards, stream the checkpoint into them, draw the adapters.
+def finish_lowmem_load(model: nn.Module, cfg, env, device) -> dict:
+    """After fully_shard of a model from `build_lowmem_qdora_model`: allocate this rank's shards, stream the
+    checkpoint into them, draw the adapters from the job's seed."""
+    from dora_dist import models
 
-    A no-op (None) for a model that was not built by `build_lowmem_qdora_model`.
-    """
-    spec = getattr(model, LOWMEM_ATTR, None)
-    if spec is None:
-        return None
     materialize(model, device)
-    path = local_checkpoint_dir(spec["path"], spec.get("revision"))
-    stats = load_safetensors_lowmem(model, path, weight_dtype=spec["weight_dtype"])
+    path = local_checkpoint_dir(models.resolve_model_path(cfg, env), cfg.model.revision)
+    stats = load_safetensors_lowmem(model, path, weight_dtype=models.base_dtype(cfg))
     _retie_embeddings(model)
-    init_adapters(model, spec["seed"])
-    delattr(model, LOWMEM_ATTR)
+    init_adapters(model, cfg.training.seed)
     return stats
 
 

@@ -38,11 +38,11 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(importlib.import_module(module), cls)
 
 
-def make_engine(cfg, env: DistEnv) -> Engine:
+def make_engine(cfg, env: DistEnv, batching=None) -> Engine:
     name = resolve_engine_name(cfg, env)
     if name == "none" and env.world_size > 1:
         raise ValueError(f"parallel.engine=none cannot run {env.world_size} processes; use auto, ddp or fsdp2")
-    return engine_class(name)(cfg, env)
+    return engine_class(name)(cfg, env, batching)
 
 
 __all__ = ["Engine", "DistEnv", "ENGINES", "ENGINE_CHOICES", "make_engine", "engine_class", "resolve_engine_name"]

@@ -2,9 +2,10 @@
 
 The trainer (dora_dist/train.py) drives every engine with the same calls and no engine-specific branches:
 
-    engine = make_engine(cfg, env)                  # parallel/__init__.py: "auto" -> none | fsdp2 | ddp
+    engine = make_engine(cfg, env, batching)        # parallel/__init__.py: "auto" -> none | fsdp2 | ddp
+    plan = engine.load_plan()                       # how this rank gets the weights (models/load_plan.py)
     with engine.model_init_context():               # (ZeRO-3: zero.Init)
-        model = load_model(cfg, device=engine.load_device()); apply_dora(...)
+        model = load_model(cfg, env, plan); add_adapters(model, cfg)
     model = engine.prepare(model)                   # wrap -> init_magnitudes -> build_optimizer; returns the
                                                     #   module to call for forward (may be a wrapper)
     if resuming: extra = engine.load_checkpoint(dir)
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from dora_dist.adapters.inject import dora_layers  # noqa: F401  (re-exported for the engines)
+from dora_dist.batching import Batching
 from dora_dist.parallel.dist_env import DistEnv
 
 
@@ -72,16 +74,25 @@ class Engine:
     """Base engine: one process's view of data parallelism. Subclasses override `wrap` and what differs."""
 
     name = "base"
-    #: engines that accept bitsandbytes 4/8-bit base layers
 
-    def __init__(self, cfg, env: DistEnv):
+    def __init__(self, cfg, env: DistEnv, batching: Batching | None = None):
         self.cfg = cfg
         self.env = env
+        self._batching = batching
+        self.plan = None                             # the LoadPlan chosen by load_plan()
         self.model: nn.Module | None = None          # what the trainer calls for forward (possibly a wrapper)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
 
     # --- set-up ---------------------------------------------------------------------------------------
+    @property
+    def batching(self) -> Batching:
+        """The job's resolved batch arithmetic (given by the trainer; resolved from the config for a fixed
+        max_steps when an engine is built on its own)."""
+        if self._batching is None:
+            self._batching = Batching.resolve(self.cfg.training, self.env.world_size)
+        return self._batching
+
     @property
     def loss_scale(self) -> float:
         """Factor applied in `backward` so that averaging gradients over ranks yields the global-batch gradient."""
@@ -103,10 +114,13 @@ class Engine:
         """Context the trainer loads the base model in (e.g. DeepSpeed ZeRO-3's zero.Init). Default: none."""
         return contextlib.nullcontext()
 
-    def load_device(self) -> torch.device:
-        """Where this rank loads the base model: its device by default; "meta" on ranks that receive the weights
-        from rank 0 inside `wrap` (FSDP2 load_on_rank0)."""
-        return self.env.device
+    def load_plan(self):
+        """How this rank gets the base weights (models/load_plan.py), chosen once before the model is built; `wrap`
+        follows it. Default: real weights straight on this rank's device."""
+        from dora_dist.models.load_plan import LoadPlan
+
+        self.plan = LoadPlan("direct", self.env.device)
+        return self.plan
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Shard / replicate the model for this engine; returns the module to call. Collectives: engine-specific."""
@@ -145,7 +159,7 @@ class Engine:
         opt = torch.optim.AdamW(self.param_groups(model), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                 eps=t.adam_eps, foreach=False if self.env.device.type == "cpu" else None)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_cosine_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio, t.lr_schedule))
+            opt, warmup_cosine_lambda(t.warmup_steps, self.batching.max_steps, t.min_lr_ratio, t.lr_schedule))
         return opt, sched
 
     def prepare(self, model: nn.Module) -> nn.Module:

@@ -54,8 +54,8 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 class FSDP2Engine(Engine):
     name = "fsdp2"
 
-    def __init__(self, cfg, env):
-        super().__init__(cfg, env)
+    def __init__(self, cfg, env, batching=None):
+        super().__init__(cfg, env, batching)
         self.mesh = None
 
     def unsupported_base(self, source) -> str | None:
@@ -82,23 +82,29 @@ class FSDP2Engine(Engine):
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type == "cuda")
         return kwargs
 
-    def _load_on_rank0(self) -> bool:
-        return (bool(getattr(self.cfg.parallel, "load_on_rank0", False)) and self.env.world_size > 1
-                and self.cfg.quantization.mode == "none")
+    def load_plan(self):
+        """nf4/fp4: meta build, shard, stream each rank's rows (bnb's Params4bit cannot shard). load_on_rank0: rank 0
+        reads the weights into CPU memory, the others build on meta, and `wrap` broadcasts. Else: direct."""
+        from dora_dist.models.load_plan import LoadPlan
 
-    def load_device(self) -> torch.device:
-        """load_on_rank0: rank 0 reads the weights into CPU memory, the other ranks build on meta (no memory)."""
-        if self._load_on_rank0():
-            return torch.device("cpu") if self.env.is_main else torch.device("meta")
-        return self.env.device
+        if self.cfg.quantization.mode in ("nf4", "fp4"):
+            plan = LoadPlan("sharded_4bit", torch.device("meta"))
+        elif self.cfg.parallel.load_on_rank0 and self.env.world_size > 1 and self.cfg.quantization.mode == "none":
+            plan = LoadPlan("rank0_broadcast", torch.device("cpu" if self.env.is_main else "meta"))
+        else:
+            plan = LoadPlan("direct", self.env.device)
+        self.plan = plan
+        return plan
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        """Shard each decoder block, then the root; fill the weights after sharding when the load plan says so."""
         if not self.env.distributed:
             raise RuntimeError("parallel.engine=fsdp2 needs several processes (launch with torchrun)")
+        plan = self.plan or self.load_plan()
         self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,), mesh_dim_names=("dp",))
         kwargs = self.shard_kwargs()
         full_state = buffers = None
-        if self._load_on_rank0():
+        if plan.kind == "rank0_broadcast":
             # Keep rank 0's full weights (CPU) and every rank's buffers (non-persistent ones, e.g. RoPE inv_freq,
             # are in no state dict), then shard an empty (meta) model and fill it below.
             full_state = model.state_dict() if self.env.is_main else {}
@@ -110,11 +116,12 @@ class FSDP2Engine(Engine):
         # The root holds embeddings, final norm and head; its params are needed right after the last block.
         fully_shard(model, reshard_after_forward=False if blocks else self.cfg.parallel.reshard_after_forward,
                     **kwargs)
-        if full_state is not None:
+        if plan.kind == "rank0_broadcast":
             self._fill_from_rank0(model, full_state, buffers)
-        from dora_dist.models.lowmem_load import finish_lowmem_load
+        elif plan.kind == "sharded_4bit":
+            from dora_dist.models.lowmem_load import finish_lowmem_load
 
-        finish_lowmem_load(model, self.env.device)  # 4-bit QDoRA built on meta: allocate + load this rank's rows
+            finish_lowmem_load(model, self.cfg, self.env, self.env.device)  # allocate + load this rank's rows
         return model
 
     def _fill_from_rank0(self, model: nn.Module, full_state: dict, buffers: dict) -> None:

@@ -65,7 +65,7 @@ from torch import nn
 
 from dora_dist.checkpoint.safe_load import verify_torch_file
 from dora_dist.parallel.base import Engine, dora_layers, rank_zero_print
-from dora_dist.parallel.zero_config import build_ds_config, describe, grad_accum_steps
+from dora_dist.parallel.zero_config import build_ds_config, describe
 
 CHECKPOINT_TAG = "zero"
 CLIENT_KEY = "dora_dist"
@@ -155,8 +155,8 @@ class ZeroEngine(Engine):
     name = "zero"
     stage = 0
 
-    def __init__(self, cfg, env):
-        super().__init__(cfg, env)
+    def __init__(self, cfg, env, batching=None):
+        super().__init__(cfg, env, batching)
         self.ds_engine = None
         self.ds_config: dict[str, Any] | None = None
         self.norm_init_stats: dict[str, Any] = {}
@@ -167,6 +167,13 @@ class ZeroEngine(Engine):
         if self.stage == 3 and source.quantized:
             return f"zero3 does not support 4/8-bit (quantized) base layers: {QDORA_ZERO3_REASON}"
         return None
+
+    def load_plan(self):
+        """ZeRO-3 builds and loads the model inside zero.Init (see model_init_context); ZeRO-2 loads it directly."""
+        from dora_dist.models.load_plan import LoadPlan
+
+        self.plan = LoadPlan("zero_init" if self.stage == 3 else "direct", self.env.device)
+        return self.plan
 
     def model_init_context(self):
         """Build/load the model already partitioned (ZeRO-3), so no rank ever holds the whole base model.
@@ -200,8 +207,7 @@ class ZeroEngine(Engine):
         return contextlib.nullcontext()
 
     def make_ds_config(self) -> dict[str, Any]:
-        gas = grad_accum_steps(self.cfg, self.env.world_size)
-        return build_ds_config(self.cfg, self.env.world_size, self.stage, grad_accum=gas)
+        return build_ds_config(self.cfg, self.env.world_size, self.stage, grad_accum=self.batching.grad_accum)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Prepare the bare model for deepspeed.initialize (ZeRO-3: base weights as external params)."""

@@ -35,16 +35,14 @@ class DeepSpeedConfigError(ValueError):
 
 
 def grad_accum_steps(cfg, world_size: int) -> int:
-    """Micro-steps per optimizer step, derived as the trainer does: from global_batch_size when it is set."""
+    """Micro-steps per optimizer step, resolved by the job's one Batching rule (dora_dist/batching.py)."""
+    from dora_dist.batching import Batching
+
     t = cfg.training
-    if t.global_batch_size and t.global_batch_size > 0:
-        per_step = t.micro_batch_size * world_size
-        if t.global_batch_size % per_step:
-            raise DeepSpeedConfigError(
-                f"training.global_batch_size={t.global_batch_size} is not a multiple of training.micro_batch_size "
-                f"({t.micro_batch_size}) x world size ({world_size})")
-        return t.global_batch_size // per_step
-    return int(t.grad_accum)
+    try:
+        return Batching.resolve(t, world_size, n_samples=0 if not t.max_steps else None).grad_accum
+    except ValueError as exc:
+        raise DeepSpeedConfigError(str(exc)) from exc
 
 
 def generated_config(cfg, world_size: int, stage: int, grad_accum: int | None = None) -> dict[str, Any]:

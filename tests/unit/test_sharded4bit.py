@@ -182,13 +182,13 @@ def test_70b_qdora_fsdp2_config_builds_on_meta_and_shards_over_16_ranks():
     from dora_dist.adapters import apply_dora, dora_layers
     from dora_dist.config import load_config
     from dora_dist.models import dora_config_from
-    from dora_dist.models.lowmem_load import LOWMEM_ATTR, build_lowmem_qdora_model
+    from dora_dist.models.lowmem_load import build_lowmem_qdora_model
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(str(root / "configs" / "llama3.1-70b-qdora-fsdp2-2nodes.yaml"))
     assert cfg.parallel.engine == "fsdp2" and cfg.quantization.mode == "nf4"
     model = build_lowmem_qdora_model(cfg)
-    assert getattr(model, LOWMEM_ATTR)["path"] == "meta-llama/Llama-3.1-70B"
+    assert all(p.is_meta for p in model.parameters())   # nothing read: the engine loads after sharding
     quant = [m for m in model.modules() if isinstance(m, ShardedLinear4bit)]
     assert len(quant) == 7 * 80 and type(model.lm_head) is nn.Linear
     world = 16
