@@ -17,8 +17,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key."""
+from dora_dist.errors import ConfigError  # noqa: E402  (re-exported: dora_dist.config.ConfigError)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -343,6 +342,11 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.model.config is not None and cfg.model.name_or_path != "builtin:tiny-llama" \
             and "model_type" not in cfg.model.config:
         raise ConfigError("model.config: a from-scratch model config needs a 'model_type' key (e.g. llama)")
+    q = cfg.quantization
+    if cfg.parallel.engine == "fsdp2" and q.mode in ("nf4", "fp4") and q.quant_storage != "uint8":
+        raise ConfigError(f"quantization.quant_storage={q.quant_storage} has no effect with parallel.engine=fsdp2: its "
+                          "4-bit weights are row-sharded packed uint8 records that FSDP2 shards itself (the bfloat16 "
+                          "storage convention exists for FSDP1's flat parameters). Remove the key or set uint8.")
     if cfg.checkpoint.resume not in ("auto", "none") and not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume: expected 'auto', 'none' or a checkpoint directory")
 

@@ -63,7 +63,9 @@ class DoRAConfig:
 
     def to_peft_dict(self, target_modules: list[str] | str, fan_in_fan_out: bool,
                      base_model_name_or_path: str | None, task_type: str | None = "CAUSAL_LM") -> dict[str, Any]:
-        """The adapter_config.json that peft's LoraConfig / PeftModel.from_pretrained read."""
+        """The adapter_config.json that peft's LoraConfig / PeftModel.from_pretrained read: only LoraConfig's own
+        keys (an unknown key makes every peft user see an "upgrade peft" warning); our own metadata goes into the
+        safetensors header instead."""
         return {
             "peft_type": "LORA",
             "task_type": task_type,
@@ -81,7 +83,6 @@ class DoRAConfig:
             "modules_to_save": None,
             "rank_pattern": {},
             "alpha_pattern": {},
-            "library": "dora_dist",
         }
 
     @classmethod

@@ -19,6 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dora_dist.adapters.config import DoRAConfig
+
+#: written into the safetensors header (peft reads only "format"); the adapter_config.json stays peft's own keys
+SAFETENSORS_METADATA = {"format": "pt", "producer": "dora_dist"}
 from dora_dist.adapters.inject import candidate_modules, dora_layers, inject_dora
 
 CONFIG_NAME = "adapter_config.json"
@@ -85,7 +88,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, state_dict: dic
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=SAFETENSORS_METADATA))
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_cfg, indent=2) + "\n"))
     return out
 

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from dora_dist.checkpoint.safe_load import load_rng_state, save_rng_state
 

@@ -119,8 +119,8 @@ def load_tokenizer(cfg, env=None):
     return tok
 
 
-def load_model(cfg, env=None, plan: "LoadPlan | None" = None) -> nn.Module:
-    """The base causal LM as the engine's load plan asks (see models/load_plan.py): real weights on plan.device
+def load_model(cfg, env=None, plan=None) -> nn.Module:
+    """The base causal LM as the engine's LoadPlan asks (see models/load_plan.py): real weights on plan.device
     (4/8-bit bases are quantized when placed there), or a meta build the engine fills after sharding.
 
     From-scratch configs are initialised with torch.manual_seed(training.seed), identical on every rank.
@@ -188,7 +188,7 @@ def add_adapters(model: nn.Module, cfg) -> nn.Module:
     engine and world size, see lowmem_load.init_adapters). Magnitudes are left for the engine
     (`Engine.init_magnitudes`)."""
     from dora_dist.adapters import apply_dora
-    from dora_dist.config import ConfigError
+    from dora_dist.errors import ConfigError
     from dora_dist.models.lowmem_load import init_adapters
 
     try:

@@ -79,9 +79,24 @@ def _local(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(rank-local tensor, global index of its first row) for a DTensor sharded by rows, or (t, 0)."""
     if not is_dtensor(t):
         return t, 0
-    from dora_dist.quant.sharded4bit_source import local_row_offset
+    # The DTensor's own local tensor, not to_local(): writes (copy_ into a packed 4-bit shard also replaces its
+    # quantization constants) must land on the object FSDP2 holds, not on a fresh alias of it.
+    return t._local_tensor, _local_row_offset(t)
 
-    return t._local_tensor, local_row_offset(t)
+
+def _local_row_offset(t) -> int:
+    """Global index of the first local row of a DTensor sharded Shard(0) on its mesh (torch.chunk layout)."""
+    from torch.distributed.tensor import Shard
+
+    offset, rows = 0, t.shape[0]
+    for dim, placement in enumerate(t.placements):
+        if isinstance(placement, Shard):
+            if placement.dim != 0:
+                raise NotImplementedError(f"only row (Shard(0)) sharding is supported here, got {placement}")
+            chunk = -(-rows // t.device_mesh.size(dim))
+            offset += t.device_mesh.get_local_rank(dim) * chunk
+            rows = chunk
+    return offset
 
 
 def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
@@ -182,7 +197,7 @@ def load_safetensors_lowmem(model: nn.Module, path: str | Path, strict: bool = T
     """
     from safetensors import safe_open
 
-    loaded, skipped, max_staging = 0, [], 0
+    loaded, skipped, max_staging, filled = 0, [], 0, set()
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -216,14 +231,29 @@ def load_safetensors_lowmem(model: nn.Module, path: str | Path, strict: bool = T
                     max_staging = max(max_staging, t.numel() * t.element_size())
                     local.copy_(t.to(dtype=local.dtype))
                 loaded += 1
+                filled.add(id(param))
     if strict:
-        _check_tied_or_loaded(model, loaded)
+        _check_all_loaded(model, filled, path)
     return {"loaded": loaded, "skipped": skipped, "max_staging_bytes": max_staging}
 
 
-def _check_tied_or_loaded(model: nn.Module, loaded: int) -> None:
-    if loaded == 0:
-        raise ValueError("no checkpoint tensor matched the model (wrong path or architecture?)")
+ADAPTER_PARAMS = ("lora_A", "lora_B", "magnitude")
+
+
+def _check_all_loaded(model: nn.Module, filled: set[int], path) -> None:
+    """Every base parameter must have come from the checkpoint: after to_empty() a missing one would hold whatever
+    the allocator left there. Adapters (drawn, not loaded) and a tied output head (re-tied after) are exempt."""
+    tied: set[int] = set()
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None:
+            tied = {id(p) for p in head.parameters(recurse=False)}
+    missing = [name for name, p in model.named_parameters()
+               if name.rsplit(".", 1)[-1] not in ADAPTER_PARAMS and id(p) not in filled and id(p) not in tied]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"the checkpoint at {path} does not hold every weight of the model: missing {shown} "
+                         "(wrong path or architecture?)")
 
 
 @torch.no_grad()

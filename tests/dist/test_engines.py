@@ -4,8 +4,6 @@ stop-and-resume == uninterrupted."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_worker import QDORA, common_overrides  # noqa: E402
-from netutil import free_port  # noqa: E402
+from netutil import run_workers  # noqa: E402
 
 
 
@@ -60,13 +58,8 @@ def reference_nf4(workdir, cache):
 @pytest.fixture(scope="module")
 def dist_results(workdir, cache, reference):
     out = workdir / "results.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           str(Path(__file__).with_name("engine_worker.py")), "--workdir", str(workdir), "--cache", cache,
-           "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 or not out.is_file():
-        pytest.fail(f"torchrun failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    run_workers(Path(__file__).with_name("engine_worker.py"),
+                ["--workdir", str(workdir), "--cache", cache, "--out", str(out)], out)
     return json.loads(out.read_text())
 
 

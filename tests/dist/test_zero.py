@@ -8,14 +8,10 @@ bases (trained with ZeRO-2, refused by ZeRO-3); see its docstring.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from netutil import free_port  # noqa: E402
+from netutil import run_workers  # noqa: E402
 
 pytest.importorskip("deepspeed")
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -27,20 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def launch(stage: int, launcher: str, tmp_path: Path) -> dict:
     out = tmp_path / f"zero{stage}.json"
-    args = [str(WORKER), "--stage", str(stage), "--out", str(out), "--workdir", str(tmp_path)]
-    port = str(free_port())
-    if launcher == "deepspeed":
-        exe = shutil.which("deepspeed")
-        if exe is None:
-            pytest.skip("the deepspeed launcher is not on PATH")
-        cmd = [exe, "--num_gpus", "2", "--master_port", port, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_BUILD_OPS="0", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not out.is_file():
-        pytest.fail(f"{launcher} launch failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    run_workers(WORKER, ["--stage", str(stage), "--out", str(out), "--workdir", str(tmp_path)], out, launcher, timeout=600)
     return json.loads(out.read_text())
 
 

@@ -59,3 +59,49 @@ def test_save_prune_latest_and_exact_resume(tmp_path):
     assert got == expected
     for (n1, p1), (n2, p2) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(p1, p2), n1
+
+
+class _Payload:
+    """Unpickling this runs code (here: it would create a marker file)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path):
+    """Review bug: `checkpoint.resume=<dir>` may point anywhere, and the RNG state was read with
+    torch.load(weights_only=False). Our files hold no pickle now, and the files libraries pickle (DCP's .metadata,
+    DeepSpeed's .pt) are checked against an allow-list before the library reads them."""
+    import pickle
+
+    import pytest
+
+    from dora_dist.checkpoint.safe_load import UnsafeCheckpointError, verify_torch_file
+
+    env = DistEnv()
+    a = make_engine(0)
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2, env=env)
+    train_steps(a, 1)
+    good = manager.save(a, 1, {"step": 1, "data": {"step": 1}})
+    assert (good / "rng_rank00000.json").is_file() and not list(good.glob("*.pt"))[1:]  # RNG as JSON
+    marker = tmp_path / "pwned"
+
+    (good / "rng_rank00000.pt").write_bytes(pickle.dumps(_Payload(str(marker))))   # an old-style RNG pickle: unread
+    manager.load(make_engine(1), good)
+    assert not marker.exists()
+
+    meta = good / ".metadata"
+    meta.write_bytes(pickle.dumps(_Payload(str(marker))))                             # DCP's own pickle, crafted
+    with pytest.raises(UnsafeCheckpointError, match="posix.system|os.system"):
+        manager.load(make_engine(1), good)
+    assert not marker.exists()
+
+    torch.save({"state": _Payload(str(marker))}, tmp_path / "optim_states.pt")      # a DeepSpeed-style file
+    with pytest.raises(UnsafeCheckpointError):
+        verify_torch_file(tmp_path / "optim_states.pt")
+    assert not marker.exists()

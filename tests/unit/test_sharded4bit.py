@@ -9,6 +9,7 @@ bitsandbytes 0.50 decodes other shapes differently).
 """
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -199,3 +200,31 @@ def test_70b_qdora_fsdp2_config_builds_on_meta_and_shards_over_16_ranks():
     assert total / world < 2.3e9                    # 4-bit linears per GPU
     apply_dora(model, dora_config_from(cfg), init_magnitude=False)
     assert len(dict(dora_layers(model))) == 7 * 80
+
+
+def test_lowmem_load_names_weights_missing_from_the_checkpoint(tmp_path):
+    """Review bug: a load counted as complete when *something* loaded; parameters the checkpoint lacks kept the
+    uninitialised memory of to_empty(). Every base weight must be loaded, else the missing ones are named."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dora_dist.adapters import DoRAConfig, apply_dora
+    from dora_dist.models.lowmem_load import build_qdora_on_meta, load_safetensors_lowmem, materialize
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    state = {k: v.contiguous() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+
+    def fresh():
+        model = build_qdora_on_meta(config, "nf4", 64, True, torch.float32, torch.float32)
+        apply_dora(model, DoRAConfig(r=2, target_modules=["q_proj"]), init_magnitude=False)
+        return materialize(model, "cpu")
+
+    assert load_safetensors_lowmem(fresh(), tmp_path)["loaded"] == len(state)     # complete: fine
+    for missing in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight"):
+        partial = {k: v for k, v in state.items() if k != missing}
+        (tmp_path / "model.safetensors").unlink()
+        save_file(partial, str(tmp_path / "model.safetensors"))
+        with pytest.raises(ValueError, match=re.escape(missing.replace(".q_proj.", ".q_proj.base_layer."))):
+            load_safetensors_lowmem(fresh(), tmp_path)
