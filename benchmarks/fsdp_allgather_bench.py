@@ -107,7 +107,7 @@ def fill(model, hidden: int, seed: int):
                 loc.zero_()
             else:
                 loc.fill_(1.0)
-        layer.base_row_sq = None
+        layer.invalidate_cache()
 
 
 def _worker(rank, world, port, args, kind, out_file):
