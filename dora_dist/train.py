@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from dora_dist.batching import Batching
 from dora_dist.config import Config, load_job_config
-from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_dataset
+from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_datasets
+from dora_dist.evaluate import eval_due, format_eval_line, run_eval
 from dora_dist.metrics import MetricsLogger, format_line, plot_loss
 from dora_dist.parallel import DistEnv, make_engine
 
@@ -66,6 +67,10 @@ class Job:
     last_saved: int = -1
     history: list[float] = field(default_factory=list)
     t0: float = field(default_factory=time.time)
+    eval_dataset: Any = None          # TokenizedDataset of the eval set, or None (dora_dist/evaluate.py)
+    best_eval: float | None = None
+    last_eval: int = -1
+    last_eval_record: dict | None = None
 
     @property
     def stop_at(self) -> int:
@@ -94,12 +99,24 @@ def _train(cfg: Config, env) -> dict:
                 bar.write(format_line(rec, job.batching.max_steps), file=sys.stdout)
                 sys.stdout.flush()
             bar.update(1)
+            if eval_due(job):
+                _log_eval(job, logger, bar)
             maybe_checkpoint(job)
+        if job.eval_dataset is not None and job.last_eval != job.step:
+            _log_eval(job, logger, bar)                  # the final (or stopped-early) model
         if cfg.checkpoint.save_final and job.last_saved != job.step:
             save_checkpoint(job)
     finally:
         bar.close()
     return finish(job)
+
+
+def _log_eval(job: Job, logger: MetricsLogger, bar) -> None:
+    rec = run_eval(job)                                  # COLLECTIVE
+    logger.log(rec)
+    if job.env.is_main:
+        bar.write(format_eval_line(rec, job.batching.max_steps), file=sys.stdout)
+        sys.stdout.flush()
 
 
 def build(cfg: Config, env) -> Job:
@@ -111,7 +128,7 @@ def build(cfg: Config, env) -> Job:
     tcfg = cfg.training
     torch.manual_seed(tcfg.seed)
     tokenizer = models.load_tokenizer(cfg, env)
-    dataset = build_dataset(cfg, tokenizer, env)
+    dataset, eval_dataset = build_datasets(cfg, tokenizer, env)
     batching = Batching.resolve(tcfg, env.world_size, len(dataset))
     sampler = GlobalBatchSampler(len(dataset), batching.micro_batch_size, batching.grad_accum, env.world_size,
                                  env.rank, tcfg.seed)
@@ -129,20 +146,23 @@ def build(cfg: Config, env) -> Job:
 
     ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
     manager = CheckpointManager(ckpt_root, cfg.checkpoint.keep_last, env)
-    job = Job(cfg, env, tokenizer, dataset, batching, sampler, engine, model, manager, out_dir)
+    job = Job(cfg, env, tokenizer, dataset, batching, sampler, engine, model, manager, out_dir,
+              eval_dataset=eval_dataset)
     resume = cfg.checkpoint.resume
     job.resume_dir = manager.latest() if resume == "auto" else (None if resume == "none" else Path(resume))
     if job.resume_dir is not None:
         extra = manager.load(engine, job.resume_dir)
         sampler.load_state_dict(extra["data"])
         job.start_step = job.step = job.last_saved = int(extra["step"])
+        job.best_eval = extra.get("best_eval")
 
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
         print(f"[dora_dist] engine={engine.name} world={env.world_size} device={env.device} "
               f"model={cfg.model.name_or_path} trainable={trainable:,}/{total:,} "
-              f"({100 * trainable / max(1, total):.2f}%) samples={len(dataset)} {batching.describe()}"
+              f"({100 * trainable / max(1, total):.2f}%) samples={len(dataset)} "
+              + (f"eval_samples={len(eval_dataset)} " if eval_dataset is not None else "") + f"{batching.describe()}"
               + (f" resumed_from={job.resume_dir}" if job.resume_dir else ""), flush=True)
     return job
 
@@ -182,7 +202,8 @@ def train_step(job: Job) -> dict:
 
 
 def save_checkpoint(job: Job) -> None:
-    job.manager.save(job.engine, job.step, {"step": job.step, "data": job.sampler.state_dict()})
+    job.manager.save(job.engine, job.step, {"step": job.step, "data": job.sampler.state_dict(),
+                                            "best_eval": job.best_eval})
     job.last_saved = job.step
 
 
@@ -205,6 +226,9 @@ def finish(job: Job) -> dict:
                "batching": job.batching.to_dict(),
                "first_loss": job.history[0] if job.history else None,
                "last_loss": job.history[-1] if job.history else None, "wall_s": time.time() - job.t0}
+    if job.eval_dataset is not None:
+        summary.update(eval_samples=len(job.eval_dataset), best_eval_loss=job.best_eval,
+                       last_eval=job.last_eval_record)
     if finished and cfg.output.save_adapter:
         state = engine.adapter_state_dict()  # all ranks take part; full tensors on rank 0
         if env.is_main:
