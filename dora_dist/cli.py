@@ -2,6 +2,7 @@
 
     dora-dist train [--config FILE.yaml] [key=value ...]    fine-tune (same as python -m dora_dist.train)
     dora-dist merge --adapter DIR [--base PATH] --out DIR     write a merged model transformers can load
+    dora-dist generate --adapter DIR --prompt "..."           generate text (see dora_dist/generate.py)
     dora-dist keys                                            list every config key
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ HELP_EPILOG = """examples:
   dora-dist train --config configs/quickstart.yaml training.max_steps=50
   torchrun --nproc-per-node 2 -m dora_dist.train --config configs/quickstart.yaml
   dora-dist merge --adapter outputs/quickstart/adapter --out outputs/quickstart/merged
+  dora-dist generate --adapter outputs/quickstart/adapter --prompt "17 + 5 =" --no-chat-template
 """
 
 
@@ -33,6 +35,9 @@ def _build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, help="output directory for the merged model")
     mg.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="dtype of the merged weights (auto: the base checkpoint's)")
+    from dora_dist.generate import add_parser as add_generate_parser
+
+    add_generate_parser(sub)
     sub.add_parser("keys", help="list every config key")
     return parser
 
@@ -86,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             train(load_job_config(args.config, args.overrides))
         elif args.command == "merge":
             merge(args.adapter, args.out, args.base, args.dtype)
+        elif args.command == "generate":
+            from dora_dist.generate import run as run_generate
+
+            return run_generate(args)
         elif args.command == "keys":
             from dora_dist.config import valid_keys
 

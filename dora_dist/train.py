@@ -237,6 +237,7 @@ def finish(job: Job) -> dict:
             save_adapter(engine.unwrap(), out_dir / "adapter", state_dict=state,
                          base_model_name_or_path=models.resolve_model_path(cfg, env))
             job.tokenizer.save_pretrained(out_dir / "adapter")
+            cfg.save(out_dir / "adapter" / "training_config.yaml")  # read by `dora-dist generate` (4-bit base)
     if env.is_main:
         if cfg.output.plot and (out_dir / "metrics.jsonl").exists():
             plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png")
