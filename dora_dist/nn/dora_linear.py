@@ -11,6 +11,10 @@ weight. The output reuses the single base matmul: y = (m/‖·‖) ⊙ (x·Wᵀ 
 training does DoRA need the base matmul on the dropped input as well (peft's behaviour, kept for parity).
 
 `use_dora=False` gives plain LoRA through the same code, so benchmarks compare like with like.
+
+Inference: in eval mode without grad, m/‖W + sBA‖ is a constant per layer; it is cached (`_scale_cache`) and
+reused until train()/eval(), merge/unmerge, `invalidate_cache`, or an in-place change of A, B, m or the base
+weight (their `_version` counters, identities and storages are the cache key).
 """
 from __future__ import annotations
 
@@ -96,6 +100,7 @@ class DoRALinear(nn.Module):
         self.base_row_sq: torch.Tensor | None = None
         self.merged = False
         self.merge_scale: torch.Tensor | None = None
+        self._scale_cache: tuple[tuple, torch.Tensor] | None = None   # (key, m/‖W+sBA‖), eval + no grad only
         self.reset_lora_parameters()
         if use_dora and init_magnitude and device.type != "meta":
             self.init_magnitude()
@@ -121,7 +126,7 @@ class DoRALinear(nn.Module):
     @torch.no_grad()
     def init_magnitude(self) -> None:
         """m = ‖W + s·B·A‖ per row (= ‖W‖ at B = 0). Call after the real base weights are loaded."""
-        self.base_row_sq = None
+        self.base_row_sq = self._scale_cache = None
         if self.magnitude is not None:
             self.magnitude.copy_(self.weight_norm().to(self.magnitude.dtype))
 
@@ -131,6 +136,7 @@ class DoRALinear(nn.Module):
         the magnitude (the local shard of a sharded `magnitude`, or the whole vector). The one way engines write a
         layer's norm state."""
         self.base_row_sq = row_sq.detach().to(torch.promote_types(row_sq.dtype, torch.float32))
+        self._scale_cache = None
         if magnitude is not None and self.magnitude is not None:
             target = self.magnitude.to_local() if hasattr(self.magnitude, "to_local") else self.magnitude
             if target.shape != magnitude.shape:
@@ -139,8 +145,39 @@ class DoRALinear(nn.Module):
             target.copy_(magnitude.to(device=target.device, dtype=target.dtype))
 
     def invalidate_cache(self) -> None:
-        """Forget the cached ‖W‖² (after the base weight was changed by hand)."""
+        """Forget the cached ‖W‖² and inference scale (after the base weight was changed by hand)."""
         self.base_row_sq = None
+        self._scale_cache = None
+
+    #: class-wide switch for the inference scale cache (benchmarks turn it off to measure the uncached path)
+    cache_inference_scale: bool = True
+
+    def train(self, mode: bool = True):
+        self._scale_cache = None
+        return super().train(mode)
+
+    def _scale_key(self) -> tuple:
+        """What the cached scale depends on: A, B, m and the base layer's own parameters (identity, storage,
+        in-place version)."""
+        key = []
+        for t in (self.lora_A, self.lora_B, self.magnitude, *self.base_layer._parameters.values()):
+            if t is not None:
+                try:
+                    ptr = t.data_ptr()
+                except RuntimeError:                            # e.g. a DTensor: identity and version only
+                    ptr = None
+                key += (id(t), t._version, ptr)
+        return tuple(key)
+
+    def inference_scale(self) -> torch.Tensor:
+        """m/‖W + sBA‖, computed once and reused while nothing it depends on changes (eval mode, no grad)."""
+        key = self._scale_key()
+        cached = self._scale_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        scale = self.dora_scale().detach()
+        self._scale_cache = (key, scale)
+        return scale
 
     # --- norms ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -191,7 +228,12 @@ class DoRALinear(nn.Module):
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
         x_lora = self.lora_dropout(x) if dropout_active else x
         lora_out = self.lora_path(x_lora)
-        scale = self.dora_scale(w_times_a) if self.use_dora else None
+        if not self.use_dora:
+            scale = None
+        elif w_times_a is None and not self.training and self.cache_inference_scale:
+            scale = self.inference_scale()                      # eval, no grad: a constant per layer
+        else:
+            scale = self.dora_scale(w_times_a)
         base_dropped = source.matmul(x_lora) if (dropout_active and self.use_dora) else None
         out = dora_output(base_out, lora_out, scale, self.scaling, base_dropped)
         bias = source.bias
@@ -228,7 +270,7 @@ class DoRALinear(nn.Module):
         for start, chunk in source.iter_row_chunks():
             source.write_rows(start, self.merged_rows(chunk, start, start + chunk.shape[0], scale))
         self.merge_scale, self.merged = scale, True
-        self.base_row_sq = None
+        self.base_row_sq = self._scale_cache = None
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -239,7 +281,7 @@ class DoRALinear(nn.Module):
             stop = start + chunk.shape[0]
             delta = self.delta_rows(start, stop, chunk.dtype)
             source.write_rows(start, chunk / scale[start:stop, None].to(chunk.dtype) - self.scaling * delta)
-        self.merged, self.merge_scale, self.base_row_sq = False, None, None
+        self.merged, self.merge_scale, self.base_row_sq, self._scale_cache = False, None, None, None
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
