@@ -156,27 +156,25 @@ class DoRALinear(nn.Module):
         self._scale_cache = None
         return super().train(mode)
 
-    def _scale_key(self) -> tuple:
+    def _scale_key(self) -> tuple | None:
         """What the cached scale depends on: A, B, m and the base layer's own parameters (identity, storage,
-        in-place version)."""
-        key = []
-        for t in (self.lora_A, self.lora_B, self.magnitude, *self.base_layer._parameters.values()):
-            if t is not None:
-                try:
-                    ptr = t.data_ptr()
-                except RuntimeError:                            # e.g. a DTensor: identity and version only
-                    ptr = None
-                key += (id(t), t._version, ptr)
-        return tuple(key)
+        in-place version); None (no caching) where a storage cannot be read, e.g. a DTensor. Plain reads of
+        `_parameters` and `_modules` (nn.Module.__getattr__ costs µs): this runs once per layer per decoded token."""
+        own = self._parameters
+        ts = (own["lora_A"], own["lora_B"], own["magnitude"], *self._modules["base_layer"]._parameters.values())
+        try:
+            return tuple([(id(t), t._version, t.data_ptr()) for t in ts if t is not None])
+        except RuntimeError:
+            return None
 
-    def inference_scale(self) -> torch.Tensor:
-        """m/‖W + sBA‖, computed once and reused while nothing it depends on changes (eval mode, no grad)."""
+    def inference_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """m/‖W + sBA‖ in `dtype`, computed once and reused while nothing it depends on changes (eval, no grad)."""
         key = self._scale_key()
         cached = self._scale_cache
-        if cached is not None and cached[0] == key:
+        if key is not None and cached is not None and cached[0] == key and cached[1].dtype == dtype:
             return cached[1]
-        scale = self.dora_scale().detach()
-        self._scale_cache = (key, scale)
+        scale = self.dora_scale().detach().to(dtype)
+        self._scale_cache = None if key is None else (key, scale)
         return scale
 
     # --- norms ---------------------------------------------------------------------------------------
@@ -225,15 +223,16 @@ class DoRALinear(nn.Module):
             base_out, w_times_a = source.matmul_and_times_A(x, self.lora_A)  # one dequantization for both
         else:
             base_out = source.matmul(x)
+        if self.use_dora and w_times_a is None and not self.training and self.cache_inference_scale:
+            # eval, no grad: the scale is a constant per layer (one add and one in-place multiply over LoRA)
+            lora_out = self.lora_path(x).to(base_out.dtype)
+            out = torch.add(base_out, lora_out, alpha=self.scaling).mul_(self.inference_scale(base_out.dtype))
+            bias = source.bias
+            return out if bias is None else out.add_(bias.to(out.dtype))
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
         x_lora = self.lora_dropout(x) if dropout_active else x
         lora_out = self.lora_path(x_lora)
-        if not self.use_dora:
-            scale = None
-        elif w_times_a is None and not self.training and self.cache_inference_scale:
-            scale = self.inference_scale()                      # eval, no grad: a constant per layer
-        else:
-            scale = self.dora_scale(w_times_a)
+        scale = self.dora_scale(w_times_a) if self.use_dora else None
         base_dropped = source.matmul(x_lora) if (dropout_active and self.use_dora) else None
         out = dora_output(base_out, lora_out, scale, self.scaling, base_dropped)
         bias = source.bias
