@@ -175,6 +175,13 @@ class OutputConfig:
     plot: bool = True
     #: tqdm progress bar on rank 0
     progress_bar: bool = True
+    #: where metrics go (rank 0): any of jsonl (<dir>/metrics.jsonl), tensorboard (<dir>/tensorboard; needs the
+    #: `tensorboard` extra), wandb (needs the `wandb` extra)
+    loggers: Union[str, list] = field(default_factory=lambda: ["jsonl"])
+    #: wandb: project, run name (default: the output dir's name) and mode (offline needs no network or account)
+    wandb_project: str = "dora_dist"
+    wandb_run_name: Optional[str] = None
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
 
 
 @dataclass
@@ -367,6 +374,13 @@ def _cross_checks(cfg: Config) -> None:
                           "4-bit weights are row-sharded packed uint8 records that FSDP2 shards itself (the bfloat16 "
                           "storage convention exists for FSDP1's flat parameters). Remove the key or set uint8.")
     _check_eval(cfg)
+    if isinstance(cfg.output.loggers, str):
+        cfg.output.loggers = [cfg.output.loggers]
+    from dora_dist.loggers import LOGGER_CHOICES
+
+    bad = [n for n in cfg.output.loggers if n not in LOGGER_CHOICES]
+    if bad:
+        raise ConfigError(f"output.loggers: unknown logger(s) {bad}; choose from {', '.join(LOGGER_CHOICES)}")
     if cfg.checkpoint.resume not in ("auto", "none") and not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume: expected 'auto', 'none' or a checkpoint directory")
 

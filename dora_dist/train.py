@@ -21,7 +21,8 @@ from dora_dist.batching import Batching
 from dora_dist.config import Config, load_job_config
 from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_datasets
 from dora_dist.evaluate import eval_due, format_eval_line, run_eval
-from dora_dist.metrics import MetricsLogger, format_line, plot_loss
+from dora_dist.loggers import check_loggers, make_loggers
+from dora_dist.metrics import format_line, plot_loss
 from dora_dist.parallel import DistEnv, make_engine
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -88,8 +89,9 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, env) -> dict:
+    check_loggers(cfg.output.loggers)  # a missing tracker package fails before the model is loaded
     job = build(cfg, env)
-    logger = MetricsLogger(job.out_dir, env.is_main, resume_step=job.start_step)
+    logger = make_loggers(cfg, job.out_dir, env.is_main, resume_step=job.start_step)  # metrics.jsonl + trackers
     bar = _progress(job.batching.max_steps, job.start_step, env.is_main and cfg.output.progress_bar)
     try:
         while job.step < job.stop_at:
@@ -108,10 +110,11 @@ def _train(cfg: Config, env) -> dict:
             save_checkpoint(job)
     finally:
         bar.close()
+        logger.close()
     return finish(job)
 
 
-def _log_eval(job: Job, logger: MetricsLogger, bar) -> None:
+def _log_eval(job: Job, logger, bar) -> None:
     rec = run_eval(job)                                  # COLLECTIVE
     logger.log(rec)
     if job.env.is_main:

@@ -13,8 +13,8 @@ training does DoRA need the base matmul on the dropped input as well (peft's beh
 `use_dora=False` gives plain LoRA through the same code, so benchmarks compare like with like.
 
 Inference: in eval mode without grad, m/‖W + sBA‖ is a constant per layer; it is cached (`_scale_cache`) and
-reused until train()/eval(), merge/unmerge, `invalidate_cache`, or an in-place change of A, B, m or the base
-weight (their `_version` counters, identities and storages are the cache key).
+reused until train()/eval(), merge/unmerge, `invalidate_cache`, or a change of A, B, m or the base weight
+(identity, storage or in-place `_version` counter: the cache key).
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ class DoRALinear(nn.Module):
         self.base_row_sq: torch.Tensor | None = None
         self.merged = False
         self.merge_scale: torch.Tensor | None = None
-        self._scale_cache: tuple[tuple, torch.Tensor] | None = None   # (key, m/‖W+sBA‖), eval + no grad only
+        self._scale_cache: tuple | None = None   # (tensors, versions+storages, m/‖W+sBA‖): eval, no grad
         self.reset_lora_parameters()
         if use_dora and init_magnitude and device.type != "meta":
             self.init_magnitude()
@@ -156,25 +156,24 @@ class DoRALinear(nn.Module):
         self._scale_cache = None
         return super().train(mode)
 
-    def _scale_key(self) -> tuple | None:
-        """What the cached scale depends on: A, B, m and the base layer's own parameters (identity, storage,
-        in-place version); None (no caching) where a storage cannot be read, e.g. a DTensor. Plain reads of
-        `_parameters` and `_modules` (nn.Module.__getattr__ costs µs): this runs once per layer per decoded token."""
-        own = self._parameters
-        ts = (own["lora_A"], own["lora_B"], own["magnitude"], *self._modules["base_layer"]._parameters.values())
-        try:
-            return tuple([(id(t), t._version, t.data_ptr()) for t in ts if t is not None])
-        except RuntimeError:
-            return None
-
     def inference_scale(self, dtype: torch.dtype) -> torch.Tensor:
-        """m/‖W + sBA‖ in `dtype`, computed once and reused while nothing it depends on changes (eval, no grad)."""
-        key = self._scale_key()
-        cached = self._scale_cache
-        if key is not None and cached is not None and cached[0] == key and cached[1].dtype == dtype:
-            return cached[1]
+        """m/‖W + sBA‖ in `dtype`, computed once and reused while A, B, m and the base weight are the same tensors
+        (identity), with the same storage and in-place version (eval mode, no grad). Plain reads of `_parameters`
+        and `_modules` (nn.Module.__getattr__ costs µs): this runs once per layer per decoded token."""
+        own = self._parameters
+        deps = (own["lora_A"], own["lora_B"], own["magnitude"], self._modules["base_layer"]._parameters.get("weight"))
+        try:
+            state = (deps[0]._version, deps[1]._version, deps[2]._version, deps[3]._version,
+                     deps[0].data_ptr(), deps[1].data_ptr(), deps[2].data_ptr(), deps[3].data_ptr())
+        except (RuntimeError, AttributeError):                   # e.g. a DTensor, or no `weight`: no caching
+            return self.dora_scale().detach().to(dtype)
+        c = self._scale_cache
+        if c is not None and c[1] == state and c[2].dtype == dtype:
+            cd = c[0]
+            if cd[0] is deps[0] and cd[1] is deps[1] and cd[2] is deps[2] and cd[3] is deps[3]:
+                return c[2]
         scale = self.dora_scale().detach().to(dtype)
-        self._scale_cache = None if key is None else (key, scale)
+        self._scale_cache = (deps, state, scale)
         return scale
 
     # --- norms ---------------------------------------------------------------------------------------
