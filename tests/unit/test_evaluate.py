@@ -2,6 +2,7 @@
 short single-process run that logs eval records, plots them and keeps the best adapter."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -100,7 +101,9 @@ def test_run_logs_eval_records_and_keeps_best(tmp_path):
     from dora_dist.train import train
 
     out = tmp_path / "run"
-    summary = train(load_config(None, [
+    has_tb = importlib.util.find_spec("tensorboard") is not None
+    loggers = "[jsonl,tensorboard]" if has_tb else "[jsonl]"
+    summary = train(load_config(None, [f"output.loggers={loggers}",
         f"model.cache_dir={tmp_path / 'cache'}", "data.seq_len=32", "data.synthetic_samples=80",
         "data.eval_fraction=0.1", "training.eval_every=2", "training.max_steps=3", "training.micro_batch_size=2",
         "training.global_batch_size=4", "training.lr=5e-3", "output.progress_bar=false", "checkpoint.resume=none",
@@ -116,3 +119,9 @@ def test_run_logs_eval_records_and_keeps_best(tmp_path):
     assert (out / "adapter_best" / "adapter_model.safetensors").is_file()
     assert (out / "adapter_best" / "tokenizer_config.json").is_file()
     assert (out / "loss.png").stat().st_size > 0
+    if has_tb:  # the trackers get the eval records too
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(out / "tensorboard")).Reload()
+        assert [e.step for e in acc.Scalars("eval/loss")] == [2, 3]
+        assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
