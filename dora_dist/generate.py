@@ -194,6 +194,9 @@ def _one_line(exc: BaseException) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """The `dora-dist generate` command; returns the exit code."""
+    from dora_dist.console import quiet_third_party
+
+    quiet_third_party()
     try:
         prompts = read_prompts(args.prompt, args.prompts)
         model, tokenizer = load_for_generation(args.adapter, args.base, args.load_in_4bit, args.merge, args.device)

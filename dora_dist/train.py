@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from dora_dist.batching import Batching
 from dora_dist.config import Config, load_job_config
+from dora_dist.console import Console, quiet_third_party
 from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_datasets
 from dora_dist.evaluate import eval_due, format_eval_line, run_eval
 from dora_dist.loggers import check_loggers, make_loggers
@@ -40,12 +41,6 @@ def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int)
     loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_sum / global_targets
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train", file=sys.stderr)
 
 
 @dataclass
@@ -81,6 +76,7 @@ class Job:
 
 def train(cfg: Config) -> dict:
     """Run the job described by `cfg`; returns a summary (rank 0 has the full one)."""
+    quiet_third_party()
     env = DistEnv.from_environ(device=cfg.training.device)
     try:
         return _train(cfg, env)
@@ -92,14 +88,13 @@ def _train(cfg: Config, env) -> dict:
     check_loggers(cfg.output.loggers)  # a missing tracker package fails before the model is loaded
     job = build(cfg, env)
     logger = make_loggers(cfg, job.out_dir, env.is_main, resume_step=job.start_step)  # metrics.jsonl + trackers
-    bar = _progress(job.batching.max_steps, job.start_step, env.is_main and cfg.output.progress_bar)
+    bar = Console(job.batching.max_steps, job.start_step, env.is_main, cfg.output.progress_bar)  # bar: TTY only
     try:
         while job.step < job.stop_at:
             rec = train_step(job)
             logger.log(rec)
             if env.is_main and job.step % cfg.training.log_every == 0:
-                bar.write(format_line(rec, job.batching.max_steps), file=sys.stdout)
-                sys.stdout.flush()
+                bar.line(format_line(rec, job.batching.max_steps))
             bar.update(1)
             if eval_due(job):
                 _log_eval(job, logger, bar)
@@ -118,8 +113,7 @@ def _log_eval(job: Job, logger, bar) -> None:
     rec = run_eval(job)                                  # COLLECTIVE
     logger.log(rec)
     if job.env.is_main:
-        bar.write(format_eval_line(rec, job.batching.max_steps), file=sys.stdout)
-        sys.stdout.flush()
+        bar.line(format_eval_line(rec, job.batching.max_steps))
 
 
 def build(cfg: Config, env) -> Job:
