@@ -27,6 +27,9 @@ class DoRAConfig:
     use_rslora: bool = False
     use_dora: bool = True
     adapter_dtype: str = "float32"
+    # modules trained in full next to the adapters (e.g. a new classifier head), saved with the adapter under
+    # peft's keys; names match like target_modules ("classifier" matches "...classifier")
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -44,6 +47,11 @@ class DoRAConfig:
         elif not isinstance(self.target_modules, str) or not self.target_modules:
             raise ValueError(f"DoRAConfig.target_modules must be a list of names, a regex or 'all-linear', got "
                              f"{self.target_modules!r}")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m for m in self.modules_to_save):
+                raise ValueError(f"DoRAConfig.modules_to_save must be a list of module names, got "
+                                 f"{self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save) or None
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(f"DoRAConfig.adapter_dtype must be one of {sorted(ADAPTER_DTYPES)}, got "
                              f"{self.adapter_dtype!r}")
@@ -76,7 +84,7 @@ class DoRAConfig:
             "bias": "none",
             "init_lora_weights": True,
             "inference_mode": True,
-            "modules_to_save": None,
+            "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
             "rank_pattern": {},
             "alpha_pattern": {},
             "library": "dora_dist",
@@ -95,8 +103,6 @@ class DoRAConfig:
         for key in ("rank_pattern", "alpha_pattern"):
             if cfg.get(key):
                 raise ValueError(f"{source}: per-module {key} is not supported ({cfg[key]!r})")
-        if cfg.get("modules_to_save"):
-            raise ValueError(f"{source}: modules_to_save={cfg['modules_to_save']!r} is not supported")
         if cfg.get("bias", "none") != "none":
             raise ValueError(f"{source}: bias={cfg['bias']!r} is not supported (only 'none')")
         target = cfg.get("target_modules")
@@ -104,4 +110,5 @@ class DoRAConfig:
             raise ValueError(f"{source}: target_modules is missing")
         return cls(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout", 0.0)),
                    target_modules=sorted(target) if isinstance(target, (list, set, tuple)) else target,
-                   use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)))
+                   use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
+                   modules_to_save=sorted(set(cfg["modules_to_save"])) if cfg.get("modules_to_save") else None)
