@@ -25,7 +25,7 @@ def open_tuned(spec: str) -> Tuned:
 
     The method defaults to dora/lora from the adapter config, and to 'full' for a model directory.
     """
-    method, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+    method, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"tuned checkpoint {path!r} is not a directory")

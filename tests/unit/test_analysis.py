@@ -153,6 +153,30 @@ def test_adapter_equals_its_merged_model_and_cli_outputs(base_dir, tmp_path):
     assert (out / "scatter_dora.png").stat().st_size > 1000 and (out / "scatter_merged.png").is_file()
 
 
+def test_gpt2_conv1d_rows_are_output_rows(tmp_path):
+    """Conv1D stores (in, out): adapter, merged model and the dense reference agree on output rows."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    torch.manual_seed(0)
+    model = apply_dora(transformers.GPT2LMHeadModel(cfg), DoRAConfig(r=2, alpha=4, target_modules=["c_attn"]))
+    _, layer = next(dora_layers(model))
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+    save_adapter(model, tmp_path / "dora")
+    merge_and_unload(model).save_pretrained(tmp_path / "merged")
+    res = analyze(tmp_path / "base", [str(tmp_path / "dora"), f"m={tmp_path / 'merged'}"], verbose=False, plot=False)
+    by = {r["method"]: r for r in res["records"] if r["layer"].endswith("c_attn")}
+    assert by["dora"]["rows"] == 96 and by["m"]["rows"] == 96          # out = 3·n_embd rows, not n_embd
+    w0 = load_file(str(tmp_path / "base" / "model.safetensors"))["transformer.h.0.attn.c_attn.weight"].t()
+    w1 = load_file(str(tmp_path / "merged" / "model.safetensors"))["transformer.h.0.attn.c_attn.weight"].t()
+    dm, dd = row_change(w0.double(), w1.double())
+    for r in by.values():
+        assert r["delta_m"] == pytest.approx(dm, rel=1e-4) and r["delta_d"] == pytest.approx(dd, rel=1e-4)
+
+
 def test_peft_lora_adapter_on_4bit_base(base_dir, tmp_path):
     """A peft LoRA adapter against the NF4 base: W' = deq(W) + sBA, computed chunk by chunk."""
     peft = pytest.importorskip("peft")
