@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -225,12 +225,3 @@ def adapter_rows(base: nn.Module, parts: dict[str, torch.Tensor], r: int, alpha:
         layer.magnitude.copy_(parts["magnitude"])
     scale = layer.merged_scale()   # m / ‖W + sBA‖ per row, itself computed over row chunks
     return lambda chunk, start, stop: layer.merged_rows(chunk, start, stop, scale)
-
-
-def module_layers(model: nn.Module) -> Iterator[tuple[str, WeightSource]]:
-    """(name, weight source) of every supported base layer of an in-memory model (e.g. one loaded in 4 bits)."""
-    from dora_dist.nn.weight_source import is_supported_base
-
-    for name, module in model.named_modules():
-        if name and is_supported_base(module) and not any(True for _ in module.children()):
-            yield name, weight_source_for(module)
