@@ -4,6 +4,7 @@
     dora-dist merge --adapter DIR [--base PATH] --out DIR     write a merged model transformers can load
     dora-dist generate --adapter DIR --prompt "..."           generate text (see dora_dist/generate.py)
     dora-dist keys                                            list every config key
+    dora-dist analyze --base DIR --tuned T1 T2 ... [--out DIR]  magnitude/direction change per layer (DoRA Fig. 2)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ HELP_EPILOG = """examples:
   torchrun --nproc-per-node 2 -m dora_dist.train --config configs/quickstart.yaml
   dora-dist merge --adapter outputs/quickstart/adapter --out outputs/quickstart/merged
   dora-dist generate --adapter outputs/quickstart/adapter --prompt "17 + 5 =" --no-chat-template
+  dora-dist analyze --base BASE_DIR --tuned run-lora/adapter run-dora/adapter --out outputs/analysis
 """
 
 
@@ -39,6 +41,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_generate_parser(sub)
     sub.add_parser("keys", help="list every config key")
+    an = sub.add_parser("analyze", help="magnitude (ΔM) and direction (ΔD) change per layer against the base")
+    an.add_argument("--base", required=True, help="base model directory (safetensors)")
+    an.add_argument("--tuned", required=True, nargs="+", metavar="[METHOD=]DIR",
+                    help="adapter directories (PEFT format, LoRA or DoRA) and/or model directories (merged or full "
+                    "fine-tune); METHOD= names the group (default: dora/lora from the adapter, 'full' for a model)")
+    an.add_argument("--out", default=None, help="write changes.json, changes.csv and scatter_<method>.png here")
+    an.add_argument("--base-quant", default=None, choices=["nf4", "fp4"],
+                    help="compare with the 4-bit quantization of the base (what a QDoRA adapter was trained on)")
+    an.add_argument("--layers", default=None, help="regex selecting layer names (default: all but embeddings)")
     return parser
 
 
@@ -99,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             from dora_dist.config import valid_keys
 
             print("\n".join(valid_keys()))
+        elif args.command == "analyze":
+            from dora_dist.analysis import analyze
+
+            analyze(args.base, args.tuned, args.out, base_quant=args.base_quant, layers=args.layers)
         else:
             parser.print_help()
     except (ConfigError, FileNotFoundError) as exc:

@@ -27,6 +27,14 @@ def check_adapter_settings(r, alpha, dropout, target_modules, adapter_dtype, pre
         raise ValueError(f"{prefix}adapter_dtype must be one of {sorted(ADAPTER_DTYPES)}, got {adapter_dtype!r}")
 
 
+def check_modules_to_save(modules_to_save, prefix: str = "") -> None:
+    """None, or a list of module names trained in full beside the adapters."""
+    if modules_to_save is None:
+        return
+    if isinstance(modules_to_save, str) or not all(isinstance(m, str) and m for m in modules_to_save):
+        raise ValueError(f"{prefix}modules_to_save must be a list of module names, got {modules_to_save!r}")
+
+
 @dataclass
 class DoRAConfig:
     """Adapter hyper-parameters.
@@ -43,12 +51,18 @@ class DoRAConfig:
     use_rslora: bool = False
     use_dora: bool = True
     adapter_dtype: str = "float32"
+    # modules trained in full next to the adapters (e.g. a new classifier head), saved with the adapter under
+    # peft's keys; names match like target_modules ("classifier" matches "...classifier")
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         check_adapter_settings(self.r, self.alpha, self.dropout, self.target_modules, self.adapter_dtype,
                                prefix="DoRAConfig.")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        check_modules_to_save(self.modules_to_save, prefix="DoRAConfig.")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save) or None
 
     @property
     def scaling(self) -> float:
@@ -80,7 +94,7 @@ class DoRAConfig:
             "bias": "none",
             "init_lora_weights": True,
             "inference_mode": True,
-            "modules_to_save": None,
+            "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
             "rank_pattern": {},
             "alpha_pattern": {},
         }
@@ -98,8 +112,6 @@ class DoRAConfig:
         for key in ("rank_pattern", "alpha_pattern"):
             if cfg.get(key):
                 raise ValueError(f"{source}: per-module {key} is not supported ({cfg[key]!r})")
-        if cfg.get("modules_to_save"):
-            raise ValueError(f"{source}: modules_to_save={cfg['modules_to_save']!r} is not supported")
         if cfg.get("bias", "none") != "none":
             raise ValueError(f"{source}: bias={cfg['bias']!r} is not supported (only 'none')")
         target = cfg.get("target_modules")
@@ -107,4 +119,5 @@ class DoRAConfig:
             raise ValueError(f"{source}: target_modules is missing")
         return cls(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout", 0.0)),
                    target_modules=sorted(target) if isinstance(target, (list, set, tuple)) else target,
-                   use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)))
+                   use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
+                   modules_to_save=sorted(set(cfg["modules_to_save"])) if cfg.get("modules_to_save") else None)

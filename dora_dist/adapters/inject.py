@@ -88,8 +88,42 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+def find_modules_to_save(model: nn.Module, modules_to_save: list[str] | None, strict: bool = True) -> list[str]:
+    """Full names of the modules `modules_to_save` selects (suffix match on whole name components, outermost only).
+
+    Unlike peft we do not wrap them in a copy: they are trained in place, which keeps DDP/FSDP seeing plain
+    parameters; the adapter file still holds them under peft's keys (`base_model.model.<module>.<param>`).
+    strict=False ignores names the model lacks (peft's configs for SEQ_CLS list both "classifier" and "score").
+    """
+    if not modules_to_save:
+        return []
+    found: list[str] = []
+    unmatched = []
+    for key in modules_to_save:
+        hits = [n for n, _ in candidate_modules(model) if n == key or n.endswith("." + key)]
+        if not hits:
+            unmatched.append(key)
+        found.extend(h for h in hits if h not in found)
+    if unmatched and strict:
+        raise ValueError(f"modules_to_save {unmatched} match no module in {type(model).__name__}")
+    found = [n for n in found if not any(n.startswith(o + ".") for o in found)]
+    adapted = {n for n, _ in dora_layers(model)}
+    clash = [n for n in found if n in adapted or any(a.startswith(n + ".") for a in adapted)]
+    if clash:
+        raise ValueError(f"modules_to_save {clash} are (or contain) DoRA targets; a module is either adapted or "
+                         "trained in full")
+    return sorted(found)
+
+
+def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} trained in full next to the adapters, from the model's DoRAConfig."""
+    cfg = getattr(model, "dora_config", None)
+    names = find_modules_to_save(model, cfg.modules_to_save if cfg else None, strict=False)
+    return {n: model.get_submodule(n) for n in names}
+
+
 def inject_dora(model: nn.Module, names: list[str], cfg: DoRAConfig, init_magnitude: bool = True) -> nn.Module:
-    """Replace exactly the named modules by DoRALinear; freeze everything else."""
+    """Replace exactly the named modules by DoRALinear; freeze everything but them and cfg.modules_to_save."""
     for param in model.parameters():
         param.requires_grad_(False)
     for name in names:
@@ -97,6 +131,8 @@ def inject_dora(model: nn.Module, names: list[str], cfg: DoRAConfig, init_magnit
         layer = DoRALinear(base, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
                            use_dora=cfg.use_dora, adapter_dtype=cfg.torch_adapter_dtype, init_magnitude=init_magnitude)
         _set_submodule(model, name, layer)
+    for name in find_modules_to_save(model, cfg.modules_to_save, strict=False):
+        model.get_submodule(name).requires_grad_(True)
     model.dora_config = cfg
     return model
 
@@ -111,6 +147,7 @@ def apply_dora(model: nn.Module, cfg: DoRAConfig, init_magnitude: bool = True) -
         raise TypeError(f"apply_dora expects a DoRAConfig, got {type(cfg).__name__}")
     if any(True for _ in dora_layers(model)):
         raise ValueError("this model already has DoRA layers; merge_and_unload() it or load a fresh base model")
+    find_modules_to_save(model, cfg.modules_to_save, strict=True)  # unknown names are an error here, not on load
     return inject_dora(model, find_target_modules(model, cfg.target_modules), cfg, init_magnitude)
 
 
@@ -129,7 +166,8 @@ def set_merged(model: nn.Module, merged: bool) -> None:
 
 @torch.no_grad()
 def merge_and_unload(model: nn.Module, requantize: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every DoRA layer by a plain module holding W' = m ⊙ (W + sBA)/‖W + sBA‖.
+    """Replace every DoRA layer by a plain module holding W' = m ⊙ (W + sBA)/‖W + sBA‖ (modules_to_save are
+    trained in place, so they already hold their weights).
 
     Dense and Conv1D bases are merged in place. A quantized base becomes a dense nn.Linear in its compute dtype
     (or `dtype`); with requantize=True a 4-bit base is quantized again to 4 bits, which is lossy: the merged

@@ -4,6 +4,8 @@
     adapter_model.safetensors  base_model.model.<module>.lora_A.weight     (r, in)
                                base_model.model.<module>.lora_B.weight     (out, r)
                                base_model.model.<module>.lora_magnitude_vector   (out,)   DoRA only
+                               base_model.model.<module>.<param>   each tensor of a modules_to_save module
+                               (peft's key, without its `modules_to_save.default.` infix)
 
 Only safetensors is read or written: a pickled adapter_model.bin can run code when loaded.
 """
@@ -19,10 +21,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dora_dist.adapters.config import DoRAConfig
+from dora_dist.adapters.inject import (candidate_modules, dora_layers, find_modules_to_save, inject_dora,
+                                       modules_to_save)
 
 #: written into the safetensors header (peft reads only "format"); the adapter_config.json stays peft's own keys
 SAFETENSORS_METADATA = {"format": "pt", "producer": "dora_dist"}
-from dora_dist.adapters.inject import candidate_modules, dora_layers, inject_dora
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,6 +41,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             tensor = getattr(layer, attr)
             if tensor is not None:
                 state[f"{PREFIX}{name}.{suffix}"] = tensor.detach()
+    for name, module in modules_to_save(model).items():
+        for key, tensor in module.state_dict().items():
+            state[f"{PREFIX}{name}.{key}"] = tensor.detach()
     return state
 
 
@@ -83,6 +89,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, state_dict: dic
     fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in dora_layers(model))
     # peft wraps CAUSAL_LM adapters in PeftModelForCausalLM, which needs a transformers model with generate().
     task_type = "CAUSAL_LM" if callable(getattr(model, "generate", None)) else None
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        task_type = "SEQ_CLS"  # peft then trains/loads the classifier head as a modules_to_save module
     peft_cfg = cfg.to_peft_dict(saved_target_modules(model), fan_in_fan_out, base_model_name_or_path, task_type)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
 
@@ -114,9 +122,16 @@ def read_adapter(directory: str | os.PathLike, allow_lora: bool = False) -> tupl
     return cfg, load_file(str(weights_path))
 
 
-def _group_by_module(tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
+def _group_by_module(tensors: dict[str, torch.Tensor], source: str,
+                     saved: dict[str, nn.Module] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Adapter tensors by module; the tensors of `saved` (modules_to_save) are taken out of `tensors` first."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
+    tensors = dict(tensors)
+    for name, module in (saved or {}).items():
+        for key in module.state_dict():
+            if f"{PREFIX}{name}.{key}" in tensors:
+                tensors.pop(f"{PREFIX}{name}.{key}")
     for key, tensor in tensors.items():
         for suffix, attr in SUFFIXES.items():
             if key.startswith(PREFIX) and key.endswith("." + suffix):
@@ -126,7 +141,8 @@ def _group_by_module(tensors: dict[str, torch.Tensor], source: str) -> dict[str,
             unknown.append(key)
     if unknown:
         raise ValueError(f"{source}: unexpected tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; expected "
-                         f"'{PREFIX}<module>.{{lora_A.weight, lora_B.weight, lora_magnitude_vector}}'")
+                         f"'{PREFIX}<module>.{{lora_A.weight, lora_B.weight, lora_magnitude_vector}}' or the "
+                         "tensors of a module named in modules_to_save")
     return modules
 
 
@@ -136,7 +152,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, allow_lora: boo
     already has matching DoRA layers. The adapted modules are the ones named in the file."""
     cfg, tensors = read_adapter(directory, allow_lora=allow_lora)
     source = str(Path(directory) / WEIGHTS_NAME)
-    by_module = _group_by_module(tensors, source)
+    saved = {n: model.get_submodule(n) for n in find_modules_to_save(model, cfg.modules_to_save, strict=False)}
+    by_module = _group_by_module(tensors, source, saved)
     if not by_module:
         raise ValueError(f"{source} holds no adapter tensors")
     existing = dict(dora_layers(model))
@@ -167,4 +184,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, allow_lora: boo
                 raise ValueError(f"{source}: tensor '{PREFIX}{name}.{key}' has shape {tuple(tensor.shape)} but the "
                                  f"model expects {tuple(param.shape)}")
             param.copy_(tensor.to(param.dtype))
+    _load_modules_to_save(saved, tensors, source)
     return model
+
+
+def _load_modules_to_save(saved: dict[str, nn.Module], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy the full tensors of the modules_to_save into their modules (every tensor must be in the file)."""
+    for name, module in saved.items():
+        present = {k: tensors.get(f"{PREFIX}{name}.{k}") for k in module.state_dict()}
+        absent = [f"{PREFIX}{name}.{k}" for k, t in present.items() if t is None]
+        if absent:
+            raise ValueError(f"{source} is missing {absent} (modules_to_save {name!r})")
+        for key, target in module.state_dict(keep_vars=True).items():
+            tensor = present[key]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(f"{source}: tensor '{PREFIX}{name}.{key}' has shape {tuple(tensor.shape)} but the "
+                                 f"model expects {tuple(target.shape)}")
+            target.data.copy_(tensor.to(target.dtype))

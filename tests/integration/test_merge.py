@@ -31,8 +31,13 @@ def test_outputs_written(trained):
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes"} <= recs[0].keys()
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "loss.png", "config.yaml"):
         assert (trained / name).is_file(), name
-    resolved = load_config(trained / "config.yaml")
-    assert resolved.training.max_steps == 3 and resolved.training.grad_accum == 2
+    saved = load_config(trained / "config.yaml")      # the config as given: never rewritten by the run
+    assert saved.training.max_steps == 3 and saved.training.global_batch_size == 8 and saved.training.grad_accum == 1
+    import json
+
+    batching = json.loads((trained / "summary.json").read_text())["batching"]   # what the run resolved
+    assert batching == {"micro_batch_size": 4, "grad_accum": 2, "world_size": 1, "max_steps": 3,
+                        "global_batch_size": 8}
 
 
 def test_merge_loads_in_transformers_and_matches(trained, tmp_path):

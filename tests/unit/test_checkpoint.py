@@ -97,6 +97,9 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path):
 
     meta = good / ".metadata"
     meta.write_bytes(pickle.dumps(_Payload(str(marker))))                             # DCP's own pickle, crafted
+    with pytest.raises(ValueError, match="cannot resume"):                            # caught as damage first
+        manager.load(make_engine(1), good)
+    forge_manifest(good)                                                              # a crafted COMPLETE too
     with pytest.raises(UnsafeCheckpointError, match="posix.system|os.system"):
         manager.load(make_engine(1), good)
     assert not marker.exists()
@@ -105,3 +108,42 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path):
     with pytest.raises(UnsafeCheckpointError):
         verify_torch_file(tmp_path / "optim_states.pt")
     assert not marker.exists()
+
+
+def forge_manifest(directory):
+    import json
+
+    from dora_dist.checkpoint.manager import COMPLETE, file_manifest
+
+    info = json.loads((directory / COMPLETE).read_text())
+    info["files"] = file_manifest(directory)
+    (directory / COMPLETE).write_text(json.dumps(info))
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_or_named(tmp_path, capsys):
+    """A truncated or bit-flipped file in the newest checkpoint: resume=auto takes the previous complete one and
+    says why; loading the damaged one explicitly is a clear error naming the file."""
+    import pytest
+
+    env = DistEnv()
+    a = make_engine(0)
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=3, env=env)
+    for step in (1, 2):
+        train_steps(a, 1)
+        manager.save(a, step, {"step": step, "data": {"step": step}})
+    newest = tmp_path / "ckpt" / "step_00000002"
+    assert manager.latest() == newest
+    shard = max((p for p in newest.rglob("*.distcp")), key=lambda p: p.stat().st_size)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])                                   # truncated
+    assert manager.latest() == tmp_path / "ckpt" / "step_00000001"
+    assert "truncated" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=shard.name):
+        manager.load(make_engine(1), newest)
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))                         # same size, one bit flipped
+    assert manager.latest() == tmp_path / "ckpt" / "step_00000001"
+    with pytest.raises(ValueError, match="checksum"):
+        manager.load(make_engine(1), newest)
+    for d in (tmp_path / "ckpt").iterdir():                                     # nothing undamaged left
+        (d / shard.name).write_bytes(b"") if (d / shard.name).exists() else None
+    assert manager.latest() is None
