@@ -66,6 +66,8 @@ class AdapterSection:
     #: False gives plain LoRA through the same layer (for comparisons)
     use_dora: bool = True
     adapter_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    #: modules trained in full beside the adapters (e.g. [lm_head]); saved in the adapter under peft's keys
+    modules_to_save: Optional[list] = None
 
 
 @dataclass
@@ -358,11 +360,12 @@ def _cross_checks(cfg: Config) -> None:
     tm = cfg.dora.target_modules
     if isinstance(tm, str) and tm != "all-linear":
         cfg.dora.target_modules = [tm]  # in a job config a single name is a suffix, as in a list
-    from dora_dist.adapters.config import check_adapter_settings
+    from dora_dist.adapters.config import check_adapter_settings, check_modules_to_save
 
     d = cfg.dora
     try:  # the one validator of adapter settings, shared with the library's DoRAConfig
         check_adapter_settings(d.r, d.alpha, d.dropout, d.target_modules, d.adapter_dtype, prefix="dora.")
+        check_modules_to_save(d.modules_to_save, prefix="dora.")
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     if cfg.model.config is not None and cfg.model.name_or_path != "builtin:tiny-llama" \

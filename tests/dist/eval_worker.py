@@ -1,6 +1,6 @@
 """Run under `torchrun --nproc-per-node 2` by tests/dist/test_eval.py (one launch for every engine).
 
-For each engine: build the job, evaluate before any step (the same initial adapter on every engine, so the eval
+For each engine (with dora.modules_to_save=[lm_head]: adapters and one module trained in full): build the job, evaluate before any step (the same initial adapter on every engine, so the eval
 loss is the single-process one up to the float64 reduction order), take one optimizer step, evaluate again
 through `run_eval` (keep_best: the best adapter is gathered and saved), then `finish`. Rank 0 writes the figures
 as JSON; the test compares them with one process.
@@ -24,7 +24,7 @@ def job_overrides(cache: str, eval_file: str, dtype: str) -> list[str]:
             "training.global_batch_size=4", "training.micro_batch_size=2", "training.lr=5e-3",
             "training.warmup_steps=1", "output.progress_bar=false", "output.plot=false", "output.save_adapter=false",
             "checkpoint.resume=none", "checkpoint.keep_best=true", f"model.dtype={dtype}",
-            f"dora.adapter_dtype={dtype}"]
+            f"dora.adapter_dtype={dtype}", "dora.modules_to_save=[lm_head]"]   # a module trained in full too
 
 
 def write_eval_file(path: Path) -> None:

@@ -69,3 +69,22 @@ def test_eval_matches_single_process(dist_results, reference, engine):
     after = 1e-9 if dtype == "float64" else 1e-5
     assert got["after"]["eval_loss"] == pytest.approx(ref["after"]["eval_loss"], rel=after, abs=0)
     assert got["after"]["best"] is True and got["adapter_best"]
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_best_adapter_with_modules_to_save_matches_single_process(dist_results, reference, setup, engine):
+    """adapter_best/ (gathered by the engine: adapters + the full lm_head of dora.modules_to_save) == one process.
+    fp64: reduction order only. fp32 (ZeRO): one AdamW step moves an element by at most 2·lr when a near-zero
+    gradient flips sign between runs (see test_engines.adamw_drift_bound), lr = 5e-3."""
+    import torch
+    from safetensors.torch import load_file
+
+    work = setup[0]
+    dtype = ENGINES[engine]
+    ref = load_file(str(work / f"single_{dtype}" / "adapter_best" / "adapter_model.safetensors"))
+    got = load_file(str(work / engine / "adapter_best" / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(ref) and "base_model.model.lm_head.weight" in got
+    atol = 1e-10 if dtype == "float64" else 2 * 5e-3
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-9 if dtype == "float64" else 0, atol=atol,
+                                   msg=lambda m: f"{key}: {m}")
