@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                          "tokens_per_s": args.new_tokens / total}
     lora = results["lora"]["decode_ms_per_token"]
     ratios = {f"{name}/lora": results[name]["decode_ms_per_token"] / lora for name in VARIANTS if name != "lora"}
-    out = {"config": {**vars(args), "model": "builtin:tiny-llama", "layers": len(list(dora_layers(dora)))},
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "cache_dir")}
+    out = {"config": {**settings, "model": "builtin:tiny-llama", "layers": len(list(dora_layers(dora)))},
            "results": results, "decode_time_ratios": ratios, "torch": torch.__version__,
            "goal": "dora_cached/lora <= 1.05"}
     for name in VARIANTS:

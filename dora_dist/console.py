@@ -21,10 +21,7 @@ _QUIET_LOG_MESSAGES = [
 ]
 #: (category, message regex) of warnings raised inside libraries, not by anything in the user's config
 _QUIET_WARNINGS = [
-    (FutureWarning, r"`torch\.distributed\.\w+` is deprecated"),
-    (FutureWarning, r".*torch\.cuda\.amp\.\w+.* is deprecated"),
-    (UserWarning, r"TypedStorage is deprecated"),
-    (UserWarning, r".*barrier\(\).*using the device under current context"),
+    (FutureWarning, r"`torch\.distributed\.\w+` is deprecated"),   # raised inside DeepSpeed / FSDP2 collectives
 ]
 
 

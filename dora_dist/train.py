@@ -110,7 +110,7 @@ def _train(cfg: Config, env) -> dict:
 
 
 def _log_eval(job: Job, logger, bar) -> None:
-    rec = run_eval(job)                                  # COLLECTIVE
+    rec = run_eval(job, micro_batch_loss)                # COLLECTIVE; the training loss, same masking
     logger.log(rec)
     if job.env.is_main:
         bar.line(format_eval_line(rec, job.batching.max_steps))

@@ -41,12 +41,12 @@ ENGINES = {"ddp": "float64", "fsdp2": "float64", "zero2": "float32", "zero3": "f
 def run_engine(overrides: list[str], env) -> dict:
     from dora_dist.config import load_config
     from dora_dist.evaluate import evaluate, run_eval
-    from dora_dist.train import build, finish, train_step
+    from dora_dist.train import build, finish, micro_batch_loss, train_step
 
     job = build(load_config(None, overrides), env)
-    before = evaluate(job.model, job.eval_dataset, env, job.cfg.training.eval_batch_size)
+    before = evaluate(job.model, job.eval_dataset, env, job.cfg.training.eval_batch_size, micro_batch_loss)
     train_step(job)
-    rec = run_eval(job)
+    rec = run_eval(job, micro_batch_loss)
     finish(job)
     return {"before": before, "after": rec}
 

@@ -125,3 +125,15 @@ def test_run_logs_eval_records_and_keeps_best(tmp_path):
         acc = EventAccumulator(str(out / "tensorboard")).Reload()
         assert [e.step for e in acc.Scalars("eval/loss")] == [2, 3]
         assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_default_eval_loss_is_the_training_loss():
+    """masked_loss_sum (evaluate's default) == the trainer's micro_batch_loss with denominator 1."""
+    from dora_dist.evaluate import masked_loss_sum
+    from dora_dist.train import micro_batch_loss
+
+    model, ds = tiny_model().eval(), tiny_dataset(1)
+    batch = ds.collate([0, 1, 3])
+    with torch.no_grad():
+        assert float(masked_loss_sum(model, batch)) == pytest.approx(float(micro_batch_loss(model, batch, 1)),
+                                                                     rel=1e-12)
