@@ -21,7 +21,7 @@ from dora_dist.batching import Batching
 from dora_dist.config import Config, load_job_config
 from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_dataset
 from dora_dist.metrics import MetricsLogger, format_line, plot_loss
-from dora_dist.parallel import DistEnv, make_engine
+from dora_dist.parallel import DistEnv, make_engine, step_probe
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -77,7 +77,8 @@ def train(cfg: Config) -> dict:
     """Run the job described by `cfg`; returns a summary (rank 0 has the full one)."""
     env = DistEnv.from_environ(device=cfg.training.device)
     try:
-        return _train(cfg, env)
+        with step_probe.probing():  # off unless a benchmark sets DORA_DIST_COUNT_COMM / DORA_DIST_MEMORY_STEP
+            return _train(cfg, env)
     finally:
         env.destroy()
 
@@ -150,6 +151,7 @@ def build(cfg: Config, env) -> Job:
 def train_step(job: Job) -> dict:
     """One optimizer step over the global batch (all micro-batches of this rank); returns its metrics record."""
     env, engine, dataset, sampler = job.env, job.engine, job.dataset, job.sampler
+    step_probe.start_step(job.step)
     step_t0 = time.perf_counter()
     global_idx = sampler.global_indices(job.step)
     global_targets = dataset.n_targets(global_idx)
@@ -178,7 +180,8 @@ def train_step(job: Job) -> dict:
     job.history.append(step_loss)
     return {"step": job.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": global_tokens / dt, "step_time_s": dt,
-            "peak_mem_bytes": engine.peak_memory_bytes(), "epoch": sampler.epoch_of(job.step)}
+            "peak_mem_bytes": engine.peak_memory_bytes(), "epoch": sampler.epoch_of(job.step),
+            **step_probe.end_step()}
 
 
 def save_checkpoint(job: Job) -> None:
