@@ -1,0 +1,119 @@
+"""The DoRA epilogue as one autograd node: y = (m/n) ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, with n = ‖W + sBA‖ detached.
+
+Why a custom autograd function. Written with plain torch ops the epilogue runs several elementwise passes over the
+(tokens × out) output in forward and backward, and autograd keeps the pre-scale output z = x·Wᵀ + s·x·Aᵀ·Bᵀ alive
+for dL/dm: one (tokens × out) activation more than LoRA. This node
+
+- computes y with one elementwise pass (``addcmul``: b + base ⊙ m/n) and folds the low-rank product into the GEMM
+  epilogue (``addmm_`` accumulates (x·Aᵀ)·(s·(m/n) ⊙ B)ᵀ into y in place), so z is never materialised;
+- saves its *output* y instead of z. With y = (m/n) ⊙ z + b:
+
+      dL/dz = g ⊙ m/n,       dL/dm = Σ_tokens g ⊙ z / n = Σ_tokens g ⊙ (y - b) / m          (m ≠ 0)
+
+  The op after a DoRA layer often saves y as well (in a Llama block v_proj feeds attention, gate_proj the SiLU and
+  up_proj the gate product); autograd then stores one tensor for both, and DoRA's extra activation is gone there.
+- Rows with m = 0 lose z in y (their output is the bias); for those rows alone z is saved at forward time (a
+  (tokens × k) slice, k = number of zero magnitudes, usually 0). Deciding that reads one boolean from the device
+  (a host sync per layer and forward on a GPU, free on a CPU).
+- For 16-bit outputs a bias is added *after* this node: recovering z from y − b would then cancel catastrophically
+  when |b| ≫ |m/n·z| (y carries only 8 bits of mantissa), so y is saved before the bias (one extra activation, only
+  for biased layers in bf16/fp16; Llama has no biases).
+
+Under torch.compile the same math is written with plain ops (the data-dependent m = 0 branch would break the graph)
+and inductor fuses the elementwise work and chooses what to save. With dropout active the layer keeps the
+reference ``dora_output`` path (two base matmuls, as in peft).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(…, features) -> (tokens, features) without copying when possible."""
+    return t.reshape(-1, t.shape[-1])
+
+
+class DoRAEpilogue(torch.autograd.Function):
+    """y = scale ⊙ base_out + (x·Aᵀ)·(s·scale ⊙ B)ᵀ [+ bias], scale = m / denom (denom: detached norm, 0 -> 1)."""
+
+    @staticmethod
+    def forward(ctx, base_out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
+                denom: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        dt = base_out.dtype
+        acc = torch.promote_types(magnitude.dtype, torch.float32)
+        scale = magnitude.to(acc) / denom.to(acc)                       # (out,), ≥ fp32
+        scale_dt = scale.to(dt)
+        if bias is not None:
+            y = torch.addcmul(bias.to(dt), base_out, scale_dt)          # one pass: b + base ⊙ m/n
+        else:
+            y = base_out * scale_dt
+        y2 = _flat(y)
+        xa2 = _flat(xa).to(dt)
+        b_scaled = (lora_B.to(acc) * (scaling * scale)[:, None]).to(dt)  # (out, r): s·(m/n) ⊙ B
+        y2.addmm_(xa2, b_scaled.t())                                     # low-rank term accumulated in the GEMM
+
+        zero_idx = z_zero = None
+        if ctx.needs_input_grad[3] and bool((magnitude == 0).any()):
+            # y has no z for these rows: keep z's columns (tokens × k), computed without the scale.
+            zero_idx = (magnitude == 0).nonzero().squeeze(1)
+            z_zero = (_flat(base_out)[:, zero_idx].to(acc)
+                      + scaling * (xa2.to(acc) @ lora_B.to(acc)[zero_idx].t()))
+        safe_m = torch.where(magnitude == 0, torch.ones_like(magnitude), magnitude).to(acc)
+        ctx.save_for_backward(y, xa, lora_B, scale, safe_m, denom,
+                              bias.detach().clone() if bias is not None else None, zero_idx, z_zero)
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        ctx.m_dtype = magnitude.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        y, xa, lora_B, scale, safe_m, denom, bias, zero_idx, z_zero = ctx.saved_tensors
+        s = ctx.scaling
+        dt = y.dtype
+        g2 = _flat(g.to(dt))
+        gs = g2 * scale.to(dt)                                   # dL/dz = g ⊙ m/n  (one pass)
+        need_base, need_xa, need_b, need_m, _, need_bias, _ = ctx.needs_input_grad
+        d_base = gs.view(y.shape) if need_base else None
+        d_xa = d_b = d_m = d_bias = None
+        if need_xa:
+            d_xa = (gs @ (lora_B.to(dt) * s)).view(*xa.shape[:-1], xa.shape[-1]).to(xa.dtype)
+        if need_b:
+            d_b = ((gs.t() @ _flat(xa).to(dt)).to(lora_B.dtype) * s)
+        if need_m or need_bias:
+            acc = scale.dtype
+            g_sum = g2.sum(0, dtype=acc) if (ctx.has_bias or need_bias) else None
+            if need_m:
+                gy = (g2 * _flat(y)).sum(0, dtype=acc)           # Σ g ⊙ y, fp32 accumulation
+                if ctx.has_bias:
+                    gy = gy - bias.to(acc) * g_sum               # Σ g ⊙ (y - b)
+                d_m = gy / safe_m
+                if zero_idx is not None:
+                    d_m[zero_idx] = (g2[:, zero_idx].to(acc) * z_zero).sum(0) / denom.to(acc)[zero_idx]
+                d_m = d_m.to(ctx.m_dtype)
+            if need_bias:
+                d_bias = g_sum
+        return d_base, d_xa, d_b, d_m, None, d_bias, None
+
+
+def dora_epilogue_reference(base_out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
+                            denom: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """The same function with plain torch ops (autograd and inductor see every op; used under torch.compile)."""
+    dt = base_out.dtype
+    scale = magnitude / denom
+    lora_out = torch.nn.functional.linear(xa, lora_B).to(dt)
+    y = torch.add(base_out, lora_out, alpha=scaling) * scale.to(dt)
+    return y if bias is None else y + bias.to(dt)
+
+
+def dora_epilogue(base_out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
+                  denom: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """y = (m/denom) ⊙ (base_out + s·xa·Bᵀ) + b; denom is the detached row norm with zeros replaced by 1.
+
+    Dispatches to the fused node in eager mode and to plain ops while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return dora_epilogue_reference(base_out, xa, lora_B, magnitude, denom, bias, scaling)
+    denom = denom.detach()
+    if bias is not None and base_out.dtype not in (torch.float32, torch.float64):
+        return DoRAEpilogue.apply(base_out, xa, lora_B, magnitude, denom, None, scaling) + bias.to(base_out.dtype)
+    return DoRAEpilogue.apply(base_out, xa, lora_B, magnitude, denom, bias, scaling)
