@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dora_dist.config import Config, load_job_config
 from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_dataset
+from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
 from dora_dist.metrics import MetricsLogger, format_line, plot_loss
 from dora_dist.parallel import DistEnv, make_engine
 
@@ -42,12 +42,12 @@ def resolve_batching(cfg: Config, world: int, n_samples: int) -> None:
         t.max_steps = max(1, int(t.epochs * n_samples // t.global_batch_size))
 
 
-def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int) -> torch.Tensor:
-    """Sum of next-token losses of this micro-batch / target tokens of the whole global batch (see Engine)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    loss_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int,
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Sum of next-token losses of this micro-batch / target tokens of the whole global batch (see Engine).
+    lm_head + cross-entropy run over chunks of `chunk_tokens` tokens (0: whole fp32 logits), see losses.py."""
+    loss_sum = causal_lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                  chunk_tokens=chunk_tokens, ignore_index=IGNORE_INDEX)
     return loss_sum / global_targets
 
 
@@ -134,7 +134,7 @@ def _train(cfg: Config, env: DistEnv) -> dict:
             for j, indices in enumerate(micro_batches):
                 batch = {k: v.to(env.device, non_blocking=True) for k, v in dataset.collate(indices).items()}
                 with engine.accumulate(last=(j == len(micro_batches) - 1)):
-                    loss = micro_batch_loss(model, batch, global_targets)
+                    loss = micro_batch_loss(model, batch, global_targets, tcfg.loss_chunk_tokens)
                     engine.backward(loss)
                 local_loss += loss.detach().double()
             step_loss = env.all_reduce_sum(local_loss)  # COLLECTIVE: one float (the global-batch mean loss)
