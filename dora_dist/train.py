@@ -91,6 +91,10 @@ def _train(cfg: Config, env: DistEnv) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(tcfg.seed)  # adapter init (lora_A) identical on every rank and for any world size
     models.add_adapters(model, cfg)
+    if tcfg.compile:
+        from dora_dist.compile import compile_for_engine
+
+        compile_for_engine(model, engine.name)  # per decoder block, before the engine wraps the model
     trainable, total = models.count_parameters(model)
     model = engine.prepare(model)
     model.train()

@@ -111,9 +111,30 @@ def dora_epilogue(base_out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor
     """y = (m/denom) ⊙ (base_out + s·xa·Bᵀ) + b; denom is the detached row norm with zeros replaced by 1.
 
     Dispatches to the fused node in eager mode and to plain ops while torch.compile traces."""
-    if torch.compiler.is_compiling():
+    if not _FUSED or torch.compiler.is_compiling():
         return dora_epilogue_reference(base_out, xa, lora_B, magnitude, denom, bias, scaling)
     denom = denom.detach()
     if bias is not None and base_out.dtype not in (torch.float32, torch.float64):
         return DoRAEpilogue.apply(base_out, xa, lora_B, magnitude, denom, None, scaling) + bias.to(base_out.dtype)
     return DoRAEpilogue.apply(base_out, xa, lora_B, magnitude, denom, bias, scaling)
+
+
+_FUSED = True
+
+
+class use_fused:
+    """Context manager (benchmarks, tests): `with use_fused(False):` runs the plain-op epilogue in eager mode too,
+    i.e. the pre-fusion behaviour that saves z."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        global _FUSED
+        self.prev, _FUSED = _FUSED, self.enabled
+        return self
+
+    def __exit__(self, *exc):
+        global _FUSED
+        _FUSED = self.prev
+        return False

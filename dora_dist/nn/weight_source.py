@@ -86,16 +86,17 @@ class WeightSource:
             stop = min(start + step, self.out_features)
             yield start, self.row_chunk(start, stop)
 
-    @torch.no_grad()
     def reduce_rows(self, fn: Callable[[torch.Tensor, int, int], torch.Tensor], width: int | None) -> torch.Tensor:
-        """Apply fn(chunk, start, stop) -> (rows,) or (rows, width) per row chunk, concatenated in fp32."""
+        """Apply fn(chunk, start, stop) -> (rows,) or (rows, width) per row chunk, concatenated in fp32.
+        (no_grad as a block, not a decorator: torch.compile traces it inside a DoRA layer without a graph break)"""
         shape = (self.out_features,) if width is None else (self.out_features, width)
         out = None
-        for start, chunk in self.iter_row_chunks():
-            part = fn(chunk, start, start + chunk.shape[0])
-            if out is None:
-                out = torch.empty(shape, dtype=part.dtype, device=part.device)
-            out[start : start + chunk.shape[0]] = part
+        with torch.no_grad():
+            for start, chunk in self.iter_row_chunks():
+                part = fn(chunk, start, start + chunk.shape[0])
+                if out is None:
+                    out = torch.empty(shape, dtype=part.dtype, device=part.device)
+                out[start : start + chunk.shape[0]] = part
         return out
 
     def row_sq_norms(self) -> torch.Tensor:
