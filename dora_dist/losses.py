@@ -51,11 +51,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             lab = labels[start:stop]
             valid = lab != ignore_index
             safe = torch.where(valid, lab, torch.zeros_like(lab))
-            lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe[:, None]).squeeze(1)
+            # logsumexp and softmax in place: the chunk's logits are the only (c, V) buffer
+            row_max = logits.amax(dim=-1)
+            p = logits.sub_(row_max[:, None]).exp_()
+            sum_exp = p.sum(dim=-1)
+            lse = row_max + sum_exp.log()
             loss += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
             if need_h or need_w or need_b:
-                p = logits.sub_(lse[:, None]).exp_()                        # softmax, in place
+                p.div_(sum_exp[:, None])                                    # softmax
                 p[torch.arange(stop - start, device=p.device), safe] -= 1.0
                 p.mul_(valid[:, None].to(p.dtype))                          # ignored tokens: no gradient
                 if need_h:
@@ -64,7 +68,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(p.t(), h.float())
                 if need_b:
                     grad_b += p.sum(0)
-            del logits
+            del logits, p  # freed before the next chunk is allocated
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return loss
