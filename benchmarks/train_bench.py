@@ -51,7 +51,8 @@ def build(args):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                      max_position_embeddings=max(2048, args.seq), tie_word_embeddings=False)
+                      max_position_embeddings=max(2048, args.seq), tie_word_embeddings=False,
+                      use_cache=False)  # as the trainer runs it (a KV cache would copy k and v)
     return LlamaForCausalLM(cfg).to(device=args.device, dtype=torch_dtype(args))
 
 
