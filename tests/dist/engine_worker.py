@@ -24,7 +24,12 @@ import torch.distributed as dist
 def common_overrides(cache: str) -> list[str]:
     return [f"model.cache_dir={cache}", "data.seq_len=64", "data.synthetic_samples=300", "training.max_steps=4",
             "training.global_batch_size=8", "training.micro_batch_size=2", "training.lr=5e-3",
-            "training.warmup_steps=1", "output.progress_bar=false", "output.plot=false", "checkpoint.resume=none"]
+            "training.warmup_steps=1", "output.progress_bar=false", "output.plot=false", "checkpoint.resume=none",
+            "training.loss_chunk_tokens=37"]  # 2 × 63 next-token targets per micro-batch: 4 chunks, the last short
+
+
+#: training.compile runs (issue 14): fewer steps, compared with the eager single-process losses
+COMPILE = ["training.compile=true", "training.max_steps=2"]
 
 
 QDORA = ["quantization.mode=nf4", "quantization.compute_dtype=float32", "training.max_steps=3"]
@@ -80,6 +85,48 @@ def magnitude_check(env, arch: dict = LLAMA_ARCH, probe: str | None = "model.lay
     return out
 
 
+def chunked_loss_check(env) -> dict:
+    """Under FSDP2, a tied-embedding Llama (the head's weight is the embedding, a root parameter that is a DTensor
+    outside forward): the chunked loss and its adapter gradients equal the whole-logits loss's, on every rank."""
+    from dora_dist.adapters import apply_dora, dora_layers
+    from dora_dist.config import load_config
+    from dora_dist.losses import causal_lm_loss_sum, plain_causal_lm_loss_sum
+    from dora_dist.models import dora_config_from, hf_config_from_dict
+    from dora_dist.parallel.fsdp2 import FSDP2Engine
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(None, ["parallel.engine=fsdp2", "parallel.load_on_rank0=false"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config_from_dict(dict(LLAMA_ARCH, tie_word_embeddings=True)))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    apply_dora(model, dora_config_from(cfg))
+    with torch.no_grad():
+        for _, layer in dora_layers(model):
+            layer.lora_B.normal_(0, 0.05)
+    engine = FSDP2Engine(cfg, env)
+    model = engine.wrap(model)
+    engine.init_magnitudes(model)
+    g = torch.Generator().manual_seed(1 + env.rank)
+    ids = torch.randint(0, LLAMA_ARCH["vocab_size"], (2, 21), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(fn):
+        loss = fn()
+        loss.backward()
+        grads = [p.grad.to_local().clone() for p in params]
+        for p in params:
+            p.grad = None
+        return float(loss), grads
+
+    plain_loss, plain_grads = run(lambda: plain_causal_lm_loss_sum(model, ids, None, labels))
+    chunk_loss, chunk_grads = run(lambda: causal_lm_loss_sum(model, ids, None, labels, chunk_tokens=6))
+    rel = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(chunk_grads, plain_grads))
+    return {"loss_rel_err": env.all_reduce_max(abs(chunk_loss - plain_loss) / abs(plain_loss)),
+            "grad_max_rel_err": env.all_reduce_max(rel)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", required=True)
@@ -119,6 +166,14 @@ def main() -> int:
         recs = read_metrics(out)
         results["fsdp2_resume"] = {"losses": [r["loss"] for r in recs], "adapter": str(out / "adapter"),
                                    "checkpoints_after_stop": stopped_ckpts}
+    for engine in ("ddp", "fsdp2"):
+        out = work / f"{engine}_compile"
+        train(load_config(None, base + COMPILE + [f"parallel.engine={engine}", f"output.dir={out}"]))
+        if env.is_main:
+            recs = read_metrics(out)
+            results[f"{engine}_compile"] = {"losses": [r["loss"] for r in recs],
+                                            "grad_norms": [r["grad_norm"] for r in recs]}
+    results["chunked_loss_fsdp2_tied"] = chunked_loss_check(env)
     results["magnitude"] = magnitude_check(env)
     results["magnitude_gpt2"] = magnitude_check(env, GPT2_ARCH, probe=None)
     for key in ("magnitude", "magnitude_gpt2"):
