@@ -57,6 +57,8 @@ def build(args):
 
 
 def apply(model, variant: str, args):
+    compiled = args.compile or variant.endswith("+compile")
+    variant = variant.split("+")[0]
     if variant == "peft-dora":
         from peft import LoraConfig, get_peft_model
 
@@ -66,7 +68,7 @@ def apply(model, variant: str, args):
         from dora_dist.adapters import DoRAConfig, apply_dora
 
         model = apply_dora(model, DoRAConfig(r=args.r, alpha=2 * args.r, use_dora=variant != "dora_dist-lora"))
-    if args.compile:
+    if compiled:
         from dora_dist.compile import compile_decoder_blocks
 
         compile_decoder_blocks(model)
@@ -77,7 +79,7 @@ def epilogue_mode(variant: str):
     """The unfused variant runs the plain-op epilogue (pre-fusion behaviour) in eager mode."""
     from dora_dist.nn.dora_epilogue import use_fused
 
-    return use_fused(False) if variant == "dora_dist-dora-unfused" else nullcontext()
+    return use_fused(False) if variant.split("+")[0] == "dora_dist-dora-unfused" else nullcontext()
 
 
 def loss_of(model, batch, args):
@@ -128,7 +130,7 @@ def run_variant(variant: str, args) -> dict:
     cuda = args.device.startswith("cuda")
     times = []
     with epilogue_mode(variant):
-        if args.compile:  # compile outside the saved-tensor hooks (they would be traced into the graph)
+        if args.compile or variant.endswith("+compile"):  # compile outside the saved-tensor hooks (they would be traced into the graph)
             loss_of(model, batch, args).backward()
             model.zero_grad(set_to_none=True)
         saved, naive = saved_bytes(model, batch, args)
@@ -275,10 +277,11 @@ def main() -> int:
     p.add_argument("--loss-memory", action="store_true", help="also measure the loss's peak memory, plain vs chunked")
     p.add_argument("--loss-tokens", type=int, default=4096, help="tokens for --loss-memory (a 4k sequence)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder block (training.compile)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated subset of " + ",".join(VARIANTS) + "; a '+compile' suffix compiles that one")
     p.add_argument("--skip-memory", action="store_true", help="no per-variant memory subprocesses")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train_bench.json"))
-    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant
     p.add_argument("--loss-mode", choices=("plain", "chunked"), help=argparse.SUPPRESS)  # internal
     args = p.parse_args()
     if args.variant:
@@ -334,6 +337,16 @@ def main() -> int:
             line += (f", saved-for-backward ×{ratios[v]['saved_for_backward_vs_lora']:.3f} "
                      f"(+{ratios[v]['extra_saved_bytes_over_lora'] / 2**20:.1f} MiB)")
         print(line)
+    for v in variants:
+        eager = v.split("+")[0]
+        if v.endswith("+compile") and "step_time_s" in results.get(v, {}) and "step_time_s" in results.get(eager, {}):
+            ratios[f"{v}_vs_eager"] = results[v]["step_time_s"] / results[eager]["step_time_s"]
+            print(f"{v:24s} vs eager {eager}: time ×{ratios[f'{v}_vs_eager']:.3f}")
+    if "dora_dist-dora+compile" in results and "dora_dist-lora+compile" in results:
+        d, l = results["dora_dist-dora+compile"], results["dora_dist-lora+compile"]
+        if "step_time_s" in d and "step_time_s" in l:
+            ratios["compiled_dora_vs_compiled_lora"] = d["step_time_s"] / l["step_time_s"]
+            print(f"compiled DoRA vs compiled LoRA: time ×{ratios['compiled_dora_vs_compiled_lora']:.3f}")
     fused, unfused = ratios.get("dora_dist-dora", {}), ratios.get("dora_dist-dora-unfused", {})
     if "extra_saved_bytes_over_lora" in fused and unfused.get("extra_saved_bytes_over_lora"):
         ratios["extra_saved_reduction_vs_unfused"] = 1 - (fused["extra_saved_bytes_over_lora"]
