@@ -33,31 +33,52 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+#: tokens per block of the Σ_tokens g ⊙ y reduction for 16-bit tensors (the product stays in cache)
+_DOT_BLOCK = 64
+
+
+def _column_dot(g: torch.Tensor, y: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Σ_t g[t] ⊙ y[t] (per column) accumulated in `acc`. fp32/fp64: one product and one reduction; 16-bit: over
+    blocks of tokens, so the 16-bit product of a block is summed in fp32 while it is still in cache."""
+    if g.dtype in (torch.float32, torch.float64) or g.shape[0] <= _DOT_BLOCK:
+        return (g * y).sum(0, dtype=acc)
+    out = torch.zeros(g.shape[1], dtype=acc, device=g.device)
+    for start in range(0, g.shape[0], _DOT_BLOCK):
+        out += (g[start:start + _DOT_BLOCK] * y[start:start + _DOT_BLOCK]).sum(0, dtype=acc)
+    return out
+
+
 class DoRAEpilogue(torch.autograd.Function):
     """y = scale ⊙ base_out + (x·Aᵀ)·(s·scale ⊙ B)ᵀ [+ bias], scale = m / denom (denom: detached norm, 0 -> 1)."""
 
     @staticmethod
     def forward(ctx, base_out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
-                denom: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                denom: torch.Tensor, bias: torch.Tensor | None, scaling: float, consume_base: bool = False
+                ) -> torch.Tensor:
         dt = base_out.dtype
         acc = torch.promote_types(magnitude.dtype, torch.float32)
         scale = magnitude.to(acc) / denom.to(acc)                       # (out,), ≥ fp32
         scale_dt = scale.to(dt)
-        if bias is not None:
-            y = torch.addcmul(bias.to(dt), base_out, scale_dt)          # one pass: b + base ⊙ m/n
-        else:
-            y = base_out * scale_dt
-        y2 = _flat(y)
         xa2 = _flat(xa).to(dt)
-        b_scaled = (lora_B.to(acc) * (scaling * scale)[:, None]).to(dt)  # (out, r): s·(m/n) ⊙ B
-        y2.addmm_(xa2, b_scaled.t())                                     # low-rank term accumulated in the GEMM
-
         zero_idx = z_zero = None
         if ctx.needs_input_grad[3] and bool((magnitude == 0).any()):
             # y has no z for these rows: keep z's columns (tokens × k), computed without the scale.
             zero_idx = (magnitude == 0).nonzero().squeeze(1)
             z_zero = (_flat(base_out)[:, zero_idx].to(acc)
                       + scaling * (xa2.to(acc) @ lora_B.to(acc)[zero_idx].t()))
+        # base_out is the base matmul's fresh output, used by nothing else: scale it in place (no new
+        # (tokens × out) buffer, whose first touch costs page faults on a CPU) and mark it dirty for autograd.
+        in_place = consume_base and base_out.is_contiguous() and base_out._base is None and not base_out.is_leaf
+        if bias is not None:
+            y = torch.addcmul(bias.to(dt), base_out, scale_dt)          # one pass: b + base ⊙ m/n
+        elif in_place:
+            y = base_out.mul_(scale_dt)
+            ctx.mark_dirty(base_out)
+        else:
+            y = base_out * scale_dt
+        y2 = _flat(y)
+        b_scaled = (lora_B.to(acc) * (scaling * scale)[:, None]).to(dt)  # (out, r): s·(m/n) ⊙ B
+        y2.addmm_(xa2, b_scaled.t())                                     # low-rank term accumulated in the GEMM
         safe_m = torch.where(magnitude == 0, torch.ones_like(magnitude), magnitude).to(acc)
         ctx.save_for_backward(y, xa, lora_B, scale, safe_m, denom,
                               bias.detach().clone() if bias is not None else None, zero_idx, z_zero)
@@ -73,7 +94,7 @@ class DoRAEpilogue(torch.autograd.Function):
         dt = y.dtype
         g2 = _flat(g.to(dt))
         gs = g2 * scale.to(dt)                                   # dL/dz = g ⊙ m/n  (one pass)
-        need_base, need_xa, need_b, need_m, _, need_bias, _ = ctx.needs_input_grad
+        need_base, need_xa, need_b, need_m, _, need_bias = ctx.needs_input_grad[:6]
         d_base = gs.view(y.shape) if need_base else None
         d_xa = d_b = d_m = d_bias = None
         if need_xa:
@@ -84,7 +105,7 @@ class DoRAEpilogue(torch.autograd.Function):
             acc = scale.dtype
             g_sum = g2.sum(0, dtype=acc) if (ctx.has_bias or need_bias) else None
             if need_m:
-                gy = (g2 * _flat(y)).sum(0, dtype=acc)           # Σ g ⊙ y, fp32 accumulation
+                gy = _column_dot(g2, _flat(y), acc)              # Σ g ⊙ y, fp32 accumulation
                 if ctx.has_bias:
                     gy = gy - bias.to(acc) * g_sum               # Σ g ⊙ (y - b)
                 d_m = gy / safe_m
@@ -93,7 +114,7 @@ class DoRAEpilogue(torch.autograd.Function):
                 d_m = d_m.to(ctx.m_dtype)
             if need_bias:
                 d_bias = g_sum
-        return d_base, d_xa, d_b, d_m, None, d_bias, None
+        return (d_base, d_xa, d_b, d_m, None, d_bias) + (None,) * (len(ctx.needs_input_grad) - 6)
 
 
 def dora_epilogue_reference(base_out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
@@ -107,16 +128,20 @@ def dora_epilogue_reference(base_out: torch.Tensor, xa: torch.Tensor, lora_B: to
 
 
 def dora_epilogue(base_out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
-                  denom: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                  denom: torch.Tensor, bias: torch.Tensor | None, scaling: float,
+                  consume_base: bool = False) -> torch.Tensor:
     """y = (m/denom) ⊙ (base_out + s·xa·Bᵀ) + b; denom is the detached row norm with zeros replaced by 1.
 
-    Dispatches to the fused node in eager mode and to plain ops while torch.compile traces."""
+    consume_base=True lets the fused node write y into base_out's memory (the caller must not use base_out again;
+    DoRALinear passes its fresh base-matmul output). Dispatches to the fused node in eager mode and to plain ops
+    while torch.compile traces."""
     if not _FUSED or torch.compiler.is_compiling():
         return dora_epilogue_reference(base_out, xa, lora_B, magnitude, denom, bias, scaling)
     denom = denom.detach()
     if bias is not None and base_out.dtype not in (torch.float32, torch.float64):
-        return DoRAEpilogue.apply(base_out, xa, lora_B, magnitude, denom, None, scaling) + bias.to(base_out.dtype)
-    return DoRAEpilogue.apply(base_out, xa, lora_B, magnitude, denom, bias, scaling)
+        y = DoRAEpilogue.apply(base_out, xa, lora_B, magnitude, denom, None, scaling, consume_base)
+        return y + bias.to(base_out.dtype)
+    return DoRAEpilogue.apply(base_out, xa, lora_B, magnitude, denom, bias, scaling, consume_base)
 
 
 _FUSED = True

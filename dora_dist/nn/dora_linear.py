@@ -165,7 +165,8 @@ class DoRALinear(nn.Module):
             xa = F.linear(x.to(self.lora_A.dtype), self.lora_A)
             denom = self.weight_norm(w_times_a=w_times_a).detach()
             denom = torch.where(denom == 0, torch.ones_like(denom), denom)
-            return dora_epilogue(base_out, xa, self.lora_B, self.magnitude, denom, source.bias, self.scaling)
+            return dora_epilogue(base_out, xa, self.lora_B, self.magnitude, denom, source.bias, self.scaling,
+                                consume_base=True)
         x_lora = self.lora_dropout(x) if dropout_active else x
         lora_out = self.lora_path(x_lora)
         scale = self.dora_scale(w_times_a) if self.use_dora else None
