@@ -166,13 +166,14 @@ def time_interleaved(args, variants) -> dict[str, list[float]]:
         runs[v] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                             foreach=False))
     times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
     n = len(variants)
     for i in range(args.warmup + args.steps):
         order = variants[i % n:] + variants[: i % n]
         for v in order:
             model, opt = runs[v]
             with epilogue_mode(v):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 loss_of(model, batch, args).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -180,7 +181,8 @@ def time_interleaved(args, variants) -> dict[str, list[float]]:
                     torch.cuda.synchronize()
                 if i >= args.warmup:
                     times[v].append(time.perf_counter() - t0)
-    return times
+                    cpu[v].append(time.process_time() - c0)
+    return times, cpu
 
 
 def _rss_bytes() -> int:
@@ -314,25 +316,34 @@ def main() -> int:
             loss_memory["chunked_vs_plain"] = loss_memory["chunked"]["peak_bytes"] / loss_memory["plain"]["peak_bytes"]
             print(f"loss peak memory chunked / plain: ×{loss_memory['chunked_vs_plain']:.3f}")
     # timing after the memory runs: a child inherits its parent's peak RSS at fork, so the parent stays small
-    interleaved = time_interleaved(args, variants) if args.steps else {}
+    interleaved, cpu = time_interleaved(args, variants) if args.steps else ({}, {})
     for variant, r in results.items():
         if variant in interleaved:
             if "step_time_s" in r:
                 r["alone_step_time_s"] = r["step_time_s"]
             r["step_times_s"] = interleaved[variant]
             r["step_time_s"] = statistics.median(interleaved[variant])
-            print(f"{variant:24s} median step {1000 * r['step_time_s']:8.1f} ms (interleaved, {args.steps} steps)")
+            r["cpu_times_s"] = cpu[variant]
+            r["cpu_time_s"] = statistics.median(cpu[variant])
+            print(f"{variant:24s} median step {1000 * r['step_time_s']:8.1f} ms wall, {1000 * r['cpu_time_s']:8.1f} ms "
+                  f"process CPU (interleaved, {args.steps} steps)")
     ratios = {}
     lora = results.get("dora_dist-lora", {})
     for v in variants:
         r = results.get(v, {})
         if v == "dora_dist-lora" or "step_time_s" not in r or "step_time_s" not in lora:
             continue
-        ratios[v] = {"time_vs_lora": r["step_time_s"] / lora["step_time_s"]}
+        # wall: median over steps; cpu: median of process CPU time (robust to other processes on a shared machine);
+        # paired: median over rounds of this variant's step / LoRA's step in the same round
+        paired = [a / b for a, b in zip(r["cpu_times_s"], lora["cpu_times_s"])]
+        ratios[v] = {"time_vs_lora": r["step_time_s"] / lora["step_time_s"],
+                     "cpu_time_vs_lora": r["cpu_time_s"] / lora["cpu_time_s"],
+                     "cpu_time_vs_lora_paired_median": statistics.median(paired)}
         if "saved_for_backward_bytes" in r and "saved_for_backward_bytes" in lora:
             ratios[v]["saved_for_backward_vs_lora"] = r["saved_for_backward_bytes"] / lora["saved_for_backward_bytes"]
             ratios[v]["extra_saved_bytes_over_lora"] = r["saved_for_backward_bytes"] - lora["saved_for_backward_bytes"]
-        line = f"{v:24s} vs LoRA: time ×{ratios[v]['time_vs_lora']:.3f}"
+        line = (f"{v:24s} vs LoRA: time ×{ratios[v]['time_vs_lora']:.3f} wall, ×{ratios[v]['cpu_time_vs_lora']:.3f} CPU "
+                f"(paired ×{ratios[v]['cpu_time_vs_lora_paired_median']:.3f})")
         if "saved_for_backward_vs_lora" in ratios[v]:
             line += (f", saved-for-backward ×{ratios[v]['saved_for_backward_vs_lora']:.3f} "
                      f"(+{ratios[v]['extra_saved_bytes_over_lora'] / 2**20:.1f} MiB)")
@@ -340,13 +351,17 @@ def main() -> int:
     for v in variants:
         eager = v.split("+")[0]
         if v.endswith("+compile") and "step_time_s" in results.get(v, {}) and "step_time_s" in results.get(eager, {}):
-            ratios[f"{v}_vs_eager"] = results[v]["step_time_s"] / results[eager]["step_time_s"]
-            print(f"{v:24s} vs eager {eager}: time ×{ratios[f'{v}_vs_eager']:.3f}")
+            ratios[f"{v}_vs_eager"] = {"time": results[v]["step_time_s"] / results[eager]["step_time_s"],
+                                       "cpu_time": results[v]["cpu_time_s"] / results[eager]["cpu_time_s"]}
+            print(f"{v:24s} vs eager {eager}: time ×{ratios[f'{v}_vs_eager']['time']:.3f} wall, "
+                  f"×{ratios[f'{v}_vs_eager']['cpu_time']:.3f} CPU")
     if "dora_dist-dora+compile" in results and "dora_dist-lora+compile" in results:
         d, l = results["dora_dist-dora+compile"], results["dora_dist-lora+compile"]
         if "step_time_s" in d and "step_time_s" in l:
-            ratios["compiled_dora_vs_compiled_lora"] = d["step_time_s"] / l["step_time_s"]
-            print(f"compiled DoRA vs compiled LoRA: time ×{ratios['compiled_dora_vs_compiled_lora']:.3f}")
+            ratios["compiled_dora_vs_compiled_lora"] = {"time": d["step_time_s"] / l["step_time_s"],
+                                                        "cpu_time": d["cpu_time_s"] / l["cpu_time_s"]}
+            print(f"compiled DoRA vs compiled LoRA: time ×{ratios['compiled_dora_vs_compiled_lora']['time']:.3f} wall, "
+                  f"×{ratios['compiled_dora_vs_compiled_lora']['cpu_time']:.3f} CPU")
     fused, unfused = ratios.get("dora_dist-dora", {}), ratios.get("dora_dist-dora-unfused", {})
     if "extra_saved_bytes_over_lora" in fused and unfused.get("extra_saved_bytes_over_lora"):
         ratios["extra_saved_reduction_vs_unfused"] = 1 - (fused["extra_saved_bytes_over_lora"]

@@ -68,7 +68,8 @@ class DoRAEpilogue(torch.autograd.Function):
                       + scaling * (xa2.to(acc) @ lora_B.to(acc)[zero_idx].t()))
         # base_out is the base matmul's fresh output, used by nothing else: scale it in place (no new
         # (tokens × out) buffer, whose first touch costs page faults on a CPU) and mark it dirty for autograd.
-        in_place = consume_base and base_out.is_contiguous() and base_out._base is None and not base_out.is_leaf
+        in_place = (consume_base and base_out.is_contiguous() and base_out._base is None
+                    and not (base_out.is_leaf and base_out.requires_grad))
         if bias is not None:
             y = torch.addcmul(bias.to(dt), base_out, scale_dt)          # one pass: b + base ⊙ m/n
         elif in_place:
