@@ -94,14 +94,17 @@ class DoRAEpilogue(torch.autograd.Function):
         s = ctx.scaling
         dt = y.dtype
         g2 = _flat(g.to(dt))
-        gs = g2 * scale.to(dt)                                   # dL/dz = g ⊙ m/n  (one pass)
         need_base, need_xa, need_b, need_m, _, need_bias = ctx.needs_input_grad[:6]
-        d_base = gs.view(y.shape) if need_base else None
+        # dL/dz = g ⊙ m/n is only materialised for the base path; the low-rank grads take the scale on the
+        # small side: d(xa) = g·(s·m/n ⊙ B), dB = s·m/n ⊙ (gᵀ·xa)   (no (tokens × out) pass when x needs no grad)
+        d_base = (g2 * scale.to(dt)).view(y.shape) if need_base else None
         d_xa = d_b = d_m = d_bias = None
+        s_scale = scale * s                                      # (out,), ≥ fp32
         if need_xa:
-            d_xa = (gs @ (lora_B.to(dt) * s)).view(*xa.shape[:-1], xa.shape[-1]).to(xa.dtype)
+            b_scaled = (lora_B.to(s_scale.dtype) * s_scale[:, None]).to(dt)
+            d_xa = (g2 @ b_scaled).view(*xa.shape[:-1], xa.shape[-1]).to(xa.dtype)
         if need_b:
-            d_b = ((gs.t() @ _flat(xa).to(dt)).to(lora_B.dtype) * s)
+            d_b = ((g2.t() @ _flat(xa).to(dt)).to(s_scale.dtype) * s_scale[:, None]).to(lora_B.dtype)
         if need_m or need_bias:
             acc = scale.dtype
             g_sum = g2.sum(0, dtype=acc) if (ctx.has_bias or need_bias) else None
