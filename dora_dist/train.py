@@ -138,7 +138,7 @@ def _train(cfg: Config, env: DistEnv) -> dict:
             for j, indices in enumerate(micro_batches):
                 batch = {k: v.to(env.device, non_blocking=True) for k, v in dataset.collate(indices).items()}
                 with engine.accumulate(last=(j == len(micro_batches) - 1)):
-                    loss = micro_batch_loss(model, batch, global_targets, tcfg.loss_chunk_tokens)
+                    loss = micro_batch_loss(model, batch, global_targets, chunk_tokens=tcfg.loss_chunk_tokens)
                     engine.backward(loss)
                 local_loss += loss.detach().double()
             step_loss = env.all_reduce_sum(local_loss)  # COLLECTIVE: one float (the global-batch mean loss)
