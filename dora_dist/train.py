@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dora_dist.batching import Batching
 from dora_dist.config import Config, load_job_config
 from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_dataset
+from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
 from dora_dist.metrics import MetricsLogger, format_line, plot_loss
 from dora_dist.parallel import DistEnv, make_engine, step_probe
 
@@ -30,13 +30,12 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int) -> torch.Tensor:
-    """Sum of next-token losses of this micro-batch / target tokens of the whole global batch (see Engine)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # ≥ fp32 (fp64 reference runs)
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int,
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Sum of next-token losses of this micro-batch / target tokens of the whole global batch (see Engine).
+    lm_head + cross-entropy run over chunks of `chunk_tokens` tokens (0: whole fp32 logits), see losses.py."""
+    loss_sum = causal_lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                  chunk_tokens=chunk_tokens, ignore_index=IGNORE_INDEX)
     return loss_sum / global_targets
 
 
@@ -124,6 +123,10 @@ def build(cfg: Config, env) -> Job:
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     models.add_adapters(model, cfg)  # drawn from training.seed: the same on every engine and world size
+    if tcfg.compile:
+        from dora_dist.compile import compile_for_engine
+
+        compile_for_engine(model, engine.name)  # per decoder block, before the engine wraps the model
     trainable, total = models.count_parameters(model)
     model = engine.prepare(model)
     model.train()
@@ -161,7 +164,8 @@ def train_step(job: Job) -> dict:
     for j, indices in enumerate(micro_batches):
         batch = {k: v.to(env.device, non_blocking=True) for k, v in dataset.collate(indices).items()}
         with engine.accumulate(last=(j == len(micro_batches) - 1)):
-            loss = micro_batch_loss(job.model, batch, global_targets)
+            loss = micro_batch_loss(job.model, batch, global_targets,
+                                    chunk_tokens=job.cfg.training.loss_chunk_tokens)
             engine.backward(loss)
         local_loss += loss.detach().double()
     step_loss = env.all_reduce_sum(local_loss)  # COLLECTIVE: one float (the global-batch mean loss)
