@@ -5,6 +5,7 @@
     dora-dist generate --adapter DIR --prompt "..."           generate text (see dora_dist/generate.py)
     dora-dist keys                                            list every config key
     dora-dist analyze --base DIR --tuned T1 T2 ... [--out DIR]  magnitude/direction change per layer (DoRA Fig. 2)
+    dora-dist plan --config F --nodes M --gpus-per-node N     memory, fit, tokens/s and engine advice (no download)
 """
 from __future__ import annotations
 
@@ -50,6 +51,10 @@ def _build_parser() -> argparse.ArgumentParser:
     an.add_argument("--base-quant", default=None, choices=["nf4", "fp4"],
                     help="compare with the 4-bit quantization of the base (what a QDoRA adapter was trained on)")
     an.add_argument("--layers", default=None, help="regex selecting layer names (default: all but embeddings)")
+    from dora_dist.plan.report import add_arguments as plan_arguments
+
+    plan_arguments(sub.add_parser("plan", help="project memory per rank, fit, tokens/s and the best engine for a "
+                                  "cluster (nothing downloaded)"))
     return parser
 
 
@@ -110,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             from dora_dist.config import valid_keys
 
             print("\n".join(valid_keys()))
+        elif args.command == "plan":
+            from dora_dist.plan.report import run as plan
+
+            return plan(args)
         elif args.command == "analyze":
             from dora_dist.analysis import analyze
 

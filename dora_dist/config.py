@@ -126,6 +126,10 @@ class TrainingConfig:
     seed: int = 42
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
+    #: lm_head + cross-entropy over chunks of this many tokens, so the fp32 logits are never whole (0: whole logits)
+    loss_chunk_tokens: int = 512
+    #: torch.compile each decoder block (DoRA layers included) before the engine wraps the model
+    compile: bool = False
     #: auto (cuda if available), cpu, cuda
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 1
@@ -236,6 +240,7 @@ _RANGES: dict[str, tuple] = {
     "training.stop_after_steps": _NON_NEGATIVE,
     "training.eval_every": _NON_NEGATIVE,
     "training.eval_batch_size": _NON_NEGATIVE,
+    "training.loss_chunk_tokens": _NON_NEGATIVE,
     "parallel.ddp_bucket_mb": _POSITIVE,
     "checkpoint.every_steps": _NON_NEGATIVE,
     "checkpoint.keep_last": _POSITIVE,

@@ -5,6 +5,7 @@ Everything engine-specific lives behind `dora_dist.parallel.base.Engine`; this f
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dora_dist.batching import Batching
 from dora_dist.config import Config, load_job_config
@@ -23,8 +23,9 @@ from dora_dist.console import Console, quiet_third_party
 from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_datasets
 from dora_dist.evaluate import eval_due, format_eval_line, run_eval
 from dora_dist.loggers import check_loggers, make_loggers
+from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
 from dora_dist.metrics import format_line, plot_loss
-from dora_dist.parallel import DistEnv, make_engine
+from dora_dist.parallel import DistEnv, make_engine, step_probe
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -33,13 +34,12 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int) -> torch.Tensor:
-    """Sum of next-token losses of this micro-batch / target tokens of the whole global batch (see Engine)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # ≥ fp32 (fp64 reference runs)
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int,
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Sum of next-token losses of this micro-batch / target tokens of the whole global batch (see Engine).
+    lm_head + cross-entropy run over chunks of `chunk_tokens` tokens (0: whole fp32 logits), see losses.py."""
+    loss_sum = causal_lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                  chunk_tokens=chunk_tokens, ignore_index=IGNORE_INDEX)
     return loss_sum / global_targets
 
 
@@ -79,7 +79,8 @@ def train(cfg: Config) -> dict:
     quiet_third_party()
     env = DistEnv.from_environ(device=cfg.training.device)
     try:
-        return _train(cfg, env)
+        with step_probe.probing():  # off unless a benchmark sets DORA_DIST_COUNT_COMM / DORA_DIST_MEMORY_STEP
+            return _train(cfg, env)
     finally:
         env.destroy()
 
@@ -110,7 +111,8 @@ def _train(cfg: Config, env) -> dict:
 
 
 def _log_eval(job: Job, logger, bar) -> None:
-    rec = run_eval(job, micro_batch_loss)                # COLLECTIVE; the training loss, same masking
+    loss_fn = functools.partial(micro_batch_loss, chunk_tokens=job.cfg.training.loss_chunk_tokens)
+    rec = run_eval(job, loss_fn)                         # COLLECTIVE; the training loss, same masking
     logger.log(rec)
     if job.env.is_main:
         bar.line(format_eval_line(rec, job.batching.max_steps))
@@ -137,6 +139,10 @@ def build(cfg: Config, env) -> Job:
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     models.add_adapters(model, cfg)  # drawn from training.seed: the same on every engine and world size
+    if tcfg.compile:
+        from dora_dist.compile import compile_for_engine
+
+        compile_for_engine(model, engine.name)  # per decoder block, before the engine wraps the model
     trainable, total = models.count_parameters(model)
     model = engine.prepare(model)
     model.train()
@@ -167,6 +173,7 @@ def build(cfg: Config, env) -> Job:
 def train_step(job: Job) -> dict:
     """One optimizer step over the global batch (all micro-batches of this rank); returns its metrics record."""
     env, engine, dataset, sampler = job.env, job.engine, job.dataset, job.sampler
+    step_probe.start_step(job.step)
     step_t0 = time.perf_counter()
     global_idx = sampler.global_indices(job.step)
     global_targets = dataset.n_targets(global_idx)
@@ -176,7 +183,8 @@ def train_step(job: Job) -> dict:
     for j, indices in enumerate(micro_batches):
         batch = {k: v.to(env.device, non_blocking=True) for k, v in dataset.collate(indices).items()}
         with engine.accumulate(last=(j == len(micro_batches) - 1)):
-            loss = micro_batch_loss(job.model, batch, global_targets)
+            loss = micro_batch_loss(job.model, batch, global_targets,
+                                    chunk_tokens=job.cfg.training.loss_chunk_tokens)
             engine.backward(loss)
         local_loss += loss.detach().double()
     step_loss = env.all_reduce_sum(local_loss)  # COLLECTIVE: one float (the global-batch mean loss)
@@ -195,7 +203,8 @@ def train_step(job: Job) -> dict:
     job.history.append(step_loss)
     return {"step": job.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": global_tokens / dt, "step_time_s": dt,
-            "peak_mem_bytes": engine.peak_memory_bytes(), "epoch": sampler.epoch_of(job.step)}
+            "peak_mem_bytes": engine.peak_memory_bytes(), "epoch": sampler.epoch_of(job.step),
+            **step_probe.end_step()}
 
 
 def save_checkpoint(job: Job) -> None:

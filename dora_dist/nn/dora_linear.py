@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dora_dist.nn.dora_epilogue import dora_epilogue
 from dora_dist.nn.weight_source import WeightSource, weight_source_for
 
 
@@ -229,6 +230,12 @@ class DoRALinear(nn.Module):
             bias = source.bias
             return out if bias is None else out.add_(bias.to(out.dtype))
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
+        if self.use_dora and not dropout_active:  # one fused node: saves y, not z (see nn/dora_epilogue.py)
+            xa = F.linear(x.to(self.lora_A.dtype), self.lora_A)
+            denom = self.weight_norm(w_times_a=w_times_a).detach()
+            denom = torch.where(denom == 0, torch.ones_like(denom), denom)
+            return dora_epilogue(base_out, xa, self.lora_B, self.magnitude, denom, source.bias, self.scaling,
+                                consume_base=True)
         x_lora = self.lora_dropout(x) if dropout_active else x
         lora_out = self.lora_path(x_lora)
         scale = self.dora_scale(w_times_a) if self.use_dora else None

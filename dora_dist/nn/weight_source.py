@@ -108,16 +108,17 @@ class WeightSource:
             stop = min(start + step, self.out_features)
             yield start, self.row_chunk(start, stop)
 
-    @torch.no_grad()
     def reduce_rows(self, fn: Callable[[torch.Tensor, int, int], torch.Tensor], width: int | None) -> torch.Tensor:
-        """Apply fn(chunk, start, stop) -> (rows,) or (rows, width) per row chunk, concatenated in fp32."""
+        """Apply fn(chunk, start, stop) -> (rows,) or (rows, width) per row chunk, concatenated in fp32.
+        (no_grad as a block, not a decorator: torch.compile traces it inside a DoRA layer without a graph break)"""
         shape = (self.out_features,) if width is None else (self.out_features, width)
         out = None
-        for start, chunk in self.iter_row_chunks():
-            part = fn(chunk, start, start + chunk.shape[0])
-            if out is None:
-                out = torch.empty(shape, dtype=part.dtype, device=part.device)
-            out[start : start + chunk.shape[0]] = part
+        with torch.no_grad():
+            for start, chunk in self.iter_row_chunks():
+                part = fn(chunk, start, start + chunk.shape[0])
+                if out is None:
+                    out = torch.empty(shape, dtype=part.dtype, device=part.device)
+                out[start : start + chunk.shape[0]] = part
         return out
 
     def row_sq_norms(self) -> torch.Tensor:
@@ -129,8 +130,13 @@ class WeightSource:
         return self.matmul(x), self.times_A(lora_A)
 
     def times_A(self, lora_A: torch.Tensor) -> torch.Tensor:
-        """W·Aᵀ, fp32 (out, r), computed per row chunk."""
+        """W·Aᵀ, fp32 (out, r), computed per row chunk (this runs every training step: one chunk is returned as
+        is, without the assembly copy)."""
         a_t = at_least_fp32(lora_A.detach()).t()
+        if self.rows_per_chunk() >= self.out_features:
+            with torch.no_grad():
+                w = self.row_chunk(0, self.out_features)
+                return w @ a_t.to(w.dtype)
         return self.reduce_rows(lambda w, *_: w @ a_t.to(w.dtype), lora_A.shape[0])
 
     @torch.no_grad()
@@ -178,6 +184,15 @@ class DenseWeight(WeightSource):
 
     def row_chunk(self, start: int, stop: int) -> torch.Tensor:
         return at_least_fp32(self.module.weight.detach()[start:stop])
+
+    def times_A(self, lora_A: torch.Tensor) -> torch.Tensor:
+        # An fp32/fp64 weight is its own chunk: one GEMM, as (A·Wᵀ)ᵀ, which BLAS runs ~1.5× faster than W·Aᵀ
+        # (r rows instead of r columns); it runs every training step.
+        w = self.module.weight
+        if w.dtype in (torch.float32, torch.float64):
+            with torch.no_grad():
+                return torch.nn.functional.linear(at_least_fp32(lora_A.detach()).to(w.dtype), w.detach()).t()
+        return super().times_A(lora_A)
 
     def rows_per_chunk(self) -> int:
         # An fp32 weight is already fp32: one "chunk" is a view, not a copy.

@@ -28,7 +28,12 @@ def common_overrides(cache: str) -> list[str]:
     return [f"model.cache_dir={cache}", "data.seq_len=64", "data.synthetic_samples=300", "training.max_steps=4",
             "training.global_batch_size=8", "training.micro_batch_size=2", "training.lr=5e-3",
             "training.warmup_steps=1", "output.progress_bar=false", "output.plot=false", "checkpoint.resume=none",
-            "model.dtype=float64", "dora.adapter_dtype=float64"]
+            "model.dtype=float64", "dora.adapter_dtype=float64",
+            "training.loss_chunk_tokens=37"]  # 2 × 63 next-token targets per micro-batch: 4 chunks, the last short
+
+
+#: training.compile runs (issue 14): fewer steps, compared with the eager single-process losses
+COMPILE = ["training.compile=true", "training.max_steps=2"]
 
 
 # bitsandbytes has no float64 kernels: the 4-bit run is fp32 (compared with the AdamW bound, see test_engines.py)
@@ -86,11 +91,54 @@ def magnitude_check(env, arch: dict = LLAMA_ARCH, probe: str | None = "model.lay
     return out
 
 
+def chunked_loss_check(env) -> dict:
+    """Under FSDP2, a tied-embedding Llama (the head's weight is the embedding, a root parameter that is a DTensor
+    outside forward): the chunked loss and its adapter gradients equal the whole-logits loss's, on every rank."""
+    from dora_dist.adapters import apply_dora, dora_layers
+    from dora_dist.config import load_config
+    from dora_dist.losses import causal_lm_loss_sum, plain_causal_lm_loss_sum
+    from dora_dist.models import dora_config_from, hf_config_from_dict
+    from dora_dist.parallel.fsdp2 import FSDP2Engine
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(None, ["parallel.engine=fsdp2", "parallel.load_on_rank0=false"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config_from_dict(dict(LLAMA_ARCH, tie_word_embeddings=True)))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    apply_dora(model, dora_config_from(cfg))
+    with torch.no_grad():
+        for _, layer in dora_layers(model):
+            layer.lora_B.normal_(0, 0.05)
+    engine = FSDP2Engine(cfg, env)
+    model = engine.wrap(model)
+    engine.init_magnitudes(model)
+    g = torch.Generator().manual_seed(1 + env.rank)
+    ids = torch.randint(0, LLAMA_ARCH["vocab_size"], (2, 21), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(fn):
+        loss = fn()
+        loss.backward()
+        grads = [p.grad.to_local().clone() for p in params]
+        for p in params:
+            p.grad = None
+        return float(loss), grads
+
+    plain_loss, plain_grads = run(lambda: plain_causal_lm_loss_sum(model, ids, None, labels))
+    chunk_loss, chunk_grads = run(lambda: causal_lm_loss_sum(model, ids, None, labels, chunk_tokens=6))
+    rel = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(chunk_grads, plain_grads))
+    return {"loss_rel_err": env.all_reduce_max(abs(chunk_loss - plain_loss) / abs(plain_loss)),
+            "grad_max_rel_err": env.all_reduce_max(rel)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", required=True)
     p.add_argument("--cache", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--part", choices=("main", "compile"), default="main")
     args = p.parse_args()
     dist.init_process_group("gloo")
     from dora_dist.config import load_config
@@ -102,6 +150,19 @@ def main() -> int:
     work = Path(args.workdir)
     results: dict = {"world_size": env.world_size}
     base = common_overrides(args.cache)
+    if args.part == "compile":  # a launch of its own: inductor compiles in every process (minutes on 2 cores)
+        for engine in ("ddp", "fsdp2"):
+            out = work / f"{engine}_compile"
+            train(load_config(None, base + COMPILE + [f"parallel.engine={engine}", f"output.dir={out}"]))
+            if env.is_main:
+                recs = read_metrics(out)
+                results[f"{engine}_compile"] = {"losses": [r["loss"] for r in recs],
+                                                "grad_norms": [r["grad_norm"] for r in recs]}
+        if env.is_main:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
     for engine in ("ddp", "fsdp2"):
         out = work / engine
         train(load_config(None, base + [f"parallel.engine={engine}", f"output.dir={out}"]))
@@ -125,6 +186,7 @@ def main() -> int:
         recs = read_metrics(out)
         results["fsdp2_resume"] = {"losses": [r["loss"] for r in recs], "adapter": str(out / "adapter"),
                                    "checkpoints_after_stop": stopped_ckpts}
+    results["chunked_loss_fsdp2_tied"] = chunked_loss_check(env)
     results["magnitude"] = magnitude_check(env)
     results["magnitude_gpt2"] = magnitude_check(env, GPT2_ARCH, probe=None)
     for key in ("magnitude", "magnitude_gpt2"):

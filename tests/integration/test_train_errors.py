@@ -13,9 +13,9 @@ def test_nan_loss_stops_cleanly(tmp_path, monkeypatch):
     real = train_mod.micro_batch_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch, global_targets):
+    def poisoned(model, batch, global_targets, **kwargs):
         calls["n"] += 1
-        loss = real(model, batch, global_targets)
+        loss = real(model, batch, global_targets, **kwargs)
         return loss * float("nan") if calls["n"] > 4 else loss   # 2 micro-batches per step: NaN from step 3
 
     monkeypatch.setattr(train_mod, "micro_batch_loss", poisoned)

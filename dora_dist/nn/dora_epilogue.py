@@ -1,0 +1,169 @@
+"""The DoRA epilogue as one autograd node: y = (m/n) ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, with n = ‖W + sBA‖ detached.
+
+Why a custom autograd function. Written with plain torch ops the epilogue runs several elementwise passes over the
+(tokens × out) output in forward and backward, and autograd keeps the pre-scale output z = x·Wᵀ + s·x·Aᵀ·Bᵀ alive
+for dL/dm: one (tokens × out) activation more than LoRA. This node
+
+- computes y with one elementwise pass (``addcmul``: b + base ⊙ m/n) and folds the low-rank product into the GEMM
+  epilogue (``addmm_`` accumulates (x·Aᵀ)·(s·(m/n) ⊙ B)ᵀ into y in place), so z is never materialised;
+- saves its *output* y instead of z. With y = (m/n) ⊙ z + b:
+
+      dL/dz = g ⊙ m/n,       dL/dm = Σ_tokens g ⊙ z / n = Σ_tokens g ⊙ (y - b) / m          (m ≠ 0)
+
+  The op after a DoRA layer often saves y as well (in a Llama block v_proj feeds attention, gate_proj the SiLU and
+  up_proj the gate product); autograd then stores one tensor for both, and DoRA's extra activation is gone there.
+- Rows with m = 0 lose z in y (their output is the bias); for those rows alone z is saved at forward time (a
+  (tokens × k) slice, k = number of zero magnitudes, usually 0). Deciding that reads one boolean from the device
+  (a host sync per layer and forward on a GPU, free on a CPU).
+- For 16-bit outputs a bias is added *after* this node: recovering z from y − b would then cancel catastrophically
+  when |b| ≫ |m/n·z| (y carries only 8 bits of mantissa), so y is saved before the bias (one extra activation, only
+  for biased layers in bf16/fp16; Llama has no biases).
+
+Under torch.compile the same math is written with plain ops (the data-dependent m = 0 branch would break the graph)
+and inductor fuses the elementwise work and chooses what to save. With dropout active the layer keeps the
+reference ``dora_output`` path (two base matmuls, as in peft).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(…, features) -> (tokens, features) without copying when possible."""
+    return t.reshape(-1, t.shape[-1])
+
+
+#: tokens per block of the Σ_tokens g ⊙ y reduction for 16-bit tensors (the product stays in cache)
+_DOT_BLOCK = 64
+
+
+def _column_dot(g: torch.Tensor, y: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Σ_t g[t] ⊙ y[t] (per column) accumulated in `acc`. fp32/fp64: one product and one reduction; 16-bit: over
+    blocks of tokens, so the 16-bit product of a block is summed in fp32 while it is still in cache."""
+    if g.dtype in (torch.float32, torch.float64) or g.shape[0] <= _DOT_BLOCK:
+        return (g * y).sum(0, dtype=acc)
+    out = torch.zeros(g.shape[1], dtype=acc, device=g.device)
+    for start in range(0, g.shape[0], _DOT_BLOCK):
+        out += (g[start:start + _DOT_BLOCK] * y[start:start + _DOT_BLOCK]).sum(0, dtype=acc)
+    return out
+
+
+class DoRAEpilogue(torch.autograd.Function):
+    """y = scale ⊙ base_out + (x·Aᵀ)·(s·scale ⊙ B)ᵀ [+ bias], scale = m / denom (denom: detached norm, 0 -> 1)."""
+
+    @staticmethod
+    def forward(ctx, base_out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
+                denom: torch.Tensor, bias: torch.Tensor | None, scaling: float, consume_base: bool = False
+                ) -> torch.Tensor:
+        dt = base_out.dtype
+        acc = torch.promote_types(magnitude.dtype, torch.float32)
+        scale = magnitude.to(acc) / denom.to(acc)                       # (out,), ≥ fp32
+        scale_dt = scale.to(dt)
+        xa2 = _flat(xa).to(dt)
+        zero_idx = z_zero = None
+        if ctx.needs_input_grad[3] and bool((magnitude == 0).any()):
+            # y has no z for these rows: keep z's columns (tokens × k), computed without the scale.
+            zero_idx = (magnitude == 0).nonzero().squeeze(1)
+            z_zero = (_flat(base_out)[:, zero_idx].to(acc)
+                      + scaling * (xa2.to(acc) @ lora_B.to(acc)[zero_idx].t()))
+        # base_out is the base matmul's fresh output, used by nothing else: scale it in place (no new
+        # (tokens × out) buffer, whose first touch costs page faults on a CPU) and mark it dirty for autograd.
+        in_place = (consume_base and base_out.is_contiguous() and base_out._base is None
+                    and not (base_out.is_leaf and base_out.requires_grad))
+        if bias is not None:
+            y = torch.addcmul(bias.to(dt), base_out, scale_dt)          # one pass: b + base ⊙ m/n
+        elif in_place:
+            y = base_out.mul_(scale_dt)
+            ctx.mark_dirty(base_out)
+        else:
+            y = base_out * scale_dt
+        y2 = _flat(y)
+        b_scaled = (lora_B.to(acc) * (scaling * scale)[:, None]).to(dt)  # (out, r): s·(m/n) ⊙ B
+        y2.addmm_(xa2, b_scaled.t())                                     # low-rank term accumulated in the GEMM
+        safe_m = torch.where(magnitude == 0, torch.ones_like(magnitude), magnitude).to(acc)
+        ctx.save_for_backward(y, xa, lora_B, scale, safe_m, denom,
+                              bias.detach().clone() if bias is not None else None, zero_idx, z_zero)
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        ctx.m_dtype = magnitude.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        y, xa, lora_B, scale, safe_m, denom, bias, zero_idx, z_zero = ctx.saved_tensors
+        s = ctx.scaling
+        dt = y.dtype
+        g2 = _flat(g.to(dt))
+        need_base, need_xa, need_b, need_m, _, need_bias = ctx.needs_input_grad[:6]
+        # dL/dz = g ⊙ m/n is only materialised for the base path; the low-rank grads take the scale on the
+        # small side: d(xa) = g·(s·m/n ⊙ B), dB = s·m/n ⊙ (gᵀ·xa)   (no (tokens × out) pass when x needs no grad)
+        d_base = (g2 * scale.to(dt)).view(y.shape) if need_base else None
+        d_xa = d_b = d_m = d_bias = None
+        s_scale = scale * s                                      # (out,), ≥ fp32
+        if need_xa:
+            b_scaled = (lora_B.to(s_scale.dtype) * s_scale[:, None]).to(dt)
+            d_xa = (g2 @ b_scaled).view(*xa.shape[:-1], xa.shape[-1]).to(xa.dtype)
+        if need_b:
+            d_b = ((g2.t() @ _flat(xa).to(dt)).to(s_scale.dtype) * s_scale[:, None]).to(lora_B.dtype)
+        if need_m or need_bias:
+            acc = scale.dtype
+            g_sum = g2.sum(0, dtype=acc) if (ctx.has_bias or need_bias) else None
+            if need_m:
+                gy = _column_dot(g2, _flat(y), acc)              # Σ g ⊙ y, fp32 accumulation
+                if ctx.has_bias:
+                    gy = gy - bias.to(acc) * g_sum               # Σ g ⊙ (y - b)
+                d_m = gy / safe_m
+                if zero_idx is not None:
+                    d_m[zero_idx] = (g2[:, zero_idx].to(acc) * z_zero).sum(0) / denom.to(acc)[zero_idx]
+                d_m = d_m.to(ctx.m_dtype)
+            if need_bias:
+                d_bias = g_sum
+        return (d_base, d_xa, d_b, d_m, None, d_bias) + (None,) * (len(ctx.needs_input_grad) - 6)
+
+
+def dora_epilogue_reference(base_out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
+                            denom: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """The same function with plain torch ops (autograd and inductor see every op; used under torch.compile)."""
+    dt = base_out.dtype
+    scale = magnitude / denom
+    lora_out = torch.nn.functional.linear(xa, lora_B).to(dt)
+    y = torch.add(base_out, lora_out, alpha=scaling) * scale.to(dt)
+    return y if bias is None else y + bias.to(dt)
+
+
+def dora_epilogue(base_out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
+                  denom: torch.Tensor, bias: torch.Tensor | None, scaling: float,
+                  consume_base: bool = False) -> torch.Tensor:
+    """y = (m/denom) ⊙ (base_out + s·xa·Bᵀ) + b; denom is the detached row norm with zeros replaced by 1.
+
+    consume_base=True lets the fused node write y into base_out's memory (the caller must not use base_out again;
+    DoRALinear passes its fresh base-matmul output). Dispatches to the fused node in eager mode and to plain ops
+    while torch.compile traces."""
+    if not _FUSED or torch.compiler.is_compiling():
+        return dora_epilogue_reference(base_out, xa, lora_B, magnitude, denom, bias, scaling)
+    denom = denom.detach()
+    if bias is not None and base_out.dtype not in (torch.float32, torch.float64):
+        y = DoRAEpilogue.apply(base_out, xa, lora_B, magnitude, denom, None, scaling, consume_base)
+        return y + bias.to(base_out.dtype)
+    return DoRAEpilogue.apply(base_out, xa, lora_B, magnitude, denom, bias, scaling, consume_base)
+
+
+_FUSED = True
+
+
+class use_fused:
+    """Context manager (benchmarks, tests): `with use_fused(False):` runs the plain-op epilogue in eager mode too,
+    i.e. the pre-fusion behaviour that saves z."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        global _FUSED
+        self.prev, _FUSED = _FUSED, self.enabled
+        return self
+
+    def __exit__(self, *exc):
+        global _FUSED
+        _FUSED = self.prev
+        return False

@@ -1,0 +1,164 @@
+"""The collectives each engine runs per optimizer step, with their exact sizes (padding included).
+
+Sizes are whole logical buffers on one rank, as `dora_dist.parallel.comm_counter` counts them: all-gather = the
+gathered output, reduce-scatter = the input, all-reduce / broadcast = the tensor. `tests/dist/test_comm_prediction.py`
+holds these predictions equal to the counted bytes of real 2-process runs for every engine.
+
+Where the sizes come from (world N, gas = micro-steps per optimizer step, adapters in `dora.adapter_dtype`):
+
+- every engine: the trainer all-reduces the step loss, one float64 (8 bytes).
+- ddp: adapter gradients all-reduced once per step (on the last micro-step), in DDP's buckets (1 MiB first bucket,
+  then `parallel.ddp_bucket_mb`); buckets concatenate gradients, no padding. Frozen base: nothing.
+- fsdp2: every parameter is sharded on dim 0 with torch.chunk, each shard padded to ceil(dim0/N) rows, so a unit's
+  all-gather output is Σ ceil(dim0/N)·N·(row elements)·itemsize in the all-gather dtype (bf16 under
+  training.precision=bf16, else the parameter's own; a 4-bit base gathers its packed row records, see
+  quant/sharded4bit.py). Per micro-step the root (embeddings, head) is gathered once (it stays unsharded until the
+  backward ends) and each block twice (forward, and again in backward after reshard_after_forward); adapter
+  gradients are reduce-scattered in fp32 (padded the same way) on the last micro-step; clipping all-reduces one
+  fp32 norm per trainable tensor (DTensor's partial norms, stacked).
+- zero2: DeepSpeed all-reduces the adapter gradients (its contiguous buckets) on every micro-step, checks two fp32
+  scalars, and after the optimizer step all-gathers each parameter group's flat fp32 partition, the group padded
+  to a multiple of 2·N elements (nccl_start_alignment_factor = 2).
+- zero3: every parameter is split by element count into N partitions of ceil(numel/N). Parameters with at most
+  `stage3_param_persistence_threshold` (1e5) elements are "persistent": after each optimizer step they are all
+  gathered once and stay whole; larger ones are gathered (together) at each micro-step's forward and, when the
+  model's non-persistent elements exceed `stage3_max_reuse_distance` (1e9), again in backward. Gradients are
+  reduce-scattered (fp32, each padded to N·ceil(numel/N)) on every micro-step; two float64 scalars are
+  all-reduced at the step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import ceil
+
+from dora_dist.plan.model_spec import ModelSpec, ParamSpec, base_dtype_bytes, dtype_bytes
+
+KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "reduce", "other")
+ZERO3_PERSISTENCE_THRESHOLD = 100_000
+ZERO3_MAX_REUSE_DISTANCE = 1_000_000_000
+DDP_FIRST_BUCKET_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Collective:
+    kind: str
+    nbytes: int          # per step, summed over its calls
+    calls: int
+    overlap: bool        # can hide behind compute (prefetched all-gathers, bucketed gradient reductions)
+    what: str
+
+
+def grad_accum(cfg, world: int) -> int:
+    t = cfg.training
+    if t.global_batch_size:
+        return max(1, t.global_batch_size // (t.micro_batch_size * world))
+    return int(t.grad_accum)
+
+
+def four_bit(cfg) -> bool:
+    return cfg.quantization.mode in ("nf4", "fp4")
+
+
+def packed_row_bytes(cfg, out_features: int, in_features: int) -> int:
+    """Bytes of one row record of a Sharded4bitTensor (FSDP2's 4-bit base), from its layout code."""
+    from dora_dist.quant.sharded4bit import _Meta, row_layout
+
+    nested = cfg.quantization.double_quant
+    _, _, _, _, k1, k2 = row_layout(out_features, in_features, 64, nested)
+    return _Meta(cfg.quantization.mode, 64, nested, None, None, k1, k2, in_features).row_bytes
+
+
+def param_itemsize(cfg, p: ParamSpec) -> int:
+    """Bytes per element as stored (dense); 4-bit bases are handled by the callers."""
+    if p.trainable:
+        return dtype_bytes(cfg.dora.adapter_dtype)
+    return base_dtype_bytes(cfg)
+
+
+def fsdp2_gather_bytes(cfg, p: ParamSpec, world: int) -> int:
+    """All-gather output bytes of one parameter under FSDP2 (dim-0 padded to a multiple of the world size)."""
+    rows = ceil(p.shape[0] / world) * world if p.shape else world
+    if p.role == "linear" and four_bit(cfg):
+        return rows * packed_row_bytes(cfg, p.shape[0], p.shape[1])
+    row_elems = p.numel // p.shape[0] if p.shape else 1
+    itemsize = 2 if cfg.training.precision == "bf16" else param_itemsize(cfg, p)
+    return rows * row_elems * itemsize
+
+
+def fsdp2_unit_bytes(cfg, spec: ModelSpec, unit: int, world: int) -> int:
+    return sum(fsdp2_gather_bytes(cfg, p, world) for p in spec.select(block=unit))
+
+
+def _padded(numel: int, world: int) -> int:
+    return ceil(numel / world) * world
+
+
+def predict_collectives(cfg, spec: ModelSpec, engine: str, world: int) -> list[Collective]:
+    """Every collective of one steady-state optimizer step on one rank (empty for one process)."""
+    if world <= 1 or engine == "none":
+        return []
+    gas = grad_accum(cfg, world)
+    abytes = dtype_bytes(cfg.dora.adapter_dtype)
+    trainable = spec.select(trainable=True)
+    n_train = sum(p.numel for p in trainable)
+    out = [Collective("all_reduce", 8, 1, False, "step loss (float64)")]
+    if engine == "ddp":
+        nbytes = n_train * abytes
+        cap = cfg.parallel.ddp_bucket_mb * 2**20
+        calls = 1 + (ceil(max(0, nbytes - DDP_FIRST_BUCKET_BYTES) / cap) if nbytes > DDP_FIRST_BUCKET_BYTES else 0)
+        out.append(Collective("all_reduce", nbytes, calls, True, "adapter gradients (DDP buckets)"))
+    elif engine == "fsdp2":
+        blocks = [u for u in spec.units if u >= 0]
+        root = fsdp2_unit_bytes(cfg, spec, -1, world)
+        block_bytes = sum(fsdp2_unit_bytes(cfg, spec, u, world) for u in blocks)
+        per_block = 2 if cfg.parallel.reshard_after_forward else 1
+        root_times = 1 if blocks or not cfg.parallel.reshard_after_forward else 2
+        out.append(Collective("all_gather", gas * root_times * root, gas * root_times, False,
+                              "root unit (embeddings, norm, head)"))
+        out.append(Collective("all_gather", gas * per_block * block_bytes, gas * per_block * len(blocks), True,
+                              f"decoder blocks, {'forward + backward' if per_block == 2 else 'forward'}"))
+        rs, rs_calls = 0, 0
+        for u in spec.units:
+            unit_train = spec.select(trainable=True, block=u)
+            if unit_train:
+                rs += sum(_padded(p.shape[0], world) * (p.numel // p.shape[0]) * 4 for p in unit_train)
+                rs_calls += 1
+        out.append(Collective("reduce_scatter", rs, rs_calls, True, "adapter gradients (fp32, padded dim 0)"))
+        out.append(Collective("all_reduce", 4 * len(trainable), 1, False, "gradient norm (one fp32 per tensor)"))
+    elif engine == "zero2":
+        out.append(Collective("all_reduce", gas * n_train * abytes, gas, False, "adapter gradients, every micro-step"))
+        out.append(Collective("all_reduce", 2 * 4, 2, False, "overflow / norm scalars"))
+        decay = [p for p in trainable if not (p.role == "magnitude" or len(p.shape) < 2)]
+        no_decay = [p for p in trainable if p not in decay]
+        ag = sum(ceil(sum(p.numel for p in g) / (2 * world)) * 2 * world * abytes for g in (decay, no_decay) if g)
+        out.append(Collective("all_gather", ag, sum(1 for g in (decay, no_decay) if g), False,
+                              "updated fp32 partitions (groups padded to 2·N)"))
+    elif engine == "zero3":
+        persistent = [p for p in spec.params if p.numel <= ZERO3_PERSISTENCE_THRESHOLD]
+        big = [p for p in spec.params if p.numel > ZERO3_PERSISTENCE_THRESHOLD]
+        itemsize = lambda p: param_itemsize(cfg, p)  # noqa: E731
+        big_bytes = sum(_padded(p.numel, world) * itemsize(p) for p in big)
+        regather = 2 if sum(p.numel for p in big) > ZERO3_MAX_REUSE_DISTANCE else 1
+        out.append(Collective("all_gather", gas * regather * big_bytes, gas * regather * (1 if big else 0), True,
+                              "non-persistent parameters, per micro-step"))
+        out.append(Collective("all_gather", sum(_padded(p.numel, world) * itemsize(p) for p in persistent),
+                              len(persistent), False, "persistent parameters, re-gathered after the step"))
+        out.append(Collective("reduce_scatter", gas * sum(_padded(p.numel, world) * 4 for p in trainable),
+                              gas, True, "adapter gradients, every micro-step"))
+        out.append(Collective("all_reduce", 2 * 8, 2, False, "norm / overflow scalars"))
+    else:
+        raise ValueError(f"no communication model for engine {engine!r}")
+    return [c for c in out if c.nbytes or c.calls]
+
+
+def bytes_by_kind(collectives: list[Collective]) -> dict[str, int]:
+    out = {k: 0 for k in KINDS}
+    for c in collectives:
+        out[c.kind] += c.nbytes
+    return out
+
+
+def wire_bytes(c: Collective, world: int) -> float:
+    """Bytes one rank sends over the link for a ring implementation of `c`."""
+    f = (world - 1) / world
+    return c.nbytes * (2 * f if c.kind == "all_reduce" else f if c.kind in ("all_gather", "reduce_scatter") else 1.0)
