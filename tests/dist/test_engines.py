@@ -140,13 +140,9 @@ def compile_results(workdir, cache):
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         pytest.skip("inductor's CPU backend needs a C++ compiler (g++/clang++)")
     out = workdir / "compile_results.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           str(Path(__file__).with_name("engine_worker.py")), "--workdir", str(workdir), "--cache", cache,
-           "--out", str(out), "--part", "compile"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0 or not out.is_file():
-        pytest.fail(f"torchrun failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    run_workers(Path(__file__).with_name("engine_worker.py"),
+                ["--workdir", str(workdir), "--cache", cache, "--out", str(out), "--part", "compile"], out,
+                timeout=1800)
     return json.loads(out.read_text())
 
 
