@@ -2,6 +2,7 @@
 
     dora-dist train [--config FILE.yaml] [key=value ...]    fine-tune (same as python -m dora_dist.train)
     dora-dist merge --adapter DIR [--base PATH] --out DIR     write a merged model transformers can load
+    dora-dist generate --adapter DIR --prompt "..."           generate text (see dora_dist/generate.py)
     dora-dist keys                                            list every config key
     dora-dist analyze --base DIR --tuned T1 T2 ... [--out DIR]  magnitude/direction change per layer (DoRA Fig. 2)
     dora-dist plan --config F --nodes M --gpus-per-node N     memory, fit, tokens/s and engine advice (no download)
@@ -17,6 +18,7 @@ HELP_EPILOG = """examples:
   dora-dist train --config configs/quickstart.yaml training.max_steps=50
   torchrun --nproc-per-node 2 -m dora_dist.train --config configs/quickstart.yaml
   dora-dist merge --adapter outputs/quickstart/adapter --out outputs/quickstart/merged
+  dora-dist generate --adapter outputs/quickstart/adapter --prompt "17 + 5 =" --no-chat-template
   dora-dist analyze --base BASE_DIR --tuned run-lora/adapter run-dora/adapter --out outputs/analysis
 """
 
@@ -36,6 +38,9 @@ def _build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, help="output directory for the merged model")
     mg.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="dtype of the merged weights (auto: the base checkpoint's)")
+    from dora_dist.generate import add_parser as add_generate_parser
+
+    add_generate_parser(sub)
     sub.add_parser("keys", help="list every config key")
     an = sub.add_parser("analyze", help="magnitude (ΔM) and direction (ΔD) change per layer against the base")
     an.add_argument("--base", required=True, help="base model directory (safetensors)")
@@ -102,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             train(load_job_config(args.config, args.overrides))
         elif args.command == "merge":
             merge(args.adapter, args.out, args.base, args.dtype)
+        elif args.command == "generate":
+            from dora_dist.generate import run as run_generate
+
+            return run_generate(args)
         elif args.command == "keys":
             from dora_dist.config import valid_keys
 

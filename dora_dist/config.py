@@ -66,6 +66,8 @@ class AdapterSection:
     #: False gives plain LoRA through the same layer (for comparisons)
     use_dora: bool = True
     adapter_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    #: modules trained in full beside the adapters (e.g. [lm_head]); saved in the adapter under peft's keys
+    modules_to_save: Optional[list] = None
 
 
 @dataclass
@@ -90,6 +92,15 @@ class DataConfig:
     synthetic_samples: int = 6000
     #: add the tokenizer's EOS after each example
     add_eos: bool = True
+    #: hold out this fraction of the raw examples (split before packing, drawn with training.seed) as the eval set
+    eval_fraction: float = 0.0
+    #: or evaluate on its own source (same formats and *_field keys as `source`); exclusive with eval_fraction
+    eval_source: Optional[str] = None
+    #: split / subset of eval_source (default: "validation" for a hub id or directory; files have one split)
+    eval_split: str = "validation"
+    eval_subset: Optional[str] = None
+    #: keep at most this many raw eval examples (0: all)
+    eval_max_samples: int = 0
 
 
 @dataclass
@@ -124,6 +135,10 @@ class TrainingConfig:
     log_every: int = 1
     #: stop the run (after saving) at this step; for tests of interrupted runs (0: never)
     stop_after_steps: int = 0
+    #: evaluate every N optimizer steps (0: only at the end); needs an eval set (data.eval_fraction / eval_source)
+    eval_every: int = 0
+    #: sequences per eval forward on each rank (0: training.micro_batch_size)
+    eval_batch_size: int = 0
 
 
 @dataclass
@@ -155,6 +170,8 @@ class CheckpointConfig:
     #: default: <output.dir>/checkpoints
     dir: Optional[str] = None
     save_final: bool = False
+    #: also keep the adapter with the lowest eval loss in <output.dir>/adapter_best (needs an eval set)
+    keep_best: bool = False
 
 
 @dataclass
@@ -164,6 +181,13 @@ class OutputConfig:
     plot: bool = True
     #: tqdm progress bar on rank 0
     progress_bar: bool = True
+    #: where metrics go (rank 0): any of jsonl (<dir>/metrics.jsonl), tensorboard (<dir>/tensorboard; needs the
+    #: `tensorboard` extra), wandb (needs the `wandb` extra)
+    loggers: Union[str, list] = field(default_factory=lambda: ["jsonl"])
+    #: wandb: project, run name (default: the output dir's name) and mode (offline needs no network or account)
+    wandb_project: str = "dora_dist"
+    wandb_run_name: Optional[str] = None
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
 
 
 @dataclass
@@ -196,6 +220,8 @@ _RANGES: dict[str, tuple] = {
     "data.seq_len": (lambda v: v >= 2, "must be >= 2"),
     "data.max_samples": _NON_NEGATIVE,
     "data.synthetic_samples": _POSITIVE,
+    "data.eval_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "data.eval_max_samples": _NON_NEGATIVE,
     "training.max_steps": _NON_NEGATIVE,
     "training.epochs": _POSITIVE,
     "training.micro_batch_size": _POSITIVE,
@@ -212,6 +238,8 @@ _RANGES: dict[str, tuple] = {
     "training.seed": _NON_NEGATIVE,
     "training.log_every": _POSITIVE,
     "training.stop_after_steps": _NON_NEGATIVE,
+    "training.eval_every": _NON_NEGATIVE,
+    "training.eval_batch_size": _NON_NEGATIVE,
     "training.loss_chunk_tokens": _NON_NEGATIVE,
     "parallel.ddp_bucket_mb": _POSITIVE,
     "checkpoint.every_steps": _NON_NEGATIVE,
@@ -337,11 +365,12 @@ def _cross_checks(cfg: Config) -> None:
     tm = cfg.dora.target_modules
     if isinstance(tm, str) and tm != "all-linear":
         cfg.dora.target_modules = [tm]  # in a job config a single name is a suffix, as in a list
-    from dora_dist.adapters.config import check_adapter_settings
+    from dora_dist.adapters.config import check_adapter_settings, check_modules_to_save
 
     d = cfg.dora
     try:  # the one validator of adapter settings, shared with the library's DoRAConfig
         check_adapter_settings(d.r, d.alpha, d.dropout, d.target_modules, d.adapter_dtype, prefix="dora.")
+        check_modules_to_save(d.modules_to_save, prefix="dora.")
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     if cfg.model.config is not None and cfg.model.name_or_path != "builtin:tiny-llama" \
@@ -352,8 +381,30 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"quantization.quant_storage={q.quant_storage} has no effect with parallel.engine=fsdp2: its "
                           "4-bit weights are row-sharded packed uint8 records that FSDP2 shards itself (the bfloat16 "
                           "storage convention exists for FSDP1's flat parameters). Remove the key or set uint8.")
+    _check_eval(cfg)
+    if isinstance(cfg.output.loggers, str):
+        cfg.output.loggers = [cfg.output.loggers]
+    from dora_dist.loggers import LOGGER_CHOICES
+
+    bad = [n for n in cfg.output.loggers if n not in LOGGER_CHOICES]
+    if bad:
+        raise ConfigError(f"output.loggers: unknown logger(s) {bad}; choose from {', '.join(LOGGER_CHOICES)}")
     if cfg.checkpoint.resume not in ("auto", "none") and not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume: expected 'auto', 'none' or a checkpoint directory")
+
+
+def _check_eval(cfg: Config) -> None:
+    d = cfg.data
+    if d.eval_fraction and d.eval_source:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} and data.eval_source={d.eval_source!r} both name an "
+                          "eval set; set one of them")
+    has_eval = bool(d.eval_fraction or d.eval_source)
+    if not has_eval:
+        for key, on in (("training.eval_every", cfg.training.eval_every), ("checkpoint.keep_best",
+                                                                          cfg.checkpoint.keep_best)):
+            if on:
+                raise ConfigError(f"{key}={on} needs an eval set: set data.eval_fraction (e.g. 0.05) or "
+                                  "data.eval_source")
 
 
 def config_from_dict(data: dict | None) -> Config:

@@ -46,6 +46,10 @@ def format_line(rec: dict, max_steps: int) -> str:
             f"grad_norm {rec['grad_norm']:.3f}  tok/s {rec['tokens_per_s']:.0f}  peak_mem {mem:.0f} MiB")
 
 
+def _finite(v: float) -> float:
+    return v if math.isfinite(v) else float("nan")
+
+
 def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "training loss") -> Path | None:
     """loss.png from metrics.jsonl (matplotlib Agg; no display needed)."""
     records = read_metrics(metrics_path)
@@ -56,10 +60,14 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "trai
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in records]
-    losses = [r["loss"] if math.isfinite(r["loss"]) else float("nan") for r in records]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, losses, lw=1.2)
+    ax.plot([r["step"] for r in train], [_finite(r["loss"]) for r in train], lw=1.2, label="train")
+    if evals:  # eval records ({"step", "eval_loss", ...}, dora_dist/evaluate.py) beside the training loss
+        ax.plot([r["step"] for r in evals], [_finite(r["eval_loss"]) for r in evals], "o-", lw=1.2, ms=4,
+                label="eval")
+        ax.legend()
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)

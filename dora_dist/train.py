@@ -5,6 +5,7 @@ Everything engine-specific lives behind `dora_dist.parallel.base.Engine`; this f
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -18,9 +19,12 @@ import torch
 
 from dora_dist.batching import Batching
 from dora_dist.config import Config, load_job_config
-from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_dataset
+from dora_dist.console import Console, quiet_third_party
+from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_datasets
+from dora_dist.evaluate import eval_due, format_eval_line, run_eval
+from dora_dist.loggers import check_loggers, make_loggers
 from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
-from dora_dist.metrics import MetricsLogger, format_line, plot_loss
+from dora_dist.metrics import format_line, plot_loss
 from dora_dist.parallel import DistEnv, make_engine, step_probe
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,12 +41,6 @@ def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int,
     loss_sum = causal_lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                   chunk_tokens=chunk_tokens, ignore_index=IGNORE_INDEX)
     return loss_sum / global_targets
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train", file=sys.stderr)
 
 
 @dataclass
@@ -65,6 +63,10 @@ class Job:
     last_saved: int = -1
     history: list[float] = field(default_factory=list)
     t0: float = field(default_factory=time.time)
+    eval_dataset: Any = None          # TokenizedDataset of the eval set, or None (dora_dist/evaluate.py)
+    best_eval: float | None = None
+    last_eval: int = -1
+    last_eval_record: dict | None = None
 
     @property
     def stop_at(self) -> int:
@@ -74,6 +76,7 @@ class Job:
 
 def train(cfg: Config) -> dict:
     """Run the job described by `cfg`; returns a summary (rank 0 has the full one)."""
+    quiet_third_party()
     env = DistEnv.from_environ(device=cfg.training.device)
     try:
         with step_probe.probing():  # off unless a benchmark sets DORA_DIST_COUNT_COMM / DORA_DIST_MEMORY_STEP
@@ -83,23 +86,36 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, env) -> dict:
+    check_loggers(cfg.output.loggers)  # a missing tracker package fails before the model is loaded
     job = build(cfg, env)
-    logger = MetricsLogger(job.out_dir, env.is_main, resume_step=job.start_step)
-    bar = _progress(job.batching.max_steps, job.start_step, env.is_main and cfg.output.progress_bar)
+    logger = make_loggers(cfg, job.out_dir, env.is_main, resume_step=job.start_step)  # metrics.jsonl + trackers
+    bar = Console(job.batching.max_steps, job.start_step, env.is_main, cfg.output.progress_bar)  # bar: TTY only
     try:
         while job.step < job.stop_at:
             rec = train_step(job)
             logger.log(rec)
             if env.is_main and job.step % cfg.training.log_every == 0:
-                bar.write(format_line(rec, job.batching.max_steps), file=sys.stdout)
-                sys.stdout.flush()
+                bar.line(format_line(rec, job.batching.max_steps))
             bar.update(1)
+            if eval_due(job):
+                _log_eval(job, logger, bar)
             maybe_checkpoint(job)
+        if job.eval_dataset is not None and job.last_eval != job.step:
+            _log_eval(job, logger, bar)                  # the final (or stopped-early) model
         if cfg.checkpoint.save_final and job.last_saved != job.step:
             save_checkpoint(job)
     finally:
         bar.close()
+        logger.close()
     return finish(job)
+
+
+def _log_eval(job: Job, logger, bar) -> None:
+    loss_fn = functools.partial(micro_batch_loss, chunk_tokens=job.cfg.training.loss_chunk_tokens)
+    rec = run_eval(job, loss_fn)                         # COLLECTIVE; the training loss, same masking
+    logger.log(rec)
+    if job.env.is_main:
+        bar.line(format_eval_line(rec, job.batching.max_steps))
 
 
 def build(cfg: Config, env) -> Job:
@@ -111,7 +127,7 @@ def build(cfg: Config, env) -> Job:
     tcfg = cfg.training
     torch.manual_seed(tcfg.seed)
     tokenizer = models.load_tokenizer(cfg, env)
-    dataset = build_dataset(cfg, tokenizer, env)
+    dataset, eval_dataset = build_datasets(cfg, tokenizer, env)
     batching = Batching.resolve(tcfg, env.world_size, len(dataset))
     sampler = GlobalBatchSampler(len(dataset), batching.micro_batch_size, batching.grad_accum, env.world_size,
                                  env.rank, tcfg.seed)
@@ -133,20 +149,23 @@ def build(cfg: Config, env) -> Job:
 
     ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
     manager = CheckpointManager(ckpt_root, cfg.checkpoint.keep_last, env)
-    job = Job(cfg, env, tokenizer, dataset, batching, sampler, engine, model, manager, out_dir)
+    job = Job(cfg, env, tokenizer, dataset, batching, sampler, engine, model, manager, out_dir,
+              eval_dataset=eval_dataset)
     resume = cfg.checkpoint.resume
     job.resume_dir = manager.latest() if resume == "auto" else (None if resume == "none" else Path(resume))
     if job.resume_dir is not None:
         extra = manager.load(engine, job.resume_dir)
         sampler.load_state_dict(extra["data"])
         job.start_step = job.step = job.last_saved = int(extra["step"])
+        job.best_eval = extra.get("best_eval")
 
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
         print(f"[dora_dist] engine={engine.name} world={env.world_size} device={env.device} "
               f"model={cfg.model.name_or_path} trainable={trainable:,}/{total:,} "
-              f"({100 * trainable / max(1, total):.2f}%) samples={len(dataset)} {batching.describe()}"
+              f"({100 * trainable / max(1, total):.2f}%) samples={len(dataset)} "
+              + (f"eval_samples={len(eval_dataset)} " if eval_dataset is not None else "") + f"{batching.describe()}"
               + (f" resumed_from={job.resume_dir}" if job.resume_dir else ""), flush=True)
     return job
 
@@ -189,7 +208,8 @@ def train_step(job: Job) -> dict:
 
 
 def save_checkpoint(job: Job) -> None:
-    job.manager.save(job.engine, job.step, {"step": job.step, "data": job.sampler.state_dict()})
+    job.manager.save(job.engine, job.step, {"step": job.step, "data": job.sampler.state_dict(),
+                                            "best_eval": job.best_eval})
     job.last_saved = job.step
 
 
@@ -212,6 +232,9 @@ def finish(job: Job) -> dict:
                "batching": job.batching.to_dict(),
                "first_loss": job.history[0] if job.history else None,
                "last_loss": job.history[-1] if job.history else None, "wall_s": time.time() - job.t0}
+    if job.eval_dataset is not None:
+        summary.update(eval_samples=len(job.eval_dataset), best_eval_loss=job.best_eval,
+                       last_eval=job.last_eval_record)
     if finished and cfg.output.save_adapter:
         state = engine.adapter_state_dict()  # all ranks take part; full tensors on rank 0
         if env.is_main:
@@ -220,6 +243,7 @@ def finish(job: Job) -> dict:
             save_adapter(engine.unwrap(), out_dir / "adapter", state_dict=state,
                          base_model_name_or_path=models.resolve_model_path(cfg, env))
             job.tokenizer.save_pretrained(out_dir / "adapter")
+            cfg.save(out_dir / "adapter" / "training_config.yaml")  # read by `dora-dist generate` (4-bit base)
     if env.is_main:
         if cfg.output.plot and (out_dir / "metrics.jsonl").exists():
             plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png")

@@ -73,23 +73,66 @@ def load_raw(dcfg, seed: int = 0):
     return ds
 
 
-def build_dataset(cfg, tokenizer, env=None) -> TokenizedDataset:
-    dcfg = cfg.data
-    raw = load_raw(dcfg)
-    if dcfg.max_samples:
-        raw = raw.select(range(min(dcfg.max_samples, len(raw))))
+def _load_eval_raw(dcfg):
+    """The raw examples of data.eval_source (same formats and field keys as the training source)."""
+    import dataclasses
+
+    return load_raw(dataclasses.replace(dcfg, source=dcfg.eval_source, split=dcfg.eval_split,
+                                        subset=dcfg.eval_subset))
+
+
+def split_eval_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) example indices: a seeded draw of round(fraction·n) examples (at least 1, and at least one
+    left for training), each list in the original order. Split before packing, so no block mixes the two."""
+    import numpy as np
+
+    n_eval = min(n - 1, max(1, round(fraction * n)))
+    if n_eval < 1:
+        raise ValueError(f"data.eval_fraction={fraction} leaves no training example out of {n}")
+    held = set(np.random.default_rng([seed, 0xE7A1]).permutation(n)[:n_eval].tolist())
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+def tokenize_raw(raw, dcfg, tokenizer, what: str = "training") -> TokenizedDataset:
+    """Encode by format, pack or truncate, drop examples without loss targets."""
     if len(raw) == 0:
-        raise ValueError(f"data.source {dcfg.source!r} has no examples")
+        raise ValueError(f"the {what} data has no examples")
     fmt = detect_format(list(raw.column_names), dcfg)
     encoded = [encode_example(ex, fmt, tokenizer, dcfg) for ex in raw]
     encoded = pack(encoded, dcfg.seq_len) if dcfg.packing else truncate(encoded, dcfg.seq_len)
     encoded = [(i, l) for i, l in encoded if n_targets(l) > 0]
     if not encoded:
-        raise ValueError(f"no training examples left after tokenization (seq_len={dcfg.seq_len}, "
+        raise ValueError(f"no {what} examples left after tokenization (seq_len={dcfg.seq_len}, "
                          f"packing={dcfg.packing}); check data.seq_len and the data fields")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TokenizedDataset([e[0] for e in encoded], [e[1] for e in encoded], [n_targets(e[1]) for e in encoded],
                             fmt, int(pad or 0))
 
 
-__all__ = ["TokenizedDataset", "GlobalBatchSampler", "build_dataset", "load_raw", "IGNORE_INDEX"]
+def build_datasets(cfg, tokenizer, env=None) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """(train, eval or None): eval is data.eval_source, or a held-out data.eval_fraction of the raw examples."""
+    dcfg = cfg.data
+    raw = load_raw(dcfg)
+    if dcfg.max_samples:
+        raw = raw.select(range(min(dcfg.max_samples, len(raw))))
+    if len(raw) == 0:
+        raise ValueError(f"data.source {dcfg.source!r} has no examples")
+    eval_raw = None
+    if dcfg.eval_fraction:
+        train_idx, eval_idx = split_eval_indices(len(raw), dcfg.eval_fraction, cfg.training.seed)
+        raw, eval_raw = raw.select(train_idx), raw.select(eval_idx)
+    elif dcfg.eval_source:
+        eval_raw = _load_eval_raw(dcfg)
+    if eval_raw is not None and dcfg.eval_max_samples:
+        eval_raw = eval_raw.select(range(min(dcfg.eval_max_samples, len(eval_raw))))
+    train = tokenize_raw(raw, dcfg, tokenizer)
+    held = tokenize_raw(eval_raw, dcfg, tokenizer, "eval") if eval_raw is not None else None
+    return train, held
+
+
+def build_dataset(cfg, tokenizer, env=None) -> TokenizedDataset:
+    """The training set alone (see build_datasets)."""
+    return build_datasets(cfg, tokenizer, env)[0]
+
+
+__all__ = ["TokenizedDataset", "GlobalBatchSampler", "build_dataset", "build_datasets", "split_eval_indices", "load_raw", "IGNORE_INDEX"]

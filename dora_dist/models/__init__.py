@@ -180,7 +180,8 @@ def dora_config_from(cfg):
 
     d = cfg.dora
     return DoRAConfig(r=d.r, alpha=d.alpha, dropout=d.dropout, target_modules=d.target_modules,
-                      use_rslora=d.use_rslora, use_dora=d.use_dora, adapter_dtype=d.adapter_dtype)
+                      use_rslora=d.use_rslora, use_dora=d.use_dora, adapter_dtype=d.adapter_dtype,
+                      modules_to_save=d.modules_to_save)
 
 
 def add_adapters(model: nn.Module, cfg) -> nn.Module:
@@ -194,7 +195,8 @@ def add_adapters(model: nn.Module, cfg) -> nn.Module:
     try:
         model = apply_dora(model, dora_config_from(cfg), init_magnitude=False)
     except (ValueError, TypeError) as exc:  # a target list that does not fit this model is a config problem
-        raise ConfigError(f"dora.target_modules: {exc}") from exc
+        key = "dora.modules_to_save" if str(exc).startswith("modules_to_save") else "dora.target_modules"
+        raise ConfigError(f"{key}: {exc}") from exc
     init_adapters(model, cfg.training.seed)
     return model
 

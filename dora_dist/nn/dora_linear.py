@@ -11,6 +11,10 @@ weight. The output reuses the single base matmul: y = (m/‖·‖) ⊙ (x·Wᵀ 
 training does DoRA need the base matmul on the dropped input as well (peft's behaviour, kept for parity).
 
 `use_dora=False` gives plain LoRA through the same code, so benchmarks compare like with like.
+
+Inference: in eval mode without grad, m/‖W + sBA‖ is a constant per layer; it is cached (`_scale_cache`) and
+reused until train()/eval(), merge/unmerge, `invalidate_cache`, or a change of A, B, m or the base weight
+(identity, storage or in-place `_version` counter: the cache key).
 """
 from __future__ import annotations
 
@@ -97,6 +101,7 @@ class DoRALinear(nn.Module):
         self.base_row_sq: torch.Tensor | None = None
         self.merged = False
         self.merge_scale: torch.Tensor | None = None
+        self._scale_cache: tuple | None = None   # (tensors, versions+storages, m/‖W+sBA‖): eval, no grad
         self.reset_lora_parameters()
         if use_dora and init_magnitude and device.type != "meta":
             self.init_magnitude()
@@ -122,7 +127,7 @@ class DoRALinear(nn.Module):
     @torch.no_grad()
     def init_magnitude(self) -> None:
         """m = ‖W + s·B·A‖ per row (= ‖W‖ at B = 0). Call after the real base weights are loaded."""
-        self.base_row_sq = None
+        self.base_row_sq = self._scale_cache = None
         if self.magnitude is not None:
             self.magnitude.copy_(self.weight_norm().to(self.magnitude.dtype))
 
@@ -132,6 +137,7 @@ class DoRALinear(nn.Module):
         the magnitude (the local shard of a sharded `magnitude`, or the whole vector). The one way engines write a
         layer's norm state."""
         self.base_row_sq = row_sq.detach().to(torch.promote_types(row_sq.dtype, torch.float32))
+        self._scale_cache = None
         if magnitude is not None and self.magnitude is not None:
             target = self.magnitude.to_local() if hasattr(self.magnitude, "to_local") else self.magnitude
             if target.shape != magnitude.shape:
@@ -140,8 +146,36 @@ class DoRALinear(nn.Module):
             target.copy_(magnitude.to(device=target.device, dtype=target.dtype))
 
     def invalidate_cache(self) -> None:
-        """Forget the cached ‖W‖² (after the base weight was changed by hand)."""
+        """Forget the cached ‖W‖² and inference scale (after the base weight was changed by hand)."""
         self.base_row_sq = None
+        self._scale_cache = None
+
+    #: class-wide switch for the inference scale cache (benchmarks turn it off to measure the uncached path)
+    cache_inference_scale: bool = True
+
+    def train(self, mode: bool = True):
+        self._scale_cache = None
+        return super().train(mode)
+
+    def inference_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """m/‖W + sBA‖ in `dtype`, computed once and reused while A, B, m and the base weight are the same tensors
+        (identity), with the same storage and in-place version (eval mode, no grad). Plain reads of `_parameters`
+        and `_modules` (nn.Module.__getattr__ costs µs): this runs once per layer per decoded token."""
+        own = self._parameters
+        deps = (own["lora_A"], own["lora_B"], own["magnitude"], self._modules["base_layer"]._parameters.get("weight"))
+        try:
+            state = (deps[0]._version, deps[1]._version, deps[2]._version, deps[3]._version,
+                     deps[0].data_ptr(), deps[1].data_ptr(), deps[2].data_ptr(), deps[3].data_ptr())
+        except (RuntimeError, AttributeError):                   # e.g. a DTensor, or no `weight`: no caching
+            return self.dora_scale().detach().to(dtype)
+        c = self._scale_cache
+        if c is not None and c[1] == state and c[2].dtype == dtype:
+            cd = c[0]
+            if cd[0] is deps[0] and cd[1] is deps[1] and cd[2] is deps[2] and cd[3] is deps[3]:
+                return c[2]
+        scale = self.dora_scale().detach().to(dtype)
+        self._scale_cache = (deps, state, scale)
+        return scale
 
     # --- norms ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -189,6 +223,12 @@ class DoRALinear(nn.Module):
             base_out, w_times_a = source.matmul_and_times_A(x, self.lora_A)  # one dequantization for both
         else:
             base_out = source.matmul(x)
+        if self.use_dora and w_times_a is None and not self.training and self.cache_inference_scale:
+            # eval, no grad: the scale is a constant per layer (one add and one in-place multiply over LoRA)
+            lora_out = self.lora_path(x).to(base_out.dtype)
+            out = torch.add(base_out, lora_out, alpha=self.scaling).mul_(self.inference_scale(base_out.dtype))
+            bias = source.bias
+            return out if bias is None else out.add_(bias.to(out.dtype))
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
         if self.use_dora and not dropout_active:  # one fused node: saves y, not z (see nn/dora_epilogue.py)
             xa = F.linear(x.to(self.lora_A.dtype), self.lora_A)
@@ -235,7 +275,7 @@ class DoRALinear(nn.Module):
         for start, chunk in source.iter_row_chunks():
             source.write_rows(start, self.merged_rows(chunk, start, start + chunk.shape[0], scale))
         self.merge_scale, self.merged = scale, True
-        self.base_row_sq = None
+        self.base_row_sq = self._scale_cache = None
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -246,7 +286,7 @@ class DoRALinear(nn.Module):
             stop = start + chunk.shape[0]
             delta = self.delta_rows(start, stop, chunk.dtype)
             source.write_rows(start, chunk / scale[start:stop, None].to(chunk.dtype) - self.scaling * delta)
-        self.merged, self.merge_scale, self.base_row_sq = False, None, None
+        self.merged, self.merge_scale, self.base_row_sq, self._scale_cache = False, None, None, None
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -345,6 +345,7 @@ class ZeroEngine(Engine):
     def adapter_state_dict(self, model: nn.Module | None = None) -> dict[str, torch.Tensor] | None:
         """Full adapter tensors (PEFT keys) on rank 0; ZeRO-3 gathers one layer's adapter at a time, nothing else."""
         import deepspeed
+        from dora_dist.adapters.inject import modules_to_save
         from dora_dist.adapters.peft_format import PREFIX, SUFFIXES
 
         model = self.unwrap(model if model is not None else self.model)
@@ -359,6 +360,14 @@ class ZeroEngine(Engine):
                 if self.env.is_main:
                     for suffix, p in params.items():
                         out[f"{PREFIX}{name}.{suffix}"] = p.detach().cpu().clone()
+        for name, module in modules_to_save(model).items():                  # trained in full (dora.modules_to_save)
+            gathered = [p for p in module.parameters() if _is_partitioned(p)]
+            ctx = deepspeed.zero.GatheredParameters(gathered, modifier_rank=None) if gathered \
+                else contextlib.nullcontext()
+            with ctx:                                                        # COLLECTIVE: one module
+                if self.env.is_main:
+                    for key, t in module.state_dict().items():
+                        out[f"{PREFIX}{name}.{key}"] = t.detach().cpu().clone()
         return out if self.env.is_main else None
 
     # --- checkpoints ----------------------------------------------------------------------------------
