@@ -127,7 +127,9 @@ def dora_epilogue_reference(base_out: torch.Tensor, xa: torch.Tensor, lora_B: to
     dt = base_out.dtype
     scale = magnitude / denom
     lora_out = torch.nn.functional.linear(xa, lora_B).to(dt)
-    y = torch.add(base_out, lora_out, alpha=scaling) * scale.to(dt)
+    # base + s·lora, not torch.add(alpha=s): torch 2.13's inductor folds an alpha-add of a matmul output into
+    # the GEMM with wrong results on the CPU (tests/unit/test_compile.py holds this)
+    y = (base_out + lora_out * scaling) * scale.to(dt)
     return y if bias is None else y + bias.to(dt)
 
 

@@ -65,10 +65,10 @@ def dora_output(base_out: torch.Tensor, lora_out: torch.Tensor, scale: torch.Ten
     """
     lora_out = lora_out.to(base_out.dtype)
     if scale is None:
-        return torch.add(base_out, lora_out, alpha=scaling)
+        return base_out + lora_out * scaling  # (not torch.add(alpha=): inductor fuses that into the GEMM wrongly)
     scale = scale.to(base_out.dtype)
     if base_out_dropped is None:
-        return torch.add(base_out, lora_out, alpha=scaling) * scale
+        return (base_out + lora_out * scaling) * scale
     return base_out + (scale - 1) * base_out_dropped + (scale * scaling) * lora_out
 
 
@@ -226,7 +226,7 @@ class DoRALinear(nn.Module):
         if self.use_dora and w_times_a is None and not self.training and self.cache_inference_scale:
             # eval, no grad: the scale is a constant per layer (one add and one in-place multiply over LoRA)
             lora_out = self.lora_path(x).to(base_out.dtype)
-            out = torch.add(base_out, lora_out, alpha=self.scaling).mul_(self.inference_scale(base_out.dtype))
+            out = lora_out.mul_(self.scaling).add_(base_out).mul_(self.inference_scale(base_out.dtype))
             bias = source.bias
             return out if bias is None else out.add_(bias.to(out.dtype))
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
