@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from dora_dist.nn.dora_linear import dora_row_norms
-from dora_dist.nn.weight_source import RowsView
 from dora_dist.parallel.base import Engine, dora_layers
 
 try:
@@ -222,7 +221,7 @@ def _init_gathered_layer(layer: nn.Module, device: torch.device) -> None:
     splits it)."""
     weight = layer.base_layer.weight.full_tensor()                          # COLLECTIVE: one layer's weight
     source = layer.weight_source
-    full = type(source)(RowsView(weight))
+    full = source.over_rows(weight)                                        # the whole gathered layer
     row_sq = full.row_sq_norms().to(device)
     magnitude = None
     if layer.magnitude is not None:
