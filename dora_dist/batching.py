@@ -24,21 +24,24 @@ class Batching:
     @classmethod
     def resolve(cls, training, world_size: int, n_samples: int | None = None) -> "Batching":
         """From the `training` section. n_samples is needed only when the length is given in epochs."""
-        micro = int(training.micro_batch_size)
-        if training.global_batch_size:
-            per_step = micro * world_size
-            if training.global_batch_size % per_step:
-                raise ValueError(f"training.global_batch_size={training.global_batch_size} is not a multiple of "
-                                 f"training.micro_batch_size × world size = {micro} × {world_size}")
-            accum = training.global_batch_size // per_step
-        else:
-            accum = int(training.grad_accum)
+        micro, accum = int(training.micro_batch_size), cls.accumulation(training, world_size)
         steps = int(training.max_steps)
         if not steps:
             if n_samples is None:
                 raise ValueError("training.max_steps=0 (length in epochs) needs the data set size to resolve")
             steps = max(1, int(training.epochs * n_samples // (micro * accum * world_size)))
         return cls(micro, accum, world_size, steps)
+
+    @staticmethod
+    def accumulation(training, world_size: int) -> int:
+        """Micro-steps per optimizer step: from global_batch_size when it is set, else training.grad_accum."""
+        if not training.global_batch_size:
+            return int(training.grad_accum)
+        per_step = int(training.micro_batch_size) * world_size
+        if training.global_batch_size % per_step:
+            raise ValueError(f"training.global_batch_size={training.global_batch_size} is not a multiple of "
+                             f"training.micro_batch_size × world size = {training.micro_batch_size} × {world_size}")
+        return training.global_batch_size // per_step
 
     def describe(self) -> str:
         return (f"global_batch={self.global_batch_size} (micro {self.micro_batch_size} × accum {self.grad_accum} × "

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dora_dist.nn.dora_epilogue import dora_epilogue
-from dora_dist.nn.weight_source import WeightSource, weight_source_for
+from dora_dist.nn.weight_source import WeightSource, is_dtensor, weight_source_for
 
 
 def check_layer_settings(r, alpha, dropout, prefix: str = "") -> None:
@@ -39,9 +39,14 @@ def check_layer_settings(r, alpha, dropout, prefix: str = "") -> None:
         raise ValueError(f"{prefix}dropout must be in [0, 1), got {dropout!r}")
 
 
+def nonzero_norm(norm: torch.Tensor) -> torch.Tensor:
+    """‖·‖ with zero rows replaced by 1: such a row's direction is the zero vector, so its output is 0, not NaN."""
+    return torch.where(norm == 0, torch.ones_like(norm), norm)
+
+
 def safe_divide_norm(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """m / ‖·‖ where a zero-norm row gets scale m (its direction is the zero vector, so the output is 0, not NaN)."""
-    return magnitude / torch.where(norm == 0, torch.ones_like(norm), norm)
+    """m / ‖·‖ where a zero-norm row gets scale m (see nonzero_norm)."""
+    return magnitude / nonzero_norm(norm)
 
 
 def dora_row_norms(w_row_sq: torch.Tensor, w_times_a: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -139,7 +144,7 @@ class DoRALinear(nn.Module):
         self.base_row_sq = row_sq.detach().to(torch.promote_types(row_sq.dtype, torch.float32))
         self._scale_cache = None
         if magnitude is not None and self.magnitude is not None:
-            target = self.magnitude.to_local() if hasattr(self.magnitude, "to_local") else self.magnitude
+            target = self.magnitude.to_local() if is_dtensor(self.magnitude) else self.magnitude
             if target.shape != magnitude.shape:
                 raise ValueError(f"magnitude of shape {tuple(magnitude.shape)} does not fit this layer's "
                                  f"{tuple(target.shape)}")
@@ -232,8 +237,7 @@ class DoRALinear(nn.Module):
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
         if self.use_dora and not dropout_active:  # one fused node: saves y, not z (see nn/dora_epilogue.py)
             xa = F.linear(x.to(self.lora_A.dtype), self.lora_A)
-            denom = self.weight_norm(w_times_a=w_times_a).detach()
-            denom = torch.where(denom == 0, torch.ones_like(denom), denom)
+            denom = nonzero_norm(self.weight_norm(w_times_a=w_times_a).detach())
             return dora_epilogue(base_out, xa, self.lora_B, self.magnitude, denom, source.bias, self.scaling,
                                 consume_base=True)
         x_lora = self.lora_dropout(x) if dropout_active else x

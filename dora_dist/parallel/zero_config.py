@@ -38,9 +38,8 @@ def grad_accum_steps(cfg, world_size: int) -> int:
     """Micro-steps per optimizer step, resolved by the job's one Batching rule (dora_dist/batching.py)."""
     from dora_dist.batching import Batching
 
-    t = cfg.training
     try:
-        return Batching.resolve(t, world_size, n_samples=0 if not t.max_steps else None).grad_accum
+        return Batching.accumulation(cfg.training, world_size)
     except ValueError as exc:
         raise DeepSpeedConfigError(str(exc)) from exc
 
