@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             from dora_dist.config import load_job_config
             from dora_dist.train import train
 
-            train(load_job_config(args.config, args.overrides))
+            from dora_dist.preemption import REQUEUE_EXIT_CODE
+
+            summary = train(load_job_config(args.config, args.overrides))
+            return REQUEUE_EXIT_CODE if summary.get("preempted") else 0
         elif args.command == "merge":
             merge(args.adapter, args.out, args.base, args.dtype)
         elif args.command == "generate":

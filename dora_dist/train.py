@@ -6,7 +6,6 @@ Everything engine-specific lives behind `dora_dist.parallel.base.Engine`; this f
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import sys
@@ -26,12 +25,23 @@ from dora_dist.loggers import check_loggers, make_loggers
 from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
 from dora_dist.metrics import format_line, plot_loss
 from dora_dist.parallel import DistEnv, make_engine, step_probe
+from dora_dist.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
+from dora_dist.run_state import (PriorRun, check_extension, check_rerun, check_resume, find_finished_run, length_of,
+                                 merge_summary, read_summary, run_identity, write_json_atomic)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+class RunAlreadyFinished(Exception):
+    """build() found that output.dir holds this run, finished: nothing to train (not an error)."""
+
+    def __init__(self, prior: PriorRun):
+        super().__init__(str(prior.out_dir))
+        self.prior = prior
 
 
 def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int,
@@ -67,6 +77,7 @@ class Job:
     best_eval: float | None = None
     last_eval: int = -1
     last_eval_record: dict | None = None
+    preempted: str | None = None      # the signal that stopped the run (preemption.py), None otherwise
 
     @property
     def stop_at(self) -> int:
@@ -79,15 +90,22 @@ def train(cfg: Config) -> dict:
     quiet_third_party()
     env = DistEnv.from_environ(device=cfg.training.device)
     try:
-        with step_probe.probing():  # off unless a benchmark sets DORA_DIST_COUNT_COMM / DORA_DIST_MEMORY_STEP
-            return _train(cfg, env)
+        # step_probe: off unless a benchmark sets DORA_DIST_COUNT_COMM / DORA_DIST_MEMORY_STEP
+        with step_probe.probing(), PreemptionGuard() as guard:
+            return _train(cfg, env, guard)
     finally:
         env.destroy()
 
 
-def _train(cfg: Config, env) -> dict:
+def _train(cfg: Config, env, guard: PreemptionGuard | None = None) -> dict:
+    prior = find_finished_run(cfg.output.dir)           # a finished run in output.dir: done, extend, or refuse
+    if prior is not None and check_rerun(cfg, prior):
+        return _already_finished(prior, env)
     check_loggers(cfg.output.loggers)  # a missing tracker package fails before the model is loaded
-    job = build(cfg, env)
+    try:
+        job = build(cfg, env, prior)
+    except RunAlreadyFinished as done:
+        return _already_finished(done.prior, env)
     logger = make_loggers(cfg, job.out_dir, env.is_main, resume_step=job.start_step)  # metrics.jsonl + trackers
     bar = Console(job.batching.max_steps, job.start_step, env.is_main, cfg.output.progress_bar)  # bar: TTY only
     try:
@@ -100,10 +118,20 @@ def _train(cfg: Config, env) -> dict:
             if eval_due(job):
                 _log_eval(job, logger, bar)
             maybe_checkpoint(job)
-        if job.eval_dataset is not None and job.last_eval != job.step:
-            _log_eval(job, logger, bar)                  # the final (or stopped-early) model
-        if cfg.checkpoint.save_final and job.last_saved != job.step:
-            save_checkpoint(job)
+            if guard is not None and guard.requested_anywhere(env):   # COLLECTIVE: all ranks stop after this step
+                job.preempted = guard.received.name if guard.received else "a signal on another rank"
+                break
+        if job.preempted:
+            if job.last_saved != job.step:
+                save_checkpoint(job)                     # whatever checkpoint.every_steps says: resume from here
+            if env.is_main:
+                bar.line(f"[dora_dist] stopped by {job.preempted} after step {job.step}; checkpoint saved in "
+                         f"{job.manager.final_dir(job.step)}; exiting with {REQUEUE_EXIT_CODE} (requeue)")
+        else:
+            if job.eval_dataset is not None and job.last_eval != job.step:
+                _log_eval(job, logger, bar)              # the final (or stopped-early) model
+            if cfg.checkpoint.save_final and job.last_saved != job.step:
+                save_checkpoint(job)
     finally:
         bar.close()
         logger.close()
@@ -118,8 +146,29 @@ def _log_eval(job: Job, logger, bar) -> None:
         bar.line(format_eval_line(rec, job.batching.max_steps))
 
 
-def build(cfg: Config, env) -> Job:
-    """Data, batching, engine, model (loaded as the engine's plan says), adapters, resume state; prints the banner."""
+def _already_finished(prior: PriorRun, env) -> dict:
+    if env.is_main:
+        print(f"[dora_dist] output.dir={prior.out_dir} holds this run, finished ({prior.steps} steps"
+              + (f"; adapter in {prior.out_dir / 'adapter'}" if (prior.out_dir / "adapter").is_dir() else "")
+              + "): nothing to do. Raise training.max_steps to train further, or choose another output.dir.",
+              flush=True)
+    return dict(prior.summary, already_finished=True)
+
+
+def _resume_point(cfg: Config, env, manager, engine) -> Path | None:
+    """The checkpoint to resume from (checkpoint.resume), checked against this job before any model work."""
+    from dora_dist.checkpoint import checkpoint_info
+
+    resume = cfg.checkpoint.resume
+    resume_dir = manager.latest() if resume == "auto" else (None if resume == "none" else Path(resume))
+    if resume_dir is not None:
+        check_resume(resume_dir, checkpoint_info(resume_dir), cfg, engine, env.world_size)
+    return resume_dir
+
+
+def build(cfg: Config, env, prior: PriorRun | None = None) -> Job:
+    """Data, batching, engine, resume point, model (loaded as the engine's plan says), adapters, resume state;
+    prints the banner. `prior`: a finished run in output.dir that this job may extend (run_state.py)."""
     from dora_dist import models
     from dora_dist.checkpoint import CheckpointManager
 
@@ -133,6 +182,15 @@ def build(cfg: Config, env) -> Job:
                                  env.rank, tcfg.seed)
 
     engine = make_engine(cfg, env, batching)
+    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
+    manager = CheckpointManager(ckpt_root, cfg.checkpoint.keep_last, env)
+    resume_dir = _resume_point(cfg, env, manager, engine)
+    if prior is not None:
+        from dora_dist.checkpoint import checkpoint_info
+
+        resume_step = checkpoint_info(resume_dir).get("step") if resume_dir is not None else None
+        if check_extension(prior, batching.max_steps, resume_step):
+            raise RunAlreadyFinished(prior)
     plan = engine.load_plan()
     with engine.model_init_context():
         model = models.load_model(cfg, env, plan)
@@ -147,12 +205,8 @@ def build(cfg: Config, env) -> Job:
     model = engine.prepare(model)
     model.train()
 
-    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
-    manager = CheckpointManager(ckpt_root, cfg.checkpoint.keep_last, env)
     job = Job(cfg, env, tokenizer, dataset, batching, sampler, engine, model, manager, out_dir,
-              eval_dataset=eval_dataset)
-    resume = cfg.checkpoint.resume
-    job.resume_dir = manager.latest() if resume == "auto" else (None if resume == "none" else Path(resume))
+              eval_dataset=eval_dataset, resume_dir=resume_dir)
     if job.resume_dir is not None:
         extra = manager.load(engine, job.resume_dir)
         sampler.load_state_dict(extra["data"])
@@ -209,7 +263,7 @@ def train_step(job: Job) -> dict:
 
 def save_checkpoint(job: Job) -> None:
     job.manager.save(job.engine, job.step, {"step": job.step, "data": job.sampler.state_dict(),
-                                            "best_eval": job.best_eval})
+                                            "best_eval": job.best_eval}, run=run_identity(job.cfg))
     job.last_saved = job.step
 
 
@@ -228,7 +282,8 @@ def finish(job: Job) -> dict:
 
     cfg, env, engine, out_dir = job.cfg, job.env, job.engine, job.out_dir
     finished = job.step >= job.batching.max_steps
-    summary = {"steps": job.step, "finished": finished, "engine": engine.name, "world_size": env.world_size,
+    summary = {"steps": job.step, "finished": finished, "preempted": job.preempted is not None,
+               "engine": engine.name, "world_size": env.world_size, "length": length_of(cfg),
                "batching": job.batching.to_dict(),
                "first_loss": job.history[0] if job.history else None,
                "last_loss": job.history[-1] if job.history else None, "wall_s": time.time() - job.t0}
@@ -247,8 +302,9 @@ def finish(job: Job) -> dict:
     if env.is_main:
         if cfg.output.plot and (out_dir / "metrics.jsonl").exists():
             plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png")
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"[dora_dist] done: {job.step} steps, loss {summary['first_loss']} -> {summary['last_loss']}, "
+        summary = merge_summary(read_summary(out_dir), summary, job.start_step)
+        write_json_atomic(out_dir / "summary.json", summary)    # "finished": the run's completion mark
+        print(f"[dora_dist] {'stopped' if job.preempted else 'done'}: {job.step} steps, loss {summary['first_loss']} -> {summary['last_loss']}, "
               f"{summary['wall_s']:.1f}s; outputs in {out_dir}", flush=True)
     env.barrier()
     engine.close()
@@ -273,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"dora_dist.train: error: {exc}", file=sys.stderr)
         return 2
-    train(cfg)
-    return 0
+    summary = train(cfg)
+    return REQUEUE_EXIT_CODE if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":

@@ -63,6 +63,15 @@ def verify_checkpoint(directory: str | Path) -> str | None:
     return None
 
 
+def checkpoint_info(directory: str | Path) -> dict:
+    """The COMPLETE record of a checkpoint: step, engine, world_size, format, the run's identity (run_state.py)."""
+    try:
+        info = json.loads((Path(directory) / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def find_latest(root: str | Path, problems: list[str] | None = None) -> Path | None:
     """The newest complete checkpoint under root that verifies; damaged newer ones are skipped (and described in
     `problems` when a list is given)."""
@@ -101,7 +110,8 @@ class CheckpointManager:
                   "from: starting from step 0", flush=True)
         return found
 
-    def save(self, engine, step: int, extra_state: dict[str, Any]) -> Path:
+    def save(self, engine, step: int, extra_state: dict[str, Any], run: dict[str, Any] | None = None) -> Path:
+        """All ranks call. `run`: the job's identity keys, recorded in COMPLETE so a resume can check them."""
         env = self.env
         final, tmp = self.final_dir(step), self.root / f".tmp_step_{step:08d}"
         if env.is_main:
@@ -115,7 +125,8 @@ class CheckpointManager:
         env.barrier()
         if env.is_main:
             (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": env.world_size,
-                                                    "engine": engine.name, "time": time.time(),
+                                                    "engine": engine.name, "format": engine.checkpoint_format,
+                                                    "run": run or {}, "time": time.time(),
                                                     "files": file_manifest(tmp)}) + "\n")
             if final.exists():
                 shutil.rmtree(final)

@@ -74,6 +74,9 @@ class Engine:
     """Base engine: one process's view of data parallelism. Subclasses override `wrap` and what differs."""
 
     name = "base"
+    #: what save_checkpoint writes, and whether another world size can read it (DCP reshards on load)
+    checkpoint_format = "dcp"
+    reshardable_checkpoints = True
 
     def __init__(self, cfg, env: DistEnv, batching: Batching | None = None):
         self.cfg = cfg

@@ -153,6 +153,8 @@ class ZeroEngine(Engine):
     """Common ZeRO engine; `stage` picks ZeRO-2 or ZeRO-3."""
 
     name = "zero"
+    checkpoint_format = "deepspeed"
+    reshardable_checkpoints = False    # DeepSpeed's ZeRO checkpoints load at the world size that wrote them
     stage = 0
 
     def __init__(self, cfg, env, batching=None):

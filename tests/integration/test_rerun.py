@@ -1,0 +1,90 @@
+"""Re-running into an output directory: a finished run is left as it is (or extended when max_steps grew), another
+job's run or checkpoint is refused naming what changed, and the run's records only ever grow."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dora_dist.checkpoint import find_latest
+from dora_dist.cli import main
+from dora_dist.config import ConfigError, load_job_config
+from dora_dist.train import train
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _args(tmp_path, *extra: str) -> list[str]:
+    return ["training.max_steps=3", "data.synthetic_samples=64", "data.seq_len=32", "output.progress_bar=false",
+            "output.plot=false", f"model.cache_dir={tmp_path / 'cache'}", f"output.dir={tmp_path / 'run'}",
+            "checkpoint.every_steps=0", *extra]
+
+
+def _snapshot(run_dir) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_finished_run_is_recognised_and_left_as_is(tmp_path, capsys):
+    """No checkpoint at all (every_steps=0, save_final off): the re-run must not retrain and overwrite."""
+    first = train(load_job_config(None, _args(tmp_path)))
+    assert first["finished"] and first["steps"] == 3
+    before = _snapshot(tmp_path / "run")
+    assert "adapter/adapter_model.safetensors" in before and "summary.json" in before
+    capsys.readouterr()
+    assert main(["train", *_args(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "finished (3 steps" in out and "nothing to do" in out and "training.max_steps" in out
+    assert _snapshot(tmp_path / "run") == before                     # not a byte changed
+
+
+def test_finished_run_of_another_job_is_refused(tmp_path, capsys):
+    train(load_job_config(None, _args(tmp_path)))
+    before = _snapshot(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"dora\.r: 8 -> 4.*data\.seq_len: 32 -> 48"):
+        train(load_job_config(None, _args(tmp_path, "dora.r=4", "data.seq_len=48")))
+    with pytest.raises(ConfigError, match="checkpoint.resume=none would retrain"):
+        train(load_job_config(None, _args(tmp_path, "checkpoint.resume=none")))
+    with pytest.raises(ConfigError, match="no checkpoint of its last step .it has none"):
+        train(load_job_config(None, _args(tmp_path, "training.max_steps=5")))
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_extending_a_finished_run_appends(tmp_path):
+    first = train(load_job_config(None, _args(tmp_path, "checkpoint.save_final=true")))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    head = metrics.read_text().splitlines()
+    assert len(head) == 3
+    # the same config again: nothing to do, even with its final checkpoint there
+    again = train(load_job_config(None, _args(tmp_path, "checkpoint.save_final=true")))
+    assert again.get("already_finished") and metrics.read_text().splitlines() == head
+    longer = train(load_job_config(None, _args(tmp_path, "checkpoint.save_final=true", "training.max_steps=5")))
+    assert longer["finished"] and longer["steps"] == 5
+    lines = metrics.read_text().splitlines()
+    assert lines[:3] == head and [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["first_loss"] == first["first_loss"]              # the run's, not this segment's
+    assert [(s["start_step"], s["end_step"]) for s in summary["segments"]] == [(0, 3), (3, 5)]
+    assert find_latest(tmp_path / "run" / "checkpoints").name == "step_00000005"
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path):
+    stopped = train(load_job_config(None, _args(tmp_path, "checkpoint.every_steps=2", "training.max_steps=4",
+                                                "training.stop_after_steps=2")))
+    assert not stopped["finished"]
+    ckpts = tmp_path / "run" / "checkpoints"
+    before = _snapshot(ckpts)
+    for override, named in [("dora.r=4", "dora.r: 8 -> 4"),
+                            ("dora.target_modules=[q_proj,v_proj]", "dora.target_modules: 'all-linear' -> "),
+                            ("model.config={num_hidden_layers: 1}", "model.config: None -> "),
+                            ("training.seed=7", "training.seed: 42 -> 7")]:
+        with pytest.raises(ConfigError) as err:
+            train(load_job_config(None, _args(tmp_path, "checkpoint.every_steps=2", "training.max_steps=4",
+                                              override)))
+        msg = str(err.value)
+        assert named in msg and "step_00000002" in msg and "checkpoint.resume=none" in msg
+    assert _snapshot(ckpts) == before
+    # an engine that cannot read the format is named too (a DeepSpeed engine on a DCP checkpoint)
+    pytest.importorskip("deepspeed")
+    with pytest.raises(ConfigError, match="parallel.engine=none .dcp format., which parallel.engine=zero2 cannot"):
+        train(load_job_config(None, _args(tmp_path, "checkpoint.every_steps=2", "training.max_steps=4",
+                                          "parallel.engine=zero2")))
