@@ -71,6 +71,16 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def first_logged_loss(out_dir: Path) -> float | None:
+    """The loss of step 1 in metrics.jsonl, if it is there."""
+    try:
+        with (Path(out_dir) / "metrics.jsonl").open() as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    return first.get("loss") if isinstance(first, dict) and first.get("step") == 1 else None
+
+
 def read_summary(out_dir: Path) -> dict | None:
     path = Path(out_dir) / SUMMARY
     try:
@@ -80,15 +90,16 @@ def read_summary(out_dir: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def merge_summary(previous: dict | None, current: dict, start_step: int) -> dict:
+def merge_summary(previous: dict | None, current: dict, start_step: int,
+                  first_logged_loss: float | None = None) -> dict:
     """The run's summary after this invocation: its segments appended to the earlier ones; the run's first loss
     kept from before when this invocation resumed."""
     segments = list(previous.get("segments", [])) if previous and start_step > 0 else []
     segments.append({key: current.get(key) for key in ("engine", "world_size", "wall_s", "preempted")}
                     | {"start_step": start_step, "end_step": current["steps"]})
     merged = dict(current, segments=segments)
-    if start_step > 0 and previous and previous.get("first_loss") is not None:
-        merged["first_loss"] = previous["first_loss"]
+    if start_step > 0:   # the run's first loss: from the earlier summary, or from metrics.jsonl after a crash
+        merged["first_loss"] = (previous or {}).get("first_loss", first_logged_loss)
     if merged.get("last_loss") is None and previous and start_step > 0:
         merged["last_loss"] = previous.get("last_loss")
     return merged

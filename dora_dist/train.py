@@ -26,8 +26,9 @@ from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
 from dora_dist.metrics import format_line, plot_loss
 from dora_dist.parallel import DistEnv, make_engine, step_probe
 from dora_dist.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
-from dora_dist.run_state import (PriorRun, check_extension, check_rerun, check_resume, find_finished_run, length_of,
-                                 merge_summary, read_summary, run_identity, write_json_atomic)
+from dora_dist.run_state import (PriorRun, check_extension, check_rerun, check_resume, find_finished_run,
+                                 first_logged_loss, length_of, merge_summary, read_summary, run_identity,
+                                 write_json_atomic)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -302,7 +303,7 @@ def finish(job: Job) -> dict:
     if env.is_main:
         if cfg.output.plot and (out_dir / "metrics.jsonl").exists():
             plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png")
-        summary = merge_summary(read_summary(out_dir), summary, job.start_step)
+        summary = merge_summary(read_summary(out_dir), summary, job.start_step, first_logged_loss(out_dir))
         write_json_atomic(out_dir / "summary.json", summary)    # "finished": the run's completion mark
         print(f"[dora_dist] {'stopped' if job.preempted else 'done'}: {job.step} steps, loss {summary['first_loss']} -> {summary['last_loss']}, "
               f"{summary['wall_s']:.1f}s; outputs in {out_dir}", flush=True)

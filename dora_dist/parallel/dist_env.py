@@ -20,6 +20,14 @@ def _env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
+def _attempt_store(restart: str, rank: int, world: int, timeout: datetime.timedelta):
+    """torchrun's store, under a prefix of its own for each restart of the workers (--max-restarts): the agent's
+    store outlives a failed attempt, and without the prefix the restarted ranks read the dead ranks' addresses from
+    it (gloo's connectFullMesh then times out connecting to them)."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    return dist.PrefixStore(f"dora_dist/attempt_{restart}", store)
+
+
 @dataclass
 class DistEnv:
     rank: int = 0
@@ -53,9 +61,13 @@ class DistEnv:
             if dist.is_initialized():
                 env.backend = dist.get_backend()
             else:
-                kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
+                timeout = datetime.timedelta(seconds=timeout_s)
+                kwargs = {"backend": backend, "timeout": timeout}
                 if backend == "nccl":
                     kwargs["device_id"] = dev
+                restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+                if restart is not None:
+                    kwargs.update(store=_attempt_store(restart, rank, world, timeout), rank=rank, world_size=world)
                 dist.init_process_group(**kwargs)
                 env.initialized_here = True
         return env
