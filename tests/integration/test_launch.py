@@ -3,10 +3,12 @@
 - launch/torchrun.sh (2 processes, FSDP2): SIGKILLed after its step-4 checkpoint, relaunched with the same
   command (resume=auto), finishes; all 8 losses equal the uninterrupted single-process run.
 - launch/multinode.sh: two "nodes" (NNODES=2, one process each) meeting over a c10d rendezvous on 127.0.0.1.
-- launch/slurm.sh: run as sbatch would, with stand-in `srun`/`scontrol` executables (one node, 2 processes).
+- launch/slurm.sh: run as sbatch would, with stand-in `srun`/`scontrol` executables (one node, 2 tasks): scancel,
+  the time-limit warning (requeue) and the requeued job.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -108,17 +110,77 @@ def test_multinode_script_two_nodes_on_loopback(tmp_path, cache, reference):
     assert losses(out) == pytest.approx(reference[:2], rel=1e-5, abs=1e-6)
 
 
-def test_slurm_script_with_stand_in_srun(tmp_path, cache, reference):
+SRUN = """#!/usr/bin/env bash
+# stand-in srun on one node: drop srun's options, start $SLURM_NTASKS tasks, exit with the highest task status
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((r = 0; r < SLURM_NTASKS; r++)); do
+  SLURM_PROCID=$r SLURM_LOCALID=$r "$@" &
+  pids+=($!)
+done
+echo "${pids[@]}" > "$STUB_PIDS"
+rc=0
+for p in "${pids[@]}"; do wait "$p"; s=$?; (( s > rc )) && rc=$s; done
+exit $rc
+"""
+SCONTROL = """#!/usr/bin/env bash
+if [[ $1 == show ]]; then echo 127.0.0.1; else echo "$@" >> "$STUB_LOG"; fi
+"""
+
+
+def _signal_tasks_after_a_step(proc, out: Path, pids_file: Path, sig: int, also_script: bool = False) -> int:
+    """Once the run has logged a new step, signal its tasks (as SLURM does); returns the steps logged before."""
+    start = len(losses(out)) if (out / "metrics.jsonl").exists() else 0
+    deadline = time.time() + 400
+    while not (out / "metrics.jsonl").exists() or len(losses(out)) <= start:
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"no new step was logged (rc={proc.poll()}):\n{proc.stdout.read()[-5000:]}")
+        time.sleep(0.05)
+    for pid in pids_file.read_text().split():
+        os.kill(int(pid), sig)
+    if also_script:
+        os.kill(proc.pid, signal.SIGTERM)
+    return start
+
+
+def test_slurm_script_requeues_on_preemption_not_on_cancel(tmp_path, cache, reference):
+    """launch/slurm.sh as sbatch runs it, with stand-in srun/scontrol (one node, 2 tasks): scancel (SIGTERM to the
+    script and the tasks) stops after a checkpoint without requeueing; the time-limit warning (SIGUSR1 to the tasks)
+    checkpoints and requeues; the requeued job finishes with the losses of an uninterrupted run."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
-    # srun on one node: drop srun's own options and run the command once
-    (bin_dir / "srun").write_text("#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec \"$@\"\n")
+    (bin_dir / "srun").write_text(SRUN)
+    (bin_dir / "scontrol").write_text(SCONTROL)
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    out = tmp_path / "run"
-    env = script_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_NNODES=1, SLURM_JOB_NODELIST="node1",
-                     SLURM_JOB_ID=f"job{os.getpid()}", MASTER_PORT=free_port(), NPROC_PER_NODE=2)
-    proc = run(["bash", str(ROOT / "launch" / "slurm.sh"), *quick(cache, out, 2)], env)
-    assert "world=2" in proc.stdout
-    assert losses(out) == pytest.approx(reference[:2], rel=1e-5, abs=1e-6)
+    out, pids, log = tmp_path / "run", tmp_path / "pids", tmp_path / "scontrol.log"
+    env = script_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="node1",
+                     SLURM_JOB_ID="4242", SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=2, MASTER_PORT=free_port(),
+                     STUB_PIDS=pids, STUB_LOG=log)
+    cmd = ["bash", str(ROOT / "launch" / "slurm.sh"), *quick(cache, out, 8)]
+
+    def launch():
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    cancelled = launch()
+    _signal_tasks_after_a_step(cancelled, out, pids, signal.SIGTERM, also_script=True)
+    text = cancelled.communicate(timeout=300)[0]
+    assert cancelled.returncode == 75, text[-5000:]
+    assert not log.exists(), "a cancelled job must not requeue itself"
+    assert "world=2" in text and "checkpoint saved" in text
+    stopped_at = json.loads((out / "summary.json").read_text())["steps"]
+
+    preempted = launch()
+    _signal_tasks_after_a_step(preempted, out, pids, signal.SIGUSR1)
+    text = preempted.communicate(timeout=300)[0]
+    assert preempted.returncode == 0, text[-5000:]
+    assert log.read_text().split() == ["requeue", "4242"]
+    assert f"step_{stopped_at:08d}" in text                       # it resumed from the first stop
+    assert stopped_at < json.loads((out / "summary.json").read_text())["steps"] < 8
+
+    requeued = run(cmd, env)                                      # the requeued job runs the script again
+    assert "resumed_from=" in requeued.stdout
+    assert losses(out) == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] and len(summary["segments"]) == 3
+    assert log.read_text().split() == ["requeue", "4242"]         # finished: not requeued again
