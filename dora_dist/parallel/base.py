@@ -216,6 +216,21 @@ class Engine:
 
         save_train_state(directory, self.model, self.optimizer, self.scheduler, extra_state, self.env)
 
+    def checkpoint_nbytes(self) -> int:
+        """Bytes of tensors `save_checkpoint` writes, all ranks together (no communication): the trainable
+        parameters and the optimizer state at their full (global) size. A DTensor's numel is global; a ZeRO-3
+        parameter's is `ds_numel`; a partitioned optimizer state (ZeRO) counts its local part × world size."""
+        def nbytes(t, partitioned: bool = False) -> int:
+            numel = getattr(t, "ds_numel", None) or t.numel()
+            return numel * t.element_size() * (self.env.world_size if partitioned else 1)
+
+        total = sum(nbytes(p) for p in self.model.parameters() if p.requires_grad) if self.model is not None else 0
+        state = getattr(self.optimizer, "state", None) or {}
+        partitioned = self.name.startswith("zero")
+        for per_param in state.values():
+            total += sum(nbytes(v, partitioned) for v in per_param.values() if isinstance(v, torch.Tensor))
+        return total
+
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
         """Restore what `save_checkpoint` wrote; returns its extra_state."""
         from dora_dist.checkpoint.dcp import load_train_state

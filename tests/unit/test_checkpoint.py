@@ -125,6 +125,8 @@ def test_a_damaged_latest_checkpoint_is_skipped_or_named(tmp_path, capsys):
     says why; loading the damaged one explicitly is a clear error naming the file."""
     import pytest
 
+    from dora_dist.checkpoint import DamagedCheckpointError
+
     env = DistEnv()
     a = make_engine(0)
     manager = CheckpointManager(tmp_path / "ckpt", keep_last=3, env=env)
@@ -146,4 +148,6 @@ def test_a_damaged_latest_checkpoint_is_skipped_or_named(tmp_path, capsys):
         manager.load(make_engine(1), newest)
     for d in (tmp_path / "ckpt").iterdir():                                     # nothing undamaged left
         (d / shard.name).write_bytes(b"") if (d / shard.name).exists() else None
-    assert manager.latest() is None
+    with pytest.raises(DamagedCheckpointError, match="every checkpoint under .* is damaged"):
+        manager.latest()                              # an error, not a silent restart from step 0
+    assert find_latest(tmp_path / "ckpt") is None
