@@ -88,6 +88,23 @@ def describe_failure(exc: BaseException) -> str:
     return f"{hint or os_err.strerror or type(os_err).__name__}{where}"
 
 
+def advice(err: int | None) -> str:
+    if err in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "Make the directory writable or set checkpoint.dir to a writable location."
+    if err == errno.EFBIG:
+        return "Raise the file size limit (ulimit -f) or set checkpoint.dir to another filesystem."
+    return "Free some space or set checkpoint.dir to a disk with room."
+
+
+def write_error_message(final: Path, reason: str, err: int | None, needed: int, free: int | None,
+                        wrote: bool) -> str:
+    free_text = f"{human_bytes(free)} ({free:,} bytes)" if free is not None else "an unknown amount"
+    outcome = (f"The partial {TMP}{final.name} was removed; " if wrote else "Nothing was written; ")
+    return (f"cannot write checkpoint {final}: {reason}. It needs about {human_bytes(needed)} ({needed:,} bytes); "
+            f"{free_text} free on that filesystem. {advice(err)} {outcome}the previous checkpoints under "
+            f"{final.parent} are untouched.")
+
+
 # --- durability -----------------------------------------------------------------------------------------------
 def fsync_path(path: Path) -> None:
     """Flush a file's or a directory's entries to disk (a directory fsync makes its renames durable)."""

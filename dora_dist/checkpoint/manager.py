@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dora_dist.checkpoint import atomic
-from dora_dist.checkpoint.atomic import CheckpointWriteError, human_bytes
+from dora_dist.checkpoint.atomic import CheckpointWriteError
 from dora_dist.checkpoint.safe_load import load_rng_state, save_rng_state
 
 COMPLETE = "COMPLETE"
@@ -86,8 +86,8 @@ class DamagedCheckpointError(ValueError):
     """A checkpoint asked for (explicitly, or every one under the root with resume=auto) fails its checks."""
 
 
-#: bytes per rank beyond the tensors: the RNG state as JSON (~34 KB) and the engine's metadata
-PER_RANK_OVERHEAD = 256 * 1024
+#: bytes per rank beyond the tensors: the RNG state as JSON (~34 KB), the engine's metadata and trainer state
+PER_RANK_OVERHEAD = 64 * 1024
 _NOT_CAUGHT = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
@@ -145,10 +145,14 @@ class CheckpointManager:
         self.root.mkdir(parents=True, exist_ok=True)
         for line in atomic.recover(self.root):
             print(f"[dora_dist] checkpoints: {line}", flush=True)
+        self.check_space(needed)
+        tmp.mkdir()
+
+    def check_space(self, needed: int) -> None:
+        """Fail before writing anything when the filesystem clearly lacks room for the checkpoint."""
         free = atomic.free_bytes(self.root)
         if free is not None and needed > free:
             raise _EarlyFailure(errno.ENOSPC, "not enough free space (checked before writing anything)")
-        tmp.mkdir()
 
     def _write(self, engine, tmp: Path, extra_state: dict[str, Any]) -> None:
         engine.save_checkpoint(str(tmp), extra_state)
@@ -187,13 +191,9 @@ class CheckpointManager:
                 atomic.remove_dir(partial)
             except OSError:
                 pass
-        free = atomic.free_bytes(self.root)
         who = f"rank {failed_rank}: " if env.world_size > 1 else ""
-        free_text = f"{human_bytes(free)} ({free:,} bytes)" if free is not None else "an unknown amount"
-        message = (f"cannot write checkpoint {final}: {who}{reason}. It needs about {human_bytes(needed)} "
-                   f"({needed:,} bytes); {free_text} free on that filesystem. Free some space, raise the limit, or set checkpoint.dir to a writable disk with "
-                   f"room. The partial {atomic.TMP}{final.name} was removed; the previous checkpoints under "
-                   f"{self.root} are untouched.")
+        free = atomic.free_bytes(self.root)
+        message = atomic.write_error_message(final, who + reason, err, needed, free, wrote=partial is not None)
         local = failure[2] if failure is not None else None
         if local is not None and atomic.os_error_in(local) is None and not isinstance(local, _EarlyFailure):
             raise local                             # not an I/O failure: a bug, keep its traceback
