@@ -186,11 +186,13 @@ class CheckpointManager:
         if failed_rank < 0:
             return
         reason, err = env.broadcast_object(failure[:2] if env.rank == failed_rank else None, src=failed_rank)
-        if env.is_main and partial is not None and partial.exists():
-            try:
-                atomic.remove_dir(partial)
-            except OSError:
-                pass
+        if partial is not None:
+            if env.is_main and partial.exists():
+                try:
+                    atomic.remove_dir(partial)
+                except OSError:
+                    pass
+            env.barrier()                           # gone before any rank reports it gone
         who = f"rank {failed_rank}: " if env.world_size > 1 else ""
         free = atomic.free_bytes(self.root)
         message = atomic.write_error_message(final, who + reason, err, needed, free, wrote=partial is not None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -77,7 +78,8 @@ def try_save(manager, engine, step: int) -> dict:
         save(manager, engine, step)
     except CheckpointWriteError as exc:
         return {"raised": "CheckpointWriteError", "message": str(exc), "needed": exc.needed_bytes,
-                "free": exc.free_bytes, "errno": exc.errno, "is_oserror": isinstance(exc, OSError)}
+                "free": exc.free_bytes, "errno": exc.errno, "is_oserror": isinstance(exc, OSError),
+                "local_cause": type(exc.__cause__).__name__ if exc.__cause__ is not None else None}
     except BaseException as exc:  # noqa: BLE001  reported to the test
         return {"raised": type(exc).__name__, "message": str(exc)[-2000:]}
     return {"raised": None}
@@ -93,6 +95,24 @@ def file_size_limit(nbytes: int):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def late_failure(manager, engine, env, rank: int) -> dict:
+    """One rank fails after the engine's (collective) write, where no library collective would tell the others:
+    ENOSPC raised where that rank writes its RNG file (a monkeypatch of that function, a simulated full disk)."""
+    from dora_dist.checkpoint import manager as manager_module
+
+    real = manager_module.save_rng_state
+
+    def full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    if env.rank == rank:
+        manager_module.save_rng_state = full
+    try:
+        return try_save(manager, engine, 3)
+    finally:
+        manager_module.save_rng_state = real
 
 
 def die() -> None:
@@ -174,6 +194,8 @@ def mode_kill(args, env, manager) -> None:
             out["fsize"] = try_save(manager, engine, 3)
         out["fsize_leftovers"] = sorted(p.name for p in manager.root.iterdir())
         out["step2_files_after_fsize"] = files_digest(manager.final_dir(2))
+        out["late"] = late_failure(manager, engine, env, args.fsize_rank)
+        out["late_leftovers"] = sorted(p.name for p in manager.root.iterdir())
     write_json(Path(args.out), out, env)
     env.barrier()
     if env.rank == args.kill_rank:
