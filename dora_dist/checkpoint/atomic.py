@@ -173,7 +173,10 @@ def publish(tmp: Path, final: Path) -> None:
             aside.rename(final)    # put the previous checkpoint back
         raise
     fsync_path(final.parent)
-    remove_dir(aside)
+    try:
+        remove_dir(aside)
+    except OSError:                # published already; recover() deletes the garbage on the next save
+        pass
 
 
 def recover(root: Path) -> list[str]:
