@@ -1,10 +1,16 @@
 """Checkpoint directories: <root>/step_00000100/, written atomically, the last K kept, the latest found on resume.
 
-Atomicity: all ranks write into <root>/.tmp_step_00000100/ (engine content + one RNG file per rank, JSON: nothing
-here is unpickled on resume, see safe_load.py); after a
-barrier rank 0 writes COMPLETE and renames the directory to its final name. A run killed mid-save leaves only a
-.tmp_ directory, which is ignored (and removed by the next save). The root must be on a filesystem every rank sees
-(shared across nodes for multi-node jobs).
+Atomicity (atomic.py): all ranks write into <root>/.tmp_step_00000100/ (engine content + one RNG file per rank,
+JSON: nothing here is unpickled on resume, see safe_load.py) and fsync it; once every rank reports success rank 0
+writes COMPLETE and renames the directory to its final name (a re-save of the same step moves the old one aside
+first). A run killed at any point of a save leaves the previous checkpoints published and at most a .tmp_/.old_/
+.del_ directory, which find_latest never takes for a newer checkpoint and the next save tidies. The root must be
+on a filesystem every rank sees (shared across nodes for multi-node jobs).
+
+Write failures (disk full, file size limit, read-only directory): the free space is checked against the size of the
+tensors to write before anything is written; an error on any rank is agreed on by all (one all-reduce per phase
+instead of a barrier), so every rank raises CheckpointWriteError naming the path, the bytes needed and the bytes
+free, the partial directory is removed and the previous checkpoints are untouched.
 
 Integrity: COMPLETE records the size and sha256 of every file; a resume checks them, so a damaged or truncated
 latest checkpoint is reported and the previous complete one is used (`resume=auto`), or a clear error names the
@@ -12,18 +18,17 @@ damaged file (an explicit `resume=<dir>`).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-
+from dora_dist.checkpoint import atomic
+from dora_dist.checkpoint.atomic import CheckpointWriteError
 from dora_dist.checkpoint.safe_load import load_rng_state, save_rng_state
 
-STEP_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
 
 
@@ -74,13 +79,9 @@ def checkpoint_info(directory: str | Path) -> dict:
 
 def find_latest(root: str | Path, problems: list[str] | None = None) -> Path | None:
     """The newest complete checkpoint under root that verifies; damaged newer ones are skipped (and described in
-    `problems` when a list is given)."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    candidates = sorted(((int(m.group(1)), child) for child in root.iterdir()
-                         if (m := STEP_RE.match(child.name)) and child.is_dir() and (child / COMPLETE).exists()),
-                        reverse=True)
+    `problems` when a list is given). Directories being written (.tmp_) are never candidates; a step_N a killed
+    re-save left set aside (.old_step_N, no step_N) is. Read-only: the next save tidies leftovers."""
+    candidates = [(step, child) for step, child in atomic.step_dirs(Path(root)) if (child / COMPLETE).exists()]
     for _, child in candidates:
         problem = verify_checkpoint(child)
         if problem is None:
@@ -88,6 +89,15 @@ def find_latest(root: str | Path, problems: list[str] | None = None) -> Path | N
         if problems is not None:
             problems.append(problem)
     return None
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint asked for (explicitly, or every one under the root with resume=auto) fails its checks."""
+
+
+#: bytes per rank beyond the tensors: the RNG state as JSON (~34 KB), the engine's metadata and trainer state
+PER_RANK_OVERHEAD = 64 * 1024
+_NOT_CAUGHT = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 class CheckpointManager:
@@ -100,57 +110,134 @@ class CheckpointManager:
         return self.root / f"step_{step:08d}"
 
     def latest(self) -> Path | None:
-        """The newest undamaged complete checkpoint; damaged newer ones are reported (rank 0) and skipped."""
+        """The newest undamaged complete checkpoint; damaged newer ones are reported (rank 0) and skipped. None when
+        there is none at all; an error when there are checkpoints but every one is damaged (starting over from
+        step 0 would silently discard the run)."""
         problems: list[str] = []
         found = find_latest(self.root, problems)
+        if problems and found is None:
+            raise DamagedCheckpointError(
+                f"checkpoint.resume=auto: every checkpoint under {self.root} is damaged ({'; '.join(problems)}). "
+                "Point checkpoint.resume at an undamaged copy, or move the damaged ones away to start from step 0.")
         if problems and self.env.is_main:
             for problem in problems:
                 print(f"[dora_dist] skipping a damaged checkpoint: {problem}", flush=True)
-            print(f"[dora_dist] resuming from {found}" if found else "[dora_dist] no undamaged checkpoint to resume "
-                  "from: starting from step 0", flush=True)
+            print(f"[dora_dist] resuming from {found}", flush=True)
         return found
 
+    # --- saving --------------------------------------------------------------------------------------------
     def save(self, engine, step: int, extra_state: dict[str, Any], run: dict[str, Any] | None = None) -> Path:
-        """All ranks call. `run`: the job's identity keys, recorded in COMPLETE so a resume can check them."""
+        """All ranks call. Three phases (prepare on rank 0, write on all ranks, publish on rank 0), each ending in
+        an agreement on success that every rank takes part in, so a failure anywhere raises everywhere.
+        `run`: the job's identity keys (run_state.py), recorded in COMPLETE so a resume can check them."""
         env = self.env
-        final, tmp = self.final_dir(step), self.root / f".tmp_step_{step:08d}"
+        final = self.final_dir(step)
+        tmp = atomic.tmp_dir(final)
+        needed = self.bytes_needed(engine)
+        failure = self._attempt(self._prepare, tmp, needed) if env.is_main else None
+        self._agree(failure, final, needed)
+        failure = self._attempt(self._write, engine, tmp, extra_state)
+        self._agree(failure, final, needed, partial=tmp)
         if env.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        env.barrier()
-        engine.save_checkpoint(str(tmp), extra_state)
-        save_rng_state(tmp / f"rng_rank{env.rank:05d}.json")
-        env.barrier()
-        if env.is_main:
-            (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": env.world_size,
-                                                    "engine": engine.name, "format": engine.checkpoint_format,
-                                                    "run": run or {}, "time": time.time(),
-                                                    "files": file_manifest(tmp)}) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            self.prune()
-        env.barrier()
+            failure = self._attempt(self._publish, engine, tmp, final, step, run)
+            if failure is None:
+                self._prune_quietly()
+        self._agree(failure, final, needed, partial=tmp)
         return final
 
-    def prune(self) -> None:
-        steps = sorted((int(m.group(1)), c) for c in self.root.iterdir() if (m := STEP_RE.match(c.name)))
-        for _, path in steps[: max(0, len(steps) - self.keep_last)]:
-            shutil.rmtree(path, ignore_errors=True)
-        for stale in self.root.glob(".tmp_step_*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    def bytes_needed(self, engine) -> int:
+        """What a save writes, estimated before writing: the engine's adapter + optimizer tensors (all ranks
+        together) plus a small per-rank overhead."""
+        tensors = engine.checkpoint_nbytes() if hasattr(engine, "checkpoint_nbytes") else 0
+        return int(tensors) + PER_RANK_OVERHEAD * self.env.world_size
 
+    def _prepare(self, tmp: Path, needed: int) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for line in atomic.recover(self.root):
+            print(f"[dora_dist] checkpoints: {line}", flush=True)
+        self.check_space(needed)
+        tmp.mkdir()
+
+    def check_space(self, needed: int) -> None:
+        """Fail before writing anything when the filesystem clearly lacks room for the checkpoint."""
+        free = atomic.free_bytes(self.root)
+        if free is not None and needed > free:
+            raise _EarlyFailure(errno.ENOSPC, "not enough free space (checked before writing anything)")
+
+    def _write(self, engine, tmp: Path, extra_state: dict[str, Any]) -> None:
+        engine.save_checkpoint(str(tmp), extra_state)
+        save_rng_state(tmp / f"rng_rank{self.env.rank:05d}.json")
+        atomic.fsync_tree(tmp)                      # this rank's files are on disk before COMPLETE can exist
+
+    def _publish(self, engine, tmp: Path, final: Path, step: int, run: dict[str, Any] | None) -> None:
+        info = {"step": step, "world_size": self.env.world_size, "engine": engine.name,
+                "format": engine.checkpoint_format, "run": run or {}, "time": time.time(),
+                "files": file_manifest(tmp)}
+        atomic.write_durably(tmp / COMPLETE, json.dumps(info) + "\n")
+        atomic.fsync_path(tmp)
+        atomic.publish(tmp, final)
+
+    @staticmethod
+    def _attempt(fn, *args) -> tuple[str, int | None, BaseException] | None:
+        """Run one phase; None on success, else (reason for the user, errno, the exception)."""
+        try:
+            fn(*args)
+        except _NOT_CAUGHT:
+            raise
+        except BaseException as exc:  # noqa: BLE001  (DCP's CheckpointException is a BaseException)
+            os_err = atomic.os_error_in(exc)
+            reason = exc.strerror if isinstance(exc, _EarlyFailure) else atomic.describe_failure(exc)
+            return reason, (os_err.errno if os_err is not None else None), exc
+        return None
+
+    def _agree(self, failure, final: Path, needed: int, partial: Path | None = None) -> None:
+        """COLLECTIVE (one all-reduce; on failure a broadcast of the reason): raise on every rank if any failed."""
+        env = self.env
+        failed_rank = int(env.all_reduce_max(env.rank + 1 if failure is not None else 0)) - 1
+        if failed_rank < 0:
+            return
+        reason, err = env.broadcast_object(failure[:2] if env.rank == failed_rank else None, src=failed_rank)
+        if partial is not None:
+            if env.is_main and partial.exists():
+                try:
+                    atomic.remove_dir(partial)
+                except OSError:
+                    pass
+            env.barrier()                           # gone before any rank reports it gone
+        who = f"rank {failed_rank}: " if env.world_size > 1 else ""
+        free = atomic.free_bytes(self.root)
+        message = atomic.write_error_message(final, who + reason, err, needed, free, wrote=partial is not None)
+        local = failure[2] if failure is not None else None
+        if local is not None and atomic.os_error_in(local) is None and not isinstance(local, _EarlyFailure):
+            raise local                             # not an I/O failure: a bug, keep its traceback
+        raise CheckpointWriteError(message, final, needed, free, err) from local
+
+    def _prune_quietly(self) -> None:
+        try:
+            self.prune()
+        except OSError as exc:
+            print(f"[dora_dist] warning: could not delete an old checkpoint under {self.root}: {exc}", flush=True)
+
+    def prune(self) -> None:
+        """Keep the newest keep_last checkpoints; each older one is renamed to .del_ before it is deleted."""
+        steps = sorted((step, path) for step, path in atomic.step_dirs(self.root))
+        for _, path in steps[: max(0, len(steps) - self.keep_last)]:
+            atomic.remove_dir(path)
+
+    # --- loading -------------------------------------------------------------------------------------------
     def load(self, engine, path: str | Path) -> dict[str, Any]:
         path = Path(path)
         if not (path / COMPLETE).exists():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
         problem = verify_checkpoint(path)
         if problem is not None:
-            raise ValueError(f"cannot resume: {problem}")
+            raise DamagedCheckpointError(f"cannot resume: {problem}")
         extra = engine.load_checkpoint(str(path))
         rng_file = path / f"rng_rank{self.env.rank:05d}.json"
         if rng_file.exists():
             load_rng_state(rng_file)
         return extra
+
+
+class _EarlyFailure(OSError):
+    """The free-space check failed before anything was written."""

@@ -125,6 +125,8 @@ def test_a_damaged_latest_checkpoint_is_skipped_or_named(tmp_path, capsys):
     says why; loading the damaged one explicitly is a clear error naming the file."""
     import pytest
 
+    from dora_dist.checkpoint import DamagedCheckpointError
+
     env = DistEnv()
     a = make_engine(0)
     manager = CheckpointManager(tmp_path / "ckpt", keep_last=3, env=env)
@@ -146,4 +148,31 @@ def test_a_damaged_latest_checkpoint_is_skipped_or_named(tmp_path, capsys):
         manager.load(make_engine(1), newest)
     for d in (tmp_path / "ckpt").iterdir():                                     # nothing undamaged left
         (d / shard.name).write_bytes(b"") if (d / shard.name).exists() else None
-    assert manager.latest() is None
+    with pytest.raises(DamagedCheckpointError, match="every checkpoint under .* is damaged"):
+        manager.latest()                              # an error, not a silent restart from step 0
+    assert find_latest(tmp_path / "ckpt") is None
+
+
+def test_leftovers_of_a_killed_replace_or_prune_are_never_newer_and_are_tidied(tmp_path):
+    """The states a SIGKILL can leave inside publish/prune that the process tests do not stop at (a kill while the
+    set-aside copy is deleted after the new one is in place; a .del_ directory): find_latest takes the published
+    step_N, and the next save removes the rest (tests/integration/test_checkpoint_write_faults.py kills for real)."""
+    import shutil
+
+    from dora_dist.checkpoint.manager import verify_checkpoint
+
+    env = DistEnv()
+    a = make_engine(0)
+    root = tmp_path / "ckpt"
+    manager = CheckpointManager(root, keep_last=2, env=env)
+    for step in (1, 2):
+        train_steps(a, 1)
+        manager.save(a, step, {"step": step, "data": {"step": step}})
+    shutil.copytree(root / "step_00000001", root / ".old_step_00000002")     # stale aside next to its step_N
+    shutil.copytree(root / "step_00000001", root / ".del_step_00000000")     # half-deleted pruned checkpoint
+    (root / ".old_step_00000002" / "COMPLETE").unlink()                        # (whatever state it was cut in)
+    assert find_latest(root) == root / "step_00000002"
+    train_steps(a, 1)
+    manager.save(a, 3, {"step": 3, "data": {"step": 3}})
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
+    assert verify_checkpoint(root / "step_00000002") is None
