@@ -60,6 +60,17 @@ def reference(tmp_path_factory, cache):
     return [r["loss"] for r in read_metrics(out)]
 
 
+def kill_processes_naming(needle: str) -> None:
+    """SIGKILL every process whose command line contains `needle` (a run's output directory)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if needle in cmdline and int(pid) != os.getpid():
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
 def losses(out: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(out)]
 
@@ -81,7 +92,8 @@ def test_torchrun_script_killed_and_resumed(tmp_path, cache, reference):
             time.sleep(0.2)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole launch: torchrun and both workers
+            os.killpg(proc.pid, signal.SIGKILL)  # the script and torchrun's agent
+        kill_processes_naming(str(out))          # the workers: torchrun starts each in a session of its own
         proc.wait()
     killed_at = len(losses(out))
     assert 4 <= killed_at < 8, f"killed after step {killed_at}"
