@@ -64,7 +64,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dora_dist.checkpoint.safe_load import verify_torch_file
-from dora_dist.parallel.base import Engine, dora_layers, rank_zero_print
+from dora_dist.parallel.base import Engine, StepResult, dora_layers, rank_zero_print
 from dora_dist.parallel.zero_config import build_ds_config, describe
 
 CHECKPOINT_TAG = "zero"
@@ -337,6 +337,17 @@ class ZeroEngine(Engine):
         self.ds_engine.set_gradient_accumulation_boundary(True)
         self.ds_engine.step()                                  # clip, optimizer + LR scheduler step, zero grads
         return self.clip_grad_norm(self.cfg.training.max_grad_norm)
+
+    #: DeepSpeed clips and steps in one call, its gradients live in flat partitions: a non-finite step is not
+    #: skipped but stops the run (the trainer checks the loss before the step, the norm after it)
+    can_skip_steps = False
+
+    def guarded_step(self, loss_is_finite: bool = True) -> StepResult:
+        return StepResult(self.step(), stepped=True)
+
+    def first_nonfinite_grad(self) -> str | None:
+        """Not available: the gradients are in DeepSpeed's flat partitions (and zeroed by its step)."""
+        return None
 
     def current_lr(self) -> float:
         return float(self.ds_engine.get_lr()[0])
