@@ -1,0 +1,70 @@
+"""A step with a NaN/inf loss or gradient is skipped (no update, no optimizer-state change, no LR tick; reported with
+the step and the first parameter whose gradient is non-finite), and training.max_bad_steps of them in a row stop
+the run with NonFiniteLossError, no checkpoint written inside the streak: under engine none (in this process) and
+ddp / fsdp2 (2 gloo processes, one torchrun launch). The cases: tests/dist/nonfinite_worker.py."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from netutil import run_workers  # noqa: E402
+from nonfinite_worker import BAD_PARAM, GRAD_STEP, LOSS_STEP, run_cases  # noqa: E402
+
+
+def check(res: dict) -> None:
+    skip, stop = res["skip"], res["stop"]
+    # --- "skip": the bad steps are skipped, the run finishes ---------------------------------------------------
+    recs = skip["records"]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+    assert [bool(r.get("skipped")) for r in recs] == [False, True, False, True, False]
+    grad_rec, loss_rec = recs[GRAD_STEP - 1], recs[LOSS_STEP - 1]
+    assert grad_rec["bad_param"] == BAD_PARAM and BAD_PARAM in grad_rec["skip_reason"]   # the first bad gradient
+    assert math.isfinite(grad_rec["loss"]) and not math.isfinite(grad_rec["grad_norm"])
+    assert math.isnan(loss_rec["loss"]) and "the loss is nan" in loss_rec["skip_reason"]
+    per_step = {int(k): v for k, v in skip["per_step"].items()}
+    for step, st in per_step.items():
+        if step in (GRAD_STEP, LOSS_STEP):       # nothing moved, the LR schedule did not tick
+            assert st["params_changed"] == 0 and st["opt_state_changed"] == 0, (step, st)
+            assert st["sched_after"] == st["sched_before"], (step, st)
+        else:                                    # a good step does change them (the snapshot can see a change)
+            assert st["params_changed"] > 0 and st["opt_state_changed"] > 0, (step, st)
+            assert st["sched_after"] == st["sched_before"] + 1, (step, st)
+    assert recs[GRAD_STEP]["lr"] == recs[GRAD_STEP - 1]["lr"]   # step 3 runs at the LR step 2 would have had
+    assert skip["summary"]["finished"] and skip["summary"]["steps"] == 5
+    assert skip["summary"]["skipped_steps"] == [GRAD_STEP, LOSS_STEP]
+    # checkpoints every 2 steps: the one due at skipped step 2 (and 4) is taken at the next good step
+    assert skip["checkpoints"] == ["step_00000003", "step_00000005"]
+    # --- "stop": NaN from step 2, max_bad_steps=2 -> stops at step 3 -------------------------------------------
+    assert stop["error"] is not None
+    assert "steps 2-3" in stop["error"] and "training.max_bad_steps=2" in stop["error"]
+    assert "the loss is nan" in stop["error"] and "training.lr" in stop["error"]
+    assert [bool(r.get("skipped")) for r in stop["records"]] == [False, True, True]
+    assert stop["checkpoints"] == ["step_00000001"]          # the last good one; none for the streak
+    assert not stop["adapter_written"]
+    for step in (2, 3):
+        st = stop["per_step"][step] if step in stop["per_step"] else stop["per_step"][str(step)]
+        assert st["params_changed"] == 0 and st["opt_state_changed"] == 0
+
+
+def test_skip_and_stop_engine_none(tmp_path):
+    from dora_dist.parallel.dist_env import DistEnv
+
+    env = DistEnv()                               # one process, no process group
+    check(run_cases(env, "none", tmp_path, str(tmp_path / "cache")))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_skip_and_stop_ddp_fsdp2(tmp_path):
+    out = tmp_path / "results.json"
+    run_workers(Path(__file__).with_name("nonfinite_worker.py"),
+                ["--workdir", str(tmp_path), "--cache", str(tmp_path / "cache"), "--out", str(out)], out)
+    res = json.loads(out.read_text())
+    assert res["world_size"] == 2
+    for engine in ("ddp", "fsdp2"):
+        check(res[engine])
