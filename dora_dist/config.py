@@ -124,7 +124,7 @@ class TrainingConfig:
     #: 0 disables clipping (the norm is still logged)
     max_grad_norm: float = 1.0
     #: a step whose loss or gradient is NaN/inf is skipped (no update, no LR tick; its batch is consumed); this many
-    #: skipped steps in a row stop the run (1: stop at the first). ZeRO engines cannot skip: they stop at the first
+    #: skipped steps in a row stop the run (1: stop at the first)
     max_bad_steps: int = 5
     seed: int = 42
     precision: Literal["fp32", "bf16"] = "fp32"

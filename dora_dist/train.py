@@ -194,14 +194,13 @@ def train_step(job: Job) -> dict:
         local_loss += loss.detach().double()
     step_loss = env.all_reduce_sum(local_loss)  # COLLECTIVE: one float (the global-batch mean loss)
     loss_ok = math.isfinite(step_loss)
-    if not loss_ok and not engine.can_skip_steps:
-        raise NonFiniteLossError(f"loss is {step_loss} at step {job.step + 1}; parallel.engine={engine.name} "
-                                 f"cannot skip a step, stopping before the optimizer step. {_ADVICE}")
     lr = engine.current_lr()
     result = engine.guarded_step(loss_ok)       # COLLECTIVE; skips (no update, no LR tick) a non-finite step
-    if result.stepped and not math.isfinite(result.grad_norm):
-        raise NonFiniteLossError(f"gradient norm is {result.grad_norm} at step {job.step + 1}; "
-                                 f"parallel.engine={engine.name} cannot skip a step, stopping. {_ADVICE}")
+    if result.stepped and not (loss_ok and math.isfinite(result.grad_norm)):
+        raise NonFiniteLossError(
+            f"step {job.step + 1} had loss {step_loss} and gradient norm {result.grad_norm}, and "
+            f"parallel.engine={engine.name} applied it (it could not skip it): stopping, no checkpoint is written "
+            f"for it. {_ADVICE}")
     job.step += 1
     sampler.step = job.step                     # a skipped step's batch is consumed too: the data order is kept
     dt = time.perf_counter() - step_t0
@@ -216,7 +215,8 @@ def train_step(job: Job) -> dict:
     job.bad_streak.append(job.step)
     job.skipped_steps.append(job.step)
     reason = (f"the loss is {step_loss}" if not loss_ok else
-              f"the gradient of {result.bad_param} is non-finite (gradient norm {result.grad_norm})")
+              f"the gradient of {result.bad_param} is non-finite (gradient norm {result.grad_norm})"
+              if result.bad_param else f"the gradient norm is {result.grad_norm}")
     return {**rec, "skipped": True, "skip_reason": reason, "bad_param": result.bad_param}
 
 

@@ -29,7 +29,7 @@ Non-finite steps. `guarded_step` computes the global gradient norm (the one clip
 only when it and the loss are finite; otherwise it finds the first parameter (model order) whose gradient is
 non-finite (a collective: only then is there a by-parameter pass), zeroes the gradients and leaves the optimizer
 and the LR schedule untouched. An engine whose step cannot be split (ZeRO: DeepSpeed clips and steps in one call)
-sets `can_skip_steps = False`; the trainer then stops at the first non-finite step instead of skipping it.
+reports what its step did (`StepResult.stepped`); the trainer stops the run if a non-finite step was applied.
 
 To add an engine: subclass `Engine` in parallel/<name>.py, implement `wrap` (and override what differs), and
 register it in `ENGINES` in parallel/__init__.py. Method names here are stable.
@@ -214,9 +214,6 @@ class Engine:
         grad_norm = self.clip_grad_norm(self.cfg.training.max_grad_norm)
         self.optimizer_step()
         return grad_norm
-
-    #: False where one call clips and steps (ZeRO): the trainer stops at a non-finite step instead of skipping it
-    can_skip_steps = True
 
     def guarded_step(self, loss_is_finite: bool = True) -> "StepResult":
         """Clip and step when the (global) loss and gradient norm are finite, else skip the step (see the module

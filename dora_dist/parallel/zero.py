@@ -338,12 +338,14 @@ class ZeroEngine(Engine):
         self.ds_engine.step()                                  # clip, optimizer + LR scheduler step, zero grads
         return self.clip_grad_norm(self.cfg.training.max_grad_norm)
 
-    #: DeepSpeed clips and steps in one call, its gradients live in flat partitions: a non-finite step is not
-    #: skipped but stops the run (the trainer checks the loss before the step, the norm after it)
-    can_skip_steps = False
-
     def guarded_step(self, loss_is_finite: bool = True) -> StepResult:
-        return StepResult(self.step(), stepped=True)
+        """DeepSpeed clips and steps in one call, and skips a step whose gradient norm is inf/NaN itself (no update,
+        no LR tick, gradients zeroed: its "overflow" path, taken for fp32 adapters under ZeRO-2 and any dtype under
+        ZeRO-3). `was_step_applied` says which happened. The parameter at fault is not named: the gradients are
+        in DeepSpeed's flat partitions, and gone after its step. A step applied although non-finite (bf16 adapters
+        under ZeRO-2) makes the trainer stop."""
+        grad_norm = self.step()
+        return StepResult(grad_norm, stepped=bool(self.ds_engine.was_step_applied()))
 
     def first_nonfinite_grad(self) -> str | None:
         """Not available: the gradients are in DeepSpeed's flat partitions (and zeroed by its step)."""

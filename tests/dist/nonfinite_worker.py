@@ -1,11 +1,13 @@
 """Non-finite steps (training.max_bad_steps): the cases of tests/dist/test_nonfinite.py, run in-process for
-parallel.engine=none and under `torchrun --nproc-per-node 2` (gloo) for ddp and fsdp2 (one launch for both).
+parallel.engine=none and under `torchrun --nproc-per-node 2` (gloo) for ddp and fsdp2 (one launch for both), and
+zero2 and zero3 (another launch; fp32, DeepSpeed's ZeRO optimizer has no float64 path here).
 
 Two training runs per engine (the float64 quickstart job of engine_worker.common_overrides):
 
 - "skip": 5 steps, training.max_bad_steps=2, checkpoint.every_steps=2. Step 2: an inf is put into the gradient of
   BAD_PARAM only (the loss stays finite): under none/ddp by a tensor hook in backward on the last rank (DDP then
-  all-reduces it to every rank), under fsdp2 into the last rank's local gradient shard after backward. Step 4: the
+  all-reduces it to every rank; ZeRO reduces it into its partitions), under fsdp2 into the last rank's local
+  gradient shard after backward. Step 4: the
   loss of the last rank's micro-batches is multiplied by NaN. Both steps must be skipped, the run must finish.
 - "stop": NaN loss from step 2 on, max_bad_steps=2, checkpoint.every_steps=1: NonFiniteLossError at step 3.
 
@@ -33,11 +35,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def snapshot(engine) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """This rank's trainable parameters (FSDP2: its shard; ZeRO-3: its partition), optimizer state (ZeRO: of the
+    torch optimizer inside DeepSpeed's, over the flat partitions) and the scheduler's step count."""
     from dora_dist.parallel.base import trainable_named_parameters
 
-    params = [p for _, p in trainable_named_parameters(engine.model)]
-    state = [_local(v).detach().clone() for p in params for v in engine.optimizer.state.get(p, {}).values()
-             if torch.is_tensor(v)]
+    params = [getattr(p, "ds_tensor", p) for _, p in trainable_named_parameters(engine.model)]
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    state = [_local(v).detach().clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
     return [_local(p).detach().clone() for p in params], state, int(engine.scheduler.last_epoch)
 
 
@@ -116,6 +120,8 @@ def run_cases(env, engine: str, workdir: Path, cache: str) -> dict:
 
     base = common_overrides(cache) + [f"parallel.engine={engine}", "training.max_steps=5",
                                       "training.max_bad_steps=2", "checkpoint.keep_last=10"]
+    if engine.startswith("zero"):
+        base += ["model.dtype=float32", "dora.adapter_dtype=float32"]
     result: dict = {}
     out = workdir / f"{engine}_skip"
     with Injector(env, {GRAD_STEP}, {LOSS_STEP}) as inj:
@@ -145,13 +151,14 @@ def main() -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--cache", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--engines", default="ddp,fsdp2")
     args = p.parse_args()
     dist.init_process_group("gloo")
     from dora_dist.parallel.dist_env import DistEnv
 
     env = DistEnv.from_environ(device="cpu")
     results = {"world_size": env.world_size}
-    for engine in ("ddp", "fsdp2"):
+    for engine in args.engines.split(","):
         results[engine] = run_cases(env, engine, Path(args.workdir), args.cache)
     if env.is_main:
         Path(args.out).write_text(json.dumps(results, indent=2, default=str))
