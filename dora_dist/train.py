@@ -31,7 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """training.max_bad_steps steps in a row had a NaN/inf loss or gradient (a training fault, not bad input)."""
+    """training.max_bad_steps steps in a row had a NaN/inf loss or gradient, or an engine applied such a step (a
+    training fault, not bad input)."""
 
 
 def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int,
@@ -67,7 +68,7 @@ class Job:
     best_eval: float | None = None
     last_eval: int = -1
     last_eval_record: dict | None = None
-    bad_streak: list[int] = field(default_factory=list)   # the skipped (non-finite) steps of the current streak
+    bad_streak: list[tuple[int, str]] = field(default_factory=list)  # (step, why) of the current skipped streak
     skipped_steps: list[int] = field(default_factory=list)
     checkpoint_owed: bool = False                         # a checkpoint fell on a skipped step: take it at the next
 
@@ -212,11 +213,14 @@ def train_step(job: Job) -> dict:
         job.history.append(step_loss)
         job.bad_streak = []
         return rec
-    job.bad_streak.append(job.step)
+    if not loss_ok:
+        reason = f"the loss is {step_loss}"
+    elif result.bad_param:
+        reason = f"the gradient of {result.bad_param} is non-finite (gradient norm {result.grad_norm})"
+    else:                                       # an engine that cannot name it (ZeRO)
+        reason = f"the gradient norm is {result.grad_norm}"
+    job.bad_streak.append((job.step, reason))
     job.skipped_steps.append(job.step)
-    reason = (f"the loss is {step_loss}" if not loss_ok else
-              f"the gradient of {result.bad_param} is non-finite (gradient norm {result.grad_norm})"
-              if result.bad_param else f"the gradient norm is {result.grad_norm}")
     return {**rec, "skipped": True, "skip_reason": reason, "bad_param": result.bad_param}
 
 
@@ -232,11 +236,11 @@ def report_skipped_step(job: Job, rec: dict, bar) -> None:
         bar.line(f"[dora_dist] step {rec['step']} skipped: {rec['skip_reason']}; no optimizer update "
                  f"({len(job.bad_streak)}/{limit} bad steps in a row, training.max_bad_steps)")
     if len(job.bad_streak) >= limit:
-        steps = job.bad_streak
+        steps = [step for step, _ in job.bad_streak]
         span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
-        raise NonFiniteLossError(
-            f"{len(steps)} bad step(s) in a row ({span}, training.max_bad_steps={limit}); the last: "
-            f"{rec['skip_reason']}. Stopping. {_ADVICE}")
+        reasons = "; ".join(dict.fromkeys(why for _, why in job.bad_streak))   # each distinct cause once
+        raise NonFiniteLossError(f"{len(steps)} non-finite step(s) in a row ({span}, training.max_bad_steps="
+                                 f"{limit}): {reasons}. Stopping. {_ADVICE}")
 
 
 def save_checkpoint(job: Job) -> None:
