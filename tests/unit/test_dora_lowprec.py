@@ -7,9 +7,9 @@ row straight from the summed matrix, denominator n with zeros replaced by 1 (`no
 
     y = (m / n) ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ),  gradients of lora_A, lora_B, magnitude from autograd for an upstream g.
 
-Tolerance (why these numbers). The layer computes with fp32 accumulation (torch's CPU and CUDA 16-bit GEMMs accumulate in
-fp32) and rounds partial results to the 16-bit
-format a few times on each path (base matmul output, x·Aᵀ, the scale m/n, s·(m/n)⊙B, y, d(x·Aᵀ), dB): k ≤ 8
+Tolerance (why these numbers). The layer computes with fp32 accumulation (torch's CPU and CUDA 16-bit GEMMs
+accumulate in fp32) and rounds partial results to the 16-bit format a few times on each path (base matmul output,
+x·Aᵀ, the scale m/n, s·(m/n)⊙B, y, d(x·Aᵀ), dB; a 4-bit base: the weight dequantized to 16 bits): k ≤ 8
 roundings, each a relative error ≤ u (unit roundoff: 2^-11 for fp16, 2^-8 for bf16) of a partial result whose
 magnitude is bounded by the same expression evaluated on absolute values |x|, |W|, |A|, |B|, |m|, |g| (every term
 is a product of inputs, so that is Σ|terms|). To first order |layer - reference| ≤ 8·u·bound elementwise. The
