@@ -123,6 +123,9 @@ class TrainingConfig:
     min_lr_ratio: float = 0.0
     #: 0 disables clipping (the norm is still logged)
     max_grad_norm: float = 1.0
+    #: a step whose loss or gradient is NaN/inf is skipped (no update, no LR tick; its batch is consumed); this many
+    #: skipped steps in a row stop the run (1: stop at the first)
+    max_bad_steps: int = 5
     seed: int = 42
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
@@ -235,6 +238,7 @@ _RANGES: dict[str, tuple] = {
     "training.warmup_steps": _NON_NEGATIVE,
     "training.min_lr_ratio": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "training.max_grad_norm": _NON_NEGATIVE,
+    "training.max_bad_steps": _POSITIVE,
     "training.seed": _NON_NEGATIVE,
     "training.log_every": _POSITIVE,
     "training.stop_after_steps": _NON_NEGATIVE,

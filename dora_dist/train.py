@@ -34,7 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class NonFiniteLossError(FloatingPointError):
-    pass
+    """training.max_bad_steps steps in a row had a NaN/inf loss or gradient, or an engine applied such a step (a
+    training fault, not bad input)."""
 
 
 class RunAlreadyFinished(Exception):
@@ -79,6 +80,9 @@ class Job:
     last_eval: int = -1
     last_eval_record: dict | None = None
     preempted: str | None = None      # the signal that stopped the run (preemption.py), None otherwise
+    bad_streak: list[tuple[int, str]] = field(default_factory=list)  # (step, why) of the current skipped streak
+    skipped_steps: list[int] = field(default_factory=list)
+    checkpoint_owed: bool = False                         # a checkpoint fell on a skipped step: take it at the next
 
     @property
     def stop_at(self) -> int:
@@ -113,7 +117,9 @@ def _train(cfg: Config, env, guard: PreemptionGuard | None = None) -> dict:
         while job.step < job.stop_at:
             rec = train_step(job)
             logger.log(rec)
-            if env.is_main and job.step % cfg.training.log_every == 0:
+            if rec.get("skipped"):
+                report_skipped_step(job, rec, bar)       # stops the run at training.max_bad_steps in a row
+            elif env.is_main and job.step % cfg.training.log_every == 0:
                 bar.line(format_line(rec, job.batching.max_steps))
             bar.update(1)
             if eval_due(job):
@@ -243,37 +249,73 @@ def train_step(job: Job) -> dict:
             engine.backward(loss)
         local_loss += loss.detach().double()
     step_loss = env.all_reduce_sum(local_loss)  # COLLECTIVE: one float (the global-batch mean loss)
-    if not math.isfinite(step_loss):
-        raise NonFiniteLossError(
-            f"loss is {step_loss} at step {job.step + 1}; stopping before the optimizer step (no checkpoint is "
-            "written for this step). Lower training.lr, enable clipping or check the data.")
+    loss_ok = math.isfinite(step_loss)
     lr = engine.current_lr()
-    grad_norm = engine.step()
-    if not math.isfinite(grad_norm):
-        raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {job.step + 1}; stopping (no checkpoint "
-                                 "is written for this step)")
+    result = engine.guarded_step(loss_ok)       # COLLECTIVE; skips (no update, no LR tick) a non-finite step
+    if result.stepped and not (loss_ok and math.isfinite(result.grad_norm)):
+        raise NonFiniteLossError(
+            f"step {job.step + 1} had loss {step_loss} and gradient norm {result.grad_norm}, and "
+            f"parallel.engine={engine.name} applied it (it could not skip it): stopping, no checkpoint is written "
+            f"for it. {_ADVICE}")
     job.step += 1
-    sampler.step = job.step
+    sampler.step = job.step                     # a skipped step's batch is consumed too: the data order is kept
     dt = time.perf_counter() - step_t0
-    job.history.append(step_loss)
-    return {"step": job.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": global_tokens / dt, "step_time_s": dt,
-            "peak_mem_bytes": engine.peak_memory_bytes(), "epoch": sampler.epoch_of(job.step),
-            **step_probe.end_step()}
+    rec = {"step": job.step, "loss": step_loss, "lr": lr, "grad_norm": result.grad_norm,
+           "tokens_per_s": global_tokens / dt, "step_time_s": dt,
+           "peak_mem_bytes": engine.peak_memory_bytes(), "epoch": sampler.epoch_of(job.step),
+           **step_probe.end_step()}
+    if result.stepped:
+        job.history.append(step_loss)
+        job.bad_streak = []
+        return rec
+    if not loss_ok:
+        reason = f"the loss is {step_loss}"
+    elif result.bad_param:
+        reason = f"the gradient of {result.bad_param} is non-finite (gradient norm {result.grad_norm})"
+    else:                                       # an engine that cannot name it (ZeRO)
+        reason = f"the gradient norm is {result.grad_norm}"
+    job.bad_streak.append((job.step, reason))
+    job.skipped_steps.append(job.step)
+    return {**rec, "skipped": True, "skip_reason": reason, "bad_param": result.bad_param}
+
+
+_ADVICE = ("Lower training.lr, set training.max_grad_norm (clipping) if it is 0, or check the data of these steps; "
+           "the last checkpoint is from before them (resume with checkpoint.resume=auto).")
+
+
+def report_skipped_step(job: Job, rec: dict, bar) -> None:
+    """Rank 0 prints the skipped step and why; at training.max_bad_steps skipped steps in a row, every rank raises
+    NonFiniteLossError (before any checkpoint of the streak: see maybe_checkpoint)."""
+    limit = job.cfg.training.max_bad_steps
+    if job.env.is_main:
+        bar.line(f"[dora_dist] step {rec['step']} skipped: {rec['skip_reason']}; no optimizer update "
+                 f"({len(job.bad_streak)}/{limit} bad steps in a row, training.max_bad_steps)")
+    if len(job.bad_streak) >= limit:
+        steps = [step for step, _ in job.bad_streak]
+        span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+        reasons = "; ".join(dict.fromkeys(why for _, why in job.bad_streak))   # each distinct cause once
+        raise NonFiniteLossError(f"{len(steps)} non-finite step(s) in a row ({span}, training.max_bad_steps="
+                                 f"{limit}): {reasons}. Stopping. {_ADVICE}")
 
 
 def save_checkpoint(job: Job) -> None:
     job.manager.save(job.engine, job.step, {"step": job.step, "data": job.sampler.state_dict(),
                                             "best_eval": job.best_eval}, run=run_identity(job.cfg))
     job.last_saved = job.step
+    job.checkpoint_owed = False
 
 
 def maybe_checkpoint(job: Job) -> None:
-    """Every checkpoint.every_steps, and at an early stop (training.stop_after_steps) when checkpointing is on."""
+    """Every checkpoint.every_steps, and at an early stop (training.stop_after_steps) when checkpointing is on.
+    Never inside a streak of skipped steps (it may end in NonFiniteLossError: the last checkpoint then stays the
+    last good one); one that falls there is taken at the next good step."""
     every = job.cfg.checkpoint.every_steps
     if not every:
         return
-    if job.step % every == 0 or (job.step == job.stop_at and job.stop_at < job.batching.max_steps):
+    due = job.step % every == 0 or (job.step == job.stop_at and job.stop_at < job.batching.max_steps)
+    if job.bad_streak:
+        job.checkpoint_owed = job.checkpoint_owed or due
+    elif due or job.checkpoint_owed:
         save_checkpoint(job)
 
 
@@ -285,7 +327,7 @@ def finish(job: Job) -> dict:
     finished = job.step >= job.batching.max_steps
     summary = {"steps": job.step, "finished": finished, "preempted": job.preempted is not None,
                "engine": engine.name, "world_size": env.world_size, "length": length_of(cfg),
-               "batching": job.batching.to_dict(),
+               "batching": job.batching.to_dict(), "skipped_steps": job.skipped_steps,
                "first_loss": job.history[0] if job.history else None,
                "last_loss": job.history[-1] if job.history else None, "wall_s": time.time() - job.t0}
     if job.eval_dataset is not None:

@@ -39,12 +39,13 @@ _DOT_BLOCK = 64
 
 def _column_dot(g: torch.Tensor, y: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """Σ_t g[t] ⊙ y[t] (per column) accumulated in `acc`. fp32/fp64: one product and one reduction; 16-bit: over
-    blocks of tokens, so the 16-bit product of a block is summed in fp32 while it is still in cache."""
-    if g.dtype in (torch.float32, torch.float64) or g.shape[0] <= _DOT_BLOCK:
+    blocks of tokens, each block's product formed in `acc` while the block is in cache (a 16-bit product overflows
+    fp16 for |g·y| > 65504, e.g. outputs ~1e4 from magnitudes ~1e4, although the sum / m it feeds is small)."""
+    if g.dtype in (torch.float32, torch.float64):
         return (g * y).sum(0, dtype=acc)
     out = torch.zeros(g.shape[1], dtype=acc, device=g.device)
     for start in range(0, g.shape[0], _DOT_BLOCK):
-        out += (g[start:start + _DOT_BLOCK] * y[start:start + _DOT_BLOCK]).sum(0, dtype=acc)
+        out += (g[start:start + _DOT_BLOCK].to(acc) * y[start:start + _DOT_BLOCK].to(acc)).sum(0)
     return out
 
 
@@ -125,11 +126,13 @@ def dora_epilogue_reference(base_out: torch.Tensor, xa: torch.Tensor, lora_B: to
                             denom: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """The same function with plain torch ops (autograd and inductor see every op; used under torch.compile)."""
     dt = base_out.dtype
-    scale = magnitude / denom
-    lora_out = torch.nn.functional.linear(xa, lora_B).to(dt)
-    # base + s·lora, not torch.add(alpha=s): torch 2.13's inductor folds an alpha-add of a matmul output into
-    # the GEMM with wrong results on the CPU (tests/unit/test_compile.py holds this)
-    y = (base_out + lora_out * scaling) * scale.to(dt)
+    scale = magnitude / denom                                      # ≥ fp32: denom is the fp32 norm
+    # s·(m/n) folded into B, as in the fused node: autograd then never forms s·(m/n) ⊙ g over (tokens × out) in
+    # 16 bits (it overflows fp16 for m/n ~ 1e4 although every gradient is small). base·scale + lora, not
+    # torch.add(alpha=): torch 2.13's inductor folds an alpha-add of a matmul output into the GEMM with wrong
+    # results on the CPU (tests/unit/test_compile.py holds this)
+    b_scaled = (lora_B * (scaling * scale)[:, None]).to(xa.dtype)
+    y = base_out * scale.to(dt) + torch.nn.functional.linear(xa, b_scaled).to(dt)
     return y if bias is None else y + bias.to(dt)
 
 

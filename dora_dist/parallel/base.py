@@ -14,7 +14,7 @@ The trainer (dora_dist/train.py) drives every engine with the same calls and no 
             with engine.accumulate(last=(i == n - 1)):   # no gradient sync on all but the last micro-step
                 loss = <this micro-batch's share of the global-batch mean loss>
                 engine.backward(loss)
-        grad_norm = engine.step()                   # clip, optimizer step, scheduler step, zero grads
+        result = engine.guarded_step(loss_is_finite)  # clip + step, or skip a non-finite step (see StepResult)
     state = engine.adapter_state_dict()             # full adapter tensors (PEFT keys) on rank 0, None elsewhere
     engine.save_checkpoint(dir, extra_state)        # called by checkpoint.CheckpointManager inside a temp dir
 
@@ -25,6 +25,12 @@ ranks (DDP, FSDP2, ZeRO) therefore multiply by the data-parallel world size in `
 whose backward also divides by the accumulation steps (DeepSpeed's default) must undo that. The result: the
 gradient is the same for any (world size × accumulation) split of the same global batch.
 
+Non-finite steps. `guarded_step` computes the global gradient norm (the one clipping needs anyway) and steps
+only when it and the loss are finite; otherwise it finds the first parameter (model order) whose gradient is
+non-finite (a collective: only then is there a by-parameter pass), zeroes the gradients and leaves the optimizer
+and the LR schedule untouched. An engine whose step cannot be split (ZeRO: DeepSpeed clips and steps in one call)
+reports what its step did (`StepResult.stepped`); the trainer stops the run if a non-finite step was applied.
+
 To add an engine: subclass `Engine` in parallel/<name>.py, implement `wrap` (and override what differs), and
 register it in `ENGINES` in parallel/__init__.py. Method names here are stable.
 """
@@ -33,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -187,21 +194,61 @@ class Engine:
         (loss * self.loss_scale).backward()
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Global gradient norm over the trainable parameters, clipped to max_norm when max_norm > 0."""
+        """Global gradient norm over the trainable parameters, clipped to max_norm when max_norm > 0. A non-finite
+        norm leaves the gradients as they are (clipping by it would turn every gradient into NaN and hide which
+        parameter was at fault). Collective where the gradients are sharded (FSDP2: DTensor norm)."""
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         if not params:
             return 0.0
-        limit = max_norm if max_norm and max_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, limit)
-        return float(_to_full(norm))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        total = float(_to_full(norm))
+        if max_norm and max_norm > 0 and math.isfinite(total):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return total
+
+    def optimizer_step(self) -> None:
+        """Optimizer step, scheduler tick, zero grads (after `clip_grad_norm`)."""
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients: no optimizer update, no scheduler tick."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> float:
         """Clip, optimizer step, scheduler step, zero grads; returns the global gradient norm (before clipping)."""
         grad_norm = self.clip_grad_norm(self.cfg.training.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_step()
         return grad_norm
+
+    def guarded_step(self, loss_is_finite: bool = True) -> "StepResult":
+        """Clip and step when the (global) loss and gradient norm are finite, else skip the step (see the module
+        docstring). Every rank takes the same branch: the loss and the norm are global values."""
+        grad_norm = self.clip_grad_norm(self.cfg.training.max_grad_norm)
+        if loss_is_finite and math.isfinite(grad_norm):
+            self.optimizer_step()
+            return StepResult(grad_norm, stepped=True)
+        bad = self.first_nonfinite_grad()
+        self.skip_step()
+        return StepResult(grad_norm, stepped=False, bad_param=bad)
+
+    @torch.no_grad()
+    def first_nonfinite_grad(self) -> str | None:
+        """Clean name of the first trainable parameter (model order) whose gradient holds a NaN/inf on any rank,
+        or None. COLLECTIVE (one all-reduce MIN of an index): each rank checks its local gradient (its shard
+        under FSDP2), so every rank gets the same answer."""
+        named = trainable_named_parameters(self.model)
+        first = len(named)
+        for i, (_, p) in enumerate(named):
+            grad = p.grad
+            if grad is None:
+                continue
+            if not bool(torch.isfinite(_to_local(grad)).all()):
+                first = i
+                break
+        first = int(self.env.all_reduce_min(first))
+        return clean_param_name(named[first][0]) if first < len(named) else None
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -263,6 +310,22 @@ class Engine:
 
     def close(self) -> None:
         """Release engine resources (the process group is destroyed by the trainer)."""
+
+
+@dataclass
+class StepResult:
+    """What `Engine.guarded_step` did: `stepped` False means skipped (no update, no scheduler tick, grads zeroed);
+    `bad_param` is then the first parameter with a non-finite gradient (None when none was, e.g. only the loss)."""
+
+    grad_norm: float
+    stepped: bool
+    bad_param: str | None = None
+
+
+def _to_local(t) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2's sharded gradients); plain tensors unchanged."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 def _to_full(t) -> torch.Tensor:

@@ -104,6 +104,13 @@ class DistEnv:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
+    def all_reduce_min(self, value: float) -> float:
+        if not self.distributed:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return float(t.item())
+
     def broadcast_object(self, obj, src: int = 0):
         if not self.distributed:
             return obj

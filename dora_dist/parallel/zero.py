@@ -64,7 +64,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dora_dist.checkpoint.safe_load import verify_torch_file
-from dora_dist.parallel.base import Engine, dora_layers, rank_zero_print
+from dora_dist.parallel.base import Engine, StepResult, dora_layers, rank_zero_print
 from dora_dist.parallel.zero_config import build_ds_config, describe
 
 CHECKPOINT_TAG = "zero"
@@ -339,6 +339,19 @@ class ZeroEngine(Engine):
         self.ds_engine.set_gradient_accumulation_boundary(True)
         self.ds_engine.step()                                  # clip, optimizer + LR scheduler step, zero grads
         return self.clip_grad_norm(self.cfg.training.max_grad_norm)
+
+    def guarded_step(self, loss_is_finite: bool = True) -> StepResult:
+        """DeepSpeed clips and steps in one call, and skips a step whose gradient norm is inf/NaN itself (no update,
+        no LR tick, gradients zeroed: its "overflow" path, taken for fp32 adapters under ZeRO-2 and any dtype under
+        ZeRO-3). `was_step_applied` says which happened. The parameter at fault is not named: the gradients are
+        in DeepSpeed's flat partitions, and gone after its step. A step applied although non-finite (bf16 adapters
+        under ZeRO-2) makes the trainer stop."""
+        grad_norm = self.step()
+        return StepResult(grad_norm, stepped=bool(self.ds_engine.was_step_applied()))
+
+    def first_nonfinite_grad(self) -> str | None:
+        """Not available: the gradients are in DeepSpeed's flat partitions (and zeroed by its step)."""
+        return None
 
     def current_lr(self) -> float:
         return float(self.ds_engine.get_lr()[0])

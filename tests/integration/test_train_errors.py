@@ -1,4 +1,5 @@
-"""A non-finite loss stops the run with a clear error before the optimizer step, and leaves only good checkpoints."""
+"""A non-finite loss is skipped, and training.max_bad_steps of them in a row stop the run with a clear error that
+leaves only good checkpoints."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,10 @@ import torch
 import dora_dist.train as train_mod
 from dora_dist.checkpoint import find_latest
 from dora_dist.config import load_job_config
+from dora_dist.metrics import read_metrics
 
 
-def test_nan_loss_stops_cleanly(tmp_path, monkeypatch):
+def test_nan_loss_stops_cleanly(tmp_path, monkeypatch, capsys):
     real = train_mod.micro_batch_loss
     calls = {"n": 0}
 
@@ -22,17 +24,24 @@ def test_nan_loss_stops_cleanly(tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = load_job_config(None, ["training.max_steps=6", "data.synthetic_samples=200", "data.seq_len=32",
                                  "output.progress_bar=false", f"model.cache_dir={tmp_path / 'cache'}",
-                                 f"output.dir={out}", "checkpoint.every_steps=1", "checkpoint.keep_last=5"])
-    with pytest.raises(train_mod.NonFiniteLossError, match="loss is nan at step 3"):
+                                 f"output.dir={out}", "checkpoint.every_steps=1", "checkpoint.keep_last=5",
+                                 "training.max_bad_steps=2"])
+    with pytest.raises(train_mod.NonFiniteLossError, match=r"steps 3-4.*the loss is nan.*training.lr"):
         train_mod.train(cfg)
-    latest = find_latest(out / "checkpoints")
+    printed = capsys.readouterr().out
+    assert "step 3 skipped: the loss is nan" in printed and "step 4 skipped" in printed
+    recs = read_metrics(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert [bool(r.get("skipped")) for r in recs] == [False, False, True, True]
+    assert recs[2]["lr"] == recs[3]["lr"]                       # the skipped step 3 did not tick the LR schedule
+    latest = find_latest(out / "checkpoints")                   # no checkpoint inside the streak that stopped
     assert latest is not None and latest.name == "step_00000002"
     assert not any(p.name.startswith(".tmp") for p in (out / "checkpoints").iterdir())
     assert not (out / "adapter").exists()
     # the last checkpoint is usable: resuming (without the poison) finishes the run
     monkeypatch.setattr(train_mod, "micro_batch_loss", real)
     summary = train_mod.train(cfg)
-    assert summary["finished"] and summary["steps"] == 6
+    assert summary["finished"] and summary["steps"] == 6 and summary["skipped_steps"] == []
     assert torch.isfinite(torch.tensor(summary["last_loss"]))
 
 
