@@ -21,11 +21,13 @@ from dora_dist.batching import Batching
 from dora_dist.config import Config, load_job_config
 from dora_dist.console import Console, quiet_third_party
 from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_datasets
+from dora_dist.errors import UserError, report_user_error
 from dora_dist.evaluate import eval_due, format_eval_line, run_eval
 from dora_dist.loggers import check_loggers, make_loggers
 from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
 from dora_dist.metrics import format_line, plot_loss
 from dora_dist.parallel import DistEnv, make_engine, step_probe
+from dora_dist.preflight import preflight
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -77,6 +79,7 @@ class Job:
 def train(cfg: Config) -> dict:
     """Run the job described by `cfg`; returns a summary (rank 0 has the full one)."""
     quiet_third_party()
+    preflight(cfg)  # what the config and this machine can tell, before any process group or model work
     env = DistEnv.from_environ(device=cfg.training.device)
     try:
         with step_probe.probing():  # off unless a benchmark sets DORA_DIST_COUNT_COMM / DORA_DIST_MEMORY_STEP
@@ -262,17 +265,31 @@ def main(argv: list[str] | None = None) -> int:
                                      description="DoRA/QDoRA fine-tuning (1 process, or N under torchrun/deepspeed)")
     parser.add_argument("--config", "-c", default=None, help="YAML config file (default: the built-in quickstart)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_entry_flags(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=1e-3 parallel.engine=fsdp2")
     args = parser.parse_args(argv)
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
-    from dora_dist.config import ConfigError
-
     try:
-        cfg = load_job_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"dora_dist.train: error: {exc}", file=sys.stderr)
-        return 2
+        return run_job(args.config, args.overrides, check_only=args.check)
+    except UserError as exc:  # bad input: one line from rank 0, exit 2 everywhere; anything else is a bug
+        return report_user_error(exc, args.debug)
+
+
+def add_entry_flags(parser) -> None:
+    """--check and --debug, shared by `python -m dora_dist.train` and `dora-dist train`."""
+    parser.add_argument("--check", action="store_true", help="only load and validate the config for WORLD_SIZE "
+                        "processes (what the launch scripts run first), then exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error (also "
+                        "DORA_DIST_DEBUG=1)")
+
+
+def run_job(config: str | None, overrides: list[str], check_only: bool = False) -> int:
+    """Load the config, then train (or, with check_only, only run the preflight checks)."""
+    cfg = load_job_config(config, overrides)
+    if check_only:
+        preflight(cfg)
+        return 0
     train(cfg)
     return 0
 

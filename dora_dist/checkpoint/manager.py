@@ -22,6 +22,7 @@ from typing import Any
 
 
 from dora_dist.checkpoint.safe_load import load_rng_state, save_rng_state
+from dora_dist.errors import CheckpointError, InputNotFoundError
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
@@ -134,10 +135,10 @@ class CheckpointManager:
     def load(self, engine, path: str | Path) -> dict[str, Any]:
         path = Path(path)
         if not (path / COMPLETE).exists():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+            raise InputNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
         problem = verify_checkpoint(path)
         if problem is not None:
-            raise ValueError(f"cannot resume: {problem}")
+            raise CheckpointError(f"cannot resume: {problem}")
         extra = engine.load_checkpoint(str(path))
         rng_file = path / f"rng_rank{self.env.rank:05d}.json"
         if rng_file.exists():
