@@ -76,15 +76,41 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def report_user_error(exc: UserError, debug: bool = False) -> int:
-    """Print `dora_dist: error: <message>` once (rank 0) and return the exit code every rank exits with.
+#: how long a rank other than 0 waits before reporting its own error (see report_user_error)
+OTHER_RANK_GRACE_S = 10.0
 
-    With debug, every rank also prints its traceback (a rank-specific failure is then visible)."""
+
+def report_user_error(exc: UserError, debug: bool = False) -> int:
+    """Print `dora_dist: error: <message>` once and return the exit code (2) the process exits with.
+
+    Rank 0 prints at once. Every rank meets the same bad input, so another rank first waits OTHER_RANK_GRACE_S:
+    when rank 0 failed too, the launcher (torchrun polls every 0.1 s, the deepspeed launcher every 1 s) ends this
+    process in the meantime and rank 0's line is the only one (the wait also covers rank 0 reaching the same error
+    seconds later, on a loaded machine); when it did not (an input only this rank could not
+    read), the wait ends and this rank prints its message, marked with its rank. With debug, every rank also
+    prints its traceback."""
     if debug_requested(debug):
         traceback.print_exception(exc, file=sys.stderr)
     if is_reporting_rank():
         print(PREFIX + one_line(exc), file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
+    _wait_for_the_launcher(OTHER_RANK_GRACE_S)
+    print(f"{PREFIX}(rank {os.environ.get('RANK')}) {one_line(exc)}", file=sys.stderr, flush=True)
     return USER_ERROR_EXIT
+
+
+def _wait_for_the_launcher(seconds: float) -> None:
+    """Sleep, exiting with USER_ERROR_EXIT at once if the launcher's SIGTERM arrives (whatever handler the job
+    installed: this process is failing anyway)."""
+    import signal
+    import threading
+    import time
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(USER_ERROR_EXIT))
+    time.sleep(seconds)
 
 
 __all__ = ["UserError", "ConfigError", "DataError", "ModelError", "AdapterError", "CheckpointError",

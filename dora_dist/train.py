@@ -5,6 +5,7 @@ Everything engine-specific lives behind `dora_dist.parallel.base.Engine`; this f
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import math
@@ -84,8 +85,13 @@ def train(cfg: Config) -> dict:
     try:
         with step_probe.probing():  # off unless a benchmark sets DORA_DIST_COUNT_COMM / DORA_DIST_MEMORY_STEP
             return _train(cfg, env)
+    except UserError:  # the group lives until the error is reported (a peer waiting on it sees no error before)
+        atexit.register(env.destroy)
+        env = None
+        raise
     finally:
-        env.destroy()
+        if env is not None:
+            env.destroy()
 
 
 def _train(cfg: Config, env) -> dict:

@@ -21,6 +21,8 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE="${SLURM_GPUS_ON_NODE:-$(python -c 'import torch; n = torch.cuda.device_count(); print(n if n else 2)')}"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# Validate the config for the whole world first (one line and exit code 2 on a config error, before srun/torchrun).
+WORLD_SIZE=$((NNODES * NPROC_PER_NODE)) python -m dora_dist.train --check "$@" || exit $?
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 \
   torchrun \
     --nnodes "${NNODES}" \

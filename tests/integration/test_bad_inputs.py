@@ -277,16 +277,20 @@ def test_debug_shows_the_traceback(assets, monkeypatch, capfd):
     assert "Traceback" in err and "AdapterError" in err and err.count(PREFIX) == 1
 
 
-def test_only_rank_0_prints(assets, monkeypatch, capfd):
-    """Under a launcher every rank meets the same bad input: rank 0 reports it, the others only exit with 2."""
-    from dora_dist import train
+def test_rank_0_prints_at_once_the_others_after_the_launchers_grace(assets, monkeypatch, capfd):
+    """Rank 0 reports at once. Another rank waits first (the launcher ends it when rank 0 failed too, see
+    test_bad_inputs_launch.py) and reports, marked with its rank, only when it is still alive afterwards."""
+    from dora_dist import errors, train
 
-    monkeypatch.setenv("RANK", "1")
-    assert train.main(["--check", "training.lr=-1"]) == 2
-    assert capfd.readouterr().err == ""
+    waits = []
+    monkeypatch.setattr(errors, "_wait_for_the_launcher", waits.append)
     monkeypatch.setenv("RANK", "0")
     assert train.main(["--check", "training.lr=-1"]) == 2
-    assert capfd.readouterr().err.count(PREFIX) == 1
+    assert capfd.readouterr().err.splitlines() == [PREFIX + "training.lr: must be > 0, got -1.0"] and waits == []
+    monkeypatch.setenv("RANK", "1")
+    assert train.main(["--check", "training.lr=-1"]) == 2
+    assert capfd.readouterr().err.splitlines() == [PREFIX + "(rank 1) training.lr: must be > 0, got -1.0"]
+    assert waits == [errors.OTHER_RANK_GRACE_S]
 
 
 def test_a_bug_is_not_reported_as_bad_input(assets, monkeypatch):
