@@ -174,7 +174,7 @@ def assets(tmp_path_factory) -> Assets:
     from dora_dist.models import ensure_builtin_model
 
     tmp = tmp_path_factory.mktemp("bad_inputs")
-    cache = tmp / "cache"
+    cache = tmp_path_factory.getbasetemp() / "dora_dist_cache"   # shared with test_bad_inputs_launch.py
     builtin = ensure_builtin_model(load_job_config(None, [f"model.cache_dir={cache}"]))
     a = Assets(tmp, cache, builtin)
     f = a.files

@@ -4,8 +4,8 @@ is non-zero, no traceback of dora_dist's code reaches the user, and nothing hang
 - `python -m dora_dist.train` alone: exit code 2, stderr is the one line.
 - launch/torchrun.sh and launch/deepspeed.sh validate the config first (`python -m dora_dist.train --check`): a
   config error is the one line and exit code 2, and no launcher starts (so no agent traceback either).
-- raw torchrun / the deepspeed launcher, the error before the process group (preflight: zero3 + 4-bit) and after it
-  (a data file that cannot be read): torchrun's agent prints a ChildFailedError traceback of its own when a child
+- raw torchrun, the error before the process group (preflight: zero3 + 4-bit) and after it (a data file that
+  cannot be read), and the raw deepspeed launcher with zero3 + 4-bit: torchrun's agent prints a ChildFailedError traceback of its own when a child
   exits non-zero (torch/distributed/run.py, not ours; the deepspeed launcher prints none); none of the traceback
   frames in the output are dora_dist's.
 - only one rank fails (rank 1, after the process group exists, while rank 0 waits in a collective): rank 1's
@@ -31,8 +31,17 @@ ZERO3_4BIT = ["parallel.engine=zero3", "quantization.mode=nf4"]
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
+    """A work directory, and the built-in model built once in this process (shared with test_bad_inputs.py), so
+    that no launched rank spends its time building it."""
+    from dora_dist.config import load_job_config
+    from dora_dist.models import ensure_builtin_model
+
     work = tmp_path_factory.mktemp("launch_bad_inputs")
     (work / "garbage.jsonl").write_text("this is not json\n")
+    shared = tmp_path_factory.getbasetemp() / "dora_dist_cache"
+    shared.mkdir(exist_ok=True)
+    (work / "cache").symlink_to(shared, target_is_directory=True)
+    ensure_builtin_model(load_job_config(None, [f"model.cache_dir={work / 'cache'}"]))
     return work
 
 
@@ -128,8 +137,9 @@ def test_deepspeed_sh_checks_the_config_before_the_launcher(work, deepspeed_laun
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_deepspeed_launcher_error_after_the_process_group(work, deepspeed_launcher):
+def test_deepspeed_launcher_zero3_with_4bit(work, deepspeed_launcher):
+    """The issue's example: every rank used to print a full traceback around the message."""
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dora_dist.train",
-           *quick(work, "parallel.engine=zero2", f"data.source={work / 'garbage.jsonl'}")]
-    out = assert_reported_once(run(cmd), "cannot read", "garbage.jsonl")
+           *quick(work, *ZERO3_4BIT)]
+    out = assert_reported_once(run(cmd), "parallel.engine=zero3", "quantization.mode=nf4")
     assert "Traceback" not in out and not (work / "run").exists()
