@@ -38,6 +38,24 @@ def check_engine(cfg: Config, world_size: int) -> None:
         raise ConfigError(problem)
 
 
+def check_compile(cfg: Config, world_size: int) -> None:
+    """training.compile=true only with the engines it composes with."""
+    if cfg.training.compile:
+        from dora_dist.compile import compile_problem
+        from dora_dist.parallel import resolve_engine_name
+
+        problem = compile_problem(resolve_engine_name(cfg, world_size))
+        if problem is not None:
+            raise ConfigError(problem)
+
+
+def check_loggers(cfg: Config, world_size: int) -> None:
+    """The chosen trackers' packages are installed."""
+    from dora_dist.loggers import check_loggers as check
+
+    check(cfg.output.loggers)
+
+
 def check_batch(cfg: Config, world_size: int) -> None:
     """training.global_batch_size splits evenly into micro-batches over the world."""
     from dora_dist.batching import Batching
@@ -91,7 +109,8 @@ def check_resume(cfg: Config, world_size: int) -> None:
 
 
 RULES: tuple[Callable[[Config, int], None], ...] = (
-    check_device, check_engine, check_batch, check_quantization, check_model, check_data, check_resume)
+    check_device, check_engine, check_compile, check_batch, check_quantization, check_loggers, check_model, check_data,
+    check_resume)
 
 
 def launch_world_size() -> int:
@@ -107,5 +126,5 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
         rule(cfg, world)
 
 
-__all__ = ["preflight", "RULES", "launch_world_size", "check_device", "check_engine", "check_batch",
-           "check_quantization", "check_model", "check_data", "check_resume"]
+__all__ = ["preflight", "RULES", "launch_world_size", "check_device", "check_engine", "check_compile", "check_batch",
+           "check_quantization", "check_loggers", "check_model", "check_data", "check_resume"]
