@@ -21,12 +21,18 @@ from dora_dist.errors import CheckpointError, ConfigError, InputNotFoundError
 
 
 def check_device(cfg: Config, world_size: int) -> None:
-    """training.device=cuda (the nccl backend) needs a visible GPU."""
+    """training.device=cuda (the nccl backend) needs a visible GPU, and nccl one GPU per process of the node."""
     import torch
 
-    if cfg.training.device == "cuda" and not torch.cuda.is_available():
+    device = cfg.training.device
+    if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device=cuda (nccl backend) but no CUDA GPU is visible here (torch.cuda."
                           "is_available() is False); set training.device=auto or cpu (gloo), or run on a GPU node")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "").strip() or 1)
+    if device in ("auto", "cuda") and torch.cuda.is_available() and local > torch.cuda.device_count() and local > 1:
+        raise ConfigError(f"{local} processes on this node but {torch.cuda.device_count()} CUDA GPU(s) visible: "
+                          f"nccl needs one GPU per process; launch --nproc-per-node {torch.cuda.device_count()} (or "
+                          "NUM_GPUS / NPROC_PER_NODE), or set training.device=cpu (gloo)")
 
 
 def check_engine(cfg: Config, world_size: int) -> None:

@@ -58,7 +58,7 @@ class Case:
     entry: str = "cli"                   # cli: dora_dist.cli.main; train: dora_dist.train.main
     block: tuple[str, ...] = ()          # packages made unimportable for the case (sys.modules[name] = None)
     env: tuple[tuple[str, str], ...] = ()
-    no_cuda: bool = False                # torch.cuda.is_available() -> False for the case
+    gpus: int | None = None              # pretend this many CUDA GPUs are visible (0: none) for the case
 
     @property
     def id(self) -> str:
@@ -86,7 +86,10 @@ CASES: list[Case] = [
          lambda a: ["train", "--check", *a.train("training.global_batch_size=6", "training.micro_batch_size=1")[1:]],
          ("training.global_batch_size=6", "× 4 = 4"), env=(("WORLD_SIZE", "4"),), entry="train"),
     Case("config", "nccl (training.device=cuda) without a GPU", lambda a: a.train("training.device=cuda"),
-         ("training.device=cuda", "no CUDA GPU"), no_cuda=True),
+         ("training.device=cuda", "no CUDA GPU"), gpus=0),
+    Case("config", "nccl with more processes than GPUs on the node",
+         lambda a: ["train", "--check", *a.train()[1:]], ("2 processes on this node but 1 CUDA GPU", "one GPU per"),
+         entry="train", gpus=1, env=(("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"))),
     Case("config", "zero3 with a 4-bit base", lambda a: a.train("parallel.engine=zero3", "quantization.mode=nf4"),
          ("parallel.engine=zero3", "quantization.mode=nf4", "zero2")),
     # --- data ------------------------------------------------------------------------------------------------------
@@ -229,12 +232,14 @@ def run_case(case: Case, a: Assets, monkeypatch, capfd) -> tuple[int, str, str]:
 
     for package in case.block:
         monkeypatch.setitem(sys.modules, package, None)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
     for key, value in case.env:
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("DORA_DIST_DEBUG", raising=False)
-    if case.no_cuda:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if case.gpus is not None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: case.gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: case.gpus)
     argv = case.argv(a)
     capfd.readouterr()
     rc = train.main(argv[1:]) if case.entry == "train" else cli.main(argv)
@@ -356,7 +361,7 @@ def render(messages: dict[str, str], a: Assets) -> str:
         prog = "python -m dora_dist.train" if case.entry == "train" else "dora-dist"
         command = prog + " " + shlex.join(argv[1:] if case.entry == "train" else argv)
         extra = [f"{k}={v}" for k, v in case.env] + [f"without {p}" for p in case.block] + \
-            (["without a GPU"] if case.no_cuda else [])
+            ([f"{case.gpus} GPU(s) visible"] if case.gpus is not None else [])
         if extra:
             command += f" ({', '.join(extra)})"
         rows.append(f"| {case.area} | {_cell(case.name)} | `{_cell(normalise(command, a))}` | "
