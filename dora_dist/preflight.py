@@ -44,6 +44,17 @@ def check_engine(cfg: Config, world_size: int) -> None:
         raise ConfigError(problem)
 
 
+def check_deepspeed_config(cfg: Config, world_size: int) -> None:
+    """A user DeepSpeed JSON (parallel.deepspeed_config) exists, parses and agrees with the config (ZeRO engines)."""
+    from dora_dist.parallel import resolve_engine_name
+
+    engine = resolve_engine_name(cfg, world_size)
+    if engine in ("zero2", "zero3") and cfg.parallel.deepspeed_config:
+        from dora_dist.parallel.zero_config import build_ds_config
+
+        build_ds_config(cfg, world_size, int(engine[-1]))
+
+
 def check_compile(cfg: Config, world_size: int) -> None:
     """training.compile=true only with the engines it composes with."""
     if cfg.training.compile:
@@ -115,8 +126,8 @@ def check_resume(cfg: Config, world_size: int) -> None:
 
 
 RULES: tuple[Callable[[Config, int], None], ...] = (
-    check_device, check_engine, check_compile, check_batch, check_quantization, check_loggers, check_model, check_data,
-    check_resume)
+    check_device, check_engine, check_batch, check_deepspeed_config, check_compile, check_quantization, check_loggers,
+    check_model, check_data, check_resume)
 
 
 def launch_world_size() -> int:
@@ -132,5 +143,5 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
         rule(cfg, world)
 
 
-__all__ = ["preflight", "RULES", "launch_world_size", "check_device", "check_engine", "check_compile", "check_batch",
+__all__ = ["preflight", "RULES", "launch_world_size", "check_device", "check_engine", "check_batch", "check_deepspeed_config", "check_compile",
            "check_quantization", "check_loggers", "check_model", "check_data", "check_resume"]
