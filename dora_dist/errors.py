@@ -6,8 +6,9 @@ can report a bad setting or file without importing the layers above it.
 Every error the user can fix is a `UserError`. Each class also subclasses the builtin its call sites raised before
 (ValueError, FileNotFoundError), so `except ValueError` / `pytest.raises(ValueError)` keep working. The entry
 points (`python -m dora_dist.train`, `dora-dist <command>`) catch `UserError` only — never ValueError or
-Exception — and call `report_user_error`: one line on stderr, from rank 0 only, exit code 2 on every rank. Any
-other exception is a bug and keeps its traceback. `--debug` (or DORA_DIST_DEBUG=1) adds the traceback.
+Exception — and call `report_user_error`: one line on stderr, printed once (by rank 0; by another rank only when
+rank 0 did not fail, see there), exit code 2. Any other exception is a bug and keeps its traceback. `--debug` (or
+DORA_DIST_DEBUG=1) adds the traceback.
 """
 from __future__ import annotations
 
