@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from dora_dist.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Batching:
@@ -39,8 +41,10 @@ class Batching:
             return int(training.grad_accum)
         per_step = int(training.micro_batch_size) * world_size
         if training.global_batch_size % per_step:
-            raise ValueError(f"training.global_batch_size={training.global_batch_size} is not a multiple of "
-                             f"training.micro_batch_size × world size = {training.micro_batch_size} × {world_size}")
+            raise ConfigError(f"training.global_batch_size={training.global_batch_size} is not a multiple of "
+                              f"training.micro_batch_size × world size = {training.micro_batch_size} × {world_size}"
+                              f" = {per_step}: set global_batch_size to a multiple of {per_step} or change "
+                              "micro_batch_size / the number of processes")
         return training.global_batch_size // per_step
 
     def describe(self) -> str:

@@ -30,6 +30,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     tr = sub.add_parser("train", help="fine-tune (under torchrun for several processes)")
     tr.add_argument("--config", "-c", default=None, help="YAML config (default: built-in quickstart)")
+    from dora_dist.train import add_entry_flags
+
+    add_entry_flags(tr)
     tr.add_argument("overrides", nargs="*", help="dotted overrides: training.lr=1e-3 parallel.engine=fsdp2 ...")
     mg = sub.add_parser("merge", help="merge an adapter into its base model and save it (safetensors)")
     mg.add_argument("--adapter", required=True, help="adapter directory (PEFT format, e.g. <output.dir>/adapter)")
@@ -55,6 +58,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     plan_arguments(sub.add_parser("plan", help="project memory per rank, fit, tokens/s and the best engine for a "
                                   "cluster (nothing downloaded)"))
+    for name, command in sub.choices.items():
+        if name != "train":  # train has it already (add_entry_flags)
+            command.add_argument("--debug", action="store_true", help="show the traceback of an input error "
+                                 "(also DORA_DIST_DEBUG=1)")
     return parser
 
 
@@ -67,15 +74,22 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto") 
 
     from dora_dist.adapters import load_adapter, merge_and_unload
 
+    from dora_dist.errors import AdapterError, InputNotFoundError
+    from dora_dist.models import loading
+
     adapter_dir = Path(adapter)
     cfg_file = adapter_dir / "adapter_config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{adapter_dir} is not an adapter directory (no adapter_config.json)")
-    base = base or json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+        raise InputNotFoundError(f"--adapter: {adapter_dir} is not an adapter directory (no adapter_config.json)")
+    try:
+        base = base or json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+    except ValueError as exc:
+        raise AdapterError(f"{cfg_file} is not valid JSON: {exc}") from exc
     if not base:
-        raise ValueError("the adapter does not name its base model; pass --base")
+        raise AdapterError(f"{cfg_file} names no base model (base_model_name_or_path); pass --base")
     kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    with loading("base model", base):
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     load_adapter(model, adapter_dir, allow_lora=True)
     model = merge_and_unload(model)
     out_dir = Path(out)
@@ -97,17 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     args = parser.parse_args(argv)
-    from dora_dist.config import ConfigError
+    from dora_dist.errors import JobFault, UserError, report_error
 
     try:
         if args.command == "train":
-            from dora_dist.config import load_job_config
-            from dora_dist.train import train
+            from dora_dist.train import run_job
 
-            from dora_dist.preemption import REQUEUE_EXIT_CODE
-
-            summary = train(load_job_config(args.config, args.overrides))
-            return REQUEUE_EXIT_CODE if summary.get("preempted") else 0
+            return run_job(args.config, args.overrides, check_only=args.check)
         elif args.command == "merge":
             merge(args.adapter, args.out, args.base, args.dtype)
         elif args.command == "generate":
@@ -128,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             analyze(args.base, args.tuned, args.out, base_quant=args.base_quant, layers=args.layers)
         else:
             parser.print_help()
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"dora-dist: error: {exc}", file=sys.stderr)
-        return 2
+    except (UserError, JobFault) as exc:  # one line (rank 0), exit 2 (bad input) or 1; anything else is a bug
+        return report_error(exc, getattr(args, "debug", False))
     return 0
 
 

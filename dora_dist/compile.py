@@ -33,12 +33,23 @@ def compile_decoder_blocks(model: nn.Module, **compile_kwargs) -> int:
 COMPILE_ENGINES = ("none", "ddp", "fsdp2")
 
 
+def compile_problem(engine_name: str) -> str | None:
+    """Why training.compile=true cannot be used with this engine, or None (checked by preflight too)."""
+    if engine_name not in COMPILE_ENGINES:
+        return (f"training.compile=true is supported with parallel.engine in {list(COMPILE_ENGINES)}, not "
+                f"{engine_name!r} (DeepSpeed ZeRO's per-module hooks would run inside the compiled blocks)")
+    return None
+
+
 def compile_for_engine(model: nn.Module, engine_name: str) -> int:
     """compile_decoder_blocks for the engines that compose with it; a clear error for the others."""
-    if engine_name not in COMPILE_ENGINES:
-        raise ValueError(f"training.compile=true is supported with parallel.engine in {list(COMPILE_ENGINES)}, not "
-                         f"{engine_name!r} (DeepSpeed ZeRO's per-module hooks would run inside the compiled blocks)")
+    from dora_dist.errors import ConfigError
+
+    problem = compile_problem(engine_name)
+    if problem is not None:
+        raise ConfigError(problem)
     n = compile_decoder_blocks(model)
     if n == 0:
-        raise ValueError("training.compile=true found no decoder blocks to compile in this model")
+        raise ConfigError("training.compile=true found no decoder blocks to compile in this model; set "
+                          "training.compile=false")
     return n

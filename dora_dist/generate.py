@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from dora_dist.errors import UserError, one_line
 
 TRAINING_CONFIG = "training_config.yaml"   # written next to the adapter by the trainer
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError, ValueError):
     """Bad input to `dora-dist generate` (reported as one line, exit code 2)."""
 
 
@@ -100,12 +101,12 @@ def load_for_generation(adapter: str, base: str | None = None, load_in_4bit: boo
     try:
         model = models.load_model(cfg, None, LoadPlan("direct", torch.device(device)))
     except (OSError, ValueError) as exc:
-        raise GenerateError(f"cannot load the base model {base_name!r}: {_one_line(exc)}") from exc
+        raise GenerateError(f"cannot load the base model {base_name!r}: {one_line(exc)}") from exc
     try:
         load_adapter(model, adapter_dir, allow_lora=True)
     except ValueError as exc:
         raise GenerateError(f"the adapter in {adapter_dir} does not fit the base {base_name!r}: "
-                            f"{_one_line(exc)}") from exc
+                            f"{one_line(exc)}") from exc
     if merge:
         model = merge_and_unload(model)
     model.config.use_cache = True
@@ -188,23 +189,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, tem
     return outs
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def run(args: argparse.Namespace) -> int:
     """The `dora-dist generate` command; returns the exit code."""
     from dora_dist.console import quiet_third_party
 
     quiet_third_party()
-    try:
-        prompts = read_prompts(args.prompt, args.prompts)
-        model, tokenizer = load_for_generation(args.adapter, args.base, args.load_in_4bit, args.merge, args.device)
-        outs = generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                        chat=not args.no_chat_template)
-    except (GenerateError, FileNotFoundError) as exc:
-        print(f"dora-dist generate: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+    prompts = read_prompts(args.prompt, args.prompts)  # a UserError is reported by the CLI (one line, exit 2)
+    model, tokenizer = load_for_generation(args.adapter, args.base, args.load_in_4bit, args.merge, args.device)
+    outs = generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                    chat=not args.no_chat_template)
     for i, (prompt, text) in enumerate(zip(prompts, outs)):
         if len(prompts) > 1:
             print(f"=== [{i + 1}/{len(prompts)}] {prompt}")

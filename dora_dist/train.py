@@ -5,6 +5,7 @@ Everything engine-specific lives behind `dora_dist.parallel.base.Engine`; this f
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import os
@@ -20,12 +21,14 @@ from dora_dist.batching import Batching
 from dora_dist.config import Config, load_job_config
 from dora_dist.console import Console, quiet_third_party
 from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_datasets
+from dora_dist.errors import JobFault, UserError, report_error
 from dora_dist.evaluate import eval_due, format_eval_line, run_eval
 from dora_dist.loggers import check_loggers, make_loggers
 from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
 from dora_dist.metrics import format_line, plot_loss
 from dora_dist.parallel import DistEnv, make_engine, step_probe
 from dora_dist.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
+from dora_dist.preflight import preflight
 from dora_dist.run_state import (PriorRun, check_extension, check_rerun, check_resume, find_finished_run,
                                  first_logged_loss, length_of, merge_summary, read_summary, run_identity,
                                  write_json_atomic)
@@ -93,13 +96,20 @@ class Job:
 def train(cfg: Config) -> dict:
     """Run the job described by `cfg`; returns a summary (rank 0 has the full one)."""
     quiet_third_party()
+    preflight(cfg)  # what the config and this machine can tell, before any process group or model work
     env = DistEnv.from_environ(device=cfg.training.device)
     try:
         # step_probe: off unless a benchmark sets DORA_DIST_COUNT_COMM / DORA_DIST_MEMORY_STEP
         with step_probe.probing(), PreemptionGuard() as guard:
             return _train(cfg, env, guard)
+    except (UserError, JobFault):  # the group lives until the error is reported (a peer waiting on it would see
+        # only a closed connection before the message)
+        atexit.register(env.destroy)
+        env = None
+        raise
     finally:
-        env.destroy()
+        if env is not None:
+            env.destroy()
 
 
 def _train(cfg: Config, env, guard: PreemptionGuard | None = None) -> dict:
@@ -347,8 +357,9 @@ def finish(job: Job) -> dict:
             plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png")
         summary = merge_summary(read_summary(out_dir), summary, job.start_step, first_logged_loss(out_dir))
         write_json_atomic(out_dir / "summary.json", summary)    # "finished": the run's completion mark
-        print(f"[dora_dist] {'stopped' if job.preempted else 'done'}: {job.step} steps, loss {summary['first_loss']} -> {summary['last_loss']}, "
-              f"{summary['wall_s']:.1f}s; outputs in {out_dir}", flush=True)
+        print(f"[dora_dist] {'stopped' if job.preempted else 'done'}: {job.step} steps, loss "
+              f"{summary['first_loss']} -> {summary['last_loss']}, {summary['wall_s']:.1f}s; outputs in {out_dir}",
+              flush=True)
     env.barrier()
     engine.close()
     return summary
@@ -361,17 +372,31 @@ def main(argv: list[str] | None = None) -> int:
                                      description="DoRA/QDoRA fine-tuning (1 process, or N under torchrun/deepspeed)")
     parser.add_argument("--config", "-c", default=None, help="YAML config file (default: the built-in quickstart)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_entry_flags(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=1e-3 parallel.engine=fsdp2")
     args = parser.parse_args(argv)
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
-    from dora_dist.config import ConfigError
-
     try:
-        cfg = load_job_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"dora_dist.train: error: {exc}", file=sys.stderr)
-        return 2
+        return run_job(args.config, args.overrides, check_only=args.check)
+    except (UserError, JobFault) as exc:  # one line from rank 0, exit 2 (bad input) or 1 everywhere; a bug
+        return report_error(exc, args.debug)  # (any other exception) keeps its traceback
+
+
+def add_entry_flags(parser) -> None:
+    """--check and --debug, shared by `python -m dora_dist.train` and `dora-dist train`."""
+    parser.add_argument("--check", action="store_true", help="only load and validate the config for WORLD_SIZE "
+                        "processes (what the launch scripts run first), then exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error (also "
+                        "DORA_DIST_DEBUG=1)")
+
+
+def run_job(config: str | None, overrides: list[str], check_only: bool = False) -> int:
+    """Load the config, then train (or, with check_only, only run the preflight checks)."""
+    cfg = load_job_config(config, overrides)
+    if check_only:
+        preflight(cfg)
+        return 0
     summary = train(cfg)
     return REQUEUE_EXIT_CODE if summary.get("preempted") else 0
 

@@ -48,7 +48,10 @@ args = sys.argv[1:]
 path = None
 if args[:1] == ["--config"]:
     path, args = args[1], args[2:]
-print(load_config(path, args).parallel.engine)
+try:
+    print(load_config(path, args).parallel.engine)
+except Exception:  # a bad config is reported by the --check below, as one line
+    print("zero3")
 PY
     )
     case "$CONFIGURED" in
@@ -62,6 +65,17 @@ case "$ENGINE" in
 esac
 
 MASTER_PORT=${MASTER_PORT:-29500}
+if [[ -n "${HOSTFILE:-}" && -f "$HOSTFILE" ]]; then   # processes in all: NUM_GPUS per host, or the hosts' slots
+    HOSTS=$(awk '!/^[[:space:]]*(#|$)/ {n++} END {print n+0}' "$HOSTFILE")
+    SLOTS=$(awk '!/^[[:space:]]*(#|$)/ {for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) s += substr($i, 7)} END {print s+0}' "$HOSTFILE")
+    CHECK_WORLD=$(( ${NUM_GPUS:-0} > 0 ? HOSTS * NUM_GPUS : SLOTS ))
+else
+    CHECK_WORLD=${NUM_GPUS:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)")}
+fi
+# Validate the config for this world first: a config error is one line and exit code 2, before any launcher starts.
+WORLD_SIZE="$CHECK_WORLD" "$PYTHON" -m dora_dist.train --check "${CONFIG_ARGS[@]}" "parallel.engine=$ENGINE" \
+    "${OVERRIDES[@]}" || exit $?
+
 LAUNCH=(deepspeed --master_port "$MASTER_PORT")
 if [[ -n "${HOSTFILE:-}" ]]; then
     [[ -f "$HOSTFILE" ]] || { echo "deepspeed.sh: HOSTFILE '$HOSTFILE' not found" >&2; exit 2; }

@@ -26,6 +26,9 @@ MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | 
 MASTER_PORT="${MASTER_PORT:-29500}"
 export MASTER_ADDR MASTER_PORT OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
+# Validate the config for the whole world first: a config error is one line and exit code 2, before any task starts.
+WORLD_SIZE="${SLURM_NTASKS:-1}" python -m dora_dist.train --check "$@" || exit $?
+
 cancelled=0
 trap 'cancelled=1' TERM    # this script is signalled by scancel (and by preemption, which requeues by itself)
 

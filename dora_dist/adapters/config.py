@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from dora_dist.errors import AdapterError
 from dora_dist.nn.dora_linear import check_layer_settings
 
 ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -105,18 +106,18 @@ class DoRAConfig:
         """Read peft's adapter_config.json, refusing what this layer cannot represent."""
         peft_type = cfg.get("peft_type")
         if peft_type != "LORA":
-            raise ValueError(f"{source}: peft_type is {peft_type!r}; dora_dist loads LoRA/DoRA adapters only")
+            raise AdapterError(f"{source}: peft_type is {peft_type!r}; dora_dist loads LoRA/DoRA adapters only")
         if not cfg.get("use_dora", False) and not allow_lora:
-            raise ValueError(f"{source}: this is a plain LoRA adapter (use_dora is false), not a DoRA adapter; "
+            raise AdapterError(f"{source}: this is a plain LoRA adapter (use_dora is false), not a DoRA adapter; "
                              "pass allow_lora=True to load it as LoRA")
         for key in ("rank_pattern", "alpha_pattern"):
             if cfg.get(key):
-                raise ValueError(f"{source}: per-module {key} is not supported ({cfg[key]!r})")
+                raise AdapterError(f"{source}: per-module {key} is not supported ({cfg[key]!r})")
         if cfg.get("bias", "none") != "none":
-            raise ValueError(f"{source}: bias={cfg['bias']!r} is not supported (only 'none')")
+            raise AdapterError(f"{source}: bias={cfg['bias']!r} is not supported (only 'none')")
         target = cfg.get("target_modules")
         if target is None:
-            raise ValueError(f"{source}: target_modules is missing")
+            raise AdapterError(f"{source}: target_modules is missing")
         return cls(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout", 0.0)),
                    target_modules=sorted(target) if isinstance(target, (list, set, tuple)) else target,
                    use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),

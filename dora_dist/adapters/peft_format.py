@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dora_dist.adapters.config import DoRAConfig
+from dora_dist.errors import AdapterError, InputNotFoundError
 from dora_dist.adapters.inject import (candidate_modules, dora_layers, find_modules_to_save, inject_dora,
                                        modules_to_save)
 
@@ -105,21 +106,27 @@ def read_adapter(directory: str | os.PathLike, allow_lora: bool = False) -> tupl
     """Config and tensors of an adapter directory, with errors that name the missing or bad file."""
     path = Path(directory)
     if not path.is_dir():
-        raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
+        raise InputNotFoundError(f"adapter directory {str(path)!r} does not exist")
     cfg_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"adapter directory {str(path)!r} has no {CONFIG_NAME}")
+        raise InputNotFoundError(f"adapter directory {str(path)!r} has no {CONFIG_NAME}")
     if not weights_path.is_file():
         if (path / "adapter_model.bin").is_file():
-            raise ValueError(f"{path}/adapter_model.bin is a pickle; dora_dist reads safetensors only. Convert it "
+            raise AdapterError(f"{path}/adapter_model.bin is a pickle; dora_dist reads safetensors only. Convert it "
                              f"with peft: PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True)")
-        raise FileNotFoundError(f"adapter directory {str(path)!r} has no {WEIGHTS_NAME}")
+        raise InputNotFoundError(f"adapter directory {str(path)!r} has no {WEIGHTS_NAME}")
     try:
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
+        raise AdapterError(f"{cfg_path} is not valid JSON: {exc}") from exc
     cfg = DoRAConfig.from_peft_dict(raw, source=str(cfg_path), allow_lora=allow_lora)
-    return cfg, load_file(str(weights_path))
+    from safetensors import SafetensorError
+
+    try:
+        return cfg, load_file(str(weights_path))
+    except SafetensorError as exc:
+        raise AdapterError(f"{weights_path} is not a readable safetensors file ({exc}); save the adapter again "
+                           "(save_adapter, or peft's save_pretrained(safe_serialization=True))") from exc
 
 
 def _group_by_module(tensors: dict[str, torch.Tensor], source: str,
@@ -140,7 +147,7 @@ def _group_by_module(tensors: dict[str, torch.Tensor], source: str,
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{source}: unexpected tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; expected "
+        raise AdapterError(f"{source}: unexpected tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; expected "
                          f"'{PREFIX}<module>.{{lora_A.weight, lora_B.weight, lora_magnitude_vector}}' or the "
                          "tensors of a module named in modules_to_save")
     return modules
@@ -155,17 +162,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, allow_lora: boo
     saved = {n: model.get_submodule(n) for n in find_modules_to_save(model, cfg.modules_to_save, strict=False)}
     by_module = _group_by_module(tensors, source, saved)
     if not by_module:
-        raise ValueError(f"{source} holds no adapter tensors")
+        raise AdapterError(f"{source} holds no adapter tensors")
     existing = dict(dora_layers(model))
     if existing:
         missing = sorted(set(by_module) - set(existing))
         if missing:
-            raise ValueError(f"{source} has adapters for {missing[:5]} which are not DoRA layers in this model")
+            raise AdapterError(f"{source} has adapters for {missing[:5]} which are not DoRA layers in this model")
     else:
         module_names = {name for name, _ in model.named_modules()}
         missing = sorted(set(by_module) - module_names)
         if missing:
-            raise ValueError(f"{source} has adapters for modules this model lacks: {missing[:5]}")
+            raise AdapterError(f"{source} has adapters for modules this model ({type(model).__name__}) lacks: "
+                               f"{missing[:5]}; is it an adapter of another base model?")
         inject_dora(model, sorted(by_module), cfg, init_magnitude=False)
     layers = dict(dora_layers(model))
     for name, parts in by_module.items():
@@ -174,15 +182,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, allow_lora: boo
         absent = [a for a in need if a not in parts]
         if absent:
             keys = [f"{PREFIX}{name}.{k}" for k, a in SUFFIXES.items() if a in absent]
-            raise ValueError(f"{source} is missing {keys}")
+            if absent == ["magnitude"] and not any("magnitude" in p for p in by_module.values()):
+                raise AdapterError(f"{source} holds a plain LoRA adapter (no lora_magnitude_vector tensors) but its "
+                                   f"{CONFIG_NAME} says use_dora=true: use the DoRA adapter's files, or set "
+                                   "use_dora to false there to load it as LoRA")
+            raise AdapterError(f"{source} is missing {keys}")
         for attr, tensor in parts.items():
             param = getattr(layer, attr)
             if param is None:
-                raise ValueError(f"{source}: {name} has a magnitude vector but the layer is plain LoRA")
+                raise AdapterError(f"{source}: {name} has a magnitude vector but the layer is plain LoRA")
             if tuple(tensor.shape) != tuple(param.shape):
                 key = next(k for k, a in SUFFIXES.items() if a == attr)
-                raise ValueError(f"{source}: tensor '{PREFIX}{name}.{key}' has shape {tuple(tensor.shape)} but the "
-                                 f"model expects {tuple(param.shape)}")
+                raise AdapterError(f"{source}: tensor '{PREFIX}{name}.{key}' has shape {tuple(tensor.shape)} but the "
+                                   f"model expects {tuple(param.shape)} (another base model, or another dora.r?)")
             param.copy_(tensor.to(param.dtype))
     _load_modules_to_save(saved, tensors, source)
     return model
@@ -194,10 +206,10 @@ def _load_modules_to_save(saved: dict[str, nn.Module], tensors: dict[str, torch.
         present = {k: tensors.get(f"{PREFIX}{name}.{k}") for k in module.state_dict()}
         absent = [f"{PREFIX}{name}.{k}" for k, t in present.items() if t is None]
         if absent:
-            raise ValueError(f"{source} is missing {absent} (modules_to_save {name!r})")
+            raise AdapterError(f"{source} is missing {absent} (modules_to_save {name!r})")
         for key, target in module.state_dict(keep_vars=True).items():
             tensor = present[key]
             if tuple(tensor.shape) != tuple(target.shape):
-                raise ValueError(f"{source}: tensor '{PREFIX}{name}.{key}' has shape {tuple(tensor.shape)} but the "
+                raise AdapterError(f"{source}: tensor '{PREFIX}{name}.{key}' has shape {tuple(tensor.shape)} but the "
                                  f"model expects {tuple(target.shape)}")
             target.data.copy_(tensor.to(target.dtype))

@@ -15,6 +15,7 @@ from typing import Any
 
 from dora_dist.analysis.decompose import (LayerChange, SafetensorsCheckpoint, Tuned, TunedAdapter, TunedCheckpoint,
                                           layer_change)
+from dora_dist.errors import InputNotFoundError
 
 #: 2-D weights that are not linear layers (token and position tables); left out unless --layers selects them
 DEFAULT_EXCLUDE = r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)$"
@@ -28,7 +29,7 @@ def open_tuned(spec: str) -> Tuned:
     method, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
     directory = Path(path)
     if not directory.is_dir():
-        raise FileNotFoundError(f"tuned checkpoint {path!r} is not a directory")
+        raise InputNotFoundError(f"--tuned: {path!r} is not a directory (an adapter or model directory)")
     label = f"{directory.parent.name}/{directory.name}"
     if (directory / "adapter_config.json").is_file():
         return TunedAdapter(directory, method or None, label)

@@ -23,11 +23,13 @@ import re
 import shutil
 from pathlib import Path
 
+from dora_dist.errors import JobFault
+
 STEP_RE = re.compile(r"^step_(\d{8})$")
 TMP, ASIDE, DELETING = ".tmp_", ".old_", ".del_"
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(JobFault, OSError):
     """A checkpoint could not be written (disk full, file size limit, read-only or unwritable directory, or another
     rank's failure). Raised on every rank; the partial directory is removed and earlier checkpoints are untouched."""
 

@@ -28,6 +28,7 @@ from typing import Any
 from dora_dist.checkpoint import atomic
 from dora_dist.checkpoint.atomic import CheckpointWriteError
 from dora_dist.checkpoint.safe_load import load_rng_state, save_rng_state
+from dora_dist.errors import CheckpointError, InputNotFoundError
 
 COMPLETE = "COMPLETE"
 
@@ -91,7 +92,7 @@ def find_latest(root: str | Path, problems: list[str] | None = None) -> Path | N
     return None
 
 
-class DamagedCheckpointError(ValueError):
+class DamagedCheckpointError(CheckpointError):
     """A checkpoint asked for (explicitly, or every one under the root with resume=auto) fails its checks."""
 
 
@@ -228,7 +229,7 @@ class CheckpointManager:
     def load(self, engine, path: str | Path) -> dict[str, Any]:
         path = Path(path)
         if not (path / COMPLETE).exists():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+            raise InputNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
         problem = verify_checkpoint(path)
         if problem is not None:
             raise DamagedCheckpointError(f"cannot resume: {problem}")

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from dora_dist.data.sampler import GlobalBatchSampler
-from dora_dist.data.tokenize import IGNORE_INDEX, detect_format, encode_example, n_targets, pack, truncate
+from dora_dist.errors import DataError, InputNotFoundError, one_line
+from dora_dist.data.tokenize import (IGNORE_INDEX, check_chat_template, check_lengths, detect_format, encode_example,
+                                    n_targets, pack, truncate)
 
 LOCAL_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -56,21 +58,45 @@ def load_raw(dcfg, seed: int = 0):
         gen = {"text": synthetic.text_examples, "prompt_completion": synthetic.prompt_completion_pairs,
                "chat": synthetic.chat_examples}[fmt]
         return datasets.Dataset.from_list(gen(n, seed=0))
+    check_source(src)
+    path = Path(src).expanduser()
+    if path.is_file():
+        return _read_local_file(path)
+    if path.is_dir():
+        return datasets.load_dataset(str(path), split=dcfg.split)
+    return datasets.load_dataset(src, dcfg.subset, split=dcfg.split)
+
+
+def check_source(src: str | None, key: str = "data.source") -> None:
+    """A source that names a local file (by its extension, or a path starting with ., / or ~) must exist."""
+    if not src or src == "synthetic":
+        return
     path = Path(src).expanduser()
     looks_local = path.suffix.lower() in LOCAL_EXTENSIONS or src.startswith((".", "/", "~"))
     if looks_local and not path.exists():
-        raise FileNotFoundError(f"data.source: file or directory not found: {src}")
-    if path.is_file():
-        builder = LOCAL_EXTENSIONS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"data.source: unsupported file type {path.suffix!r}; use one of "
-                             f"{', '.join(LOCAL_EXTENSIONS)}")
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    elif path.is_dir():
-        ds = datasets.load_dataset(str(path), split=dcfg.split)
-    else:
-        ds = datasets.load_dataset(src, dcfg.subset, split=dcfg.split)
-    return ds
+        raise InputNotFoundError(f"{key}: file or directory not found: {src}")
+
+
+def _read_local_file(path: Path):
+    """One local data file through `datasets`; a file it cannot parse is a DataError naming the file and why."""
+    import datasets
+
+    builder = LOCAL_EXTENSIONS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"data.source: unsupported file type {path.suffix!r} ({path}); use one of "
+                        f"{', '.join(LOCAL_EXTENSIONS)}")
+    if path.stat().st_size == 0:
+        raise DataError(f"data.source: {path} is empty (0 bytes); the data set has no examples")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own log of a parse error: we raise one line
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except (datasets.exceptions.DatasetsError, ValueError, UnicodeDecodeError, StopIteration) as exc:
+        why = one_line(exc.__cause__ or exc) or "no records found"
+        raise DataError(f"data.source: cannot read {path} as {builder} ({why}); check that the file is valid "
+                        f"{path.suffix.lstrip('.')}") from exc
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def _load_eval_raw(dcfg):
@@ -88,7 +114,7 @@ def split_eval_indices(n: int, fraction: float, seed: int) -> tuple[list[int], l
 
     n_eval = min(n - 1, max(1, round(fraction * n)))
     if n_eval < 1:
-        raise ValueError(f"data.eval_fraction={fraction} leaves no training example out of {n}")
+        raise DataError(f"data.eval_fraction={fraction} leaves no training example out of {n}")
     held = set(np.random.default_rng([seed, 0xE7A1]).permutation(n)[:n_eval].tolist())
     return [i for i in range(n) if i not in held], sorted(held)
 
@@ -96,14 +122,16 @@ def split_eval_indices(n: int, fraction: float, seed: int) -> tuple[list[int], l
 def tokenize_raw(raw, dcfg, tokenizer, what: str = "training") -> TokenizedDataset:
     """Encode by format, pack or truncate, drop examples without loss targets."""
     if len(raw) == 0:
-        raise ValueError(f"the {what} data has no examples")
+        raise DataError(f"the {what} data set is empty (data.source={dcfg.source!r}); it has no examples")
     fmt = detect_format(list(raw.column_names), dcfg)
-    encoded = [encode_example(ex, fmt, tokenizer, dcfg) for ex in raw]
+    check_chat_template(fmt, tokenizer, dcfg)
+    encoded = [encode_example(ex, fmt, tokenizer, dcfg, index=i) for i, ex in enumerate(raw)]
+    check_lengths(encoded, dcfg, what)
     encoded = pack(encoded, dcfg.seq_len) if dcfg.packing else truncate(encoded, dcfg.seq_len)
     encoded = [(i, l) for i, l in encoded if n_targets(l) > 0]
     if not encoded:
-        raise ValueError(f"no {what} examples left after tokenization (seq_len={dcfg.seq_len}, "
-                         f"packing={dcfg.packing}); check data.seq_len and the data fields")
+        raise DataError(f"no {what} example has a token to learn from after tokenization (data.seq_len="
+                        f"{dcfg.seq_len}, data.packing={dcfg.packing}); check data.seq_len and the data fields")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TokenizedDataset([e[0] for e in encoded], [e[1] for e in encoded], [n_targets(e[1]) for e in encoded],
                             fmt, int(pad or 0))
@@ -116,7 +144,7 @@ def build_datasets(cfg, tokenizer, env=None) -> tuple[TokenizedDataset, Tokenize
     if dcfg.max_samples:
         raw = raw.select(range(min(dcfg.max_samples, len(raw))))
     if len(raw) == 0:
-        raise ValueError(f"data.source {dcfg.source!r} has no examples")
+        raise DataError(f"the training data set is empty (data.source={dcfg.source!r}); it has no examples")
     eval_raw = None
     if dcfg.eval_fraction:
         train_idx, eval_idx = split_eval_indices(len(raw), dcfg.eval_fraction, cfg.training.seed)
@@ -135,4 +163,4 @@ def build_dataset(cfg, tokenizer, env=None) -> TokenizedDataset:
     return build_datasets(cfg, tokenizer, env)[0]
 
 
-__all__ = ["TokenizedDataset", "GlobalBatchSampler", "build_dataset", "build_datasets", "split_eval_indices", "load_raw", "IGNORE_INDEX"]
+__all__ = ["check_source", "TokenizedDataset", "GlobalBatchSampler", "build_dataset", "build_datasets", "split_eval_indices", "load_raw", "IGNORE_INDEX"]

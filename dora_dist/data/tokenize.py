@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dora_dist.errors import DataError
+
 IGNORE_INDEX = -100
 
 
@@ -19,8 +21,8 @@ def detect_format(columns: list[str], dcfg) -> str:
                   "chat": [dcfg.messages_field]}[dcfg.format]
         missing = [c for c in needed if c not in columns]
         if missing:
-            raise ValueError(f"data.format={dcfg.format} needs field(s) {missing} but the dataset has columns "
-                             f"{columns}; set data.{'text_field' if dcfg.format == 'text' else 'format'} accordingly")
+            raise DataError(f"data.format={dcfg.format} needs field(s) {missing} but the data set has columns "
+                             f"{columns}: set {_field_keys(dcfg.format)} to the column(s) holding them, or data.format")
         return dcfg.format
     if dcfg.messages_field in columns:
         return "chat"
@@ -28,9 +30,14 @@ def detect_format(columns: list[str], dcfg) -> str:
         return "prompt_completion"
     if dcfg.text_field in columns:
         return "text"
-    raise ValueError(f"cannot tell the data format from columns {columns}: expected '{dcfg.text_field}' (text), "
+    raise DataError(f"cannot tell the data format from columns {columns}: expected '{dcfg.text_field}' (text), "
                      f"'{dcfg.prompt_field}'+'{dcfg.completion_field}' (prompt_completion) or "
                      f"'{dcfg.messages_field}' (chat); set data.format and the data.*_field keys")
+
+
+def _field_keys(fmt: str) -> str:
+    return {"text": "data.text_field", "prompt_completion": "data.prompt_field / data.completion_field",
+            "chat": "data.messages_field"}[fmt]
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -68,10 +75,10 @@ def encode_chat(tokenizer, messages: list[dict], add_eos: bool) -> tuple[list[in
     prompt) and the rendering including it; tokens starting inside a span get labels.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat data needs a tokenizer with a chat template (tokenizer.chat_template is not set)")
+        raise DataError("chat data needs a tokenizer with a chat template (tokenizer.chat_template is not set)")
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                  for m in messages):
-        raise ValueError("each chat example must be a list of {'role': ..., 'content': ...} messages")
+        raise DataError("each chat example must be a list of {'role': ..., 'content': ...} messages")
     full = _render(tokenizer, messages, False)
     spans = []
     for i, m in enumerate(messages):
@@ -80,7 +87,7 @@ def encode_chat(tokenizer, messages: list[dict], add_eos: bool) -> tuple[list[in
         before = _render(tokenizer, messages[:i], True) if i else _render(tokenizer, [], True)
         upto = _render(tokenizer, messages[: i + 1], False)
         if not full.startswith(upto) or not upto.startswith(before):
-            raise ValueError("the chat template is not prefix-stable; cannot locate assistant turns for the loss mask")
+            raise DataError("the chat template is not prefix-stable; cannot locate assistant turns for the loss mask")
         spans.append((len(before), len(upto)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
@@ -91,11 +98,38 @@ def encode_chat(tokenizer, messages: list[dict], add_eos: bool) -> tuple[list[in
     return ids, labels
 
 
-def encode_example(example: dict[str, Any], fmt: str, tokenizer, dcfg) -> tuple[list[int], list[int]]:
+def check_chat_template(fmt: str, tokenizer, dcfg) -> None:
+    """Chat data is rendered through the tokenizer's chat template: refuse a tokenizer without one up front."""
+    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(f"data.format=chat (field '{dcfg.messages_field}') needs a tokenizer with a chat template, "
+                        f"and the tokenizer {name!r} has none: set model.tokenizer to one that has, or use "
+                        "data.format=text / prompt_completion")
+
+
+def check_lengths(encoded: list[tuple[list[int], list[int]]], dcfg, what: str = "training") -> None:
+    """Refuse examples that data.seq_len cannot hold: a prompt (the tokens before the first one with a loss) as
+    long as seq_len, whose completion would be cut off or split from it; and, without packing, a data set in
+    which every example is longer than seq_len (all would be truncated: seq_len is surely too small)."""
+    seq_len = dcfg.seq_len
+    for index, (ids, labels) in enumerate(encoded):
+        first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
+        if first is not None and first >= seq_len:
+            raise DataError(f"{what} example {index}: its prompt is {first} tokens, not shorter than data.seq_len="
+                            f"{seq_len}, so its completion does not fit; raise data.seq_len or shorten the prompt")
+    if encoded and not dcfg.packing and all(len(ids) > seq_len for ids, _ in encoded):
+        shortest = min(len(ids) for ids, _ in encoded)
+        raise DataError(f"every {what} example is longer than data.seq_len={seq_len} tokens (the shortest has "
+                        f"{shortest}) and would be truncated; raise data.seq_len or set data.packing=true")
+
+
+def encode_example(example: dict[str, Any], fmt: str, tokenizer, dcfg, index: int | None = None
+                   ) -> tuple[list[int], list[int]]:
     if fmt == "text":
         text = example[dcfg.text_field]
         if not isinstance(text, str):
-            raise ValueError(f"data field '{dcfg.text_field}' must be a string, got {type(text).__name__}")
+            where = f" in example {index}" if index is not None else ""
+            raise DataError(f"data field '{dcfg.text_field}' must be a string{where}, got {type(text).__name__}")
         return encode_text(tokenizer, text, dcfg.add_eos)
     if fmt == "prompt_completion":
         return encode_prompt_completion(tokenizer, example[dcfg.prompt_field], example[dcfg.completion_field],

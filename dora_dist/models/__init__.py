@@ -7,6 +7,7 @@ checkpoint under the cache directory, so every later run (and `dora-dist merge`)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dora_dist.errors import ConfigError, InputNotFoundError, ModelError, UserError, importable, one_line
 from dora_dist.models.builtin import (BUILTIN_NAME, TINY_LLAMA, builtin_model_dir, default_cache_dir,
                                       ensure_builtin_model, train_builtin_tokenizer)
 
@@ -44,9 +46,68 @@ def resolve_model_path(cfg, env=None) -> str:
     name = cfg.model.name_or_path
     if name == BUILTIN_NAME:
         return str(ensure_builtin_model(cfg, env))
-    if name.startswith("builtin:"):
-        raise ValueError(f"model.name_or_path: unknown built-in model {name!r}; the built-in one is {BUILTIN_NAME!r}")
+    check_model_path(cfg)
     return name
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+
+
+def check_model_path(cfg) -> None:
+    """model.name_or_path / model.tokenizer: a built-in name we have, and a local path (one that starts with /, ./,
+    ../ or ~) that exists. Hub ids are left to the loader (checked without a download: nothing to check here)."""
+    name = cfg.model.name_or_path
+    if name.startswith("builtin:") and name != BUILTIN_NAME:
+        raise ConfigError(f"model.name_or_path: unknown built-in model {name!r}; the built-in one is {BUILTIN_NAME!r}")
+    uses_path = cfg.model.config is None or name == BUILTIN_NAME
+    for key, value in (("model.name_or_path", name if uses_path else None), ("model.tokenizer", cfg.model.tokenizer)):
+        if value and not value.startswith("builtin:") and _looks_local(value) and not Path(value).expanduser().exists():
+            raise InputNotFoundError(f"{key}: no such directory: {value}; give an existing local model directory "
+                                     "or a Hugging Face hub id")
+
+
+def check_remote_code(cfg) -> None:
+    """A local model whose config.json maps its classes to code shipped beside it (auto_map), of a model type
+    transformers does not know, loads only with model.trust_remote_code=true: say so before anything is loaded."""
+    name = cfg.model.name_or_path
+    config_file = Path(name).expanduser() / "config.json"
+    if cfg.model.trust_remote_code or not config_file.is_file():
+        return
+    try:
+        data = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise ModelError(f"model.name_or_path: {config_file} is not valid JSON ({exc})") from exc
+    auto_map = data.get("auto_map") if isinstance(data, dict) else None
+    if not auto_map:
+        return
+    from transformers import CONFIG_MAPPING
+
+    if data.get("model_type") in CONFIG_MAPPING:
+        return  # transformers has its own implementation and uses it without running the model's code
+    classes = ", ".join(f"{k} -> {v}" for k, v in sorted(auto_map.items()))
+    raise ConfigError(f"model.name_or_path={name} needs its own code (config.json auto_map: {classes}); set "
+                      "model.trust_remote_code=true if you trust that code, or use a model transformers supports")
+
+
+def quantization_problem(cfg) -> str | None:
+    """Why the configured 4/8-bit base cannot be loaded here (bitsandbytes missing), or None."""
+    mode = cfg.quantization.mode
+    if mode != "none" and not importable("bitsandbytes"):
+        return (f"quantization.mode={mode} needs bitsandbytes, which is not installed (or cannot be imported) here: "
+                "pip install 'dora_dist[quant]', or set quantization.mode=none")
+    return None
+
+
+@contextlib.contextmanager
+def loading(what: str, name: str):
+    """Turn a loader's OSError (no such model/tokenizer, no config.json, unreachable hub id) into a ModelError."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise ModelError(f"model.name_or_path: cannot load the {what} from {name!r}: {one_line(exc)[:300]}") from exc
 
 
 def known_architecture(name_or_path: str) -> dict | None:
@@ -80,7 +141,9 @@ def model_config(cfg, env=None):
     arch = known_architecture(path)
     if arch is not None and not Path(path).exists():
         return hf_config_from_dict(arch)
-    return AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    with loading("model config", path):
+        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code,
+                                          revision=cfg.model.revision)
 
 
 def build_on_meta(config) -> nn.Module:
@@ -111,9 +174,10 @@ def load_tokenizer(cfg, env=None):
 
     name = cfg.model.tokenizer or resolve_model_path(cfg, env)
     if cfg.model.config is not None and cfg.model.name_or_path != BUILTIN_NAME and not cfg.model.tokenizer:
-        raise ValueError("model.config builds a model from scratch: set model.tokenizer to a tokenizer path or id")
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
-                                        revision=cfg.model.revision)
+        raise ConfigError("model.config builds a model from scratch: set model.tokenizer to a tokenizer path or id")
+    with loading("tokenizer", name):
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
+                                            revision=cfg.model.revision)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -168,7 +232,8 @@ def load_model(cfg, env=None, plan=None) -> nn.Module:
         kwargs["device_map"] = {"": str(device) if str(device) != "cuda" else torch.cuda.current_device()}
         if str(device).startswith("cuda") and torch.device(device).index is not None:
             kwargs["device_map"] = {"": torch.device(device).index}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with loading("model", path):
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if qcfg is None:
         model = model.to(device)
     model.config.use_cache = False
@@ -189,7 +254,6 @@ def add_adapters(model: nn.Module, cfg) -> nn.Module:
     engine and world size, see lowmem_load.init_adapters). Magnitudes are left for the engine
     (`Engine.init_magnitudes`)."""
     from dora_dist.adapters import apply_dora
-    from dora_dist.errors import ConfigError
     from dora_dist.models.lowmem_load import init_adapters
 
     try:
@@ -197,8 +261,23 @@ def add_adapters(model: nn.Module, cfg) -> nn.Module:
     except (ValueError, TypeError) as exc:  # a target list that does not fit this model is a config problem
         key = "dora.modules_to_save" if str(exc).startswith("modules_to_save") else "dora.target_modules"
         raise ConfigError(f"{key}: {exc}") from exc
+    check_rank_fits(model, cfg.dora.r)
     init_adapters(model, cfg.training.seed)
     return model
+
+
+def check_rank_fits(model: nn.Module, r: int) -> None:
+    """dora.r above a layer's smaller side (min(in, out)) adds parameters without adding rank: refuse it, naming
+    the first such layer and the largest r that fits every adapted layer."""
+    from dora_dist.adapters.inject import dora_layers
+
+    layers = [(name, layer) for name, layer in dora_layers(model)]
+    too_small = [(name, layer) for name, layer in layers if r > min(layer.in_features, layer.out_features)]
+    if too_small:
+        name, layer = too_small[0]
+        fits = min(min(lay.in_features, lay.out_features) for _, lay in layers)
+        raise ConfigError(f"dora.r={r} is larger than the smaller side of {name} ({layer.out_features}×"
+                          f"{layer.in_features}; {len(too_small)} layer(s) like it): use dora.r <= {fits}")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -213,5 +292,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 __all__ = ["BUILTIN_NAME", "TINY_LLAMA", "DTYPES", "KNOWN_ARCHITECTURES", "base_dtype", "resolve_model_path",
            "known_architecture", "hf_config_from_dict", "model_config", "build_on_meta", "quantization_config",
-           "load_tokenizer", "load_model", "dora_config_from", "add_adapters", "count_parameters",
+           "load_tokenizer", "load_model", "dora_config_from", "add_adapters", "count_parameters", "check_model_path",
+           "check_remote_code", "check_rank_fits", "quantization_problem",
            "builtin_model_dir", "default_cache_dir", "ensure_builtin_model", "train_builtin_tokenizer"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 
+from dora_dist.errors import ConfigError
 from dora_dist.parallel.base import Engine
 from dora_dist.parallel.dist_env import DistEnv
 
@@ -21,28 +22,30 @@ ENGINES: dict[str, str] = {
 ENGINE_CHOICES = ("auto", *ENGINES)
 
 
-def resolve_engine_name(cfg, env: DistEnv) -> str:
-    """'auto' -> none for one process; several processes: ddp for QDoRA (4/8-bit) bases, else fsdp2."""
+def resolve_engine_name(cfg, env: DistEnv | int) -> str:
+    """'auto' -> none for one process; several processes: ddp for QDoRA (4/8-bit) bases, else fsdp2.
+    `env` is the DistEnv, or just the world size (preflight, before any process group exists)."""
     name = cfg.parallel.engine
     if name != "auto":
         return name
-    if env.world_size <= 1:
+    if getattr(env, "world_size", env) <= 1:
         return "none"
     return "ddp" if cfg.quantization.mode != "none" else "fsdp2"
 
 
 def engine_class(name: str) -> type[Engine]:
     if name not in ENGINES:
-        raise ValueError(f"unknown parallel.engine {name!r}; valid: {', '.join(ENGINE_CHOICES)}")
+        raise ConfigError(f"unknown parallel.engine {name!r}; valid: {', '.join(ENGINE_CHOICES)}")
     module, cls = ENGINES[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def make_engine(cfg, env: DistEnv, batching=None) -> Engine:
-    name = resolve_engine_name(cfg, env)
-    if name == "none" and env.world_size > 1:
-        raise ValueError(f"parallel.engine=none cannot run {env.world_size} processes; use auto, ddp or fsdp2")
-    return engine_class(name)(cfg, env, batching)
+    cls = engine_class(resolve_engine_name(cfg, env))
+    problem = cls.config_problem(cfg, env.world_size)  # preflight checked it already; kept for library callers
+    if problem is not None:
+        raise ConfigError(problem)
+    return cls(cfg, env, batching)
 
 
 __all__ = ["Engine", "DistEnv", "ENGINES", "ENGINE_CHOICES", "make_engine", "engine_class", "resolve_engine_name"]

@@ -47,6 +47,7 @@ from torch import nn
 
 from dora_dist.adapters.inject import dora_layers  # noqa: F401  (re-exported for the engines)
 from dora_dist.batching import Batching
+from dora_dist.errors import importable
 from dora_dist.parallel.dist_env import DistEnv
 
 
@@ -88,6 +89,30 @@ class Engine:
     #: what save_checkpoint writes, and whether another world size can read it (DCP reshards on load)
     checkpoint_format = "dcp"
     reshardable_checkpoints = True
+    #: False for engines that only make sense on several processes (they would wrap nothing on one)
+    runs_alone: bool = True
+    #: False for the single-process engine
+    runs_many: bool = True
+    #: packages the engine imports when it is used (checked before any process group exists)
+    requires: tuple[str, ...] = ()
+
+    @classmethod
+    def config_problem(cls, cfg, world_size: int) -> str | None:
+        """Why this engine cannot run `cfg` on `world_size` processes here, from the config and the environment
+        alone, or None. The one rule: checked by preflight before any process group or model work, and again
+        where the engine would otherwise fail."""
+        for package in cls.requires:
+            if not importable(package):
+                return (f"parallel.engine={cls.name} needs the '{package}' package, which is not installed (or "
+                        f"cannot be imported) here: pip install 'dora_dist[{package}]', or choose another "
+                        "parallel.engine (ddp, fsdp2)")
+        if world_size > 1 and not cls.runs_many:
+            return (f"parallel.engine={cls.name} cannot run {world_size} processes (WORLD_SIZE={world_size}); use "
+                    "parallel.engine=auto, ddp or fsdp2, or launch one process")
+        if world_size <= 1 and not cls.runs_alone:
+            return (f"parallel.engine={cls.name} needs several processes but this is one (WORLD_SIZE={world_size}): "
+                    "launch with torchrun --nproc-per-node N (launch/torchrun.sh), or use parallel.engine=auto")
+        return None
 
     def __init__(self, cfg, env: DistEnv, batching: Batching | None = None):
         self.cfg = cfg

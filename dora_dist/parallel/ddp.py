@@ -18,6 +18,7 @@ from dora_dist.parallel.base import Engine
 
 class DDPEngine(Engine):
     name = "ddp"
+    runs_alone = False
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if not self.env.distributed:

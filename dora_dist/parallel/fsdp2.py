@@ -52,6 +52,7 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 
 class FSDP2Engine(Engine):
     name = "fsdp2"
+    runs_alone = False
 
     def __init__(self, cfg, env, batching=None):
         super().__init__(cfg, env, batching)

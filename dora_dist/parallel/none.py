@@ -8,6 +8,7 @@ from dora_dist.parallel.base import Engine
 
 class SingleProcessEngine(Engine):
     name = "none"
+    runs_many = False
 
     @property
     def loss_scale(self) -> float:

@@ -64,6 +64,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dora_dist.checkpoint.safe_load import verify_torch_file
+from dora_dist.errors import ConfigError
 from dora_dist.parallel.base import Engine, StepResult, dora_layers, rank_zero_print
 from dora_dist.parallel.zero_config import build_ds_config, describe
 
@@ -156,6 +157,17 @@ class ZeroEngine(Engine):
     checkpoint_format = "deepspeed"
     reshardable_checkpoints = False    # DeepSpeed's ZeRO checkpoints load at the world size that wrote them
     stage = 0
+    runs_alone = False
+    requires = ("deepspeed",)
+
+    @classmethod
+    def config_problem(cls, cfg, world_size: int) -> str | None:
+        """No 4/8-bit base under ZeRO-3 (whatever else is set), then the engine-wide rules (deepspeed importable,
+        several processes)."""
+        mode = getattr(cfg.quantization, "mode", "none")
+        if cls.stage == 3 and mode != "none":
+            return f"parallel.engine=zero3 cannot train a quantization.mode={mode} base: {QDORA_ZERO3_REASON}"
+        return super().config_problem(cfg, world_size)
 
     def __init__(self, cfg, env, batching=None):
         super().__init__(cfg, env, batching)
@@ -187,9 +199,9 @@ class ZeroEngine(Engine):
         """
         if self.stage != 3:
             return contextlib.nullcontext()
-        if getattr(self.cfg.quantization, "mode", "none") != "none":
-            raise ValueError(f"parallel.engine=zero3 does not support quantization.mode="
-                             f"{self.cfg.quantization.mode}: {QDORA_ZERO3_REASON}")
+        problem = self.config_problem(self.cfg, self.env.world_size)
+        if problem is not None:
+            raise ConfigError(problem)
         import deepspeed
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
 

@@ -27,10 +27,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dora_dist.errors import ConfigError
+
 AUTO = "auto"
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(ConfigError):
     """A DeepSpeed JSON that contradicts our config, or one we cannot read."""
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from dora_dist.errors import ConfigError
+
 GB = 1e9
 GiB = 2**30
 
@@ -58,14 +60,14 @@ def get_gpu(name: str) -> GPU:
     try:
         return GPUS[name]
     except KeyError:
-        raise ValueError(f"unknown GPU {name!r}; presets: {', '.join(GPUS)}") from None
+        raise ConfigError(f"--gpu: unknown GPU {name!r}; presets: {', '.join(GPUS)}") from None
 
 
 def get_interconnect(name: str, bandwidth_gbps: float | None = None, latency_us: float | None = None
                      ) -> Interconnect:
     """A preset, optionally with a user-measured bandwidth (GB/s) and/or latency (µs)."""
     if name not in INTERCONNECTS:
-        raise ValueError(f"unknown interconnect {name!r}; presets: {', '.join(INTERCONNECTS)}")
+        raise ConfigError(f"unknown interconnect {name!r}; presets: {', '.join(INTERCONNECTS)}")
     ic = INTERCONNECTS[name]
     if bandwidth_gbps is not None:
         ic = replace(ic, bandwidth=bandwidth_gbps * GB, name=f"{name}@{bandwidth_gbps:g}GB/s")

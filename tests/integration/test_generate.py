@@ -111,7 +111,7 @@ def test_bad_input_is_one_line_and_exit_2(adapter, tmp_path, capsys):
         capsys.readouterr()
         assert main(["generate", *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith("dora-dist generate: error: ") and message in err[-1], (args, err)
+        assert err[-1].startswith("dora_dist: error: ") and message in err[-1], (args, err)
 
 
 def test_cli_prints_each_completion(adapter, tmp_path, capsys):

@@ -1,0 +1,147 @@
+"""What a job's config and this machine can tell before any work starts, checked before any process group,
+tokenizer or model exists: a bad combination fails in a second, once, instead of after minutes of loading on every
+rank (or inside a collective).
+
+    preflight(cfg, world_size)      # raises a UserError (dora_dist/errors.py) naming the key and the fix
+
+Each rule is one function of (cfg, world_size) that calls the check the late code path uses too (the engine's
+`config_problem`, `Batching.accumulation`, `verify_checkpoint`, ...), so a rule lives in one place. `train()` runs
+preflight first; `python -m dora_dist.train --check ...` runs only this (the launch scripts call it before
+starting torchrun or the deepspeed launcher, so a config error never reaches their agents). To add a rule, write
+`check_<what>(cfg, world_size)` and append it to RULES.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from dora_dist.config import Config
+from dora_dist.errors import CheckpointError, ConfigError, InputNotFoundError
+
+
+def check_device(cfg: Config, world_size: int) -> None:
+    """training.device=cuda (the nccl backend) needs a visible GPU, and nccl one GPU per process of the node."""
+    import torch
+
+    device = cfg.training.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("training.device=cuda (nccl backend) but no CUDA GPU is visible here (torch.cuda."
+                          "is_available() is False); set training.device=auto or cpu (gloo), or run on a GPU node")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "").strip() or 1)
+    if device in ("auto", "cuda") and torch.cuda.is_available() and local > torch.cuda.device_count() and local > 1:
+        raise ConfigError(f"{local} processes on this node but {torch.cuda.device_count()} CUDA GPU(s) visible: "
+                          f"nccl needs one GPU per process; launch --nproc-per-node {torch.cuda.device_count()} (or "
+                          "NUM_GPUS / NPROC_PER_NODE), or set training.device=cpu (gloo)")
+
+
+def check_engine(cfg: Config, world_size: int) -> None:
+    """The engine exists, is installed, and can run this config on world_size processes."""
+    from dora_dist.parallel import engine_class, resolve_engine_name
+
+    problem = engine_class(resolve_engine_name(cfg, world_size)).config_problem(cfg, world_size)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def check_deepspeed_config(cfg: Config, world_size: int) -> None:
+    """A user DeepSpeed JSON (parallel.deepspeed_config) exists, parses and agrees with the config (ZeRO engines)."""
+    from dora_dist.parallel import resolve_engine_name
+
+    engine = resolve_engine_name(cfg, world_size)
+    if engine in ("zero2", "zero3") and cfg.parallel.deepspeed_config:
+        from dora_dist.parallel.zero_config import build_ds_config
+
+        build_ds_config(cfg, world_size, int(engine[-1]))
+
+
+def check_compile(cfg: Config, world_size: int) -> None:
+    """training.compile=true only with the engines it composes with."""
+    if cfg.training.compile:
+        from dora_dist.compile import compile_problem
+        from dora_dist.parallel import resolve_engine_name
+
+        problem = compile_problem(resolve_engine_name(cfg, world_size))
+        if problem is not None:
+            raise ConfigError(problem)
+
+
+def check_loggers(cfg: Config, world_size: int) -> None:
+    """The chosen trackers' packages are installed."""
+    from dora_dist.loggers import check_loggers as check
+
+    check(cfg.output.loggers)
+
+
+def check_batch(cfg: Config, world_size: int) -> None:
+    """training.global_batch_size splits evenly into micro-batches over the world."""
+    from dora_dist.batching import Batching
+
+    Batching.accumulation(cfg.training, world_size)
+
+
+def check_quantization(cfg: Config, world_size: int) -> None:
+    """A 4/8-bit base needs bitsandbytes."""
+    from dora_dist.models import quantization_problem
+
+    problem = quantization_problem(cfg)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def check_model(cfg: Config, world_size: int) -> None:
+    """A local model path exists; a model with its own code is not loaded without model.trust_remote_code."""
+    from dora_dist.models import check_model_path, check_remote_code
+
+    check_model_path(cfg)
+    check_remote_code(cfg)
+
+
+def check_data(cfg: Config, world_size: int) -> None:
+    """Local data files named by data.source / data.eval_source exist."""
+    from dora_dist.data import check_source
+
+    check_source(cfg.data.source)
+    check_source(cfg.data.eval_source, "data.eval_source")
+
+
+def check_resume(cfg: Config, world_size: int) -> None:
+    """checkpoint.resume=<dir> names a complete, undamaged checkpoint."""
+    from dora_dist.checkpoint.manager import STEP_RE, verify_checkpoint
+
+    resume = cfg.checkpoint.resume
+    if resume in ("auto", "none"):
+        return
+    path = Path(resume)
+    if not path.is_dir():
+        raise InputNotFoundError(f"checkpoint.resume: no such directory: {resume}; give a checkpoint directory "
+                                 "(<output.dir>/checkpoints/step_NNNNNNNN), auto or none")
+    problem = verify_checkpoint(path)
+    if problem is None:
+        return
+    inside = sorted(p.name for p in path.iterdir() if STEP_RE.match(p.name))
+    hint = (f"it holds checkpoints ({', '.join(inside[-3:])}): pass one of them, or checkpoint.resume=auto"
+            if inside else "give a step_NNNNNNNN directory written by a run, or checkpoint.resume=auto / none")
+    raise CheckpointError(f"checkpoint.resume: {problem}; {hint}")
+
+
+RULES: tuple[Callable[[Config, int], None], ...] = (
+    check_device, check_engine, check_batch, check_deepspeed_config, check_compile, check_quantization, check_loggers,
+    check_model, check_data, check_resume)
+
+
+def launch_world_size() -> int:
+    """WORLD_SIZE as torchrun / the deepspeed launcher set it (1 when run alone)."""
+    value = os.environ.get("WORLD_SIZE", "").strip()
+    return int(value) if value else 1
+
+
+def preflight(cfg: Config, world_size: int | None = None) -> None:
+    """Run every rule; the first problem is raised as a UserError. world_size: default WORLD_SIZE (or 1)."""
+    world = launch_world_size() if world_size is None else world_size
+    for rule in RULES:
+        rule(cfg, world)
+
+
+__all__ = ["preflight", "RULES", "launch_world_size", "check_device", "check_engine", "check_batch", "check_deepspeed_config", "check_compile",
+           "check_quantization", "check_loggers", "check_model", "check_data", "check_resume"]
