@@ -107,7 +107,8 @@ def check_data(cfg: Config, world_size: int) -> None:
 
 def check_resume(cfg: Config, world_size: int) -> None:
     """checkpoint.resume=<dir> names a complete, undamaged checkpoint."""
-    from dora_dist.checkpoint.manager import STEP_RE, verify_checkpoint
+    from dora_dist.checkpoint.atomic import STEP_RE
+    from dora_dist.checkpoint.manager import verify_checkpoint
 
     resume = cfg.checkpoint.resume
     if resume in ("auto", "none"):

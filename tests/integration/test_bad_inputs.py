@@ -137,6 +137,15 @@ CASES: list[Case] = [
     Case("resume", "checkpoint.resume=<dir> that is not a checkpoint",
          lambda a: a.train(f"checkpoint.resume={a['not_a_checkpoint']}"),
          ("checkpoint.resume", "not_a_checkpoint", "not a complete checkpoint")),
+    Case("resume", "resume with a changed config (another dora.r)",
+         lambda a: a.train(f"output.dir={a['stopped']}", "training.max_steps=3", "dora.r=4"),
+         ("cannot resume from", "step_00000001", "another job", "dora.r: 8 -> 4")),
+    Case("resume", "every checkpoint damaged (resume=auto)",
+         lambda a: a.train(f"output.dir={a['damaged']}", "training.max_steps=3"),
+         ("every checkpoint under", "is damaged", "truncated"), library_text=r"(?<=has )\d+ bytes, \d+(?= were)"),
+    Case("resume", "a finished run of another job in output.dir",
+         lambda a: a.train(f"output.dir={a['finished']}", "dora.r=4"),
+         ("holds a finished run of another job", "dora.r: 8 -> 4", "choose another output.dir")),
 ]
 
 
@@ -146,6 +155,24 @@ CASES: list[Case] = [
 def _jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def _runs(a: Assets) -> None:
+    """A finished run, a run stopped after its step-1 checkpoint, and a copy of it with that checkpoint damaged."""
+    from dora_dist.config import load_job_config
+    from dora_dist.train import train
+
+    def run(name: str, *overrides: str) -> None:
+        args = a.train(f"output.dir={a.tmp / name}", "checkpoint.every_steps=1", *overrides)[1:]
+        train(load_job_config(None, args))
+        a.files[name] = a.tmp / name
+
+    run("finished")
+    run("stopped", "training.max_steps=3", "training.stop_after_steps=1")
+    shutil.copytree(a.tmp / "stopped", a.tmp / "damaged")
+    a.files["damaged"] = a.tmp / "damaged"
+    shard = max((a.tmp / "damaged" / "checkpoints" / "step_00000001").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
 
 def _adapters(a: Assets) -> None:
@@ -212,6 +239,7 @@ def assets(tmp_path_factory) -> Assets:
     f["not_a_checkpoint"].mkdir()
     (f["not_a_checkpoint"] / "notes.txt").write_text("not a checkpoint\n")
     _adapters(a)
+    _runs(a)
     return a
 
 
@@ -290,14 +318,14 @@ def test_rank_0_prints_at_once_the_others_after_the_launchers_grace(assets, monk
     from dora_dist import errors, train
 
     waits = []
-    monkeypatch.setattr(errors, "_wait_for_the_launcher", waits.append)
+    monkeypatch.setattr(errors, "_wait_for_the_launcher", lambda seconds, code: waits.append((seconds, code)))
     monkeypatch.setenv("RANK", "0")
     assert train.main(["--check", "training.lr=-1"]) == 2
     assert capfd.readouterr().err.splitlines() == [PREFIX + "training.lr: must be > 0, got -1.0"] and waits == []
     monkeypatch.setenv("RANK", "1")
     assert train.main(["--check", "training.lr=-1"]) == 2
     assert capfd.readouterr().err.splitlines() == [PREFIX + "(rank 1) training.lr: must be > 0, got -1.0"]
-    assert waits == [errors.OTHER_RANK_GRACE_S]
+    assert waits == [(errors.OTHER_RANK_GRACE_S, 2)]
 
 
 def test_a_bug_is_not_reported_as_bad_input(assets, monkeypatch):

@@ -83,8 +83,4 @@ def test_resume_with_a_changed_config_is_refused(tmp_path):
         msg = str(err.value)
         assert named in msg and "step_00000002" in msg and "checkpoint.resume=none" in msg
     assert _snapshot(ckpts) == before
-    # an engine that cannot read the format is named too (a DeepSpeed engine on a DCP checkpoint)
-    pytest.importorskip("deepspeed")
-    with pytest.raises(ConfigError, match="parallel.engine=none .dcp format., which parallel.engine=zero2 cannot"):
-        train(load_job_config(None, _args(tmp_path, "checkpoint.every_steps=2", "training.max_steps=4",
-                                          "parallel.engine=zero2")))
+    # an engine that cannot read the format, or a world size it cannot load at: tests/unit/test_run_state.py
