@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dora_dist.checkpoint import atomic
+import dora_dist.checkpoint.atomic as atomic
 from dora_dist.checkpoint.atomic import CheckpointWriteError
 from dora_dist.checkpoint.safe_load import load_rng_state, save_rng_state
 from dora_dist.errors import CheckpointError, InputNotFoundError
