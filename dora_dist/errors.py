@@ -127,5 +127,5 @@ def _wait_for_the_launcher(seconds: float, code: int) -> None:
 
 
 __all__ = ["UserError", "ConfigError", "DataError", "ModelError", "AdapterError", "CheckpointError",
-           "InputNotFoundError", "JobFault", "USER_ERROR_EXIT", "FAULT_EXIT", "importable", "debug_requested", "is_reporting_rank", "one_line",
-           "report_error"]
+           "InputNotFoundError", "JobFault", "USER_ERROR_EXIT", "FAULT_EXIT", "importable", "debug_requested",
+           "is_reporting_rank", "one_line", "report_error"]

@@ -144,5 +144,6 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
         rule(cfg, world)
 
 
-__all__ = ["preflight", "RULES", "launch_world_size", "check_device", "check_engine", "check_batch", "check_deepspeed_config", "check_compile",
-           "check_quantization", "check_loggers", "check_model", "check_data", "check_resume"]
+__all__ = ["preflight", "RULES", "launch_world_size", "check_device", "check_engine", "check_batch",
+           "check_deepspeed_config", "check_compile", "check_quantization", "check_loggers", "check_model", "check_data",
+           "check_resume"]

@@ -26,6 +26,8 @@ from dora_dist.evaluate import eval_due, format_eval_line, run_eval
 from dora_dist.loggers import check_loggers, make_loggers
 from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
 from dora_dist.metrics import format_line, plot_loss
+from dora_dist.nonfinite import (NonFiniteLossError, applied_nonfinite_step,  # noqa: F401 (re-exported)
+                                 report_skipped_step, skip_reason)
 from dora_dist.parallel import DistEnv, make_engine, step_probe
 from dora_dist.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
 from dora_dist.preflight import preflight
@@ -34,11 +36,6 @@ from dora_dist.run_state import (PriorRun, check_extension, check_rerun, check_r
                                  write_json_atomic)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """training.max_bad_steps steps in a row had a NaN/inf loss or gradient, or an engine applied such a step (a
-    training fault, not bad input)."""
 
 
 class RunAlreadyFinished(Exception):
@@ -263,10 +260,7 @@ def train_step(job: Job) -> dict:
     lr = engine.current_lr()
     result = engine.guarded_step(loss_ok)       # COLLECTIVE; skips (no update, no LR tick) a non-finite step
     if result.stepped and not (loss_ok and math.isfinite(result.grad_norm)):
-        raise NonFiniteLossError(
-            f"step {job.step + 1} had loss {step_loss} and gradient norm {result.grad_norm}, and "
-            f"parallel.engine={engine.name} applied it (it could not skip it): stopping, no checkpoint is written "
-            f"for it. {_ADVICE}")
+        raise applied_nonfinite_step(job.step + 1, step_loss, result.grad_norm, engine.name)
     job.step += 1
     sampler.step = job.step                     # a skipped step's batch is consumed too: the data order is kept
     dt = time.perf_counter() - step_t0
@@ -278,34 +272,10 @@ def train_step(job: Job) -> dict:
         job.history.append(step_loss)
         job.bad_streak = []
         return rec
-    if not loss_ok:
-        reason = f"the loss is {step_loss}"
-    elif result.bad_param:
-        reason = f"the gradient of {result.bad_param} is non-finite (gradient norm {result.grad_norm})"
-    else:                                       # an engine that cannot name it (ZeRO)
-        reason = f"the gradient norm is {result.grad_norm}"
+    reason = skip_reason(step_loss, result.grad_norm, result.bad_param)
     job.bad_streak.append((job.step, reason))
     job.skipped_steps.append(job.step)
     return {**rec, "skipped": True, "skip_reason": reason, "bad_param": result.bad_param}
-
-
-_ADVICE = ("Lower training.lr, set training.max_grad_norm (clipping) if it is 0, or check the data of these steps; "
-           "the last checkpoint is from before them (resume with checkpoint.resume=auto).")
-
-
-def report_skipped_step(job: Job, rec: dict, bar) -> None:
-    """Rank 0 prints the skipped step and why; at training.max_bad_steps skipped steps in a row, every rank raises
-    NonFiniteLossError (before any checkpoint of the streak: see maybe_checkpoint)."""
-    limit = job.cfg.training.max_bad_steps
-    if job.env.is_main:
-        bar.line(f"[dora_dist] step {rec['step']} skipped: {rec['skip_reason']}; no optimizer update "
-                 f"({len(job.bad_streak)}/{limit} bad steps in a row, training.max_bad_steps)")
-    if len(job.bad_streak) >= limit:
-        steps = [step for step, _ in job.bad_streak]
-        span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
-        reasons = "; ".join(dict.fromkeys(why for _, why in job.bad_streak))   # each distinct cause once
-        raise NonFiniteLossError(f"{len(steps)} non-finite step(s) in a row ({span}, training.max_bad_steps="
-                                 f"{limit}): {reasons}. Stopping. {_ADVICE}")
 
 
 def save_checkpoint(job: Job) -> None:

@@ -163,4 +163,5 @@ def build_dataset(cfg, tokenizer, env=None) -> TokenizedDataset:
     return build_datasets(cfg, tokenizer, env)[0]
 
 
-__all__ = ["check_source", "TokenizedDataset", "GlobalBatchSampler", "build_dataset", "build_datasets", "split_eval_indices", "load_raw", "IGNORE_INDEX"]
+__all__ = ["check_source", "TokenizedDataset", "GlobalBatchSampler", "build_dataset", "build_datasets",
+           "split_eval_indices", "load_raw", "IGNORE_INDEX"]

@@ -2,6 +2,9 @@
 leaves only good checkpoints."""
 from __future__ import annotations
 
+import re
+import shutil
+
 import pytest
 import torch
 
@@ -22,13 +25,21 @@ def test_nan_loss_stops_cleanly(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(train_mod, "micro_batch_loss", poisoned)
     out = tmp_path / "run"
-    cfg = load_job_config(None, ["training.max_steps=6", "data.synthetic_samples=200", "data.seq_len=32",
-                                 "output.progress_bar=false", f"model.cache_dir={tmp_path / 'cache'}",
-                                 f"output.dir={out}", "checkpoint.every_steps=1", "checkpoint.keep_last=5",
-                                 "training.max_bad_steps=2"])
+    overrides = ["training.max_steps=6", "data.synthetic_samples=200", "data.seq_len=32",
+                 "output.progress_bar=false", f"model.cache_dir={tmp_path / 'cache'}", f"output.dir={out}",
+                 "checkpoint.every_steps=1", "checkpoint.keep_last=5", "training.max_bad_steps=2"]
     with pytest.raises(train_mod.NonFiniteLossError, match=r"steps 3-4.*the loss is nan.*training.lr"):
-        train_mod.train(cfg)
-    printed = capsys.readouterr().out
+        train_mod.train(load_job_config(None, overrides))
+    capsys.readouterr()
+    # through the entry point: one line, exit code 1 (a fault, not bad input), no traceback
+    shutil.rmtree(out)
+    calls["n"] = 0
+    assert train_mod.main(overrides) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("dora_dist: error: ")]
+    assert len(errors) == 1 and re.search(r"steps 3-4.*the loss is nan.*training.lr", errors[0])
+    assert "Traceback" not in captured.err
+    printed = captured.out
     assert "step 3 skipped: the loss is nan" in printed and "step 4 skipped" in printed
     recs = read_metrics(out)
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
@@ -40,7 +51,7 @@ def test_nan_loss_stops_cleanly(tmp_path, monkeypatch, capsys):
     assert not (out / "adapter").exists()
     # the last checkpoint is usable: resuming (without the poison) finishes the run
     monkeypatch.setattr(train_mod, "micro_batch_loss", real)
-    summary = train_mod.train(cfg)
+    summary = train_mod.train(load_job_config(None, overrides))
     assert summary["finished"] and summary["steps"] == 6 and summary["skipped_steps"] == []
     assert torch.isfinite(torch.tensor(summary["last_loss"]))
 
