@@ -89,27 +89,23 @@ class DistEnv:
             else:
                 dist.barrier()
 
-    def all_reduce_sum(self, value: float | torch.Tensor) -> float:
-        """Sum of a scalar over ranks (one all_reduce of one float)."""
+    def _all_reduce_scalar(self, value: float | torch.Tensor, op) -> float:
+        """One all_reduce of one float64 (a no-op in one process)."""
         if not self.distributed:
             return float(value)
         t = torch.as_tensor(value, dtype=torch.float64, device=self.device).detach().clone().reshape(1)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
         return float(t.item())
+
+    def all_reduce_sum(self, value: float | torch.Tensor) -> float:
+        """Sum of a scalar over ranks."""
+        return self._all_reduce_scalar(value, dist.ReduceOp.SUM)
 
     def all_reduce_max(self, value: float) -> float:
-        if not self.distributed:
-            return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
+        return self._all_reduce_scalar(value, dist.ReduceOp.MAX)
 
     def all_reduce_min(self, value: float) -> float:
-        if not self.distributed:
-            return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return float(t.item())
+        return self._all_reduce_scalar(value, dist.ReduceOp.MIN)
 
     def broadcast_object(self, obj, src: int = 0):
         if not self.distributed:
