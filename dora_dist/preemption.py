@@ -3,14 +3,19 @@ reclaimed, torchrun's agent shutting down) or SIGUSR1 (SLURM's `--signal=USR1@<s
 
 The handler only records the signal. At the end of every step the ranks agree (one all-reduce of one number) on
 whether any of them was signalled, so all stop after the same step: the trainer then writes a checkpoint and the
-process exits with REQUEUE_EXIT_CODE, which launch/slurm.sh turns into `scontrol requeue`; the requeued job resumes
-from that checkpoint (checkpoint.resume=auto). A second signal while stopping is not caught: it ends the process at
-once, as it would without us.
+process exits with REQUEUE_EXIT_CODE; the requeued job resumes from that checkpoint (checkpoint.resume=auto).
+Launchers do not all pass a rank's exit status on (srun's --kill-on-bad-exit may kill the other ranks first, turning
+75 into 143), so rank 0 also writes the file named by $DORA_DIST_REQUEUE_FILE, which launch/slurm.sh reads to decide
+on `scontrol requeue`. Further signals while stopping are ignored (SLURM and srun may both deliver one): the hard
+stop is SIGKILL.
 """
 from __future__ import annotations
 
+import json
+import os
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 #: exit status of a run stopped by a signal after saving a checkpoint: EX_TEMPFAIL, "try again later"
@@ -27,9 +32,8 @@ class PreemptionGuard:
         self._previous: dict[signal.Signals, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum)
-        for sig, previous in self._previous.items():   # a second signal is not ours to soften
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        if self.received is None:
+            self.received = signal.Signals(signum)
 
     def __enter__(self) -> "PreemptionGuard":
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
@@ -49,3 +53,15 @@ class PreemptionGuard:
     def requested_anywhere(self, env) -> bool:
         """COLLECTIVE: True on every rank when any rank has been signalled (one float all-reduce)."""
         return env.all_reduce_max(1.0 if self.requested else 0.0) > 0
+
+
+#: the environment variable naming the file rank 0 writes when a signal stopped the run (launch/slurm.sh sets it)
+REQUEUE_FILE_ENV = "DORA_DIST_REQUEUE_FILE"
+
+
+def write_requeue_marker(job) -> None:
+    """Rank 0: write $DORA_DIST_REQUEUE_FILE (when set) with the step and signal, for the launch script."""
+    target = os.environ.get(REQUEUE_FILE_ENV)
+    if job.env.is_main and target:
+        Path(target).write_text(json.dumps({"step": job.step, "signal": job.preempted,
+                                            "output_dir": str(job.out_dir)}) + "\n")

@@ -29,7 +29,9 @@ def check_device(cfg: Config, world_size: int) -> None:
         raise ConfigError("training.device=cuda (nccl backend) but no CUDA GPU is visible here (torch.cuda."
                           "is_available() is False); set training.device=auto or cpu (gloo), or run on a GPU node")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "").strip() or 1)
-    if device in ("auto", "cuda") and torch.cuda.is_available() and local > torch.cuda.device_count() and local > 1:
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # one GPU visible per process (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank) is fine: each rank uses it
+    if device in ("auto", "cuda") and 1 < visible < local:
         raise ConfigError(f"{local} processes on this node but {torch.cuda.device_count()} CUDA GPU(s) visible: "
                           f"nccl needs one GPU per process; launch --nproc-per-node {torch.cuda.device_count()} (or "
                           "NUM_GPUS / NPROC_PER_NODE), or set training.device=cpu (gloo)")

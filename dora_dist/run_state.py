@@ -162,7 +162,7 @@ def check_extension(prior: PriorRun, max_steps: int, resume_step: int | None) ->
     False when the run extends from its final checkpoint; ConfigError when that checkpoint does not exist."""
     if max_steps <= prior.steps:
         return True
-    if resume_step != prior.steps:
+    if resume_step is None or resume_step < prior.steps:   # a later one: an extension that was interrupted
         have = f"the latest is at step {resume_step}" if resume_step else "it has none"
         raise ConfigError(
             f"cannot extend the finished run in output.dir={prior.out_dir} from {prior.steps} to {max_steps} steps: "

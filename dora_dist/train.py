@@ -29,7 +29,7 @@ from dora_dist.metrics import format_line, plot_loss
 from dora_dist.nonfinite import (NonFiniteLossError, applied_nonfinite_step,  # noqa: F401 (re-exported)
                                  report_skipped_step, skip_reason)
 from dora_dist.parallel import DistEnv, make_engine, step_probe
-from dora_dist.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
+from dora_dist.preemption import REQUEUE_EXIT_CODE, PreemptionGuard, write_requeue_marker
 from dora_dist.preflight import preflight
 from dora_dist.run_state import (PriorRun, check_extension, check_rerun, check_resume, find_finished_run,
                                  first_logged_loss, length_of, merge_summary, read_summary, run_identity,
@@ -121,7 +121,9 @@ def _train(cfg: Config, env, guard: PreemptionGuard | None = None) -> dict:
     logger = make_loggers(cfg, job.out_dir, env.is_main, resume_step=job.start_step)  # metrics.jsonl + trackers
     bar = Console(job.batching.max_steps, job.start_step, env.is_main, cfg.output.progress_bar)  # bar: TTY only
     try:
-        while job.step < job.stop_at:
+        if guard is not None and guard.requested_anywhere(env):   # signalled while loading: nothing new to save
+            job.preempted = guard.received.name if guard.received else "a signal on another rank"
+        while job.step < job.stop_at and not job.preempted:
             rec = train_step(job)
             logger.log(rec)
             if rec.get("skipped"):
@@ -132,15 +134,18 @@ def _train(cfg: Config, env, guard: PreemptionGuard | None = None) -> dict:
             if eval_due(job):
                 _log_eval(job, logger, bar)
             maybe_checkpoint(job)
-            if guard is not None and guard.requested_anywhere(env):   # COLLECTIVE: all ranks stop after this step
-                job.preempted = guard.received.name if guard.received else "a signal on another rank"
-                break
-        if job.preempted:
-            if job.last_saved != job.step:
-                save_checkpoint(job)                     # whatever checkpoint.every_steps says: resume from here
+            if job.step < job.stop_at and guard is not None and guard.requested_anywhere(env):  # COLLECTIVE: all
+                job.preempted = guard.received.name if guard.received else "a signal on another rank"  # ranks stop
+        if job.preempted:                                # after the same step (the last one just finishes)
+            # whatever checkpoint.every_steps says, except inside a non-finite streak, whose last good state is the
+            # latest checkpoint already (the skipped steps changed no parameter)
+            if job.step != job.start_step and job.last_saved != job.step and not job.bad_streak:
+                save_checkpoint(job)
             if env.is_main:
-                bar.line(f"[dora_dist] stopped by {job.preempted} after step {job.step}; checkpoint saved in "
-                         f"{job.manager.final_dir(job.step)}; exiting with {REQUEUE_EXIT_CODE} (requeue)")
+                bar.line(f"[dora_dist] stopped by {job.preempted} after step {job.step}; resume point: "
+                         f"{job.manager.final_dir(job.last_saved) if job.last_saved >= 0 else 'step 0'}; exiting "
+                         f"with {REQUEUE_EXIT_CODE} (requeue)")
+            write_requeue_marker(job)
         else:
             if job.eval_dataset is not None and job.last_eval != job.step:
                 _log_eval(job, logger, bar)              # the final (or stopped-early) model
@@ -166,7 +171,7 @@ def _already_finished(prior: PriorRun, env) -> dict:
               + (f"; adapter in {prior.out_dir / 'adapter'}" if (prior.out_dir / "adapter").is_dir() else "")
               + "): nothing to do. Raise training.max_steps to train further, or choose another output.dir.",
               flush=True)
-    return dict(prior.summary, already_finished=True)
+    return dict(prior.summary, already_finished=True, preempted=False)
 
 
 def _resume_point(cfg: Config, env, manager, engine) -> Path | None:
@@ -368,7 +373,7 @@ def run_job(config: str | None, overrides: list[str], check_only: bool = False) 
         preflight(cfg)
         return 0
     summary = train(cfg)
-    return REQUEUE_EXIT_CODE if summary.get("preempted") else 0
+    return REQUEUE_EXIT_CODE if summary.get("preempted") and not summary.get("finished") else 0
 
 
 if __name__ == "__main__":

@@ -73,8 +73,12 @@ else
     CHECK_WORLD=${NUM_GPUS:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)")}
 fi
 # Validate the config for this world first: a config error is one line and exit code 2, before any launcher starts.
-WORLD_SIZE="$CHECK_WORLD" "$PYTHON" -m dora_dist.train --check "${CONFIG_ARGS[@]}" "parallel.engine=$ENGINE" \
-    "${OVERRIDES[@]}" || exit $?
+# When DS_ARGS picks the processes (--include, --exclude, --num_nodes, --num_gpus) the world is the launcher's to
+# work out: the ranks then run the same checks themselves, at their real world size, before any work.
+if [[ ! "${DS_ARGS:-}" =~ --(include|exclude|num_nodes|num_gpus) ]]; then
+    WORLD_SIZE="$CHECK_WORLD" "$PYTHON" -m dora_dist.train --check "${CONFIG_ARGS[@]}" "parallel.engine=$ENGINE" \
+        "${OVERRIDES[@]}" || exit $?
+fi
 
 LAUNCH=(deepspeed --master_port "$MASTER_PORT")
 if [[ -n "${HOSTFILE:-}" ]]; then

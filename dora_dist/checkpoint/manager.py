@@ -142,7 +142,7 @@ class CheckpointManager:
         if env.is_main:
             failure = self._attempt(self._publish, engine, tmp, final, step, run)
             if failure is None:
-                self._prune_quietly()
+                self._prune_quietly(step)
         self._agree(failure, final, needed, partial=tmp)
         return final
 
@@ -213,15 +213,18 @@ class CheckpointManager:
             raise local                             # not an I/O failure: a bug, keep its traceback
         raise CheckpointWriteError(message, final, needed, free, err) from local
 
-    def _prune_quietly(self) -> None:
+    def _prune_quietly(self, saved_step: int) -> None:
         try:
-            self.prune()
+            self.prune(saved_step)
         except OSError as exc:
             print(f"[dora_dist] warning: could not delete an old checkpoint under {self.root}: {exc}", flush=True)
 
-    def prune(self) -> None:
-        """Keep the newest keep_last checkpoints; each older one is renamed to .del_ before it is deleted."""
-        steps = sorted((step, path) for step, path in atomic.step_dirs(self.root))
+    def prune(self, saved_step: int | None = None) -> None:
+        """Keep the newest keep_last checkpoints up to the one just saved; each older one is renamed to .del_ before
+        it is deleted. Newer ones (a run resumed from an earlier checkpoint, or past a damaged one) are left alone and
+        never make the one just saved look old."""
+        steps = sorted((step, path) for step, path in atomic.step_dirs(self.root)
+                       if saved_step is None or step <= saved_step)
         for _, path in steps[: max(0, len(steps) - self.keep_last)]:
             atomic.remove_dir(path)
 

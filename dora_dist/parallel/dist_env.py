@@ -23,7 +23,8 @@ def _env_int(name: str, default: int) -> int:
 def _attempt_store(restart: str, rank: int, world: int, timeout: datetime.timedelta):
     """torchrun's store, under a prefix of its own for each restart of the workers (--max-restarts): the agent's
     store outlives a failed attempt, and without the prefix the restarted ranks read the dead ranks' addresses from
-    it (gloo's connectFullMesh then times out connecting to them)."""
+    it (gloo's connectFullMesh then times out connecting to them). Single node only: each node's agent counts its
+    own restarts (a membership change does not count), so across nodes the counts can differ."""
     store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
     return dist.PrefixStore(f"dora_dist/attempt_{restart}", store)
 
@@ -66,7 +67,7 @@ class DistEnv:
                 if backend == "nccl":
                     kwargs["device_id"] = dev
                 restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-                if restart is not None:
+                if restart is not None and local_world == world:   # one agent: its count is every rank's
                     kwargs.update(store=_attempt_store(restart, rank, world, timeout), rank=rank, world_size=world)
                 dist.init_process_group(**kwargs)
                 env.initialized_here = True

@@ -3,6 +3,8 @@ job's run or checkpoint is refused naming what changed, and the run's records on
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -84,3 +86,51 @@ def test_resume_with_a_changed_config_is_refused(tmp_path):
         assert named in msg and "step_00000002" in msg and "checkpoint.resume=none" in msg
     assert _snapshot(ckpts) == before
     # an engine that cannot read the format, or a world size it cannot load at: tests/unit/test_run_state.py
+
+
+def _signal_at(monkeypatch, step: int, sig=signal.SIGUSR1) -> None:
+    """This process signals itself during step `step`, as a scheduler would (the guard of train() catches it)."""
+    import dora_dist.train as trainer
+
+    real = trainer.train_step
+
+    def train_step(job):
+        if job.step + 1 == step:
+            os.kill(os.getpid(), sig)
+        return real(job)
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+
+
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_exit_75(tmp_path, monkeypatch, capsys):
+    import dora_dist.train as trainer
+
+    marker = tmp_path / "requeue.json"
+    monkeypatch.setenv("DORA_DIST_REQUEUE_FILE", str(marker))
+    args = _args(tmp_path, "training.max_steps=4", "checkpoint.every_steps=0")
+    _signal_at(monkeypatch, 2, signal.SIGTERM)
+    assert trainer.main(args) == 75
+    assert "stopped by SIGTERM after step 2" in capsys.readouterr().out
+    assert find_latest(tmp_path / "run" / "checkpoints").name == "step_00000002"     # although every_steps=0
+    assert json.loads(marker.read_text())["step"] == 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["preempted"] and not summary["finished"]
+    marker.unlink()
+    monkeypatch.undo()
+    assert trainer.main(args) == 0 and not marker.exists()                            # the requeued job finishes
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["finished"] and [s["end_step"] for s in summary["segments"]] == [2, 4]
+
+
+def test_a_signal_during_the_last_step_finishes_the_run(tmp_path, monkeypatch):
+    """Not a requeue: a run signalled in its last step is finished (exit 0); run again, it has nothing to do."""
+    import dora_dist.train as trainer
+
+    args = _args(tmp_path)
+    _signal_at(monkeypatch, 3)
+    assert trainer.main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["finished"] and not summary["preempted"]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    monkeypatch.undo()
+    assert trainer.main(args) == 0

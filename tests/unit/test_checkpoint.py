@@ -176,3 +176,16 @@ def test_leftovers_of_a_killed_replace_or_prune_are_never_newer_and_are_tidied(t
     manager.save(a, 3, {"step": 3, "data": {"step": 3}})
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
     assert verify_checkpoint(root / "step_00000002") is None
+
+
+def test_a_save_is_never_pruned_by_newer_checkpoints(tmp_path):
+    """Resumed from an earlier checkpoint (or past a damaged newer one): the newer ones do not make the checkpoint
+    just written look old, so keep_last never deletes it."""
+    env = DistEnv()
+    engine = make_engine(0)
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2, env=env)
+    for step in (4, 6, 2, 3):                             # a run resumed at step 2 saves 3 while 4 and 6 exist
+        train_steps(engine, 1)
+        manager.save(engine, step, {"step": step, "data": {"step": step}})
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["step_00000002", "step_00000003", "step_00000004", "step_00000006"]

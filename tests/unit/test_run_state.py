@@ -63,13 +63,26 @@ def test_write_json_atomic_leaves_no_partial_file(tmp_path):
     assert json.loads(path.read_text()) == {"a": 2} and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
 
-def test_preemption_guard_records_then_lets_a_second_signal_through():
+def test_preemption_guard_records_the_first_signal_and_ignores_repeats():
+    """SLURM and srun may both deliver a SIGTERM: the second must not kill a rank that is saving."""
     previous = signal.getsignal(signal.SIGUSR1)
     with PreemptionGuard() as guard:
         assert not guard.requested
         os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)                      # ignored: still alive, still the first signal
         assert guard.requested and guard.received == signal.SIGUSR1
-        assert signal.getsignal(signal.SIGUSR1) == previous        # a second one is no longer softened
         env = SimpleNamespace(all_reduce_max=lambda v: v)
         assert guard.requested_anywhere(env)
     assert signal.getsignal(signal.SIGUSR1) == previous and signal.getsignal(signal.SIGTERM) != guard._handle
+
+
+def test_an_interrupted_extension_resumes_from_its_later_checkpoint(tmp_path):
+    from dora_dist.run_state import PriorRun, check_extension
+
+    prior = PriorRun(tmp_path, {"steps": 100, "finished": True}, None)
+    assert check_extension(prior, 100, 100) is True                     # nothing to do
+    assert check_extension(prior, 200, 100) is False                    # extend from the final checkpoint
+    assert check_extension(prior, 200, 150) is False                    # the extension was killed at 150: go on
+    for resume_step, have in ((None, "it has none"), (60, "the latest is at step 60")):
+        with pytest.raises(ConfigError, match=f"from 100 to 200 steps: no checkpoint of its last step .{have}"):
+            check_extension(prior, 200, resume_step)
