@@ -90,8 +90,8 @@ CASES: list[Case] = [
     Case("config", "nccl (training.device=cuda) without a GPU", lambda a: a.train("training.device=cuda"),
          ("training.device=cuda", "no CUDA GPU"), gpus=0),
     Case("config", "nccl with more processes than GPUs on the node",
-         lambda a: ["train", "--check", *a.train()[1:]], ("2 processes on this node but 1 CUDA GPU", "one GPU per"),
-         entry="train", gpus=1, env=(("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"))),
+         lambda a: ["train", "--check", *a.train()[1:]], ("4 processes on this node but 2 CUDA GPU", "one GPU per"),
+         entry="train", gpus=2, env=(("WORLD_SIZE", "4"), ("LOCAL_WORLD_SIZE", "4"))),
     Case("config", "zero3 with a 4-bit base", lambda a: a.train("parallel.engine=zero3", "quantization.mode=nf4"),
          ("parallel.engine=zero3", "quantization.mode=nf4", "zero2")),
     # --- data ------------------------------------------------------------------------------------------------------

@@ -90,3 +90,22 @@ def test_every_rule_raises_only_user_errors():
             rule(cfg, 3)   # quickstart's global batch 8 does not split over 3 ranks × micro 4
         except UserError:
             pass
+
+
+@pytest.mark.parametrize("visible, local, refused", [(1, 8, False), (8, 8, False), (2, 4, True), (0, 1, False)])
+def test_gpus_per_node(monkeypatch, visible, local, refused):
+    """One GPU per process (srun --gpus-per-task=1) or one per rank of the node is fine; 2 GPUs for 4 processes
+    is not (two ranks would share one under nccl)."""
+    import torch
+
+    from dora_dist.preflight import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    cfg = load_job_config(None, [])
+    if refused:
+        with pytest.raises(ConfigError, match=f"{local} processes on this node but {visible} CUDA GPU"):
+            check_device(cfg, local)
+    else:
+        check_device(cfg, local)
