@@ -5,6 +5,8 @@ checkpoints inside one, so the last checkpoint of a run stopped here is its last
 """
 from __future__ import annotations
 
+import math
+
 from dora_dist.errors import JobFault
 
 ADVICE = ("Lower training.lr, set training.max_grad_norm (clipping) if it is 0, or check the data of these steps; "
@@ -18,7 +20,7 @@ class NonFiniteLossError(JobFault, FloatingPointError):
 
 def skip_reason(loss: float, grad_norm: float, bad_param: str | None) -> str:
     """Why a step was skipped, for the log line and metrics.jsonl."""
-    if loss != loss or loss in (float("inf"), float("-inf")):
+    if not math.isfinite(loss):
         return f"the loss is {loss}"
     if bad_param:
         return f"the gradient of {bad_param} is non-finite (gradient norm {grad_norm})"

@@ -11,7 +11,6 @@ stop is SIGKILL.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -54,6 +53,12 @@ class PreemptionGuard:
         """COLLECTIVE: True on every rank when any rank has been signalled (one float all-reduce)."""
         return env.all_reduce_max(1.0 if self.requested else 0.0) > 0
 
+    def stop_reason(self, env) -> str | None:
+        """COLLECTIVE (see requested_anywhere): what stops the run, the same decision on every rank; None: go on."""
+        if not self.requested_anywhere(env):
+            return None
+        return self.received.name if self.received else "a signal on another rank"
+
 
 #: the environment variable naming the file rank 0 writes when a signal stopped the run (launch/slurm.sh sets it)
 REQUEUE_FILE_ENV = "DORA_DIST_REQUEUE_FILE"
@@ -61,7 +66,8 @@ REQUEUE_FILE_ENV = "DORA_DIST_REQUEUE_FILE"
 
 def write_requeue_marker(job) -> None:
     """Rank 0: write $DORA_DIST_REQUEUE_FILE (when set) with the step and signal, for the launch script."""
+    from dora_dist.run_state import write_json_atomic
+
     target = os.environ.get(REQUEUE_FILE_ENV)
     if job.env.is_main and target:
-        Path(target).write_text(json.dumps({"step": job.step, "signal": job.preempted,
-                                            "output_dir": str(job.out_dir)}) + "\n")
+        write_json_atomic(Path(target), {"step": job.step, "signal": job.preempted, "output_dir": str(job.out_dir)})

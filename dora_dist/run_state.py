@@ -44,10 +44,14 @@ def _get(cfg_dict: dict, dotted: str) -> Any:
     return node
 
 
+def _values(cfg, keys: tuple[str, ...]) -> dict[str, Any]:
+    as_dict = cfg.to_dict()
+    return {key: _get(as_dict, key) for key in keys}
+
+
 def run_identity(cfg) -> dict[str, Any]:
     """{"dora.r": 8, ...}: the values of IDENTITY_KEYS (JSON-serialisable, recorded in every checkpoint)."""
-    as_dict = cfg.to_dict()
-    return {key: _get(as_dict, key) for key in IDENTITY_KEYS}
+    return _values(cfg, IDENTITY_KEYS)
 
 
 def identity_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -153,8 +157,7 @@ def check_rerun(cfg, prior: PriorRun) -> bool:
                           "retrain it from scratch and overwrite its adapter: choose another output.dir, or delete "
                           "that one")
     recorded_length = prior.summary.get("length")
-    current_length = {key: _get(cfg.to_dict(), key) for key in LENGTH_KEYS}
-    return recorded_length is None or _normalise(recorded_length) == _normalise(current_length)
+    return recorded_length is None or _normalise(recorded_length) == _normalise(length_of(cfg))
 
 
 def check_extension(prior: PriorRun, max_steps: int, resume_step: int | None) -> bool:
@@ -172,8 +175,7 @@ def check_extension(prior: PriorRun, max_steps: int, resume_step: int | None) ->
 
 def length_of(cfg) -> dict[str, Any]:
     """The length keys as given (recorded in summary.json, compared on a re-run)."""
-    as_dict = cfg.to_dict()
-    return {key: _get(as_dict, key) for key in LENGTH_KEYS}
+    return _values(cfg, LENGTH_KEYS)
 
 
 def check_resume(checkpoint: Path, info: dict, cfg, engine, world_size: int) -> None:

@@ -109,7 +109,7 @@ def train(cfg: Config) -> dict:
             env.destroy()
 
 
-def _train(cfg: Config, env, guard: PreemptionGuard | None = None) -> dict:
+def _train(cfg: Config, env, guard: PreemptionGuard) -> dict:
     prior = find_finished_run(cfg.output.dir)           # a finished run in output.dir: done, extend, or refuse
     if prior is not None and check_rerun(cfg, prior):
         return _already_finished(prior, env)
@@ -121,8 +121,7 @@ def _train(cfg: Config, env, guard: PreemptionGuard | None = None) -> dict:
     logger = make_loggers(cfg, job.out_dir, env.is_main, resume_step=job.start_step)  # metrics.jsonl + trackers
     bar = Console(job.batching.max_steps, job.start_step, env.is_main, cfg.output.progress_bar)  # bar: TTY only
     try:
-        if guard is not None and guard.requested_anywhere(env):   # signalled while loading: nothing new to save
-            job.preempted = guard.received.name if guard.received else "a signal on another rank"
+        job.preempted = guard.stop_reason(env)          # signalled while loading: nothing new to save
         while job.step < job.stop_at and not job.preempted:
             rec = train_step(job)
             logger.log(rec)
@@ -134,9 +133,9 @@ def _train(cfg: Config, env, guard: PreemptionGuard | None = None) -> dict:
             if eval_due(job):
                 _log_eval(job, logger, bar)
             maybe_checkpoint(job)
-            if job.step < job.stop_at and guard is not None and guard.requested_anywhere(env):  # COLLECTIVE: all
-                job.preempted = guard.received.name if guard.received else "a signal on another rank"  # ranks stop
-        if job.preempted:                                # after the same step (the last one just finishes)
+            if job.step < job.stop_at:                   # all ranks stop after the same step (the last one just
+                job.preempted = guard.stop_reason(env)   # finishes)
+        if job.preempted:
             # whatever checkpoint.every_steps says, except inside a non-finite streak, whose last good state is the
             # latest checkpoint already (the skipped steps changed no parameter)
             if job.step != job.start_step and job.last_saved != job.step and not job.bad_streak:
@@ -174,15 +173,18 @@ def _already_finished(prior: PriorRun, env) -> dict:
     return dict(prior.summary, already_finished=True, preempted=False)
 
 
-def _resume_point(cfg: Config, env, manager, engine) -> Path | None:
-    """The checkpoint to resume from (checkpoint.resume), checked against this job before any model work."""
+def _resume_point(cfg: Config, env, manager, engine) -> tuple[Path | None, dict]:
+    """The checkpoint to resume from (checkpoint.resume) and its COMPLETE record, checked against this job before
+    any model work."""
     from dora_dist.checkpoint import checkpoint_info
 
     resume = cfg.checkpoint.resume
     resume_dir = manager.latest() if resume == "auto" else (None if resume == "none" else Path(resume))
-    if resume_dir is not None:
-        check_resume(resume_dir, checkpoint_info(resume_dir), cfg, engine, env.world_size)
-    return resume_dir
+    if resume_dir is None:
+        return None, {}
+    info = checkpoint_info(resume_dir)
+    check_resume(resume_dir, info, cfg, engine, env.world_size)
+    return resume_dir, info
 
 
 def build(cfg: Config, env, prior: PriorRun | None = None) -> Job:
@@ -203,13 +205,9 @@ def build(cfg: Config, env, prior: PriorRun | None = None) -> Job:
     engine = make_engine(cfg, env, batching)
     ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
     manager = CheckpointManager(ckpt_root, cfg.checkpoint.keep_last, env)
-    resume_dir = _resume_point(cfg, env, manager, engine)
-    if prior is not None:
-        from dora_dist.checkpoint import checkpoint_info
-
-        resume_step = checkpoint_info(resume_dir).get("step") if resume_dir is not None else None
-        if check_extension(prior, batching.max_steps, resume_step):
-            raise RunAlreadyFinished(prior)
+    resume_dir, resume_info = _resume_point(cfg, env, manager, engine)
+    if prior is not None and check_extension(prior, batching.max_steps, resume_info.get("step")):
+        raise RunAlreadyFinished(prior)
     plan = engine.load_plan()
     with engine.model_init_context():
         model = models.load_model(cfg, env, plan)
