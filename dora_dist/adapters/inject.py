@@ -158,10 +158,12 @@ def init_magnitudes(model: nn.Module) -> None:
         layer.init_magnitude()
 
 
-def set_merged(model: nn.Module, merged: bool) -> None:
-    """Merge (or unmerge) every DoRA layer in place; the layers stay, so training can resume after unmerge."""
+def set_merged(model: nn.Module, merged: bool, keep_original: bool = True) -> None:
+    """Merge (or unmerge) every DoRA layer in place; the layers stay, so training can resume after unmerge.
+    keep_original: each layer keeps a copy of its base weight while merged, so unmerge is exact (see
+    DoRALinear.merge: rounding W' back to W is not, in 16 bits least of all)."""
     for _, layer in dora_layers(model):
-        layer.merge() if merged else layer.unmerge()
+        layer.merge(keep_original) if merged else layer.unmerge()
 
 
 @torch.no_grad()
@@ -178,7 +180,7 @@ def merge_and_unload(model: nn.Module, requantize: bool = False, dtype: torch.dt
     for name, layer in list(dora_layers(model)):
         source = layer.weight_source
         if layer.merged or source.supports_inplace_merge():
-            layer.merge()
+            layer.merge(keep_original=False)   # the layer is dropped: nothing will unmerge it
             plain = layer.base_layer
         elif requantize and isinstance(source, BnB4bitWeight):
             # merge in fp32: requantize_4bit casts to the dtype the base was quantized from; going through a bf16

@@ -15,6 +15,15 @@ for dL/dm: one (tokens × out) activation more than LoRA. This node
 - Rows with m = 0 lose z in y (their output is the bias); for those rows alone z is saved at forward time (a
   (tokens × k) slice, k = number of zero magnitudes, usually 0). Deciding that reads one boolean from the device
   (a host sync per layer and forward on a GPU, free on a CPU).
+- **16-bit outputs keep the magnitude.** m/n differs from 1 by |Δm|/m ≈ 1e-4 … 1e-2 in a trained adapter, below
+  bf16's half-ulp at 1 (2^-9 ≈ 2e-3) for most rows: rounding the scale to bf16 before it multiplies, as a plain
+  ``base * scale.to(bf16)`` does, turns the forward into LoRA with a staircase magnitude while dL/dm assumes
+  otherwise. So for bf16/fp16 the scale stays fp32 and ``scale ⊙ base + (x·Aᵀ)·(s·scale ⊙ B)ᵀ`` is summed in fp32
+  and rounded once (`compose_16bit`), block by block over tokens so the fp32 temporaries stay small (on a CPU,
+  cache-sized; one 16-bit tensor in and out, as before). The low-rank GEMM accumulates into that fp32 block (on
+  CUDA a 16-bit GEMM with an fp32 output). dL/dz = g ⊙ m/n is formed the same way in backward. What survives is
+  then what any 16-bit output can hold: the magnitude's effect on y arrives unbiased, and is exact on average over
+  elements, as in peft's ``base + ((m/n − 1) ⊙ base + (m/n) ⊙ s·lora)`` whose bracket is fp32.
 - For 16-bit outputs a bias is added *after* this node: recovering z from y − b would then cancel catastrophically
   when |b| ≫ |m/n·z| (y carries only 8 bits of mantissa), so y is saved before the bias (one extra activation, only
   for biased layers in bf16/fp16; Llama has no biases).
@@ -49,6 +58,58 @@ def _column_dot(g: torch.Tensor, y: torch.Tensor, acc: torch.dtype) -> torch.Ten
     return out
 
 
+#: fp32 elements per block of `compose_16bit` / `scale_rows_16bit`: on a CPU a block's fp32 temporaries stay in L2;
+#: on a GPU a block is a whole large kernel (the launches are then few)
+_BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 24}
+_MM_FP32_OUT: dict[str, bool] = {}   # device type -> torch.mm(..., out_dtype=float32) works for 16-bit inputs
+
+
+def _rows_per_block(t: torch.Tensor) -> int:
+    return max(1, _BLOCK_ELEMENTS.get(t.device.type, 1 << 24) // max(1, t.shape[-1]))
+
+
+def _lowrank_fp32(xa: torch.Tensor, b_scaled: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """(tokens, r) · (out, r)ᵀ with fp32 accumulation *and* an fp32 result. On CUDA the 16-bit GEMM with
+    out_dtype=float32 (tensor cores; an fp32 GEMM there is ~10x slower); elsewhere (a CPU's fp32 GEMM is at least
+    as fast as its bf16 one) an fp32 GEMM over the fp32 inputs."""
+    dev = xa.device.type
+    if dev == "cuda" and _MM_FP32_OUT.get(dev, True):
+        try:
+            return torch.mm(xa.to(dt), b_scaled.to(dt).t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):                          # an older torch: plain fp32 from now on
+            _MM_FP32_OUT[dev] = False
+    return torch.mm(xa.float(), b_scaled.float().t())
+
+
+def compose_16bit(base: torch.Tensor, scale: torch.Tensor, xa: torch.Tensor | None, b_scaled: torch.Tensor | None,
+                  out: torch.Tensor) -> torch.Tensor:
+    """out = round(scale ⊙ base + xa·b_scaledᵀ) for 2-D 16-bit `base`/`out` (they may be the same tensor), with the
+    scale, the products and the sum in fp32: one rounding, so a scale within half an ulp of 1 still reaches out."""
+    dt = out.dtype
+    scale = scale.float()
+    step = _rows_per_block(out)
+    for i in range(0, out.shape[0], step):
+        j = min(i + step, out.shape[0])
+        if xa is None:
+            acc = base[i:j].float().mul_(scale)
+        else:
+            acc = _lowrank_fp32(xa[i:j], b_scaled, dt)
+            acc.addcmul_(base[i:j].float(), scale)
+        out[i:j].copy_(acc)
+    return out
+
+
+def scale_rows_16bit(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(g ⊙ scale) for a 2-D 16-bit g with the fp32 scale (the backward's dL/dz; not g ⊙ round(scale))."""
+    if g.device.type == "cuda":
+        return torch.mul(g, scale.float(), out=torch.empty_like(g))   # one kernel, fp32 math, 16-bit store
+    return compose_16bit(g, scale, None, None, torch.empty_like(g))
+
+
+def is_16bit(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
 class DoRAEpilogue(torch.autograd.Function):
     """y = scale ⊙ base_out + (x·Aᵀ)·(s·scale ⊙ B)ᵀ [+ bias], scale = m / denom (denom: detached norm, 0 -> 1)."""
 
@@ -59,8 +120,7 @@ class DoRAEpilogue(torch.autograd.Function):
         dt = base_out.dtype
         acc = torch.promote_types(magnitude.dtype, torch.float32)
         scale = magnitude.to(acc) / denom.to(acc)                       # (out,), ≥ fp32
-        scale_dt = scale.to(dt)
-        xa2 = _flat(xa).to(dt)
+        xa2 = _flat(xa)
         zero_idx = z_zero = None
         if ctx.needs_input_grad[3] and bool((magnitude == 0).any()):
             # y has no z for these rows: keep z's columns (tokens × k), computed without the scale.
@@ -71,16 +131,23 @@ class DoRAEpilogue(torch.autograd.Function):
         # (tokens × out) buffer, whose first touch costs page faults on a CPU) and mark it dirty for autograd.
         in_place = (consume_base and base_out.is_contiguous() and base_out._base is None
                     and not (base_out.is_leaf and base_out.requires_grad))
-        if bias is not None:
-            y = torch.addcmul(bias.to(dt), base_out, scale_dt)          # one pass: b + base ⊙ m/n
-        elif in_place:
-            y = base_out.mul_(scale_dt)
-            ctx.mark_dirty(base_out)
+        b_scaled = lora_B.to(acc) * (scaling * scale)[:, None]          # (out, r): s·(m/n) ⊙ B, ≥ fp32
+        if is_16bit(dt) and bias is None:
+            # scale and low-rank term summed in fp32, one rounding (see the module docstring)
+            y = base_out if in_place else torch.empty_like(base_out, memory_format=torch.contiguous_format)
+            compose_16bit(_flat(base_out), scale, xa2, b_scaled, _flat(y))
+            if in_place:
+                ctx.mark_dirty(base_out)
         else:
-            y = base_out * scale_dt
-        y2 = _flat(y)
-        b_scaled = (lora_B.to(acc) * (scaling * scale)[:, None]).to(dt)  # (out, r): s·(m/n) ⊙ B
-        y2.addmm_(xa2, b_scaled.t())                                     # low-rank term accumulated in the GEMM
+            scale_dt = scale.to(dt)                                     # fp32/fp64: exact enough (no 16 bits)
+            if bias is not None:
+                y = torch.addcmul(bias.to(dt), base_out, scale_dt)      # one pass: b + base ⊙ m/n
+            elif in_place:
+                y = base_out.mul_(scale_dt)
+                ctx.mark_dirty(base_out)
+            else:
+                y = base_out * scale_dt
+            _flat(y).addmm_(xa2.to(dt), b_scaled.to(dt).t())            # low-rank term accumulated in the GEMM
         safe_m = torch.where(magnitude == 0, torch.ones_like(magnitude), magnitude).to(acc)
         ctx.save_for_backward(y, xa, lora_B, scale, safe_m, denom,
                               bias.detach().clone() if bias is not None else None, zero_idx, z_zero)
@@ -98,7 +165,12 @@ class DoRAEpilogue(torch.autograd.Function):
         need_base, need_xa, need_b, need_m, _, need_bias = ctx.needs_input_grad[:6]
         # dL/dz = g ⊙ m/n is only materialised for the base path; the low-rank grads take the scale on the
         # small side: d(xa) = g·(s·m/n ⊙ B), dB = s·m/n ⊙ (gᵀ·xa)   (no (tokens × out) pass when x needs no grad)
-        d_base = (g2 * scale.to(dt)).view(y.shape) if need_base else None
+        if not need_base:
+            d_base = None
+        elif is_16bit(dt):
+            d_base = scale_rows_16bit(g2, scale).view(y.shape)  # fp32 scale, one rounding
+        else:
+            d_base = (g2 * scale.to(dt)).view(y.shape)
         d_xa = d_b = d_m = d_bias = None
         s_scale = scale * s                                      # (out,), ≥ fp32
         if need_xa:
@@ -132,7 +204,13 @@ def dora_epilogue_reference(base_out: torch.Tensor, xa: torch.Tensor, lora_B: to
     # torch.add(alpha=): torch 2.13's inductor folds an alpha-add of a matmul output into the GEMM with wrong
     # results on the CPU (tests/unit/test_compile.py holds this)
     b_scaled = (lora_B * (scaling * scale)[:, None]).to(xa.dtype)
-    y = base_out * scale.to(dt) + torch.nn.functional.linear(xa, b_scaled).to(dt)
+    low_rank = torch.nn.functional.linear(xa, b_scaled)
+    if is_16bit(dt):
+        # fp32 scale and sum, one rounding (inductor fuses the casts into one elementwise kernel)
+        acc = torch.promote_types(scale.dtype, torch.float32)
+        y = (base_out.to(acc) * scale + low_rank.to(acc)).to(dt)
+    else:
+        y = base_out * scale.to(dt) + low_rank.to(dt)
     return y if bias is None else y + bias.to(dt)
 
 

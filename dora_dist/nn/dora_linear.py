@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dora_dist.nn.dora_epilogue import dora_epilogue
-from dora_dist.nn.weight_source import WeightSource, is_dtensor, weight_source_for
+from dora_dist.nn.dora_epilogue import compose_16bit, dora_epilogue
+from dora_dist.nn.weight_source import WeightSource, at_least_fp32, is_dtensor, weight_source_for
 
 
 def check_layer_settings(r, alpha, dropout, prefix: str = "") -> None:
@@ -68,10 +68,19 @@ def dora_output(base_out: torch.Tensor, lora_out: torch.Tensor, scale: torch.Ten
     scale is m/‖W + sBA‖ (None for plain LoRA). base_out_dropped is x_drop·Wᵀ when dropout is active in training;
     then, as in peft, y = x·Wᵀ + (scale-1) ⊙ x_drop·Wᵀ + scale ⊙ s·lora.
     """
-    lora_out = lora_out.to(base_out.dtype)
+    dt = base_out.dtype
     if scale is None:
+        lora_out = lora_out.to(dt)
         return base_out + lora_out * scaling  # (not torch.add(alpha=): inductor fuses that into the GEMM wrongly)
-    scale = scale.to(base_out.dtype)
+    if dt in (torch.bfloat16, torch.float16):
+        # the scale and the sum in fp32, one rounding (16 bits would round m/‖·‖ within 2^-9 of 1 to exactly 1)
+        acc = torch.promote_types(scale.dtype, torch.float32)
+        scale, lora_out = scale.to(acc), lora_out.to(acc)
+        if base_out_dropped is None:
+            return ((base_out.to(acc) + lora_out * scaling) * scale).to(dt)
+        bracket = (scale - 1) * base_out_dropped.to(acc) + (scale * scaling) * lora_out
+        return (base_out.to(acc) + bracket).to(dt)
+    lora_out, scale = lora_out.to(dt), scale.to(dt)
     if base_out_dropped is None:
         return (base_out + lora_out * scaling) * scale
     return base_out + (scale - 1) * base_out_dropped + (scale * scaling) * lora_out
@@ -106,6 +115,7 @@ class DoRALinear(nn.Module):
         self.base_row_sq: torch.Tensor | None = None
         self.merged = False
         self.merge_scale: torch.Tensor | None = None
+        self._premerge_weight: torch.Tensor | None = None  # the base weight before `merge` (exact unmerge)
         self._scale_cache: tuple | None = None   # (tensors, versions+storages, m/‖W+sBA‖): eval, no grad
         self.reset_lora_parameters()
         if use_dora and init_magnitude and device.type != "meta":
@@ -162,8 +172,8 @@ class DoRALinear(nn.Module):
         self._scale_cache = None
         return super().train(mode)
 
-    def inference_scale(self, dtype: torch.dtype) -> torch.Tensor:
-        """m/‖W + sBA‖ in `dtype`, computed once and reused while A, B, m and the base weight are the same tensors
+    def inference_scale(self) -> torch.Tensor:
+        """m/‖W + sBA‖, ≥ fp32 (never rounded to a 16-bit compute dtype), computed once and reused while A, B, m and the base weight are the same tensors
         (identity), with the same storage and in-place version (eval mode, no grad). Plain reads of `_parameters`
         and `_modules` (nn.Module.__getattr__ costs µs): this runs once per layer per decoded token."""
         own = self._parameters
@@ -172,13 +182,13 @@ class DoRALinear(nn.Module):
             state = (deps[0]._version, deps[1]._version, deps[2]._version, deps[3]._version,
                      deps[0].data_ptr(), deps[1].data_ptr(), deps[2].data_ptr(), deps[3].data_ptr())
         except (RuntimeError, AttributeError):                   # e.g. a DTensor, or no `weight`: no caching
-            return self.dora_scale().detach().to(dtype)
+            return at_least_fp32(self.dora_scale().detach())
         c = self._scale_cache
-        if c is not None and c[1] == state and c[2].dtype == dtype:
+        if c is not None and c[1] == state:
             cd = c[0]
             if cd[0] is deps[0] and cd[1] is deps[1] and cd[2] is deps[2] and cd[3] is deps[3]:
                 return c[2]
-        scale = self.dora_scale().detach().to(dtype)
+        scale = at_least_fp32(self.dora_scale().detach())
         self._scale_cache = (deps, state, scale)
         return scale
 
@@ -230,8 +240,18 @@ class DoRALinear(nn.Module):
             base_out = source.matmul(x)
         if self.use_dora and w_times_a is None and not self.training and self.cache_inference_scale:
             # eval, no grad: the scale is a constant per layer (one add and one in-place multiply over LoRA)
-            lora_out = self.lora_path(x).to(base_out.dtype)
-            out = lora_out.mul_(self.scaling).add_(base_out).mul_(self.inference_scale(base_out.dtype))
+            dt = base_out.dtype
+            scale = self.inference_scale()
+            if dt in (torch.bfloat16, torch.float16):
+                # fp32 scale and sum, one rounding, written into base_out (see nn/dora_epilogue.py)
+                xa = F.linear(x.to(self.lora_A.dtype), self.lora_A)
+                b_scaled = self.lora_B.to(scale.dtype) * (self.scaling * scale)[:, None]
+                out = compose_16bit(base_out.reshape(-1, base_out.shape[-1]), scale,
+                                    xa.reshape(-1, xa.shape[-1]), b_scaled,
+                                    base_out.reshape(-1, base_out.shape[-1])).view(base_out.shape)
+            else:
+                lora_out = self.lora_path(x).to(dt)
+                out = lora_out.mul_(self.scaling).add_(base_out).mul_(scale.to(dt))
             bias = source.bias
             return out if bias is None else out.add_(bias.to(out.dtype))
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
@@ -264,18 +284,29 @@ class DoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_rows(self, chunk: torch.Tensor, start: int, stop: int, scale: torch.Tensor) -> torch.Tensor:
+        """W'[start:stop] from the base's row chunk. Chunks are ≥ fp32 (`WeightSource.row_chunk`) and the scale is
+        fp32, so W' is formed in fp32 and rounded once, by the caller's cast to the weight's dtype."""
         delta = self.delta_rows(start, stop, chunk.dtype)
         return (chunk + self.scaling * delta) * scale[start:stop, None].to(chunk.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold W' into the base weight in place (dense and Conv1D bases); `unmerge` undoes it."""
+    def merge(self, keep_original: bool = True) -> None:
+        """Fold W' into the base weight in place (dense and Conv1D bases); `unmerge` undoes it.
+
+        What a merged 16-bit weight can hold: W' rounded once per element (relative 2^-9 in bf16). A magnitude
+        change |Δm|/m below that, on rows whose s·B·A is also below half an ulp of W, rounds back to W and is lost
+        (the unmerged layer keeps it: its scale stays fp32). Serve such an adapter unmerged, or merge into fp32
+        (`merge_and_unload(dtype=torch.float32)` for quantized bases). keep_original=True keeps a copy of the base
+        weight (its own dtype and device) so that `unmerge` restores it bit for bit; rounding makes W' → W
+        inexact otherwise (in fp32 too). merge_and_unload, which never unmerges, passes False.
+        """
         if self.merged:
             return
         source = self.weight_source
         if not source.supports_inplace_merge():
             raise TypeError(f"cannot merge into a {type(self.base_layer).__name__} in place; use merge_and_unload()")
         scale = self.merged_scale()
+        self._premerge_weight = self.base_layer.weight.detach().clone() if keep_original else None
         for start, chunk in source.iter_row_chunks():
             source.write_rows(start, self.merged_rows(chunk, start, start + chunk.shape[0], scale))
         self.merge_scale, self.merged = scale, True
@@ -283,13 +314,19 @@ class DoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Restore the base weight: bit for bit from the copy `merge` kept, else W'/scale − s·B·A (rounded)."""
         if not self.merged:
             return
         source, scale = self.weight_source, self.merge_scale
-        for start, chunk in source.iter_row_chunks():
-            stop = start + chunk.shape[0]
-            delta = self.delta_rows(start, stop, chunk.dtype)
-            source.write_rows(start, chunk / scale[start:stop, None].to(chunk.dtype) - self.scaling * delta)
+        original = getattr(self, "_premerge_weight", None)
+        if original is not None:
+            self.base_layer.weight.data.copy_(original)
+        else:
+            for start, chunk in source.iter_row_chunks():
+                stop = start + chunk.shape[0]
+                delta = self.delta_rows(start, stop, chunk.dtype)
+                source.write_rows(start, chunk / scale[start:stop, None].to(chunk.dtype) - self.scaling * delta)
+        self._premerge_weight = None
         self.merged, self.merge_scale, self.base_row_sq, self._scale_cache = False, None, None, None
 
     @torch.no_grad()
