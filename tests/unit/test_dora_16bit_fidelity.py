@@ -23,6 +23,8 @@ and rounded once with the base output, as our sum now is.
 """
 from __future__ import annotations
 
+import json
+import os
 import warnings
 
 import pytest
@@ -37,6 +39,16 @@ IN, OUT, R, TOKENS = 256, 256, 8, 2048
 ALPHA = 16.0
 DELTAS = (5e-4, 1e-3, 3e-3)
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+#: CUDA runs the same cases under `pytest -m gpu` (benchmarks/gpu_check.sh); its kernels round differently
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def record(**figures) -> None:
+    """Append one measurement to $DORA_DIST_FIGURES (JSON lines) when set: gpu_check.sh reports them."""
+    path = os.environ.get("DORA_DIST_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": "dora_16bit_fidelity", **figures}) + "\n")
 
 BASES = {
     "linear": lambda dt: BaseKind("linear", "linear"),
@@ -122,26 +134,30 @@ def inputs(dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(TOKENS, IN, generator=torch.Generator().manual_seed(0)).to(dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", ["fused", "plain", "eval-cache", "dropout"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dense_every_path_keeps_the_magnitude(dtype, path):
-    layer = build_layer("linear", dtype, dropout=0.1 if path == "dropout" else 0.0)
-    x = inputs(dtype)
+def test_dense_every_path_keeps_the_magnitude(dtype, path, device):
+    layer = build_layer("linear", dtype, dropout=0.1 if path == "dropout" else 0.0).to(device)
+    x = inputs(dtype).to(device)
     for delta in DELTAS:
         lost = lost_share(layer, x, delta, path)
+        record(base="linear", path=path, dtype=str(dtype), device=device, delta=delta, lost=lost)
         assert abs(lost) <= 0.05, f"{path}, {dtype}, δ={delta}: {lost:.1%} of the magnitude's effect lost"
 
 
 @pytest.mark.parametrize("base,dtype", [("conv1d", torch.bfloat16), ("nf4", torch.bfloat16), ("nf4", torch.float16),
                                         ("fp4", torch.bfloat16), ("int8", torch.bfloat16),
                                         ("sharded4bit", torch.bfloat16)])
-def test_every_base_keeps_the_magnitude(base, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_base_keeps_the_magnitude(base, dtype, device):
     """Every weight source feeds the same epilogue; fp16 once on a 4-bit base (its dense paths are tested above)."""
-    layer = build_layer(base, dtype)
-    x = inputs(dtype)
+    layer = build_layer(base, dtype).to(device)
+    x = inputs(dtype).to(device)
     for path in ("fused", "eval-cache"):
         for delta in DELTAS:
             lost = lost_share(layer, x, delta, path)
+            record(base=base, path=path, dtype=str(dtype), device=device, delta=delta, lost=lost)
             assert abs(lost) <= 0.05, f"{base}/{path}, {dtype}, δ={delta}: {lost:.1%} lost"
 
 
