@@ -108,6 +108,9 @@ def load_for_generation(adapter: str, base: str | None = None, load_in_4bit: boo
         raise GenerateError(f"the adapter in {adapter_dir} does not fit the base {base_name!r}: "
                             f"{one_line(exc)}") from exc
     if merge:
+        # W' is formed in fp32 and rounded once into the base's dtype. A 16-bit merged weight cannot hold a
+        # magnitude change below its half-ulp on rows whose s·B·A is as small (DoRALinear.merge); unmerged, the
+        # scale stays fp32, so --merge trades that for speed.
         model = merge_and_unload(model)
     model.config.use_cache = True
     model.requires_grad_(False)

@@ -8,6 +8,11 @@ Both are sums over rows, so a layer is visited in row chunks of its weight sourc
 chunk at a time, and an adapter's W' rows are built from the same chunk with the layer's own merge logic
 (DoRALinear.merged_rows), so the analysis sees exactly the weights the model computes with. Only one layer of
 the base and one of the tuned model are in memory at any time.
+
+Precision: chunks are fp32 (float64 for a float64 base) and W' rows are formed there, never rounded to a 16-bit
+compute dtype, so a bf16 run's |Δm|/m of 1e-4 shows up as it is (the trained model applies it through an fp32
+scale too: nn/dora_epilogue.py). A merged 16-bit checkpoint (TunedCheckpoint) is read as stored: what its rounding
+dropped is not there to measure.
 """
 from __future__ import annotations
 

@@ -98,6 +98,10 @@ def activation_bytes_per_token(cfg, spec: ModelSpec) -> float:
       input;
     - attention: rotated q and k, v (h + 2·kv), and the sdpa output (h) plus its reshaped copy for o_proj (h);
     - MLP: gate and up outputs (2i), silu(gate) (i), the product fed to down_proj (i).
+
+    Not per token, so not here: in 16 bits the DoRA epilogue sums scale ⊙ base + low-rank in fp32 blocks of at
+    most 4M elements (two live at once, 32 MiB on a GPU, freed before the next layer) and saves nothing in fp32;
+    the planner's headroom covers them.
     """
     a = compute_bytes(cfg)
     h, i, r = spec.hidden, spec.intermediate, cfg.dora.r
