@@ -17,7 +17,7 @@ from torch import nn
 
 from dora_dist.errors import ConfigError, InputNotFoundError, ModelError, UserError, importable, one_line
 from dora_dist.models.builtin import (BUILTIN_NAME, TINY_LLAMA, builtin_model_dir, default_cache_dir,
-                                      ensure_builtin_model, train_builtin_tokenizer)
+                                      ensure_builtin_model, resolve_base, train_builtin_tokenizer)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
