@@ -80,11 +80,11 @@ def check_source(src: str | None, key: str = "data.source") -> None:
     if path.exists():
         return
     first = src.replace("\\", "/").split("/")[0]
+    beside_folder = "/" in src and first not in ("", ".", "..", "~") and Path(first).is_dir()
     looks_local = (path.suffix.lower() in LOCAL_EXTENSIONS or src.startswith((".", "/", "~")) or "\\" in src
-                   or src.count("/") > 1 or ("/" in src and Path(first).is_dir()))
+                   or src.count("/") > 1 or beside_folder)
     if looks_local:
-        why = f" ({first}/ exists here, so it was taken for a local path)" if "/" in src and Path(first).is_dir() \
-            else ""
+        why = f" ({first}/ exists here, so it was taken for a local path)" if beside_folder else ""
         raise InputNotFoundError(f"{key}: file or directory not found: {src}{why}")
 
 
