@@ -267,6 +267,6 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_exits_130(tmp_path, cache):
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, cache):
-    rc, out = _run_and_interrupt(_args(tmp_path, cache, "training.max_steps=30"), "step     1/30", signals=2)
+    rc, out = _run_and_interrupt(_args(tmp_path, cache, "training.max_steps=6"), "step     1/6", signals=2)
     assert rc == 130, out[-3000:]
     assert "Traceback" not in out and "stopped at once" in out, out[-3000:]
