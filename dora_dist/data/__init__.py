@@ -64,7 +64,7 @@ def load_raw(dcfg, seed: int = 0):
         return _read_local_file(path)
     if path.is_dir():
         return datasets.load_dataset(str(path), split=dcfg.split)
-    from dora_dist.data.hub import check_hub_dataset
+    from dora_dist.hub import check_hub_dataset
 
     check_hub_dataset(src)   # one line, at once, for a dataset the hub does not have or cannot serve here
     return datasets.load_dataset(src, dcfg.subset, split=dcfg.split)

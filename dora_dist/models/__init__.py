@@ -175,6 +175,9 @@ def load_tokenizer(cfg, env=None):
     name = cfg.model.tokenizer or resolve_model_path(cfg, env)
     if cfg.model.config is not None and cfg.model.name_or_path != BUILTIN_NAME and not cfg.model.tokenizer:
         raise ConfigError("model.config builds a model from scratch: set model.tokenizer to a tokenizer path or id")
+    from dora_dist.hub import check_hub_model
+
+    check_hub_model(name, "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path", cfg.model.revision)
     with loading("tokenizer", name):
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
                                             revision=cfg.model.revision)

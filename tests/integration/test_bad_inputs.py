@@ -137,6 +137,9 @@ CASES: list[Case] = [
     # --- model -----------------------------------------------------------------------------------------------------
     Case("model", "missing path", lambda a: a.train(f"model.name_or_path={a.tmp / 'no_model'}"),
          ("model.name_or_path", "no such directory", "no_model")),
+    Case("model", "a hub model id, offline and not in the cache", lambda a: a.train("model.name_or_path=nobody/no-model"),
+         ("model.name_or_path='nobody/no-model'", "taken for a Hugging Face hub model id", "offline mode is on"),
+         env=(("HF_HUB_OFFLINE", "1"),)),
     Case("model", "a model without the target modules",
          lambda a: a.train(f"model.name_or_path={a['gpt2']}", f"model.tokenizer={a.builtin}",
                            "dora.target_modules=[q_proj,v_proj]"),
@@ -392,7 +395,7 @@ def test_a_bug_is_not_reported_as_bad_input(assets, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------------
 DOC_HEAD = """# Bad input: what each error says
 
-Every error caused by the input (config, data, model, adapters, resume) is one line on stderr,
+Every error caused by the input (config, command-line arguments, data, model, adapters, resume) is one line on stderr,
 `dora_dist: error: <message>`, printed once (by rank 0 under torchrun or the deepspeed launcher), with exit code 2
 on every rank and nothing written to the output directory. `--debug` (or `DORA_DIST_DEBUG=1`) adds the traceback.
 Any other exception is a bug and keeps its traceback. What the config and the machine can tell (engine, GPU,

@@ -183,23 +183,26 @@ def test_output_dir_on_a_read_only_filesystem(capfd):
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("repo_type", ["dataset", "model"])
 @pytest.mark.parametrize("failure, expect", [
-    ("missing", "the hub has no such dataset"), ("gated", "it is gated: accept its terms"),
+    ("missing", "the hub has no such"), ("gated", "it is gated: accept its terms on https://huggingface.co/"),
     ("offline", "the hub cannot be reached (ConnectionError: no route)"),
 ])
-def test_a_hub_dataset_that_cannot_be_loaded_is_one_line(failure, expect, monkeypatch):
-    """Before datasets retries five times: one probe of the hub, turned into one line (no network needed)."""
+def test_a_hub_repo_that_cannot_be_loaded_is_one_line(repo_type, failure, expect, monkeypatch, tmp_path):
+    """Before datasets / transformers retry for up to a minute: one probe of the hub, turned into one line (no
+    network needed: the probe is replaced by one that fails as the hub would)."""
     import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    from dora_dist.data.hub import check_hub_dataset
-    from dora_dist.errors import DataError
+    from dora_dist.errors import DataError, ModelError
+    from dora_dist.hub import check_hub_dataset, check_hub_model
 
     from types import SimpleNamespace
 
     response = SimpleNamespace(headers={}, status_code=404, request=None, url="https://huggingface.co/api")
 
-    def dataset_info(self, repo_id, timeout=None):
+    def dataset_info(self, repo_id, revision=None, timeout=None):
         assert timeout is not None                                   # never the client's default wait
         if failure == "missing":
             raise RepositoryNotFoundError("404", response=response)
@@ -207,14 +210,24 @@ def test_a_hub_dataset_that_cannot_be_loaded_is_one_line(failure, expect, monkey
             raise GatedRepoError("403", response=response)
         raise ConnectionError("no route")
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
-    with pytest.raises(DataError) as err:
-        check_hub_dataset("nobody/no-such-data")
-    assert str(err.value).startswith("data.source='nobody/no-such-data' is not a local file or directory, so it was "
-                                     "taken for a Hugging Face hub dataset id, but ")
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))   # an empty cache
+    monkeypatch.setattr(huggingface_hub.HfApi, f"{repo_type}_info", dataset_info)
+    with pytest.raises(DataError if repo_type == "dataset" else ModelError) as err:
+        if repo_type == "dataset":
+            check_hub_dataset("nobody/no-such-repo")
+        else:
+            check_hub_model("nobody/no-such-repo", "model.name_or_path")
+    key = "data.source" if repo_type == "dataset" else "model.name_or_path"
+    assert str(err.value).startswith(f"{key}='nobody/no-such-repo' is not a local file or directory, so it was "
+                                     f"taken for a Hugging Face hub {repo_type} id, but ")
     assert expect in str(err.value)
+    (tmp_path / f"{repo_type}s--nobody--no-such-repo").mkdir()      # cached: an unreachable hub is no error
+    if failure == "offline":
+        (check_hub_dataset if repo_type == "dataset" else check_hub_model)("nobody/no-such-repo",
+                                                                           "data.source" if repo_type == "dataset"
+                                                                           else "model.name_or_path")
 
 
 def test_ctrl_c_outside_a_training_loop_is_one_line(monkeypatch, capfd):
