@@ -330,7 +330,7 @@ def finish(job: Job) -> dict:
             from dora_dist.adapters import save_adapter
 
             save_adapter(engine.unwrap(), out_dir / "adapter", state_dict=state,
-                         base_model_name_or_path=portable_base_name(cfg, env))
+                         base_model_name_or_path=models.adapter_base_name(cfg, env))
             job.tokenizer.save_pretrained(out_dir / "adapter")
             cfg.save(out_dir / "adapter" / "training_config.yaml")  # read by `dora-dist generate` (4-bit base)
     if env.is_main:
@@ -344,16 +344,6 @@ def finish(job: Job) -> dict:
     env.barrier()
     engine.close()
     return summary
-
-
-def portable_base_name(cfg: Config, env) -> str:
-    """The adapter's base_model_name_or_path: the built-in model by its name (any machine rebuilds it; merge and
-    generate resolve it back), anything else as it was loaded."""
-    from dora_dist import models
-
-    if cfg.model.name_or_path == models.BUILTIN_NAME and cfg.model.config is None:
-        return models.BUILTIN_NAME
-    return models.resolve_model_path(cfg, env)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,14 @@ def resolve_model_path(cfg, env=None) -> str:
     return name
 
 
+def adapter_base_name(cfg, env=None) -> str:
+    """What a saved adapter names as its base (base_model_name_or_path): the built-in model by its name, which any
+    machine rebuilds (merge, generate and analyze resolve it: builtin.resolve_base), anything else as loaded."""
+    if cfg.model.name_or_path == BUILTIN_NAME and cfg.model.config is None:
+        return BUILTIN_NAME
+    return resolve_model_path(cfg, env)
+
+
 def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
@@ -294,6 +302,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 __all__ = ["BUILTIN_NAME", "TINY_LLAMA", "DTYPES", "KNOWN_ARCHITECTURES", "base_dtype", "resolve_model_path",
+           "adapter_base_name", "resolve_base",
            "known_architecture", "hf_config_from_dict", "model_config", "build_on_meta", "quantization_config",
            "load_tokenizer", "load_model", "dora_config_from", "add_adapters", "count_parameters", "check_model_path",
            "check_remote_code", "check_rank_fits", "quantization_problem",
