@@ -195,5 +195,5 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
 
 
 __all__ = ["preflight", "RULES", "launch_world_size", "check_device", "check_engine", "check_batch",
-           "check_deepspeed_config", "check_compile", "check_quantization", "check_loggers", "check_model", "check_data",
-           "check_resume", "check_output", "writable_dir_problem", "note_length"]
+           "check_deepspeed_config", "check_compile", "check_quantization", "check_loggers", "check_model",
+           "check_data", "check_resume", "check_output", "writable_dir_problem", "note_length"]

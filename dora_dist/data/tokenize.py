@@ -120,8 +120,9 @@ def check_lengths(encoded: list[tuple[list[int], list[int]]], dcfg, what: str = 
     for index, (ids, labels) in enumerate(encoded):
         first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
         if first is not None and first >= seq_len:
-            raise DataError(f"{what} example {where(index)}: its prompt is {first} tokens, not shorter than data.seq_len="
-                            f"{seq_len}, so its completion does not fit; raise data.seq_len or shorten the prompt")
+            raise DataError(f"{what} example {where(index)}: its prompt is {first} tokens, not shorter than "
+                            f"data.seq_len={seq_len}, so its completion does not fit; raise data.seq_len or shorten "
+                            "the prompt")
     if encoded and not dcfg.packing and all(len(ids) > seq_len for ids, _ in encoded):
         shortest = min(len(ids) for ids, _ in encoded)
         raise DataError(f"every {what} example is longer than data.seq_len={seq_len} tokens (the shortest has "

@@ -137,7 +137,8 @@ CASES: list[Case] = [
     # --- model -----------------------------------------------------------------------------------------------------
     Case("model", "missing path", lambda a: a.train(f"model.name_or_path={a.tmp / 'no_model'}"),
          ("model.name_or_path", "no such directory", "no_model")),
-    Case("model", "a hub model id, offline and not in the cache", lambda a: a.train("model.name_or_path=nobody/no-model"),
+    Case("model", "a hub model id, offline and not in the cache",
+         lambda a: a.train("model.name_or_path=nobody/no-model"),
          ("model.name_or_path='nobody/no-model'", "taken for a Hugging Face hub model id", "offline mode is on"),
          env=(("HF_HUB_OFFLINE", "1"),)),
     Case("model", "a model without the target modules",
@@ -441,7 +442,8 @@ def render(messages: dict[str, str], a: Assets) -> str:
         prog = "python -m dora_dist.train" if case.entry == "train" else "dora-dist"
         command = prog + " " + shlex.join(argv[1:] if case.entry == "train" else argv)
         extra = [f"{k}={v}" for k, v in case.env] + [f"without {p}" for p in case.block] + \
-            ([f"{case.gpus} GPU(s) visible"] if case.gpus is not None else []) + (["run in <tmp>"] if case.chdir else [])
+            ([f"{case.gpus} GPU(s) visible"] if case.gpus is not None else []) + \
+            (["run in <tmp>"] if case.chdir else [])
         if extra:
             command += f" ({', '.join(extra)})"
         message = re.sub(case.library_text, "…", messages[case.id]) if case.library_text else messages[case.id]
