@@ -44,9 +44,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from dora_dist.generate import add_parser as add_generate_parser
 
     add_generate_parser(sub)
-    sub.add_parser("keys", help="list every config key")
+    sub.add_parser("keys", help="list every config key: type, default, allowed values, what it does")
     an = sub.add_parser("analyze", help="magnitude (ΔM) and direction (ΔD) change per layer against the base")
-    an.add_argument("--base", required=True, help="base model directory (safetensors)")
+    an.add_argument("--base", required=True, help="base model directory (safetensors), or builtin:tiny-llama")
     an.add_argument("--tuned", required=True, nargs="+", metavar="[METHOD=]DIR",
                     help="adapter directories (PEFT format, LoRA or DoRA) and/or model directories (merged or full "
                     "fine-tune); METHOD= names the group (default: dora/lora from the adapter, 'full' for a model)")
@@ -74,20 +74,26 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto") 
 
     from dora_dist.adapters import load_adapter, merge_and_unload
 
+    from dora_dist.console import quiet_third_party
     from dora_dist.errors import AdapterError, InputNotFoundError
-    from dora_dist.models import loading
+    from dora_dist.models import loading, resolve_base
 
     adapter_dir = Path(adapter)
     cfg_file = adapter_dir / "adapter_config.json"
     if not cfg_file.is_file():
         raise InputNotFoundError(f"--adapter: {adapter_dir} is not an adapter directory (no adapter_config.json)")
+    check_merge_out(adapter_dir, Path(out))
     try:
         base = base or json.loads(cfg_file.read_text()).get("base_model_name_or_path")
     except ValueError as exc:
         raise AdapterError(f"{cfg_file} is not valid JSON: {exc}") from exc
     if not base:
         raise AdapterError(f"{cfg_file} names no base model (base_model_name_or_path); pass --base")
+    from dora_dist.generate import training_config
+
+    base = resolve_base(base, (training_config(adapter_dir).get("model") or {}).get("cache_dir"))
     kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+    quiet_third_party()
     with loading("base model", base):
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     load_adapter(model, adapter_dir, allow_lora=True)
@@ -102,6 +108,20 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto") 
         print(f"[dora_dist] warning: tokenizer not saved ({exc})", file=sys.stderr)
     print(f"[dora_dist] merged {adapter_dir} into {base} -> {out_dir}")
     return out_dir
+
+
+def check_merge_out(adapter_dir: Path, out_dir: Path) -> None:
+    """--out must not be the adapter directory, inside it, or an existing file: the merged model would be written
+    over (or among) the adapter's own files."""
+    from dora_dist.errors import ConfigError
+
+    adapter, out = adapter_dir.resolve(), out_dir.resolve()
+    if out == adapter or adapter in out.parents:
+        raise ConfigError(f"--out {out_dir} is {'the' if out == adapter else 'inside the'} adapter directory "
+                          f"{adapter_dir}: the merged model would be mixed with the adapter's files; give another "
+                          "--out (e.g. a sibling 'merged' directory)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out_dir} is an existing file; give a directory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_generate(args)
         elif args.command == "keys":
-            from dora_dist.config import valid_keys
+            from dora_dist.config_keys import format_keys
 
-            print("\n".join(valid_keys()))
+            print(format_keys())
         elif args.command == "plan":
             from dora_dist.plan.report import run as plan
 
@@ -140,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
     except (UserError, JobFault) as exc:  # one line (rank 0), exit 2 (bad input) or 1; anything else is a bug
         return report_error(exc, getattr(args, "debug", False))
+    except KeyboardInterrupt:             # Ctrl-C outside a training loop (or a second one inside): one line
+        from dora_dist.preemption import interrupted_now
+
+        return interrupted_now(getattr(args, "debug", False))
     return 0
 
 

@@ -36,8 +36,11 @@ class ModelConfig:
     #: dtype of the frozen base weights: auto (bf16 when training.precision=bf16, else fp32), float32, bfloat16,
     #: float16; float64 for numerical reference runs (engine parity tests)
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    #: attention kernel passed to transformers (sdpa, eager, flash_attention_2; null: its default)
     attn_implementation: Optional[str] = "sdpa"
+    #: run a hub/local model's own Python code (config.json auto_map); only for code you trust
     trust_remote_code: bool = False
+    #: hub branch, tag or commit of the model (null: main)
     revision: Optional[str] = None
     #: where the built-in model/tokenizer and downloads are cached (default: $DORA_DIST_CACHE or ~/.cache/dora_dist)
     cache_dir: Optional[str] = None
@@ -47,7 +50,9 @@ class ModelConfig:
 class QuantizationConfig:
     #: none, nf4 / fp4 (bitsandbytes 4-bit, QDoRA) or int8 (LLM.int8)
     mode: Literal["none", "nf4", "fp4", "int8"] = "none"
+    #: dtype the 4/8-bit base is dequantized to for its matmuls
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    #: also quantize the 4-bit blocks' scales (QLoRA's double quantization; ~0.4 bit/param less)
     double_quant: bool = True
     #: storage dtype of the packed 4-bit weights (uint8, or bfloat16 for FSDP-style flat storage)
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
@@ -57,14 +62,19 @@ class QuantizationConfig:
 class AdapterSection:
     """The job's `dora:` section (validated by the same function as the library's dora_dist.DoRAConfig)."""
 
+    #: adapter rank (the inner size of B·A)
     r: int = 8
+    #: scaling numerator: the low-rank update is scaled by alpha/r (alpha/√r with use_rslora)
     alpha: float = 16.0
+    #: dropout on the adapter's input (0: none)
     dropout: float = 0.0
     #: "all-linear" (every linear layer except the output head) or a list of module-name suffixes
     target_modules: Union[str, list] = "all-linear"
+    #: rank-stabilised scaling alpha/√r instead of alpha/r
     use_rslora: bool = False
     #: False gives plain LoRA through the same layer (for comparisons)
     use_dora: bool = True
+    #: dtype of the trainable A, B and magnitude (float32 keeps AdamW exact with a bf16 base)
     adapter_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
     #: modules trained in full beside the adapters (e.g. [lm_head]); saved in the adapter under peft's keys
     modules_to_save: Optional[list] = None
@@ -76,13 +86,19 @@ class DataConfig:
     source: str = "synthetic"
     #: auto (from the columns), text, prompt_completion, chat
     format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
+    #: column holding the text (data.format=text)
     text_field: str = "text"
+    #: column holding the prompt (data.format=prompt_completion; no loss on it)
     prompt_field: str = "prompt"
+    #: column holding the completion (data.format=prompt_completion; the loss is on it)
     completion_field: str = "completion"
+    #: column holding the chat messages [{role, content}, ...] (data.format=chat)
     messages_field: str = "messages"
+    #: split to read from a hub dataset or a data directory (a single file has one split)
     split: str = "train"
     #: hub dataset configuration name
     subset: Optional[str] = None
+    #: tokens per training sequence (packed blocks, or the truncation length without packing)
     seq_len: int = 128
     #: concatenate examples into full seq_len blocks (labels kept per token)
     packing: bool = True
@@ -98,6 +114,7 @@ class DataConfig:
     eval_source: Optional[str] = None
     #: split / subset of eval_source (default: "validation" for a hub id or directory; files have one split)
     eval_split: str = "validation"
+    #: hub configuration name of eval_source
     eval_subset: Optional[str] = None
     #: keep at most this many raw eval examples (0: all)
     eval_max_samples: int = 0
@@ -107,27 +124,40 @@ class DataConfig:
 class TrainingConfig:
     #: optimizer steps; 0 means derive from `epochs`
     max_steps: int = 0
+    #: passes over the data when max_steps is 0 (ignored, with a note, when max_steps > 0)
     epochs: float = 1.0
+    #: sequences per forward/backward on each rank
     micro_batch_size: int = 8
     #: gradient accumulation steps; ignored (derived) when global_batch_size > 0
     grad_accum: int = 1
     #: samples per optimizer step over all ranks; 0 means micro_batch_size * grad_accum * world_size
     global_batch_size: int = 0
+    #: peak learning rate (AdamW)
     lr: float = 2e-4
+    #: AdamW weight decay
     weight_decay: float = 0.0
+    #: AdamW beta1
     adam_beta1: float = 0.9
+    #: AdamW beta2
     adam_beta2: float = 0.999
+    #: AdamW epsilon
     adam_eps: float = 1e-8
+    #: linear warmup from 0 to lr over this many steps
     warmup_steps: int = 0
+    #: learning-rate decay after warmup
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    #: the schedule decays to lr × min_lr_ratio
     min_lr_ratio: float = 0.0
     #: 0 disables clipping (the norm is still logged)
     max_grad_norm: float = 1.0
     #: a step whose loss or gradient is NaN/inf is skipped (no update, no LR tick; its batch is consumed); this many
     #: skipped steps in a row stop the run (1: stop at the first)
     max_bad_steps: int = 5
+    #: seed of the adapter init, the data order and dropout (part of the run's identity)
     seed: int = 42
+    #: fp32, or bf16 autocast with a bf16 base (model.dtype=auto)
     precision: Literal["fp32", "bf16"] = "fp32"
+    #: recompute each decoder block in backward: less activation memory, ~30% more compute
     gradient_checkpointing: bool = False
     #: lm_head + cross-entropy over chunks of this many tokens, so the fp32 logits are never whole (0: whole logits)
     loss_chunk_tokens: int = 512
@@ -135,6 +165,7 @@ class TrainingConfig:
     compile: bool = False
     #: auto (cuda if available), cpu, cuda
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: print a log line every N steps (metrics.jsonl gets every step)
     log_every: int = 1
     #: stop the run (after saving) at this step; for tests of interrupted runs (0: never)
     stop_after_steps: int = 0
@@ -167,11 +198,13 @@ class ParallelConfig:
 class CheckpointConfig:
     #: save every N optimizer steps (0: only at the end when save_final is true)
     every_steps: int = 0
+    #: keep the latest N complete checkpoints
     keep_last: int = 2
     #: auto (latest complete checkpoint in dir, else start fresh), none, or a checkpoint directory
     resume: str = "auto"
     #: default: <output.dir>/checkpoints
     dir: Optional[str] = None
+    #: also checkpoint the last step (needed to extend a finished run with a larger max_steps)
     save_final: bool = False
     #: also keep the adapter with the lowest eval loss in <output.dir>/adapter_best (needs an eval set)
     keep_best: bool = False
@@ -179,8 +212,11 @@ class CheckpointConfig:
 
 @dataclass
 class OutputConfig:
+    #: where the run writes metrics.jsonl, loss.png, adapter/, config.yaml, summary.json, checkpoints/
     dir: str = "outputs/quickstart"
+    #: export the adapter in PEFT format to <dir>/adapter at the end
     save_adapter: bool = True
+    #: write <dir>/loss.png at the end
     plot: bool = True
     #: tqdm progress bar on rank 0
     progress_bar: bool = True
@@ -189,7 +225,9 @@ class OutputConfig:
     loggers: Union[str, list] = field(default_factory=lambda: ["jsonl"])
     #: wandb: project, run name (default: the output dir's name) and mode (offline needs no network or account)
     wandb_project: str = "dora_dist"
+    #: wandb run name (default: the output dir's name)
     wandb_run_name: Optional[str] = None
+    #: wandb mode: offline needs no network or account
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
 
 
@@ -452,12 +490,28 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--config {p} is a directory; give a YAML file (e.g. configs/quickstart.yaml)")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: {_yaml_problem(exc)}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p} is not a text (UTF-8) YAML file ({exc.reason} at byte {exc.start})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections")
     return data
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """'line 3, column 1: <what the parser expected>' from a PyYAML error (its own text names '<unicode string>')."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = " ".join(str(getattr(exc, "problem", None) or "invalid YAML").split())
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"YAML syntax error at {where}{what}" + (f" ({' '.join(context.split())})" if context else "")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -22,6 +22,8 @@ _QUIET_LOG_MESSAGES = [
 #: (category, message regex) of warnings raised inside libraries, not by anything in the user's config
 _QUIET_WARNINGS = [
     (FutureWarning, r"`torch\.distributed\.\w+` is deprecated"),   # raised inside DeepSpeed / FSDP2 collectives
+    # DCP saving / loading a one-process checkpoint, which is what engine none means
+    (UserWarning, r"torch\.distributed is disabled, unavailable or uninitialized"),
 ]
 
 

@@ -110,7 +110,7 @@ def save_best_adapter(job) -> Path:
     state = job.engine.adapter_state_dict()
     if job.env.is_main:
         save_adapter(job.engine.unwrap(), out, state_dict=state,
-                     base_model_name_or_path=models.resolve_model_path(job.cfg, job.env))
+                     base_model_name_or_path=models.adapter_base_name(job.cfg, job.env))
         job.tokenizer.save_pretrained(out)
         job.cfg.save(out / "training_config.yaml")
         (out / "eval.json").write_text(json.dumps({"step": job.step, "eval_loss": job.best_eval}) + "\n")

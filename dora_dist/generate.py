@@ -115,7 +115,8 @@ def load_for_generation(adapter: str, base: str | None = None, load_in_4bit: boo
     model.config.use_cache = True
     model.requires_grad_(False)
     model.eval()
-    tok_src = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base_name
+    tok_src = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else \
+        models.resolve_model_path(cfg)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_src)
@@ -164,16 +165,25 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     return _bos(tokenizer) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """The generation arguments, checked before anything is loaded."""
+    import math
+
+    if max_new_tokens < 1:
+        raise GenerateError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise GenerateError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise GenerateError(f"--top-p must be in (0, 1], got {top_p}")
+
+
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, chat: bool = True) -> list[str]:
     """One completion per prompt (new text only). Greedy when temperature == 0."""
     import torch
     from transformers import set_seed
 
-    if max_new_tokens < 1:
-        raise GenerateError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise GenerateError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature}, {top_p}")
+    check_sampling(max_new_tokens, temperature, top_p)
     set_seed(seed)
     device = next(model.parameters()).device
     sample = temperature > 0
@@ -196,6 +206,9 @@ def run(args: argparse.Namespace) -> int:
     """The `dora-dist generate` command; returns the exit code."""
     from dora_dist.console import quiet_third_party
 
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)   # before any loading: fails in a second
+    if not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise GenerateError(f"--adapter: {args.adapter} is not an adapter directory (no adapter_config.json)")
     quiet_third_party()
     prompts = read_prompts(args.prompt, args.prompts)  # a UserError is reported by the CLI (one line, exit 2)
     model, tokenizer = load_for_generation(args.adapter, args.base, args.load_in_4bit, args.merge, args.device)

@@ -128,9 +128,57 @@ def check_resume(cfg: Config, world_size: int) -> None:
     raise CheckpointError(f"checkpoint.resume: {problem}; {hint}")
 
 
+def writable_dir_problem(path: Path) -> str | None:
+    """Why `path` cannot be used as a directory to write into (created when missing), or None. Probes with a
+    temporary file in the nearest existing directory (removed at once), so a read-only filesystem or a missing
+    permission shows here, before any work, whoever runs it (root ignores permission bits, not a read-only mount)."""
+    import errno
+    import tempfile
+
+    path = path.expanduser()
+    if path.exists() and not path.is_dir():
+        return "is an existing file, not a directory"
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot be created: {existing} is a file"
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".dora_dist_probe_"):
+            pass
+    except OSError as exc:
+        why = {errno.EROFS: "is on a read-only filesystem", errno.EACCES: "is not writable (permission denied)",
+               errno.EPERM: "is not writable (operation not permitted)"}.get(exc.errno, exc.strerror or str(exc))
+        return f"cannot be written: {existing} {why}"
+    return None
+
+
+def check_output(cfg: Config, world_size: int) -> None:
+    """output.dir (and checkpoint.dir) can be created and written to: found here, not as a traceback after the
+    model is loaded."""
+    for key, value in (("output.dir", cfg.output.dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+        problem = writable_dir_problem(Path(value)) if value else None
+        if problem:
+            raise ConfigError(f"{key}={value} {problem}; choose a directory you can write to")
+
+
+def note_length(cfg: Config, world_size: int) -> None:
+    """Not an error: training.epochs given beside training.max_steps is not used; say so (rank 0)."""
+    from dataclasses import fields
+
+    from dora_dist.config import TrainingConfig
+    from dora_dist.errors import is_reporting_rank
+
+    t = cfg.training
+    default_epochs = next(f.default for f in fields(TrainingConfig) if f.name == "epochs")
+    if t.max_steps and t.epochs != default_epochs and is_reporting_rank():
+        print(f"[dora_dist] note: training.max_steps={t.max_steps} sets the length; training.epochs={t.epochs:g} is "
+              "not used (set training.max_steps=0 to train by epochs)", flush=True)
+
+
 RULES: tuple[Callable[[Config, int], None], ...] = (
     check_device, check_engine, check_batch, check_deepspeed_config, check_compile, check_quantization, check_loggers,
-    check_model, check_data, check_resume)
+    check_model, check_data, check_resume, check_output, note_length)
 
 
 def launch_world_size() -> int:
@@ -147,5 +195,5 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
 
 
 __all__ = ["preflight", "RULES", "launch_world_size", "check_device", "check_engine", "check_batch",
-           "check_deepspeed_config", "check_compile", "check_quantization", "check_loggers", "check_model", "check_data",
-           "check_resume"]
+           "check_deepspeed_config", "check_compile", "check_quantization", "check_loggers", "check_model",
+           "check_data", "check_resume", "check_output", "writable_dir_problem", "note_length"]

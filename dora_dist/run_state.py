@@ -116,6 +116,7 @@ class PriorRun:
     out_dir: Path
     summary: dict
     identity: dict | None
+    config: dict | None = None       # the config.yaml it ran with, resolved (None: unreadable)
 
     @property
     def steps(self) -> int:
@@ -128,15 +129,51 @@ def find_finished_run(out_dir: str | Path) -> PriorRun | None:
     summary = read_summary(out_dir)
     if not summary or not summary.get("finished"):
         return None
-    identity = None
+    identity = config = None
     if (out_dir / "config.yaml").is_file():
         from dora_dist.config import load_config
 
         try:
-            identity = run_identity(load_config(out_dir / "config.yaml"))
+            prior_cfg = load_config(out_dir / "config.yaml")
+            identity, config = run_identity(prior_cfg), prior_cfg.to_dict()
         except (ConfigError, ValueError, OSError):
             identity = None   # a config.yaml written by another version: compare nothing rather than refuse
-    return PriorRun(out_dir, summary, identity)
+    return PriorRun(out_dir, summary, identity, config)
+
+
+#: keys whose change says nothing about the finished run's result (where and how this invocation reports)
+_NOT_COMPARED = ("output.", "checkpoint.resume", "training.device", "parallel.")
+
+
+def unused_changes(prior: PriorRun, cfg) -> list[str]:
+    """["training.lr: 0.005 -> 0.001", ...]: keys this invocation changes from the finished run's config that it
+    does not use, as there is nothing to train (identity and length keys are decided by check_rerun)."""
+    if prior.config is None:
+        return []
+    current = cfg.to_dict()
+    out = []
+    for section, keys in current.items():
+        for key, value in keys.items():
+            dotted = f"{section}.{key}"
+            if dotted in IDENTITY_KEYS or dotted in LENGTH_KEYS or dotted.startswith(_NOT_COMPARED):
+                continue
+            before = _get(prior.config, dotted)
+            if _normalise(before) != _normalise(value):
+                out.append(f"{dotted}: {before!r} -> {value!r}")
+    return out
+
+
+def keep_earlier_metrics(out_dir: Path) -> Path | None:
+    """A run starting at step 0 in a directory whose metrics.jsonl holds records of an earlier attempt (stopped
+    before its first checkpoint): move that file aside as metrics.<n>.jsonl instead of overwriting it."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while (kept := path.with_name(f"metrics.{n}.jsonl")).exists():
+        n += 1
+    os.replace(path, kept)
+    return kept
 
 
 def check_rerun(cfg, prior: PriorRun) -> bool:

@@ -29,11 +29,11 @@ from dora_dist.metrics import format_line, plot_loss
 from dora_dist.nonfinite import (NonFiniteLossError, applied_nonfinite_step,  # noqa: F401 (re-exported)
                                  report_skipped_step, skip_reason)
 from dora_dist.parallel import DistEnv, make_engine, step_probe
-from dora_dist.preemption import REQUEUE_EXIT_CODE, PreemptionGuard, write_requeue_marker
+from dora_dist.preemption import PreemptionGuard, exit_code_of, interrupted_now, stopped_line, write_requeue_marker
 from dora_dist.preflight import preflight
 from dora_dist.run_state import (PriorRun, check_extension, check_rerun, check_resume, find_finished_run,
-                                 first_logged_loss, length_of, merge_summary, read_summary, run_identity,
-                                 write_json_atomic)
+                                 first_logged_loss, keep_earlier_metrics, length_of, merge_summary, read_summary,
+                                 run_identity, unused_changes, write_json_atomic)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -112,12 +112,12 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, env, guard: PreemptionGuard) -> dict:
     prior = find_finished_run(cfg.output.dir)           # a finished run in output.dir: done, extend, or refuse
     if prior is not None and check_rerun(cfg, prior):
-        return _already_finished(prior, env)
+        return _already_finished(prior, env, cfg)
     check_loggers(cfg.output.loggers)  # a missing tracker package fails before the model is loaded
     try:
         job = build(cfg, env, prior)
     except RunAlreadyFinished as done:
-        return _already_finished(done.prior, env)
+        return _already_finished(done.prior, env, cfg)
     logger = make_loggers(cfg, job.out_dir, env.is_main, resume_step=job.start_step)  # metrics.jsonl + trackers
     bar = Console(job.batching.max_steps, job.start_step, env.is_main, cfg.output.progress_bar)  # bar: TTY only
     try:
@@ -141,9 +141,8 @@ def _train(cfg: Config, env, guard: PreemptionGuard) -> dict:
             if job.step != job.start_step and job.last_saved != job.step and not job.bad_streak:
                 save_checkpoint(job)
             if env.is_main:
-                bar.line(f"[dora_dist] stopped by {job.preempted} after step {job.step}; resume point: "
-                         f"{job.manager.final_dir(job.last_saved) if job.last_saved >= 0 else 'step 0'}; exiting "
-                         f"with {REQUEUE_EXIT_CODE} (requeue)")
+                bar.line(stopped_line(job.preempted, job.step, job.manager.final_dir(job.last_saved)
+                                      if job.last_saved >= 0 else None))
             write_requeue_marker(job)
         else:
             if job.eval_dataset is not None and job.last_eval != job.step:
@@ -164,12 +163,16 @@ def _log_eval(job: Job, logger, bar) -> None:
         bar.line(format_eval_line(rec, job.batching.max_steps))
 
 
-def _already_finished(prior: PriorRun, env) -> dict:
+def _already_finished(prior: PriorRun, env, cfg: Config) -> dict:
     if env.is_main:
         print(f"[dora_dist] output.dir={prior.out_dir} holds this run, finished ({prior.steps} steps"
               + (f"; adapter in {prior.out_dir / 'adapter'}" if (prior.out_dir / "adapter").is_dir() else "")
               + "): nothing to do. Raise training.max_steps to train further, or choose another output.dir.",
               flush=True)
+        changed = unused_changes(prior, cfg)
+        if changed:
+            print(f"[dora_dist] not used (the run is finished): {'; '.join(changed)}; to train with them, choose "
+                  "another output.dir", flush=True)
     return dict(prior.summary, already_finished=True, preempted=False)
 
 
@@ -232,6 +235,10 @@ def build(cfg: Config, env, prior: PriorRun | None = None) -> Job:
 
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        kept = keep_earlier_metrics(out_dir) if job.resume_dir is None else None
+        if kept is not None:
+            print(f"[dora_dist] no checkpoint in {manager.root}: starting from step 0; the earlier records of "
+                  f"{out_dir / 'metrics.jsonl'} are kept in {kept}", flush=True)
         cfg.save(out_dir / "config.yaml")
         print(f"[dora_dist] engine={engine.name} world={env.world_size} device={env.device} "
               f"model={cfg.model.name_or_path} trainable={trainable:,}/{total:,} "
@@ -309,6 +316,7 @@ def finish(job: Job) -> dict:
     cfg, env, engine, out_dir = job.cfg, job.env, job.engine, job.out_dir
     finished = job.step >= job.batching.max_steps
     summary = {"steps": job.step, "finished": finished, "preempted": job.preempted is not None,
+               "stop_signal": job.preempted,
                "engine": engine.name, "world_size": env.world_size, "length": length_of(cfg),
                "batching": job.batching.to_dict(), "skipped_steps": job.skipped_steps,
                "first_loss": job.history[0] if job.history else None,
@@ -322,7 +330,7 @@ def finish(job: Job) -> dict:
             from dora_dist.adapters import save_adapter
 
             save_adapter(engine.unwrap(), out_dir / "adapter", state_dict=state,
-                         base_model_name_or_path=models.resolve_model_path(cfg, env))
+                         base_model_name_or_path=models.adapter_base_name(cfg, env))
             job.tokenizer.save_pretrained(out_dir / "adapter")
             cfg.save(out_dir / "adapter" / "training_config.yaml")  # read by `dora-dist generate` (4-bit base)
     if env.is_main:
@@ -354,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_job(args.config, args.overrides, check_only=args.check)
     except (UserError, JobFault) as exc:  # one line from rank 0, exit 2 (bad input) or 1 everywhere; a bug
         return report_error(exc, args.debug)  # (any other exception) keeps its traceback
+    except KeyboardInterrupt:             # a second Ctrl-C (or one before training started): stop now
+        return interrupted_now(args.debug)
 
 
 def add_entry_flags(parser) -> None:
@@ -371,7 +381,7 @@ def run_job(config: str | None, overrides: list[str], check_only: bool = False) 
         preflight(cfg)
         return 0
     summary = train(cfg)
-    return REQUEUE_EXIT_CODE if summary.get("preempted") and not summary.get("finished") else 0
+    return exit_code_of(summary)
 
 
 if __name__ == "__main__":

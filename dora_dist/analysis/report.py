@@ -82,6 +82,12 @@ def analyze(base: str | Path, tuned: list[str], out: str | Path | None = None, b
     weight (what a QDoRA adapter was trained on), dequantized chunk by chunk.
     layers: a regex (re.search) selecting layer names; default: every 2-D weight but embedding tables.
     """
+    from dora_dist.models.builtin import resolve_base
+
+    base = resolve_base(str(base))        # builtin:tiny-llama, as the trainer names it in adapter_config.json
+    if not Path(base).is_dir() or not any(Path(base).glob("*.safetensors")):
+        raise InputNotFoundError(f"--base: {base!r} is not a model directory with *.safetensors weights; give a "
+                                 "local model directory (a hub model: download it first) or builtin:tiny-llama")
     base_ckpt = SafetensorsCheckpoint(base)
     checkpoints = [open_tuned(t) for t in tuned]
     select = re.compile(layers) if layers else None

@@ -64,17 +64,28 @@ def load_raw(dcfg, seed: int = 0):
         return _read_local_file(path)
     if path.is_dir():
         return datasets.load_dataset(str(path), split=dcfg.split)
+    from dora_dist.hub import check_hub_dataset
+
+    check_hub_dataset(src)   # one line, at once, for a dataset the hub does not have or cannot serve here
     return datasets.load_dataset(src, dcfg.subset, split=dcfg.split)
 
 
 def check_source(src: str | None, key: str = "data.source") -> None:
-    """A source that names a local file (by its extension, or a path starting with ., / or ~) must exist."""
+    """A source that names a local path must exist: one with a data file's extension, one starting with ., / or ~,
+    one with more than one '/' (a hub id has one), or one whose first folder exists here (`mydata/train` beside a
+    `mydata/` folder). Anything else that does not exist is taken for a hub dataset id (see data/hub.py)."""
     if not src or src == "synthetic":
         return
     path = Path(src).expanduser()
-    looks_local = path.suffix.lower() in LOCAL_EXTENSIONS or src.startswith((".", "/", "~"))
-    if looks_local and not path.exists():
-        raise InputNotFoundError(f"{key}: file or directory not found: {src}")
+    if path.exists():
+        return
+    first = src.replace("\\", "/").split("/")[0]
+    beside_folder = "/" in src and first not in ("", ".", "..", "~") and Path(first).is_dir()
+    looks_local = (path.suffix.lower() in LOCAL_EXTENSIONS or src.startswith((".", "/", "~")) or "\\" in src
+                   or src.count("/") > 1 or beside_folder)
+    if looks_local:
+        why = f" ({first}/ exists here, so it was taken for a local path)" if beside_folder else ""
+        raise InputNotFoundError(f"{key}: file or directory not found: {src}{why}")
 
 
 def _read_local_file(path: Path):
@@ -119,14 +130,35 @@ def split_eval_indices(n: int, fraction: float, seed: int) -> tuple[list[int], l
     return [i for i in range(n) if i not in held], sorted(held)
 
 
-def tokenize_raw(raw, dcfg, tokenizer, what: str = "training") -> TokenizedDataset:
-    """Encode by format, pack or truncate, drop examples without loss targets."""
+def row_locator(source: str | None, rows: list[int] | None = None):
+    """where(i) -> how an error names example i: "at line 151 of data.jsonl" for a local .jsonl/.csv/.txt file (its
+    line number, blank lines and a csv header counted), else "number 151 of <source>" (counting from 1). `rows`:
+    the examples' row numbers in the source when a subset was taken (data.eval_fraction)."""
+    path = Path(source).expanduser() if source and source != "synthetic" else None
+    lines: list[int] = []
+
+    def where(i: int) -> str:
+        row = rows[i] if rows is not None else i
+        if path is not None and path.is_file() and path.suffix.lower() in (".jsonl", ".csv", ".txt"):
+            if not lines:   # read only when an error names an example
+                with path.open(encoding="utf-8", errors="replace") as f:
+                    lines.extend(n for n, text in enumerate(f, 1) if text.strip())
+                del lines[: path.suffix.lower() == ".csv"]          # the header
+            if row < len(lines):
+                return f"at line {lines[row]} of {source}"
+        return f"number {row + 1} of {source or 'the data set'}"
+    return where
+
+
+def tokenize_raw(raw, dcfg, tokenizer, what: str = "training", where=None) -> TokenizedDataset:
+    """Encode by format, pack or truncate, drop examples without loss targets. where: see row_locator."""
     if len(raw) == 0:
         raise DataError(f"the {what} data set is empty (data.source={dcfg.source!r}); it has no examples")
+    where = where or row_locator(dcfg.source)
     fmt = detect_format(list(raw.column_names), dcfg)
     check_chat_template(fmt, tokenizer, dcfg)
-    encoded = [encode_example(ex, fmt, tokenizer, dcfg, index=i) for i, ex in enumerate(raw)]
-    check_lengths(encoded, dcfg, what)
+    encoded = [encode_example(ex, fmt, tokenizer, dcfg, index=i, where=where) for i, ex in enumerate(raw)]
+    check_lengths(encoded, dcfg, what, where)
     encoded = pack(encoded, dcfg.seq_len) if dcfg.packing else truncate(encoded, dcfg.seq_len)
     encoded = [(i, l) for i, l in encoded if n_targets(l) > 0]
     if not encoded:
@@ -146,15 +178,18 @@ def build_datasets(cfg, tokenizer, env=None) -> tuple[TokenizedDataset, Tokenize
     if len(raw) == 0:
         raise DataError(f"the training data set is empty (data.source={dcfg.source!r}); it has no examples")
     eval_raw = None
+    train_where = eval_where = row_locator(dcfg.source)
     if dcfg.eval_fraction:
         train_idx, eval_idx = split_eval_indices(len(raw), dcfg.eval_fraction, cfg.training.seed)
         raw, eval_raw = raw.select(train_idx), raw.select(eval_idx)
+        train_where, eval_where = row_locator(dcfg.source, train_idx), row_locator(dcfg.source, eval_idx)
     elif dcfg.eval_source:
         eval_raw = _load_eval_raw(dcfg)
+        eval_where = row_locator(dcfg.eval_source)
     if eval_raw is not None and dcfg.eval_max_samples:
         eval_raw = eval_raw.select(range(min(dcfg.eval_max_samples, len(eval_raw))))
-    train = tokenize_raw(raw, dcfg, tokenizer)
-    held = tokenize_raw(eval_raw, dcfg, tokenizer, "eval") if eval_raw is not None else None
+    train = tokenize_raw(raw, dcfg, tokenizer, where=train_where)
+    held = tokenize_raw(eval_raw, dcfg, tokenizer, "eval", eval_where) if eval_raw is not None else None
     return train, held
 
 

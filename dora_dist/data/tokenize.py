@@ -8,7 +8,7 @@ Formats:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from dora_dist.errors import DataError
 
@@ -107,7 +107,12 @@ def check_chat_template(fmt: str, tokenizer, dcfg) -> None:
                         "data.format=text / prompt_completion")
 
 
-def check_lengths(encoded: list[tuple[list[int], list[int]]], dcfg, what: str = "training") -> None:
+def _numbered(index: int) -> str:
+    return f"number {index + 1}"
+
+
+def check_lengths(encoded: list[tuple[list[int], list[int]]], dcfg, what: str = "training",
+                  where: Callable[[int], str] = _numbered) -> None:
     """Refuse examples that data.seq_len cannot hold: a prompt (the tokens before the first one with a loss) as
     long as seq_len, whose completion would be cut off or split from it; and, without packing, a data set in
     which every example is longer than seq_len (all would be truncated: seq_len is surely too small)."""
@@ -115,21 +120,23 @@ def check_lengths(encoded: list[tuple[list[int], list[int]]], dcfg, what: str = 
     for index, (ids, labels) in enumerate(encoded):
         first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
         if first is not None and first >= seq_len:
-            raise DataError(f"{what} example {index}: its prompt is {first} tokens, not shorter than data.seq_len="
-                            f"{seq_len}, so its completion does not fit; raise data.seq_len or shorten the prompt")
+            raise DataError(f"{what} example {where(index)}: its prompt is {first} tokens, not shorter than "
+                            f"data.seq_len={seq_len}, so its completion does not fit; raise data.seq_len or shorten "
+                            "the prompt")
     if encoded and not dcfg.packing and all(len(ids) > seq_len for ids, _ in encoded):
         shortest = min(len(ids) for ids, _ in encoded)
         raise DataError(f"every {what} example is longer than data.seq_len={seq_len} tokens (the shortest has "
                         f"{shortest}) and would be truncated; raise data.seq_len or set data.packing=true")
 
 
-def encode_example(example: dict[str, Any], fmt: str, tokenizer, dcfg, index: int | None = None
-                   ) -> tuple[list[int], list[int]]:
+def encode_example(example: dict[str, Any], fmt: str, tokenizer, dcfg, index: int | None = None,
+                   where: Callable[[int], str] = _numbered) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one example; `where(index)` names it in an error ("at line 3 of data.jsonl")."""
     if fmt == "text":
         text = example[dcfg.text_field]
         if not isinstance(text, str):
-            where = f" in example {index}" if index is not None else ""
-            raise DataError(f"data field '{dcfg.text_field}' must be a string{where}, got {type(text).__name__}")
+            at = f" in the example {where(index)}" if index is not None else ""
+            raise DataError(f"data field '{dcfg.text_field}' must be a string{at}, got {type(text).__name__}")
         return encode_text(tokenizer, text, dcfg.add_eos)
     if fmt == "prompt_completion":
         return encode_prompt_completion(tokenizer, example[dcfg.prompt_field], example[dcfg.completion_field],

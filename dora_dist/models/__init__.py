@@ -17,7 +17,7 @@ from torch import nn
 
 from dora_dist.errors import ConfigError, InputNotFoundError, ModelError, UserError, importable, one_line
 from dora_dist.models.builtin import (BUILTIN_NAME, TINY_LLAMA, builtin_model_dir, default_cache_dir,
-                                      ensure_builtin_model, train_builtin_tokenizer)
+                                      ensure_builtin_model, resolve_base, train_builtin_tokenizer)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -48,6 +48,14 @@ def resolve_model_path(cfg, env=None) -> str:
         return str(ensure_builtin_model(cfg, env))
     check_model_path(cfg)
     return name
+
+
+def adapter_base_name(cfg, env=None) -> str:
+    """What a saved adapter names as its base (base_model_name_or_path): the built-in model by its name, which any
+    machine rebuilds (merge, generate and analyze resolve it: builtin.resolve_base), anything else as loaded."""
+    if cfg.model.name_or_path == BUILTIN_NAME and cfg.model.config is None:
+        return BUILTIN_NAME
+    return resolve_model_path(cfg, env)
 
 
 def _looks_local(name: str) -> bool:
@@ -175,6 +183,9 @@ def load_tokenizer(cfg, env=None):
     name = cfg.model.tokenizer or resolve_model_path(cfg, env)
     if cfg.model.config is not None and cfg.model.name_or_path != BUILTIN_NAME and not cfg.model.tokenizer:
         raise ConfigError("model.config builds a model from scratch: set model.tokenizer to a tokenizer path or id")
+    from dora_dist.hub import check_hub_model
+
+    check_hub_model(name, "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path", cfg.model.revision)
     with loading("tokenizer", name):
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
                                             revision=cfg.model.revision)
@@ -291,6 +302,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 __all__ = ["BUILTIN_NAME", "TINY_LLAMA", "DTYPES", "KNOWN_ARCHITECTURES", "base_dtype", "resolve_model_path",
+           "adapter_base_name", "resolve_base",
            "known_architecture", "hf_config_from_dict", "model_config", "build_on_meta", "quantization_config",
            "load_tokenizer", "load_model", "dora_config_from", "add_adapters", "count_parameters", "check_model_path",
            "check_remote_code", "check_rank_fits", "quantization_problem",

@@ -110,6 +110,17 @@ def _build(cfg, target: Path) -> None:
         raise
 
 
+def resolve_base(name: str, cache_dir: str | None = None) -> str:
+    """A base model named by an adapter (base_model_name_or_path) or --base: the built-in name, which the trainer
+    stores because another machine can resolve it, becomes this machine's directory of the built-in model (built
+    first when missing); any other name is returned as given."""
+    if name != BUILTIN_NAME:
+        return name
+    from types import SimpleNamespace
+
+    return str(ensure_builtin_model(SimpleNamespace(model=SimpleNamespace(cache_dir=cache_dir, config=None))))
+
+
 def ensure_builtin_model(cfg, env=None) -> Path:
     """Directory of the built-in model, building it first if needed (rank 0 builds, the others wait)."""
     target = builtin_model_dir(cfg)

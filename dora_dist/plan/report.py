@@ -18,19 +18,40 @@ COMPONENTS = ("base", "adapters", "grads", "optimizer", "gathered", "activations
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", default=None, help="YAML config (default: built-in quickstart)")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=1)
-    p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS))
+    p.add_argument("--config", "-c", default=None, help="YAML config (default: the built-in quickstart)")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default: %(default)s)")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (ranks) per node (default: %(default)s)")
+    p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS), metavar="GPU",
+                   help=f"GPU preset, one of {', '.join(sorted(GPUS))} (default: %(default)s)")
     p.add_argument("--interconnect", default=None, choices=sorted(INTERCONNECTS),
                    help="between the GPUs of a node (default: the GPU's usual one)")
     p.add_argument("--inter-node", default="infiniband", choices=sorted(INTERCONNECTS),
-                   help="between nodes (default: infiniband)")
+                   help="between nodes (default: %(default)s)")
     p.add_argument("--bandwidth-gbps", type=float, default=None, help="your measured bus bandwidth, GB/s per GPU, "
-                   "for the slowest link the job crosses")
-    p.add_argument("--latency-us", type=float, default=None, help="per-collective latency, µs")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for compute (0-1)")
+                   "for the slowest link the job crosses (default: the interconnect preset's)")
+    p.add_argument("--latency-us", type=float, default=None,
+                   help="per-collective latency, µs (default: the interconnect preset's)")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="model FLOPs utilisation assumed for compute, in (0, 1] (default: %(default)s)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.cpu_offload=true")
+
+
+def check_arguments(args, cfg) -> None:
+    """The cluster flags, and the job's batch split on that cluster by the trainer's own rule (Batching): what
+    training would refuse, plan refuses too."""
+    from dora_dist.batching import Batching
+    from dora_dist.errors import ConfigError
+
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1] (a fraction of the GPU's peak FLOPs), got {args.mfu}")
+    if args.bandwidth_gbps is not None and not args.bandwidth_gbps > 0:
+        raise ConfigError(f"--bandwidth-gbps must be > 0, got {args.bandwidth_gbps}")
+    if args.latency_us is not None and not args.latency_us >= 0:
+        raise ConfigError(f"--latency-us must be >= 0, got {args.latency_us}")
+    Batching.accumulation(cfg.training, args.nodes * args.gpus_per_node)
 
 
 def _gb(x: float) -> str:
@@ -49,6 +70,7 @@ def run(args) -> int:
     from dora_dist.plan.model_spec import model_spec
 
     cfg = load_job_config(args.config, args.overrides)
+    check_arguments(args, cfg)
     cluster = make_cluster(args.gpu, args.nodes, args.gpus_per_node, args.interconnect, args.inter_node,
                            args.bandwidth_gbps, args.latency_us)
     spec = model_spec(cfg)

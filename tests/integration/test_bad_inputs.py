@@ -61,6 +61,7 @@ class Case:
     gpus: int | None = None              # pretend this many CUDA GPUs are visible (0: none) for the case
     library_text: str = ""               # regex of a library's own words in the message: '…' in the doc (they
                                          # change with the library's version, the case does not)
+    chdir: bool = False                  # run in <tmp> (for relative paths)
 
     @property
     def id(self) -> str:
@@ -92,11 +93,34 @@ CASES: list[Case] = [
     Case("config", "nccl with more processes than GPUs on the node",
          lambda a: ["train", "--check", *a.train()[1:]], ("4 processes on this node but 2 CUDA GPU", "one GPU per"),
          entry="train", gpus=2, env=(("WORLD_SIZE", "4"), ("LOCAL_WORLD_SIZE", "4"))),
+    Case("config", "YAML syntax error in the config file", lambda a: ["train", "--config", a["bad_yaml"]],
+         ("bad.yaml: YAML syntax error at line 3, column 1", "expected ',' or ']'")),
+    Case("config", "--config names a directory", lambda a: ["train", "--config", str(a.tmp)],
+         ("is a directory", "give a YAML file")),
+    Case("config", "an override without '='", lambda a: a.train("training.lr"),
+         ("override 'training.lr' is not of the form section.key=value",)),
+    Case("config", "output.dir is an existing file",
+         lambda a: ["train", "--check", *a.train(f"output.dir={a['a_file']}")[1:]],
+         ("output.dir=<tmp>/a_file.txt is an existing file, not a directory",), entry="train"),
+    Case("config", "output.dir below a file", lambda a: a.train(f"output.dir={a['a_file']}/run"),
+         ("output.dir=<tmp>/a_file.txt/run cannot be created: <tmp>/a_file.txt is a file",)),
+    Case("plan", "--nodes 0", lambda a: ["plan", "--nodes", "0"], ("--nodes must be >= 1, got 0",)),
+    Case("plan", "a global batch the cluster does not split (the trainer's rule)",
+         lambda a: ["plan", "--config", str(ROOT / "configs" / "llama3.1-8b-fsdp2-8gpu.yaml"), "--gpus-per-node", "3"],
+         ("training.global_batch_size=64 is not a multiple of", "2 × 3 = 6")),
+    Case("plan", "--mfu outside (0, 1]", lambda a: ["plan", "--mfu", "40"], ("--mfu must be in (0, 1]",)),
     Case("config", "zero3 with a 4-bit base", lambda a: a.train("parallel.engine=zero3", "quantization.mode=nf4"),
          ("parallel.engine=zero3", "quantization.mode=nf4", "zero2")),
     # --- data ------------------------------------------------------------------------------------------------------
     Case("data", "missing file", lambda a: a.train(f"data.source={a.tmp / 'missing.jsonl'}"),
          ("data.source", "not found", "missing.jsonl")),
+    Case("data", "a mistyped local folder (its parent exists)", lambda a: a.train("data.source=mydata/train"),
+         ("data.source: file or directory not found: mydata/train", "mydata/ exists here", "local path"), chdir=True),
+    Case("data", "a hub dataset, offline and not in the cache", lambda a: a.train("data.source=nobody/no-such-data"),
+         ("taken for a Hugging Face hub dataset id", "offline mode is on", "not in the local cache",
+          "./nobody/no-such-data"), env=(("HF_HUB_OFFLINE", "1"),)),
+    Case("data", "a field of the wrong type (named by its line)", lambda a: a.train(f"data.source={a['null_text']}"),
+         ("data field 'text' must be a string in the example at line 4 of <tmp>/null_text.jsonl", "NoneType")),
     Case("data", "unreadable format", lambda a: a.train(f"data.source={a['garbage']}"),
          ("data.source: cannot read", "garbage.jsonl", "as json"), library_text=r"(?<=as json \().*(?=\); check)"),
     Case("data", "missing field", lambda a: a.train(f"data.source={a['no_field']}", "data.format=prompt_completion"),
@@ -109,10 +133,14 @@ CASES: list[Case] = [
          ("data.format=chat", "no_template", "chat template")),
     Case("data", "a prompt longer than seq_len",
          lambda a: a.train(f"data.source={a['long_prompt']}", "data.format=prompt_completion"),
-         ("training example 2", "prompt is", "data.seq_len=32")),
+         ("training example at line 3 of <tmp>/long_prompt.jsonl", "prompt is 90 tokens", "data.seq_len=32")),
     # --- model -----------------------------------------------------------------------------------------------------
     Case("model", "missing path", lambda a: a.train(f"model.name_or_path={a.tmp / 'no_model'}"),
          ("model.name_or_path", "no such directory", "no_model")),
+    Case("model", "a hub model id, offline and not in the cache",
+         lambda a: a.train("model.name_or_path=nobody/no-model"),
+         ("model.name_or_path='nobody/no-model'", "taken for a Hugging Face hub model id", "offline mode is on"),
+         env=(("HF_HUB_OFFLINE", "1"),)),
     Case("model", "a model without the target modules",
          lambda a: a.train(f"model.name_or_path={a['gpt2']}", f"model.tokenizer={a.builtin}",
                            "dora.target_modules=[q_proj,v_proj]"),
@@ -133,6 +161,20 @@ CASES: list[Case] = [
     Case("adapters", "a LoRA adapter where DoRA is expected",
          lambda a: ["generate", "--adapter", a["lora_as_dora"], "--prompt", "1 + 1 ="],
          ("plain LoRA adapter", "use_dora=true")),
+    Case("adapters", "merge --out is the adapter directory",
+         lambda a: ["merge", "--adapter", a["adapter"], "--out", a["adapter"]],
+         ("--out <tmp>/adapter is the adapter directory", "give another --out")),
+    Case("adapters", "merge --out is an existing file",
+         lambda a: ["merge", "--adapter", a["adapter"], "--out", a["a_file"]], ("is an existing file",)),
+    Case("adapters", "generate --max-new-tokens 0 (checked before loading)",
+         lambda a: ["generate", "--adapter", a["adapter"], "--prompt", "1 + 1 =", "--max-new-tokens", "0"],
+         ("--max-new-tokens must be >= 1, got 0",)),
+    Case("adapters", "generate --top-p outside (0, 1]",
+         lambda a: ["generate", "--adapter", a["adapter"], "--prompt", "1 + 1 =", "--top-p", "1.5"],
+         ("--top-p must be in (0, 1], got 1.5",)),
+    Case("adapters", "analyze --base that is not a model directory",
+         lambda a: ["analyze", "--base", str(a.tmp / "no_model"), "--tuned", a["adapter"]],
+         ("--base: '<tmp>/no_model' is not a model directory", "builtin:tiny-llama")),
     # --- resume ----------------------------------------------------------------------------------------------------
     Case("resume", "checkpoint.resume=<dir> that is not a checkpoint",
          lambda a: a.train(f"checkpoint.resume={a['not_a_checkpoint']}"),
@@ -221,6 +263,13 @@ def assets(tmp_path_factory) -> Assets:
     f["long_prompt"] = _jsonl(tmp / "long_prompt.jsonl", [{"prompt": "1 + 1 =", "completion": " 2 ."}] * 2
                               + [{"prompt": " ".join(["copy : red"] * 30), "completion": " red ."}]
                               + [{"prompt": "2 + 2 =", "completion": " 4 ."}] * 3)
+    f["bad_yaml"] = tmp / "bad.yaml"
+    f["bad_yaml"].write_text("training:\n  lr: [1e-3\n")
+    f["a_file"] = tmp / "a_file.txt"
+    f["a_file"].write_text("not a directory\n")
+    (tmp / "mydata").mkdir()
+    f["null_text"] = tmp / "null_text.jsonl"
+    f["null_text"].write_text('{"text": "1 + 1 = 2 ."}\n\n{"text": "2 + 2 = 4 ."}\n{"text": null}\n')
     f["no_template"] = tmp / "no_template"
     f["no_template"].mkdir()
     for name in os.listdir(builtin):
@@ -267,6 +316,8 @@ def run_case(case: Case, a: Assets, monkeypatch, capfd) -> tuple[int, str, str]:
     for key, value in case.env:
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("DORA_DIST_DEBUG", raising=False)
+    if case.chdir:
+        monkeypatch.chdir(a.tmp)
     if case.gpus is not None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: case.gpus > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: case.gpus)
@@ -345,7 +396,7 @@ def test_a_bug_is_not_reported_as_bad_input(assets, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------------
 DOC_HEAD = """# Bad input: what each error says
 
-Every error caused by the input (config, data, model, adapters, resume) is one line on stderr,
+Every error caused by the input (config, command-line arguments, data, model, adapters, resume) is one line on stderr,
 `dora_dist: error: <message>`, printed once (by rank 0 under torchrun or the deepspeed launcher), with exit code 2
 on every rank and nothing written to the output directory. `--debug` (or `DORA_DIST_DEBUG=1`) adds the traceback.
 Any other exception is a bug and keeps its traceback. What the config and the machine can tell (engine, GPU,
@@ -391,7 +442,8 @@ def render(messages: dict[str, str], a: Assets) -> str:
         prog = "python -m dora_dist.train" if case.entry == "train" else "dora-dist"
         command = prog + " " + shlex.join(argv[1:] if case.entry == "train" else argv)
         extra = [f"{k}={v}" for k, v in case.env] + [f"without {p}" for p in case.block] + \
-            ([f"{case.gpus} GPU(s) visible"] if case.gpus is not None else [])
+            ([f"{case.gpus} GPU(s) visible"] if case.gpus is not None else []) + \
+            (["run in <tmp>"] if case.chdir else [])
         if extra:
             command += f" ({', '.join(extra)})"
         message = re.sub(case.library_text, "…", messages[case.id]) if case.library_text else messages[case.id]

@@ -54,7 +54,12 @@ def test_merge_loads_in_transformers_and_matches(trained, tmp_path):
     tok = AutoTokenizer.from_pretrained(merged_dir)
     import json
 
-    base_path = json.loads((trained / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    from dora_dist.generate import training_config
+    from dora_dist.models import resolve_base
+
+    base_name = json.loads((trained / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base_name == "builtin:tiny-llama"                           # portable: resolved on each machine
+    base_path = resolve_base(base_name, training_config(trained / "adapter")["model"]["cache_dir"])
     adapted = load_adapter(AutoModelForCausalLM.from_pretrained(base_path), trained / "adapter")
     base = AutoModelForCausalLM.from_pretrained(base_path)
     ids = tok("17 + 5 = 22 .\ncount from 3 : 3 4 5", return_tensors="pt")["input_ids"]

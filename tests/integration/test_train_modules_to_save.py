@@ -37,7 +37,10 @@ def test_head_trained_saved_and_loaded(tmp_path):
     adapter = out / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
     saved = load_file(str(adapter / "adapter_model.safetensors"))["base_model.model.lm_head.weight"]
-    base_dir = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    from dora_dist.models import resolve_base
+
+    base_dir = resolve_base(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"],
+                            str(tmp_path / "cache"))
     base_head = AutoModelForCausalLM.from_pretrained(base_dir).lm_head.weight.detach()
     assert saved.shape == base_head.shape
     # trained: two AdamW steps move each element by up to lr per step, most by about lr

@@ -26,7 +26,13 @@ def offline(monkeypatch, tmp_path_factory):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_plan_runs_on_every_config(path, capsys):
-    assert cli(["plan", "--config", str(path), "--nodes", "2", "--gpus-per-node", "8", "--gpu", "a100-40gb"]) == 0
+    # 16 ranks: a config whose global batch they do not split is projected with the batch that does (micro-batch ×
+    # 16 ranks × its accumulation), as training would refuse the other (test_plan_applies_the_trainers_batch_rule)
+    cfg = load_config(path)
+    t = cfg.training
+    fix = [] if not t.global_batch_size or t.global_batch_size % (t.micro_batch_size * 16) == 0 else \
+        [f"training.global_batch_size={t.micro_batch_size * 16}"]
+    assert cli(["plan", "--config", str(path), "--nodes", "2", "--gpus-per-node", "8", "--gpu", "a100-40gb", *fix]) == 0
     out = capsys.readouterr().out
     assert "memory per rank" in out and "engines on this cluster" in out
     verdicts = [ln for ln in out.splitlines()
@@ -48,7 +54,8 @@ def test_job_that_cannot_fit_is_reported_not_crashed(capsys):
 def test_engine_that_cannot_run_the_job_is_reported(capsys):
     """A one-process config planned on 16 GPUs, and ZeRO-3 with a 4-bit base: reported, with a runnable advice."""
     path = str(ROOT / "configs" / "llama3.1-8b-qdora-1gpu.yaml")
-    assert cli(["plan", "--config", path, "--nodes", "2", "--gpus-per-node", "8"]) == 0
+    assert cli(["plan", "--config", path, "--nodes", "2", "--gpus-per-node", "8",
+                "training.global_batch_size=32"]) == 0                  # 16 does not split over 16 × micro 2
     out = capsys.readouterr().out
     assert "cannot run: parallel.engine=none" in out and "recommended:" in out
     assert cli(["plan", "--config", path, "--gpus-per-node", "2", "parallel.engine=zero3"]) == 0
@@ -153,3 +160,12 @@ def test_memory_components_follow_sharding_offload_and_quantization():
     cfg.training.gradient_checkpointing = False
     assert estimate_memory(cfg, spec, "fsdp2", 8).device["activations"] > 5 * fsdp.device["activations"]
     assert fsdp.device["logits"] == pytest.approx(tokens * spec.vocab * 14)   # bf16 logits + 3 fp32 copies
+
+
+def test_plan_applies_the_trainers_batch_rule(capsys):
+    """A global batch the cluster does not split is refused as training refuses it (one line, exit 2), not projected
+    with a smaller batch; the same job on a cluster that splits it is projected with it."""
+    path = str(ROOT / "configs" / "llama3.1-8b-fsdp2-8gpu.yaml")      # global 64 = micro 2 × 8 ranks × 4
+    assert cli(["plan", "--config", path, "--gpus-per-node", "3"]) == 2
+    assert "training.global_batch_size=64 is not a multiple of" in capsys.readouterr().err
+    assert cli(["plan", "--config", path, "--gpus-per-node", "4"]) == 0
