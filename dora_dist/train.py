@@ -226,6 +226,7 @@ def build(cfg: Config, env, prior: PriorRun | None = None) -> Job:
               eval_dataset=eval_dataset, resume_dir=resume_dir)
     if job.resume_dir is not None:
         extra = manager.load(engine, job.resume_dir)
+        engine.lr_from_schedule()                         # this job's schedule, not the saved optimizer's lr
         sampler.load_state_dict(extra["data"])
         job.start_step = job.step = job.last_saved = int(extra["step"])
         job.best_eval = extra.get("best_eval")
