@@ -92,16 +92,28 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
                                            ignore_index)
 
 
+def _forward_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    position_ids: torch.Tensor | None) -> dict:
+    """The model's inputs: a packed batch (position_ids) keeps its documents apart (data/packing.py)."""
+    from dora_dist.data.packing import packed_forward_kwargs
+
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        batch["position_ids"] = position_ids
+    return packed_forward_kwargs(model, batch)
+
+
 def plain_causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                             labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+                             labels: torch.Tensor, ignore_index: int = -100,
+                             position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: whole logits, upcast to fp32, cross-entropy summed over next-token targets."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(**_forward_kwargs(model, input_ids, attention_mask, position_ids)).logits
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))   # ≥ fp32 (fp64 reference runs)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                            ignore_index=ignore_index, reduction="sum")
 
 
-def _inner(model: nn.Module) -> nn.Module:
+def unwrapped_model(model: nn.Module) -> nn.Module:
     """The transformers model under DDP / DeepSpeed wrappers (FSDP2 and compiled blocks keep the root)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
@@ -110,7 +122,7 @@ def _inner(model: nn.Module) -> nn.Module:
 
 def chunkable_head(model: nn.Module) -> nn.Module | None:
     """The output-embedding module if the chunked loss can stand in for it, else None (-> plain loss)."""
-    inner = _inner(model)
+    inner = unwrapped_model(model)
     get = getattr(inner, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if head is None or type(head) is not nn.Linear:  # a DoRA/quantized head: keep its own forward
@@ -152,17 +164,18 @@ def _loss_request(head: nn.Module, labels: torch.Tensor, chunk: int, ignore_inde
 
 def causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                        labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                       ignore_index: int = -100) -> torch.Tensor:
+                       ignore_index: int = -100, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Σ next-token cross-entropy of a batch, fp32. chunk_tokens > 0: chunked (never the whole logits in fp32);
-    0, or a model whose head cannot be replaced: the plain loss."""
+    0, or a model whose head cannot be replaced: the plain loss. position_ids: a packed batch, whose documents
+    restart their positions and see only themselves (see data/packing.py)."""
     head = chunkable_head(model) if chunk_tokens and chunk_tokens > 0 else None
     if head is None:
-        return plain_causal_lm_loss_sum(model, input_ids, attention_mask, labels, ignore_index)
+        return plain_causal_lm_loss_sum(model, input_ids, attention_mask, labels, ignore_index, position_ids)
     _install(head)
     with _loss_request(head, labels, int(chunk_tokens), ignore_index):
-        out = model(input_ids=input_ids, attention_mask=attention_mask)
+        out = model(**_forward_kwargs(model, input_ids, attention_mask, position_ids))
     loss = out.logits if hasattr(out, "logits") else out[0]
     if loss.ndim != 0 or loss.dtype not in (torch.float32, torch.float64):
-        raise RuntimeError(f"{type(_inner(model)).__name__} altered its head's output (got shape "
+        raise RuntimeError(f"{type(unwrapped_model(model)).__name__} altered its head's output (got shape "
                            f"{tuple(loss.shape)}, {loss.dtype}); set training.loss_chunk_tokens=0 for this model")
     return loss

@@ -1,0 +1,176 @@
+"""Packing that keeps documents apart: several examples share a block of data.seq_len tokens, and each one is
+computed exactly as if it were alone.
+
+Why each part:
+- Bins, not a cut stream. Examples are placed whole into blocks by best-fit decreasing (longest first, each into
+  the fullest block it still fits): no example is split across blocks, so no block starts inside a completion whose
+  prompt is in another block. An example longer than seq_len is truncated to it (as without packing). Every block
+  is kept, the last partial ones too (padded in the batch).
+- Position ids restart at every document (rotary / learned positions as for the document alone).
+- Attention is block-diagonal causal. transformers (≥ 4.54 `masking_utils`) derives that mask itself from position
+  ids when the model is called without an attention mask and without a cache, for sdpa, eager and flex attention;
+  flash-attention runs varlen from the same position ids. A model whose attention code does not go through
+  `masking_utils` gets an explicit 4-D mask instead (`packed_forward_kwargs`).
+- No label crosses a document boundary: the first token of every document gets no label, so the last token of
+  the previous document never predicts it (alone, a first token is never a target either).
+"""
+from __future__ import annotations
+
+import bisect
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from dora_dist.data.tokenize import IGNORE_INDEX
+
+Example = tuple[list[int], list[int]]
+
+
+@dataclass(frozen=True)
+class PackingStats:
+    """How well the examples filled their blocks (reported in the run's log line and summary.json)."""
+
+    examples: int
+    blocks: int
+    seq_len: int
+    real_tokens: int
+    truncated: int
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / block tokens (blocks × seq_len): the fraction of computed positions that are not padding."""
+        return self.real_tokens / max(1, self.blocks * self.seq_len)
+
+    def to_dict(self) -> dict:
+        return {"examples": self.examples, "blocks": self.blocks, "seq_len": self.seq_len,
+                "real_tokens": self.real_tokens, "block_tokens": self.blocks * self.seq_len,
+                "efficiency": round(self.efficiency, 6), "truncated_examples": self.truncated}
+
+    def describe(self) -> str:
+        return (f"packing: {self.examples} examples in {self.blocks} blocks of {self.seq_len} tokens, efficiency "
+                f"{100 * self.efficiency:.1f}% (real tokens / block tokens)"
+                + (f", {self.truncated} truncated to seq_len" if self.truncated else ""))
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices, each bin's lengths summing to at most `capacity` (every length ≤ capacity).
+
+    Longest first (ties by index); each item goes to the open bin with the least room that still holds it (ties:
+    the oldest bin), else to a new bin. Deterministic: the same lengths give the same bins."""
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []          # sorted (remaining capacity, bin id) of bins with room left
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        length = lengths[index]
+        at = bisect.bisect_left(room, (length, -1))
+        if at < len(room):
+            left, bin_id = room.pop(at)
+        else:
+            left, bin_id = capacity, len(bins)
+            bins.append([])
+        bins[bin_id].append(index)
+        if left - length > 0:
+            bisect.insort(room, (left - length, bin_id))
+    return bins
+
+
+def pack_documents(examples: list[Example], seq_len: int) -> tuple[list[Example], list[list[int]], PackingStats]:
+    """(blocks, each block's document lengths, stats). Examples longer than seq_len are truncated first."""
+    truncated = sum(1 for ids, _ in examples if len(ids) > seq_len)
+    examples = [(ids[:seq_len], labels[:seq_len]) for ids, labels in examples]
+    blocks, doc_lengths = [], []
+    for members in best_fit_decreasing([len(ids) for ids, _ in examples], seq_len):
+        ids_block: list[int] = []
+        labels_block: list[int] = []
+        for i in members:
+            ids, labels = examples[i]
+            ids_block.extend(ids)
+            labels_block.append(IGNORE_INDEX)   # a document's first token is never predicted from its neighbour
+            labels_block.extend(labels[1:])
+        blocks.append((ids_block, labels_block))
+        doc_lengths.append([len(examples[i][0]) for i in members])
+    stats = PackingStats(len(examples), len(blocks), seq_len, sum(len(ids) for ids, _ in examples), truncated)
+    return blocks, doc_lengths, stats
+
+
+def position_ids(doc_lengths: list[int], length: int) -> list[int]:
+    """0..n-1 for every document, then 0.. again over the padding up to `length` (a segment of its own)."""
+    out = [p for n in doc_lengths for p in range(n)]
+    return out + list(range(length - len(out)))
+
+
+def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) document index of every token: a new document wherever the position does not follow the previous."""
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    return (step != 1).cumsum(-1)
+
+
+def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """(B, 1, L, L) mask: token q sees token k iff k ≤ q in the same document. Boolean (True = attend) when dtype is
+    None, else additive (0 or the dtype's minimum), the two forms attention code takes."""
+    seg = segment_ids(position_ids)
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
+    if dtype is None:
+        return allowed[:, None]
+    zero = torch.zeros((), dtype=dtype, device=position_ids.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
+
+def _transformers_class(model: torch.nn.Module) -> type | None:
+    """The transformers class of a model (under an FSDP2 / compile class swap: the first one in its MRO)."""
+    return next((c for c in type(model).__mro__ if c.__module__.startswith("transformers.models.")), None)
+
+
+def masks_from_position_ids(model: torch.nn.Module) -> bool:
+    """Whether the model builds the block-diagonal mask from position ids itself: its modeling code creates its
+    masks through transformers.masking_utils and its attention implementation is one masking_utils serves."""
+    cached = getattr(model, "_dora_dist_masks_from_position_ids", None)
+    if cached is not None:
+        return cached
+    cls = _transformers_class(model)
+    module = sys.modules.get(cls.__module__) if cls is not None else None
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        served = impl in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    except ImportError:
+        served = False
+    answer = bool(served and module is not None and hasattr(module, "create_causal_mask"))
+    try:
+        model._dora_dist_masks_from_position_ids = answer
+    except AttributeError:  # pragma: no cover - a module that refuses attributes: decide again next time
+        pass
+    return answer
+
+
+def packed_forward_kwargs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                          force_4d_mask: bool = False) -> dict[str, torch.Tensor | bool | None]:
+    """Keyword arguments of the model's forward for a batch from `TokenizedDataset.collate`.
+
+    Unpacked batch: input_ids and the padding mask. Packed batch (it has position_ids): input_ids, position_ids, no
+    cache (a cache turns transformers' packed-sequence detection off) and no 2-D mask, so the model builds the
+    block-diagonal causal mask from the position ids; or, for a model that cannot (or with force_4d_mask), the
+    explicit 4-D mask."""
+    pos = batch.get("position_ids")
+    if pos is None:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    from dora_dist.losses import unwrapped_model
+
+    inner = unwrapped_model(model)
+    kwargs = {"input_ids": batch["input_ids"], "position_ids": pos, "use_cache": False}
+    if force_4d_mask or not masks_from_position_ids(inner):
+        impl = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+        dtype = None if impl == "sdpa" else _compute_dtype(inner)
+        kwargs["attention_mask"] = block_causal_mask(pos, dtype)
+    return kwargs
+
+
+def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype attention scores are added to: the input embeddings' (fp32 if none is found)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    return weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
