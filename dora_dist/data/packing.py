@@ -7,7 +7,7 @@ Why each part:
   prompt is in another block. An example longer than seq_len is truncated to it (as without packing). Every block
   is kept, the last partial ones too (padded in the batch).
 - Position ids restart at every document (rotary / learned positions as for the document alone).
-- Attention is block-diagonal causal. transformers (≥ 4.54 `masking_utils`) derives that mask itself from position
+- Attention is block-diagonal causal. transformers (`masking_utils`, 5.x) derives that mask itself from position
   ids when the model is called without an attention mask and without a cache, for sdpa, eager and flex attention;
   flash-attention runs varlen from the same position ids. A model whose attention code does not go through
   `masking_utils` gets an explicit 4-D mask instead (`packed_forward_kwargs`).
