@@ -39,7 +39,7 @@ def masked_loss_sum(model, batch: dict[str, torch.Tensor], denominator: int = 1)
     import torch.nn.functional as F
 
     from dora_dist.data import IGNORE_INDEX
-    from dora_dist.data.packing import packed_forward_kwargs
+    from dora_dist.losses import packed_forward_kwargs
 
     logits = model(**packed_forward_kwargs(model, batch)).logits
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))

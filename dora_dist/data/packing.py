@@ -10,7 +10,7 @@ Why each part:
 - Attention is block-diagonal causal. transformers (`masking_utils`, 5.x) derives that mask itself from position
   ids when the model is called without an attention mask and without a cache, for sdpa, eager and flex attention;
   flash-attention runs varlen from the same position ids. A model whose attention code does not go through
-  `masking_utils` gets an explicit 4-D mask instead (`packed_forward_kwargs`).
+  `masking_utils` gets an explicit 4-D mask instead (`losses.packed_forward_kwargs`).
 - No label crosses a document boundary: the first token of every document gets no label, so the last token of
   the previous document never predicts it (alone, a first token is never a target either).
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -128,61 +127,3 @@ def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None) -> 
         return allowed[:, None]
     zero = torch.zeros((), dtype=dtype, device=position_ids.device)
     return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
-
-
-def _transformers_class(model: torch.nn.Module) -> type | None:
-    """The transformers class of a model (under an FSDP2 / compile class swap: the first one in its MRO)."""
-    return next((c for c in type(model).__mro__ if c.__module__.startswith("transformers.models.")), None)
-
-
-def masks_from_position_ids(model: torch.nn.Module) -> bool:
-    """Whether the model builds the block-diagonal mask from position ids itself: its modeling code creates its
-    masks through transformers.masking_utils and its attention implementation is one masking_utils serves."""
-    cached = getattr(model, "_dora_dist_masks_from_position_ids", None)
-    if cached is not None:
-        return cached
-    cls = _transformers_class(model)
-    module = sys.modules.get(cls.__module__) if cls is not None else None
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-        served = impl in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
-    except ImportError:
-        served = False
-    answer = bool(served and module is not None and hasattr(module, "create_causal_mask"))
-    try:
-        model._dora_dist_masks_from_position_ids = answer
-    except AttributeError:  # pragma: no cover - a module that refuses attributes: decide again next time
-        pass
-    return answer
-
-
-def packed_forward_kwargs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                          force_4d_mask: bool = False) -> dict[str, torch.Tensor | bool | None]:
-    """Keyword arguments of the model's forward for a batch from `TokenizedDataset.collate`.
-
-    Unpacked batch: input_ids and the padding mask. Packed batch (it has position_ids): input_ids, position_ids, no
-    cache (a cache turns transformers' packed-sequence detection off) and no 2-D mask, so the model builds the
-    block-diagonal causal mask from the position ids; or, for a model that cannot (or with force_4d_mask), the
-    explicit 4-D mask."""
-    pos = batch.get("position_ids")
-    if pos is None:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-    from dora_dist.losses import unwrapped_model
-
-    inner = unwrapped_model(model)
-    kwargs = {"input_ids": batch["input_ids"], "position_ids": pos, "use_cache": False}
-    if force_4d_mask or not masks_from_position_ids(inner):
-        impl = getattr(getattr(inner, "config", None), "_attn_implementation", None)
-        dtype = None if impl == "sdpa" else _compute_dtype(inner)
-        kwargs["attention_mask"] = block_causal_mask(pos, dtype)
-    return kwargs
-
-
-def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The floating dtype attention scores are added to: the input embeddings' (fp32 if none is found)."""
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    weight = getattr(emb, "weight", None)
-    return weight.dtype if weight is not None and weight.is_floating_point() else torch.float32

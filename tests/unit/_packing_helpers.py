@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from dora_dist.data import IGNORE_INDEX, TokenizedDataset
-from dora_dist.data.packing import pack_documents, packed_forward_kwargs
-from dora_dist.losses import causal_lm_loss_sum
+from dora_dist.data.packing import pack_documents
+from dora_dist.losses import causal_lm_loss_sum, packed_forward_kwargs
 
 #: Bound on |packed − alone| relative to max|logits| (or to the loss), from the unit roundoff u of the dtype: a
 #: logit is a chain of 3 decoder layers of dot products of length ≤ 512 (tiny Llama), each with a worst-case error

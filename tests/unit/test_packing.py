@@ -84,24 +84,19 @@ def test_explicit_4d_mask_fallback_keeps_documents_apart(cache, attn):
 
 def test_without_isolation_the_check_sees_the_leak(cache):
     """The check is sharp: the same blocks with one causal mask over the whole block (the old packing) fail it."""
-    from dora_dist.data import packing
+    import _packing_helpers
+    from dora_dist import losses
 
     model, tokenizer = tiny_dora_model(cache, torch.float32)
     examples = encoded_examples(tokenizer, "text", 6, seed=3)
-    real = packing.packed_forward_kwargs
 
     def leaky(model, batch):
         return {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(batch["input_ids"])}
 
-    try:
-        packing.packed_forward_kwargs = leaky
-        import _packing_helpers
-
-        _packing_helpers.packed_forward_kwargs = leaky
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(losses, "packed_forward_kwargs", leaky)
+        patch.setattr(_packing_helpers, "packed_forward_kwargs", leaky)
         errors = isolation_errors(model, examples, targets=[0], neighbours=[1, 2])
-    finally:
-        packing.packed_forward_kwargs = real
-        _packing_helpers.packed_forward_kwargs = real
     assert errors["logits"] > 1e-2 and errors["loss"] > 1e-3, errors
 
 
