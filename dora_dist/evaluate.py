@@ -39,8 +39,9 @@ def masked_loss_sum(model, batch: dict[str, torch.Tensor], denominator: int = 1)
     import torch.nn.functional as F
 
     from dora_dist.data import IGNORE_INDEX
+    from dora_dist.losses import packed_forward_kwargs
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**packed_forward_kwargs(model, batch)).logits
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,

@@ -15,10 +15,15 @@ output-embedding module's forward is replaced, once, by one that computes the ch
 pending (and its plain forward otherwise): the model's own forward returns the loss sum in the place of `logits`.
 Models that post-process logits (soft-capping, a logit scale) fall back to the plain loss; any other alteration of
 the returned value is detected and reported.
+
+Packed batches (data/packing.py) reach the model through `packed_forward_kwargs`: position ids that restart at every
+document and no 2-D mask, so transformers builds the block-diagonal causal mask; an explicit 4-D mask for a model
+whose attention code cannot.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 
 import torch
@@ -92,25 +97,93 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
                                            ignore_index)
 
 
+def _forward_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    position_ids: torch.Tensor | None) -> dict:
+    """The model's inputs: a packed batch (position_ids) keeps its documents apart (data/packing.py)."""
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        batch["position_ids"] = position_ids
+    return packed_forward_kwargs(model, batch)
+
+
 def plain_causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                             labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+                             labels: torch.Tensor, ignore_index: int = -100,
+                             position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: whole logits, upcast to fp32, cross-entropy summed over next-token targets."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(**_forward_kwargs(model, input_ids, attention_mask, position_ids)).logits
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))   # ≥ fp32 (fp64 reference runs)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                            ignore_index=ignore_index, reduction="sum")
 
 
-def _inner(model: nn.Module) -> nn.Module:
+def unwrapped_model(model: nn.Module) -> nn.Module:
     """The transformers model under DDP / DeepSpeed wrappers (FSDP2 and compiled blocks keep the root)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
 
 
+def _transformers_class(model: torch.nn.Module) -> type | None:
+    """The transformers class of a model (under an FSDP2 / compile class swap: the first one in its MRO)."""
+    return next((c for c in type(model).__mro__ if c.__module__.startswith("transformers.models.")), None)
+
+
+def masks_from_position_ids(model: torch.nn.Module) -> bool:
+    """Whether the model builds the block-diagonal mask from position ids itself: its modeling code creates its
+    masks through transformers.masking_utils and its attention implementation is one masking_utils serves."""
+    cached = getattr(model, "_dora_dist_masks_from_position_ids", None)
+    if cached is not None:
+        return cached
+    cls = _transformers_class(model)
+    module = sys.modules.get(cls.__module__) if cls is not None else None
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        served = impl in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    except ImportError:
+        served = False
+    answer = bool(served and module is not None and hasattr(module, "create_causal_mask"))
+    try:
+        model._dora_dist_masks_from_position_ids = answer
+    except AttributeError:  # pragma: no cover - a module that refuses attributes: decide again next time
+        pass
+    return answer
+
+
+def packed_forward_kwargs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                          force_4d_mask: bool = False) -> dict[str, torch.Tensor | bool | None]:
+    """Keyword arguments of the model's forward for a batch from `TokenizedDataset.collate`.
+
+    Unpacked batch: input_ids and the padding mask. Packed batch (it has position_ids): input_ids, position_ids, no
+    cache (a cache turns transformers' packed-sequence detection off) and no 2-D mask, so the model builds the
+    block-diagonal causal mask from the position ids; or, for a model that cannot (or with force_4d_mask), the
+    explicit 4-D mask."""
+    pos = batch.get("position_ids")
+    if pos is None:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    from dora_dist.data.packing import block_causal_mask
+
+    inner = unwrapped_model(model)
+    kwargs = {"input_ids": batch["input_ids"], "position_ids": pos, "use_cache": False}
+    if force_4d_mask or not masks_from_position_ids(inner):
+        impl = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+        dtype = None if impl == "sdpa" else _compute_dtype(inner)
+        kwargs["attention_mask"] = block_causal_mask(pos, dtype)
+    return kwargs
+
+
+def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype attention scores are added to: the input embeddings' (fp32 if none is found)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    return weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+
+
 def chunkable_head(model: nn.Module) -> nn.Module | None:
     """The output-embedding module if the chunked loss can stand in for it, else None (-> plain loss)."""
-    inner = _inner(model)
+    inner = unwrapped_model(model)
     get = getattr(inner, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if head is None or type(head) is not nn.Linear:  # a DoRA/quantized head: keep its own forward
@@ -152,17 +225,18 @@ def _loss_request(head: nn.Module, labels: torch.Tensor, chunk: int, ignore_inde
 
 def causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                        labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                       ignore_index: int = -100) -> torch.Tensor:
+                       ignore_index: int = -100, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Σ next-token cross-entropy of a batch, fp32. chunk_tokens > 0: chunked (never the whole logits in fp32);
-    0, or a model whose head cannot be replaced: the plain loss."""
+    0, or a model whose head cannot be replaced: the plain loss. position_ids: a packed batch, whose documents
+    restart their positions and see only themselves (see data/packing.py)."""
     head = chunkable_head(model) if chunk_tokens and chunk_tokens > 0 else None
     if head is None:
-        return plain_causal_lm_loss_sum(model, input_ids, attention_mask, labels, ignore_index)
+        return plain_causal_lm_loss_sum(model, input_ids, attention_mask, labels, ignore_index, position_ids)
     _install(head)
     with _loss_request(head, labels, int(chunk_tokens), ignore_index):
-        out = model(input_ids=input_ids, attention_mask=attention_mask)
+        out = model(**_forward_kwargs(model, input_ids, attention_mask, position_ids))
     loss = out.logits if hasattr(out, "logits") else out[0]
     if loss.ndim != 0 or loss.dtype not in (torch.float32, torch.float64):
-        raise RuntimeError(f"{type(_inner(model)).__name__} altered its head's output (got shape "
+        raise RuntimeError(f"{type(unwrapped_model(model)).__name__} altered its head's output (got shape "
                            f"{tuple(loss.shape)}, {loss.dtype}); set training.loss_chunk_tokens=0 for this model")
     return loss

@@ -50,8 +50,9 @@ def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int,
                      chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """Sum of next-token losses of this micro-batch / target tokens of the whole global batch (see Engine).
     lm_head + cross-entropy run over chunks of `chunk_tokens` tokens (0: whole fp32 logits), see losses.py."""
-    loss_sum = causal_lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                  chunk_tokens=chunk_tokens, ignore_index=IGNORE_INDEX)
+    loss_sum = causal_lm_loss_sum(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                                  chunk_tokens=chunk_tokens, ignore_index=IGNORE_INDEX,
+                                  position_ids=batch.get("position_ids"))
     return loss_sum / global_targets
 
 
@@ -229,6 +230,7 @@ def build(cfg: Config, env, prior: PriorRun | None = None) -> Job:
               eval_dataset=eval_dataset, resume_dir=resume_dir)
     if job.resume_dir is not None:
         extra = manager.load(engine, job.resume_dir)
+        engine.lr_from_schedule()                         # this job's schedule, not the saved optimizer's lr
         sampler.load_state_dict(extra["data"])
         job.start_step = job.step = job.last_saved = int(extra["step"])
         job.best_eval = extra.get("best_eval")
@@ -245,6 +247,8 @@ def build(cfg: Config, env, prior: PriorRun | None = None) -> Job:
               f"({100 * trainable / max(1, total):.2f}%) samples={len(dataset)} "
               + (f"eval_samples={len(eval_dataset)} " if eval_dataset is not None else "") + f"{batching.describe()}"
               + (f" resumed_from={job.resume_dir}" if job.resume_dir else ""), flush=True)
+        if dataset.packing is not None:
+            print(f"[dora_dist] {dataset.packing.describe()}", flush=True)
     return job
 
 
@@ -319,6 +323,7 @@ def finish(job: Job) -> dict:
                "stop_signal": job.preempted,
                "engine": engine.name, "world_size": env.world_size, "length": length_of(cfg),
                "batching": job.batching.to_dict(), "skipped_steps": job.skipped_steps,
+               "packing": job.dataset.packing.to_dict() if job.dataset.packing is not None else None,
                "first_loss": job.history[0] if job.history else None,
                "last_loss": job.history[-1] if job.history else None, "wall_s": time.time() - job.t0}
     if job.eval_dataset is not None:

@@ -11,6 +11,8 @@ Only safetensors is read or written: a pickled adapter_model.bin can run code wh
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -20,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dora_dist.adapters.config import DoRAConfig
+from dora_dist.adapters.config import ADAPTER_DTYPES, DoRAConfig
 from dora_dist.errors import AdapterError, InputNotFoundError
 from dora_dist.adapters.inject import (candidate_modules, dora_layers, find_modules_to_save, inject_dora,
                                        modules_to_save)
@@ -153,6 +155,16 @@ def _group_by_module(tensors: dict[str, torch.Tensor], source: str,
     return modules
 
 
+def saved_adapter_dtype(by_module: dict[str, dict[str, torch.Tensor]], default: str) -> str:
+    """The adapter dtype the file was saved in (the widest of its adapter tensors), so that a float64 adapter is
+    loaded as float64, not cast to the config's default; `default` when the tensors are of no adapter dtype."""
+    dtypes = [t.dtype for parts in by_module.values() for t in parts.values() if t.is_floating_point()]
+    if not dtypes:
+        return default
+    widest = functools.reduce(torch.promote_types, dtypes)
+    return next((name for name, dtype in ADAPTER_DTYPES.items() if dtype == widest), default)
+
+
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str | os.PathLike, allow_lora: bool = False) -> nn.Module:
     """Load a PEFT-format LoRA/DoRA adapter (saved by us or by peft) into a plain model, or into a model that
@@ -174,6 +186,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, allow_lora: boo
         if missing:
             raise AdapterError(f"{source} has adapters for modules this model ({type(model).__name__}) lacks: "
                                f"{missing[:5]}; is it an adapter of another base model?")
+        cfg = dataclasses.replace(cfg, adapter_dtype=saved_adapter_dtype(by_module, cfg.adapter_dtype))
         inject_dora(model, sorted(by_module), cfg, init_magnitude=False)
     layers = dict(dora_layers(model))
     for name, parts in by_module.items():

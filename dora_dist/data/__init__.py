@@ -2,28 +2,32 @@
 micro-batches of each optimizer step through a deterministic, resumable global-batch sampler."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dora_dist.data.sampler import GlobalBatchSampler
 from dora_dist.errors import DataError, InputNotFoundError, one_line
+from dora_dist.data.packing import PackingStats, pack_documents, position_ids
 from dora_dist.data.tokenize import (IGNORE_INDEX, check_chat_template, check_lengths, detect_format, encode_example,
-                                    n_targets, pack, truncate)
+                                    n_targets, truncate)
 
 LOCAL_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
 @dataclass
 class TokenizedDataset:
-    """Pre-tokenized examples (python lists) with their number of loss targets."""
+    """Pre-tokenized examples, or packed blocks of them (python lists), with their number of loss targets.
+    doc_lengths: for packed blocks, the lengths of the documents in each block (None without packing)."""
 
     input_ids: list[list[int]]
     labels: list[list[int]]
     targets: list[int]
     fmt: str
     pad_id: int
+    doc_lengths: list[list[int]] | None = None
+    packing: PackingStats | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -32,7 +36,9 @@ class TokenizedDataset:
         return sum(self.targets[i] for i in indices)
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Right-padded batch: input_ids, attention_mask, labels (-100 on padding)."""
+        """Right-padded batch: input_ids, labels (-100 on padding) and attention_mask; packed blocks get
+        position_ids restarting at every document (and over the padding) instead of the mask, from which the model
+        builds the block-diagonal causal mask (see data/packing.py)."""
         length = max(len(self.input_ids[i]) for i in indices)
         ids = torch.full((len(indices), length), self.pad_id, dtype=torch.long)
         labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long)
@@ -42,7 +48,10 @@ class TokenizedDataset:
             ids[row, :n] = torch.tensor(self.input_ids[i])
             labels[row, :n] = torch.tensor(self.labels[i])
             mask[row, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if self.doc_lengths is None:
+            return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        positions = torch.tensor([position_ids(self.doc_lengths[i], length) for i in indices], dtype=torch.long)
+        return {"input_ids": ids, "position_ids": positions, "labels": labels}
 
 
 def load_raw(dcfg, seed: int = 0):
@@ -151,7 +160,8 @@ def row_locator(source: str | None, rows: list[int] | None = None):
 
 
 def tokenize_raw(raw, dcfg, tokenizer, what: str = "training", where=None) -> TokenizedDataset:
-    """Encode by format, pack or truncate, drop examples without loss targets. where: see row_locator."""
+    """Encode by format, truncate to seq_len, drop examples without loss targets, then pack whole examples into
+    blocks (data.packing, see data/packing.py). where: see row_locator."""
     if len(raw) == 0:
         raise DataError(f"the {what} data set is empty (data.source={dcfg.source!r}); it has no examples")
     where = where or row_locator(dcfg.source)
@@ -159,14 +169,19 @@ def tokenize_raw(raw, dcfg, tokenizer, what: str = "training", where=None) -> To
     check_chat_template(fmt, tokenizer, dcfg)
     encoded = [encode_example(ex, fmt, tokenizer, dcfg, index=i, where=where) for i, ex in enumerate(raw)]
     check_lengths(encoded, dcfg, what, where)
-    encoded = pack(encoded, dcfg.seq_len) if dcfg.packing else truncate(encoded, dcfg.seq_len)
-    encoded = [(i, l) for i, l in encoded if n_targets(l) > 0]
-    if not encoded:
+    kept = [i for i, (_, labels) in enumerate(truncate(encoded, dcfg.seq_len)) if n_targets(labels) > 0]
+    if not kept:
         raise DataError(f"no {what} example has a token to learn from after tokenization (data.seq_len="
                         f"{dcfg.seq_len}, data.packing={dcfg.packing}); check data.seq_len and the data fields")
+    encoded = [encoded[i] for i in kept]
+    doc_lengths, stats = None, None
+    if dcfg.packing:
+        encoded, doc_lengths, stats = pack_documents(encoded, dcfg.seq_len)
+    else:
+        encoded = truncate(encoded, dcfg.seq_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TokenizedDataset([e[0] for e in encoded], [e[1] for e in encoded], [n_targets(e[1]) for e in encoded],
-                            fmt, int(pad or 0))
+                            fmt, int(pad or 0), doc_lengths, stats)
 
 
 def build_datasets(cfg, tokenizer, env=None) -> tuple[TokenizedDataset, TokenizedDataset | None]:

@@ -114,8 +114,8 @@ def _numbered(index: int) -> str:
 def check_lengths(encoded: list[tuple[list[int], list[int]]], dcfg, what: str = "training",
                   where: Callable[[int], str] = _numbered) -> None:
     """Refuse examples that data.seq_len cannot hold: a prompt (the tokens before the first one with a loss) as
-    long as seq_len, whose completion would be cut off or split from it; and, without packing, a data set in
-    which every example is longer than seq_len (all would be truncated: seq_len is surely too small)."""
+    long as seq_len, whose completion would be cut off or split from it; and a data set in which every example is
+    longer than seq_len (all would be truncated, packed or not: seq_len is surely too small)."""
     seq_len = dcfg.seq_len
     for index, (ids, labels) in enumerate(encoded):
         first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
@@ -123,10 +123,10 @@ def check_lengths(encoded: list[tuple[list[int], list[int]]], dcfg, what: str = 
             raise DataError(f"{what} example {where(index)}: its prompt is {first} tokens, not shorter than "
                             f"data.seq_len={seq_len}, so its completion does not fit; raise data.seq_len or shorten "
                             "the prompt")
-    if encoded and not dcfg.packing and all(len(ids) > seq_len for ids, _ in encoded):
+    if encoded and all(len(ids) > seq_len for ids, _ in encoded):
         shortest = min(len(ids) for ids, _ in encoded)
         raise DataError(f"every {what} example is longer than data.seq_len={seq_len} tokens (the shortest has "
-                        f"{shortest}) and would be truncated; raise data.seq_len or set data.packing=true")
+                        f"{shortest}) and would be truncated; raise data.seq_len (packing never splits an example)")
 
 
 def encode_example(example: dict[str, Any], fmt: str, tokenizer, dcfg, index: int | None = None,
@@ -142,22 +142,6 @@ def encode_example(example: dict[str, Any], fmt: str, tokenizer, dcfg, index: in
         return encode_prompt_completion(tokenizer, example[dcfg.prompt_field], example[dcfg.completion_field],
                                         dcfg.add_eos)
     return encode_chat(tokenizer, example[dcfg.messages_field], dcfg.add_eos)
-
-
-def pack(examples: list[tuple[list[int], list[int]]], seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """Concatenate all examples and cut into blocks of seq_len tokens (the last partial block is dropped).
-
-    A block boundary keeps no label on its first token (it has no left context from the block).
-    """
-    ids_all: list[int] = []
-    labels_all: list[int] = []
-    for ids, labels in examples:
-        ids_all.extend(ids)
-        labels_all.extend(labels)
-    blocks = []
-    for start in range(0, len(ids_all) - seq_len + 1, seq_len):
-        blocks.append((ids_all[start : start + seq_len], labels_all[start : start + seq_len]))
-    return blocks
 
 
 def truncate(examples, seq_len: int):

@@ -278,6 +278,19 @@ class Engine:
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def lr_from_schedule(self) -> None:
+        """Set the optimizer's lr to the schedule's value at its restored step. After a resume the optimizer holds
+        the lr saved with it (and LambdaLR.load_state_dict keeps it): stale for one step when the schedule changed,
+        as when a finished run is extended (training.max_steps raised)."""
+        sched = self.scheduler
+        if sched is None:
+            return
+        sched = getattr(sched, "scheduler", sched)          # unwrap, should an engine wrap the torch scheduler
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = list(lrs)
+
     # --- adapter export -------------------------------------------------------------------------------
     def adapter_state_dict(self, model: nn.Module | None = None) -> dict[str, torch.Tensor] | None:
         """Full adapter tensors in PEFT key format on rank 0 (None on other ranks). Default: no gathering."""

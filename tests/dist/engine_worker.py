@@ -4,7 +4,8 @@ process start is paid once):
 1. DDP and FSDP2 training runs of the tiny quickstart job (4 steps, global batch 8 = 2 ranks × micro 2 × accum 2);
 2. a QDoRA (NF4 base) run with DDP (3 steps);
 3. an FSDP2 run stopped after step 2 (checkpoint) and resumed to step 4;
-4. the FSDP2 magnitude init (from local rows, uneven shards, nonzero lora_B) vs the single-process init.
+4. the FSDP2 magnitude init (from local rows, uneven shards, nonzero lora_B) vs the single-process init;
+(--part compile: compiled blocks; --part packing: packed documents isolated under FSDP2.)
 
 Writes a JSON of results (rank 0); the test compares them with a single-process run.
 """
@@ -133,12 +134,35 @@ def chunked_loss_check(env) -> dict:
             "grad_max_rel_err": env.all_reduce_max(rel)}
 
 
+def packing_isolation_check(env, cache: str) -> dict:
+    """Under FSDP2 (2 ranks, each its own documents): a document's logits and loss packed with any neighbour equal
+    the document alone, for text, prompt/completion and chat data (tests/unit/_packing_helpers.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from _packing_helpers import encoded_examples, isolation_errors, tiny_dora_model
+
+    from dora_dist.config import load_config
+    from dora_dist.parallel.fsdp2 import FSDP2Engine
+
+    cfg = load_config(None, ["parallel.engine=fsdp2", "parallel.load_on_rank0=false"])
+    out = {}
+    for fmt in ("text", "prompt_completion", "chat"):
+        model, tokenizer = tiny_dora_model(cache)
+        engine = FSDP2Engine(cfg, env)
+        model = engine.wrap(model)
+        engine.init_magnitudes(model)
+        examples = encoded_examples(tokenizer, fmt, 10, seed=11)
+        errors = isolation_errors(model.eval(), examples, targets=[2 * env.rank, 2 * env.rank + 1],
+                                  neighbours=[4, 5, 6])
+        out[fmt] = {key: env.all_reduce_max(value) for key, value in errors.items()}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", required=True)
     p.add_argument("--cache", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--part", choices=("main", "compile"), default="main")
+    p.add_argument("--part", choices=("main", "compile", "packing"), default="main")
     args = p.parse_args()
     dist.init_process_group("gloo")
     from dora_dist.config import load_config
@@ -150,6 +174,13 @@ def main() -> int:
     work = Path(args.workdir)
     results: dict = {"world_size": env.world_size}
     base = common_overrides(args.cache)
+    if args.part == "packing":  # a short launch of its own (tests/dist/test_packing_fsdp2.py)
+        results["packing"] = packing_isolation_check(env, args.cache)
+        if env.is_main:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
     if args.part == "compile":  # a launch of its own: inductor compiles in every process (minutes on 2 cores)
         for engine in ("ddp", "fsdp2"):
             out = work / f"{engine}_compile"

@@ -134,3 +134,21 @@ def test_a_signal_during_the_last_step_finishes_the_run(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     monkeypatch.undo()
     assert trainer.main(args) == 0
+
+
+def test_extension_under_warmup_and_cosine_uses_the_new_schedule_from_its_first_step(tmp_path):
+    """6 steps, then extended to 9 with warmup + cosine: every step of the extension (7 first) logs the 9-step
+    schedule's lr, not the finished run's last one (LambdaLR.load_state_dict leaves the optimizer's old lr)."""
+    from dora_dist.parallel.base import warmup_cosine_lambda
+
+    common = ("checkpoint.save_final=true", "training.lr=0.01", "training.warmup_steps=2",
+              "training.lr_schedule=cosine", "training.min_lr_ratio=0.1")
+    train(load_job_config(None, _args(tmp_path, *common, "training.max_steps=6")))
+    assert main(["train", *_args(tmp_path, *common, "training.max_steps=9")]) == 0
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 10))
+    six, nine = warmup_cosine_lambda(2, 6, 0.1, "cosine"), warmup_cosine_lambda(2, 9, 0.1, "cosine")
+    for r in records:                       # the lr logged at step s is the one step s used: schedule(s - 1)
+        schedule = six if r["step"] <= 6 else nine
+        assert r["lr"] == pytest.approx(0.01 * schedule(r["step"] - 1), rel=1e-12), r
+    assert abs(nine(6) - six(5)) > 1e-3     # the stale value would be told apart

@@ -9,7 +9,7 @@ import pytest
 from dora_dist import models
 from dora_dist.config import load_config
 from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_dataset
-from dora_dist.data.tokenize import encode_chat, encode_prompt_completion, n_targets, pack
+from dora_dist.data.tokenize import encode_chat, encode_prompt_completion
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +35,6 @@ def test_chat_loss_on_assistant_turns_only(tokenizer):
     learned = tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
     assert "3 ." in learned and "4 ." in learned
     assert "1 + 2" not in learned and "answer briefly" not in learned and "<|user|>" not in learned
-
-
-def test_packing_makes_full_blocks():
-    ex = [([1, 2, 3], [1, 2, 3]), ([4, 5, 6, 7], [-100, -100, 6, 7]), ([8, 9], [8, 9])]
-    blocks = pack(ex, 4)
-    assert [b[0] for b in blocks] == [[1, 2, 3, 4], [5, 6, 7, 8]]
-    assert blocks[0][1] == [1, 2, 3, -100] and n_targets(blocks[1][1]) == 3
 
 
 @pytest.mark.parametrize("fmt", ["text", "prompt_completion", "chat"])
