@@ -280,6 +280,8 @@ def _check_all_loaded(model: nn.Module, filled: set[int], path) -> None:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is not None:
             tied = {id(p) for p in head.parameters(recurse=False)}
+    params = dict(model.named_parameters())
+    tied |= {id(params[copy]) for copy in _untied_copies(model) if copy in params}  # filled from their source
     missing = [name for name, p in model.named_parameters()
                if name.rsplit(".", 1)[-1] not in ADAPTER_PARAMS and id(p) not in filled and id(p) not in tied]
     if missing:
@@ -362,8 +364,20 @@ def finish_lowmem_load(model: nn.Module, cfg, env, device) -> dict:
     return stats
 
 
+def _untied_copies(model: nn.Module) -> dict[str, str]:
+    """{parameter: the parameter it is a trained copy of} (tied weights in dora.modules_to_save, adapters/inject.py)."""
+    from dora_dist.adapters.inject import UNTIED_ATTR
+
+    return dict(getattr(model, UNTIED_ATTR, {}) or {})
+
+
 def _retie_embeddings(model: nn.Module) -> None:
-    """to_empty() unties shared parameters; copy the input embedding into a tied output head (same row shards)."""
+    """to_empty() unties shared parameters; copy the input embedding into a tied output head (same row shards),
+    and each tied weight into the copy a modules_to_save module trains (a tied checkpoint stores it once)."""
+    params = dict(model.named_parameters())
+    for copy, source in _untied_copies(model).items():
+        if copy in params and source in params:
+            _local(params[copy])[0].copy_(_local(params[source])[0])
     if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         return
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
