@@ -23,7 +23,7 @@ def dense_dir(cache: Path) -> Path:
 
 
 def save_prequantized(cache: Path, out: Path, quant_type: str, double_quant: bool,
-                      compute_dtype: str = "float32") -> Path:
+                      compute_dtype: str = "float32", quant_storage: str = "uint8") -> Path:
     """Quantize the tiny Llama (loaded in float32, as the on-the-fly jobs with model.dtype=float32 do) with
     transformers + bitsandbytes on the CPU and save it to `out`."""
     import torch
@@ -31,7 +31,8 @@ def save_prequantized(cache: Path, out: Path, quant_type: str, double_quant: boo
 
     src = dense_dir(cache)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-                           bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+                           bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+                           bnb_4bit_quant_storage=getattr(torch, quant_storage))
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=torch.float32,
                                                  device_map={"": "cpu"})
     model.save_pretrained(out)

@@ -7,8 +7,9 @@ One rule, applied before any engine is chosen (so `parallel.engine=auto` and pre
 - `quantization.mode=none` (the default) on such a checkpoint takes the checkpoint's settings (quant type, double
   quantization, compute dtype, quant storage) and says so in one line: a 4-bit base is never trained believing it
   dense (it cannot be un-quantized: the dense weights are gone).
-- any other `quantization` section must agree with the checkpoint on every one of those settings; a contradiction is
-  a ConfigError that names both values.
+- any other `quantization` section must agree with the checkpoint on the quant type, double quantization and
+  compute dtype; a contradiction is a ConfigError that names both values (quant_storage is only the dtype the same
+  packed bytes are viewed as: the checkpoint's is used).
 
 FSDP2 then streams the stored packed rows into its row-sharded 4-bit tensors (`read_packed_rows`): the same bytes
 and quantization constants, no re-quantization and no dense copy.
@@ -52,6 +53,12 @@ class CheckpointQuantization:
 #: quantization.* key -> the checkpoint's quantization_config key it is read from (for error messages)
 CHECKPOINT_KEYS = {"mode": "bnb_4bit_quant_type", "double_quant": "bnb_4bit_use_double_quant",
                    "compute_dtype": "bnb_4bit_compute_dtype", "quant_storage": "bnb_4bit_quant_storage"}
+
+
+#: the settings a job's section must share with the checkpoint. quant_storage is only the dtype the packed bytes
+#: are viewed as (the bytes are the same): the checkpoint's is used whatever the section says (fsdp2 requires
+#: uint8 in the section and views the stored bytes as uint8 rows)
+COMPARED = ("mode", "double_quant", "compute_dtype")
 
 
 def _fmt(value) -> str:
@@ -121,7 +128,7 @@ def reconcile(cfg, found: CheckpointQuantization | None) -> tuple[object, str | 
         return cfg, (f"[dora_dist] model {name} is a pre-quantized bitsandbytes checkpoint: training its 4-bit base "
                      f"with the checkpoint's settings (quantization.{found.describe().replace(', ', ', quantization.')})")
     clashes = [f"quantization.{key}={_fmt(getattr(q, key))} vs the checkpoint's {CHECKPOINT_KEYS[key]}={_fmt(value)}"
-               for key, value in found.settings().items() if getattr(q, key) != value]
+               for key, value in found.settings().items() if key in COMPARED and getattr(q, key) != value]
     if clashes:
         raise ConfigError(f"model.name_or_path={name} is a pre-quantized bitsandbytes checkpoint ({found.describe()}) "
                           f"and the job's quantization section contradicts it: {'; '.join(clashes)}. Remove the "

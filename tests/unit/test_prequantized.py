@@ -145,6 +145,32 @@ def test_streamed_rows_equal_quantizing_on_the_fly(checkpoints, quant_type, doub
     assert math.isfinite(float(next(iter(_sharded_modules(pre)))[1].weight.dequantize().abs().sum()))
 
 
+def test_bfloat16_quant_storage_streams_the_same_bytes(checkpoints, tmp_path):
+    """A checkpoint whose packed bytes are stored as bfloat16 (FSDP1-style quant_storage) holds the same bytes:
+    each rank's rows read from it equal the uint8 checkpoint's; the job's section need not name the storage."""
+    from safetensors import safe_open
+
+    from dora_dist.models.lowmem_load import build_lowmem_qdora_model, load_safetensors_lowmem, materialize
+    from dora_dist.models.prequantized import adopt_checkpoint_quantization
+
+    cache, dirs = checkpoints
+    ckpt = save_prequantized(cache, tmp_path / "bf16", "nf4", True, quant_storage="bfloat16")
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight").get_dtype() == "BF16"
+    models = []
+    for path in (dirs["nf4-dq"], ckpt):
+        cfg, report = adopt_checkpoint_quantization(load_config(None, [
+            f"model.name_or_path={path}", "model.dtype=float32", "quantization.mode=nf4",
+            "quantization.compute_dtype=float32"]))
+        model = build_lowmem_qdora_model(cfg)
+        materialize(model, "cpu")
+        load_safetensors_lowmem(model, path, weight_dtype=torch.float32)
+        models.append(model)
+    assert "quant_storage=bfloat16" in report
+    for (name, a), (_, b) in zip(_sharded_modules(models[0]), _sharded_modules(models[1])):
+        assert torch.equal(a.weight.qdata, b.weight.qdata), name
+
+
 def test_streaming_into_a_model_of_other_settings_names_both(checkpoints):
     """A checkpoint streamed into 4-bit layers built for another format fails naming the stored and expected one."""
     from dora_dist.models.lowmem_load import build_lowmem_qdora_model, load_safetensors_lowmem, materialize
