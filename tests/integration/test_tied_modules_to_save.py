@@ -76,3 +76,20 @@ def test_our_loader_equals_the_trained_model(trained):
     with torch.no_grad():
         got = model(input_ids=probe_ids()).logits
     torch.testing.assert_close(got.to(logits.dtype), logits, rtol=0, atol=1e-5)
+
+
+def test_merged_model_keeps_the_trained_head(trained, tmp_path):
+    """`dora-dist merge` of the adapter on the tied base saves an untied model (lm_head and embeddings each their
+    own) whose logits are the trained model's, to the same float32 bound as the loader above."""
+    from transformers import AutoModelForCausalLM
+
+    from dora_dist.cli import main
+
+    _, logits, adapter = trained
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64).eval()
+    assert merged.config.tie_word_embeddings is False
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    with torch.no_grad():
+        got = merged(input_ids=probe_ids()).logits
+    torch.testing.assert_close(got, logits, rtol=0, atol=1e-5)
