@@ -144,7 +144,7 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
     from dora_dist.models.prequantized import adopt_checkpoint_quantization
 
     world = launch_world_size() if world_size is None else world_size
-    cfg, _ = adopt_checkpoint_quantization(cfg)  # a pre-quantized checkpoint's settings (or a contradiction error)
+    cfg, _ = adopt_checkpoint_quantization(cfg)  # a pre-quantized checkpoint's settings, or a contradiction error
     for rule in RULES:
         rule(cfg, world)
 

@@ -115,8 +115,8 @@ def local_config_json(cfg) -> dict | None:
 
 
 def reconcile(cfg, found: CheckpointQuantization | None) -> tuple[object, str | None]:
-    """(the job config to run, a one-line report for the log, None for a dense checkpoint). A copy carries the checkpoint's settings when
-    quantization.mode=none; a contradicting quantization section raises a ConfigError naming both values."""
+    """(the job config to run, a one-line report for the log or None for a dense checkpoint). A copy carries the
+    checkpoint's settings when quantization.mode=none; a contradicting section raises a ConfigError naming both."""
     if found is None:
         return cfg, None
     name = cfg.model.name_or_path
@@ -125,8 +125,9 @@ def reconcile(cfg, found: CheckpointQuantization | None) -> tuple[object, str | 
         cfg = copy.deepcopy(cfg)
         for key, value in found.settings().items():
             setattr(cfg.quantization, key, value)
+        keys = ", ".join(f"quantization.{k}={_fmt(v)}" for k, v in found.settings().items())
         return cfg, (f"[dora_dist] model {name} is a pre-quantized bitsandbytes checkpoint: training its 4-bit base "
-                     f"with the checkpoint's settings (quantization.{found.describe().replace(', ', ', quantization.')})")
+                     f"with the checkpoint's settings ({keys})")
     clashes = [f"quantization.{key}={_fmt(getattr(q, key))} vs the checkpoint's {CHECKPOINT_KEYS[key]}={_fmt(value)}"
                for key, value in found.settings().items() if key in COMPARED and getattr(q, key) != value]
     if clashes:

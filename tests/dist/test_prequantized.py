@@ -1,10 +1,10 @@
 """Pre-quantized bitsandbytes checkpoints on 2 gloo ranks (issue 22, item 2): FSDP2 streams the stored packed rows
 into its row-sharded 4-bit tensors (it crashed in models/lowmem_load.py: `shape (49152, 1), the model expects
-(192, 512)`), the same bytes on every rank (nf4 + dq here) as quantizing the dense model on the fly; engine auto (ddp for a 4-bit
-base; it picked fsdp2 and crashed the same way), zero2 and fsdp2 train it with the losses and adapter of the
-on-the-fly run. Cases (tiny model, 3 steps): fsdp2 nf4+dq and fp4, auto/ddp nf4+dq, zero2 fp4+dq; the four
-combinations on the one-process path and on FSDP2's streamed bytes are in tests/unit/test_prequantized.py and
-tests/integration/test_prequantized_train.py."""
+(192, 512)`), the same bytes on every rank (nf4 + dq here) as quantizing the dense model on the fly; engine auto
+(ddp for a 4-bit base; it picked fsdp2 and crashed the same way), zero2 and fsdp2 train it with the losses and
+adapter of the on-the-fly run. Cases (tiny model, 3 steps): fsdp2 nf4+dq and fp4, auto/ddp nf4+dq, zero2 fp4+dq;
+the four combinations on the one-process path and on FSDP2's streamed bytes are in tests/unit/test_prequantized.py
+and tests/integration/test_prequantized_train.py."""
 from __future__ import annotations
 
 import json

@@ -90,6 +90,7 @@ def _sharded_modules(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ShardedLinear4bit)]
 
 
+@pytest.mark.slow  # the fixture quantizes and saves the model four times (~20 s on 2 cores)
 @pytest.mark.parametrize("quant_type, double_quant", COMBOS, ids=[combo_name(*c) for c in COMBOS])
 def test_streamed_rows_equal_quantizing_on_the_fly(checkpoints, quant_type, double_quant, monkeypatch):
     """Each half of every 4-bit weight (the rows a rank of 2 keeps) read from the pre-quantized checkpoint equals
@@ -145,6 +146,7 @@ def test_streamed_rows_equal_quantizing_on_the_fly(checkpoints, quant_type, doub
     assert math.isfinite(float(next(iter(_sharded_modules(pre)))[1].weight.dequantize().abs().sum()))
 
 
+@pytest.mark.slow
 def test_bfloat16_quant_storage_streams_the_same_bytes(checkpoints, tmp_path):
     """A checkpoint whose packed bytes are stored as bfloat16 (FSDP1-style quant_storage) holds the same bytes:
     each rank's rows read from it equal the uint8 checkpoint's; the job's section need not name the storage."""
@@ -171,6 +173,7 @@ def test_bfloat16_quant_storage_streams_the_same_bytes(checkpoints, tmp_path):
         assert torch.equal(a.weight.qdata, b.weight.qdata), name
 
 
+@pytest.mark.slow
 def test_streaming_into_a_model_of_other_settings_names_both(checkpoints):
     """A checkpoint streamed into 4-bit layers built for another format fails naming the stored and expected one."""
     from dora_dist.models.lowmem_load import build_lowmem_qdora_model, load_safetensors_lowmem, materialize
