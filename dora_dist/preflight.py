@@ -189,7 +189,10 @@ def launch_world_size() -> int:
 
 def preflight(cfg: Config, world_size: int | None = None) -> None:
     """Run every rule; the first problem is raised as a UserError. world_size: default WORLD_SIZE (or 1)."""
+    from dora_dist.models.prequantized import adopt_checkpoint_quantization
+
     world = launch_world_size() if world_size is None else world_size
+    cfg, _ = adopt_checkpoint_quantization(cfg)  # a pre-quantized checkpoint's settings, or a contradiction error
     for rule in RULES:
         rule(cfg, world)
 

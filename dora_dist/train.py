@@ -26,6 +26,7 @@ from dora_dist.evaluate import eval_due, format_eval_line, run_eval
 from dora_dist.loggers import check_loggers, make_loggers
 from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
 from dora_dist.metrics import format_line, plot_loss
+from dora_dist.models.prequantized import adopt_checkpoint_quantization
 from dora_dist.nonfinite import (NonFiniteLossError, applied_nonfinite_step,  # noqa: F401 (re-exported)
                                  report_skipped_step, skip_reason)
 from dora_dist.parallel import DistEnv, make_engine, step_probe
@@ -94,8 +95,12 @@ class Job:
 def train(cfg: Config) -> dict:
     """Run the job described by `cfg`; returns a summary (rank 0 has the full one)."""
     quiet_third_party()
+    # a pre-quantized checkpoint's bitsandbytes settings become the job's (models/prequantized.py), before any check
+    cfg, notice = adopt_checkpoint_quantization(cfg)
     preflight(cfg)  # what the config and this machine can tell, before any process group or model work
     env = DistEnv.from_environ(device=cfg.training.device)
+    if notice and env.is_main:
+        print(notice, flush=True)
     try:
         # step_probe: off unless a benchmark sets DORA_DIST_COUNT_COMM / DORA_DIST_MEMORY_STEP
         with step_probe.probing(), PreemptionGuard() as guard:

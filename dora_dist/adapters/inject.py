@@ -92,7 +92,9 @@ def find_modules_to_save(model: nn.Module, modules_to_save: list[str] | None, st
     """Full names of the modules `modules_to_save` selects (suffix match on whole name components, outermost only).
 
     Unlike peft we do not wrap them in a copy: they are trained in place, which keeps DDP/FSDP seeing plain
-    parameters; the adapter file still holds them under peft's keys (`base_model.model.<module>.<param>`).
+    parameters; the adapter file still holds them under peft's keys (`base_model.model.<module>.<param>`). A
+    parameter they share with another module (tied embeddings) is first given its own copy, as peft's wrapper copies
+    the module (`untie_modules_to_save`).
     strict=False ignores names the model lacks (peft's configs for SEQ_CLS list both "classifier" and "score").
     """
     if not modules_to_save:
@@ -122,6 +124,55 @@ def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
     return {n: model.get_submodule(n) for n in names}
 
 
+#: on a model after `inject_dora`: {parameter of a modules_to_save module given its own copy: the name it was tied to}
+UNTIED_ATTR = "dora_untied"
+
+
+def untie_modules_to_save(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Give every parameter of the modules_to_save that is shared with a module outside them its own copy.
+
+    The one rule for tied weights (e.g. lm_head tied to the input embeddings): the saved module trains a copy and
+    the module it was tied to keeps the base weights, exactly what peft does (its ModulesToSaveWrapper trains a copy
+    of the module; peft reloads our adapter the same way, so its logits equal the trained model's). Training the
+    shared tensor instead would move the input embeddings too, which the adapter file cannot carry under
+    peft's default loading. The model's config is marked untied so nothing re-ties them (transformers'
+    tie_weights, a merged model's save_pretrained). A copy of a meta parameter stays on meta; a ZeRO-3 partitioned
+    one is gathered to copy it. Returns {copy: the parameter it was tied to}, also kept as `model.dora_untied`.
+    """
+    owners: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{mod_name}.{attr}" if mod_name else attr)
+    untied: dict[str, str] = dict(getattr(model, UNTIED_ATTR, {}) or {})
+    for name in names:
+        for sub_name, sub in model.get_submodule(name).named_modules():
+            for attr, param in list(sub.named_parameters(recurse=False)):
+                full = ".".join(p for p in (name, sub_name, attr) if p)
+                inside = name + "."
+                others = [o for o in owners.get(id(param), []) if not o.startswith(inside)]
+                if not others:
+                    continue
+                setattr(sub, attr, nn.Parameter(_full_copy(param), requires_grad=param.requires_grad))
+                untied[full] = others[0]
+    if untied:
+        config = getattr(model, "config", None)
+        for c in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c}.values():
+            if getattr(c, "tie_word_embeddings", False):
+                c.tie_word_embeddings = False
+    setattr(model, UNTIED_ATTR, untied)
+    return untied
+
+
+@torch.no_grad()
+def _full_copy(param: torch.Tensor) -> torch.Tensor:
+    if hasattr(param, "ds_id"):  # ZeRO-3 partitioned: gather the whole tensor to copy it (DeepSpeed converts the
+        import deepspeed  # copy into a partitioned parameter when it wraps the model)
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.data.detach().clone()
+    return param.detach().clone()
+
+
 def inject_dora(model: nn.Module, names: list[str], cfg: DoRAConfig, init_magnitude: bool = True) -> nn.Module:
     """Replace exactly the named modules by DoRALinear; freeze everything but them and cfg.modules_to_save."""
     for param in model.parameters():
@@ -131,7 +182,9 @@ def inject_dora(model: nn.Module, names: list[str], cfg: DoRAConfig, init_magnit
         layer = DoRALinear(base, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
                            use_dora=cfg.use_dora, adapter_dtype=cfg.torch_adapter_dtype, init_magnitude=init_magnitude)
         _set_submodule(model, name, layer)
-    for name in find_modules_to_save(model, cfg.modules_to_save, strict=False):
+    saved = find_modules_to_save(model, cfg.modules_to_save, strict=False)
+    untie_modules_to_save(model, saved)  # a tied module trains its own copy, as in peft
+    for name in saved:
         model.get_submodule(name).requires_grad_(True)
     model.dora_config = cfg
     return model

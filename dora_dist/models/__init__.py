@@ -236,10 +236,16 @@ def load_model(cfg, env=None, plan=None) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
         return model.to(device)
     path = resolve_model_path(cfg, env)
+    from dora_dist.models.prequantized import check_loaded_config, checkpoint_quantization
+
+    hf_config = model_config(cfg, env)
+    check_loaded_config(cfg, hf_config)  # a pre-quantized base is loaded as one, with its own settings
+    prequantized = checkpoint_quantization(hf_config.to_dict()) is not None
     qcfg = quantization_config(cfg)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision, **common)
     if qcfg is not None:
-        kwargs["quantization_config"] = qcfg
+        if not prequantized:  # else transformers reads the (matching, see prequantized.reconcile) saved settings
+            kwargs["quantization_config"] = qcfg
         kwargs["device_map"] = {"": str(device) if str(device) != "cuda" else torch.cuda.current_device()}
         if str(device).startswith("cuda") and torch.device(device).index is not None:
             kwargs["device_map"] = {"": torch.device(device).index}

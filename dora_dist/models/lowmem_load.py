@@ -11,6 +11,9 @@ allocated (`to_empty`) and filled from the safetensors files, one tensor at a ti
   on the whole matrix. Chunks start at block boundaries, so the result is bit-identical to quantizing the full
   matrix in one call, and the peak is one bf16 chunk + this rank's 4-bit rows + one matrix's absmax.
 
+A pre-quantized checkpoint (bitsandbytes packed bytes + quant state, models/prequantized.py) is not re-quantized:
+each rank reads only its rows' stored bytes and the (small) quantization state, and re-lays them out by rows.
+
 Every rank reads each linear weight in full (to get the global double-quant statistics) but holds at most one
 chunk of it; the 70B job thus needs ~1/N of the 4-bit model per GPU plus a few MiB of staging.
 Then `init_adapters` draws lora_A exactly as a single process would (same seed, same module order) and writes
@@ -197,10 +200,29 @@ def load_safetensors_lowmem(model: nn.Module, path: str | Path, strict: bool = T
     """
     from safetensors import safe_open
 
+    from dora_dist.models.prequantized import load_quant_state, quant_state_keys, read_packed_rows
+
     loaded, skipped, max_staging, filled = 0, [], 0, set()
-    for file in checkpoint_files(path):
+    files = checkpoint_files(path)
+    key_file = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            key_file.update((k, file) for k in f.keys())
+    state_keys = {k: quant_state_keys(k, key_file) for k in key_file if k.endswith(".weight")}
+    state_of = {sk for keys in state_keys.values() for sk in keys}  # read with their weight, not on their own
+
+    def read_state(key):
+        tensors = {}
+        for sk in state_keys[key]:
+            with safe_open(str(key_file[sk]), framework="pt", device="cpu") as g:
+                tensors[sk] = g.get_tensor(sk)
+        return load_quant_state(key, tensors)
+
+    for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
+                if key in state_of:
+                    continue
                 target = _resolve(model, key)
                 if target is None:
                     skipped.append(key)
@@ -210,10 +232,20 @@ def load_safetensors_lowmem(model: nn.Module, path: str | Path, strict: bool = T
                 sl = f.get_slice(key)
                 shape = tuple(sl.get_shape())
                 local, r0 = _local(param)
-                if tuple(param.shape) != shape:
+                prequantized = bool(state_keys.get(key))
+                if tuple(param.shape) != shape and not prequantized:
                     raise ValueError(f"{file.name}:{key} has shape {shape}, the model expects {tuple(param.shape)}")
                 r1 = r0 + (local.shape[0] if local.dim() else 0)
-                if isinstance(module, ShardedLinear4bit) and attr == "weight":
+                if prequantized:  # a pre-quantized checkpoint: this rank's stored bytes, not re-quantized
+                    if not (isinstance(module, ShardedLinear4bit) and attr == "weight"):
+                        raise ValueError(f"{file.name}:{key} is stored 4-bit but the model has a dense {key}")
+                    qs = read_state(key)
+                    if tuple(qs.shape) != tuple(param.shape):
+                        raise ValueError(f"{file.name}:{key} has shape {tuple(qs.shape)}, the model expects "
+                                         f"{tuple(param.shape)}")
+                    local.copy_(read_packed_rows(sl, qs, (r0, r1), local.dtype, local.meta, key))
+                    max_staging = max(max_staging, (r1 - r0) * int(qs.shape[1]) // 2)
+                elif isinstance(module, ShardedLinear4bit) and attr == "weight":
                     m = local.meta
                     staging = []
 
@@ -248,6 +280,8 @@ def _check_all_loaded(model: nn.Module, filled: set[int], path) -> None:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is not None:
             tied = {id(p) for p in head.parameters(recurse=False)}
+    params = dict(model.named_parameters())
+    tied |= {id(params[copy]) for copy in _untied_copies(model) if copy in params}  # filled from their source
     missing = [name for name, p in model.named_parameters()
                if name.rsplit(".", 1)[-1] not in ADAPTER_PARAMS and id(p) not in filled and id(p) not in tied]
     if missing:
@@ -303,7 +337,10 @@ def build_lowmem_qdora_model(cfg, env=None) -> nn.Module:
     if cfg.model.config is not None and cfg.model.name_or_path != models.BUILTIN_NAME:
         raise ValueError("quantization needs pretrained weights; a model built from model.config cannot be loaded "
                          "in 4 bits (save it with save_pretrained first)")
+    from dora_dist.models.prequantized import check_loaded_config
+
     hf_config = models.model_config(cfg, env)
+    check_loaded_config(cfg, hf_config)  # a pre-quantized checkpoint's settings are the job's (its bytes are kept)
     dtype = models.base_dtype(cfg)
     compute_dtype = models.DTYPES[cfg.quantization.compute_dtype]
     extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
@@ -327,8 +364,20 @@ def finish_lowmem_load(model: nn.Module, cfg, env, device) -> dict:
     return stats
 
 
+def _untied_copies(model: nn.Module) -> dict[str, str]:
+    """{parameter: the parameter it is a trained copy of} (tied weights in dora.modules_to_save, adapters/inject.py)."""
+    from dora_dist.adapters.inject import UNTIED_ATTR
+
+    return dict(getattr(model, UNTIED_ATTR, {}) or {})
+
+
 def _retie_embeddings(model: nn.Module) -> None:
-    """to_empty() unties shared parameters; copy the input embedding into a tied output head (same row shards)."""
+    """to_empty() unties shared parameters; copy the input embedding into a tied output head (same row shards),
+    and each tied weight into the copy a modules_to_save module trains (a tied checkpoint stores it once)."""
+    params = dict(model.named_parameters())
+    for copy, source in _untied_copies(model).items():
+        if copy in params and source in params:
+            _local(params[copy])[0].copy_(_local(params[source])[0])
     if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         return
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)

@@ -147,6 +147,10 @@ CASES: list[Case] = [
          ("dora.target_modules", "GPT2LMHeadModel", "c_attn")),
     Case("model", "4-bit without bitsandbytes", lambda a: a.train("quantization.mode=nf4"),
          ("quantization.mode=nf4 needs bitsandbytes", "pip install"), block=("bitsandbytes",)),
+    Case("model", "a quantization section contradicting a pre-quantized checkpoint",
+         lambda a: a.train(f"model.name_or_path={a['prequantized']}", "quantization.mode=fp4"),
+         ("pre-quantized bitsandbytes checkpoint", "quantization.mode=fp4 vs the checkpoint's bnb_4bit_quant_type=nf4",
+          "Remove the quantization section")),
     Case("model", "trust_remote_code needed but off", lambda a: a.train(f"model.name_or_path={a['custom_code']}"),
          ("auto_map", "model.trust_remote_code=true")),
     # --- adapters (dora-dist merge / generate) ---------------------------------------------------------------------
@@ -284,6 +288,14 @@ def assets(tmp_path_factory) -> Assets:
     (f["custom_code"] / "config.json").write_text(json.dumps({
         "model_type": "dora_custom_lm", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
                                                      "AutoModelForCausalLM": "modeling_custom.CustomLM"}}))
+    # a pre-quantized checkpoint as preflight sees it: config.json with bitsandbytes' quantization_config
+    f["prequantized"] = tmp / "prequantized"
+    f["prequantized"].mkdir()
+    config = json.loads((builtin / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                                     "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8"}
+    (f["prequantized"] / "config.json").write_text(json.dumps(config))
     f["not_a_checkpoint"] = tmp / "not_a_checkpoint"
     f["not_a_checkpoint"].mkdir()
     (f["not_a_checkpoint"] / "notes.txt").write_text("not a checkpoint\n")
