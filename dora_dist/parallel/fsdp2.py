@@ -169,6 +169,52 @@ class FSDP2Engine(Engine):
         return out if self.env.is_main else None
 
 
+    # --- DoRA health ------------------------------------------------------------------------------------
+    def dora_row_views(self, model: nn.Module | None = None):
+        """Each rank's own rows (W, m and lora_B share the dim-0 shards): W·Aᵀ from the local weight rows with
+        lora_A gathered (COLLECTIVE: r·in floats per layer), no weight gather. Conv1D bases, whose shards hold input
+        rows, gather that one layer's weight on every rank and rank 0 counts it."""
+        from dora_dist.health import RowView
+        from dora_dist.parallel.base import clean_param_name
+
+        device = self.env.device
+        for name, layer in dora_layers(self.unwrap(model)):
+            if layer.magnitude is None or layer.merged:
+                continue
+            name, weight = clean_param_name(name), layer.base_layer.weight
+            if not isinstance(weight, DTensor):
+                yield RowView.whole_layer(name, layer, owner=self.env.is_main)
+                continue
+            a = _full(layer.lora_A, device)                                   # COLLECTIVE: all-gather A (r, in)
+            if layer.fan_in_fan_out:
+                full = layer.weight_source.over_rows(weight.full_tensor())   # COLLECTIVE: one layer's weight
+                yield RowView(name, torch.arange(layer.out_features, device=device), _full(layer.magnitude, device),
+                              _full(layer.lora_B, device), a, full.row_sq_norms().to(device),
+                              full.times_A(a).to(device), layer.scaling, owner=self.env.is_main)
+                continue
+            local = weight.to_local()
+            mesh = weight.device_mesh
+            chunks = torch.chunk(torch.arange(layer.out_features, device=device), mesh.size())
+            rank = mesh.get_local_rank()
+            rows = chunks[rank] if rank < len(chunks) else torch.arange(0, device=device)
+            source = layer.weight_source.over_rows(local)
+            cached = layer.base_row_sq
+            row_sq = cached.to(device)[rows] if cached is not None else source.row_sq_norms().to(device)
+            yield RowView(name, rows, layer.magnitude.to_local().detach().to(device),
+                          layer.lora_B.to_local().detach().to(device), a, row_sq, source.times_A(a).to(device),
+                          layer.scaling)
+
+
+def _full(t, device: torch.device) -> torch.Tensor:
+    """A (possibly DTensor) parameter as a whole plain tensor on `device`. COLLECTIVE for a DTensor."""
+    t = t.detach()
+    if isinstance(t, DTensor):
+        if t.device.type != device.type:
+            t = t.to(device)
+        return t.full_tensor()
+    return t.to(device)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # DoRA norms of row-sharded layers (the one FSDP2 norm path: the engine, tests and benchmarks call this)
 # ------------------------------------------------------------------------------------------------------------
