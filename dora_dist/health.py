@@ -88,40 +88,6 @@ def initial_magnitude(row_sq: torch.Tensor, lora_A: torch.Tensor, m_dtype: torch
     return row_sq.to(acc).clamp_min(0).sqrt().to(m_dtype)
 
 
-@torch.no_grad()
-def change_sums(view: RowView) -> tuple[torch.Tensor, float]:
-    """(sums[ROWS, REL_DM, ABS_DM, DD, ., ., REL_ROWS] of this view, max |m − m₀|/m₀), float64."""
-    out = torch.zeros(N_SUMS, dtype=torch.float64)
-    if not view.owner or view.rows.numel() == 0:
-        return out, 0.0
-    s = float(view.scaling)
-    m = view.magnitude.double()
-    a, b = view.lora_A.double(), view.lora_B.double()
-    w_sq = view.row_sq.double().clamp_min(0)
-    w = w_sq.sqrt()
-    cross = (b * view.w_times_a.double()).sum(1)                  # ⟨D, W⟩
-    d_sq = ((b @ (a @ a.t())) * b).sum(1)                         # ‖D‖²
-    v = (w_sq + 2 * s * cross + s * s * d_sq).clamp_min(0).sqrt()
-    inner = w_sq + s * cross                                      # ⟨V, W⟩
-    vw = v * w
-    sin_num = (s * s) * (d_sq * w_sq - cross * cross).clamp_min(0)
-    safe = torch.where(vw > 0, vw, torch.ones_like(vw))
-    one_minus_cos = torch.where(inner > 0, sin_num / (safe * (safe + inner)), 1 - inner / safe)
-    one_minus_cos = torch.where(m < 0, 2 - one_minus_cos, one_minus_cos)  # W' = m·V/‖V‖ points against V
-    tuned_norm = torch.where(v > 0, m.abs(), torch.zeros_like(m))        # ‖W'ᵢ‖
-    both_zero, one_zero = (w == 0) & (tuned_norm == 0), (w == 0) != (tuned_norm == 0)
-    one_minus_cos = torch.where(one_zero, 1.0, torch.where(both_zero, 0.0, one_minus_cos))
-    m0 = initial_magnitude(view.row_sq, view.lora_A, view.magnitude.dtype).double()
-    rel = (m - m0).abs() / torch.where(m0 > 0, m0, torch.ones_like(m0))
-    rel = torch.where(m0 > 0, rel, torch.zeros_like(rel))
-    out[ROWS] = m.numel()
-    out[REL_DM] = rel.sum().cpu()
-    out[ABS_DM] = (tuned_norm - w).abs().sum().cpu()
-    out[DD] = one_minus_cos.sum().cpu()
-    out[REL_ROWS] = (m0 > 0).sum().cpu()
-    return out, float(rel.max()) if rel.numel() else 0.0
-
-
 def probe_base_out(rows: torch.Tensor, row_sq: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:
     """A deterministic stand-in for x·Wᵀ: column i has ‖Wᵢ‖ times unit-variance values (what x with unit-variance
     entries gives), drawn from a low-discrepancy sequence of (token, global row), so every sharding of the rows
@@ -133,27 +99,120 @@ def probe_base_out(rows: torch.Tensor, row_sq: torch.Tensor, tokens: int, dtype:
 
 
 Epilogue = Callable[..., torch.Tensor]
+#: rows measured in one batch (its largest tensors: PROBE_TOKENS × rows float64, 16 MiB)
+BATCH_ROWS = 1 << 16
 
 
 @torch.no_grad()
-def effective_share_sums(view: RowView, dtype: torch.dtype, epilogue: Epilogue | None = None,
-                         tokens: int = PROBE_TOKENS) -> tuple[float, float]:
-    """(⟨Δy, ref⟩, ⟨ref, ref⟩) of the layer's own forward composition in `dtype` on a probe z (xa = 0):
-    Δy = epilogue(z, m) − epilogue(z, m := ‖V‖) (scale exactly 1), ref = (m/‖V‖ − 1) ⊙ z in float64.
-    share = Σ⟨Δy, ref⟩ / Σ⟨ref, ref⟩: 1 when the forward carries the scale, 0 when it rounds it to 1."""
-    if not view.owner or view.rows.numel() == 0:
-        return 0.0, 0.0
+def _batch_sums(views: list[RowView], dtype: torch.dtype, epilogue: Epilogue, tokens: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums (L, N_SUMS), max |m − m₀|/m₀ (L,)) of views that share r, scaling, dtypes and device: their rows are
+    concatenated, so the whole batch costs a few dozen ops plus one small matmul per layer.
+
+    Per row: ΔM, ΔD and m₀ as in the module docstring. The share probe runs the real epilogue once with the true
+    magnitude and once with magnitude := ‖V‖ (scale exactly 1) on z = probe_base_out and xa = 0, the denominator
+    ‖V‖ computed as the layer computes it (dora_row_norms: fp32 or wider), and compares Δy with the float64
+    reference (m/‖V‖ − 1) ⊙ z: share = Σ⟨Δy, ref⟩ / Σ⟨ref, ref⟩."""
+    first = views[0]
+    s = float(first.scaling)
+    acc = torch.promote_types(first.lora_A.dtype, torch.float32)
+    seg = torch.cat([torch.full((v.rows.numel(),), i, dtype=torch.long, device=v.rows.device)
+                     for i, v in enumerate(views)])
+    b = torch.cat([v.lora_B.detach() for v in views])
+    b_acc = b.to(acc)
+    # B·(A·Aᵀ), one (k, r) × (r, r) product per layer (A differs per layer)
+    b_aat = torch.cat([v.lora_B.detach().to(acc) @ _gram(v.lora_A.detach().to(acc)) for v in views])
+    wa = torch.cat([v.w_times_a for v in views]).to(acc)
+    row_sq = torch.cat([v.row_sq for v in views])
+    m = torch.cat([v.magnitude.detach() for v in views])
+    rows = torch.cat([v.rows for v in views])
+    # the forward's denominator: dora_row_norms' expression on the concatenated rows, in the same dtype
+    cross_acc = (b_acc * wa).sum(dim=1)
+    d_sq_acc = (b_aat * b_acc).sum(dim=1)
+    denom = nonzero_norm((row_sq.to(acc) + (2 * s) * cross_acc + (s * s) * d_sq_acc).clamp_min(0).sqrt())
+    # --- ΔM, ΔD, |m − m₀|/m₀ in float64 ---------------------------------------------------------------------
+    md, cross, d_sq = m.double(), cross_acc.double(), d_sq_acc.double()
+    w_sq = row_sq.double().clamp_min(0)
+    w = w_sq.sqrt()
+    v_norm = (w_sq + 2 * s * cross + s * s * d_sq).clamp_min(0).sqrt()
+    inner = w_sq + s * cross                                      # ⟨V, W⟩
+    vw = v_norm * w
+    safe = torch.where(vw > 0, vw, 1.0)
+    sin_num = (s * s) * (d_sq * w_sq - cross * cross).clamp_min(0)
+    one_minus_cos = torch.where(inner > 0, sin_num / (safe * (safe + inner)), 1 - inner / safe)
+    one_minus_cos = torch.where(md < 0, 2 - one_minus_cos, one_minus_cos)  # W' = m·V/‖V‖ points against V
+    tuned_norm = torch.where(v_norm > 0, md.abs(), 0.0)                   # ‖W'ᵢ‖
+    w_zero, t_zero = w == 0, tuned_norm == 0
+    one_minus_cos = torch.where(w_zero | t_zero, (w_zero != t_zero).double(), one_minus_cos)  # no direction
+    m0 = initial_magnitude(row_sq, first.lora_A, m.dtype).double()
+    rel = torch.where(m0 > 0, (md - m0).abs() / torch.where(m0 > 0, m0, 1.0), 0.0)
+    # --- the effective share through the real epilogue ----------------------------------------------------
+    z = probe_base_out(rows, row_sq, tokens, dtype).to(b.device)
+    xa = torch.zeros(tokens, b.shape[1], dtype=first.lora_A.dtype, device=b.device)
+    y_m = epilogue(z.clone(), xa, b, m, denom, None, s)
+    y_1 = epilogue(z.clone(), xa, b, denom, denom, None, s)
+    ref = (md / denom.double() - 1)[None, :] * z.double()
+    dy = y_m.double() - y_1.double()
+    per_row = torch.stack([torch.ones_like(md), rel, (tuned_norm - w).abs(), one_minus_cos, (dy * ref).sum(0),
+                           (ref * ref).sum(0), (m0 > 0).double()], dim=1)
+    sums = per_row.new_zeros(len(views), N_SUMS).index_add_(0, seg, per_row)
+    maxima = rel.new_zeros(len(views)).scatter_reduce_(0, seg, rel, reduce="amax", include_self=True)
+    return sums, maxima
+
+
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    return a @ a.t()
+
+
+def _batch_key(view: RowView) -> tuple:
+    return (view.lora_A.shape[0], float(view.scaling), view.lora_A.dtype, view.lora_B.dtype, view.magnitude.dtype,
+            view.magnitude.device)
+
+
+def layer_sums(views: Iterable[RowView], dtype: torch.dtype, epilogue: Epilogue | None = None,
+               tokens: int = PROBE_TOKENS) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(names, sums (L, N_SUMS), maxima (L,)) of this rank's views, before any reduction, on the CPU. Layers are
+    measured in batches of concatenated rows (`_batch_sums`) on one CPU thread (small ops, for which a thread pool
+    only adds hand-off waits). Views this rank does not own add zeros."""
     if epilogue is None:
         from dora_dist.nn.dora_epilogue import dora_epilogue as epilogue
-    b = view.lora_B.detach()
-    denom = nonzero_norm(dora_row_norms(view.row_sq, view.w_times_a, view.lora_A, b, view.scaling))
-    z = probe_base_out(view.rows, view.row_sq, tokens, dtype).to(b.device)
-    xa = torch.zeros(tokens, view.lora_A.shape[0], dtype=view.lora_A.dtype, device=b.device)
-    y_m = epilogue(z.clone(), xa, b, view.magnitude.detach(), denom, None, view.scaling)
-    y_1 = epilogue(z.clone(), xa, b, denom, denom, None, view.scaling)
-    ref = (view.magnitude.double() / denom.double() - 1)[None, :] * z.double()
-    dy = y_m.double() - y_1.double()
-    return float((dy * ref).sum()), float((ref * ref).sum())
+    with single_thread():
+        views = list(views)                      # (an engine's views may run collectives: every rank consumes all)
+        names = [v.name for v in views]
+        sums = torch.zeros(len(views), N_SUMS, dtype=torch.float64)
+        maxima = torch.zeros(len(views), dtype=torch.float64)
+        pending: dict[tuple, list[int]] = {}
+        for i, view in enumerate(views):
+            if view.owner and view.rows.numel():
+                pending.setdefault(_batch_key(view), []).append(i)
+        for members in pending.values():
+            start = 0
+            while start < len(members):
+                batch, rows = [], 0
+                while start < len(members) and (not batch or rows + views[members[start]].rows.numel() <= BATCH_ROWS):
+                    batch.append(members[start])
+                    rows += views[members[start]].rows.numel()
+                    start += 1
+                part, biggest = _batch_sums([views[i] for i in batch], dtype, epilogue, tokens)
+                index = torch.tensor(batch)
+                sums[index] = part.cpu()
+                maxima[index] = biggest.cpu()
+        return names, sums, maxima
+
+
+class single_thread:
+    """torch on one intra-op thread inside the block (CPU work only; GPU kernels are unaffected)."""
+
+    def __enter__(self):
+        self.prev = torch.get_num_threads()
+        if self.prev != 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.prev != 1:
+            torch.set_num_threads(self.prev)
+        return False
 
 
 @dataclass
@@ -168,20 +227,6 @@ class LayerHealth:
     max_delta_m_rel: float
     share_num: float
     share_den: float
-
-
-def layer_sums(views: Iterable[RowView], dtype: torch.dtype, epilogue: Epilogue | None = None
-               ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(names, sums (L, N_SUMS), maxima (L,)) of this rank's views, before any reduction."""
-    names, sums, maxima = [], [], []
-    for view in views:
-        part, biggest = change_sums(view)
-        part[SHARE_NUM], part[SHARE_DEN] = effective_share_sums(view, dtype, epilogue)
-        names.append(view.name)
-        sums.append(part)
-        maxima.append(biggest)
-    stacked = torch.stack(sums) if sums else torch.zeros(0, N_SUMS, dtype=torch.float64)
-    return names, stacked, torch.tensor(maxima, dtype=torch.float64)
 
 
 def finish_layers(names: list[str], sums: torch.Tensor, maxima: torch.Tensor) -> list[LayerHealth]:

@@ -200,9 +200,13 @@ class FSDP2Engine(Engine):
             source = layer.weight_source.over_rows(local)
             cached = layer.base_row_sq
             row_sq = cached.to(device)[rows] if cached is not None else source.row_sq_norms().to(device)
-            yield RowView(name, rows, layer.magnitude.to_local().detach().to(device),
-                          layer.lora_B.to_local().detach().to(device), a, row_sq, source.times_A(a).to(device),
-                          layer.scaling)
+            yield RowView(name, rows, _local_copy(layer.magnitude, device), _local_copy(layer.lora_B, device), a,
+                          row_sq, source.times_A(a).to(device), layer.scaling)
+
+
+def _local_copy(t: DTensor, device: torch.device) -> torch.Tensor:
+    """This rank's shard of a parameter, detached, on `device` (read only)."""
+    return t.to_local().detach().to(device)
 
 
 def _full(t, device: torch.device) -> torch.Tensor:

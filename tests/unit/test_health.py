@@ -11,8 +11,8 @@ from torch import nn
 
 from dora_dist.analysis.decompose import row_change
 from dora_dist.config import ConfigError, load_job_config
-from dora_dist.health import (RowView, change_sums, effective_share_sums, finish_layers, group_record, layer_group,
-                              layer_sums)
+from dora_dist.health import (ABS_DM, DD, REL_DM, SHARE_DEN, SHARE_NUM, RowView, finish_layers, group_record,
+                              layer_group, layer_sums)
 from dora_dist.health_log import HealthMonitor, warning_text
 from dora_dist.nn.dora_linear import DoRALinear
 from dora_dist.parallel.zero import partial_times_A
@@ -41,6 +41,16 @@ def _view(layer: DoRALinear, name="model.layers.0.self_attn.q_proj") -> RowView:
     return RowView.whole_layer(name, layer, owner=True)
 
 
+def change_sums(view: RowView, dtype=torch.float32, epilogue=None) -> tuple[torch.Tensor, float]:
+    _, sums, maxima = layer_sums([view], dtype, epilogue)
+    return sums[0], float(maxima[0])
+
+
+def share(view: RowView, dtype, epilogue=None) -> tuple[float, float]:
+    sums, _ = change_sums(view, dtype, epilogue)
+    return float(sums[SHARE_NUM]), float(sums[SHARE_DEN])
+
+
 def test_factored_change_equals_dense_definition():
     """float64 layer: the factored ΔM, ΔD (no W') equal analyze's dense row_change on the merged weight."""
     layer = _layer()
@@ -51,8 +61,8 @@ def test_factored_change_equals_dense_definition():
     v = w + layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
     tuned = layer.magnitude.detach()[:, None] * v / v.norm(dim=1, keepdim=True)       # W', float64
     dm, dd = row_change(w, tuned)
-    assert sums[2].item() / rows == pytest.approx(dm, rel=1e-12, abs=1e-15)
-    assert sums[3].item() / rows == pytest.approx(dd, rel=1e-10, abs=1e-15)
+    assert sums[ABS_DM].item() / rows == pytest.approx(dm, rel=1e-12, abs=1e-15)
+    assert sums[DD].item() / rows == pytest.approx(dd, rel=1e-10, abs=1e-15)
     assert dd > 1e-4                          # the m < 0 row counts 1 − cos ≈ 2
 
 
@@ -60,8 +70,8 @@ def test_initial_magnitude_is_the_fresh_magnitude_bit_for_bit():
     """m₀ = ‖W‖ from the cached ‖W‖² is exactly what init_magnitude wrote (fp32 layer): no change, max 0."""
     layer = _layer(dtype=torch.float32)
     sums, biggest = change_sums(_view(layer))
-    assert sums[1].item() == 0.0 and biggest == 0.0
-    assert sums[2].item() == pytest.approx(0.0, abs=8 * EPS32 * layer.out_features)  # ‖W‖ fp64 vs fp32 sqrt
+    assert sums[REL_DM].item() == 0.0 and biggest == 0.0
+    assert sums[ABS_DM].item() == pytest.approx(0.0, abs=8 * EPS32 * layer.out_features)  # ‖W‖ fp64 vs fp32 sqrt
 
 
 def test_relative_change_is_mean_of_abs_m_minus_m0_over_m0():
@@ -71,7 +81,7 @@ def test_relative_change_is_mean_of_abs_m_minus_m0_over_m0():
         layer.magnitude.mul_(torch.linspace(0.99, 1.02, layer.out_features))
     sums, biggest = change_sums(_view(layer))
     rel = ((layer.magnitude.double() - m0).abs() / m0)
-    assert sums[1].item() / layer.out_features == pytest.approx(rel.mean().item(), rel=1e-6)
+    assert sums[REL_DM].item() / layer.out_features == pytest.approx(rel.mean().item(), rel=1e-6)
     assert biggest == pytest.approx(rel.max().item(), rel=1e-6)
 
 
@@ -94,9 +104,9 @@ def _small_scale_view(eps: float) -> RowView:
 
 def test_share_of_a_rounding_forward_is_zero_and_of_an_exact_one_is_one():
     view = _small_scale_view(5e-4)
-    num, den = effective_share_sums(view, torch.bfloat16, _rounding_epilogue)
+    num, den = share(view, torch.bfloat16, _rounding_epilogue)
     assert den > 0 and num == 0.0
-    num, den = effective_share_sums(view, torch.bfloat16, _exact_epilogue)
+    num, den = share(view, torch.bfloat16, _exact_epilogue)
     # Δy and ref differ only by the fp32 rounding of m/‖V‖ (relative ε₃₂ of a scale ≈ 1, against eps = 5e-4)
     assert num / den == pytest.approx(1.0, abs=4 * EPS32 / 5e-4)
 
@@ -104,7 +114,7 @@ def test_share_of_a_rounding_forward_is_zero_and_of_an_exact_one_is_one():
 def test_share_of_the_real_fp32_forward_is_one():
     """fp32 keeps a 5e-4 scale change: the output's rounding (ε₃₂ relative per element) is 1e3 times smaller."""
     view = _small_scale_view(5e-4)
-    num, den = effective_share_sums(view, torch.float32)
+    num, den = share(view, torch.float32)
     assert num / den == pytest.approx(1.0, abs=8 * EPS32 / 5e-4)
 
 
@@ -184,3 +194,19 @@ def test_loss_png_gets_a_health_panel(tmp_path):
     plot_loss(tmp_path / "metrics.jsonl", tmp_path / "without.png")
     assert imread(tmp_path / "with.png").shape[0] > 1.5 * imread(tmp_path / "without.png").shape[0]
     assert math.isfinite(rows[0]["loss"])
+
+
+def test_batched_layers_equal_each_layer_alone(monkeypatch):
+    """Rows of layers of different shapes measured together (and split into batches) = each layer on its own."""
+    import dora_dist.health as health
+
+    layers = [_layer(out_f=o, in_f=i, seed=o, dtype=torch.float32) for o, i in ((24, 40), (16, 40), (30, 12))]
+    for layer in layers:
+        _train_like(layer)
+    views = [_view(layer, f"model.layers.{k}.mlp.up_proj") for k, layer in enumerate(layers)]
+    alone = torch.stack([layer_sums([v], torch.float32)[1][0] for v in views])
+    _, together, maxima = layer_sums(views, torch.float32)
+    torch.testing.assert_close(together, alone, rtol=1e-12, atol=0)
+    monkeypatch.setattr(health, "BATCH_ROWS", 20)                   # one layer per batch
+    torch.testing.assert_close(layer_sums(views, torch.float32)[1], alone, rtol=1e-12, atol=0)
+    assert maxima.shape == (3,) and bool((maxima > 0).all())
