@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true", help="cProfile the measurements (rank 0 prints the top)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -45,6 +46,10 @@ def main() -> int:
     job = build(cfg, env)
     monitor = HealthMonitor.from_config(cfg)
     job.health = None                                   # the trainer's own measurement off: timed here
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile() if args.profile and env.is_main else None
     steps, measures, step_cpu, measure_cpu = [], [], [], []
     for i in range(args.warmup + args.rounds):
         env.barrier()
@@ -52,7 +57,11 @@ def main() -> int:
         train_step(job)
         env.barrier()
         t1, c1 = time.perf_counter(), time.process_time()
+        if profiler is not None:
+            profiler.enable()
         rec = monitor.measure(job.engine, env, job.step)
+        if profiler is not None:
+            profiler.disable()
         env.barrier()
         t2, c2 = time.perf_counter(), time.process_time()
         if i >= args.warmup:
@@ -78,6 +87,8 @@ def main() -> int:
         print(f"[health_bench] {job.engine.name} world={env.world_size}: step {step * 1e3:.1f} ms, health "
               f"{measure * 1e3:.2f} ms ({100 * measure / step:.2f}% of a step when measured every step; process CPU "
               f"time {100 * cpu_ratio:.2f}%); -> {out}")
+    if profiler is not None:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
     job.engine.close()
     env.destroy()
     return 0

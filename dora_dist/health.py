@@ -2,8 +2,8 @@
 
 DoRA degenerates without an error when the magnitude stops training (frozen, no learning rate, decayed away) or
 when the forward rounds m/‖W'‖ to 1 in 16 bits (the magnitude trains, the output ignores it). Every
-`output.dora_health_every` steps (default: `training.log_every`) the trainer logs, per layer group (attention /
-MLP / other):
+`output.dora_health_every` steps (default 10; 0: `training.log_every`) and at the last step the trainer logs, per
+layer group (attention / MLP / other):
 
 - ``dora_dm_rel_<g>``: mean over rows of |m − m₀| / m₀, m₀ the initial magnitude (see below);
 - ``dora_dm_<g>`` and ``dora_dd_<g>``: ΔM = mean |‖W'ᵢ‖ − ‖Wᵢ‖| and ΔD = mean (1 − cos(W'ᵢ, Wᵢ)), exactly what
@@ -21,9 +21,9 @@ W' is never formed: with V = W + sBA and D = BA, per row (‖W‖², W·Aᵀ and
     1 − cos(V, W) = s²(‖D‖²‖W‖² − ⟨D, W⟩²) / (‖V‖‖W‖ (‖V‖‖W‖ + ⟨V, W⟩))     (no cancellation for small angles)
 
 and ‖W'‖ = |m|. Engines hand the rows each rank holds (`Engine.dora_row_views`): whole layers on rank 0 for
-none/ddp/zero2, each rank's own rows under FSDP2 (lora_A gathered, r·in floats a layer), ZeRO-3's whole adapter
-with W·Aᵀ summed from the weight partitions ((out, r) floats a layer). The per-layer sums are then reduced with one
-all-reduce (SUM) and one (MAX) of a few floats per layer. Nothing here runs unless it is due.
+none/ddp/zero2, each rank's own rows under FSDP2 (every layer's lora_A in one all-gather, r·in floats a layer), ZeRO-3's whole adapter
+with W·Aᵀ summed from the weight partitions ((out, r) floats a layer). The per-layer sums are then combined from one
+all-gather of 8 floats per layer and rank. Nothing here runs unless it is due.
 """
 from __future__ import annotations
 
@@ -91,15 +91,17 @@ def initial_magnitude(row_sq: torch.Tensor, lora_A: torch.Tensor, m_dtype: torch
 def probe_base_out(rows: torch.Tensor, row_sq: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:
     """A deterministic stand-in for x·Wᵀ: column i has ‖Wᵢ‖ times unit-variance values (what x with unit-variance
     entries gives), drawn from a low-discrepancy sequence of (token, global row), so every sharding of the rows
-    sees the same numbers."""
-    t = torch.arange(1, tokens + 1, dtype=torch.float64, device=rows.device)[:, None]
-    r = (rows.to(torch.float64) + 1)[None, :]
-    u = torch.frac(0.5 + 0.7548776662466927 * t + 0.5698402909980532 * r)   # R2 sequence, uniform in [0, 1)
-    return ((2 * u - 1) * math.sqrt(3) * row_sq.double().clamp_min(0).sqrt()[None, :].to(u.device)).to(dtype)
+    sees the same numbers. The phases are reduced mod 1 in float64 per token and per row, their sum in fp32."""
+    t = torch.arange(1, tokens + 1, dtype=torch.float64, device=rows.device)
+    phase_t = torch.frac(0.5 + 0.7548776662466927 * t).float()[:, None]
+    phase_r = torch.frac(0.5698402909980532 * (rows.to(torch.float64) + 1)).float()[None, :]
+    u = torch.frac(phase_t + phase_r)                                 # R2 sequence, uniform in [0, 1)
+    scale = (math.sqrt(3) * row_sq.float().clamp_min(0).sqrt()).to(u.device)[None, :]
+    return ((2 * u - 1) * scale).to(dtype)
 
 
 Epilogue = Callable[..., torch.Tensor]
-#: rows measured in one batch (its largest tensors: PROBE_TOKENS × rows float64, 16 MiB)
+#: rows measured in one batch (its largest tensors: PROBE_TOKENS × rows fp32, 8 MiB)
 BATCH_ROWS = 1 << 16
 
 
@@ -116,8 +118,6 @@ def _batch_sums(views: list[RowView], dtype: torch.dtype, epilogue: Epilogue, to
     first = views[0]
     s = float(first.scaling)
     acc = torch.promote_types(first.lora_A.dtype, torch.float32)
-    seg = torch.cat([torch.full((v.rows.numel(),), i, dtype=torch.long, device=v.rows.device)
-                     for i, v in enumerate(views)])
     b = torch.cat([v.lora_B.detach() for v in views])
     b_acc = b.to(acc)
     # B·(A·Aᵀ), one (k, r) × (r, r) product per layer (A differs per layer)
@@ -151,12 +151,17 @@ def _batch_sums(views: list[RowView], dtype: torch.dtype, epilogue: Epilogue, to
     xa = torch.zeros(tokens, b.shape[1], dtype=first.lora_A.dtype, device=b.device)
     y_m = epilogue(z.clone(), xa, b, m, denom, None, s)
     y_1 = epilogue(z.clone(), xa, b, denom, denom, None, s)
-    ref = (md / denom.double() - 1)[None, :] * z.double()
-    dy = y_m.double() - y_1.double()
-    per_row = torch.stack([torch.ones_like(md), rel, (tuned_norm - w).abs(), one_minus_cos, (dy * ref).sum(0),
-                           (ref * ref).sum(0), (m0 > 0).double()], dim=1)
-    sums = per_row.new_zeros(len(views), N_SUMS).index_add_(0, seg, per_row)
-    maxima = rel.new_zeros(len(views)).scatter_reduce_(0, seg, rel, reduce="amax", include_self=True)
+    # ref = (m/‖V‖ − 1) ⊙ z: ⟨Δy, ref⟩ = (m/‖V‖ − 1)·Σ_t Δy·z and ⟨ref, ref⟩ = (m/‖V‖ − 1)²·Σ_t z² per row, the token
+    # sums in fp32 (Δy of two outputs within a factor 2 of each other is exact there), the rest in float64
+    zf = z.float()
+    dy_z = ((y_m.float() - y_1.float()) * zf).sum(0).double()
+    z_sq = (zf * zf).sum(0).double()
+    excess = md / denom.double() - 1
+    per_row = torch.stack([torch.ones_like(md), rel, (tuned_norm - w).abs(), one_minus_cos, excess * dy_z,
+                           excess * excess * z_sq, (m0 > 0).double()], dim=1)
+    sizes = [v.rows.numel() for v in views]
+    sums = torch.stack([part.sum(0) for part in per_row.split(sizes)])
+    maxima = torch.stack([part.max() for part in rel.split(sizes)])
     return sums, maxima
 
 
@@ -260,9 +265,8 @@ def group_record(layers: list[LayerHealth]) -> dict[str, float | None]:
 
 def measure(engine, env, dtype: torch.dtype, epilogue: Epilogue | None = None) -> list[LayerHealth]:
     """Every DoRA layer's health, the same on every rank. COLLECTIVE (every rank calls): the engine's row views
-    (FSDP2: lora_A gathered per layer; ZeRO-3: the adapter gathered and W·Aᵀ summed per layer) and two all-reduces
-    of (layers × 7) and (layers,) floats."""
+    (FSDP2: every layer's lora_A in one all-gather; ZeRO-3: the adapter gathered and W·Aᵀ summed per layer) and one
+    all-gather of (layers × 8) floats per rank (sums added, maxima taken, in rank order on every rank)."""
     names, sums, maxima = layer_sums(engine.dora_row_views(), dtype, epilogue)
-    sums = env.all_reduce_tensor(sums, "sum")
-    maxima = env.all_reduce_tensor(maxima, "max")
-    return finish_layers(names, sums, maxima)
+    every = env.all_gather_tensor(torch.cat([sums, maxima[:, None]], dim=1))   # (world, layers, N_SUMS + 1)
+    return finish_layers(names, every[..., :N_SUMS].sum(0), every[..., N_SUMS].amax(0))

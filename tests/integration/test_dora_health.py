@@ -17,6 +17,7 @@ WARNING = "warning: DoRA looks like LoRA"
 
 def _args(tmp_path, *extra: str) -> list[str]:
     return ["training.max_steps=4", "data.synthetic_samples=64", "data.seq_len=32", "output.progress_bar=false",
+            "output.dora_health_every=1",
             f"model.cache_dir={tmp_path / 'cache'}", f"output.dir={tmp_path / 'run'}",
             "output.dora_health_warn_after=2", *extra]
 

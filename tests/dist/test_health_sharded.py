@@ -19,6 +19,7 @@ from health_expect import EPS32, analyze_by_group, assert_logged_equals_analyze 
 
 def _args(tmp_path, out_dir: Path, *extra: str) -> list[str]:
     return ["training.max_steps=3", "data.synthetic_samples=64", "data.seq_len=32", "output.progress_bar=false",
+            "output.dora_health_every=1",
             "output.plot=false", f"model.cache_dir={tmp_path / 'cache'}", f"output.dir={out_dir}",
             "checkpoint.every_steps=0", *extra]
 
@@ -63,3 +64,18 @@ def test_fsdp2_logged_health_equals_one_process(tmp_path):
         assert abs(last[f"dora_dm_{group}"] - ref[f"dora_dm_{group}"]) <= drift + 16 * EPS32, group
     assert single["dora_health"]["groups"].keys() == json.loads((out / "summary.json").read_text())[
         "dora_health"]["groups"].keys()
+
+
+def test_zero3_logged_health_equals_analyze(tmp_path):
+    """ZeRO-3: the adapter of each layer gathered, W·Aᵀ summed from the flat weight partitions (never the weight)."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "zero3"
+    run_workers("-m", ["dora_dist.train", *_args(tmp_path, out, "parallel.engine=zero3", "training.max_steps=2")],
+                out / "summary.json")
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    (base,) = (tmp_path / "cache").iterdir()
+    assert_logged_equals_analyze(last, analyze_by_group(base, out / "adapter"))
+    whole = _one_process_health(base, out / "adapter")
+    for key, value in whole.items():
+        tol = 1e-3 if key.startswith("dora_share") else 16 * EPS32
+        assert last[key] == pytest.approx(value, rel=tol), key
