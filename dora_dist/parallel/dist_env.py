@@ -108,15 +108,6 @@ class DistEnv:
     def all_reduce_min(self, value: float) -> float:
         return self._all_reduce_scalar(value, dist.ReduceOp.MIN)
 
-    def all_reduce_tensor(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Elementwise sum / max / min of a small tensor over ranks, returned on the CPU (itself in one process)."""
-        if not self.distributed:
-            return t
-        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        buf = t.detach().to(self.device).clone()
-        dist.all_reduce(buf, op=ops[op])
-        return buf.cpu()
-
     def all_gather_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's copy of a small tensor of the same shape, stacked (world, *shape), on the CPU."""
         if not self.distributed:
