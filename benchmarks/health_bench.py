@@ -5,10 +5,10 @@
     python benchmarks/health_bench.py --config configs/quickstart.yaml --rounds 30 training.precision=bf16
 
 Wall-clock and process CPU time are both reported: on a shared machine the wall time of many small ops includes
-waiting to be scheduled, the CPU time does not. The job is built by the trainer itself (dora_dist.train.build), then rounds alternate one optimizer step and one
-health measurement (`HealthMonitor.measure`: the engine's row views, the per-layer sums, the effective-share probe
-through the real epilogue, the all-reduces), so background load hits both alike. The medians are reported; the
-overhead at `output.dora_health_every = E` is measure / (E · step). The quickstart logs every step (E = 1).
+waiting to be scheduled, the CPU time does not. The job is built by the trainer itself (dora_dist.train.build),
+then rounds alternate one optimizer step and one health measurement (`HealthMonitor.measure`: the engine's row
+views, the per-layer sums, the effective-share probe through the real epilogue, the all-gather), so background load
+hits both alike. The medians are reported; the overhead at `output.dora_health_every = E` is measure / (E · step).
 JSON (rank 0) -> benchmarks/results/health_bench_<device>_w<world>.json.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ layer group (attention / MLP / other):
 - ``dora_dm_rel_<g>``: mean over rows of |m − m₀| / m₀, m₀ the initial magnitude (see below);
 - ``dora_dm_<g>`` and ``dora_dd_<g>``: ΔM = mean |‖W'ᵢ‖ − ‖Wᵢ‖| and ΔD = mean (1 − cos(W'ᵢ, Wᵢ)), exactly what
   `dora-dist analyze` computes on a saved adapter (analysis/decompose.py), averaged over the group's layers;
-- ``dora_share_<g>``: the magnitude's *effective* share of the output (`effective_share_sums`), raw (not clipped):
+- ``dora_share_<g>``: the magnitude's *effective* share of the output (`_batch_sums`), raw (not clipped):
   1 when the compute-dtype forward keeps the scale m/‖W'‖, 0 when rounding eats it.
 
 m₀ is not stored: it is recomputed as ‖Wᵢ‖ from the layer's cached ‖W‖² (the frozen base), which is bit for bit the
@@ -21,9 +21,9 @@ W' is never formed: with V = W + sBA and D = BA, per row (‖W‖², W·Aᵀ and
     1 − cos(V, W) = s²(‖D‖²‖W‖² − ⟨D, W⟩²) / (‖V‖‖W‖ (‖V‖‖W‖ + ⟨V, W⟩))     (no cancellation for small angles)
 
 and ‖W'‖ = |m|. Engines hand the rows each rank holds (`Engine.dora_row_views`): whole layers on rank 0 for
-none/ddp/zero2, each rank's own rows under FSDP2 (every layer's lora_A in one all-gather, r·in floats a layer), ZeRO-3's whole adapter
-with W·Aᵀ summed from the weight partitions ((out, r) floats a layer). The per-layer sums are then combined from one
-all-gather of 8 floats per layer and rank. Nothing here runs unless it is due.
+none/ddp/zero2, each rank's own rows under FSDP2 (every layer's lora_A in one all-gather, r·in floats a layer),
+ZeRO-3's whole adapter with W·Aᵀ summed from the weight partitions ((out, r) floats a layer). The per-layer sums
+are then combined from one all-gather of 8 floats per layer and rank. Nothing here runs unless it is due.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from dora_dist.nn.dora_linear import dora_row_norms, nonzero_norm
+from dora_dist.nn.dora_linear import nonzero_norm
 
 #: layer groups: a module path is attention when a part of it names attention, MLP when a part names the MLP
 ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value")

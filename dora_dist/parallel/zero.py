@@ -396,7 +396,9 @@ class ZeroEngine(Engine):
                 shape = tuple(int(d) for d in w.ds_shape)
                 wa = partial_times_A(_local_slice(w), start, shape, 1 if layer.fan_in_fan_out else 0, a).to(device)
                 dist.all_reduce(wa, group=w.ds_process_group)               # COLLECTIVE: (out, r) floats
-                row_sq = layer.base_row_sq if layer.base_row_sq is not None else self._row_sq_from_partition(layer, {"allreduce_bytes": 0})
+                row_sq = layer.base_row_sq
+                if row_sq is None:
+                    row_sq = self._row_sq_from_partition(layer, {"allreduce_bytes": 0})    # COLLECTIVE
             else:
                 wa, row_sq = layer.weight_source.times_A(a), layer.base_row_sq_norms()
             yield RowView(clean_param_name(name), torch.arange(layer.out_features, device=device), m, b, a,
