@@ -229,6 +229,16 @@ class OutputConfig:
     wandb_run_name: Optional[str] = None
     #: wandb mode: offline needs no network or account
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    #: DoRA health in the log (dora_dist/health.py): per layer group the magnitude change |m − m₀|/m₀, analyze's ΔM
+    #: and ΔD, and the magnitude's effective share of the output, every dora_health_every steps and at the last step
+    #: (0: every training.log_every steps; benchmarks/health_bench.py measures the cost)
+    dora_health: bool = True
+    dora_health_every: int = 10
+    #: warn once (rank 0) when after this many steps (0: never) every layer's max |m − m₀|/m₀ is below
+    #: dora_health_min_change or a group's effective share is below dora_health_min_share
+    dora_health_warn_after: int = 50
+    dora_health_min_change: float = 1e-4
+    dora_health_min_share: float = 0.5
 
 
 @dataclass
@@ -284,6 +294,10 @@ _RANGES: dict[str, tuple] = {
     "training.eval_batch_size": _NON_NEGATIVE,
     "training.loss_chunk_tokens": _NON_NEGATIVE,
     "parallel.ddp_bucket_mb": _POSITIVE,
+    "output.dora_health_every": _NON_NEGATIVE,
+    "output.dora_health_warn_after": _NON_NEGATIVE,
+    "output.dora_health_min_change": _NON_NEGATIVE,
+    "output.dora_health_min_share": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "checkpoint.every_steps": _NON_NEGATIVE,
     "checkpoint.keep_last": _POSITIVE,
 }

@@ -62,13 +62,19 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "trai
 
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    health = [r for r in records if any(k.startswith("dora_dd_") for k in r)]
+    if health:   # a second panel: DoRA's magnitude and direction change over the steps (dora_dist/health.py)
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6, 7), sharex=True)
+        _plot_health(ax2, health)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in train], [_finite(r["loss"]) for r in train], lw=1.2, label="train")
     if evals:  # eval records ({"step", "eval_loss", ...}, dora_dist/evaluate.py) beside the training loss
         ax.plot([r["step"] for r in evals], [_finite(r["eval_loss"]) for r in evals], "o-", lw=1.2, ms=4,
                 label="eval")
         ax.legend()
-    ax.set_xlabel("optimizer step")
+    if not health:
+        ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -76,3 +82,22 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "trai
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return Path(png_path)
+
+
+def _plot_health(ax, records: list[dict]) -> None:
+    """ΔM (mean |m − m₀|/m₀) solid and ΔD (mean 1 − cos(W', W)) dashed, per layer group, on a log axis."""
+    groups = {"attn": "attention", "mlp": "MLP", "other": "other"}
+    steps = [r["step"] for r in records]
+    for i, (g, label) in enumerate(groups.items()):
+        if not any(f"dora_dd_{g}" in r for r in records):
+            continue
+        color = f"C{i}"
+        ax.plot(steps, [r.get(f"dora_dm_rel_{g}", float("nan")) for r in records], color=color, lw=1.2,
+                label=f"ΔM/m {label}")
+        ax.plot(steps, [r.get(f"dora_dd_{g}", float("nan")) for r in records], color=color, lw=1.2, ls="--",
+                label=f"ΔD {label}")
+    ax.set_yscale("symlog", linthresh=1e-8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("DoRA change")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)

@@ -23,6 +23,7 @@ from dora_dist.console import Console, quiet_third_party
 from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_datasets
 from dora_dist.errors import JobFault, UserError, report_error
 from dora_dist.evaluate import eval_due, format_eval_line, run_eval
+from dora_dist.health_log import HealthMonitor, format_health
 from dora_dist.loggers import check_loggers, make_loggers
 from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
 from dora_dist.metrics import format_line, plot_loss
@@ -85,6 +86,7 @@ class Job:
     bad_streak: list[tuple[int, str]] = field(default_factory=list)  # (step, why) of the current skipped streak
     skipped_steps: list[int] = field(default_factory=list)
     checkpoint_owed: bool = False                         # a checkpoint fell on a skipped step: take it at the next
+    health: HealthMonitor | None = None                   # DoRA's health in the log (health_log.py)
 
     @property
     def stop_at(self) -> int:
@@ -130,11 +132,14 @@ def _train(cfg: Config, env, guard: PreemptionGuard) -> dict:
         job.preempted = guard.stop_reason(env)          # signalled while loading: nothing new to save
         while job.step < job.stop_at and not job.preempted:
             rec = train_step(job)
+            warning = _measure_health(job, rec)           # COLLECTIVE when due
             logger.log(rec)
             if rec.get("skipped"):
                 report_skipped_step(job, rec, bar)       # stops the run at training.max_bad_steps in a row
             elif env.is_main and job.step % cfg.training.log_every == 0:
-                bar.line(format_line(rec, job.batching.max_steps))
+                bar.line(format_line(rec, job.batching.max_steps) + format_health(rec))
+            if warning and env.is_main:
+                bar.line(warning)
             bar.update(1)
             if eval_due(job):
                 _log_eval(job, logger, bar)
@@ -159,6 +164,15 @@ def _train(cfg: Config, env, guard: PreemptionGuard) -> dict:
         bar.close()
         logger.close()
     return finish(job)
+
+
+def _measure_health(job: Job, rec: dict) -> str | None:
+    """DoRA's health into the step's record when due (every rank: collective); the one-time warning text, if any."""
+    health = job.health
+    if health is None or not health.due(job.step, job.stop_at):
+        return None
+    rec.update(health.measure(job.engine, job.env, job.step))
+    return health.check(job.step, rec)
 
 
 def _log_eval(job: Job, logger, bar) -> None:
@@ -232,7 +246,7 @@ def build(cfg: Config, env, prior: PriorRun | None = None) -> Job:
     model.train()
 
     job = Job(cfg, env, tokenizer, dataset, batching, sampler, engine, model, manager, out_dir,
-              eval_dataset=eval_dataset, resume_dir=resume_dir)
+              eval_dataset=eval_dataset, resume_dir=resume_dir, health=HealthMonitor.from_config(cfg))
     if job.resume_dir is not None:
         extra = manager.load(engine, job.resume_dir)
         engine.lr_from_schedule()                         # this job's schedule, not the saved optimizer's lr
@@ -331,6 +345,9 @@ def finish(job: Job) -> dict:
                "packing": job.dataset.packing.to_dict() if job.dataset.packing is not None else None,
                "first_loss": job.history[0] if job.history else None,
                "last_loss": job.history[-1] if job.history else None, "wall_s": time.time() - job.t0}
+    health = job.health.summary() if job.health is not None else None
+    if health is not None:
+        summary["dora_health"] = health
     if job.eval_dataset is not None:
         summary.update(eval_samples=len(job.eval_dataset), best_eval_loss=job.best_eval,
                        last_eval=job.last_eval_record)

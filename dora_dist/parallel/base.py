@@ -301,6 +301,17 @@ class Engine:
             return None
         return {k: v.detach().cpu().clone() for k, v in peft_state(model).items()}
 
+    # --- DoRA health (dora_dist/health.py) -------------------------------------------------------------
+    def dora_row_views(self, model: nn.Module | None = None):
+        """Yield a `health.RowView` per DoRA layer (use_dora) with the rows this rank accounts for; every rank
+        iterates the same layers (an engine may run a collective per layer). Default: each rank holds whole layers,
+        rank 0 counts them and the others skip the work."""
+        from dora_dist.health import RowView
+
+        for name, layer in dora_layers(self.unwrap(model)):
+            if layer.magnitude is not None and not layer.merged:
+                yield RowView.whole_layer(clean_param_name(name), layer, owner=self.env.is_main)
+
     # --- checkpoints (content only; dir naming, atomicity, retention: checkpoint.CheckpointManager) ---
     def save_checkpoint(self, directory: str, extra_state: dict[str, Any]) -> None:
         """Write adapter params + optimizer (+ scheduler) into `directory` (all ranks call; DCP by default)."""

@@ -108,6 +108,15 @@ class DistEnv:
     def all_reduce_min(self, value: float) -> float:
         return self._all_reduce_scalar(value, dist.ReduceOp.MIN)
 
+    def all_gather_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's copy of a small tensor of the same shape, stacked (world, *shape), on the CPU."""
+        if not self.distributed:
+            return t.unsqueeze(0)
+        buf = t.detach().to(self.device).contiguous()
+        parts = [torch.empty_like(buf) for _ in range(self.world_size)]
+        dist.all_gather(parts, buf)
+        return torch.stack(parts).cpu()
+
     def broadcast_object(self, obj, src: int = 0):
         if not self.distributed:
             return obj

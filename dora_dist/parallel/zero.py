@@ -140,6 +140,42 @@ def partial_row_sq_norms(flat: torch.Tensor, start: int, shape: tuple[int, int],
     return out
 
 
+def partial_times_A(flat: torch.Tensor, start: int, shape: tuple[int, int], out_dim: int, lora_A: torch.Tensor,
+                    chunk_rows: int = 4096) -> torch.Tensor:
+    """The part of W·Aᵀ ((out, r), fp32 or fp64) contributed by the elements of a row-major (d0, d1) weight that lie
+    in flat[start:...]; summed over the partitions of all ranks it is W·Aᵀ. out_dim as in partial_row_sq_norms."""
+    d0, d1 = shape
+    acc = torch.promote_types(flat.dtype, torch.float32)
+    a = lora_A.detach().to(device=flat.device, dtype=acc)                  # (r, in)
+    out = torch.zeros(shape[out_dim], a.shape[0], dtype=acc, device=flat.device)
+
+    def add(row: int, col0: int, piece: torch.Tensor) -> None:            # piece: storage row `row`, cols col0..
+        piece = piece.to(acc)
+        if out_dim == 0:                                                   # (out, in): row = output, cols = input
+            out[row] += a[:, col0 : col0 + piece.numel()] @ piece
+        else:                                                              # (in, out): row = input, cols = output
+            out[col0 : col0 + piece.numel()] += piece[:, None] * a[:, row][None, :]
+
+    pos, end, n = 0, flat.numel(), start
+    col = n % d1
+    if col and pos < end:                                   # head: the rest of a storage row
+        take = min(d1 - col, end - pos)
+        add(n // d1, col, flat[pos : pos + take])
+        pos, n = pos + take, n + take
+    while end - pos >= d1:                                  # body: whole storage rows, in blocks
+        rows = min(chunk_rows, (end - pos) // d1)
+        block = flat[pos : pos + rows * d1].view(rows, d1).to(acc)
+        r0 = n // d1
+        if out_dim == 0:
+            out[r0 : r0 + rows] += block @ a.t()
+        else:
+            out += block.t() @ a[:, r0 : r0 + rows].t()
+        pos, n = pos + rows * d1, n + rows * d1
+    if pos < end:                                           # tail: the start of a storage row
+        add(n // d1, 0, flat[pos:end])
+    return out
+
+
 def deepspeed_checkpoint_globals() -> list:
     """The plain-data classes DeepSpeed's checkpoint files hold besides tensors (checked by verify_torch_file):
     an enum, the (static) loss scaler's attribute record and ZeRO-2's fragment addresses (a named tuple)."""
@@ -331,6 +367,43 @@ class ZeroEngine(Engine):
             row_sq = layer.base_row_sq_norms().clone()
             norm = layer.weight_norm() if layer.magnitude is not None else None
         return row_sq, norm
+
+    # --- DoRA health ------------------------------------------------------------------------------------
+    def dora_row_views(self, model: nn.Module | None = None):
+        """ZeRO-3: each layer's adapter gathered (COLLECTIVE: A, B, m of one layer, as the adapter export does) and
+        W·Aᵀ summed from every rank's weight partition (COLLECTIVE: one all-reduce of (out, r) floats), never the
+        weight; rank 0 counts the layer. ZeRO-2 holds whole layers (the default)."""
+        if self.stage != 3:
+            yield from super().dora_row_views(model)
+            return
+        import deepspeed
+        from dora_dist.health import RowView
+        from dora_dist.parallel.base import clean_param_name
+
+        device = self.env.device
+        for name, layer in dora_layers(self.unwrap(model if model is not None else self.model)):
+            if layer.magnitude is None:
+                continue
+            adapter = [layer.lora_A, layer.lora_B, layer.magnitude]
+            gathered = [p for p in adapter if _is_partitioned(p)]
+            ctx = deepspeed.zero.GatheredParameters(gathered, modifier_rank=None) if gathered \
+                else contextlib.nullcontext()
+            with ctx:
+                a, b, m = (p.detach().to(device).clone() for p in adapter)
+            w = layer.base_layer.weight
+            if _is_partitioned(w):
+                start, _, _ = _partition_range(w)
+                shape = tuple(int(d) for d in w.ds_shape)
+                wa = partial_times_A(_local_slice(w), start, shape, 1 if layer.fan_in_fan_out else 0, a).to(device)
+                dist.all_reduce(wa, group=w.ds_process_group)               # COLLECTIVE: (out, r) floats
+                row_sq = layer.base_row_sq
+                if row_sq is None:
+                    row_sq = self._row_sq_from_partition(layer, {"allreduce_bytes": 0})    # COLLECTIVE
+            else:
+                wa, row_sq = layer.weight_source.times_A(a), layer.base_row_sq_norms()
+            yield RowView(clean_param_name(name), torch.arange(layer.out_features, device=device), m, b, a,
+                          row_sq.to(device), wa.to(torch.promote_types(wa.dtype, torch.float32)), layer.scaling,
+                          owner=self.env.is_main)
 
     # --- the step -------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STEP_LINE = re.compile(r"^step +(\d+)/3  loss \d+\.\d{4}  lr \S+  grad_norm \S+  tok/s \d+  peak_mem \d+ MiB$")
+STEP_LINE = re.compile(r"^step +(\d+)/3  loss \d+\.\d{4}  lr \S+  grad_norm \S+  tok/s \d+  peak_mem \d+ MiB"
+                       r"(  attn dM/m \S+ dD \S+ share \S+  mlp dM/m \S+ dD \S+ share \S+)?$")  # + DoRA health
 EVAL_LINE = re.compile(r"^eval +(\d+)/3  eval_loss \d+\.\d{4}  eval_ppl \S+  tokens \d+$")
 
 
