@@ -100,6 +100,16 @@ def probe_base_out(rows: torch.Tensor, row_sq: torch.Tensor, tokens: int, dtype:
     return ((2 * u - 1) * scale).to(dtype)
 
 
+def probe_lora_input(tokens: int, r: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A deterministic stand-in for x·Aᵀ / ‖A_k‖: unit-variance values from a low-discrepancy sequence of (token, k),
+    the same on every rank. The layer's A scale is folded into B (`_batch_sums`), so one probe serves every layer
+    of a batch."""
+    t = torch.arange(1, tokens + 1, dtype=torch.float64, device=device)
+    k = torch.arange(1, r + 1, dtype=torch.float64, device=device)
+    u = torch.frac(torch.frac(0.3 + 0.6180339887498949 * t)[:, None] + torch.frac(0.4142135623730951 * k)[None, :])
+    return (math.sqrt(3) * (2 * u - 1)).to(dtype)
+
+
 Epilogue = Callable[..., torch.Tensor]
 #: rows measured in one batch (its largest tensors: PROBE_TOKENS × rows fp32, 8 MiB)
 BATCH_ROWS = 1 << 16
@@ -112,9 +122,9 @@ def _batch_sums(views: list[RowView], dtype: torch.dtype, epilogue: Epilogue, to
     concatenated, so the whole batch costs a few dozen ops plus one small matmul per layer.
 
     Per row: ΔM, ΔD and m₀ as in the module docstring. The share probe runs the real epilogue once with the true
-    magnitude and once with magnitude := ‖V‖ (scale exactly 1) on z = probe_base_out and xa = 0, the denominator
-    ‖V‖ computed as the layer computes it (dora_row_norms: fp32 or wider), and compares Δy with the float64
-    reference (m/‖V‖ − 1) ⊙ z: share = Σ⟨Δy, ref⟩ / Σ⟨ref, ref⟩."""
+    magnitude and once with magnitude := ‖V‖ (scale exactly 1) on z = probe_base_out and xa = probe_lora_input, the
+    denominator ‖V‖ computed as the layer computes it (dora_row_norms: fp32 or wider), and compares Δy with the
+    reference (m/‖V‖ − 1) ⊙ (z + s·xa·Bᵀ): share = Σ⟨Δy, ref⟩ / Σ⟨ref, ref⟩."""
     first = views[0]
     s = float(first.scaling)
     acc = torch.promote_types(first.lora_A.dtype, torch.float32)
@@ -147,15 +157,22 @@ def _batch_sums(views: list[RowView], dtype: torch.dtype, epilogue: Epilogue, to
     m0 = initial_magnitude(row_sq, first.lora_A, m.dtype).double()
     rel = torch.where(m0 > 0, (md - m0).abs() / torch.where(m0 > 0, m0, 1.0), 0.0)
     # --- the effective share through the real epilogue ----------------------------------------------------
+    # The probe is the forward's own mix: a 16-bit base output z and the low-rank term s·(x·Aᵀ)·Bᵀ, sized as unit-
+    # variance inputs give them (each layer's RMS row norm of A folded into its B rows). The low-rank term matters:
+    # the 16-bit z lies on its format's grid, and only the fp32 sum with it lets a scale within half an ulp of 1
+    # reach the rounded output (nn/dora_epilogue.py) — at B = 0 no 16-bit forward can show it, and share says so.
     z = probe_base_out(rows, row_sq, tokens, dtype).to(b.device)
-    xa = torch.zeros(tokens, b.shape[1], dtype=first.lora_A.dtype, device=b.device)
-    y_m = epilogue(z.clone(), xa, b, m, denom, None, s)
-    y_1 = epilogue(z.clone(), xa, b, denom, denom, None, s)
-    # ref = (m/‖V‖ − 1) ⊙ z: ⟨Δy, ref⟩ = (m/‖V‖ − 1)·Σ_t Δy·z and ⟨ref, ref⟩ = (m/‖V‖ − 1)²·Σ_t z² per row, the token
-    # sums in fp32 (Δy of two outputs within a factor 2 of each other is exact there), the rest in float64
-    zf = z.float()
-    dy_z = ((y_m.float() - y_1.float()) * zf).sum(0).double()
-    z_sq = (zf * zf).sum(0).double()
+    xa = probe_lora_input(tokens, b.shape[1], first.lora_A.dtype, b.device)
+    a_rms = torch.cat([v.lora_A.detach().to(acc).pow(2).sum(1).mean().sqrt().expand(v.rows.numel()) for v in views])
+    b_probe = (b_acc * a_rms.to(b.device)[:, None]).to(b.dtype)
+    y_m = epilogue(z.clone(), xa, b_probe, m, denom, None, s)
+    y_1 = epilogue(z.clone(), xa, b_probe, denom, denom, None, s)
+    # ref = (m/‖V‖ − 1) ⊙ v with v = z + s·xa·B_probeᵀ (what the scale multiplies): ⟨Δy, ref⟩ = (m/‖V‖ − 1)·Σ_t Δy·v
+    # and ⟨ref, ref⟩ = (m/‖V‖ − 1)²·Σ_t v² per row, the token sums in fp32 (Δy of two outputs within a factor 2 of
+    # each other is exact there), the rest in float64
+    vf = z.float() + s * (xa.float() @ b_probe.float().t())
+    dy_z = ((y_m.float() - y_1.float()) * vf).sum(0).double()
+    z_sq = (vf * vf).sum(0).double()
     excess = md / denom.double() - 1
     per_row = torch.stack([torch.ones_like(md), rel, (tuned_norm - w).abs(), one_minus_cos, excess * dy_z,
                            excess * excess * z_sq, (m0 > 0).double()], dim=1)

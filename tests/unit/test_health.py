@@ -86,13 +86,14 @@ def test_relative_change_is_mean_of_abs_m_minus_m0_over_m0():
 
 
 def _rounding_epilogue(base_out, xa, lora_B, magnitude, denom, bias, scaling):
-    """Today's bf16 forward in miniature: the scale rounded to the output dtype before it multiplies."""
-    return base_out * (magnitude / denom).to(base_out.dtype)
+    """The bf16 forward before issue 21 in miniature: the scale rounded to the output dtype before it multiplies."""
+    scale = (magnitude / denom).to(base_out.dtype)
+    return base_out * scale + (scaling * xa @ lora_B.t()).to(base_out.dtype) * scale
 
 
 def _exact_epilogue(base_out, xa, lora_B, magnitude, denom, bias, scaling):
-    """A forward that keeps the scale: the product formed in float64."""
-    return base_out.double() * (magnitude.double() / denom.double())
+    """A forward that keeps the scale: everything formed in float64."""
+    return (base_out.double() + scaling * xa.double() @ lora_B.double().t()) * (magnitude.double() / denom.double())
 
 
 def _small_scale_view(eps: float) -> RowView:
@@ -219,3 +220,22 @@ def test_batched_layers_equal_each_layer_alone(monkeypatch):
     monkeypatch.setattr(health, "BATCH_ROWS", 20)                   # one layer per batch
     same(layer_sums(views, torch.float32)[1])
     assert maxima.shape == (3,) and bool((maxima > 0).all())
+
+
+@pytest.mark.parametrize("trained", [True, False], ids=["B!=0", "B=0"])
+def test_share_of_the_real_bf16_forward(trained):
+    """The real bf16 epilogue keeps a 1e-3 scale change (< 2⁻⁹) once s·B·A dithers the fp32 sum before its one
+    rounding (issue 21): share ≈ 1. At B = 0 the 16-bit base output is on bf16's grid and z·(1 + 1e-3) rounds back
+    to z in any 16-bit forward: share ≈ 0, which is what the output really gets. Noise: 32 tokens × 256 rows, each
+    output element's rounding flips with probability ~δ/ulp, so the share's standard error is ~5%; bounds are 5σ."""
+    layer = _layer(out_f=256, in_f=64, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        if trained:   # s·‖(BA)_i‖ ≈ 5% of ‖W_i‖, as in tests/unit/test_dora_16bit_fidelity.py
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
+        layer.magnitude.copy_(layer.weight_norm() * (1 + 1e-3))
+    num, den = share(_view(layer), torch.bfloat16)
+    if trained:
+        assert 0.75 <= num / den <= 1.25, num / den
+    else:
+        assert abs(num / den) <= 0.25, num / den
