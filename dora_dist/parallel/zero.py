@@ -101,42 +101,45 @@ def _local_slice(p: torch.Tensor) -> torch.Tensor:
     return p.ds_tensor.view(-1).narrow(0, 0, stop - start)
 
 
+def storage_row_pieces(flat: torch.Tensor, start: int, d1: int, chunk_rows: int = 4096):
+    """Walk the elements of a row-major (d0, d1) weight that lie in flat[start:...] (one rank's ZeRO-3 partition):
+    yields ("piece", row, col0, values) for a partial storage row (the head and tail: the slice may begin and end
+    mid-row) and ("block", row0, None, (k, d1) view) for whole rows, at most chunk_rows at a time."""
+    pos, end, n = 0, flat.numel(), start
+    col = n % d1
+    if col and pos < end:                                   # head: the rest of a storage row
+        take = min(d1 - col, end - pos)
+        yield "piece", n // d1, col, flat[pos : pos + take]
+        pos, n = pos + take, n + take
+    while end - pos >= d1:                                  # body: whole storage rows, in blocks
+        rows = min(chunk_rows, (end - pos) // d1)
+        yield "block", n // d1, None, flat[pos : pos + rows * d1].view(rows, d1)
+        pos, n = pos + rows * d1, n + rows * d1
+    if pos < end:                                           # tail: the start of a storage row
+        yield "piece", n // d1, 0, flat[pos:end]
+
+
 def partial_row_sq_norms(flat: torch.Tensor, start: int, shape: tuple[int, int], out_dim: int,
                          chunk_rows: int = 4096) -> torch.Tensor:
     """Σ w² per output row over the elements of a row-major (d0, d1) weight that lie in flat[start:...].
 
     out_dim = 0 for an (out, in) weight (nn.Linear), 1 for an (in, out) one (transformers Conv1D). The slice may
-    begin and end mid storage-row: the partial head and tail rows are handled apart, whole rows as (k, d1) blocks.
-    fp32 (fp64 for fp64 weights) and at most chunk_rows storage rows converted at a time.
+    begin and end mid storage-row (storage_row_pieces). fp32 (fp64 for fp64 weights) and at most chunk_rows storage
+    rows converted at a time.
     """
-    d0, d1 = shape
-    acc_dtype = torch.promote_types(flat.dtype, torch.float32)
-    out = torch.zeros(shape[out_dim], dtype=acc_dtype, device=flat.device)
-    pos, end, n = 0, flat.numel(), start
-
-    def add(row: int, col0: int, piece: torch.Tensor) -> None:
-        sq = piece.to(acc_dtype).pow(2)
-        if out_dim == 0:
+    acc = torch.promote_types(flat.dtype, torch.float32)
+    out = torch.zeros(shape[out_dim], dtype=acc, device=flat.device)
+    for kind, row, col0, values in storage_row_pieces(flat, start, shape[1], chunk_rows):
+        sq = values.to(acc).pow(2)
+        if kind == "block":
+            if out_dim == 0:
+                out[row : row + sq.shape[0]] += sq.sum(dim=1)
+            else:
+                out += sq.sum(dim=0)
+        elif out_dim == 0:
             out[row] += sq.sum()
         else:
-            out[col0 : col0 + piece.numel()] += sq
-
-    col = n % d1
-    if col and pos < end:                                   # head: the rest of a storage row
-        take = min(d1 - col, end - pos)
-        add(n // d1, col, flat[pos : pos + take])
-        pos, n = pos + take, n + take
-    while end - pos >= d1:                                  # body: whole storage rows, in blocks
-        rows = min(chunk_rows, (end - pos) // d1)
-        block = flat[pos : pos + rows * d1].view(rows, d1).to(acc_dtype).pow(2)
-        r0 = n // d1
-        if out_dim == 0:
-            out[r0 : r0 + rows] += block.sum(dim=1)
-        else:
-            out += block.sum(dim=0)
-        pos, n = pos + rows * d1, n + rows * d1
-    if pos < end:                                           # tail: the start of a storage row
-        add(n // d1, 0, flat[pos:end])
+            out[col0 : col0 + sq.numel()] += sq
     return out
 
 
@@ -144,35 +147,20 @@ def partial_times_A(flat: torch.Tensor, start: int, shape: tuple[int, int], out_
                     chunk_rows: int = 4096) -> torch.Tensor:
     """The part of W·Aᵀ ((out, r), fp32 or fp64) contributed by the elements of a row-major (d0, d1) weight that lie
     in flat[start:...]; summed over the partitions of all ranks it is W·Aᵀ. out_dim as in partial_row_sq_norms."""
-    d0, d1 = shape
     acc = torch.promote_types(flat.dtype, torch.float32)
     a = lora_A.detach().to(device=flat.device, dtype=acc)                  # (r, in)
     out = torch.zeros(shape[out_dim], a.shape[0], dtype=acc, device=flat.device)
-
-    def add(row: int, col0: int, piece: torch.Tensor) -> None:            # piece: storage row `row`, cols col0..
-        piece = piece.to(acc)
-        if out_dim == 0:                                                   # (out, in): row = output, cols = input
-            out[row] += a[:, col0 : col0 + piece.numel()] @ piece
-        else:                                                              # (in, out): row = input, cols = output
-            out[col0 : col0 + piece.numel()] += piece[:, None] * a[:, row][None, :]
-
-    pos, end, n = 0, flat.numel(), start
-    col = n % d1
-    if col and pos < end:                                   # head: the rest of a storage row
-        take = min(d1 - col, end - pos)
-        add(n // d1, col, flat[pos : pos + take])
-        pos, n = pos + take, n + take
-    while end - pos >= d1:                                  # body: whole storage rows, in blocks
-        rows = min(chunk_rows, (end - pos) // d1)
-        block = flat[pos : pos + rows * d1].view(rows, d1).to(acc)
-        r0 = n // d1
-        if out_dim == 0:
-            out[r0 : r0 + rows] += block @ a.t()
+    for kind, row, col0, values in storage_row_pieces(flat, start, shape[1], chunk_rows):
+        values = values.to(acc)
+        if kind == "block":
+            if out_dim == 0:                                               # (out, in): rows are outputs
+                out[row : row + values.shape[0]] += values @ a.t()
+            else:                                                          # (in, out): rows are inputs
+                out += values.t() @ a[:, row : row + values.shape[0]].t()
+        elif out_dim == 0:
+            out[row] += a[:, col0 : col0 + values.numel()] @ values
         else:
-            out += block.t() @ a[:, r0 : r0 + rows].t()
-        pos, n = pos + rows * d1, n + rows * d1
-    if pos < end:                                           # tail: the start of a storage row
-        add(n // d1, 0, flat[pos:end])
+            out[col0 : col0 + values.numel()] += values[:, None] * a[:, row][None, :]
     return out
 
 
