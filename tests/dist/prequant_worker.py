@@ -1,4 +1,4 @@
-"""Run under `torchrun --nproc-per-node 2` by tests/dist/test_prequantized.py (one launch, gloo):
+"""Run under `torchrun --nproc-per-node 2` by tests/dist/test_prequantized_engines.py (one launch, gloo):
 
 For each case, the trainer on a pre-quantized bitsandbytes checkpoint (no quantization section: its settings are
 taken) and on the dense built-in model quantized on the fly with the same settings:

@@ -1,4 +1,4 @@
-"""Run under `torchrun --nproc-per-node 2` by tests/dist/test_tied_modules_to_save.py (one launch, gloo):
+"""Run under `torchrun --nproc-per-node 2` by tests/dist/test_tied_modules_to_save_engines.py (one launch, gloo):
 
 the built-in tiny Llama with tied embeddings (model.config.tie_word_embeddings=true) and dora.modules_to_save=
 [lm_head], trained 2 steps by the trainer on each engine (fsdp2 used to abort in the first backward with a gloo

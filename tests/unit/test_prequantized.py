@@ -1,7 +1,7 @@
 """Pre-quantized bitsandbytes checkpoints (issue 22, item 2): the settings rule (models/prequantized.py) and the
 FSDP2 streaming of stored packed rows, bit for bit equal to quantizing the dense model on the fly, for nf4 and fp4,
 with and without double quantization. The trainer runs: tests/integration/test_prequantized_train.py (one
-process) and tests/dist/test_prequantized.py (fsdp2, ddp, zero2)."""
+process) and tests/dist/test_prequantized_engines.py (fsdp2, ddp, zero2)."""
 from __future__ import annotations
 
 import math
