@@ -110,6 +110,34 @@ def scale_rows_16bit(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return compose_16bit(g, scale, None, None, torch.empty_like(g))
 
 
+def backward_16bit_cpu(g: torch.Tensor, y: torch.Tensor, xa: torch.Tensor, b_scaled: torch.Tensor,
+                       scale: torch.Tensor, need_base: bool, need_xa: bool, need_b: bool, need_m: bool):
+    """The node's backward for 16-bit g, y on a CPU, in one pass over cache-sized token blocks, everything in fp32:
+    (round(g ⊙ scale), g·b_scaled, gᵀ·xa, Σ_t g ⊙ y), None where not needed. A CPU without native bf16 runs the
+    16-bit skinny GEMMs (out × r) many times slower than fp32 ones (LoRA's own path is fp32 there), and each block's
+    fp32 copy of g serves all four products while it is in cache."""
+    acc = scale.dtype
+    tokens, out = g.shape
+    d_base = torch.empty_like(g) if need_base else None
+    d_xa = torch.empty(tokens, b_scaled.shape[1], dtype=acc) if need_xa else None
+    g_xa = torch.zeros(out, b_scaled.shape[1], dtype=acc) if need_b else None
+    gy = torch.zeros(out, dtype=acc) if need_m else None
+    b_scaled, xa = b_scaled.to(acc), xa.to(acc)
+    step = _rows_per_block(g)
+    for i in range(0, tokens, step):
+        j = min(i + step, tokens)
+        gb = g[i:j].to(acc)
+        if need_xa:
+            torch.mm(gb, b_scaled, out=d_xa[i:j])
+        if need_b:
+            g_xa.addmm_(gb.t(), xa[i:j])
+        if need_m:
+            gy += (gb * y[i:j].to(acc)).sum(0)
+        if need_base:
+            d_base[i:j].copy_(gb.mul_(scale))
+    return d_base, d_xa, g_xa, gy
+
+
 def is_16bit(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
@@ -169,24 +197,34 @@ class DoRAEpilogue(torch.autograd.Function):
         need_base, need_xa, need_b, need_m, _, need_bias = ctx.needs_input_grad[:6]
         # dL/dz = g ⊙ m/n is only materialised for the base path; the low-rank grads take the scale on the
         # small side: d(xa) = g·(s·m/n ⊙ B), dB = s·m/n ⊙ (gᵀ·xa)   (no (tokens × out) pass when x needs no grad)
-        if not need_base:
-            d_base = None
-        elif is_16bit(dt):
-            d_base = scale_rows_16bit(g2, scale).view(y.shape)  # fp32 scale, one rounding
-        else:
-            d_base = (g2 * scale.to(dt)).view(y.shape)
-        d_xa = d_b = d_m = d_bias = None
+        d_xa = d_b = d_m = d_bias = gy = None
         s_scale = scale * s                                      # (out,), ≥ fp32
-        if need_xa:
-            b_scaled = (lora_B.to(s_scale.dtype) * s_scale[:, None]).to(dt)
-            d_xa = (g2 @ b_scaled).view(*xa.shape[:-1], xa.shape[-1]).to(xa.dtype)
-        if need_b:
-            d_b = ((g2.t() @ _flat(xa).to(dt)).to(s_scale.dtype) * s_scale[:, None]).to(lora_B.dtype)
+        xa_shape = (*xa.shape[:-1], xa.shape[-1])
+        if is_16bit(dt) and g2.device.type == "cpu":
+            b_scaled = lora_B.to(s_scale.dtype) * s_scale[:, None]
+            d_base, d_xa, g_xa, gy = backward_16bit_cpu(g2, _flat(y), _flat(xa), b_scaled, scale, need_base,
+                                                        need_xa, need_b, need_m)
+            d_base = d_base.view(y.shape) if need_base else None
+            d_xa = d_xa.view(xa_shape).to(xa.dtype) if need_xa else None
+            d_b = (g_xa * s_scale[:, None]).to(lora_B.dtype) if need_b else None
+        else:
+            if not need_base:
+                d_base = None
+            elif is_16bit(dt):
+                d_base = scale_rows_16bit(g2, scale).view(y.shape)  # fp32 scale, one rounding
+            else:
+                d_base = (g2 * scale.to(dt)).view(y.shape)
+            if need_xa:
+                b_scaled = (lora_B.to(s_scale.dtype) * s_scale[:, None]).to(dt)
+                d_xa = (g2 @ b_scaled).view(xa_shape).to(xa.dtype)
+            if need_b:
+                d_b = ((g2.t() @ _flat(xa).to(dt)).to(s_scale.dtype) * s_scale[:, None]).to(lora_B.dtype)
         if need_m or need_bias:
             acc = scale.dtype
             g_sum = g2.sum(0, dtype=acc) if (ctx.has_bias or need_bias) else None
             if need_m:
-                gy = _column_dot(g2, _flat(y), acc)              # Σ g ⊙ y, fp32 accumulation
+                if gy is None:
+                    gy = _column_dot(g2, _flat(y), acc)          # Σ g ⊙ y, fp32 accumulation
                 if ctx.has_bias:
                     gy = gy - bias.to(acc) * g_sum               # Σ g ⊙ (y - b)
                 d_m = gy / safe_m
