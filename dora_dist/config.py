@@ -229,15 +229,17 @@ class OutputConfig:
     wandb_run_name: Optional[str] = None
     #: wandb mode: offline needs no network or account
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
-    #: DoRA health in the log (dora_dist/health.py): per layer group the magnitude change |m − m₀|/m₀, analyze's ΔM
-    #: and ΔD, and the magnitude's effective share of the output, every dora_health_every steps and at the last step
-    #: (0: every training.log_every steps; benchmarks/health_bench.py measures the cost)
+    #: log DoRA's health (dora_dist/health.py): per layer group the magnitude change |m − m₀|/m₀, analyze's ΔM and
+    #: ΔD, and the magnitude's effective share of the output (benchmarks/health_bench.py measures the cost)
     dora_health: bool = True
+    #: steps between DoRA health measurements (0: every training.log_every steps); the last step is always measured
     dora_health_every: int = 10
     #: warn once (rank 0) when after this many steps (0: never) every layer's max |m − m₀|/m₀ is below
     #: dora_health_min_change or a group's effective share is below dora_health_min_share
     dora_health_warn_after: int = 50
+    #: the health warning's threshold for "the magnitudes have not moved": every layer's max |m − m₀|/m₀ below it
     dora_health_min_change: float = 1e-4
+    #: the health warning's threshold for the magnitude's effective share of the output (1: kept, 0: rounded away)
     dora_health_min_share: float = 0.5
 
 

@@ -17,6 +17,7 @@ gradient checkpointing, stop-and-resume) is compared with the single-process QDo
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import pytest
@@ -328,6 +329,7 @@ def trainer_runs(tmp_path_factory):
     train(load_config(None, qdora_overrides(cache) + ["parallel.engine=none", f"output.dir={single}"]))
     recs = read_metrics(single)
     ref = {"losses": [r["loss"] for r in recs], "grad_norms": [r["grad_norm"] for r in recs],
+           "lrs": [r["lr"] for r in recs],
            "adapter": load_file(str(single / "adapter" / "adapter_model.safetensors"))}
     out = work / "results.json"
     run_workers(Path(__file__).with_name("qdora_fsdp2_worker.py"),
@@ -335,15 +337,22 @@ def trainer_runs(tmp_path_factory):
     return ref, json.loads(out.read_text())
 
 
-def _assert_same_adapter(path, ref, rtol=1e-4, atol=1e-5):
+def _assert_same_adapter(path, ref, lrs):
+    """fp32 runs (bitsandbytes has no fp64): every element within the AdamW drift bound of the run's learning rates
+    (test_engines.adamw_drift_bound: a near-zero gradient whose sign differs by reduction order moves its element by
+    up to 2·lr a step), the bound the project holds fp32 engine comparisons to, not a figure one CPU printed."""
     from pathlib import Path
 
     from safetensors.torch import load_file
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_engines import adamw_drift_bound
+
     got = load_file(str(Path(path) / "adapter_model.safetensors"))
     assert got.keys() == ref.keys()
+    atol = adamw_drift_bound(lrs)
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
     assert any(float(v.abs().max()) > 0 for k, v in got.items() if "lora_B" in k)
 
 
@@ -354,7 +363,7 @@ def test_trainer_fsdp2_nf4_equals_single_process_qdora(trainer_runs):
     assert len(run["losses"]) == 4
     assert run["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)
     assert run["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4, abs=1e-6)
-    _assert_same_adapter(run["adapter"], ref["adapter"])
+    _assert_same_adapter(run["adapter"], ref["adapter"], ref["lrs"])
 
 
 @pytest.mark.slow
@@ -363,7 +372,7 @@ def test_trainer_fsdp2_nf4_resume_equals_uninterrupted(trainer_runs):
     run = res["resume"]
     assert run["checkpoints_after_stop"] == ["step_00000002"]
     assert run["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)
-    _assert_same_adapter(run["adapter"], ref["adapter"])
+    _assert_same_adapter(run["adapter"], ref["adapter"], ref["lrs"])
 
 
 @pytest.mark.slow
@@ -371,4 +380,4 @@ def test_trainer_fsdp2_nf4_cpu_offload_and_checkpointing_equal_single_process(tr
     ref, res = trainer_runs
     run = res["offload_ckpt"]
     assert run["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)
-    _assert_same_adapter(run["adapter"], ref["adapter"])
+    _assert_same_adapter(run["adapter"], ref["adapter"], ref["lrs"])
