@@ -58,7 +58,7 @@ def _column_dot(g: torch.Tensor, y: torch.Tensor, acc: torch.dtype) -> torch.Ten
     return out
 
 
-#: fp32 elements per block of `compose_16bit` / `scale_rows_16bit`: on a CPU a block's fp32 temporaries stay in L2;
+#: fp32 elements per block of `compose_16bit` / `backward_16bit_cpu`: on a CPU a block's fp32 temporaries stay in L2;
 #: on a GPU a block is a whole large kernel (the launches are then few)
 _BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 22}
 _MM_FP32_OUT: dict[str, bool] = {}   # device type -> torch.mm(..., out_dtype=float32) works for 16-bit inputs
@@ -81,7 +81,7 @@ def _lowrank_fp32(xa: torch.Tensor, b_scaled: torch.Tensor, dt: torch.dtype) -> 
     return torch.mm(xa.float(), b_scaled.float().t())
 
 
-def compose_16bit(base: torch.Tensor, scale: torch.Tensor, xa: torch.Tensor | None, b_scaled: torch.Tensor | None,
+def compose_16bit(base: torch.Tensor, scale: torch.Tensor, xa: torch.Tensor, b_scaled: torch.Tensor,
                   out: torch.Tensor) -> torch.Tensor:
     """out = round(scale ⊙ base + xa·b_scaledᵀ) for 2-D 16-bit `base`/`out` (they may be the same tensor), with the
     scale, the products and the sum in fp32: one rounding, so a scale within half an ulp of 1 still reaches out."""
@@ -93,21 +93,16 @@ def compose_16bit(base: torch.Tensor, scale: torch.Tensor, xa: torch.Tensor | No
     upcast = out.device.type == "cpu"
     for i in range(0, out.shape[0], step):
         j = min(i + step, out.shape[0])
-        block = base[i:j].float() if upcast else base[i:j]
-        if xa is None:
-            acc = block.mul_(scale) if upcast else block * scale
-        else:
-            acc = _lowrank_fp32(xa[i:j], b_scaled, dt)
-            acc.addcmul_(block, scale)
+        acc = _lowrank_fp32(xa[i:j], b_scaled, dt)
+        acc.addcmul_(base[i:j].float() if upcast else base[i:j], scale)
         out[i:j].copy_(acc)
     return out
 
 
 def scale_rows_16bit(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """round(g ⊙ scale) for a 2-D 16-bit g with the fp32 scale (the backward's dL/dz; not g ⊙ round(scale))."""
-    if g.device.type == "cuda":
-        return torch.mul(g, scale.float(), out=torch.empty_like(g))   # one kernel, fp32 math, 16-bit store
-    return compose_16bit(g, scale, None, None, torch.empty_like(g))
+    """round(g ⊙ scale) for a 2-D 16-bit g with the fp32 scale (the backward's dL/dz; not g ⊙ round(scale)): one
+    kernel on an accelerator, fp32 math and a 16-bit store (a CPU takes backward_16bit_cpu instead)."""
+    return torch.mul(g, scale.float(), out=torch.empty_like(g))
 
 
 def backward_16bit_cpu(g: torch.Tensor, y: torch.Tensor, xa: torch.Tensor, b_scaled: torch.Tensor,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dora_dist.nn.dora_epilogue import compose_16bit, dora_epilogue
+from dora_dist.nn.dora_epilogue import compose_16bit, dora_epilogue, is_16bit
 from dora_dist.nn.weight_source import WeightSource, at_least_fp32, is_dtensor, weight_source_for
 
 
@@ -72,7 +72,7 @@ def dora_output(base_out: torch.Tensor, lora_out: torch.Tensor, scale: torch.Ten
     if scale is None:
         lora_out = lora_out.to(dt)
         return base_out + lora_out * scaling  # (not torch.add(alpha=): inductor fuses that into the GEMM wrongly)
-    if dt in (torch.bfloat16, torch.float16):
+    if is_16bit(dt):
         # the scale and the sum in fp32, one rounding (16 bits would round m/‖·‖ within 2^-9 of 1 to exactly 1)
         acc = torch.promote_types(scale.dtype, torch.float32)
         scale, lora_out = scale.to(acc), lora_out.to(acc)
@@ -173,9 +173,10 @@ class DoRALinear(nn.Module):
         return super().train(mode)
 
     def inference_scale(self) -> torch.Tensor:
-        """m/‖W + sBA‖, ≥ fp32 (never rounded to a 16-bit compute dtype), computed once and reused while A, B, m and the base weight are the same tensors
-        (identity), with the same storage and in-place version (eval mode, no grad). Plain reads of `_parameters`
-        and `_modules` (nn.Module.__getattr__ costs µs): this runs once per layer per decoded token."""
+        """m/‖W + sBA‖, ≥ fp32 (never rounded to a 16-bit compute dtype), computed once and reused while A, B, m and
+        the base weight are the same tensors (identity), with the same storage and in-place version (eval mode, no
+        grad). Plain reads of `_parameters` and `_modules` (nn.Module.__getattr__ costs µs): this runs once per layer
+        per decoded token."""
         own = self._parameters
         deps = (own["lora_A"], own["lora_B"], own["magnitude"], self._modules["base_layer"]._parameters.get("weight"))
         try:
@@ -242,13 +243,12 @@ class DoRALinear(nn.Module):
             # eval, no grad: the scale is a constant per layer (one add and one in-place multiply over LoRA)
             dt = base_out.dtype
             scale = self.inference_scale()
-            if dt in (torch.bfloat16, torch.float16):
+            if is_16bit(dt):
                 # fp32 scale and sum, one rounding, written into base_out (see nn/dora_epilogue.py)
                 xa = F.linear(x.to(self.lora_A.dtype), self.lora_A)
                 b_scaled = self.lora_B.to(scale.dtype) * (self.scaling * scale)[:, None]
-                out = compose_16bit(base_out.reshape(-1, base_out.shape[-1]), scale,
-                                    xa.reshape(-1, xa.shape[-1]), b_scaled,
-                                    base_out.reshape(-1, base_out.shape[-1])).view(base_out.shape)
+                flat = base_out.reshape(-1, base_out.shape[-1])
+                out = compose_16bit(flat, scale, xa.reshape(-1, xa.shape[-1]), b_scaled, flat).view(base_out.shape)
             else:
                 lora_out = self.lora_path(x).to(dt)
                 out = lora_out.mul_(self.scaling).add_(base_out).mul_(scale.to(dt))
