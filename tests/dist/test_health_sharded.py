@@ -37,6 +37,15 @@ def _one_process_health(base_dir: Path, adapter_dir: Path) -> dict:
     return group_record(finish_layers(*layer_sums(views, torch.float32)))
 
 
+def assert_equals_one_process_measurement(last: dict, base, adapter) -> None:
+    """The logged values equal the same adapter measured on whole layers in one process: the sharded sums add the
+    same per-row fp32 values (W·Aᵀ of k rows vs all rows may differ by BLAS blocking: a few ε per row, relative) in
+    another order."""
+    for key, value in _one_process_health(base, adapter).items():
+        tol = 1e-3 if key.startswith("dora_share") else 16 * EPS32
+        assert last[key] == pytest.approx(value, rel=tol), key
+
+
 def test_fsdp2_logged_health_equals_one_process(tmp_path):
     from dora_dist.train import train
     from dora_dist.config import load_job_config
@@ -48,12 +57,7 @@ def test_fsdp2_logged_health_equals_one_process(tmp_path):
     last = rows[-1]
     (base,) = (tmp_path / "cache").iterdir()
     assert_logged_equals_analyze(last, analyze_by_group(base, out / "adapter"))
-    # The same adapter measured on whole layers in one process: the sharded sums add the same per-row fp32 values
-    # (W·Aᵀ of k rows vs all rows may differ by BLAS blocking: a few ε per row, relative) in another order
-    whole = _one_process_health(base, out / "adapter")
-    for key, value in whole.items():
-        tol = 1e-3 if key.startswith("dora_share") else 16 * EPS32
-        assert last[key] == pytest.approx(value, rel=tol), key
+    assert_equals_one_process_measurement(last, base, out / "adapter")
     # ... and the one-process run's log: ΔM is 1-Lipschitz in m, so it moves by at most the two runs' mean |Δm|
     ref = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()][-1]
     from safetensors.torch import load_file
@@ -75,7 +79,4 @@ def test_zero3_logged_health_equals_analyze(tmp_path):
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     (base,) = (tmp_path / "cache").iterdir()
     assert_logged_equals_analyze(last, analyze_by_group(base, out / "adapter"))
-    whole = _one_process_health(base, out / "adapter")
-    for key, value in whole.items():
-        tol = 1e-3 if key.startswith("dora_share") else 16 * EPS32
-        assert last[key] == pytest.approx(value, rel=tol), key
+    assert_equals_one_process_measurement(last, base, out / "adapter")
