@@ -14,6 +14,7 @@ model, as in a real job. Counted per rank and per step (forward + backward, FSDP
   model was built (includes weights, gathered buffers, activations, adapter grads and AdamW state).
 Not a test: prints a table and the 4-bit / bf16 ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,9 @@ def fill(model, hidden: int, seed: int):
         rows = local.shape[0]
         dense = torch.randn(rows, hidden, generator=g) * 0.02
         if isinstance(local, Sharded4bitTensor):
-            local.copy_(Sharded4bitTensor.from_dense(dense.to(torch.bfloat16), "nf4", 64, True,
-                                                     torch.bfloat16).to(local.device))
+            local.copy_(
+                Sharded4bitTensor.from_dense(dense.to(torch.bfloat16), "nf4", 64, True, torch.bfloat16).to(local.device)
+            )
         else:
             local.copy_(dense.to(local.dtype))
         for name in ("lora_A", "lora_B", "magnitude"):
@@ -162,12 +164,25 @@ def _worker(rank, world, port, args, kind, out_file):
                 opt.zero_grad()
                 if cuda:
                     torch.cuda.synchronize()
-                per_step.append({"out": counts["out"], "in": counts["in"], "calls": counts["calls"],
-                                 "time_s": time.perf_counter() - t0})
+                per_step.append(
+                    {
+                        "out": counts["out"],
+                        "in": counts["in"],
+                        "calls": counts["calls"],
+                        "time_s": time.perf_counter() - t0,
+                    }
+                )
         last = per_step[-1]
-        result = {"kind": kind, "world": world, "rank": rank, "ag_out_bytes": last["out"], "ag_in_bytes": last["in"],
-                  "ag_calls": last["calls"], "step_time_s": min(s["time_s"] for s in per_step),
-                  "peak_bytes": torch.cuda.max_memory_allocated() if cuda else peak.peak - base_rss}
+        result = {
+            "kind": kind,
+            "world": world,
+            "rank": rank,
+            "ag_out_bytes": last["out"],
+            "ag_in_bytes": last["in"],
+            "ag_calls": last["calls"],
+            "step_time_s": min(s["time_s"] for s in per_step),
+            "peak_bytes": torch.cuda.max_memory_allocated() if cuda else peak.peak - base_rss,
+        }
         if rank == 0:
             with open(out_file, "w") as f:
                 json.dump(result, f)
@@ -204,22 +219,34 @@ def main(argv=None):
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mib = 1 / 2**20
-    print(f"# FSDP2 all-gather benchmark: {args.layers} DoRA layers {args.hidden}x{args.hidden}, r=16, "
-          f"batch {args.batch}x{args.seq}, backend {args.backend}; per rank, per step (fwd+bwd)")
-    print(f"{'ranks':>5} {'base':>5} {'AG recv MiB':>12} {'AG sent MiB':>12} {'AG calls':>9} {'peak MiB':>9} "
-          f"{'step s':>7}")
+    print(
+        f"# FSDP2 all-gather benchmark: {args.layers} DoRA layers {args.hidden}x{args.hidden}, r=16, "
+        f"batch {args.batch}x{args.seq}, backend {args.backend}; per rank, per step (fwd+bwd)"
+    )
+    print(
+        f"{'ranks':>5} {'base':>5} {'AG recv MiB':>12} {'AG sent MiB':>12} {'AG calls':>9} {'peak MiB':>9} "
+        f"{'step s':>7}"
+    )
     rows = []
     for world in args.ranks:
         res = {kind: run_one(world, kind, args) for kind in ("bf16", "nf4")}
         for kind, r in res.items():
-            print(f"{world:>5} {kind:>5} {r['ag_out_bytes'] * mib:>12.3f} {r['ag_in_bytes'] * mib:>12.3f} "
-                  f"{r['ag_calls']:>9} {r['peak_bytes'] * mib:>9.1f} {r['step_time_s']:>7.3f}")
+            print(
+                f"{world:>5} {kind:>5} {r['ag_out_bytes'] * mib:>12.3f} {r['ag_in_bytes'] * mib:>12.3f} "
+                f"{r['ag_calls']:>9} {r['peak_bytes'] * mib:>9.1f} {r['step_time_s']:>7.3f}"
+            )
         ratio_ag = res["nf4"]["ag_out_bytes"] / max(1, res["bf16"]["ag_out_bytes"])
         ratio_peak = res["nf4"]["peak_bytes"] / max(1, res["bf16"]["peak_bytes"])
         ag = f"{ratio_ag:.3f}" if res["bf16"]["ag_out_bytes"] else "n/a (one rank: no all-gather)"
         print(f"{world:>5} ratio 4-bit/bf16: all-gather bytes {ag}, peak memory {ratio_peak:.3f}")
-        rows.append({"world": world, **{f"{k}_{m}": v[m] for k, v in res.items() for m in v if m != "kind"},
-                     "ratio_allgather": ratio_ag, "ratio_peak": ratio_peak})
+        rows.append(
+            {
+                "world": world,
+                **{f"{k}_{m}": v[m] for k, v in res.items() for m in v if m != "kind"},
+                "ratio_allgather": ratio_ag,
+                "ratio_peak": ratio_peak,
+            }
+        )
     print(json.dumps(rows))
     return rows
 

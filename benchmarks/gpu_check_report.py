@@ -5,6 +5,7 @@
 WORK_DIR holds steps.tsv (name, exit status, milliseconds, command per line), each step's NAME.log and NAME.json,
 pytest's junit XML (pytest_gpu.xml), the fidelity figures (figures.jsonl) and the QDoRA run's output (qdora/); any
 of them may be missing (a step that failed or timed out is reported with the last lines of its log)."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,13 @@ from pathlib import Path
 def environment() -> dict:
     import torch
 
-    env = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device",
-           "gpus": torch.cuda.device_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version()}
+    env = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device",
+        "gpus": torch.cuda.device_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
     try:
         import bitsandbytes
 
@@ -71,8 +76,7 @@ def main(argv: list[str]) -> int:
     report = build_report(work)
     out.write_text(json.dumps(report, indent=2))
     failed = [name for name, step in report["steps"].items() if step["exit"] != 0]
-    print(f"gpu_check: {len(report['steps']) - len(failed)} of {len(report['steps'])} steps passed; "
-          f"figures in {out}")
+    print(f"gpu_check: {len(report['steps']) - len(failed)} of {len(report['steps'])} steps passed; figures in {out}")
     if failed:
         print("failed: " + ", ".join(failed))
     return 1 if failed else 0

@@ -11,6 +11,7 @@ views, the per-layer sums, the effective-share probe through the real epilogue, 
 hits both alike. The medians are reported; the overhead at `output.dora_health_every = E` is measure / (E · step).
 JSON (rank 0) -> benchmarks/results/health_bench_<device>_w<world>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,13 @@ def main() -> int:
     from dora_dist.train import build, train_step
 
     tmp = tempfile.mkdtemp(prefix="health_bench_")
-    cfg = load_job_config(args.config, [f"output.dir={tmp}", "checkpoint.resume=none", "output.progress_bar=false",
-                                        *args.overrides])
+    cfg = load_job_config(
+        args.config, [f"output.dir={tmp}", "checkpoint.resume=none", "output.progress_bar=false", *args.overrides]
+    )
     env = DistEnv.from_environ(device=cfg.training.device)
     job = build(cfg, env)
     monitor = HealthMonitor.from_config(cfg)
-    job.health = None                                   # the trainer's own measurement off: timed here
+    job.health = None  # the trainer's own measurement off: timed here
     import cProfile
     import pstats
 
@@ -71,22 +73,36 @@ def main() -> int:
             measure_cpu.append(c2 - c1)
     step, measure = statistics.median(steps), statistics.median(measures)
     cpu_ratio = statistics.median(measure_cpu) / statistics.median(step_cpu)
-    result = {"config": args.config, "overrides": args.overrides, "engine": job.engine.name,
-              "world_size": env.world_size, "device": str(env.device), "rounds": args.rounds,
-              "dora_layers": len(monitor.layers), "step_s_median": step, "measure_s_median": measure,
-              "overhead_every_step": measure / step,
-              "step_cpu_s_median": statistics.median(step_cpu), "measure_cpu_s_median": statistics.median(measure_cpu),
-              "cpu_time_overhead_every_step": cpu_ratio,
-              "overhead_at_dora_health_every": {e: measure / (e * step) for e in (1, 10, 50)},
-              "last_record": rec}
+    result = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "engine": job.engine.name,
+        "world_size": env.world_size,
+        "device": str(env.device),
+        "rounds": args.rounds,
+        "dora_layers": len(monitor.layers),
+        "step_s_median": step,
+        "measure_s_median": measure,
+        "overhead_every_step": measure / step,
+        "step_cpu_s_median": statistics.median(step_cpu),
+        "measure_cpu_s_median": statistics.median(measure_cpu),
+        "cpu_time_overhead_every_step": cpu_ratio,
+        "overhead_at_dora_health_every": {e: measure / (e * step) for e in (1, 10, 50)},
+        "last_record": rec,
+    }
     if env.is_main:
-        out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-            f"health_bench_{env.device.type}_w{env.world_size}.json")
+        out = (
+            Path(args.out)
+            if args.out
+            else ROOT / "benchmarks" / "results" / (f"health_bench_{env.device.type}_w{env.world_size}.json")
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"[health_bench] {job.engine.name} world={env.world_size}: step {step * 1e3:.1f} ms, health "
-              f"{measure * 1e3:.2f} ms ({100 * measure / step:.2f}% of a step when measured every step; process CPU "
-              f"time {100 * cpu_ratio:.2f}%); -> {out}")
+        print(
+            f"[health_bench] {job.engine.name} world={env.world_size}: step {step * 1e3:.1f} ms, health "
+            f"{measure * 1e3:.2f} ms ({100 * measure / step:.2f}% of a step when measured every step; process CPU "
+            f"time {100 * cpu_ratio:.2f}%); -> {out}"
+        )
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
     job.engine.close()

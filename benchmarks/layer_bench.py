@@ -9,6 +9,7 @@ too. Variants run round-robin so drift in machine load hits all of them alike.
     python benchmarks/layer_bench.py --base nf4 --json out.json
     python benchmarks/layer_bench.py --device cuda --dtype bfloat16 --tokens 8192
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,9 @@ def make_base(kind: str, n_in: int, n_out: int, dtype: torch.dtype, device: str)
     import bitsandbytes as bnb
 
     if kind in ("nf4", "fp4"):
-        layer = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=dtype, quant_type=kind,
-                                  compress_statistics=True)
+        layer = bnb.nn.Linear4bit(
+            n_in, n_out, bias=False, compute_dtype=dtype, quant_type=kind, compress_statistics=True
+        )
     elif kind == "int8":
         layer = bnb.nn.Linear8bitLt(n_in, n_out, bias=False, has_fp16_weights=False, threshold=0.0)
     else:
@@ -155,20 +157,30 @@ def run(args) -> dict:
     }
     if "peft_dora" in results:
         peft_r = results["peft_dora"]
-        ratios.update({
-            "peft_over_ours_time": peft_r["median_s"] / dora["median_s"],
-            "peft_over_lora_time": peft_r["median_s"] / lora["median_s"],
-            "peft_extra_in_activations": (peft_r["saved_activation_bytes"] - lora["saved_activation_bytes"]) / act,
-        })
-    return {"config": vars(args), "one_activation_bytes": act, "results": results, "ratios": ratios, "failed": failed,
-            "torch": torch.__version__, "device_name": torch.cuda.get_device_name() if device.startswith("cuda")
-            else "cpu"}
+        ratios.update(
+            {
+                "peft_over_ours_time": peft_r["median_s"] / dora["median_s"],
+                "peft_over_lora_time": peft_r["median_s"] / lora["median_s"],
+                "peft_extra_in_activations": (peft_r["saved_activation_bytes"] - lora["saved_activation_bytes"]) / act,
+            }
+        )
+    return {
+        "config": vars(args),
+        "one_activation_bytes": act,
+        "results": results,
+        "ratios": ratios,
+        "failed": failed,
+        "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+    }
 
 
 def print_table(report: dict) -> None:
     cfg = report["config"]
-    print(f"layer {cfg['in_features']}x{cfg['out_features']} base={cfg['base']} tokens={cfg['tokens']} "
-          f"r={cfg['rank']} dtype={cfg['dtype']} device={report['device_name']} repeat={cfg['repeat']}")
+    print(
+        f"layer {cfg['in_features']}x{cfg['out_features']} base={cfg['base']} tokens={cfg['tokens']} "
+        f"r={cfg['rank']} dtype={cfg['dtype']} device={report['device_name']} repeat={cfg['repeat']}"
+    )
     print(f"{'variant':<10} {'median ms':>10} {'saved act MiB':>14} {'peak MiB':>9}")
     for name, r in report["results"].items():
         peak = r.get("peak_bytes_above_resident")

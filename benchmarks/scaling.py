@@ -23,6 +23,7 @@ node ranks, c10d rendezvous), and launch/deepspeed.sh with a hostfile of two "no
 Output: benchmarks/results/scaling_<device>.json and .csv, and PNG plots (tokens/s, memory/rank, bytes/step vs
 ranks, projected vs measured); progress on stderr, a summary table on stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,10 +51,10 @@ NF4 = ["quantization.mode=nf4", "quantization.compute_dtype=float32"]
 @dataclass(frozen=True)
 class Point:
     engine: str
-    base: str          # dense | nf4
-    mode: str          # strong | weak
+    base: str  # dense | nf4
+    mode: str  # strong | weak
     world: int
-    launcher: str = "torchrun"   # torchrun | multinode.sh | deepspeed-hostfile | single
+    launcher: str = "torchrun"  # torchrun | multinode.sh | deepspeed-hostfile | single
 
 
 def log(msg: str) -> None:
@@ -86,12 +87,24 @@ def overrides(p: Point, args, out: Path) -> list[str]:
     per_rank = args.micro * args.accum
     global_batch = args.global_batch if p.mode == "strong" else per_rank * p.world
     engine = "none" if p.world == 1 else p.engine
-    o = ["--config", str(ROOT / "configs" / "quickstart.yaml"), f"training.max_steps={args.steps}",
-         f"training.global_batch_size={global_batch}", f"training.micro_batch_size={args.micro}",
-         f"data.seq_len={args.seq}", "data.synthetic_samples=400", "training.warmup_steps=1",
-         f"training.device={args.device}", f"model.cache_dir={args.cache}", f"output.dir={out}",
-         "output.progress_bar=false", "output.plot=false", "output.save_adapter=false", "checkpoint.resume=none",
-         "checkpoint.every_steps=0"]
+    o = [
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        f"training.max_steps={args.steps}",
+        f"training.global_batch_size={global_batch}",
+        f"training.micro_batch_size={args.micro}",
+        f"data.seq_len={args.seq}",
+        "data.synthetic_samples=400",
+        "training.warmup_steps=1",
+        f"training.device={args.device}",
+        f"model.cache_dir={args.cache}",
+        f"output.dir={out}",
+        "output.progress_bar=false",
+        "output.plot=false",
+        "output.save_adapter=false",
+        "checkpoint.resume=none",
+        "checkpoint.every_steps=0",
+    ]
     if p.launcher != "deepspeed-hostfile":
         o.append(f"parallel.engine={engine}")
     return o + (NF4 if p.base == "nf4" else [])
@@ -103,33 +116,72 @@ def run_point(p: Point, args, out: Path) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     # one core per rank (as one GPU per rank): the one-rank baseline computes on one core too
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_BUILD_OPS="0",
-               DORA_DIST_COUNT_COMM="1", DORA_DIST_COUNT_COMM_DIR=str(out / "probe"),
-               DORA_DIST_MEMORY_STEP=str(args.steps))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        DS_BUILD_OPS="0",
+        DORA_DIST_COUNT_COMM="1",
+        DORA_DIST_COUNT_COMM_DIR=str(out / "probe"),
+        DORA_DIST_MEMORY_STEP=str(args.steps),
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
     ov = overrides(p, args, out)
     port = str(free_port())
     if p.launcher == "single":
         cmds = [[sys.executable, "-m", "dora_dist.train", *ov]]
     elif p.launcher == "torchrun":
-        cmds = [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(p.world),
-                 "-m", "dora_dist.train", *ov]]
-    elif p.launcher == "multinode.sh":   # 2 "nodes" × world/2 processes, c10d rendezvous on 127.0.0.1
+        cmds = [
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(p.world),
+                "-m",
+                "dora_dist.train",
+                *ov,
+            ]
+        ]
+    elif p.launcher == "multinode.sh":  # 2 "nodes" × world/2 processes, c10d rendezvous on 127.0.0.1
         cmds = [["bash", str(ROOT / "launch" / "multinode.sh"), *ov] for _ in range(2)]
-        envs = [dict(env, NNODES="2", NODE_RANK=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                     NPROC_PER_NODE=str(p.world // 2), RDZV_ID=f"scaling{port}") for n in range(2)]
-    elif p.launcher == "deepspeed-hostfile":   # a hostfile of two hosts; each "node" started with its NODE_RANK
+        envs = [
+            dict(
+                env,
+                NNODES="2",
+                NODE_RANK=str(n),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                NPROC_PER_NODE=str(p.world // 2),
+                RDZV_ID=f"scaling{port}",
+            )
+            for n in range(2)
+        ]
+    elif p.launcher == "deepspeed-hostfile":  # a hostfile of two hosts; each "node" started with its NODE_RANK
         hostfile = out / "hostfile"
         hostfile.write_text(f"localhost slots={p.world // 2}\n127.0.0.1 slots={p.world // 2}\n")
         cmds = [["bash", str(ROOT / "launch" / "deepspeed.sh"), *ov] for _ in range(2)]
-        envs = [dict(env, HOSTFILE=str(hostfile), NODE_RANK=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                     NUM_GPUS=str(p.world // 2), ENGINE=p.engine) for n in range(2)]
+        envs = [
+            dict(
+                env,
+                HOSTFILE=str(hostfile),
+                NODE_RANK=str(n),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                NUM_GPUS=str(p.world // 2),
+                ENGINE=p.engine,
+            )
+            for n in range(2)
+        ]
     else:
         raise ValueError(p.launcher)
     if len(cmds) == 1:
         envs = [env]
-    procs = [subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for c, e in zip(cmds, envs)]
+    procs = [
+        subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for c, e in zip(cmds, envs)
+    ]
     logs = [pr.communicate(timeout=args.timeout)[0] for pr in procs]
     (out / "launch.log").write_text("\n".join(logs))
     if any(pr.returncode for pr in procs):
@@ -144,10 +196,16 @@ def collect(p: Point, out: Path, steps: int) -> dict:
         by_step = {s["step"]: s for s in data["steps"]}
         last = by_step[steps]
         timed = [by_step[s]["step_s"] for s in range(2, steps) if s in by_step] or [last["step_s"]]
-        ranks.append({"rank": data["rank"], "step_s": statistics.median(timed),
-                      "bytes": {k: last[f"comm_{k}_bytes"] for k in KINDS},
-                      "calls": {k: last[f"comm_{k}_calls"] for k in KINDS},
-                      "live_bytes_peak": last.get("live_bytes_peak"), "max_rss_bytes": last.get("max_rss_bytes")})
+        ranks.append(
+            {
+                "rank": data["rank"],
+                "step_s": statistics.median(timed),
+                "bytes": {k: last[f"comm_{k}_bytes"] for k in KINDS},
+                "calls": {k: last[f"comm_{k}_calls"] for k in KINDS},
+                "live_bytes_peak": last.get("live_bytes_peak"),
+                "max_rss_bytes": last.get("max_rss_bytes"),
+            }
+        )
     ranks.sort(key=lambda r: r["rank"])
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     tps = [m["tokens_per_s"] for m in metrics if 1 < m["step"] < steps] or [metrics[-1]["tokens_per_s"]]
@@ -170,36 +228,50 @@ def project_point(p: Point, args, out: Path, cpt: float | None) -> dict:
     gpu = "cpu" if args.device == "cpu" else args.gpu
     cluster = make_cluster(gpu, 1, p.world, "loopback" if args.device == "cpu" else None)
     proj = project(cfg, cluster, engine, spec=spec, compute_s_per_token=cpt)
-    return {"bytes": bytes_by_kind(predict_collectives(cfg, spec, engine, p.world)),
-            "memory": estimate_memory(cfg, spec, engine, p.world).device_total,
-            "step_s": proj.step_s if cpt is not None else None,
-            "tokens_per_step": cfg.training.micro_batch_size * cfg.data.seq_len * (
-                cfg.training.global_batch_size // cfg.training.micro_batch_size)}
+    return {
+        "bytes": bytes_by_kind(predict_collectives(cfg, spec, engine, p.world)),
+        "memory": estimate_memory(cfg, spec, engine, p.world).device_total,
+        "step_s": proj.step_s if cpt is not None else None,
+        "tokens_per_step": cfg.training.micro_batch_size
+        * cfg.data.seq_len
+        * (cfg.training.global_batch_size // cfg.training.micro_batch_size),
+    }
 
 
 def measured_row(p: Point, m: dict, machine: str, cores: int) -> dict:
     live = [r["live_bytes_peak"] for r in m["ranks"] if r["live_bytes_peak"]]
     counted = m["ranks"][0]["bytes"]
-    return {**asdict(p), "machine": machine, "oversubscribed": p.world > cores,
-            "tokens_per_s": m["tokens_per_s"], "step_s": max(r["step_s"] for r in m["ranks"]),
-            "loss_last": m["loss_last"], **{f"counted_{k}_bytes": counted[k] for k in KINDS},
-            "counted_bytes_per_step": sum(counted.values()),
-            "same_bytes_on_all_ranks": all(r["bytes"] == counted for r in m["ranks"]),
-            "live_bytes_peak": sum(live) / len(live) if live else None,
-            "max_rss_bytes": max(r["max_rss_bytes"] or 0 for r in m["ranks"]), "per_rank": m["ranks"]}
+    return {
+        **asdict(p),
+        "machine": machine,
+        "oversubscribed": p.world > cores,
+        "tokens_per_s": m["tokens_per_s"],
+        "step_s": max(r["step_s"] for r in m["ranks"]),
+        "loss_last": m["loss_last"],
+        **{f"counted_{k}_bytes": counted[k] for k in KINDS},
+        "counted_bytes_per_step": sum(counted.values()),
+        "same_bytes_on_all_ranks": all(r["bytes"] == counted for r in m["ranks"]),
+        "live_bytes_peak": sum(live) / len(live) if live else None,
+        "max_rss_bytes": max(r["max_rss_bytes"] or 0 for r in m["ranks"]),
+        "per_rank": m["ranks"],
+    }
 
 
 def add_projection(row: dict, pred: dict) -> dict:
     """The projection's numbers and its errors against the measured ones, in place."""
     counted = {k: row[f"counted_{k}_bytes"] for k in KINDS}
     live = row["live_bytes_peak"]
-    row.update({**{f"predicted_{k}_bytes": pred["bytes"][k] for k in KINDS},
-                "predicted_bytes_per_step": sum(pred["bytes"].values()),
-                "bytes_match": counted == pred["bytes"] and row["same_bytes_on_all_ranks"],
-                "predicted_memory_bytes": pred["memory"],
-                "memory_error": (pred["memory"] - live) / live if live else None,
-                "predicted_step_s": pred["step_s"],
-                "time_error": (pred["step_s"] - row["step_s"]) / row["step_s"] if pred["step_s"] else None})
+    row.update(
+        {
+            **{f"predicted_{k}_bytes": pred["bytes"][k] for k in KINDS},
+            "predicted_bytes_per_step": sum(pred["bytes"].values()),
+            "bytes_match": counted == pred["bytes"] and row["same_bytes_on_all_ranks"],
+            "predicted_memory_bytes": pred["memory"],
+            "memory_error": (pred["memory"] - live) / live if live else None,
+            "predicted_step_s": pred["step_s"],
+            "time_error": (pred["step_s"] - row["step_s"]) / row["step_s"] if pred["step_s"] else None,
+        }
+    )
     return row
 
 
@@ -231,8 +303,10 @@ def points(args) -> list[Point]:
             for mode in args.modes:
                 pts += [Point(e, base, mode, world) for e in ENGINES[base] if e in args.engines]
     if args.multinode and "dense" in args.bases:
-        pts += [Point("fsdp2", "dense", "strong", 2, "multinode.sh"),
-                Point("zero3", "dense", "strong", 2, "deepspeed-hostfile")]
+        pts += [
+            Point("fsdp2", "dense", "strong", 2, "multinode.sh"),
+            Point("zero3", "dense", "strong", 2, "deepspeed-hostfile"),
+        ]
     return pts
 
 
@@ -254,8 +328,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dora_dist_scaling"))
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/scaling_<device>)")
-    ap.add_argument("--reproject", action="store_true", help="no runs: recompute the projection for the "
-                    "measurements in the output JSON and rewrite JSON, CSV and plots")
+    ap.add_argument(
+        "--reproject",
+        action="store_true",
+        help="no runs: recompute the projection for the "
+        "measurements in the output JSON and rewrite JSON, CSV and plots",
+    )
     args = ap.parse_args(argv)
     if args.device == "cuda":
         import torch
@@ -284,13 +362,20 @@ def main(argv=None) -> int:
             calib[p.base] = row["step_s"] / project_point(p, args, out, None)["tokens_per_step"]  # s per token
         add_projection(row, project_point(p, args, out, calib.get(p.base)))
         if not row["bytes_match"]:
-            failures.append({**asdict(p), "error": f"bytes: counted {row['per_rank'][0]['bytes']}, predicted "
-                                                   f"{ {k: row[f'predicted_{k}_bytes'] for k in KINDS} }"})
+            failures.append(
+                {
+                    **asdict(p),
+                    "error": f"bytes: counted {row['per_rank'][0]['bytes']}, predicted "
+                    f"{ {k: row[f'predicted_{k}_bytes'] for k in KINDS} }",
+                }
+            )
         rows.append(row)
-        log(f"[scaling]   {row['tokens_per_s']:,.0f} tok/s, {row['counted_bytes_per_step'] / 2**20:.2f} MiB/step "
+        log(
+            f"[scaling]   {row['tokens_per_s']:,.0f} tok/s, {row['counted_bytes_per_step'] / 2**20:.2f} MiB/step "
             f"({'= prediction' if row['bytes_match'] else 'MISMATCH'}), live peak "
             f"{(row['live_bytes_peak'] or 0) / 2**20:.1f} MiB (prediction {100 * (row['memory_error'] or 0):+.1f}%),"
-            f" {time.time() - t0:.0f}s elapsed")
+            f" {time.time() - t0:.0f}s elapsed"
+        )
     write_outputs(rows, failures, stem, machine, args)
     print_summary(rows, failures)
     return 1 if failures else 0
@@ -298,9 +383,16 @@ def main(argv=None) -> int:
 
 def write_outputs(rows: list[dict], failures: list[dict], stem: Path, machine: str, args) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine, "device": args.device, "steps": args.steps, "seq_len": args.seq,
-            "micro_batch": args.micro, "strong_global_batch": args.global_batch,
-            "weak_per_rank_batch": args.micro * args.accum, "model": "builtin:tiny-llama (DoRA r=8, all linears)"}
+    meta = {
+        "machine": machine,
+        "device": args.device,
+        "steps": args.steps,
+        "seq_len": args.seq,
+        "micro_batch": args.micro,
+        "strong_global_batch": args.global_batch,
+        "weak_per_rank_batch": args.micro * args.accum,
+        "model": "builtin:tiny-llama (DoRA r=8, all linears)",
+    }
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "points": rows, "failures": failures}, indent=1))
     flat = [{k: v for k, v in r.items() if k != "per_rank"} for r in rows]
     if flat:
@@ -314,14 +406,18 @@ def write_outputs(rows: list[dict], failures: list[dict], stem: Path, machine: s
 
 
 def print_summary(rows: list[dict], failures: list[dict]) -> None:
-    print(f"{'base':<5} {'engine':<6} {'mode':<6} {'ranks':>5} {'launcher':<18} {'tok/s':>8} {'MiB/step':>9} "
-          f"{'bytes':>6} {'live MiB':>9} {'mem err':>8} {'time err':>8}")
+    print(
+        f"{'base':<5} {'engine':<6} {'mode':<6} {'ranks':>5} {'launcher':<18} {'tok/s':>8} {'MiB/step':>9} "
+        f"{'bytes':>6} {'live MiB':>9} {'mem err':>8} {'time err':>8}"
+    )
     for r in rows:
         te = f"{100 * r['time_error']:+.0f}%" if r["time_error"] is not None else "-"
         tps = f"{r['tokens_per_s']:,.0f}" + ("*" if r["oversubscribed"] else "")
-        print(f"{r['base']:<5} {r['engine']:<6} {r['mode']:<6} {r['world']:>5} {r['launcher']:<18} {tps:>8} "
-              f"{r['counted_bytes_per_step'] / 2**20:>9.2f} {'exact' if r['bytes_match'] else 'DIFF':>6} "
-              f"{(r['live_bytes_peak'] or 0) / 2**20:>9.1f} {100 * (r['memory_error'] or 0):>+7.1f}% {te:>8}")
+        print(
+            f"{r['base']:<5} {r['engine']:<6} {r['mode']:<6} {r['world']:>5} {r['launcher']:<18} {tps:>8} "
+            f"{r['counted_bytes_per_step'] / 2**20:>9.2f} {'exact' if r['bytes_match'] else 'DIFF':>6} "
+            f"{(r['live_bytes_peak'] or 0) / 2**20:>9.1f} {100 * (r['memory_error'] or 0):>+7.1f}% {te:>8}"
+        )
     print("* oversubscribed (more processes than cores): bytes and memory valid, time is not scaling data")
     for f in failures:
         print(f"FAILED {f['engine']} {f['base']} {f['mode']} w{f['world']} {f['launcher']}: {f['error'][-300:]}")

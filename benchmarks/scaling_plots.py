@@ -1,5 +1,6 @@
 """The four PNGs of benchmarks/scaling.py: tokens/s, memory per rank and collective bytes per step against the
 number of ranks, and projected against measured (bytes, memory, step time). Axes labelled, the machine named."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,13 @@ COLORS = {"none": "black", "ddp": "tab:blue", "fsdp2": "tab:orange", "zero2": "t
 
 def _series(rows, base, mode, engine):
     """Points of one engine/base/mode (single-node launches), with the one-rank baseline first."""
-    pts = [r for r in rows if r["base"] == base and r["launcher"] in ("torchrun", "single")
-           and ((r["world"] == 1) or (r["engine"] == engine and r["mode"] == mode))]
+    pts = [
+        r
+        for r in rows
+        if r["base"] == base
+        and r["launcher"] in ("torchrun", "single")
+        and ((r["world"] == 1) or (r["engine"] == engine and r["mode"] == mode))
+    ]
     return sorted(pts, key=lambda r: r["world"])
 
 
@@ -54,8 +60,13 @@ def plot_all(rows: list[dict], stem: Path, machine: str) -> list[Path]:
                     continue
                 ax.plot([r["world"] for r in s], [r["tokens_per_s"] for r in s], color=COLORS[eng], label=eng)
                 for r in s:
-                    ax.scatter(r["world"], r["tokens_per_s"], marker=MARKERS[eng], color=COLORS[eng],
-                               facecolors="none" if r["oversubscribed"] else COLORS[eng])
+                    ax.scatter(
+                        r["world"],
+                        r["tokens_per_s"],
+                        marker=MARKERS[eng],
+                        color=COLORS[eng],
+                        facecolors="none" if r["oversubscribed"] else COLORS[eng],
+                    )
             ax.set(title=f"{base} base, {mode} scaling", xlabel="ranks", ylabel="tokens/s (global)")
             ax.set_xticks(sorted({r["world"] for r in rows}))
             ax.grid(alpha=0.3)
@@ -63,8 +74,10 @@ def plot_all(rows: list[dict], stem: Path, machine: str) -> list[Path]:
     finish(fig, "tokens_per_s")
 
     # 2. memory per rank vs ranks (measured live-tensor peak, projection dashed)
-    fig, axes = grid("Peak memory per rank (live tensors): measured (solid) vs projected (dashed); ZeRO includes "
-                     "DeepSpeed's 2 GB default gradient bucket")
+    fig, axes = grid(
+        "Peak memory per rank (live tensors): measured (solid) vs projected (dashed); ZeRO includes "
+        "DeepSpeed's 2 GB default gradient bucket"
+    )
     for i, base in enumerate(bases):
         for j, mode in enumerate(modes):
             ax = axes[i][j]
@@ -73,8 +86,7 @@ def plot_all(rows: list[dict], stem: Path, machine: str) -> list[Path]:
                 if not s:
                     continue
                 x = [r["world"] for r in s]
-                ax.plot(x, [r["live_bytes_peak"] / 2**20 for r in s], color=COLORS[eng], marker=MARKERS[eng],
-                        label=eng)
+                ax.plot(x, [r["live_bytes_peak"] / 2**20 for r in s], color=COLORS[eng], marker=MARKERS[eng], label=eng)
                 ax.plot(x, [r["predicted_memory_bytes"] / 2**20 for r in s], color=COLORS[eng], ls="--")
             ax.set(title=f"{base} base, {mode} scaling", xlabel="ranks", ylabel="MiB per rank (log)", yscale="log")
             ax.set_xticks(sorted({r["world"] for r in rows}))
@@ -90,8 +102,13 @@ def plot_all(rows: list[dict], stem: Path, machine: str) -> list[Path]:
             for eng in _engines(rows):
                 s = [r for r in _series(rows, base, mode, eng) if r["world"] > 1]
                 if s:
-                    ax.plot([r["world"] for r in s], [r["counted_bytes_per_step"] / 2**20 for r in s],
-                            color=COLORS[eng], marker=MARKERS[eng], label=eng)
+                    ax.plot(
+                        [r["world"] for r in s],
+                        [r["counted_bytes_per_step"] / 2**20 for r in s],
+                        color=COLORS[eng],
+                        marker=MARKERS[eng],
+                        label=eng,
+                    )
             ax.set(title=f"{base} base, {mode} scaling", xlabel="ranks", ylabel="MiB per step (log)", yscale="log")
             ax.set_xticks(sorted({r["world"] for r in rows if r["world"] > 1}))
             ax.grid(alpha=0.3, which="both")
@@ -101,15 +118,22 @@ def plot_all(rows: list[dict], stem: Path, machine: str) -> list[Path]:
     # 4. projected vs measured
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     fig.suptitle(f"Projection (dora_dist.plan) vs measurement\n{machine}", fontsize=10)
-    panels = [("counted_bytes_per_step", "predicted_bytes_per_step", 2**20, "collective MiB per step"),
-              ("live_bytes_peak", "predicted_memory_bytes", 2**20, "peak MiB per rank"),
-              ("step_s", "predicted_step_s", 1, "step time, s")]
+    panels = [
+        ("counted_bytes_per_step", "predicted_bytes_per_step", 2**20, "collective MiB per step"),
+        ("live_bytes_peak", "predicted_memory_bytes", 2**20, "peak MiB per rank"),
+        ("step_s", "predicted_step_s", 1, "step time, s"),
+    ]
     for ax, (mk, pk, scale, label) in zip(axes, panels):
         pts = [r for r in rows if r.get(mk) and r.get(pk)]
         for r in pts:
             hollow = mk == "step_s" and r["oversubscribed"]
-            ax.scatter(r[mk] / scale, r[pk] / scale, marker=MARKERS[r["engine"]], color=COLORS[r["engine"]],
-                       facecolors="none" if hollow else COLORS[r["engine"]])
+            ax.scatter(
+                r[mk] / scale,
+                r[pk] / scale,
+                marker=MARKERS[r["engine"]],
+                color=COLORS[r["engine"]],
+                facecolors="none" if hollow else COLORS[r["engine"]],
+            )
         if pts:
             lo = min(min(r[mk], r[pk]) for r in pts) / scale
             hi = max(max(r[mk], r[pk]) for r in pts) / scale

@@ -20,6 +20,7 @@ reported too. Peak RSS per variant; CUDA max allocated on a GPU. `--loss-memory`
 loss alone (lm_head + cross-entropy, forward + backward, over `--loss-tokens` tokens of hidden states), whole fp32
 logits vs chunked, each in its own subprocess (CPU: from the profiler's allocation events; CUDA: max allocated).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 VARIANTS = ("dora_dist-lora", "dora_dist-dora", "dora_dist-dora-unfused", "peft-dora")
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16"}
+DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
 
 
 def torch_dtype(args):
@@ -49,10 +56,17 @@ def build(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                      max_position_embeddings=max(2048, args.seq), tie_word_embeddings=False,
-                      use_cache=False)  # as the trainer runs it (a KV cache would copy k and v)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(2048, args.seq),
+        tie_word_embeddings=False,
+        use_cache=False,
+    )  # as the trainer runs it (a KV cache would copy k and v)
     return LlamaForCausalLM(cfg).to(device=args.device, dtype=torch_dtype(args))
 
 
@@ -62,8 +76,10 @@ def apply(model, variant: str, args):
     if variant == "peft-dora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear",
-                                                 use_dora=True, lora_dropout=0.0))
+        model = get_peft_model(
+            model,
+            LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear", use_dora=True, lora_dropout=0.0),
+        )
     else:
         from dora_dist.adapters import DoRAConfig, apply_dora
 
@@ -130,7 +146,9 @@ def run_variant(variant: str, args) -> dict:
     cuda = args.device.startswith("cuda")
     times = []
     with epilogue_mode(variant):
-        if args.compile or variant.endswith("+compile"):  # compile outside the saved-tensor hooks (they would be traced into the graph)
+        if args.compile or variant.endswith(
+            "+compile"
+        ):  # compile outside the saved-tensor hooks (they would be traced into the graph)
             loss_of(model, batch, args).backward()
             model.zero_grad(set_to_none=True)
         saved, naive = saved_bytes(model, batch, args)
@@ -147,11 +165,17 @@ def run_variant(variant: str, args) -> dict:
                 torch.cuda.synchronize()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
-    return {"variant": variant, "step_time_s": statistics.median(times), "step_times_s": times,
-            "trainable_params": sum(p.numel() for p in params), "saved_for_backward_bytes": saved,
-            "saved_for_backward_bytes_naive": naive,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "loss": float(loss)}
+    return {
+        "variant": variant,
+        "step_time_s": statistics.median(times),
+        "step_times_s": times,
+        "trainable_params": sum(p.numel() for p in params),
+        "saved_for_backward_bytes": saved,
+        "saved_for_backward_bytes_naive": naive,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "loss": float(loss),
+    }
 
 
 def time_interleaved(args, variants) -> dict[str, list[float]]:
@@ -163,13 +187,12 @@ def time_interleaved(args, variants) -> dict[str, list[float]]:
     for v in variants:
         model = apply(build(args), v, args)
         model.train()
-        runs[v] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                            foreach=False))
+        runs[v] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False))
     times: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
     n = len(variants)
     for i in range(args.warmup + args.steps):
-        order = variants[i % n:] + variants[: i % n]
+        order = variants[i % n :] + variants[: i % n]
         for v in order:
             model, opt = runs[v]
             with epilogue_mode(v):
@@ -205,8 +228,10 @@ def peak_allocated(fn, device: str) -> int:
         return torch.cuda.max_memory_allocated() - base
     before = _rss_bytes()
     if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 > before + (64 << 20):
-        print("warning: peak RSS before the loss is above the current RSS; the loss peak may be under-reported",
-              file=sys.stderr)
+        print(
+            "warning: peak RSS before the loss is above the current RSS; the loss peak may be under-reported",
+            file=sys.stderr,
+        )
     fn()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
 
@@ -225,7 +250,8 @@ def run_loss_memory(mode: str, args) -> dict:
     hidden = torch.empty(args.loss_tokens, args.hidden, device=args.device, dtype=dtype).normal_(0, 0.25, generator=gen)
     hidden.requires_grad_(True)
     weight = torch.empty(args.vocab, args.hidden, device=args.device, dtype=dtype).normal_(
-        0, args.hidden ** -0.5, generator=gen)
+        0, args.hidden**-0.5, generator=gen
+    )
     labels = torch.randint(0, args.vocab, (args.loss_tokens,), generator=gen, device=args.device)
     # warm-up on a few tokens (kernel libraries, thread pools) so their memory is not counted as the loss's
     linear_cross_entropy_sum(hidden[:8].detach(), weight, labels[:8], chunk_tokens=8)
@@ -245,10 +271,17 @@ def run_loss_memory(mode: str, args) -> dict:
     peak = peak_allocated(fn, args.device)
     dt = time.perf_counter() - t0
     grad_bytes = hidden.numel() * hidden.element_size()
-    return {"mode": mode, "peak_bytes": peak, "grad_hidden_bytes": grad_bytes, "time_s": dt,
-            "loss": float(out["loss"]), "tokens": args.loss_tokens, "vocab": args.vocab,
-            "chunk_tokens": args.loss_chunk if mode == "chunked" else None,
-            "fp32_logits_bytes": args.loss_tokens * args.vocab * 4}
+    return {
+        "mode": mode,
+        "peak_bytes": peak,
+        "grad_hidden_bytes": grad_bytes,
+        "time_s": dt,
+        "loss": float(out["loss"]),
+        "tokens": args.loss_tokens,
+        "vocab": args.vocab,
+        "chunk_tokens": args.loss_chunk if mode == "chunked" else None,
+        "fp32_logits_bytes": args.loss_tokens * args.vocab * 4,
+    }
 
 
 def child(args_list: list[str]) -> dict:
@@ -279,8 +312,11 @@ def main() -> int:
     p.add_argument("--loss-memory", action="store_true", help="also measure the loss's peak memory, plain vs chunked")
     p.add_argument("--loss-tokens", type=int, default=4096, help="tokens for --loss-memory (a 4k sequence)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder block (training.compile)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated subset of " + ",".join(VARIANTS) + "; a '+compile' suffix compiles that one")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated subset of " + ",".join(VARIANTS) + "; a '+compile' suffix compiles that one",
+    )
     p.add_argument("--skip-memory", action="store_true", help="no per-variant memory subprocesses")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train_bench.json"))
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant
@@ -300,18 +336,22 @@ def main() -> int:
             results[variant] = r = child([*passthrough, "--variant", variant, "--steps", "2"])
             if "error" in r:
                 continue
-            print(f"{variant:24s} saved-for-backward {r['saved_for_backward_bytes'] / 2**20:8.1f} MiB "
-                  f"(naive {r['saved_for_backward_bytes_naive'] / 2**20:8.1f})  peak RSS "
-                  f"{r['peak_rss_bytes'] / 2**20:8.0f} MiB"
-                  + (f"  CUDA peak {r['cuda_peak_bytes'] / 2**20:8.0f} MiB" if r["cuda_peak_bytes"] else ""))
+            print(
+                f"{variant:24s} saved-for-backward {r['saved_for_backward_bytes'] / 2**20:8.1f} MiB "
+                f"(naive {r['saved_for_backward_bytes_naive'] / 2**20:8.1f})  peak RSS "
+                f"{r['peak_rss_bytes'] / 2**20:8.0f} MiB"
+                + (f"  CUDA peak {r['cuda_peak_bytes'] / 2**20:8.0f} MiB" if r["cuda_peak_bytes"] else "")
+            )
     loss_memory = {}
     if args.loss_memory:
         for mode in ("plain", "chunked"):
             loss_memory[mode] = r = child([*passthrough, "--loss-mode", mode])
             if "error" not in r:
-                print(f"loss {mode:8s} ({r['tokens']} tokens × {r['vocab']} vocab, {args.dtype}): peak "
-                      f"{r['peak_bytes'] / 2**20:8.1f} MiB  (fp32 logits alone {r['fp32_logits_bytes'] / 2**20:.1f} MiB,"
-                      f" hidden grad {r['grad_hidden_bytes'] / 2**20:.1f} MiB)")
+                print(
+                    f"loss {mode:8s} ({r['tokens']} tokens × {r['vocab']} vocab, {args.dtype}): peak "
+                    f"{r['peak_bytes'] / 2**20:8.1f} MiB  (fp32 logits alone {r['fp32_logits_bytes'] / 2**20:.1f} MiB,"
+                    f" hidden grad {r['grad_hidden_bytes'] / 2**20:.1f} MiB)"
+                )
         if all("peak_bytes" in r for r in loss_memory.values()):
             loss_memory["chunked_vs_plain"] = loss_memory["chunked"]["peak_bytes"] / loss_memory["plain"]["peak_bytes"]
             print(f"loss peak memory chunked / plain: ×{loss_memory['chunked_vs_plain']:.3f}")
@@ -325,8 +365,10 @@ def main() -> int:
             r["step_time_s"] = statistics.median(interleaved[variant])
             r["cpu_times_s"] = cpu[variant]
             r["cpu_time_s"] = statistics.median(cpu[variant])
-            print(f"{variant:24s} median step {1000 * r['step_time_s']:8.1f} ms wall, {1000 * r['cpu_time_s']:8.1f} ms "
-                  f"process CPU (interleaved, {args.steps} steps)")
+            print(
+                f"{variant:24s} median step {1000 * r['step_time_s']:8.1f} ms wall, {1000 * r['cpu_time_s']:8.1f} ms "
+                f"process CPU (interleaved, {args.steps} steps)"
+            )
     ratios = {}
     lora = results.get("dora_dist-lora", {})
     for v in variants:
@@ -336,44 +378,62 @@ def main() -> int:
         # wall: median over steps; cpu: median of process CPU time (robust to other processes on a shared machine);
         # paired: median over rounds of this variant's step / LoRA's step in the same round
         paired = [a / b for a, b in zip(r["cpu_times_s"], lora["cpu_times_s"])]
-        ratios[v] = {"time_vs_lora": r["step_time_s"] / lora["step_time_s"],
-                     "cpu_time_vs_lora": r["cpu_time_s"] / lora["cpu_time_s"],
-                     "cpu_time_vs_lora_paired_median": statistics.median(paired)}
+        ratios[v] = {
+            "time_vs_lora": r["step_time_s"] / lora["step_time_s"],
+            "cpu_time_vs_lora": r["cpu_time_s"] / lora["cpu_time_s"],
+            "cpu_time_vs_lora_paired_median": statistics.median(paired),
+        }
         if "saved_for_backward_bytes" in r and "saved_for_backward_bytes" in lora:
             ratios[v]["saved_for_backward_vs_lora"] = r["saved_for_backward_bytes"] / lora["saved_for_backward_bytes"]
             ratios[v]["extra_saved_bytes_over_lora"] = r["saved_for_backward_bytes"] - lora["saved_for_backward_bytes"]
-        line = (f"{v:24s} vs LoRA: time ×{ratios[v]['time_vs_lora']:.3f} wall, ×{ratios[v]['cpu_time_vs_lora']:.3f} CPU "
-                f"(paired ×{ratios[v]['cpu_time_vs_lora_paired_median']:.3f})")
+        line = (
+            f"{v:24s} vs LoRA: time ×{ratios[v]['time_vs_lora']:.3f} wall, ×{ratios[v]['cpu_time_vs_lora']:.3f} CPU "
+            f"(paired ×{ratios[v]['cpu_time_vs_lora_paired_median']:.3f})"
+        )
         if "saved_for_backward_vs_lora" in ratios[v]:
-            line += (f", saved-for-backward ×{ratios[v]['saved_for_backward_vs_lora']:.3f} "
-                     f"(+{ratios[v]['extra_saved_bytes_over_lora'] / 2**20:.1f} MiB)")
+            line += (
+                f", saved-for-backward ×{ratios[v]['saved_for_backward_vs_lora']:.3f} "
+                f"(+{ratios[v]['extra_saved_bytes_over_lora'] / 2**20:.1f} MiB)"
+            )
         print(line)
     for v in variants:
         eager = v.split("+")[0]
         if v.endswith("+compile") and "step_time_s" in results.get(v, {}) and "step_time_s" in results.get(eager, {}):
-            ratios[f"{v}_vs_eager"] = {"time": results[v]["step_time_s"] / results[eager]["step_time_s"],
-                                       "cpu_time": results[v]["cpu_time_s"] / results[eager]["cpu_time_s"]}
-            print(f"{v:24s} vs eager {eager}: time ×{ratios[f'{v}_vs_eager']['time']:.3f} wall, "
-                  f"×{ratios[f'{v}_vs_eager']['cpu_time']:.3f} CPU")
+            ratios[f"{v}_vs_eager"] = {
+                "time": results[v]["step_time_s"] / results[eager]["step_time_s"],
+                "cpu_time": results[v]["cpu_time_s"] / results[eager]["cpu_time_s"],
+            }
+            print(
+                f"{v:24s} vs eager {eager}: time ×{ratios[f'{v}_vs_eager']['time']:.3f} wall, "
+                f"×{ratios[f'{v}_vs_eager']['cpu_time']:.3f} CPU"
+            )
     if "dora_dist-dora+compile" in results and "dora_dist-lora+compile" in results:
         d, l = results["dora_dist-dora+compile"], results["dora_dist-lora+compile"]
         if "step_time_s" in d and "step_time_s" in l:
-            ratios["compiled_dora_vs_compiled_lora"] = {"time": d["step_time_s"] / l["step_time_s"],
-                                                        "cpu_time": d["cpu_time_s"] / l["cpu_time_s"]}
-            print(f"compiled DoRA vs compiled LoRA: time ×{ratios['compiled_dora_vs_compiled_lora']['time']:.3f} wall, "
-                  f"×{ratios['compiled_dora_vs_compiled_lora']['cpu_time']:.3f} CPU")
+            ratios["compiled_dora_vs_compiled_lora"] = {
+                "time": d["step_time_s"] / l["step_time_s"],
+                "cpu_time": d["cpu_time_s"] / l["cpu_time_s"],
+            }
+            print(
+                f"compiled DoRA vs compiled LoRA: time ×{ratios['compiled_dora_vs_compiled_lora']['time']:.3f} wall, "
+                f"×{ratios['compiled_dora_vs_compiled_lora']['cpu_time']:.3f} CPU"
+            )
     fused, unfused = ratios.get("dora_dist-dora", {}), ratios.get("dora_dist-dora-unfused", {})
     if "extra_saved_bytes_over_lora" in fused and unfused.get("extra_saved_bytes_over_lora"):
-        ratios["extra_saved_reduction_vs_unfused"] = 1 - (fused["extra_saved_bytes_over_lora"]
-                                                          / unfused["extra_saved_bytes_over_lora"])
-        print(f"DoRA's extra saved-for-backward over LoRA: {100 * ratios['extra_saved_reduction_vs_unfused']:.1f}% "
-              "below the unfused epilogue")
+        ratios["extra_saved_reduction_vs_unfused"] = 1 - (
+            fused["extra_saved_bytes_over_lora"] / unfused["extra_saved_bytes_over_lora"]
+        )
+        print(
+            f"DoRA's extra saved-for-backward over LoRA: {100 * ratios['extra_saved_reduction_vs_unfused']:.1f}% "
+            "below the unfused epilogue"
+        )
     if "time_vs_lora" in fused and "time_vs_lora" in unfused:
         ratios["fused_vs_unfused_time"] = fused["time_vs_lora"] / unfused["time_vs_lora"]
     setup = {k: v for k, v in vars(args).items() if k not in ("variant", "out", "loss_mode")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"setup": setup, "results": results, "ratios": ratios,
-                                          "loss_memory": loss_memory}, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps({"setup": setup, "results": results, "ratios": ratios, "loss_memory": loss_memory}, indent=2) + "\n"
+    )
     print(f"wrote {args.out}")
     return 0
 

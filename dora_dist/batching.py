@@ -5,6 +5,7 @@
 that the trainer, the sampler and the engines (the LR schedule, DeepSpeed's JSON) all read; the config itself is
 never rewritten, so the config.yaml a run saves is the one the user gave.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ class Batching:
         return self.micro_batch_size * self.grad_accum * self.world_size
 
     @classmethod
-    def resolve(cls, training, world_size: int, n_samples: int | None = None) -> "Batching":
+    def resolve(cls, training, world_size: int, n_samples: int | None = None) -> Batching:
         """From the `training` section. n_samples is needed only when the length is given in epochs."""
         micro, accum = int(training.micro_batch_size), cls.accumulation(training, world_size)
         steps = int(training.max_steps)
@@ -41,15 +42,19 @@ class Batching:
             return int(training.grad_accum)
         per_step = int(training.micro_batch_size) * world_size
         if training.global_batch_size % per_step:
-            raise ConfigError(f"training.global_batch_size={training.global_batch_size} is not a multiple of "
-                              f"training.micro_batch_size × world size = {training.micro_batch_size} × {world_size}"
-                              f" = {per_step}: set global_batch_size to a multiple of {per_step} or change "
-                              "micro_batch_size / the number of processes")
+            raise ConfigError(
+                f"training.global_batch_size={training.global_batch_size} is not a multiple of "
+                f"training.micro_batch_size × world size = {training.micro_batch_size} × {world_size}"
+                f" = {per_step}: set global_batch_size to a multiple of {per_step} or change "
+                "micro_batch_size / the number of processes"
+            )
         return training.global_batch_size // per_step
 
     def describe(self) -> str:
-        return (f"global_batch={self.global_batch_size} (micro {self.micro_batch_size} × accum {self.grad_accum} × "
-                f"world {self.world_size}) steps={self.max_steps}")
+        return (
+            f"global_batch={self.global_batch_size} (micro {self.micro_batch_size} × accum {self.grad_accum} × "
+            f"world {self.world_size}) steps={self.max_steps}"
+        )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "global_batch_size": self.global_batch_size}

@@ -1,12 +1,13 @@
 """`dora-dist` command line.
 
-    dora-dist train [--config FILE.yaml] [key=value ...]    fine-tune (same as python -m dora_dist.train)
-    dora-dist merge --adapter DIR [--base PATH] --out DIR     write a merged model transformers can load
-    dora-dist generate --adapter DIR --prompt "..."           generate text (see dora_dist/generate.py)
-    dora-dist keys                                            list every config key
-    dora-dist analyze --base DIR --tuned T1 T2 ... [--out DIR]  magnitude/direction change per layer (DoRA Fig. 2)
-    dora-dist plan --config F --nodes M --gpus-per-node N     memory, fit, tokens/s and engine advice (no download)
+dora-dist train [--config FILE.yaml] [key=value ...]    fine-tune (same as python -m dora_dist.train)
+dora-dist merge --adapter DIR [--base PATH] --out DIR     write a merged model transformers can load
+dora-dist generate --adapter DIR --prompt "..."           generate text (see dora_dist/generate.py)
+dora-dist keys                                            list every config key
+dora-dist analyze --base DIR --tuned T1 T2 ... [--out DIR]  magnitude/direction change per layer (DoRA Fig. 2)
+dora-dist plan --config F --nodes M --gpus-per-node N     memory, fit, tokens/s and engine advice (no download)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,12 @@ HELP_EPILOG = """examples:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dora-dist", description="DoRA / QDoRA fine-tuning of causal LMs, from one "
-                                     "CPU process to many GPUs on many nodes.", epilog=HELP_EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="dora-dist",
+        description="DoRA / QDoRA fine-tuning of causal LMs, from one CPU process to many GPUs on many nodes.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command")
     tr = sub.add_parser("train", help="fine-tune (under torchrun for several processes)")
     tr.add_argument("--config", "-c", default=None, help="YAML config (default: built-in quickstart)")
@@ -36,32 +40,50 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="dotted overrides: training.lr=1e-3 parallel.engine=fsdp2 ...")
     mg = sub.add_parser("merge", help="merge an adapter into its base model and save it (safetensors)")
     mg.add_argument("--adapter", required=True, help="adapter directory (PEFT format, e.g. <output.dir>/adapter)")
-    mg.add_argument("--base", default=None, help="base model path or hub id (default: the adapter's "
-                    "base_model_name_or_path)")
+    mg.add_argument(
+        "--base", default=None, help="base model path or hub id (default: the adapter's base_model_name_or_path)"
+    )
     mg.add_argument("--out", required=True, help="output directory for the merged model")
-    mg.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="dtype of the merged weights (auto: the base checkpoint's)")
+    mg.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the merged weights (auto: the base checkpoint's)",
+    )
     from dora_dist.generate import add_parser as add_generate_parser
 
     add_generate_parser(sub)
     sub.add_parser("keys", help="list every config key: type, default, allowed values, what it does")
     an = sub.add_parser("analyze", help="magnitude (ΔM) and direction (ΔD) change per layer against the base")
     an.add_argument("--base", required=True, help="base model directory (safetensors), or builtin:tiny-llama")
-    an.add_argument("--tuned", required=True, nargs="+", metavar="[METHOD=]DIR",
-                    help="adapter directories (PEFT format, LoRA or DoRA) and/or model directories (merged or full "
-                    "fine-tune); METHOD= names the group (default: dora/lora from the adapter, 'full' for a model)")
+    an.add_argument(
+        "--tuned",
+        required=True,
+        nargs="+",
+        metavar="[METHOD=]DIR",
+        help="adapter directories (PEFT format, LoRA or DoRA) and/or model directories (merged or full "
+        "fine-tune); METHOD= names the group (default: dora/lora from the adapter, 'full' for a model)",
+    )
     an.add_argument("--out", default=None, help="write changes.json, changes.csv and scatter_<method>.png here")
-    an.add_argument("--base-quant", default=None, choices=["nf4", "fp4"],
-                    help="compare with the 4-bit quantization of the base (what a QDoRA adapter was trained on)")
+    an.add_argument(
+        "--base-quant",
+        default=None,
+        choices=["nf4", "fp4"],
+        help="compare with the 4-bit quantization of the base (what a QDoRA adapter was trained on)",
+    )
     an.add_argument("--layers", default=None, help="regex selecting layer names (default: all but embeddings)")
     from dora_dist.plan.report import add_arguments as plan_arguments
 
-    plan_arguments(sub.add_parser("plan", help="project memory per rank, fit, tokens/s and the best engine for a "
-                                  "cluster (nothing downloaded)"))
+    plan_arguments(
+        sub.add_parser(
+            "plan", help="project memory per rank, fit, tokens/s and the best engine for a cluster (nothing downloaded)"
+        )
+    )
     for name, command in sub.choices.items():
         if name != "train":  # train has it already (add_entry_flags)
-            command.add_argument("--debug", action="store_true", help="show the traceback of an input error "
-                                 "(also DORA_DIST_DEBUG=1)")
+            command.add_argument(
+                "--debug", action="store_true", help="show the traceback of an input error (also DORA_DIST_DEBUG=1)"
+            )
     return parser
 
 
@@ -73,7 +95,6 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto") 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dora_dist.adapters import load_adapter, merge_and_unload
-
     from dora_dist.console import quiet_third_party
     from dora_dist.errors import AdapterError, InputNotFoundError
     from dora_dist.models import loading, resolve_base
@@ -117,9 +138,11 @@ def check_merge_out(adapter_dir: Path, out_dir: Path) -> None:
 
     adapter, out = adapter_dir.resolve(), out_dir.resolve()
     if out == adapter or adapter in out.parents:
-        raise ConfigError(f"--out {out_dir} is {'the' if out == adapter else 'inside the'} adapter directory "
-                          f"{adapter_dir}: the merged model would be mixed with the adapter's files; give another "
-                          "--out (e.g. a sibling 'merged' directory)")
+        raise ConfigError(
+            f"--out {out_dir} is {'the' if out == adapter else 'inside the'} adapter directory "
+            f"{adapter_dir}: the merged model would be mixed with the adapter's files; give another "
+            "--out (e.g. a sibling 'merged' directory)"
+        )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out_dir} is an existing file; give a directory")
 
@@ -160,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
     except (UserError, JobFault) as exc:  # one line (rank 0), exit 2 (bad input) or 1; anything else is a bug
         return report_error(exc, getattr(args, "debug", False))
-    except KeyboardInterrupt:             # Ctrl-C outside a training loop (or a second one inside): one line
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (or a second one inside): one line
         from dora_dist.preemption import interrupted_now
 
         return interrupted_now(getattr(args, "debug", False))

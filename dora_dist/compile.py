@@ -11,6 +11,7 @@ how FSDP2 expects to be composed with compile. Inside a block the DoRA epilogue 
 Compile before the engine wraps the model (the trainer does). DeepSpeed ZeRO registers hooks on every submodule,
 which would run inside the compiled code; the trainer refuses compile with zero2/zero3.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,10 @@ COMPILE_ENGINES = ("none", "ddp", "fsdp2")
 def compile_problem(engine_name: str) -> str | None:
     """Why training.compile=true cannot be used with this engine, or None (checked by preflight too)."""
     if engine_name not in COMPILE_ENGINES:
-        return (f"training.compile=true is supported with parallel.engine in {list(COMPILE_ENGINES)}, not "
-                f"{engine_name!r} (DeepSpeed ZeRO's per-module hooks would run inside the compiled blocks)")
+        return (
+            f"training.compile=true is supported with parallel.engine in {list(COMPILE_ENGINES)}, not "
+            f"{engine_name!r} (DeepSpeed ZeRO's per-module hooks would run inside the compiled blocks)"
+        )
     return None
 
 
@@ -50,6 +53,7 @@ def compile_for_engine(model: nn.Module, engine_name: str) -> int:
         raise ConfigError(problem)
     n = compile_decoder_blocks(model)
     if n == 0:
-        raise ConfigError("training.compile=true found no decoder blocks to compile in this model; set "
-                          "training.compile=false")
+        raise ConfigError(
+            "training.compile=true found no decoder blocks to compile in this model; set training.compile=false"
+        )
     return n

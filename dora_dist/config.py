@@ -5,6 +5,7 @@
 Every key is checked on load: an unknown key is an error that lists the valid keys of its section, a value of the
 wrong type or out of range is an error naming the key (`training.lr`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,10 +13,9 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
-
 
 from dora_dist.errors import ConfigError  # noqa: E402  (re-exported: dora_dist.config.ConfigError)
 
@@ -30,20 +30,20 @@ class ModelConfig:
     #: build the model from scratch from this transformers config dict (needs "model_type"); overrides name_or_path
     #: for the weights (random init with training.seed). With name_or_path="builtin:tiny-llama", these keys
     #: override the tiny Llama's architecture.
-    config: Optional[dict] = None
+    config: dict | None = None
     #: tokenizer location when it differs from the model (default: the model's own / the built-in one)
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     #: dtype of the frozen base weights: auto (bf16 when training.precision=bf16, else fp32), float32, bfloat16,
     #: float16; float64 for numerical reference runs (engine parity tests)
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
     #: attention kernel passed to transformers (sdpa, eager, flash_attention_2; null: its default)
-    attn_implementation: Optional[str] = "sdpa"
+    attn_implementation: str | None = "sdpa"
     #: run a hub/local model's own Python code (config.json auto_map); only for code you trust
     trust_remote_code: bool = False
     #: hub branch, tag or commit of the model (null: main)
-    revision: Optional[str] = None
+    revision: str | None = None
     #: where the built-in model/tokenizer and downloads are cached (default: $DORA_DIST_CACHE or ~/.cache/dora_dist)
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -69,7 +69,7 @@ class AdapterSection:
     #: dropout on the adapter's input (0: none)
     dropout: float = 0.0
     #: "all-linear" (every linear layer except the output head) or a list of module-name suffixes
-    target_modules: Union[str, list] = "all-linear"
+    target_modules: str | list = "all-linear"
     #: rank-stabilised scaling alpha/√r instead of alpha/r
     use_rslora: bool = False
     #: False gives plain LoRA through the same layer (for comparisons)
@@ -77,7 +77,7 @@ class AdapterSection:
     #: dtype of the trainable A, B and magnitude (float32 keeps AdamW exact with a bf16 base)
     adapter_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
     #: modules trained in full beside the adapters (e.g. [lm_head]); saved in the adapter under peft's keys
-    modules_to_save: Optional[list] = None
+    modules_to_save: list | None = None
 
 
 @dataclass
@@ -97,7 +97,7 @@ class DataConfig:
     #: split to read from a hub dataset or a data directory (a single file has one split)
     split: str = "train"
     #: hub dataset configuration name
-    subset: Optional[str] = None
+    subset: str | None = None
     #: tokens per training sequence (packed blocks, or the truncation length without packing)
     seq_len: int = 128
     #: concatenate examples into full seq_len blocks (labels kept per token)
@@ -111,11 +111,11 @@ class DataConfig:
     #: hold out this fraction of the raw examples (split before packing, drawn with training.seed) as the eval set
     eval_fraction: float = 0.0
     #: or evaluate on its own source (same formats and *_field keys as `source`); exclusive with eval_fraction
-    eval_source: Optional[str] = None
+    eval_source: str | None = None
     #: split / subset of eval_source (default: "validation" for a hub id or directory; files have one split)
     eval_split: str = "validation"
     #: hub configuration name of eval_source
-    eval_subset: Optional[str] = None
+    eval_subset: str | None = None
     #: keep at most this many raw eval examples (0: all)
     eval_max_samples: int = 0
 
@@ -191,7 +191,7 @@ class ParallelConfig:
     ddp_bucket_mb: int = 25
     #: DeepSpeed engines (zero2/zero3): a user DeepSpeed JSON merged into the one generated from this config; keys
     #: that contradict it (micro-batch, accumulation, clipping, precision, stage) are an error naming both values
-    deepspeed_config: Optional[str] = None
+    deepspeed_config: str | None = None
 
 
 @dataclass
@@ -203,7 +203,7 @@ class CheckpointConfig:
     #: auto (latest complete checkpoint in dir, else start fresh), none, or a checkpoint directory
     resume: str = "auto"
     #: default: <output.dir>/checkpoints
-    dir: Optional[str] = None
+    dir: str | None = None
     #: also checkpoint the last step (needed to extend a finished run with a larger max_steps)
     save_final: bool = False
     #: also keep the adapter with the lowest eval loss in <output.dir>/adapter_best (needs an eval set)
@@ -222,11 +222,11 @@ class OutputConfig:
     progress_bar: bool = True
     #: where metrics go (rank 0): any of jsonl (<dir>/metrics.jsonl), tensorboard (<dir>/tensorboard; needs the
     #: `tensorboard` extra), wandb (needs the `wandb` extra)
-    loggers: Union[str, list] = field(default_factory=lambda: ["jsonl"])
+    loggers: str | list = field(default_factory=lambda: ["jsonl"])
     #: wandb: project, run name (default: the output dir's name) and mode (offline needs no network or account)
     wandb_project: str = "dora_dist"
     #: wandb run name (default: the output dir's name)
-    wandb_run_name: Optional[str] = None
+    wandb_run_name: str | None = None
     #: wandb mode: offline needs no network or account
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     #: log DoRA's health (dora_dist/health.py): per layer group the magnitude change |m − m₀|/m₀, analyze's ΔM and
@@ -431,14 +431,19 @@ def _cross_checks(cfg: Config) -> None:
         check_modules_to_save(d.modules_to_save, prefix="dora.")
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    if cfg.model.config is not None and cfg.model.name_or_path != "builtin:tiny-llama" \
-            and "model_type" not in cfg.model.config:
+    if (
+        cfg.model.config is not None
+        and cfg.model.name_or_path != "builtin:tiny-llama"
+        and "model_type" not in cfg.model.config
+    ):
         raise ConfigError("model.config: a from-scratch model config needs a 'model_type' key (e.g. llama)")
     q = cfg.quantization
     if cfg.parallel.engine == "fsdp2" and q.mode in ("nf4", "fp4") and q.quant_storage != "uint8":
-        raise ConfigError(f"quantization.quant_storage={q.quant_storage} has no effect with parallel.engine=fsdp2: its "
-                          "4-bit weights are row-sharded packed uint8 records that FSDP2 shards itself (the bfloat16 "
-                          "storage convention exists for FSDP1's flat parameters). Remove the key or set uint8.")
+        raise ConfigError(
+            f"quantization.quant_storage={q.quant_storage} has no effect with parallel.engine=fsdp2: its "
+            "4-bit weights are row-sharded packed uint8 records that FSDP2 shards itself (the bfloat16 "
+            "storage convention exists for FSDP1's flat parameters). Remove the key or set uint8."
+        )
     _check_eval(cfg)
     if isinstance(cfg.output.loggers, str):
         cfg.output.loggers = [cfg.output.loggers]
@@ -454,15 +459,20 @@ def _cross_checks(cfg: Config) -> None:
 def _check_eval(cfg: Config) -> None:
     d = cfg.data
     if d.eval_fraction and d.eval_source:
-        raise ConfigError(f"data.eval_fraction={d.eval_fraction} and data.eval_source={d.eval_source!r} both name an "
-                          "eval set; set one of them")
+        raise ConfigError(
+            f"data.eval_fraction={d.eval_fraction} and data.eval_source={d.eval_source!r} both name an "
+            "eval set; set one of them"
+        )
     has_eval = bool(d.eval_fraction or d.eval_source)
     if not has_eval:
-        for key, on in (("training.eval_every", cfg.training.eval_every), ("checkpoint.keep_best",
-                                                                          cfg.checkpoint.keep_best)):
+        for key, on in (
+            ("training.eval_every", cfg.training.eval_every),
+            ("checkpoint.keep_best", cfg.checkpoint.keep_best),
+        ):
             if on:
-                raise ConfigError(f"{key}={on} needs an eval set: set data.eval_fraction (e.g. 0.05) or "
-                                  "data.eval_source")
+                raise ConfigError(
+                    f"{key}={on} needs an eval set: set data.eval_fraction (e.g. 0.05) or data.eval_source"
+                )
 
 
 def config_from_dict(data: dict | None) -> Config:
@@ -543,8 +553,18 @@ QUICKSTART: dict = {
     "model": {"name_or_path": "builtin:tiny-llama"},
     "dora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
     "data": {"source": "synthetic", "format": "text", "seq_len": 128, "packing": True},
-    "training": {"max_steps": 200, "global_batch_size": 8, "micro_batch_size": 4, "lr": 5.0e-3, "warmup_steps": 10,
-                 "lr_schedule": "cosine", "min_lr_ratio": 0.1, "max_grad_norm": 1.0, "seed": 42, "precision": "fp32"},
+    "training": {
+        "max_steps": 200,
+        "global_batch_size": 8,
+        "micro_batch_size": 4,
+        "lr": 5.0e-3,
+        "warmup_steps": 10,
+        "lr_schedule": "cosine",
+        "min_lr_ratio": 0.1,
+        "max_grad_norm": 1.0,
+        "seed": 42,
+        "precision": "fp32",
+    },
     "parallel": {"engine": "auto"},
     "checkpoint": {"every_steps": 100, "keep_last": 2, "resume": "auto"},
     "output": {"dir": "outputs/quickstart"},

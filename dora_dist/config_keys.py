@@ -3,6 +3,7 @@
 The docs are the `#:` comments above each field in config.py (the convention Sphinx autodoc reads), so the list
 cannot drift from the code; types, defaults and allowed values come from the dataclasses themselves.
 """
+
 from __future__ import annotations
 
 import ast
@@ -40,8 +41,9 @@ def _default(f: dataclasses.Field):
 
 def _type_and_choices(tp) -> tuple[str, str]:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    literal = tp if typing.get_origin(tp) is Literal else next((a for a in args if typing.get_origin(a) is Literal),
-                                                                None)
+    literal = (
+        tp if typing.get_origin(tp) is Literal else next((a for a in args if typing.get_origin(a) is Literal), None)
+    )
     if literal is not None:
         return "str", ", ".join(str(c) for c in typing.get_args(literal))
     name = config_module._type_name(tp).replace("NoneType", "null")
@@ -63,9 +65,16 @@ def describe_keys() -> list[dict]:
 
                 choices = ", ".join(ENGINE_CHOICES)
             rule = config_module._RANGES.get(f"{section.name}.{f.name}")
-            out.append({"key": f"{section.name}.{f.name}", "type": type_name, "default": _default(f),
-                        "choices": choices, "range": rule[1].replace("must be ", "") if rule else "",
-                        "doc": docs.get(f.name, "")})
+            out.append(
+                {
+                    "key": f"{section.name}.{f.name}",
+                    "type": type_name,
+                    "default": _default(f),
+                    "choices": choices,
+                    "range": rule[1].replace("must be ", "") if rule else "",
+                    "doc": docs.get(f.name, ""),
+                }
+            )
     return out
 
 

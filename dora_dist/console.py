@@ -7,6 +7,7 @@ are the progress. Third-party output the user can do nothing about (transformers
 bars, deprecation warnings raised inside torch.distributed and DeepSpeed, the DeepSpeed CPU-accelerator notice,
 bitsandbytes' optional-kernel notice) is silenced; DORA_DIST_VERBOSE=1 keeps all of it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,7 @@ _QUIET_LOG_MESSAGES = [
 ]
 #: (category, message regex) of warnings raised inside libraries, not by anything in the user's config
 _QUIET_WARNINGS = [
-    (FutureWarning, r"`torch\.distributed\.\w+` is deprecated"),   # raised inside DeepSpeed / FSDP2 collectives
+    (FutureWarning, r"`torch\.distributed\.\w+` is deprecated"),  # raised inside DeepSpeed / FSDP2 collectives
     # DCP saving / loading a one-process checkpoint, which is what engine none means
     (UserWarning, r"torch\.distributed is disabled, unavailable or uninitialized"),
 ]
@@ -54,7 +55,7 @@ def quiet_third_party() -> None:
     try:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()          # "Loading weights" / "Writing model shards"
+        hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards"
         hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
@@ -91,9 +92,17 @@ class Console:
 
         self.enabled = enabled
         show_bar = enabled and bar and is_terminal(sys.stderr)
-        sized = show_bar and _columns(sys.stderr) > 0       # a terminal that reports no size gets a fixed width
-        self.bar = tqdm(total=total, initial=initial, disable=not show_bar, dynamic_ncols=sized,
-                        ncols=None if sized else 100, desc=desc, file=sys.stderr, leave=True)
+        sized = show_bar and _columns(sys.stderr) > 0  # a terminal that reports no size gets a fixed width
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            disable=not show_bar,
+            dynamic_ncols=sized,
+            ncols=None if sized else 100,
+            desc=desc,
+            file=sys.stderr,
+            leave=True,
+        )
 
     def line(self, text: str) -> None:
         if not self.enabled:

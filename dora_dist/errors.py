@@ -14,6 +14,7 @@ DORA_DIST_DEBUG=1) adds the traceback.
 A `JobFault` is not the input's fault but ends the run all the same, with a message that says what to do (a full
 disk while checkpointing, a streak of non-finite steps): reported the same way, exit code 1.
 """
+
 from __future__ import annotations
 
 import os
@@ -126,6 +127,20 @@ def _wait_for_the_launcher(seconds: float, code: int) -> None:
     time.sleep(seconds)
 
 
-__all__ = ["UserError", "ConfigError", "DataError", "ModelError", "AdapterError", "CheckpointError",
-           "InputNotFoundError", "JobFault", "USER_ERROR_EXIT", "FAULT_EXIT", "importable", "debug_requested",
-           "is_reporting_rank", "one_line", "report_error"]
+__all__ = [
+    "UserError",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "AdapterError",
+    "CheckpointError",
+    "InputNotFoundError",
+    "JobFault",
+    "USER_ERROR_EXIT",
+    "FAULT_EXIT",
+    "importable",
+    "debug_requested",
+    "is_reporting_rank",
+    "one_line",
+    "report_error",
+]

@@ -10,12 +10,14 @@ does not depend on the world size beyond the reduction order (1e-12 relative for
 
     eval_loss = Σ token losses / Σ target tokens,  eval_ppl = exp(eval_loss)
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,8 +46,9 @@ def masked_loss_sum(model, batch: dict[str, torch.Tensor], denominator: int = 1)
     logits = model(**packed_forward_kwargs(model, batch)).logits
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss / denominator
 
 
@@ -61,9 +64,9 @@ def evaluate(model, dataset, env, batch_size: int, loss_fn: Callable = masked_lo
     count = 0
     try:
         for j in range(n_forwards):
-            indices = batches[j] if j < len(batches) else [0]          # padding forward: result dropped
+            indices = batches[j] if j < len(batches) else [0]  # padding forward: result dropped
             batch = {k: v.to(env.device) for k, v in dataset.collate(indices).items()}
-            loss = loss_fn(model, batch, 1)                             # sum of the batch's token losses
+            loss = loss_fn(model, batch, 1)  # sum of the batch's token losses
             if j < len(batches):
                 loss_sum += loss.double()
                 count += dataset.n_targets(indices)
@@ -71,11 +74,10 @@ def evaluate(model, dataset, env, batch_size: int, loss_fn: Callable = masked_lo
         model.train(was_training)
     totals = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=env.device)])
     if env.distributed:
-        dist.all_reduce(totals)                                         # COLLECTIVE: 2 float64
+        dist.all_reduce(totals)  # COLLECTIVE: 2 float64
     total_loss, total_count = float(totals[0]), float(totals[1])
     mean = total_loss / total_count if total_count else float("nan")
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 709.0)),
-            "eval_tokens": int(total_count)}
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 709.0)), "eval_tokens": int(total_count)}
 
 
 def eval_due(job) -> bool:
@@ -93,7 +95,7 @@ def run_eval(job, loss_fn: Callable = masked_loss_sum) -> dict[str, Any]:
     res = evaluate(job.model, job.eval_dataset, job.env, bs, loss_fn)
     rec = {"step": job.step, **res, "eval_time_s": time.perf_counter() - t0}
     job.last_eval, job.last_eval_record = job.step, rec
-    if job.best_eval is None or res["eval_loss"] < job.best_eval:   # the same float on every rank
+    if job.best_eval is None or res["eval_loss"] < job.best_eval:  # the same float on every rank
         job.best_eval = res["eval_loss"]
         if job.cfg.checkpoint.keep_best:
             save_best_adapter(job)
@@ -110,8 +112,12 @@ def save_best_adapter(job) -> Path:
     out = job.out_dir / "adapter_best"
     state = job.engine.adapter_state_dict()
     if job.env.is_main:
-        save_adapter(job.engine.unwrap(), out, state_dict=state,
-                     base_model_name_or_path=models.adapter_base_name(job.cfg, job.env))
+        save_adapter(
+            job.engine.unwrap(),
+            out,
+            state_dict=state,
+            base_model_name_or_path=models.adapter_base_name(job.cfg, job.env),
+        )
         job.tokenizer.save_pretrained(out)
         job.cfg.save(out / "training_config.yaml")
         (out / "eval.json").write_text(json.dumps({"step": job.step, "eval_loss": job.best_eval}) + "\n")
@@ -119,5 +125,7 @@ def save_best_adapter(job) -> Path:
 
 
 def format_eval_line(rec: dict, max_steps: int) -> str:
-    return (f"eval  {rec['step']:>5}/{max_steps}  eval_loss {rec['eval_loss']:.4f}  eval_ppl {rec['eval_ppl']:.3f}  "
-            f"tokens {rec['eval_tokens']}" + ("  (best, saved)" if rec.get("best") else ""))
+    return (
+        f"eval  {rec['step']:>5}/{max_steps}  eval_loss {rec['eval_loss']:.4f}  eval_ppl {rec['eval_ppl']:.3f}  "
+        f"tokens {rec['eval_tokens']}" + ("  (best, saved)" if rec.get("best") else "")
+    )

@@ -11,6 +11,7 @@ an adapter trained on a 4-bit base is run on the same 4-bit base. Prompts go thr
 template when it has one (--no-chat-template: plain text, encoded as in training). Bad input (no adapter, a base
 the adapter does not fit, an empty prompt) is one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ from typing import Any
 
 from dora_dist.errors import UserError, one_line
 
-TRAINING_CONFIG = "training_config.yaml"   # written next to the adapter by the trainer
+TRAINING_CONFIG = "training_config.yaml"  # written next to the adapter by the trainer
 
 
 class GenerateError(UserError, ValueError):
@@ -33,16 +34,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model path or hub id (default: the adapter's base)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", default=None, help="one prompt")
-    src.add_argument("--prompts", default=None, help="a file: one prompt per line (.txt) or {'prompt': ...} "
-                     "per line (.jsonl)")
+    src.add_argument(
+        "--prompts", default=None, help="a file: one prompt per line (.txt) or {'prompt': ...} per line (.jsonl)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first")
     p.add_argument("--load-in-4bit", action="store_true", help="load the base in NF4 (bitsandbytes)")
-    p.add_argument("--no-chat-template", action="store_true", help="plain-text prompts even if the tokenizer "
-                   "has a chat template")
+    p.add_argument(
+        "--no-chat-template", action="store_true", help="plain-text prompts even if the tokenizer has a chat template"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 
@@ -72,18 +75,20 @@ def job_config_for(adapter_dir: Path, base: str | None, load_in_4bit: bool, devi
     if not base:
         raise GenerateError(f"{cfg_file} names no base model; pass --base")
     trained = training_config(adapter_dir)
-    data: dict[str, Any] = {"model": dict(trained.get("model") or {}),
-                            "quantization": dict(trained.get("quantization") or {}),
-                            "training": {"precision": (trained.get("training") or {}).get("precision", "fp32"),
-                                         "device": device}}
+    data: dict[str, Any] = {
+        "model": dict(trained.get("model") or {}),
+        "quantization": dict(trained.get("quantization") or {}),
+        "training": {"precision": (trained.get("training") or {}).get("precision", "fp32"), "device": device},
+    }
     data["model"].update(name_or_path=base, config=None)
     if load_in_4bit and data["quantization"].get("mode", "none") not in ("nf4", "fp4"):
         data["quantization"] = {"mode": "nf4", "compute_dtype": "float32" if device == "cpu" else "bfloat16"}
     return config_from_dict(data)
 
 
-def load_for_generation(adapter: str, base: str | None = None, load_in_4bit: bool = False, merge: bool = False,
-                        device: str = "auto"):
+def load_for_generation(
+    adapter: str, base: str | None = None, load_in_4bit: bool = False, merge: bool = False, device: str = "auto"
+):
     """(model in eval mode, tokenizer) with the adapter applied (or merged). Raises GenerateError for bad input."""
     import torch
 
@@ -105,8 +110,9 @@ def load_for_generation(adapter: str, base: str | None = None, load_in_4bit: boo
     try:
         load_adapter(model, adapter_dir, allow_lora=True)
     except ValueError as exc:
-        raise GenerateError(f"the adapter in {adapter_dir} does not fit the base {base_name!r}: "
-                            f"{one_line(exc)}") from exc
+        raise GenerateError(
+            f"the adapter in {adapter_dir} does not fit the base {base_name!r}: {one_line(exc)}"
+        ) from exc
     if merge:
         # W' is formed in fp32 and rounded once into the base's dtype. A 16-bit merged weight cannot hold a
         # magnitude change below its half-ulp on rows whose s·B·A is as small (DoRALinear.merge); unmerged, the
@@ -115,8 +121,7 @@ def load_for_generation(adapter: str, base: str | None = None, load_in_4bit: boo
     model.config.use_cache = True
     model.requires_grad_(False)
     model.eval()
-    tok_src = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else \
-        models.resolve_model_path(cfg)
+    tok_src = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else models.resolve_model_path(cfg)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_src)
@@ -157,8 +162,9 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     """Chat template (one user turn + the generation prompt) when `chat` and the tokenizer has one; else the
     plain text encoded as in training (BOS + text, no EOS)."""
     if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     from dora_dist.data.tokenize import _bos
 
@@ -177,8 +183,16 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
         raise GenerateError(f"--top-p must be in (0, 1], got {top_p}")
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, chat: bool = True) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool = True,
+) -> list[str]:
     """One completion per prompt (new text only). Greedy when temperature == 0."""
     import torch
     from transformers import set_seed
@@ -187,8 +201,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, tem
     set_seed(seed)
     device = next(model.parameters()).device
     sample = temperature > 0
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sample,
-                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     if sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     else:  # greedy: unset the model's sampling defaults (generation_config) so transformers does not warn
@@ -198,7 +216,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, tem
         for prompt in prompts:
             ids = torch.tensor([encode_prompt(tokenizer, prompt, chat)], device=device)
             seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-            outs.append(tokenizer.decode(seq[0, ids.shape[1]:], skip_special_tokens=True))
+            outs.append(tokenizer.decode(seq[0, ids.shape[1] :], skip_special_tokens=True))
     return outs
 
 
@@ -206,14 +224,22 @@ def run(args: argparse.Namespace) -> int:
     """The `dora-dist generate` command; returns the exit code."""
     from dora_dist.console import quiet_third_party
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p)   # before any loading: fails in a second
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before any loading: fails in a second
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         raise GenerateError(f"--adapter: {args.adapter} is not an adapter directory (no adapter_config.json)")
     quiet_third_party()
     prompts = read_prompts(args.prompt, args.prompts)  # a UserError is reported by the CLI (one line, exit 2)
     model, tokenizer = load_for_generation(args.adapter, args.base, args.load_in_4bit, args.merge, args.device)
-    outs = generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                    chat=not args.no_chat_template)
+    outs = generate(
+        model,
+        tokenizer,
+        prompts,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.seed,
+        chat=not args.no_chat_template,
+    )
     for i, (prompt, text) in enumerate(zip(prompts, outs)):
         if len(prompts) > 1:
             print(f"=== [{i + 1}/{len(prompts)}] {prompt}")

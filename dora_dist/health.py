@@ -25,11 +25,12 @@ none/ddp/zero2, each rank's own rows under FSDP2 (every layer's lora_A in one al
 ZeRO-3's whole adapter with W·Aᵀ summed from the weight partitions ((out, r) floats a layer). The per-layer sums
 are then combined from one all-gather of 8 floats per layer and rank. Nothing here runs unless it is due.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
@@ -37,8 +38,22 @@ from dora_dist.nn.dora_linear import nonzero_norm
 
 #: layer groups: a module path is attention when a part of it names attention, MLP when a part names the MLP
 ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value")
-MLP_PARTS = ("mlp", "feed_forward", "ffn", "gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "w1", "w2",
-             "w3", "dense_h_to_4h", "dense_4h_to_h")
+MLP_PARTS = (
+    "mlp",
+    "feed_forward",
+    "ffn",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "fc1",
+    "fc2",
+    "c_fc",
+    "w1",
+    "w2",
+    "w3",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+)
 GROUPS = ("attn", "mlp", "other")
 #: tokens of the probe z the effective share is measured on
 PROBE_TOKENS = 32
@@ -63,22 +78,30 @@ class RowView:
     """The rows of one DoRA layer that this rank accounts for, all tensors row-aligned (k rows)."""
 
     name: str
-    rows: torch.Tensor        # (k,) global row indices
-    magnitude: torch.Tensor   # (k,)
-    lora_B: torch.Tensor      # (k, r)
-    lora_A: torch.Tensor      # (r, in), whole
-    row_sq: torch.Tensor      # (k,) ‖Wᵢ‖², the layer's cached fp32 value
-    w_times_a: torch.Tensor   # (k, r) W·Aᵀ
+    rows: torch.Tensor  # (k,) global row indices
+    magnitude: torch.Tensor  # (k,)
+    lora_B: torch.Tensor  # (k, r)
+    lora_A: torch.Tensor  # (r, in), whole
+    row_sq: torch.Tensor  # (k,) ‖Wᵢ‖², the layer's cached fp32 value
+    w_times_a: torch.Tensor  # (k, r) W·Aᵀ
     scaling: float
-    owner: bool = True        # False: another rank counts these rows (a replica), this rank adds zeros
+    owner: bool = True  # False: another rank counts these rows (a replica), this rank adds zeros
 
     @classmethod
-    def whole_layer(cls, name: str, layer, owner: bool) -> "RowView":
+    def whole_layer(cls, name: str, layer, owner: bool) -> RowView:
         """A layer whose full weight this rank holds (one process, DDP, ZeRO-2)."""
         a = layer.lora_A.detach()
-        return cls(name, torch.arange(layer.out_features, device=a.device), layer.magnitude.detach(),
-                   layer.lora_B.detach(), a, layer.base_row_sq_norms(), layer.weight_source.times_A(a) if owner
-                   else a.new_zeros(0, a.shape[0]), layer.scaling, owner)
+        return cls(
+            name,
+            torch.arange(layer.out_features, device=a.device),
+            layer.magnitude.detach(),
+            layer.lora_B.detach(),
+            a,
+            layer.base_row_sq_norms(),
+            layer.weight_source.times_A(a) if owner else a.new_zeros(0, a.shape[0]),
+            layer.scaling,
+            owner,
+        )
 
 
 def initial_magnitude(row_sq: torch.Tensor, lora_A: torch.Tensor, m_dtype: torch.dtype) -> torch.Tensor:
@@ -95,7 +118,7 @@ def probe_base_out(rows: torch.Tensor, row_sq: torch.Tensor, tokens: int, dtype:
     t = torch.arange(1, tokens + 1, dtype=torch.float64, device=rows.device)
     phase_t = torch.frac(0.5 + 0.7548776662466927 * t).float()[:, None]
     phase_r = torch.frac(0.5698402909980532 * (rows.to(torch.float64) + 1)).float()[None, :]
-    u = torch.frac(phase_t + phase_r)                                 # R2 sequence, uniform in [0, 1)
+    u = torch.frac(phase_t + phase_r)  # R2 sequence, uniform in [0, 1)
     scale = (math.sqrt(3) * row_sq.float().clamp_min(0).sqrt()).to(u.device)[None, :]
     return ((2 * u - 1) * scale).to(dtype)
 
@@ -116,8 +139,9 @@ BATCH_ROWS = 1 << 16
 
 
 @torch.no_grad()
-def _batch_sums(views: list[RowView], dtype: torch.dtype, epilogue: Epilogue, tokens: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_sums(
+    views: list[RowView], dtype: torch.dtype, epilogue: Epilogue, tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums (L, N_SUMS), max |m − m₀|/m₀ (L,)) of views that share r, scaling, dtypes and device: their rows are
     concatenated, so the whole batch costs a few dozen ops plus one small matmul per layer.
 
@@ -145,13 +169,13 @@ def _batch_sums(views: list[RowView], dtype: torch.dtype, epilogue: Epilogue, to
     w_sq = row_sq.double().clamp_min(0)
     w = w_sq.sqrt()
     v_norm = (w_sq + 2 * s * cross + s * s * d_sq).clamp_min(0).sqrt()
-    inner = w_sq + s * cross                                      # ⟨V, W⟩
+    inner = w_sq + s * cross  # ⟨V, W⟩
     vw = v_norm * w
     safe = torch.where(vw > 0, vw, 1.0)
     sin_num = (s * s) * (d_sq * w_sq - cross * cross).clamp_min(0)
     one_minus_cos = torch.where(inner > 0, sin_num / (safe * (safe + inner)), 1 - inner / safe)
     one_minus_cos = torch.where(md < 0, 2 - one_minus_cos, one_minus_cos)  # W' = m·V/‖V‖ points against V
-    tuned_norm = torch.where(v_norm > 0, md.abs(), 0.0)                   # ‖W'ᵢ‖
+    tuned_norm = torch.where(v_norm > 0, md.abs(), 0.0)  # ‖W'ᵢ‖
     w_zero, t_zero = w == 0, tuned_norm == 0
     one_minus_cos = torch.where(w_zero | t_zero, (w_zero != t_zero).double(), one_minus_cos)  # no direction
     m0 = initial_magnitude(row_sq, first.lora_A, m.dtype).double()
@@ -174,8 +198,18 @@ def _batch_sums(views: list[RowView], dtype: torch.dtype, epilogue: Epilogue, to
     dy_z = ((y_m.float() - y_1.float()) * vf).sum(0).double()
     z_sq = (vf * vf).sum(0).double()
     excess = md / denom.double() - 1
-    per_row = torch.stack([torch.ones_like(md), rel, (tuned_norm - w).abs(), one_minus_cos, excess * dy_z,
-                           excess * excess * z_sq, (m0 > 0).double()], dim=1)
+    per_row = torch.stack(
+        [
+            torch.ones_like(md),
+            rel,
+            (tuned_norm - w).abs(),
+            one_minus_cos,
+            excess * dy_z,
+            excess * excess * z_sq,
+            (m0 > 0).double(),
+        ],
+        dim=1,
+    )
     sizes = [v.rows.numel() for v in views]
     sums = torch.stack([part.sum(0) for part in per_row.split(sizes)])
     maxima = torch.stack([part.max() for part in rel.split(sizes)])
@@ -187,19 +221,26 @@ def _gram(a: torch.Tensor) -> torch.Tensor:
 
 
 def _batch_key(view: RowView) -> tuple:
-    return (view.lora_A.shape[0], float(view.scaling), view.lora_A.dtype, view.lora_B.dtype, view.magnitude.dtype,
-            view.magnitude.device)
+    return (
+        view.lora_A.shape[0],
+        float(view.scaling),
+        view.lora_A.dtype,
+        view.lora_B.dtype,
+        view.magnitude.dtype,
+        view.magnitude.device,
+    )
 
 
-def layer_sums(views: Iterable[RowView], dtype: torch.dtype, epilogue: Epilogue | None = None,
-               tokens: int = PROBE_TOKENS) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def layer_sums(
+    views: Iterable[RowView], dtype: torch.dtype, epilogue: Epilogue | None = None, tokens: int = PROBE_TOKENS
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(names, sums (L, N_SUMS), maxima (L,)) of this rank's views, before any reduction, on the CPU. Layers are
     measured in batches of concatenated rows (`_batch_sums`) on one CPU thread (small ops, for which a thread pool
     only adds hand-off waits). Views this rank does not own add zeros."""
     if epilogue is None:
         from dora_dist.nn.dora_epilogue import dora_epilogue as epilogue
     with single_thread():
-        views = list(views)                      # (an engine's views may run collectives: every rank consumes all)
+        views = list(views)  # (an engine's views may run collectives: every rank consumes all)
         names = [v.name for v in views]
         sums = torch.zeros(len(views), N_SUMS, dtype=torch.float64)
         maxima = torch.zeros(len(views), dtype=torch.float64)
@@ -243,9 +284,9 @@ class LayerHealth:
 
     name: str
     group: str
-    delta_m: float       # analyze's ΔM: mean |‖W'ᵢ‖ − ‖Wᵢ‖|
-    delta_d: float       # analyze's ΔD: mean 1 − cos(W'ᵢ, Wᵢ)
-    delta_m_rel: float   # mean |m − m₀| / m₀
+    delta_m: float  # analyze's ΔM: mean |‖W'ᵢ‖ − ‖Wᵢ‖|
+    delta_d: float  # analyze's ΔD: mean 1 − cos(W'ᵢ, Wᵢ)
+    delta_m_rel: float  # mean |m − m₀| / m₀
     max_delta_m_rel: float
     share_num: float
     share_den: float
@@ -256,8 +297,18 @@ def finish_layers(names: list[str], sums: torch.Tensor, maxima: torch.Tensor) ->
     out = []
     for name, s, mx in zip(names, sums.tolist(), maxima.tolist()):
         rows = max(s[ROWS], 1.0)
-        out.append(LayerHealth(name, layer_group(name), s[ABS_DM] / rows, s[DD] / rows,
-                               s[REL_DM] / max(s[REL_ROWS], 1.0), mx, s[SHARE_NUM], s[SHARE_DEN]))
+        out.append(
+            LayerHealth(
+                name,
+                layer_group(name),
+                s[ABS_DM] / rows,
+                s[DD] / rows,
+                s[REL_DM] / max(s[REL_ROWS], 1.0),
+                mx,
+                s[SHARE_NUM],
+                s[SHARE_DEN],
+            )
+        )
     return out
 
 
@@ -285,5 +336,5 @@ def measure(engine, env, dtype: torch.dtype, epilogue: Epilogue | None = None) -
     (FSDP2: every layer's lora_A in one all-gather; ZeRO-3: the adapter gathered and W·Aᵀ summed per layer) and one
     all-gather of (layers × 8) floats per rank (sums added, maxima taken, in rank order on every rank)."""
     names, sums, maxima = layer_sums(engine.dora_row_views(), dtype, epilogue)
-    every = env.all_gather_tensor(torch.cat([sums, maxima[:, None]], dim=1))   # (world, layers, N_SUMS + 1)
+    every = env.all_gather_tensor(torch.cat([sums, maxima[:, None]], dim=1))  # (world, layers, N_SUMS + 1)
     return finish_layers(names, every[..., :N_SUMS].sum(0), every[..., N_SUMS].amax(0))

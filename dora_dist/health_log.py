@@ -3,6 +3,7 @@
 All ranks call `HealthMonitor.measure` on the same steps (it is collective); rank 0 logs the record, prints the
 warning and keeps the final values for summary.json.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,20 +26,29 @@ def warning_text(step: int, rec: dict, min_change: float, min_share: float) -> s
     problems, causes = [], []
     moved = rec.get("dora_dm_rel_max")
     if moved is not None and moved < min_change:
-        problems.append(f"the magnitudes have not moved (max |m - m0|/m0 = {moved:.2e} < {min_change:g} in every "
-                        "layer)")
-        causes += ["the magnitude is frozen (requires_grad off, or left out of the optimizer)",
-                   "the learning rate is too small for it", "weight decay on it"]
-    low = {g: rec[f"dora_share_{g}"] for g in GROUPS
-           if rec.get(f"dora_share_{g}") is not None and rec[f"dora_share_{g}"] < min_share}
+        problems.append(
+            f"the magnitudes have not moved (max |m - m0|/m0 = {moved:.2e} < {min_change:g} in every layer)"
+        )
+        causes += [
+            "the magnitude is frozen (requires_grad off, or left out of the optimizer)",
+            "the learning rate is too small for it",
+            "weight decay on it",
+        ]
+    low = {
+        g: rec[f"dora_share_{g}"]
+        for g in GROUPS
+        if rec.get(f"dora_share_{g}") is not None and rec[f"dora_share_{g}"] < min_share
+    }
     if low:
         shares = ", ".join(f"{GROUP_NAMES[g]} {v:.2f}" for g, v in low.items())
         problems.append(f"the magnitude's effective share of the output is low ({shares} < {min_share:g})")
         causes.append("16-bit rounding of m/||W'|| in the forward (training.precision=bf16)")
     if not problems:
         return None
-    return (f"[dora_dist] warning: DoRA looks like LoRA after {step} steps: {'; '.join(problems)}. Likely causes: "
-            f"{'; '.join(dict.fromkeys(causes))}. See output.dora_health_* in the README.")
+    return (
+        f"[dora_dist] warning: DoRA looks like LoRA after {step} steps: {'; '.join(problems)}. Likely causes: "
+        f"{'; '.join(dict.fromkeys(causes))}. See output.dora_health_* in the README."
+    )
 
 
 @dataclass
@@ -57,12 +67,16 @@ class HealthMonitor:
     layers: list[LayerHealth] = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, cfg) -> "HealthMonitor":
+    def from_config(cls, cfg) -> HealthMonitor:
         out = cfg.output
-        return cls(enabled=bool(out.dora_health and cfg.dora.use_dora),
-                   every=out.dora_health_every or cfg.training.log_every, warn_after=out.dora_health_warn_after,
-                   min_change=out.dora_health_min_change, min_share=out.dora_health_min_share,
-                   dtype=compute_dtype(cfg))
+        return cls(
+            enabled=bool(out.dora_health and cfg.dora.use_dora),
+            every=out.dora_health_every or cfg.training.log_every,
+            warn_after=out.dora_health_warn_after,
+            min_change=out.dora_health_min_change,
+            min_share=out.dora_health_min_share,
+            dtype=compute_dtype(cfg),
+        )
 
     def due(self, step: int, last_step: int) -> bool:
         """The same answer on every rank (a function of the step only)."""
@@ -90,11 +104,18 @@ class HealthMonitor:
         groups = {}
         for g in GROUPS:
             if f"dora_dm_{g}" in self.last:
-                groups[GROUP_NAMES[g]] = {"delta_m": self.last[f"dora_dm_{g}"], "delta_d": self.last[f"dora_dd_{g}"],
-                                          "delta_m_rel": self.last[f"dora_dm_rel_{g}"],
-                                          "effective_share": self.last[f"dora_share_{g}"]}
-        return {"step": self.last_step, "groups": groups, "max_delta_m_rel": self.last.get("dora_dm_rel_max"),
-                "warning": self.warned}
+                groups[GROUP_NAMES[g]] = {
+                    "delta_m": self.last[f"dora_dm_{g}"],
+                    "delta_d": self.last[f"dora_dd_{g}"],
+                    "delta_m_rel": self.last[f"dora_dm_rel_{g}"],
+                    "effective_share": self.last[f"dora_share_{g}"],
+                }
+        return {
+            "step": self.last_step,
+            "groups": groups,
+            "max_delta_m_rel": self.last.get("dora_dm_rel_max"),
+            "warning": self.warned,
+        }
 
 
 def format_health(rec: dict) -> str:
@@ -103,6 +124,8 @@ def format_health(rec: dict) -> str:
     for g in ("attn", "mlp"):
         if f"dora_dm_rel_{g}" in rec:
             share = rec.get(f"dora_share_{g}")
-            parts.append(f"{g} dM/m {rec[f'dora_dm_rel_{g}']:.2e} dD {rec[f'dora_dd_{g}']:.2e}"
-                         + (f" share {share:.2f}" if share is not None else ""))
+            parts.append(
+                f"{g} dM/m {rec[f'dora_dm_rel_{g}']:.2e} dD {rec[f'dora_dd_{g}']:.2e}"
+                + (f" share {share:.2f}" if share is not None else "")
+            )
     return ("  " + "  ".join(parts)) if parts else ""

@@ -2,6 +2,7 @@
 it (retries for up to a minute, then a long ConnectionError traceback), one quick look says whether it can work
 here: offline and not cached, no such repository, gated, or the hub unreachable are each one line naming what the
 name was taken for and what to do instead."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,10 @@ def check_hub_repo(repo_id: str, repo_type: str, key: str, revision: str | None 
     local = f"for a local path write ./{repo_id}"
     if offline(repo_type):
         if not in_cache(repo_id, repo_type):
-            raise error(f"{taken} offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache: download it "
-                        f"once with network access, or copy its files here and give their path; {local}")
+            raise error(
+                f"{taken} offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache: download it "
+                f"once with network access, or copy its files here and give their path; {local}"
+            )
         return
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
@@ -52,18 +55,22 @@ def check_hub_repo(repo_id: str, repo_type: str, key: str, revision: str | None 
     except GatedRepoError as exc:
         if in_cache(repo_id, repo_type):
             return
-        raise error(f"{taken} it is gated: accept its terms on {page} and log in (`hf auth login`, or set HF_TOKEN)"
-                    ) from exc
+        raise error(
+            f"{taken} it is gated: accept its terms on {page} and log in (`hf auth login`, or set HF_TOKEN)"
+        ) from exc
     except RepositoryNotFoundError as exc:
-        raise error(f"{taken} the hub has no such {repo_type} (or it is private: log in with `hf auth login`); "
-                    f"{local}") from exc
+        raise error(
+            f"{taken} the hub has no such {repo_type} (or it is private: log in with `hf auth login`); {local}"
+        ) from exc
     except RevisionNotFoundError as exc:
         raise error(f"{taken} it has no revision {revision!r}") from exc
     except Exception as exc:  # noqa: BLE001 (connection, DNS, proxy, timeout: whatever the HTTP client raises)
         if in_cache(repo_id, repo_type):
-            return            # a cached copy: the library finds it (set HF_HUB_OFFLINE=1 to skip its retries)
-        raise error(f"{taken} the hub cannot be reached ({type(exc).__name__}: {one_line(exc)[:120]}) and it is not "
-                    f"in the local cache; {local}, or run where the hub is reachable") from exc
+            return  # a cached copy: the library finds it (set HF_HUB_OFFLINE=1 to skip its retries)
+        raise error(
+            f"{taken} the hub cannot be reached ({type(exc).__name__}: {one_line(exc)[:120]}) and it is not "
+            f"in the local cache; {local}, or run where the hub is reachable"
+        ) from exc
 
 
 def check_hub_dataset(repo_id: str, key: str = "data.source") -> None:

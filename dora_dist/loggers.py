@@ -6,6 +6,7 @@ trainer writes to metrics.jsonl (the per-step scalars of the log line, and the e
 chosen; a missing one is a ConfigError naming the extra to install — raised on every rank, before the first step,
 so no rank is left waiting in a collective.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,13 +30,18 @@ def check_loggers(names: list[str]) -> None:
         if name in _PACKAGES:
             module, extra = _PACKAGES[name]
             if importlib.util.find_spec(module) is None:
-                raise ConfigError(f"output.loggers includes {name!r} but the {module!r} package is not installed: "
-                                  f"pip install 'dora_dist[{extra}]' (or pip install {module})")
+                raise ConfigError(
+                    f"output.loggers includes {name!r} but the {module!r} package is not installed: "
+                    f"pip install 'dora_dist[{extra}]' (or pip install {module})"
+                )
 
 
 def _scalars(record: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in record.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def _tag(key: str) -> str:
@@ -64,7 +70,7 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
         flat = flat_config(cfg.to_dict())
         self.writer.add_text("config", "```yaml\n" + cfg.to_yaml() + "\n```", 0)
-        for summary in hparams(flat, {}):                      # the hparams plugin, in this run's own file
+        for summary in hparams(flat, {}):  # the hparams plugin, in this run's own file
             self.writer.file_writer.add_summary(summary)
 
     def log(self, record: dict) -> None:
@@ -81,8 +87,14 @@ class WandbLogger:
         import wandb
 
         out = cfg.output
-        self.run = wandb.init(project=out.wandb_project, name=out.wandb_run_name or Path(out.dir).name,
-                              dir=str(out_dir), mode=out.wandb_mode, config=cfg.to_dict(), reinit="finish_previous")
+        self.run = wandb.init(
+            project=out.wandb_project,
+            name=out.wandb_run_name or Path(out.dir).name,
+            dir=str(out_dir),
+            mode=out.wandb_mode,
+            config=cfg.to_dict(),
+            reinit="finish_previous",
+        )
 
     def log(self, record: dict) -> None:
         self.run.log({_tag(k): v for k, v in _scalars(record).items()}, step=int(record["step"]))

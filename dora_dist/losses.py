@@ -20,6 +20,7 @@ Packed batches (data/packing.py) reach the model through `packed_forward_kwargs`
 document and no 2-D mask, so transformers builds the block-diagonal causal mask; an explicit 4-D mask for a model
 whose attention code cannot.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,11 +42,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     upstream gradient) and scaled in backward, so no chunk's logits outlive its iteration."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                chunk: int, ignore_index: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        chunk: int,
+        ignore_index: int,
+    ) -> torch.Tensor:
         n = hidden.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        acc = torch.promote_types(weight.dtype, torch.float32)   # fp32, or fp64 for float64 reference runs
+        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32, or fp64 for float64 reference runs
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -53,7 +61,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             h = hidden[start:stop]
-            logits = F.linear(h, weight, bias).to(acc)                     # (c, V) fp32: the only big temporary
+            logits = F.linear(h, weight, bias).to(acc)  # (c, V) fp32: the only big temporary
             lab = labels[start:stop]
             valid = lab != ignore_index
             safe = torch.where(valid, lab, torch.zeros_like(lab))
@@ -65,9 +73,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = row_max + sum_exp.log()
             loss += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
             if need_h or need_w or need_b:
-                p.div_(sum_exp[:, None])                                    # softmax
+                p.div_(sum_exp[:, None])  # softmax
                 p[torch.arange(stop - start, device=p.device), safe] -= 1.0
-                p.mul_(valid[:, None].to(p.dtype))                          # ignored tokens: no gradient
+                p.mul_(valid[:, None].to(p.dtype))  # ignored tokens: no gradient
                 if need_h:
                     grad_h[start:stop] = p.to(hidden.dtype) @ weight
                 if need_w:
@@ -88,17 +96,22 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return dh, dw, db, None, None, None
 
 
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             bias: torch.Tensor | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                             ignore_index: int = -100) -> torch.Tensor:
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """Σ over tokens with label != ignore_index of CE(hidden·Wᵀ + b, label), fp32; hidden (..., H), labels (...)."""
     h = hidden.reshape(-1, hidden.shape[-1])
-    return ChunkedLinearCrossEntropy.apply(h, weight, bias, labels.reshape(-1), max(1, int(chunk_tokens)),
-                                           ignore_index)
+    return ChunkedLinearCrossEntropy.apply(h, weight, bias, labels.reshape(-1), max(1, int(chunk_tokens)), ignore_index)
 
 
-def _forward_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    position_ids: torch.Tensor | None) -> dict:
+def _forward_kwargs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+) -> dict:
     """The model's inputs: a packed batch (position_ids) keeps its documents apart (data/packing.py)."""
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if position_ids is not None:
@@ -106,14 +119,20 @@ def _forward_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return packed_forward_kwargs(model, batch)
 
 
-def plain_causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                             labels: torch.Tensor, ignore_index: int = -100,
-                             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def plain_causal_lm_loss_sum(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The reference: whole logits, upcast to fp32, cross-entropy summed over next-token targets."""
     logits = model(**_forward_kwargs(model, input_ids, attention_mask, position_ids)).logits
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))   # ≥ fp32 (fp64 reference runs)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=ignore_index, reduction="sum")
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # ≥ fp32 (fp64 reference runs)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
 
 
 def unwrapped_model(model: nn.Module) -> nn.Module:
@@ -151,8 +170,9 @@ def masks_from_position_ids(model: torch.nn.Module) -> bool:
     return answer
 
 
-def packed_forward_kwargs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                          force_4d_mask: bool = False) -> dict[str, torch.Tensor | bool | None]:
+def packed_forward_kwargs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], force_4d_mask: bool = False
+) -> dict[str, torch.Tensor | bool | None]:
     """Keyword arguments of the model's forward for a batch from `TokenizedDataset.collate`.
 
     Unpacked batch: input_ids and the padding mask. Packed batch (it has position_ids): input_ids, position_ids, no
@@ -223,9 +243,15 @@ def _loss_request(head: nn.Module, labels: torch.Tensor, chunk: int, ignore_inde
         setattr(head, _REQUEST_ATTR, None)
 
 
-def causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                       ignore_index: int = -100, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def causal_lm_loss_sum(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ignore_index: int = -100,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Σ next-token cross-entropy of a batch, fp32. chunk_tokens > 0: chunked (never the whole logits in fp32);
     0, or a model whose head cannot be replaced: the plain loss. position_ids: a packed batch, whose documents
     restart their positions and see only themselves (see data/packing.py)."""
@@ -237,6 +263,8 @@ def causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask
         out = model(**_forward_kwargs(model, input_ids, attention_mask, position_ids))
     loss = out.logits if hasattr(out, "logits") else out[0]
     if loss.ndim != 0 or loss.dtype not in (torch.float32, torch.float64):
-        raise RuntimeError(f"{type(unwrapped_model(model)).__name__} altered its head's output (got shape "
-                           f"{tuple(loss.shape)}, {loss.dtype}); set training.loss_chunk_tokens=0 for this model")
+        raise RuntimeError(
+            f"{type(unwrapped_model(model)).__name__} altered its head's output (got shape "
+            f"{tuple(loss.shape)}, {loss.dtype}); set training.loss_chunk_tokens=0 for this model"
+        )
     return loss

@@ -1,4 +1,5 @@
 """Rank-0 outputs: metrics.jsonl (one JSON object per optimizer step), a log line per step, loss.png."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,10 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def format_line(rec: dict, max_steps: int) -> str:
     mem = rec.get("peak_mem_bytes", 0) / 2**20
-    return (f"step {rec['step']:>5}/{max_steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.3e}  "
-            f"grad_norm {rec['grad_norm']:.3f}  tok/s {rec['tokens_per_s']:.0f}  peak_mem {mem:.0f} MiB")
+    return (
+        f"step {rec['step']:>5}/{max_steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.3e}  "
+        f"grad_norm {rec['grad_norm']:.3f}  tok/s {rec['tokens_per_s']:.0f}  peak_mem {mem:.0f} MiB"
+    )
 
 
 def _finite(v: float) -> float:
@@ -63,15 +66,14 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "trai
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     health = [r for r in records if any(k.startswith("dora_dd_") for k in r)]
-    if health:   # a second panel: DoRA's magnitude and direction change over the steps (dora_dist/health.py)
+    if health:  # a second panel: DoRA's magnitude and direction change over the steps (dora_dist/health.py)
         fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6, 7), sharex=True)
         _plot_health(ax2, health)
     else:
         fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in train], [_finite(r["loss"]) for r in train], lw=1.2, label="train")
     if evals:  # eval records ({"step", "eval_loss", ...}, dora_dist/evaluate.py) beside the training loss
-        ax.plot([r["step"] for r in evals], [_finite(r["eval_loss"]) for r in evals], "o-", lw=1.2, ms=4,
-                label="eval")
+        ax.plot([r["step"] for r in evals], [_finite(r["eval_loss"]) for r in evals], "o-", lw=1.2, ms=4, label="eval")
         ax.legend()
     if not health:
         ax.set_xlabel("optimizer step")
@@ -92,10 +94,21 @@ def _plot_health(ax, records: list[dict]) -> None:
         if not any(f"dora_dd_{g}" in r for r in records):
             continue
         color = f"C{i}"
-        ax.plot(steps, [r.get(f"dora_dm_rel_{g}", float("nan")) for r in records], color=color, lw=1.2,
-                label=f"ΔM/m {label}")
-        ax.plot(steps, [r.get(f"dora_dd_{g}", float("nan")) for r in records], color=color, lw=1.2, ls="--",
-                label=f"ΔD {label}")
+        ax.plot(
+            steps,
+            [r.get(f"dora_dm_rel_{g}", float("nan")) for r in records],
+            color=color,
+            lw=1.2,
+            label=f"ΔM/m {label}",
+        )
+        ax.plot(
+            steps,
+            [r.get(f"dora_dd_{g}", float("nan")) for r in records],
+            color=color,
+            lw=1.2,
+            ls="--",
+            label=f"ΔD {label}",
+        )
     ax.set_yscale("symlog", linthresh=1e-8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("DoRA change")

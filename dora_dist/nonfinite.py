@@ -3,14 +3,17 @@ Engine.guarded_step), reported with the step and the first parameter whose gradi
 `training.max_bad_steps` such steps stops the run. The trainer keeps the streak (Job.bad_streak) and never
 checkpoints inside one, so the last checkpoint of a run stopped here is its last good state.
 """
+
 from __future__ import annotations
 
 import math
 
 from dora_dist.errors import JobFault
 
-ADVICE = ("Lower training.lr, set training.max_grad_norm (clipping) if it is 0, or check the data of these steps; "
-          "the last checkpoint is from before them (resume with checkpoint.resume=auto).")
+ADVICE = (
+    "Lower training.lr, set training.max_grad_norm (clipping) if it is 0, or check the data of these steps; "
+    "the last checkpoint is from before them (resume with checkpoint.resume=auto)."
+)
 
 
 class NonFiniteLossError(JobFault, FloatingPointError):
@@ -24,14 +27,15 @@ def skip_reason(loss: float, grad_norm: float, bad_param: str | None) -> str:
         return f"the loss is {loss}"
     if bad_param:
         return f"the gradient of {bad_param} is non-finite (gradient norm {grad_norm})"
-    return f"the gradient norm is {grad_norm}"         # an engine that cannot name the parameter (ZeRO)
+    return f"the gradient norm is {grad_norm}"  # an engine that cannot name the parameter (ZeRO)
 
 
 def applied_nonfinite_step(step: int, loss: float, grad_norm: float, engine: str) -> NonFiniteLossError:
     """The error for a non-finite step an engine applied because it could not skip it."""
     return NonFiniteLossError(
         f"step {step} had loss {loss} and gradient norm {grad_norm}, and parallel.engine={engine} applied it (it "
-        f"could not skip it): stopping, no checkpoint is written for it. {ADVICE}")
+        f"could not skip it): stopping, no checkpoint is written for it. {ADVICE}"
+    )
 
 
 def report_skipped_step(job, rec: dict, bar) -> None:
@@ -39,11 +43,15 @@ def report_skipped_step(job, rec: dict, bar) -> None:
     NonFiniteLossError (before any checkpoint of the streak: see train.maybe_checkpoint)."""
     limit = job.cfg.training.max_bad_steps
     if job.env.is_main:
-        bar.line(f"[dora_dist] step {rec['step']} skipped: {rec['skip_reason']}; no optimizer update "
-                 f"({len(job.bad_streak)}/{limit} bad steps in a row, training.max_bad_steps)")
+        bar.line(
+            f"[dora_dist] step {rec['step']} skipped: {rec['skip_reason']}; no optimizer update "
+            f"({len(job.bad_streak)}/{limit} bad steps in a row, training.max_bad_steps)"
+        )
     if len(job.bad_streak) >= limit:
         steps = [step for step, _ in job.bad_streak]
         span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
-        reasons = "; ".join(dict.fromkeys(why for _, why in job.bad_streak))   # each distinct cause once
-        raise NonFiniteLossError(f"{len(steps)} non-finite step(s) in a row ({span}, training.max_bad_steps="
-                                 f"{limit}): {reasons}. Stopping. {ADVICE}")
+        reasons = "; ".join(dict.fromkeys(why for _, why in job.bad_streak))  # each distinct cause once
+        raise NonFiniteLossError(
+            f"{len(steps)} non-finite step(s) in a row ({span}, training.max_bad_steps="
+            f"{limit}): {reasons}. Stopping. {ADVICE}"
+        )

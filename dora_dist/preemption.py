@@ -13,6 +13,7 @@ Ctrl-C (SIGINT) is the same stop, by the user: the step finishes, a checkpoint i
 resume, and the exit status is INTERRUPT_EXIT_CODE (no requeue marker). A second Ctrl-C raises KeyboardInterrupt
 at once (the entry points report it in one line, with the same exit status).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,12 +45,16 @@ class PreemptionGuard:
         if self.received is None:
             self.received = signal.Signals(signum)
             if signum == signal.SIGINT and is_reporting_rank():
-                print("\n[dora_dist] Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again: stop "
-                      "now, without it)", file=sys.stderr, flush=True)
-        elif signum == signal.SIGINT:   # the second Ctrl-C: stop now (the entry point reports it in one line)
+                print(
+                    "\n[dora_dist] Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again: stop "
+                    "now, without it)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        elif signum == signal.SIGINT:  # the second Ctrl-C: stop now (the entry point reports it in one line)
             raise KeyboardInterrupt
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -92,8 +97,10 @@ def stopped_line(reason: str, step: int, checkpoint: Path | None) -> str:
     """The one line rank 0 prints when a signal stopped the run: where it stopped and how it goes on."""
     saved = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint yet (the run restarts at step 0)"
     if reason == signal.SIGINT.name:
-        return (f"[dora_dist] interrupted (Ctrl-C) after step {step}; {saved}; run the same command again to resume "
-                f"(exit code {INTERRUPT_EXIT_CODE})")
+        return (
+            f"[dora_dist] interrupted (Ctrl-C) after step {step}; {saved}; run the same command again to resume "
+            f"(exit code {INTERRUPT_EXIT_CODE})"
+        )
     return f"[dora_dist] stopped by {reason} after step {step}; {saved}; exiting with {REQUEUE_EXIT_CODE} (requeue)"
 
 
@@ -114,6 +121,10 @@ def interrupted_now(debug: bool = False) -> int:
 
         traceback.print_exc()
     if is_reporting_rank():
-        print("\n[dora_dist] interrupted (Ctrl-C): stopped at once; a run resumes from its latest checkpoint when "
-              f"the same command is run again (exit code {INTERRUPT_EXIT_CODE})", file=sys.stderr, flush=True)
+        print(
+            "\n[dora_dist] interrupted (Ctrl-C): stopped at once; a run resumes from its latest checkpoint when "
+            f"the same command is run again (exit code {INTERRUPT_EXIT_CODE})",
+            file=sys.stderr,
+            flush=True,
+        )
     return INTERRUPT_EXIT_CODE

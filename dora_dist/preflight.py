@@ -10,11 +10,12 @@ preflight first; `python -m dora_dist.train --check ...` runs only this (the lau
 starting torchrun or the deepspeed launcher, so a config error never reaches their agents). To add a rule, write
 `check_<what>(cfg, world_size)` and append it to RULES.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from dora_dist.config import Config
 from dora_dist.errors import CheckpointError, ConfigError, InputNotFoundError
@@ -26,15 +27,19 @@ def check_device(cfg: Config, world_size: int) -> None:
 
     device = cfg.training.device
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("training.device=cuda (nccl backend) but no CUDA GPU is visible here (torch.cuda."
-                          "is_available() is False); set training.device=auto or cpu (gloo), or run on a GPU node")
+        raise ConfigError(
+            "training.device=cuda (nccl backend) but no CUDA GPU is visible here (torch.cuda."
+            "is_available() is False); set training.device=auto or cpu (gloo), or run on a GPU node"
+        )
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "").strip() or 1)
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     # one GPU visible per process (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank) is fine: each rank uses it
     if device in ("auto", "cuda") and 1 < visible < local:
-        raise ConfigError(f"{local} processes on this node but {torch.cuda.device_count()} CUDA GPU(s) visible: "
-                          f"nccl needs one GPU per process; launch --nproc-per-node {torch.cuda.device_count()} (or "
-                          "NUM_GPUS / NPROC_PER_NODE), or set training.device=cpu (gloo)")
+        raise ConfigError(
+            f"{local} processes on this node but {torch.cuda.device_count()} CUDA GPU(s) visible: "
+            f"nccl needs one GPU per process; launch --nproc-per-node {torch.cuda.device_count()} (or "
+            "NUM_GPUS / NPROC_PER_NODE), or set training.device=cpu (gloo)"
+        )
 
 
 def check_engine(cfg: Config, world_size: int) -> None:
@@ -117,14 +122,19 @@ def check_resume(cfg: Config, world_size: int) -> None:
         return
     path = Path(resume)
     if not path.is_dir():
-        raise InputNotFoundError(f"checkpoint.resume: no such directory: {resume}; give a checkpoint directory "
-                                 "(<output.dir>/checkpoints/step_NNNNNNNN), auto or none")
+        raise InputNotFoundError(
+            f"checkpoint.resume: no such directory: {resume}; give a checkpoint directory "
+            "(<output.dir>/checkpoints/step_NNNNNNNN), auto or none"
+        )
     problem = verify_checkpoint(path)
     if problem is None:
         return
     inside = sorted(p.name for p in path.iterdir() if STEP_RE.match(p.name))
-    hint = (f"it holds checkpoints ({', '.join(inside[-3:])}): pass one of them, or checkpoint.resume=auto"
-            if inside else "give a step_NNNNNNNN directory written by a run, or checkpoint.resume=auto / none")
+    hint = (
+        f"it holds checkpoints ({', '.join(inside[-3:])}): pass one of them, or checkpoint.resume=auto"
+        if inside
+        else "give a step_NNNNNNNN directory written by a run, or checkpoint.resume=auto / none"
+    )
     raise CheckpointError(f"checkpoint.resume: {problem}; {hint}")
 
 
@@ -147,8 +157,11 @@ def writable_dir_problem(path: Path) -> str | None:
         with tempfile.TemporaryFile(dir=existing, prefix=".dora_dist_probe_"):
             pass
     except OSError as exc:
-        why = {errno.EROFS: "is on a read-only filesystem", errno.EACCES: "is not writable (permission denied)",
-               errno.EPERM: "is not writable (operation not permitted)"}.get(exc.errno, exc.strerror or str(exc))
+        why = {
+            errno.EROFS: "is on a read-only filesystem",
+            errno.EACCES: "is not writable (permission denied)",
+            errno.EPERM: "is not writable (operation not permitted)",
+        }.get(exc.errno, exc.strerror or str(exc))
         return f"cannot be written: {existing} {why}"
     return None
 
@@ -172,13 +185,27 @@ def note_length(cfg: Config, world_size: int) -> None:
     t = cfg.training
     default_epochs = next(f.default for f in fields(TrainingConfig) if f.name == "epochs")
     if t.max_steps and t.epochs != default_epochs and is_reporting_rank():
-        print(f"[dora_dist] note: training.max_steps={t.max_steps} sets the length; training.epochs={t.epochs:g} is "
-              "not used (set training.max_steps=0 to train by epochs)", flush=True)
+        print(
+            f"[dora_dist] note: training.max_steps={t.max_steps} sets the length; training.epochs={t.epochs:g} is "
+            "not used (set training.max_steps=0 to train by epochs)",
+            flush=True,
+        )
 
 
 RULES: tuple[Callable[[Config, int], None], ...] = (
-    check_device, check_engine, check_batch, check_deepspeed_config, check_compile, check_quantization, check_loggers,
-    check_model, check_data, check_resume, check_output, note_length)
+    check_device,
+    check_engine,
+    check_batch,
+    check_deepspeed_config,
+    check_compile,
+    check_quantization,
+    check_loggers,
+    check_model,
+    check_data,
+    check_resume,
+    check_output,
+    note_length,
+)
 
 
 def launch_world_size() -> int:
@@ -197,6 +224,21 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
         rule(cfg, world)
 
 
-__all__ = ["preflight", "RULES", "launch_world_size", "check_device", "check_engine", "check_batch",
-           "check_deepspeed_config", "check_compile", "check_quantization", "check_loggers", "check_model",
-           "check_data", "check_resume", "check_output", "writable_dir_problem", "note_length"]
+__all__ = [
+    "preflight",
+    "RULES",
+    "launch_world_size",
+    "check_device",
+    "check_engine",
+    "check_batch",
+    "check_deepspeed_config",
+    "check_compile",
+    "check_quantization",
+    "check_loggers",
+    "check_model",
+    "check_data",
+    "check_resume",
+    "check_output",
+    "writable_dir_problem",
+    "note_length",
+]

@@ -11,6 +11,7 @@ epochs) extends it from its final checkpoint; anything else that would retrain i
 Summaries accumulate one "segment" per invocation (engine, world size, steps), so a resumed or extended run never
 replaces its record by an emptier one.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,35 @@ from dora_dist.errors import ConfigError
 
 #: dotted config keys that define a run: a checkpoint or a finished run only continues under the same values
 IDENTITY_KEYS = (
-    "model.name_or_path", "model.config", "model.revision", "model.dtype",
-    "quantization.mode", "quantization.double_quant",
-    "dora.r", "dora.alpha", "dora.target_modules", "dora.use_rslora", "dora.use_dora", "dora.adapter_dtype",
+    "model.name_or_path",
+    "model.config",
+    "model.revision",
+    "model.dtype",
+    "quantization.mode",
+    "quantization.double_quant",
+    "dora.r",
+    "dora.alpha",
+    "dora.target_modules",
+    "dora.use_rslora",
+    "dora.use_dora",
+    "dora.adapter_dtype",
     "dora.modules_to_save",
-    "data.source", "data.format", "data.text_field", "data.prompt_field", "data.completion_field",
-    "data.messages_field", "data.split", "data.subset", "data.seq_len", "data.packing", "data.max_samples",
-    "data.synthetic_samples", "data.add_eos", "data.eval_fraction",
-    "training.seed", "training.global_batch_size",
+    "data.source",
+    "data.format",
+    "data.text_field",
+    "data.prompt_field",
+    "data.completion_field",
+    "data.messages_field",
+    "data.split",
+    "data.subset",
+    "data.seq_len",
+    "data.packing",
+    "data.max_samples",
+    "data.synthetic_samples",
+    "data.add_eos",
+    "data.eval_fraction",
+    "training.seed",
+    "training.global_batch_size",
 )
 #: keys that only say how long the run is: changing them extends (or shortens) a run
 LENGTH_KEYS = ("training.max_steps", "training.epochs")
@@ -57,8 +79,11 @@ def run_identity(cfg) -> dict[str, Any]:
 def identity_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """["dora.r: 8 -> 16", ...] for every identity key whose value differs (keys recorded by an older version and
     absent from `recorded` are not compared)."""
-    return [f"{key}: {recorded[key]!r} -> {current.get(key)!r}" for key in IDENTITY_KEYS
-            if key in recorded and _normalise(recorded[key]) != _normalise(current.get(key))]
+    return [
+        f"{key}: {recorded[key]!r} -> {current.get(key)!r}"
+        for key in IDENTITY_KEYS
+        if key in recorded and _normalise(recorded[key]) != _normalise(current.get(key))
+    ]
 
 
 def _normalise(value: Any) -> Any:
@@ -94,15 +119,18 @@ def read_summary(out_dir: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def merge_summary(previous: dict | None, current: dict, start_step: int,
-                  first_logged_loss: float | None = None) -> dict:
+def merge_summary(
+    previous: dict | None, current: dict, start_step: int, first_logged_loss: float | None = None
+) -> dict:
     """The run's summary after this invocation: its segments appended to the earlier ones; the run's first loss
     kept from before when this invocation resumed."""
     segments = list(previous.get("segments", [])) if previous and start_step > 0 else []
-    segments.append({key: current.get(key) for key in ("engine", "world_size", "wall_s", "preempted")}
-                    | {"start_step": start_step, "end_step": current["steps"]})
+    segments.append(
+        {key: current.get(key) for key in ("engine", "world_size", "wall_s", "preempted")}
+        | {"start_step": start_step, "end_step": current["steps"]}
+    )
     merged = dict(current, segments=segments)
-    if start_step > 0:   # the run's first loss: from the earlier summary, or from metrics.jsonl after a crash
+    if start_step > 0:  # the run's first loss: from the earlier summary, or from metrics.jsonl after a crash
         merged["first_loss"] = (previous or {}).get("first_loss", first_logged_loss)
     if merged.get("last_loss") is None and previous and start_step > 0:
         merged["last_loss"] = previous.get("last_loss")
@@ -116,7 +144,7 @@ class PriorRun:
     out_dir: Path
     summary: dict
     identity: dict | None
-    config: dict | None = None       # the config.yaml it ran with, resolved (None: unreadable)
+    config: dict | None = None  # the config.yaml it ran with, resolved (None: unreadable)
 
     @property
     def steps(self) -> int:
@@ -137,7 +165,7 @@ def find_finished_run(out_dir: str | Path) -> PriorRun | None:
             prior_cfg = load_config(out_dir / "config.yaml")
             identity, config = run_identity(prior_cfg), prior_cfg.to_dict()
         except (ConfigError, ValueError, OSError):
-            identity = None   # a config.yaml written by another version: compare nothing rather than refuse
+            identity = None  # a config.yaml written by another version: compare nothing rather than refuse
     return PriorRun(out_dir, summary, identity, config)
 
 
@@ -187,12 +215,16 @@ def check_rerun(cfg, prior: PriorRun) -> bool:
     if prior.identity is not None:
         changes = identity_changes(prior.identity, run_identity(cfg))
         if changes:
-            raise ConfigError(f"{where} holds a finished run of another job ({'; '.join(changes)}): "
-                              "choose another output.dir, or delete that one to replace it")
+            raise ConfigError(
+                f"{where} holds a finished run of another job ({'; '.join(changes)}): "
+                "choose another output.dir, or delete that one to replace it"
+            )
     if cfg.checkpoint.resume == "none":
-        raise ConfigError(f"{where} holds a finished run ({prior.steps} steps) and checkpoint.resume=none would "
-                          "retrain it from scratch and overwrite its adapter: choose another output.dir, or delete "
-                          "that one")
+        raise ConfigError(
+            f"{where} holds a finished run ({prior.steps} steps) and checkpoint.resume=none would "
+            "retrain it from scratch and overwrite its adapter: choose another output.dir, or delete "
+            "that one"
+        )
     recorded_length = prior.summary.get("length")
     return recorded_length is None or _normalise(recorded_length) == _normalise(length_of(cfg))
 
@@ -202,11 +234,12 @@ def check_extension(prior: PriorRun, max_steps: int, resume_step: int | None) ->
     False when the run extends from its final checkpoint; ConfigError when that checkpoint does not exist."""
     if max_steps <= prior.steps:
         return True
-    if resume_step is None or resume_step < prior.steps:   # a later one: an extension that was interrupted
+    if resume_step is None or resume_step < prior.steps:  # a later one: an extension that was interrupted
         have = f"the latest is at step {resume_step}" if resume_step else "it has none"
         raise ConfigError(
             f"cannot extend the finished run in output.dir={prior.out_dir} from {prior.steps} to {max_steps} steps: "
-            f"no checkpoint of its last step ({have}; checkpoint.save_final=true keeps one): use another output.dir")
+            f"no checkpoint of its last step ({have}; checkpoint.save_final=true keeps one): use another output.dir"
+        )
     return False
 
 
@@ -223,17 +256,23 @@ def check_resume(checkpoint: Path, info: dict, cfg, engine, world_size: int) -> 
     DeepSpeed's need the same format and world size."""
     changes = identity_changes(info.get("run") or {}, run_identity(cfg))
     if changes:
-        raise ConfigError(f"cannot resume from {checkpoint}: it was written by another job ({'; '.join(changes)}). "
-                          "Restore those settings, use another output.dir / checkpoint.dir, or "
-                          "checkpoint.resume=none to start over")
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: it was written by another job ({'; '.join(changes)}). "
+            "Restore those settings, use another output.dir / checkpoint.dir, or "
+            "checkpoint.resume=none to start over"
+        )
     saved_engine = info.get("engine", "?")
     saved_format = info.get("format") or ("deepspeed" if str(saved_engine).startswith("zero") else "dcp")
     if saved_format != engine.checkpoint_format:
-        raise ConfigError(f"cannot resume from {checkpoint}: it was written by parallel.engine={saved_engine} "
-                          f"({saved_format} format), which parallel.engine={engine.name} cannot read; resume with "
-                          f"parallel.engine={saved_engine}")
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: it was written by parallel.engine={saved_engine} "
+            f"({saved_format} format), which parallel.engine={engine.name} cannot read; resume with "
+            f"parallel.engine={saved_engine}"
+        )
     saved_world = int(info.get("world_size", world_size))
     if saved_world != world_size and not engine.reshardable_checkpoints:
-        raise ConfigError(f"cannot resume from {checkpoint}: it was written by {saved_world} ranks and "
-                          f"parallel.engine={engine.name} checkpoints load only at the same world size (this run has "
-                          f"{world_size}); resume with {saved_world} ranks")
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: it was written by {saved_world} ranks and "
+            f"parallel.engine={engine.name} checkpoints load only at the same world size (this run has "
+            f"{world_size}); resume with {saved_world} ranks"
+        )

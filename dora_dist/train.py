@@ -3,6 +3,7 @@ deepspeed launcher; `dora-dist train ...` is the same.
 
 Everything engine-specific lives behind `dora_dist.parallel.base.Engine`; this file has no engine branches.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -28,14 +29,25 @@ from dora_dist.loggers import check_loggers, make_loggers
 from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
 from dora_dist.metrics import format_line, plot_loss
 from dora_dist.models.prequantized import adopt_checkpoint_quantization
-from dora_dist.nonfinite import (NonFiniteLossError, applied_nonfinite_step,  # noqa: F401 (re-exported)
-                                 report_skipped_step, skip_reason)
+from dora_dist.nonfinite import NonFiniteLossError, applied_nonfinite_step, report_skipped_step, skip_reason  # noqa: F401 (re-exported)
 from dora_dist.parallel import DistEnv, make_engine, step_probe
 from dora_dist.preemption import PreemptionGuard, exit_code_of, interrupted_now, stopped_line, write_requeue_marker
 from dora_dist.preflight import preflight
-from dora_dist.run_state import (PriorRun, check_extension, check_rerun, check_resume, find_finished_run,
-                                 first_logged_loss, keep_earlier_metrics, length_of, merge_summary, read_summary,
-                                 run_identity, unused_changes, write_json_atomic)
+from dora_dist.run_state import (
+    PriorRun,
+    check_extension,
+    check_rerun,
+    check_resume,
+    find_finished_run,
+    first_logged_loss,
+    keep_earlier_metrics,
+    length_of,
+    merge_summary,
+    read_summary,
+    run_identity,
+    unused_changes,
+    write_json_atomic,
+)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -48,13 +60,20 @@ class RunAlreadyFinished(Exception):
         self.prior = prior
 
 
-def micro_batch_loss(model, batch: dict[str, torch.Tensor], global_targets: int,
-                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+def micro_batch_loss(
+    model, batch: dict[str, torch.Tensor], global_targets: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> torch.Tensor:
     """Sum of next-token losses of this micro-batch / target tokens of the whole global batch (see Engine).
     lm_head + cross-entropy run over chunks of `chunk_tokens` tokens (0: whole fp32 logits), see losses.py."""
-    loss_sum = causal_lm_loss_sum(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
-                                  chunk_tokens=chunk_tokens, ignore_index=IGNORE_INDEX,
-                                  position_ids=batch.get("position_ids"))
+    loss_sum = causal_lm_loss_sum(
+        model,
+        batch["input_ids"],
+        batch.get("attention_mask"),
+        batch["labels"],
+        chunk_tokens=chunk_tokens,
+        ignore_index=IGNORE_INDEX,
+        position_ids=batch.get("position_ids"),
+    )
     return loss_sum / global_targets
 
 
@@ -78,15 +97,15 @@ class Job:
     last_saved: int = -1
     history: list[float] = field(default_factory=list)
     t0: float = field(default_factory=time.time)
-    eval_dataset: Any = None          # TokenizedDataset of the eval set, or None (dora_dist/evaluate.py)
+    eval_dataset: Any = None  # TokenizedDataset of the eval set, or None (dora_dist/evaluate.py)
     best_eval: float | None = None
     last_eval: int = -1
     last_eval_record: dict | None = None
-    preempted: str | None = None      # the signal that stopped the run (preemption.py), None otherwise
+    preempted: str | None = None  # the signal that stopped the run (preemption.py), None otherwise
     bad_streak: list[tuple[int, str]] = field(default_factory=list)  # (step, why) of the current skipped streak
     skipped_steps: list[int] = field(default_factory=list)
-    checkpoint_owed: bool = False                         # a checkpoint fell on a skipped step: take it at the next
-    health: HealthMonitor | None = None                   # DoRA's health in the log (health_log.py)
+    checkpoint_owed: bool = False  # a checkpoint fell on a skipped step: take it at the next
+    health: HealthMonitor | None = None  # DoRA's health in the log (health_log.py)
 
     @property
     def stop_at(self) -> int:
@@ -118,7 +137,7 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, env, guard: PreemptionGuard) -> dict:
-    prior = find_finished_run(cfg.output.dir)           # a finished run in output.dir: done, extend, or refuse
+    prior = find_finished_run(cfg.output.dir)  # a finished run in output.dir: done, extend, or refuse
     if prior is not None and check_rerun(cfg, prior):
         return _already_finished(prior, env, cfg)
     check_loggers(cfg.output.loggers)  # a missing tracker package fails before the model is loaded
@@ -129,13 +148,13 @@ def _train(cfg: Config, env, guard: PreemptionGuard) -> dict:
     logger = make_loggers(cfg, job.out_dir, env.is_main, resume_step=job.start_step)  # metrics.jsonl + trackers
     bar = Console(job.batching.max_steps, job.start_step, env.is_main, cfg.output.progress_bar)  # bar: TTY only
     try:
-        job.preempted = guard.stop_reason(env)          # signalled while loading: nothing new to save
+        job.preempted = guard.stop_reason(env)  # signalled while loading: nothing new to save
         while job.step < job.stop_at and not job.preempted:
             rec = train_step(job)
-            warning = _measure_health(job, rec)           # COLLECTIVE when due
+            warning = _measure_health(job, rec)  # COLLECTIVE when due
             logger.log(rec)
             if rec.get("skipped"):
-                report_skipped_step(job, rec, bar)       # stops the run at training.max_bad_steps in a row
+                report_skipped_step(job, rec, bar)  # stops the run at training.max_bad_steps in a row
             elif env.is_main and job.step % cfg.training.log_every == 0:
                 bar.line(format_line(rec, job.batching.max_steps) + format_health(rec))
             if warning and env.is_main:
@@ -144,20 +163,23 @@ def _train(cfg: Config, env, guard: PreemptionGuard) -> dict:
             if eval_due(job):
                 _log_eval(job, logger, bar)
             maybe_checkpoint(job)
-            if job.step < job.stop_at:                   # all ranks stop after the same step (the last one just
-                job.preempted = guard.stop_reason(env)   # finishes)
+            if job.step < job.stop_at:  # all ranks stop after the same step (the last one just
+                job.preempted = guard.stop_reason(env)  # finishes)
         if job.preempted:
             # whatever checkpoint.every_steps says, except inside a non-finite streak, whose last good state is the
             # latest checkpoint already (the skipped steps changed no parameter)
             if job.step != job.start_step and job.last_saved != job.step and not job.bad_streak:
                 save_checkpoint(job)
             if env.is_main:
-                bar.line(stopped_line(job.preempted, job.step, job.manager.final_dir(job.last_saved)
-                                      if job.last_saved >= 0 else None))
+                bar.line(
+                    stopped_line(
+                        job.preempted, job.step, job.manager.final_dir(job.last_saved) if job.last_saved >= 0 else None
+                    )
+                )
             write_requeue_marker(job)
         else:
             if job.eval_dataset is not None and job.last_eval != job.step:
-                _log_eval(job, logger, bar)              # the final (or stopped-early) model
+                _log_eval(job, logger, bar)  # the final (or stopped-early) model
             if cfg.checkpoint.save_final and job.last_saved != job.step:
                 save_checkpoint(job)
     finally:
@@ -177,7 +199,7 @@ def _measure_health(job: Job, rec: dict) -> str | None:
 
 def _log_eval(job: Job, logger, bar) -> None:
     loss_fn = functools.partial(micro_batch_loss, chunk_tokens=job.cfg.training.loss_chunk_tokens)
-    rec = run_eval(job, loss_fn)                         # COLLECTIVE; the training loss, same masking
+    rec = run_eval(job, loss_fn)  # COLLECTIVE; the training loss, same masking
     logger.log(rec)
     if job.env.is_main:
         bar.line(format_eval_line(rec, job.batching.max_steps))
@@ -185,14 +207,19 @@ def _log_eval(job: Job, logger, bar) -> None:
 
 def _already_finished(prior: PriorRun, env, cfg: Config) -> dict:
     if env.is_main:
-        print(f"[dora_dist] output.dir={prior.out_dir} holds this run, finished ({prior.steps} steps"
-              + (f"; adapter in {prior.out_dir / 'adapter'}" if (prior.out_dir / "adapter").is_dir() else "")
-              + "): nothing to do. Raise training.max_steps to train further, or choose another output.dir.",
-              flush=True)
+        print(
+            f"[dora_dist] output.dir={prior.out_dir} holds this run, finished ({prior.steps} steps"
+            + (f"; adapter in {prior.out_dir / 'adapter'}" if (prior.out_dir / "adapter").is_dir() else "")
+            + "): nothing to do. Raise training.max_steps to train further, or choose another output.dir.",
+            flush=True,
+        )
         changed = unused_changes(prior, cfg)
         if changed:
-            print(f"[dora_dist] not used (the run is finished): {'; '.join(changed)}; to train with them, choose "
-                  "another output.dir", flush=True)
+            print(
+                f"[dora_dist] not used (the run is finished): {'; '.join(changed)}; to train with them, choose "
+                "another output.dir",
+                flush=True,
+            )
     return dict(prior.summary, already_finished=True, preempted=False)
 
 
@@ -222,8 +249,9 @@ def build(cfg: Config, env, prior: PriorRun | None = None) -> Job:
     tokenizer = models.load_tokenizer(cfg, env)
     dataset, eval_dataset = build_datasets(cfg, tokenizer, env)
     batching = Batching.resolve(tcfg, env.world_size, len(dataset))
-    sampler = GlobalBatchSampler(len(dataset), batching.micro_batch_size, batching.grad_accum, env.world_size,
-                                 env.rank, tcfg.seed)
+    sampler = GlobalBatchSampler(
+        len(dataset), batching.micro_batch_size, batching.grad_accum, env.world_size, env.rank, tcfg.seed
+    )
 
     engine = make_engine(cfg, env, batching)
     ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
@@ -245,11 +273,24 @@ def build(cfg: Config, env, prior: PriorRun | None = None) -> Job:
     model = engine.prepare(model)
     model.train()
 
-    job = Job(cfg, env, tokenizer, dataset, batching, sampler, engine, model, manager, out_dir,
-              eval_dataset=eval_dataset, resume_dir=resume_dir, health=HealthMonitor.from_config(cfg))
+    job = Job(
+        cfg,
+        env,
+        tokenizer,
+        dataset,
+        batching,
+        sampler,
+        engine,
+        model,
+        manager,
+        out_dir,
+        eval_dataset=eval_dataset,
+        resume_dir=resume_dir,
+        health=HealthMonitor.from_config(cfg),
+    )
     if job.resume_dir is not None:
         extra = manager.load(engine, job.resume_dir)
-        engine.lr_from_schedule()                         # this job's schedule, not the saved optimizer's lr
+        engine.lr_from_schedule()  # this job's schedule, not the saved optimizer's lr
         sampler.load_state_dict(extra["data"])
         job.start_step = job.step = job.last_saved = int(extra["step"])
         job.best_eval = extra.get("best_eval")
@@ -258,14 +299,21 @@ def build(cfg: Config, env, prior: PriorRun | None = None) -> Job:
         out_dir.mkdir(parents=True, exist_ok=True)
         kept = keep_earlier_metrics(out_dir) if job.resume_dir is None else None
         if kept is not None:
-            print(f"[dora_dist] no checkpoint in {manager.root}: starting from step 0; the earlier records of "
-                  f"{out_dir / 'metrics.jsonl'} are kept in {kept}", flush=True)
+            print(
+                f"[dora_dist] no checkpoint in {manager.root}: starting from step 0; the earlier records of "
+                f"{out_dir / 'metrics.jsonl'} are kept in {kept}",
+                flush=True,
+            )
         cfg.save(out_dir / "config.yaml")
-        print(f"[dora_dist] engine={engine.name} world={env.world_size} device={env.device} "
-              f"model={cfg.model.name_or_path} trainable={trainable:,}/{total:,} "
-              f"({100 * trainable / max(1, total):.2f}%) samples={len(dataset)} "
-              + (f"eval_samples={len(eval_dataset)} " if eval_dataset is not None else "") + f"{batching.describe()}"
-              + (f" resumed_from={job.resume_dir}" if job.resume_dir else ""), flush=True)
+        print(
+            f"[dora_dist] engine={engine.name} world={env.world_size} device={env.device} "
+            f"model={cfg.model.name_or_path} trainable={trainable:,}/{total:,} "
+            f"({100 * trainable / max(1, total):.2f}%) samples={len(dataset)} "
+            + (f"eval_samples={len(eval_dataset)} " if eval_dataset is not None else "")
+            + f"{batching.describe()}"
+            + (f" resumed_from={job.resume_dir}" if job.resume_dir else ""),
+            flush=True,
+        )
         if dataset.packing is not None:
             print(f"[dora_dist] {dataset.packing.describe()}", flush=True)
     return job
@@ -284,23 +332,29 @@ def train_step(job: Job) -> dict:
     for j, indices in enumerate(micro_batches):
         batch = {k: v.to(env.device, non_blocking=True) for k, v in dataset.collate(indices).items()}
         with engine.accumulate(last=(j == len(micro_batches) - 1)):
-            loss = micro_batch_loss(job.model, batch, global_targets,
-                                    chunk_tokens=job.cfg.training.loss_chunk_tokens)
+            loss = micro_batch_loss(job.model, batch, global_targets, chunk_tokens=job.cfg.training.loss_chunk_tokens)
             engine.backward(loss)
         local_loss += loss.detach().double()
     step_loss = env.all_reduce_sum(local_loss)  # COLLECTIVE: one float (the global-batch mean loss)
     loss_ok = math.isfinite(step_loss)
     lr = engine.current_lr()
-    result = engine.guarded_step(loss_ok)       # COLLECTIVE; skips (no update, no LR tick) a non-finite step
+    result = engine.guarded_step(loss_ok)  # COLLECTIVE; skips (no update, no LR tick) a non-finite step
     if result.stepped and not (loss_ok and math.isfinite(result.grad_norm)):
         raise applied_nonfinite_step(job.step + 1, step_loss, result.grad_norm, engine.name)
     job.step += 1
-    sampler.step = job.step                     # a skipped step's batch is consumed too: the data order is kept
+    sampler.step = job.step  # a skipped step's batch is consumed too: the data order is kept
     dt = time.perf_counter() - step_t0
-    rec = {"step": job.step, "loss": step_loss, "lr": lr, "grad_norm": result.grad_norm,
-           "tokens_per_s": global_tokens / dt, "step_time_s": dt,
-           "peak_mem_bytes": engine.peak_memory_bytes(), "epoch": sampler.epoch_of(job.step),
-           **step_probe.end_step()}
+    rec = {
+        "step": job.step,
+        "loss": step_loss,
+        "lr": lr,
+        "grad_norm": result.grad_norm,
+        "tokens_per_s": global_tokens / dt,
+        "step_time_s": dt,
+        "peak_mem_bytes": engine.peak_memory_bytes(),
+        "epoch": sampler.epoch_of(job.step),
+        **step_probe.end_step(),
+    }
     if result.stepped:
         job.history.append(step_loss)
         job.bad_streak = []
@@ -312,8 +366,12 @@ def train_step(job: Job) -> dict:
 
 
 def save_checkpoint(job: Job) -> None:
-    job.manager.save(job.engine, job.step, {"step": job.step, "data": job.sampler.state_dict(),
-                                            "best_eval": job.best_eval}, run=run_identity(job.cfg))
+    job.manager.save(
+        job.engine,
+        job.step,
+        {"step": job.step, "data": job.sampler.state_dict(), "best_eval": job.best_eval},
+        run=run_identity(job.cfg),
+    )
     job.last_saved = job.step
     job.checkpoint_owed = False
 
@@ -338,36 +396,49 @@ def finish(job: Job) -> dict:
 
     cfg, env, engine, out_dir = job.cfg, job.env, job.engine, job.out_dir
     finished = job.step >= job.batching.max_steps
-    summary = {"steps": job.step, "finished": finished, "preempted": job.preempted is not None,
-               "stop_signal": job.preempted,
-               "engine": engine.name, "world_size": env.world_size, "length": length_of(cfg),
-               "batching": job.batching.to_dict(), "skipped_steps": job.skipped_steps,
-               "packing": job.dataset.packing.to_dict() if job.dataset.packing is not None else None,
-               "first_loss": job.history[0] if job.history else None,
-               "last_loss": job.history[-1] if job.history else None, "wall_s": time.time() - job.t0}
+    summary = {
+        "steps": job.step,
+        "finished": finished,
+        "preempted": job.preempted is not None,
+        "stop_signal": job.preempted,
+        "engine": engine.name,
+        "world_size": env.world_size,
+        "length": length_of(cfg),
+        "batching": job.batching.to_dict(),
+        "skipped_steps": job.skipped_steps,
+        "packing": job.dataset.packing.to_dict() if job.dataset.packing is not None else None,
+        "first_loss": job.history[0] if job.history else None,
+        "last_loss": job.history[-1] if job.history else None,
+        "wall_s": time.time() - job.t0,
+    }
     health = job.health.summary() if job.health is not None else None
     if health is not None:
         summary["dora_health"] = health
     if job.eval_dataset is not None:
-        summary.update(eval_samples=len(job.eval_dataset), best_eval_loss=job.best_eval,
-                       last_eval=job.last_eval_record)
+        summary.update(eval_samples=len(job.eval_dataset), best_eval_loss=job.best_eval, last_eval=job.last_eval_record)
     if finished and cfg.output.save_adapter:
         state = engine.adapter_state_dict()  # all ranks take part; full tensors on rank 0
         if env.is_main:
             from dora_dist.adapters import save_adapter
 
-            save_adapter(engine.unwrap(), out_dir / "adapter", state_dict=state,
-                         base_model_name_or_path=models.adapter_base_name(cfg, env))
+            save_adapter(
+                engine.unwrap(),
+                out_dir / "adapter",
+                state_dict=state,
+                base_model_name_or_path=models.adapter_base_name(cfg, env),
+            )
             job.tokenizer.save_pretrained(out_dir / "adapter")
             cfg.save(out_dir / "adapter" / "training_config.yaml")  # read by `dora-dist generate` (4-bit base)
     if env.is_main:
         if cfg.output.plot and (out_dir / "metrics.jsonl").exists():
             plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png")
         summary = merge_summary(read_summary(out_dir), summary, job.start_step, first_logged_loss(out_dir))
-        write_json_atomic(out_dir / "summary.json", summary)    # "finished": the run's completion mark
-        print(f"[dora_dist] {'stopped' if job.preempted else 'done'}: {job.step} steps, loss "
-              f"{summary['first_loss']} -> {summary['last_loss']}, {summary['wall_s']:.1f}s; outputs in {out_dir}",
-              flush=True)
+        write_json_atomic(out_dir / "summary.json", summary)  # "finished": the run's completion mark
+        print(
+            f"[dora_dist] {'stopped' if job.preempted else 'done'}: {job.step} steps, loss "
+            f"{summary['first_loss']} -> {summary['last_loss']}, {summary['wall_s']:.1f}s; outputs in {out_dir}",
+            flush=True,
+        )
     env.barrier()
     engine.close()
     return summary
@@ -376,8 +447,10 @@ def finish(job: Job) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m dora_dist.train",
-                                     description="DoRA/QDoRA fine-tuning (1 process, or N under torchrun/deepspeed)")
+    parser = argparse.ArgumentParser(
+        prog="python -m dora_dist.train",
+        description="DoRA/QDoRA fine-tuning (1 process, or N under torchrun/deepspeed)",
+    )
     parser.add_argument("--config", "-c", default=None, help="YAML config file (default: the built-in quickstart)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_entry_flags(parser)
@@ -389,16 +462,21 @@ def main(argv: list[str] | None = None) -> int:
         return run_job(args.config, args.overrides, check_only=args.check)
     except (UserError, JobFault) as exc:  # one line from rank 0, exit 2 (bad input) or 1 everywhere; a bug
         return report_error(exc, args.debug)  # (any other exception) keeps its traceback
-    except KeyboardInterrupt:             # a second Ctrl-C (or one before training started): stop now
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before training started): stop now
         return interrupted_now(args.debug)
 
 
 def add_entry_flags(parser) -> None:
     """--check and --debug, shared by `python -m dora_dist.train` and `dora-dist train`."""
-    parser.add_argument("--check", action="store_true", help="only load and validate the config for WORLD_SIZE "
-                        "processes (what the launch scripts run first), then exit")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error (also "
-                        "DORA_DIST_DEBUG=1)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only load and validate the config for WORLD_SIZE "
+        "processes (what the launch scripts run first), then exit",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an input error (also DORA_DIST_DEBUG=1)"
+    )
 
 
 def run_job(config: str | None, overrides: list[str], check_only: bool = False) -> int:

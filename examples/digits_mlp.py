@@ -10,6 +10,7 @@ linear layers. Reported per method: accuracy on the rotated test set, on the ori
 
 Needs scikit-learn (`pip install -e ".[examples]"`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,21 @@ def load_data(seed: int = 0) -> dict[str, torch.Tensor]:
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    x_tr, x_te, y_tr, y_te = train_test_split(digits.images, digits.target, test_size=0.3, random_state=seed,
-                                              stratify=digits.target)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        digits.images, digits.target, test_size=0.3, random_state=seed, stratify=digits.target
+    )
     x_tr, x_te = torch.tensor(x_tr, dtype=torch.float32), torch.tensor(x_te, dtype=torch.float32)
     mean, std = x_tr.mean(), x_tr.std()
     flat = lambda x: ((x - mean) / std).reshape(len(x), 64)  # noqa: E731
     rot = lambda x: torch.rot90(x, 1, dims=(1, 2))  # noqa: E731
-    return {"x_tr": flat(x_tr), "x_te": flat(x_te), "x_tr_rot": flat(rot(x_tr)), "x_te_rot": flat(rot(x_te)),
-            "y_tr": torch.tensor(y_tr), "y_te": torch.tensor(y_te)}
+    return {
+        "x_tr": flat(x_tr),
+        "x_te": flat(x_te),
+        "x_tr_rot": flat(rot(x_tr)),
+        "x_te_rot": flat(rot(x_te)),
+        "y_tr": torch.tensor(y_tr),
+        "y_te": torch.tensor(y_te),
+    }
 
 
 class MLP(nn.Module):
@@ -51,8 +59,7 @@ class MLP(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int,
-        batch: int = 64) -> None:
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int, batch: int = 64) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -80,19 +87,29 @@ def run_seed(data: dict[str, torch.Tensor], seed: int, args: argparse.Namespace)
     base = MLP(args.hidden)
     fit(base, data["x_tr"], data["y_tr"], args.base_epochs, 3e-3, seed)
     state = base.state_dict()
-    out = {"base": {"acc_rot": accuracy(base, data["x_te_rot"], data["y_te"]),
-                    "acc_orig": accuracy(base, data["x_te"], data["y_te"]), "trainable": 0}}
+    out = {
+        "base": {
+            "acc_rot": accuracy(base, data["x_te_rot"], data["y_te"]),
+            "acc_orig": accuracy(base, data["x_te"], data["y_te"]),
+            "trainable": 0,
+        }
+    }
     for method in METHODS:
-        torch.manual_seed(seed + 1)   # the same adapter init for LoRA and DoRA
+        torch.manual_seed(seed + 1)  # the same adapter init for LoRA and DoRA
         model = MLP(args.hidden)
         model.load_state_dict(state)
         if method != "full":
-            model = apply_dora(model, DoRAConfig(r=args.rank, alpha=2 * args.rank, target_modules="all-linear",
-                                                 use_dora=method == "dora"))
+            model = apply_dora(
+                model,
+                DoRAConfig(r=args.rank, alpha=2 * args.rank, target_modules="all-linear", use_dora=method == "dora"),
+            )
         lr = args.lr_full if method == "full" else args.lr_adapter
         fit(model, data["x_tr_rot"], data["y_tr"], args.epochs, lr, seed)
-        out[method] = {"acc_rot": accuracy(model, data["x_te_rot"], data["y_te"]),
-                       "acc_orig": accuracy(model, data["x_te"], data["y_te"]), "trainable": trainable(model)}
+        out[method] = {
+            "acc_rot": accuracy(model, data["x_te_rot"], data["y_te"]),
+            "acc_orig": accuracy(model, data["x_te"], data["y_te"]),
+            "trainable": trainable(model),
+        }
     return out
 
 
@@ -101,8 +118,12 @@ def summarize(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, fl
     for method in ("base",) + METHODS:
         rot = [r[method]["acc_rot"] for r in runs]
         orig = [r[method]["acc_orig"] for r in runs]
-        table[method] = {"acc_rot": statistics.mean(rot), "acc_rot_std": statistics.pstdev(rot),
-                         "acc_orig": statistics.mean(orig), "trainable": runs[0][method]["trainable"]}
+        table[method] = {
+            "acc_rot": statistics.mean(rot),
+            "acc_rot_std": statistics.pstdev(rot),
+            "acc_orig": statistics.mean(orig),
+            "trainable": runs[0][method]["trainable"],
+        }
     return table
 
 
@@ -125,7 +146,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    torch.set_num_threads(1)   # tiny matmuls: more threads only add synchronisation
+    torch.set_num_threads(1)  # tiny matmuls: more threads only add synchronisation
     t0 = time.perf_counter()
     data = load_data()
     runs = [run_seed(data, seed, args) for seed in range(args.seeds)]
@@ -134,8 +155,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"digits rotated by 90°, rank {args.rank}, {args.seeds} seed(s)")
     print(f"{'method':<6} {'rotated acc':>14} {'original acc':>13} {'trainable':>10}")
     for method, row in table.items():
-        print(f"{method:<6} {row['acc_rot']:>8.3f} ±{row['acc_rot_std']:.3f} {row['acc_orig']:>13.3f} "
-              f"{row['trainable']:>10,}")
+        print(
+            f"{method:<6} {row['acc_rot']:>8.3f} ±{row['acc_rot_std']:.3f} {row['acc_orig']:>13.3f} "
+            f"{row['trainable']:>10,}"
+        )
     print(f"({result['seconds']:.1f} s)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ Compared: training the new head alone (a linear probe of the frozen encoder) and
     python examples/encoder_classify.py            # about 1-2 minutes on 2 CPU cores
     python examples/encoder_classify.py --quick    # the test suite's mode
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,12 @@ TOPICS = {
 }
 POSITIVE = ["good", "great", "excellent", "wonderful", "superb", "lovely", "brilliant", "fine"]
 NEGATIVE = ["bad", "awful", "terrible", "boring", "poor", "dreadful", "weak", "bland"]
-FILLER = {"det": ["the", "this", "that", "our"], "verb": ["was", "is", "seemed", "felt"],
-          "adv": ["very", "really", "quite", "rather", "so"], "tail": ["overall", "today", "again", "honestly"]}
+FILLER = {
+    "det": ["the", "this", "that", "our"],
+    "verb": ["was", "is", "seemed", "felt"],
+    "adv": ["very", "really", "quite", "rather", "so"],
+    "tail": ["overall", "today", "again", "honestly"],
+}
 SPECIALS = ["[PAD]", "[CLS]", "[UNK]", "[MASK]"]
 TARGETS = ["query", "key", "value", "attention.output.dense"]
 
@@ -75,8 +80,15 @@ def encode(corpus: list[tuple[str, int, int]], vocab: dict[str, int], max_len: i
 def encoder_config(vocab_size: int, num_labels: int):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=128, max_position_embeddings=32, num_labels=num_labels)
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+    )
 
 
 def fit(model: nn.Module, ids, mask, labels, epochs: int, lr: float, seed: int, batch: int = 32) -> None:
@@ -126,7 +138,7 @@ def pretrain_base(out: Path, vocab: dict[str, int], train, args) -> Path:
     torch.manual_seed(args.seed + 1)
     base = BertForSequenceClassification(encoder_config(len(vocab), 2))
     missing = base.bert.load_state_dict(mlm.bert.state_dict(), strict=False).missing_keys
-    assert all(k.startswith("pooler.") for k in missing), missing   # the MLM model has no pooler
+    assert all(k.startswith("pooler.") for k in missing), missing  # the MLM model has no pooler
     base.save_pretrained(out / "base")
     return out / "base"
 
@@ -152,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-    torch.set_num_threads(1)   # tiny matmuls: more threads only add synchronisation
+    torch.set_num_threads(1)  # tiny matmuls: more threads only add synchronisation
     t0 = time.perf_counter()
     out = Path(args.out)
     vocab = vocabulary()
@@ -173,17 +185,21 @@ def main(argv: list[str] | None = None) -> dict:
     probe.requires_grad_(False)
     probe.classifier.requires_grad_(True)
     fit(probe, train[0], train[1], train[3], args.epochs, args.lr, args.seed)
-    results["head_only"] = {"acc": accuracy(probe, t_ids, t_mask, t_sent),
-                            "trainable": sum(p.numel() for p in probe.parameters() if p.requires_grad)}
+    results["head_only"] = {
+        "acc": accuracy(probe, t_ids, t_mask, t_sent),
+        "trainable": sum(p.numel() for p in probe.parameters() if p.requires_grad),
+    }
 
     # DoRA on the attention projections + the classifier trained in full
     cfg = DoRAConfig(r=args.rank, alpha=2 * args.rank, target_modules=TARGETS, modules_to_save=["classifier"])
     torch.manual_seed(args.seed)
     model = apply_dora(fresh(), cfg)
     fit(model, train[0], train[1], train[3], args.epochs, args.lr, args.seed)
-    results["dora"] = {"acc": accuracy(model, t_ids, t_mask, t_sent),
-                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                       "total": sum(p.numel() for p in model.parameters())}
+    results["dora"] = {
+        "acc": accuracy(model, t_ids, t_mask, t_sent),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in model.parameters()),
+    }
     y = logits_of(model, t_ids, t_mask)
     adapter_dir = save_adapter(model, out / "adapter")
 
@@ -201,12 +217,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"sentiment of generated reviews, MLM-pretrained encoder ({args.train_size} train, 600 test)")
     print(f"  base with a new head:      acc {results['base_sentiment_acc']:.3f}")
-    print(f"  head only (linear probe):  acc {results['head_only']['acc']:.3f}   trainable "
-          f"{results['head_only']['trainable']:,}")
-    print(f"  DoRA r={args.rank} + head:          acc {results['dora']['acc']:.3f}   trainable "
-          f"{results['dora']['trainable']:,} of {results['dora']['total']:,}")
-    print(f"  reloaded adapter: max |Δlogit| ours {results['reload_max_abs_diff']:.2e}, peft "
-          f"{results['peft_max_abs_diff']:.2e} (logits up to {results['logit_scale']:.2f})")
+    print(
+        f"  head only (linear probe):  acc {results['head_only']['acc']:.3f}   trainable "
+        f"{results['head_only']['trainable']:,}"
+    )
+    print(
+        f"  DoRA r={args.rank} + head:          acc {results['dora']['acc']:.3f}   trainable "
+        f"{results['dora']['trainable']:,} of {results['dora']['total']:,}"
+    )
+    print(
+        f"  reloaded adapter: max |Δlogit| ours {results['reload_max_abs_diff']:.2e}, peft "
+        f"{results['peft_max_abs_diff']:.2e} (logits up to {results['logit_scale']:.2f})"
+    )
     print(f"({results['seconds']:.1f} s)")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -8,6 +8,7 @@ the magnitudes. The plot shows how the two then diverge layer by layer.
     python examples/grad_flow.py            # 40 steps, about 1 minute on 2 CPU cores
     python examples/grad_flow.py --quick    # the test suite's mode
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,15 @@ def tiny_llama(vocab: int, layers: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -49,14 +57,15 @@ def layer_grad_norms(model) -> dict[str, dict[str, float]]:
 def run(method: str, args, base_state: dict, data: torch.Tensor) -> dict:
     model = tiny_llama(args.vocab, args.layers, args.seed)
     model.load_state_dict(base_state)
-    torch.manual_seed(args.seed + 1)     # the same A for both methods
-    model = apply_dora(model, DoRAConfig(r=args.rank, alpha=2 * args.rank, target_modules="all-linear",
-                                         use_dora=method == "dora"))
+    torch.manual_seed(args.seed + 1)  # the same A for both methods
+    model = apply_dora(
+        model, DoRAConfig(r=args.rank, alpha=2 * args.rank, target_modules="all-linear", use_dora=method == "dora")
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     model.train()
     losses, grads = [], []
     for step in range(args.steps):
-        batch = data[(step * args.batch) % len(data):][: args.batch]
+        batch = data[(step * args.batch) % len(data) :][: args.batch]
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad()
         loss.backward()
@@ -83,8 +92,7 @@ def plot(result: dict, path: Path) -> None:
     mats = {m: torch.tensor([[g[n]["total"] for g in result[m]["grads"]] for n in names]) for m in ("lora", "dora")}
     lo = min(float(t[t > 0].min()) for t in mats.values())
     hi = max(float(t.max()) for t in mats.values())
-    fig, axes = plt.subplots(1, 3, figsize=(15, 0.22 * len(names) + 2.5),
-                             gridspec_kw={"width_ratios": [1, 1, 0.6]})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.22 * len(names) + 2.5), gridspec_kw={"width_ratios": [1, 1, 0.6]})
     for ax, m in zip(axes[:2], ("lora", "dora")):
         im = ax.imshow(mats[m].clamp_min(lo).numpy(), aspect="auto", norm=LogNorm(lo, hi), cmap="viridis")
         ax.set_title(f"{m.upper()}: ‖grad‖ of A, B{', m' if m == 'dora' else ''} per layer")
@@ -129,13 +137,16 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "grad_norms.json").write_text(json.dumps(result) + "\n")
     plot(result, out / "grad_flow.png")
     first = {m: result[m]["grads"][0] for m in ("lora", "dora")}
-    step1 = max(abs(first["dora"][n]["B"] - first["lora"][n]["B"]) / max(first["lora"][n]["B"], 1e-30)
-                for n in first["lora"])
+    step1 = max(
+        abs(first["dora"][n]["B"] - first["lora"][n]["B"]) / max(first["lora"][n]["B"], 1e-30) for n in first["lora"]
+    )
     print(f"{args.layers}-layer Llama, rank {args.rank}, {args.steps} steps")
     for m in ("lora", "dora"):
         tot = [sum(v["total"] ** 2 for v in g.values()) ** 0.5 for g in result[m]["grads"]]
-        print(f"  {m}: loss {result[m]['loss'][0]:.3f} -> {result[m]['loss'][-1]:.3f}; total adapter grad norm "
-              f"step 1 {tot[0]:.3g}, last {tot[-1]:.3g}")
+        print(
+            f"  {m}: loss {result[m]['loss'][0]:.3f} -> {result[m]['loss'][-1]:.3f}; total adapter grad norm "
+            f"step 1 {tot[0]:.3g}, last {tot[-1]:.3g}"
+        )
     print(f"  step 1: max relative difference of ‖∇B‖ between LoRA and DoRA {step1:.1e} (identical by construction)")
     print(f"  wrote {out / 'grad_flow.png'} ({result['seconds']:.1f} s)")
     result["step1_B_rel_diff"] = step1

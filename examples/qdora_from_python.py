@@ -8,6 +8,7 @@ the 4-bit model + adapter.
     python examples/qdora_from_python.py            # about 1 minute on 2 CPU cores
     python examples/qdora_from_python.py --quick    # the test suite's mode
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,15 @@ def make_base(directory: Path, vocab: int, layers: int, seed: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(cfg).save_pretrained(directory)
     return directory
 
@@ -33,10 +41,15 @@ def make_base(directory: Path, vocab: int, layers: int, seed: int) -> Path:
 def load_4bit(directory: Path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=q, device_map={"": "cpu"},
-                                                dtype=torch.float32)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=q, device_map={"": "cpu"}, dtype=torch.float32
+    )
 
 
 def progressions(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
@@ -103,14 +116,26 @@ def main(argv: list[str] | None = None) -> dict:
         merged_logits = merged(input_ids=test).logits
     merged.save_pretrained(out / "merged")
     diff = float((merged_logits - logits).abs().max())
-    result = {"args": vars(args), "linear4bit_layers": n_4bit, "dora_layers": n_layers, "trainable": trainable,
-              "loss_first": losses[0], "loss_last": sum(losses[-5:]) / len(losses[-5:]), "losses": losses,
-              "test_loss_before": test_before, "test_loss_after": test_after, "merge_max_abs_diff": diff,
-              "logit_scale": float(logits.abs().max()), "seconds": time.perf_counter() - t0}
+    result = {
+        "args": vars(args),
+        "linear4bit_layers": n_4bit,
+        "dora_layers": n_layers,
+        "trainable": trainable,
+        "loss_first": losses[0],
+        "loss_last": sum(losses[-5:]) / len(losses[-5:]),
+        "losses": losses,
+        "test_loss_before": test_before,
+        "test_loss_after": test_after,
+        "merge_max_abs_diff": diff,
+        "logit_scale": float(logits.abs().max()),
+        "seconds": time.perf_counter() - t0,
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"NF4 base: {n_4bit} Linear4bit layers, DoRA on {n_layers}, {trainable:,} trainable parameters")
-    print(f"train loss {losses[0]:.3f} -> {result['loss_last']:.3f} (mean of last 5) in {args.steps} steps; "
-          f"held-out loss {test_before:.3f} -> {test_after:.3f}")
+    print(
+        f"train loss {losses[0]:.3f} -> {result['loss_last']:.3f} (mean of last 5) in {args.steps} steps; "
+        f"held-out loss {test_before:.3f} -> {test_after:.3f}"
+    )
     print(f"merged dense model vs 4-bit + adapter: max |Δlogit| {diff:.2e} (logits up to {result['logit_scale']:.1f})")
     print(f"wrote {out / 'adapter'} and {out / 'merged'} ({result['seconds']:.1f} s)")
     return result

@@ -10,6 +10,7 @@ full fine-tuning and LoRA and a negative one for DoRA; this prints what these ru
     python examples/weight_decomposition.py            # about 2 minutes on 2 CPU cores
     python examples/weight_decomposition.py --quick    # the test suite's mode
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,16 @@ def train_with_checkpoints(method: str, base_dir: Path, train, args, out: Path) 
     if method == "full":
         lr = args.lr_full
     else:
-        model = apply_dora(model, DoRAConfig(r=args.rank, alpha=2 * args.rank, target_modules=["query", "value"],
-                                             modules_to_save=["classifier"], use_dora=method == "dora"))
+        model = apply_dora(
+            model,
+            DoRAConfig(
+                r=args.rank,
+                alpha=2 * args.rank,
+                target_modules=["query", "value"],
+                modules_to_save=["classifier"],
+                use_dora=method == "dora",
+            ),
+        )
         lr = args.lr
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     ids, mask, _, labels = train

@@ -1,4 +1,5 @@
 """Shared test setup: GPU-only tests are skipped when CUDA is absent."""
+
 import pytest
 import torch
 

@@ -9,6 +9,7 @@ Both sides read the same fp32 tensors; they differ only in fp32 rounding:
   1 − cos has relative error ≤ K·ε from its fp32 inputs (×2 for ‖D‖²‖W‖² − ⟨D, W⟩², whose terms are far apart for a
   low-rank D and a random W). Bound: K·ε·(√(2ΔD) + 4ΔD) + (K·ε)².
 """
+
 from __future__ import annotations
 
 import json
@@ -30,12 +31,13 @@ def analyze_by_group(base_dir: Path, adapter_dir: Path) -> dict[str, dict[str, f
     k = math.log2(max(cfg["hidden_size"], cfg["intermediate_size"])) + 6
     out: dict[str, dict[str, float]] = {}
     for rec in analyze(base_dir, [str(adapter_dir)], verbose=False, plot=False)["records"]:
-        g = out.setdefault(layer_group(rec["layer"]), {"delta_m": 0.0, "delta_d": 0.0, "tol_m": 0.0, "tol_d": 0.0,
-                                                       "layers": 0})
+        g = out.setdefault(
+            layer_group(rec["layer"]), {"delta_m": 0.0, "delta_d": 0.0, "tol_m": 0.0, "tol_d": 0.0, "layers": 0}
+        )
         dm, dd, norm = rec["delta_m"], rec["delta_d"], rec["base_norm"]
         g["delta_m"] += dm
         g["delta_d"] += dd
-        g["tol_m"] += k * EPS32 * (2 * norm + dm)              # mean(‖W‖ + |m|) ≤ 2·mean‖W‖ + ΔM
+        g["tol_m"] += k * EPS32 * (2 * norm + dm)  # mean(‖W‖ + |m|) ≤ 2·mean‖W‖ + ΔM
         g["tol_d"] += k * EPS32 * (math.sqrt(2 * dd) + 4 * dd) + (k * EPS32) ** 2
         g["layers"] += 1
     for g in out.values():

@@ -1,4 +1,5 @@
 """Small helpers shared by the multi-process tests (tests/ is on sys.path through its conftest)."""
+
 import socket
 
 
@@ -28,10 +29,24 @@ def run_workers(script, args: list[str], out, launcher: str = "torchrun", nproc:
             pytest.skip("the deepspeed launcher is not on PATH")
         cmd = [exe, "--num_gpus", str(nproc), "--master_port", port, str(script), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", port,
-               str(script), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_BUILD_OPS="0",
-               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            port,
+            str(script),
+            *args,
+        ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        DS_BUILD_OPS="0",
+        PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not Path(out).is_file():
         pytest.fail(f"{launcher} launch failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -1,4 +1,5 @@
 """The tied-embeddings job shared by the modules_to_save tests (tests/ is on sys.path through its conftest)."""
+
 from __future__ import annotations
 
 import torch
@@ -9,11 +10,25 @@ ENGINES = {"fsdp2": "float64", "ddp": "float64", "zero2": "float32", "zero3": "f
 
 def tied_overrides(cache, dtype: str = "float64") -> list[str]:
     """The built-in tiny Llama with lm_head tied to the input embeddings, lm_head trained in full (2 short steps)."""
-    return [f"model.cache_dir={cache}", "model.config.tie_word_embeddings=true", "dora.modules_to_save=[lm_head]",
-            "data.seq_len=32", "data.synthetic_samples=64", "training.max_steps=2", "training.global_batch_size=4",
-            "training.micro_batch_size=2", "training.lr=1e-2", "training.warmup_steps=0", "output.progress_bar=false",
-            "output.plot=false", "checkpoint.resume=none", "checkpoint.every_steps=0", f"model.dtype={dtype}",
-            f"dora.adapter_dtype={dtype}", "training.precision=fp32"]
+    return [
+        f"model.cache_dir={cache}",
+        "model.config.tie_word_embeddings=true",
+        "dora.modules_to_save=[lm_head]",
+        "data.seq_len=32",
+        "data.synthetic_samples=64",
+        "training.max_steps=2",
+        "training.global_batch_size=4",
+        "training.micro_batch_size=2",
+        "training.lr=1e-2",
+        "training.warmup_steps=0",
+        "output.progress_bar=false",
+        "output.plot=false",
+        "checkpoint.resume=none",
+        "checkpoint.every_steps=0",
+        f"model.dtype={dtype}",
+        f"dora.adapter_dtype={dtype}",
+        "training.precision=fp32",
+    ]
 
 
 def probe_ids() -> torch.Tensor:

@@ -1,4 +1,5 @@
 """DoRAConfig: what to adapt and how, validated on construction, convertible to and from PEFT's LoraConfig JSON."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,12 @@ import torch
 from dora_dist.errors import AdapterError
 from dora_dist.nn.dora_linear import check_layer_settings
 
-ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                  "float64": torch.float64}
+ADAPTER_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 def check_adapter_settings(r, alpha, dropout, target_modules, adapter_dtype, prefix: str = "") -> None:
@@ -22,8 +27,9 @@ def check_adapter_settings(r, alpha, dropout, target_modules, adapter_dtype, pre
         if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
             raise ValueError(f"{prefix}target_modules must be a non-empty list of names, got {target_modules!r}")
     elif not isinstance(target_modules, str) or not target_modules:
-        raise ValueError(f"{prefix}target_modules must be a list of names, a regex or 'all-linear', got "
-                         f"{target_modules!r}")
+        raise ValueError(
+            f"{prefix}target_modules must be a list of names, a regex or 'all-linear', got {target_modules!r}"
+        )
     if adapter_dtype not in ADAPTER_DTYPES:
         raise ValueError(f"{prefix}adapter_dtype must be one of {sorted(ADAPTER_DTYPES)}, got {adapter_dtype!r}")
 
@@ -57,8 +63,9 @@ class DoRAConfig:
     modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
-        check_adapter_settings(self.r, self.alpha, self.dropout, self.target_modules, self.adapter_dtype,
-                               prefix="DoRAConfig.")
+        check_adapter_settings(
+            self.r, self.alpha, self.dropout, self.target_modules, self.adapter_dtype, prefix="DoRAConfig."
+        )
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         check_modules_to_save(self.modules_to_save, prefix="DoRAConfig.")
@@ -76,8 +83,13 @@ class DoRAConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_peft_dict(self, target_modules: list[str] | str, fan_in_fan_out: bool,
-                     base_model_name_or_path: str | None, task_type: str | None = "CAUSAL_LM") -> dict[str, Any]:
+    def to_peft_dict(
+        self,
+        target_modules: list[str] | str,
+        fan_in_fan_out: bool,
+        base_model_name_or_path: str | None,
+        task_type: str | None = "CAUSAL_LM",
+    ) -> dict[str, Any]:
         """The adapter_config.json that peft's LoraConfig / PeftModel.from_pretrained read: only LoraConfig's own
         keys (an unknown key makes every peft user see an "upgrade peft" warning); our own metadata goes into the
         safetensors header instead."""
@@ -101,15 +113,18 @@ class DoRAConfig:
         }
 
     @classmethod
-    def from_peft_dict(cls, cfg: dict[str, Any], source: str = "adapter_config.json",
-                       allow_lora: bool = False) -> "DoRAConfig":
+    def from_peft_dict(
+        cls, cfg: dict[str, Any], source: str = "adapter_config.json", allow_lora: bool = False
+    ) -> DoRAConfig:
         """Read peft's adapter_config.json, refusing what this layer cannot represent."""
         peft_type = cfg.get("peft_type")
         if peft_type != "LORA":
             raise AdapterError(f"{source}: peft_type is {peft_type!r}; dora_dist loads LoRA/DoRA adapters only")
         if not cfg.get("use_dora", False) and not allow_lora:
-            raise AdapterError(f"{source}: this is a plain LoRA adapter (use_dora is false), not a DoRA adapter; "
-                             "pass allow_lora=True to load it as LoRA")
+            raise AdapterError(
+                f"{source}: this is a plain LoRA adapter (use_dora is false), not a DoRA adapter; "
+                "pass allow_lora=True to load it as LoRA"
+            )
         for key in ("rank_pattern", "alpha_pattern"):
             if cfg.get(key):
                 raise AdapterError(f"{source}: per-module {key} is not supported ({cfg[key]!r})")
@@ -118,7 +133,12 @@ class DoRAConfig:
         target = cfg.get("target_modules")
         if target is None:
             raise AdapterError(f"{source}: target_modules is missing")
-        return cls(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout", 0.0)),
-                   target_modules=sorted(target) if isinstance(target, (list, set, tuple)) else target,
-                   use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
-                   modules_to_save=sorted(set(cfg["modules_to_save"])) if cfg.get("modules_to_save") else None)
+        return cls(
+            r=int(cfg["r"]),
+            alpha=float(cfg.get("lora_alpha", 8)),
+            dropout=float(cfg.get("lora_dropout", 0.0)),
+            target_modules=sorted(target) if isinstance(target, (list, set, tuple)) else target,
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            use_dora=bool(cfg.get("use_dora", False)),
+            modules_to_save=sorted(set(cfg["modules_to_save"])) if cfg.get("modules_to_save") else None,
+        )

@@ -1,8 +1,9 @@
 """Put DoRA layers into a model (apply_dora), find them again, and fold them back in (merge_and_unload)."""
+
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -53,8 +54,10 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
         pattern = re.compile(target_modules)
         names = [name for name, _ in candidates if pattern.fullmatch(name)]
         if not names:
-            raise ValueError(f"target_modules regex {target_modules!r} matches no module; linear layers in this "
-                             f"model: {_leaf_summary(supported)}")
+            raise ValueError(
+                f"target_modules regex {target_modules!r} matches no module; linear layers in this "
+                f"model: {_leaf_summary(supported)}"
+            )
     else:
         names, unmatched = [], []
         for target in target_modules:
@@ -63,8 +66,10 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
                 unmatched.append(target)
             names.extend(h for h in hits if h not in names)
         if unmatched:
-            raise ValueError(f"target_modules {unmatched} match no module in {type(model).__name__}; linear layers "
-                             f"in this model: {_leaf_summary(supported)}")
+            raise ValueError(
+                f"target_modules {unmatched} match no module in {type(model).__name__}; linear layers "
+                f"in this model: {_leaf_summary(supported)}"
+            )
     if not names:
         raise ValueError(f"no linear layer to adapt in {type(model).__name__} (target_modules={target_modules!r})")
     chosen = set(names)
@@ -72,8 +77,10 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
     by_name = dict(candidates)
     bad = [f"{n} ({type(by_name[n]).__name__})" for n in names if not is_supported_base(by_name[n])]
     if bad:
-        raise TypeError(f"target_modules select unsupported module types: {', '.join(bad)}; DoRA supports "
-                        + ", ".join(supported_bases()))
+        raise TypeError(
+            f"target_modules select unsupported module types: {', '.join(bad)}; DoRA supports "
+            + ", ".join(supported_bases())
+        )
     return names
 
 
@@ -112,8 +119,9 @@ def find_modules_to_save(model: nn.Module, modules_to_save: list[str] | None, st
     adapted = {n for n, _ in dora_layers(model)}
     clash = [n for n in found if n in adapted or any(a.startswith(n + ".") for a in adapted)]
     if clash:
-        raise ValueError(f"modules_to_save {clash} are (or contain) DoRA targets; a module is either adapted or "
-                         "trained in full")
+        raise ValueError(
+            f"modules_to_save {clash} are (or contain) DoRA targets; a module is either adapted or trained in full"
+        )
     return sorted(found)
 
 
@@ -179,8 +187,16 @@ def inject_dora(model: nn.Module, names: list[str], cfg: DoRAConfig, init_magnit
         param.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        layer = DoRALinear(base, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-                           use_dora=cfg.use_dora, adapter_dtype=cfg.torch_adapter_dtype, init_magnitude=init_magnitude)
+        layer = DoRALinear(
+            base,
+            r=cfg.r,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            use_rslora=cfg.use_rslora,
+            use_dora=cfg.use_dora,
+            adapter_dtype=cfg.torch_adapter_dtype,
+            init_magnitude=init_magnitude,
+        )
         _set_submodule(model, name, layer)
     saved = find_modules_to_save(model, cfg.modules_to_save, strict=False)
     untie_modules_to_save(model, saved)  # a tied module trains its own copy, as in peft
@@ -233,7 +249,7 @@ def merge_and_unload(model: nn.Module, requantize: bool = False, dtype: torch.dt
     for name, layer in list(dora_layers(model)):
         source = layer.weight_source
         if layer.merged or source.supports_inplace_merge():
-            layer.merge(keep_original=False)   # the layer is dropped: nothing will unmerge it
+            layer.merge(keep_original=False)  # the layer is dropped: nothing will unmerge it
             plain = layer.base_layer
         elif requantize and isinstance(source, BnB4bitWeight):
             # merge in fp32: requantize_4bit casts to the dtype the base was quantized from; going through a bf16

@@ -9,6 +9,7 @@
 
 Only safetensors is read or written: a pickled adapter_model.bin can run code when loaded.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,9 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dora_dist.adapters.config import ADAPTER_DTYPES, DoRAConfig
+from dora_dist.adapters.inject import candidate_modules, dora_layers, find_modules_to_save, inject_dora, modules_to_save
 from dora_dist.errors import AdapterError, InputNotFoundError
-from dora_dist.adapters.inject import (candidate_modules, dora_layers, find_modules_to_save, inject_dora,
-                                       modules_to_save)
 
 #: written into the safetensors header (peft reads only "format"); the adapter_config.json stays peft's own keys
 SAFETENSORS_METADATA = {"format": "pt", "producer": "dora_dist"}
@@ -74,8 +74,13 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
-                 base_model_name_or_path: str | None = None, config: DoRAConfig | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    base_model_name_or_path: str | None = None,
+    config: DoRAConfig | None = None,
+) -> Path:
     """Write the adapter of a DoRA model in PEFT format.
 
     state_dict: full adapter tensors gathered by a parallel engine (defaults to the model's own tensors).
@@ -114,8 +119,10 @@ def read_adapter(directory: str | os.PathLike, allow_lora: bool = False) -> tupl
         raise InputNotFoundError(f"adapter directory {str(path)!r} has no {CONFIG_NAME}")
     if not weights_path.is_file():
         if (path / "adapter_model.bin").is_file():
-            raise AdapterError(f"{path}/adapter_model.bin is a pickle; dora_dist reads safetensors only. Convert it "
-                             f"with peft: PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True)")
+            raise AdapterError(
+                f"{path}/adapter_model.bin is a pickle; dora_dist reads safetensors only. Convert it "
+                f"with peft: PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True)"
+            )
         raise InputNotFoundError(f"adapter directory {str(path)!r} has no {WEIGHTS_NAME}")
     try:
         raw = json.loads(cfg_path.read_text())
@@ -127,12 +134,15 @@ def read_adapter(directory: str | os.PathLike, allow_lora: bool = False) -> tupl
     try:
         return cfg, load_file(str(weights_path))
     except SafetensorError as exc:
-        raise AdapterError(f"{weights_path} is not a readable safetensors file ({exc}); save the adapter again "
-                           "(save_adapter, or peft's save_pretrained(safe_serialization=True))") from exc
+        raise AdapterError(
+            f"{weights_path} is not a readable safetensors file ({exc}); save the adapter again "
+            "(save_adapter, or peft's save_pretrained(safe_serialization=True))"
+        ) from exc
 
 
-def _group_by_module(tensors: dict[str, torch.Tensor], source: str,
-                     saved: dict[str, nn.Module] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def _group_by_module(
+    tensors: dict[str, torch.Tensor], source: str, saved: dict[str, nn.Module] | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
     """Adapter tensors by module; the tensors of `saved` (modules_to_save) are taken out of `tensors` first."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
@@ -149,9 +159,11 @@ def _group_by_module(tensors: dict[str, torch.Tensor], source: str,
         else:
             unknown.append(key)
     if unknown:
-        raise AdapterError(f"{source}: unexpected tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; expected "
-                         f"'{PREFIX}<module>.{{lora_A.weight, lora_B.weight, lora_magnitude_vector}}' or the "
-                         "tensors of a module named in modules_to_save")
+        raise AdapterError(
+            f"{source}: unexpected tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; expected "
+            f"'{PREFIX}<module>.{{lora_A.weight, lora_B.weight, lora_magnitude_vector}}' or the "
+            "tensors of a module named in modules_to_save"
+        )
     return modules
 
 
@@ -184,8 +196,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, allow_lora: boo
         module_names = {name for name, _ in model.named_modules()}
         missing = sorted(set(by_module) - module_names)
         if missing:
-            raise AdapterError(f"{source} has adapters for modules this model ({type(model).__name__}) lacks: "
-                               f"{missing[:5]}; is it an adapter of another base model?")
+            raise AdapterError(
+                f"{source} has adapters for modules this model ({type(model).__name__}) lacks: "
+                f"{missing[:5]}; is it an adapter of another base model?"
+            )
         cfg = dataclasses.replace(cfg, adapter_dtype=saved_adapter_dtype(by_module, cfg.adapter_dtype))
         inject_dora(model, sorted(by_module), cfg, init_magnitude=False)
     layers = dict(dora_layers(model))
@@ -196,9 +210,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, allow_lora: boo
         if absent:
             keys = [f"{PREFIX}{name}.{k}" for k, a in SUFFIXES.items() if a in absent]
             if absent == ["magnitude"] and not any("magnitude" in p for p in by_module.values()):
-                raise AdapterError(f"{source} holds a plain LoRA adapter (no lora_magnitude_vector tensors) but its "
-                                   f"{CONFIG_NAME} says use_dora=true: use the DoRA adapter's files, or set "
-                                   "use_dora to false there to load it as LoRA")
+                raise AdapterError(
+                    f"{source} holds a plain LoRA adapter (no lora_magnitude_vector tensors) but its "
+                    f"{CONFIG_NAME} says use_dora=true: use the DoRA adapter's files, or set "
+                    "use_dora to false there to load it as LoRA"
+                )
             raise AdapterError(f"{source} is missing {keys}")
         for attr, tensor in parts.items():
             param = getattr(layer, attr)
@@ -206,8 +222,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, allow_lora: boo
                 raise AdapterError(f"{source}: {name} has a magnitude vector but the layer is plain LoRA")
             if tuple(tensor.shape) != tuple(param.shape):
                 key = next(k for k, a in SUFFIXES.items() if a == attr)
-                raise AdapterError(f"{source}: tensor '{PREFIX}{name}.{key}' has shape {tuple(tensor.shape)} but the "
-                                   f"model expects {tuple(param.shape)} (another base model, or another dora.r?)")
+                raise AdapterError(
+                    f"{source}: tensor '{PREFIX}{name}.{key}' has shape {tuple(tensor.shape)} but the "
+                    f"model expects {tuple(param.shape)} (another base model, or another dora.r?)"
+                )
             param.copy_(tensor.to(param.dtype))
     _load_modules_to_save(saved, tensors, source)
     return model
@@ -223,6 +241,8 @@ def _load_modules_to_save(saved: dict[str, nn.Module], tensors: dict[str, torch.
         for key, target in module.state_dict(keep_vars=True).items():
             tensor = present[key]
             if tuple(tensor.shape) != tuple(target.shape):
-                raise AdapterError(f"{source}: tensor '{PREFIX}{name}.{key}' has shape {tuple(tensor.shape)} but the "
-                                 f"model expects {tuple(target.shape)}")
+                raise AdapterError(
+                    f"{source}: tensor '{PREFIX}{name}.{key}' has shape {tuple(tensor.shape)} but the "
+                    f"model expects {tuple(target.shape)}"
+                )
             target.data.copy_(tensor.to(target.dtype))

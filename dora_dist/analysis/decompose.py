@@ -14,12 +14,13 @@ compute dtype, so a bf16 run's |Δm|/m of 1e-4 shows up as it is (the trained mo
 scale too: nn/dora_epilogue.py). A merged 16-bit checkpoint (TunedCheckpoint) is read as stored: what its rounding
 dropped is not there to measure.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -63,7 +64,7 @@ def layer_change(layer: str, base: WeightSource, tuned_rows: RowsFn) -> LayerCha
         u = w / torch.where(n0 > 0, n0, 1.0)[:, None]
         v = t / torch.where(n1 > 0, n1, 1.0)[:, None]
         one_minus_cos = 0.5 * (u - v).pow(2).sum(dim=1)
-        one_minus_cos = torch.where((n0 > 0) != (n1 > 0), 1.0, one_minus_cos)   # one zero row: cos = 0
+        one_minus_cos = torch.where((n0 > 0) != (n1 > 0), 1.0, one_minus_cos)  # one zero row: cos = 0
         sum_m += float((n1 - n0).abs().sum())
         sum_d += float(one_minus_cos.sum())
         sum_n += float(n0.sum())
@@ -78,15 +79,17 @@ def row_change(base: torch.Tensor, tuned: torch.Tensor) -> tuple[float, float]:
 
 
 # --- base modules from tensors --------------------------------------------------------------------------
-def dense_source(weight: torch.Tensor, conv1d: bool = False, quant: str | None = None,
-                 compute_dtype: torch.dtype = torch.float32) -> WeightSource:
+def dense_source(
+    weight: torch.Tensor, conv1d: bool = False, quant: str | None = None, compute_dtype: torch.dtype = torch.float32
+) -> WeightSource:
     """A weight source over one checkpoint tensor: nn.Linear (out, in), Conv1D (in, out) or a 4-bit Linear4bit
     quantized from it (quant="nf4"/"fp4", as a QDoRA run quantized its base)."""
     return weight_source_for(base_module(weight, conv1d, quant, compute_dtype))
 
 
-def base_module(weight: torch.Tensor, conv1d: bool = False, quant: str | None = None,
-                compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+def base_module(
+    weight: torch.Tensor, conv1d: bool = False, quant: str | None = None, compute_dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """A bias-free base layer holding `weight` (no copy for dense bases)."""
     if conv1d:
         from transformers.pytorch_utils import Conv1D
@@ -103,8 +106,9 @@ def base_module(weight: torch.Tensor, conv1d: bool = False, quant: str | None = 
         raise ValueError(f"base quantization must be nf4 or fp4, got {quant!r}")
     import bitsandbytes as bnb
 
-    mod = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=compute_dtype,
-                            quant_type=quant, device="meta")
+    mod = bnb.nn.Linear4bit(
+        weight.shape[1], weight.shape[0], bias=False, compute_dtype=compute_dtype, quant_type=quant, device="meta"
+    )
     param = bnb.nn.Params4bit(weight.detach().to(torch.float32).cpu(), requires_grad=False, quant_type=quant)
     mod.weight = param._quantize("cpu") if hasattr(param, "_quantize") else param.to("cpu")
     return mod
@@ -197,9 +201,9 @@ class TunedAdapter(Tuned):
         self.method = method or ("dora" if self.cfg.use_dora else "lora")
         self.label = label or Path(directory).name
         self.parts: dict[str, dict[str, torch.Tensor]] = {}
-        self.full: dict[str, torch.Tensor] = {}   # 2-D weights of modules_to_save, replaced in full
+        self.full: dict[str, torch.Tensor] = {}  # 2-D weights of modules_to_save, replaced in full
         for key, tensor in tensors.items():
-            body = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            body = key[len(PREFIX) :] if key.startswith(PREFIX) else key
             for suffix, attr in SUFFIXES.items():
                 if body.endswith("." + suffix):
                     self.parts.setdefault(body[: -len(suffix) - 1], {})[attr] = tensor
@@ -215,18 +219,20 @@ class TunedAdapter(Tuned):
         if layer in self.full:
             full = self.full[layer]
             return lambda _chunk, start, stop: full[start:stop]
-        return adapter_rows(base_source.module, self.parts[layer], self.cfg.r, self.cfg.alpha,
-                            self.cfg.use_rslora, self.cfg.use_dora)
+        return adapter_rows(
+            base_source.module, self.parts[layer], self.cfg.r, self.cfg.alpha, self.cfg.use_rslora, self.cfg.use_dora
+        )
 
 
 @torch.no_grad()
-def adapter_rows(base: nn.Module, parts: dict[str, torch.Tensor], r: int, alpha: float, use_rslora: bool,
-                 use_dora: bool) -> RowsFn:
+def adapter_rows(
+    base: nn.Module, parts: dict[str, torch.Tensor], r: int, alpha: float, use_rslora: bool, use_dora: bool
+) -> RowsFn:
     """W'[start:stop] = m ⊙ (W + sBA)/‖W + sBA‖ (or W + sBA for LoRA) from the base's own row chunk."""
     layer = DoRALinear(base, r=r, alpha=alpha, use_rslora=use_rslora, use_dora=use_dora, init_magnitude=False)
     layer.lora_A.copy_(parts["lora_A"])
     layer.lora_B.copy_(parts["lora_B"])
     if use_dora:
         layer.magnitude.copy_(parts["magnitude"])
-    scale = layer.merged_scale()   # m / ‖W + sBA‖ per row, itself computed over row chunks
+    scale = layer.merged_scale()  # m / ‖W + sBA‖ per row, itself computed over row chunks
     return lambda chunk, start, stop: layer.merged_rows(chunk, start, stop, scale)

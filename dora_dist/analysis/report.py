@@ -3,6 +3,7 @@
 The DoRA paper (Fig. 2) reports that full fine-tuning and LoRA change magnitude and direction together (positive
 slope of ΔD against ΔM) while DoRA does not (negative slope). This module reports whatever the checkpoints show.
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,8 +14,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dora_dist.analysis.decompose import (LayerChange, SafetensorsCheckpoint, Tuned, TunedAdapter, TunedCheckpoint,
-                                          layer_change)
+from dora_dist.analysis.decompose import (
+    LayerChange,
+    SafetensorsCheckpoint,
+    Tuned,
+    TunedAdapter,
+    TunedCheckpoint,
+    layer_change,
+)
 from dora_dist.errors import InputNotFoundError
 
 #: 2-D weights that are not linear layers (token and position tables); left out unless --layers selects them
@@ -68,14 +75,25 @@ def correlations(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             c = pearson([p["delta_m"] for p in pts], [p["delta_d"] for p in pts])
             if c is not None:
                 per_layer.append(c)
-        out[method] = {"points": len(rows), "pearson_r": pearson(xs, ys), "slope": slope(xs, ys),
-                       "within_layer_r": sum(per_layer) / len(per_layer) if per_layer else None,
-                       "layers_with_r": len(per_layer)}
+        out[method] = {
+            "points": len(rows),
+            "pearson_r": pearson(xs, ys),
+            "slope": slope(xs, ys),
+            "within_layer_r": sum(per_layer) / len(per_layer) if per_layer else None,
+            "layers_with_r": len(per_layer),
+        }
     return out
 
 
-def analyze(base: str | Path, tuned: list[str], out: str | Path | None = None, base_quant: str | None = None,
-            layers: str | None = None, plot: bool = True, verbose: bool = True) -> dict[str, Any]:
+def analyze(
+    base: str | Path,
+    tuned: list[str],
+    out: str | Path | None = None,
+    base_quant: str | None = None,
+    layers: str | None = None,
+    plot: bool = True,
+    verbose: bool = True,
+) -> dict[str, Any]:
     """ΔM/ΔD of every changed layer of every tuned checkpoint against `base`, one layer in memory at a time.
 
     base_quant="nf4"/"fp4": the base each layer is compared with is the 4-bit quantization of the checkpoint's
@@ -84,10 +102,12 @@ def analyze(base: str | Path, tuned: list[str], out: str | Path | None = None, b
     """
     from dora_dist.models.builtin import resolve_base
 
-    base = resolve_base(str(base))        # builtin:tiny-llama, as the trainer names it in adapter_config.json
+    base = resolve_base(str(base))  # builtin:tiny-llama, as the trainer names it in adapter_config.json
     if not Path(base).is_dir() or not any(Path(base).glob("*.safetensors")):
-        raise InputNotFoundError(f"--base: {base!r} is not a model directory with *.safetensors weights; give a "
-                                 "local model directory (a hub model: download it first) or builtin:tiny-llama")
+        raise InputNotFoundError(
+            f"--base: {base!r} is not a model directory with *.safetensors weights; give a "
+            "local model directory (a hub model: download it first) or builtin:tiny-llama"
+        )
     base_ckpt = SafetensorsCheckpoint(base)
     checkpoints = [open_tuned(t) for t in tuned]
     select = re.compile(layers) if layers else None
@@ -95,23 +115,28 @@ def analyze(base: str | Path, tuned: list[str], out: str | Path | None = None, b
     wanted: dict[str, list[Tuned]] = {}
     for ck in checkpoints:
         for layer in ck.layers(base_ckpt):
-            if (select.search(layer) if select else not exclude.search(layer)):
+            if select.search(layer) if select else not exclude.search(layer):
                 wanted.setdefault(layer, []).append(ck)
     records: list[dict[str, Any]] = []
     unchanged = 0
     for layer in sorted(wanted):
         if base_ckpt.resolve(layer) is None:
             raise KeyError(f"base {base} has no weight for layer {layer!r}")
-        source = base_ckpt.source(layer, base_quant)    # one base layer in memory (quantized once if asked)
+        source = base_ckpt.source(layer, base_quant)  # one base layer in memory (quantized once if asked)
         for ck in wanted[layer]:
             change: LayerChange = layer_change(layer, source, ck.rows_fn(layer, source))
             if change.delta_m == 0.0 and change.delta_d == 0.0:
-                unchanged += 1     # e.g. a layer a merged adapter did not touch
+                unchanged += 1  # e.g. a layer a merged adapter did not touch
                 continue
             records.append({"checkpoint": ck.label, "method": ck.method, **asdict(change)})
         del source
-    result = {"base": str(base), "base_quant": base_quant, "records": records, "unchanged_layers": unchanged,
-              "correlation": correlations(records)}
+    result = {
+        "base": str(base),
+        "base_quant": base_quant,
+        "records": records,
+        "unchanged_layers": unchanged,
+        "correlation": correlations(records),
+    }
     if out is not None:
         write_outputs(result, Path(out), plot)
     if verbose:
@@ -123,8 +148,10 @@ def summary(result: dict[str, Any]) -> str:
     fmt = lambda v: "   n/a" if v is None else f"{v:+.3f}"  # noqa: E731
     lines = [f"{'method':<10} {'points':>6} {'pearson r':>10} {'slope dD/dM':>12} {'within-layer r':>15}"]
     for method, c in result["correlation"].items():
-        lines.append(f"{method:<10} {c['points']:>6} {fmt(c['pearson_r']):>10} {fmt(c['slope']):>12} "
-                     f"{fmt(c['within_layer_r']):>15}")
+        lines.append(
+            f"{method:<10} {c['points']:>6} {fmt(c['pearson_r']):>10} {fmt(c['slope']):>12} "
+            f"{fmt(c['within_layer_r']):>15}"
+        )
     if result["unchanged_layers"]:
         lines.append(f"({result['unchanged_layers']} unchanged layer/checkpoint pairs left out)")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ the new checkpoint published. Durability: file contents are fsynced before COMPL
 before the rename, and the root directory after each rename, so a power loss cannot publish a directory whose files
 are not on disk.
 """
+
 from __future__ import annotations
 
 import errno
@@ -82,10 +83,14 @@ def describe_failure(exc: BaseException) -> str:
     os_err = os_error_in(exc)
     if os_err is None:
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-    hint = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-            errno.EFBIG: "a file exceeds the process's file size limit (ulimit -f) or the filesystem's",
-            errno.EROFS: "the filesystem is read-only", errno.EACCES: "the directory is not writable",
-            errno.EPERM: "the directory is not writable"}.get(os_err.errno)
+    hint = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EFBIG: "a file exceeds the process's file size limit (ulimit -f) or the filesystem's",
+        errno.EROFS: "the filesystem is read-only",
+        errno.EACCES: "the directory is not writable",
+        errno.EPERM: "the directory is not writable",
+    }.get(os_err.errno)
     where = f" ({os_err.filename})" if os_err.filename else ""
     return f"{hint or os_err.strerror or type(os_err).__name__}{where}"
 
@@ -98,13 +103,14 @@ def advice(err: int | None) -> str:
     return "Free some space or set checkpoint.dir to a disk with room."
 
 
-def write_error_message(final: Path, reason: str, err: int | None, needed: int, free: int | None,
-                        wrote: bool) -> str:
+def write_error_message(final: Path, reason: str, err: int | None, needed: int, free: int | None, wrote: bool) -> str:
     free_text = f"{human_bytes(free)} ({free:,} bytes)" if free is not None else "an unknown amount"
-    outcome = (f"The partial {TMP}{final.name} was removed; " if wrote else "Nothing was written; ")
-    return (f"cannot write checkpoint {final}: {reason}. It needs about {human_bytes(needed)} ({needed:,} bytes); "
-            f"{free_text} free on that filesystem. {advice(err)} {outcome}the previous checkpoints under "
-            f"{final.parent} are untouched.")
+    outcome = f"The partial {TMP}{final.name} was removed; " if wrote else "Nothing was written; "
+    return (
+        f"cannot write checkpoint {final}: {reason}. It needs about {human_bytes(needed)} ({needed:,} bytes); "
+        f"{free_text} free on that filesystem. {advice(err)} {outcome}the previous checkpoints under "
+        f"{final.parent} are untouched."
+    )
 
 
 # --- durability -----------------------------------------------------------------------------------------------
@@ -166,18 +172,18 @@ def publish(tmp: Path, final: Path) -> None:
     aside = aside_dir(final)
     if final.exists():
         if aside.exists():
-            remove_dir(aside)      # garbage from an earlier killed replace (its step_N existed)
+            remove_dir(aside)  # garbage from an earlier killed replace (its step_N existed)
         final.rename(aside)
     try:
         tmp.rename(final)
     except OSError:
         if aside.exists() and not final.exists():
-            aside.rename(final)    # put the previous checkpoint back
+            aside.rename(final)  # put the previous checkpoint back
         raise
     fsync_path(final.parent)
     try:
         remove_dir(aside)
-    except OSError:                # published already; recover() deletes the garbage on the next save
+    except OSError:  # published already; recover() deletes the garbage on the next save
         pass
 
 
@@ -190,8 +196,8 @@ def recover(root: Path) -> list[str]:
     for child in sorted(root.iterdir()):
         if not child.is_dir():
             continue
-        if child.name.startswith(ASIDE) and STEP_RE.match(child.name[len(ASIDE):]):
-            final = root / child.name[len(ASIDE):]
+        if child.name.startswith(ASIDE) and STEP_RE.match(child.name[len(ASIDE) :]):
+            final = root / child.name[len(ASIDE) :]
             if not final.exists():
                 child.rename(final)
                 done.append(f"restored {final.name} from {child.name} (a save was killed while replacing it)")
@@ -215,7 +221,7 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
         if m and child.is_dir():
             found[int(m.group(1))] = child
     for child in root.iterdir():
-        m = STEP_RE.match(child.name[len(ASIDE):]) if child.name.startswith(ASIDE) else None
+        m = STEP_RE.match(child.name[len(ASIDE) :]) if child.name.startswith(ASIDE) else None
         if m and child.is_dir():
             found.setdefault(int(m.group(1)), child)
     return sorted(found.items(), reverse=True)

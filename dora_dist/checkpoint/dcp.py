@@ -4,6 +4,7 @@ file (scheduler, data position, step) written by rank 0.
 
 Frozen base weights are never written: they come from the base model.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,8 +44,9 @@ def load_train_state(directory: str | Path, model, optimizer, scheduler, env) ->
     model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(directory), no_dist=_no_dist(env))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=LOAD_OPTIONS)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=LOAD_OPTIONS
+    )
     trainer_state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
     if scheduler is not None and trainer_state.get("scheduler") is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])

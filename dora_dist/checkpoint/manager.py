@@ -16,6 +16,7 @@ Integrity: COMPLETE records the size and sha256 of every file; a resume checks t
 latest checkpoint is reported and the previous complete one is used (`resume=auto`), or a clear error names the
 damaged file (an explicit `resume=<dir>`).
 """
+
 from __future__ import annotations
 
 import errno
@@ -119,7 +120,8 @@ class CheckpointManager:
         if problems and found is None:
             raise DamagedCheckpointError(
                 f"checkpoint.resume=auto: every checkpoint under {self.root} is damaged ({'; '.join(problems)}). "
-                "Point checkpoint.resume at an undamaged copy, or move the damaged ones away to start from step 0.")
+                "Point checkpoint.resume at an undamaged copy, or move the damaged ones away to start from step 0."
+            )
         if problems and self.env.is_main:
             for problem in problems:
                 print(f"[dora_dist] skipping a damaged checkpoint: {problem}", flush=True)
@@ -168,12 +170,18 @@ class CheckpointManager:
     def _write(self, engine, tmp: Path, extra_state: dict[str, Any]) -> None:
         engine.save_checkpoint(str(tmp), extra_state)
         save_rng_state(tmp / f"rng_rank{self.env.rank:05d}.json")
-        atomic.fsync_tree(tmp)                      # this rank's files are on disk before COMPLETE can exist
+        atomic.fsync_tree(tmp)  # this rank's files are on disk before COMPLETE can exist
 
     def _publish(self, engine, tmp: Path, final: Path, step: int, run: dict[str, Any] | None) -> None:
-        info = {"step": step, "world_size": self.env.world_size, "engine": engine.name,
-                "format": engine.checkpoint_format, "run": run or {}, "time": time.time(),
-                "files": file_manifest(tmp)}
+        info = {
+            "step": step,
+            "world_size": self.env.world_size,
+            "engine": engine.name,
+            "format": engine.checkpoint_format,
+            "run": run or {},
+            "time": time.time(),
+            "files": file_manifest(tmp),
+        }
         atomic.write_durably(tmp / COMPLETE, json.dumps(info) + "\n")
         atomic.fsync_path(tmp)
         atomic.publish(tmp, final)
@@ -204,13 +212,13 @@ class CheckpointManager:
                     atomic.remove_dir(partial)
                 except OSError:
                     pass
-            env.barrier()                           # gone before any rank reports it gone
+            env.barrier()  # gone before any rank reports it gone
         who = f"rank {failed_rank}: " if env.world_size > 1 else ""
         free = atomic.free_bytes(self.root)
         message = atomic.write_error_message(final, who + reason, err, needed, free, wrote=partial is not None)
         local = failure[2] if failure is not None else None
         if local is not None and atomic.os_error_in(local) is None and not isinstance(local, _EarlyFailure):
-            raise local                             # not an I/O failure: a bug, keep its traceback
+            raise local  # not an I/O failure: a bug, keep its traceback
         raise CheckpointWriteError(message, final, needed, free, err) from local
 
     def _prune_quietly(self, saved_step: int) -> None:
@@ -223,8 +231,9 @@ class CheckpointManager:
         """Keep the newest keep_last checkpoints up to the one just saved; each older one is renamed to .del_ before
         it is deleted. Newer ones (a run resumed from an earlier checkpoint, or past a damaged one) are left alone and
         never make the one just saved look old."""
-        steps = sorted((step, path) for step, path in atomic.step_dirs(self.root)
-                       if saved_step is None or step <= saved_step)
+        steps = sorted(
+            (step, path) for step, path in atomic.step_dirs(self.root) if saved_step is None or step <= saved_step
+        )
         for _, path in steps[: max(0, len(steps) - self.keep_last)]:
             atomic.remove_dir(path)
 

@@ -6,6 +6,7 @@ weights-only loader). Files written by libraries that pickle (DCP's `.metadata`,
 before the library reads them: every global they reference must be on an allow-list of plain data types, so the
 library's own unpickling of a file that passed cannot construct anything else.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,11 @@ def rng_state() -> dict[str, Any]:
     """Every RNG the trainer draws from, as JSON-serialisable lists of integers."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, mt_state, gauss = random.getstate()
-    state = {"torch": torch.random.get_rng_state().tolist(),
-             "python": [version, list(mt_state), gauss],
-             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    state = {
+        "torch": torch.random.get_rng_state().tolist(),
+        "python": [version, list(mt_state), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
@@ -58,12 +61,24 @@ def load_rng_state(path: Path) -> None:
 
 
 # --- allow-listed unpickling ---------------------------------------------------------------------------------
-_DATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                 "torch.distributed.checkpoint.planner")
-_PLAIN_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                  ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-                  ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset"),
-                  ("builtins", "slice"), ("builtins", "complex")}
+_DATA_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint.planner",
+)
+_PLAIN_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("builtins", "complex"),
+}
 
 
 def _is_torch_constant(module: str, name: str) -> bool:
@@ -84,7 +99,8 @@ class _AllowListUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         raise UnsafeCheckpointError(
             f"{self.source} references {module}.{name}, which a checkpoint never needs: refusing to load it (a "
-            "crafted checkpoint can run code when unpickled). Resume only from checkpoints this project wrote.")
+            "crafted checkpoint can run code when unpickled). Resume only from checkpoints this project wrote."
+        )
 
 
 def verify_dcp_metadata(directory: str | Path) -> None:
@@ -110,4 +126,5 @@ def verify_torch_file(path: str | Path, allowed: list[Any] = ()) -> None:
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"{path} holds objects a checkpoint never needs, so it is not loaded (a crafted checkpoint can run code "
-            f"when unpickled). Resume only from checkpoints this project wrote. Detail: {exc}") from exc
+            f"when unpickled). Resume only from checkpoints this project wrote. Detail: {exc}"
+        ) from exc

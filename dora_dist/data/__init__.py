@@ -1,5 +1,6 @@
 """Data: load (synthetic / local file / hub), tokenize by format, pack or truncate, and serve the per-rank
 micro-batches of each optimizer step through a deterministic, resumable global-batch sampler."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,11 +8,18 @@ from pathlib import Path
 
 import torch
 
-from dora_dist.data.sampler import GlobalBatchSampler
-from dora_dist.errors import DataError, InputNotFoundError, one_line
 from dora_dist.data.packing import PackingStats, pack_documents, position_ids
-from dora_dist.data.tokenize import (IGNORE_INDEX, check_chat_template, check_lengths, detect_format, encode_example,
-                                    n_targets, truncate)
+from dora_dist.data.sampler import GlobalBatchSampler
+from dora_dist.data.tokenize import (
+    IGNORE_INDEX,
+    check_chat_template,
+    check_lengths,
+    detect_format,
+    encode_example,
+    n_targets,
+    truncate,
+)
+from dora_dist.errors import DataError, InputNotFoundError, one_line
 
 LOCAL_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -64,8 +72,11 @@ def load_raw(dcfg, seed: int = 0):
 
         n = dcfg.synthetic_samples
         fmt = "text" if dcfg.format == "auto" else dcfg.format
-        gen = {"text": synthetic.text_examples, "prompt_completion": synthetic.prompt_completion_pairs,
-               "chat": synthetic.chat_examples}[fmt]
+        gen = {
+            "text": synthetic.text_examples,
+            "prompt_completion": synthetic.prompt_completion_pairs,
+            "chat": synthetic.chat_examples,
+        }[fmt]
         return datasets.Dataset.from_list(gen(n, seed=0))
     check_source(src)
     path = Path(src).expanduser()
@@ -75,7 +86,7 @@ def load_raw(dcfg, seed: int = 0):
         return datasets.load_dataset(str(path), split=dcfg.split)
     from dora_dist.hub import check_hub_dataset
 
-    check_hub_dataset(src)   # one line, at once, for a dataset the hub does not have or cannot serve here
+    check_hub_dataset(src)  # one line, at once, for a dataset the hub does not have or cannot serve here
     return datasets.load_dataset(src, dcfg.subset, split=dcfg.split)
 
 
@@ -90,8 +101,13 @@ def check_source(src: str | None, key: str = "data.source") -> None:
         return
     first = src.replace("\\", "/").split("/")[0]
     beside_folder = "/" in src and first not in ("", ".", "..", "~") and Path(first).is_dir()
-    looks_local = (path.suffix.lower() in LOCAL_EXTENSIONS or src.startswith((".", "/", "~")) or "\\" in src
-                   or src.count("/") > 1 or beside_folder)
+    looks_local = (
+        path.suffix.lower() in LOCAL_EXTENSIONS
+        or src.startswith((".", "/", "~"))
+        or "\\" in src
+        or src.count("/") > 1
+        or beside_folder
+    )
     if looks_local:
         why = f" ({first}/ exists here, so it was taken for a local path)" if beside_folder else ""
         raise InputNotFoundError(f"{key}: file or directory not found: {src}{why}")
@@ -103,8 +119,9 @@ def _read_local_file(path: Path):
 
     builder = LOCAL_EXTENSIONS.get(path.suffix.lower())
     if builder is None:
-        raise DataError(f"data.source: unsupported file type {path.suffix!r} ({path}); use one of "
-                        f"{', '.join(LOCAL_EXTENSIONS)}")
+        raise DataError(
+            f"data.source: unsupported file type {path.suffix!r} ({path}); use one of {', '.join(LOCAL_EXTENSIONS)}"
+        )
     if path.stat().st_size == 0:
         raise DataError(f"data.source: {path} is empty (0 bytes); the data set has no examples")
     verbosity = datasets.logging.get_verbosity()
@@ -113,8 +130,10 @@ def _read_local_file(path: Path):
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetsError, ValueError, UnicodeDecodeError, StopIteration) as exc:
         why = one_line(exc.__cause__ or exc) or "no records found"
-        raise DataError(f"data.source: cannot read {path} as {builder} ({why}); check that the file is valid "
-                        f"{path.suffix.lstrip('.')}") from exc
+        raise DataError(
+            f"data.source: cannot read {path} as {builder} ({why}); check that the file is valid "
+            f"{path.suffix.lstrip('.')}"
+        ) from exc
     finally:
         datasets.logging.set_verbosity(verbosity)
 
@@ -123,8 +142,7 @@ def _load_eval_raw(dcfg):
     """The raw examples of data.eval_source (same formats and field keys as the training source)."""
     import dataclasses
 
-    return load_raw(dataclasses.replace(dcfg, source=dcfg.eval_source, split=dcfg.eval_split,
-                                        subset=dcfg.eval_subset))
+    return load_raw(dataclasses.replace(dcfg, source=dcfg.eval_source, split=dcfg.eval_split, subset=dcfg.eval_subset))
 
 
 def split_eval_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -149,13 +167,14 @@ def row_locator(source: str | None, rows: list[int] | None = None):
     def where(i: int) -> str:
         row = rows[i] if rows is not None else i
         if path is not None and path.is_file() and path.suffix.lower() in (".jsonl", ".csv", ".txt"):
-            if not lines:   # read only when an error names an example
+            if not lines:  # read only when an error names an example
                 with path.open(encoding="utf-8", errors="replace") as f:
                     lines.extend(n for n, text in enumerate(f, 1) if text.strip())
-                del lines[: path.suffix.lower() == ".csv"]          # the header
+                del lines[: path.suffix.lower() == ".csv"]  # the header
             if row < len(lines):
                 return f"at line {lines[row]} of {source}"
         return f"number {row + 1} of {source or 'the data set'}"
+
     return where
 
 
@@ -171,8 +190,10 @@ def tokenize_raw(raw, dcfg, tokenizer, what: str = "training", where=None) -> To
     check_lengths(encoded, dcfg, what, where)
     kept = [i for i, (_, labels) in enumerate(truncate(encoded, dcfg.seq_len)) if n_targets(labels) > 0]
     if not kept:
-        raise DataError(f"no {what} example has a token to learn from after tokenization (data.seq_len="
-                        f"{dcfg.seq_len}, data.packing={dcfg.packing}); check data.seq_len and the data fields")
+        raise DataError(
+            f"no {what} example has a token to learn from after tokenization (data.seq_len="
+            f"{dcfg.seq_len}, data.packing={dcfg.packing}); check data.seq_len and the data fields"
+        )
     encoded = [encoded[i] for i in kept]
     doc_lengths, stats = None, None
     if dcfg.packing:
@@ -180,8 +201,15 @@ def tokenize_raw(raw, dcfg, tokenizer, what: str = "training", where=None) -> To
     else:
         encoded = truncate(encoded, dcfg.seq_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return TokenizedDataset([e[0] for e in encoded], [e[1] for e in encoded], [n_targets(e[1]) for e in encoded],
-                            fmt, int(pad or 0), doc_lengths, stats)
+    return TokenizedDataset(
+        [e[0] for e in encoded],
+        [e[1] for e in encoded],
+        [n_targets(e[1]) for e in encoded],
+        fmt,
+        int(pad or 0),
+        doc_lengths,
+        stats,
+    )
 
 
 def build_datasets(cfg, tokenizer, env=None) -> tuple[TokenizedDataset, TokenizedDataset | None]:
@@ -213,5 +241,13 @@ def build_dataset(cfg, tokenizer, env=None) -> TokenizedDataset:
     return build_datasets(cfg, tokenizer, env)[0]
 
 
-__all__ = ["check_source", "TokenizedDataset", "GlobalBatchSampler", "build_dataset", "build_datasets",
-           "split_eval_indices", "load_raw", "IGNORE_INDEX"]
+__all__ = [
+    "check_source",
+    "TokenizedDataset",
+    "GlobalBatchSampler",
+    "build_dataset",
+    "build_datasets",
+    "split_eval_indices",
+    "load_raw",
+    "IGNORE_INDEX",
+]

@@ -14,6 +14,7 @@ Why each part:
 - No label crosses a document boundary: the first token of every document gets no label, so the last token of
   the previous document never predicts it (alone, a first token is never a target either).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -43,14 +44,22 @@ class PackingStats:
         return self.real_tokens / max(1, self.blocks * self.seq_len)
 
     def to_dict(self) -> dict:
-        return {"examples": self.examples, "blocks": self.blocks, "seq_len": self.seq_len,
-                "real_tokens": self.real_tokens, "block_tokens": self.blocks * self.seq_len,
-                "efficiency": round(self.efficiency, 6), "truncated_examples": self.truncated}
+        return {
+            "examples": self.examples,
+            "blocks": self.blocks,
+            "seq_len": self.seq_len,
+            "real_tokens": self.real_tokens,
+            "block_tokens": self.blocks * self.seq_len,
+            "efficiency": round(self.efficiency, 6),
+            "truncated_examples": self.truncated,
+        }
 
     def describe(self) -> str:
-        return (f"packing: {self.examples} examples in {self.blocks} blocks of {self.seq_len} tokens, efficiency "
-                f"{100 * self.efficiency:.1f}% (real tokens / block tokens)"
-                + (f", {self.truncated} truncated to seq_len" if self.truncated else ""))
+        return (
+            f"packing: {self.examples} examples in {self.blocks} blocks of {self.seq_len} tokens, efficiency "
+            f"{100 * self.efficiency:.1f}% (real tokens / block tokens)"
+            + (f", {self.truncated} truncated to seq_len" if self.truncated else "")
+        )
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -61,8 +70,8 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     their room (at most `capacity` distinct values), so an item costs O(log capacity + capacity) at worst, not
     O(bins): a million examples pack in well under a minute."""
     bins: list[list[int]] = []
-    rooms: list[int] = []                    # sorted distinct rooms that some open bin has
-    by_room: dict[int, list[int]] = {}       # room -> heap of the ids of the bins with that room
+    rooms: list[int] = []  # sorted distinct rooms that some open bin has
+    by_room: dict[int, list[int]] = {}  # room -> heap of the ids of the bins with that room
     for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         length = lengths[index]
         at = bisect.bisect_left(rooms, length)
@@ -96,7 +105,7 @@ def pack_documents(examples: list[Example], seq_len: int) -> tuple[list[Example]
         for i in members:
             ids, labels = examples[i]
             ids_block.extend(ids)
-            labels_block.append(IGNORE_INDEX)   # a document's first token is never predicted from its neighbour
+            labels_block.append(IGNORE_INDEX)  # a document's first token is never predicted from its neighbour
             labels_block.extend(labels[1:])
         blocks.append((ids_block, labels_block))
         doc_lengths.append([len(examples[i][0]) for i in members])

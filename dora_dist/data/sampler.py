@@ -6,6 +6,7 @@ positions s·G + (j·world + r)·micro + [0, micro). So the samples of every opt
 not on how G is split into processes and accumulation steps: 1 process × 4 accumulation and 2 processes × 2
 accumulation train on the same samples, step by step. The state is just the next step (no hidden iterator state).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +16,14 @@ class GlobalBatchSampler:
     def __init__(self, n_samples: int, micro_batch: int, grad_accum: int, world_size: int, rank: int, seed: int):
         if n_samples <= 0:
             raise ValueError("the dataset is empty")
-        self.n, self.micro, self.accum, self.world, self.rank, self.seed = (n_samples, micro_batch, grad_accum,
-                                                                            world_size, rank, seed)
+        self.n, self.micro, self.accum, self.world, self.rank, self.seed = (
+            n_samples,
+            micro_batch,
+            grad_accum,
+            world_size,
+            rank,
+            seed,
+        )
         self.step = 0
         self._perm_cache: dict[int, np.ndarray] = {}
 
@@ -49,8 +56,9 @@ class GlobalBatchSampler:
     def micro_batches(self, step: int) -> list[list[int]]:
         """This rank's micro-batches (grad_accum lists of micro_batch indices) for optimizer step `step`."""
         base = step * self.global_batch
-        return [self._positions(base + (j * self.world + self.rank) * self.micro, self.micro)
-                for j in range(self.accum)]
+        return [
+            self._positions(base + (j * self.world + self.rank) * self.micro, self.micro) for j in range(self.accum)
+        ]
 
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch / self.n
@@ -62,6 +70,8 @@ class GlobalBatchSampler:
     def load_state_dict(self, state: dict) -> None:
         for key, mine in (("seed", self.seed), ("global_batch", self.global_batch), ("n_samples", self.n)):
             if state.get(key) != mine:
-                raise ValueError(f"cannot resume the data position: checkpoint has {key}={state.get(key)}, this run "
-                                 f"has {mine} (keep training.seed, the global batch size and the data the same)")
+                raise ValueError(
+                    f"cannot resume the data position: checkpoint has {key}={state.get(key)}, this run "
+                    f"has {mine} (keep training.seed, the global batch size and the data the same)"
+                )
         self.step = int(state["step"])

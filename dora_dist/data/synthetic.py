@@ -5,6 +5,7 @@ copy tasks ("copy : red fox blue -> red fox blue ."), fixed facts ("the capital 
 sentences ("the small cat sees the old tree ."). A small model learns most of it within a few hundred steps, so the
 loss falls clearly from ln(vocab). The same generator gives prompt/completion and chat variants for tests.
 """
+
 from __future__ import annotations
 
 import random
@@ -15,9 +16,21 @@ ADJECTIVES = ["small", "old", "red", "quiet", "bright", "green", "tall", "happy"
 NOUNS = ["cat", "dog", "tree", "river", "house", "bird", "child", "stone", "car", "boat", "garden", "lamp"]
 VERBS = ["sees", "likes", "finds", "follows", "watches", "paints", "moves", "hears"]
 CAPITALS = {
-    "norway": "oslo", "france": "paris", "japan": "tokyo", "italy": "rome", "spain": "madrid",
-    "egypt": "cairo", "peru": "lima", "kenya": "nairobi", "chile": "santiago", "greece": "athens",
-    "canada": "ottawa", "poland": "warsaw", "cuba": "havana", "india": "delhi", "china": "beijing",
+    "norway": "oslo",
+    "france": "paris",
+    "japan": "tokyo",
+    "italy": "rome",
+    "spain": "madrid",
+    "egypt": "cairo",
+    "peru": "lima",
+    "kenya": "nairobi",
+    "chile": "santiago",
+    "greece": "athens",
+    "canada": "ottawa",
+    "poland": "warsaw",
+    "cuba": "havana",
+    "india": "delhi",
+    "china": "beijing",
     "ireland": "dublin",
 }
 COLORS = ["red", "blue", "green", "black", "white", "gold", "pink", "gray"]

@@ -6,9 +6,11 @@ Formats:
   chat               {"messages": [{"role", "content"}...]} rendered with the tokenizer's chat template; loss on
                                                             the assistant turns only
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from dora_dist.errors import DataError
 
@@ -17,12 +19,17 @@ IGNORE_INDEX = -100
 
 def detect_format(columns: list[str], dcfg) -> str:
     if dcfg.format != "auto":
-        needed = {"text": [dcfg.text_field], "prompt_completion": [dcfg.prompt_field, dcfg.completion_field],
-                  "chat": [dcfg.messages_field]}[dcfg.format]
+        needed = {
+            "text": [dcfg.text_field],
+            "prompt_completion": [dcfg.prompt_field, dcfg.completion_field],
+            "chat": [dcfg.messages_field],
+        }[dcfg.format]
         missing = [c for c in needed if c not in columns]
         if missing:
-            raise DataError(f"data.format={dcfg.format} needs field(s) {missing} but the data set has columns "
-                             f"{columns}: set {_field_keys(dcfg.format)} to the column(s) holding them, or data.format")
+            raise DataError(
+                f"data.format={dcfg.format} needs field(s) {missing} but the data set has columns "
+                f"{columns}: set {_field_keys(dcfg.format)} to the column(s) holding them, or data.format"
+            )
         return dcfg.format
     if dcfg.messages_field in columns:
         return "chat"
@@ -30,14 +37,19 @@ def detect_format(columns: list[str], dcfg) -> str:
         return "prompt_completion"
     if dcfg.text_field in columns:
         return "text"
-    raise DataError(f"cannot tell the data format from columns {columns}: expected '{dcfg.text_field}' (text), "
-                     f"'{dcfg.prompt_field}'+'{dcfg.completion_field}' (prompt_completion) or "
-                     f"'{dcfg.messages_field}' (chat); set data.format and the data.*_field keys")
+    raise DataError(
+        f"cannot tell the data format from columns {columns}: expected '{dcfg.text_field}' (text), "
+        f"'{dcfg.prompt_field}'+'{dcfg.completion_field}' (prompt_completion) or "
+        f"'{dcfg.messages_field}' (chat); set data.format and the data.*_field keys"
+    )
 
 
 def _field_keys(fmt: str) -> str:
-    return {"text": "data.text_field", "prompt_completion": "data.prompt_field / data.completion_field",
-            "chat": "data.messages_field"}[fmt]
+    return {
+        "text": "data.text_field",
+        "prompt_completion": "data.prompt_field / data.completion_field",
+        "chat": "data.messages_field",
+    }[fmt]
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -45,8 +57,13 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def _bos(tokenizer) -> list[int]:
-    return [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None and \
-        getattr(tokenizer, "add_bos_token", True) and tokenizer.bos_token_id != tokenizer.eos_token_id else []
+    return (
+        [tokenizer.bos_token_id]
+        if getattr(tokenizer, "bos_token_id", None) is not None
+        and getattr(tokenizer, "add_bos_token", True)
+        and tokenizer.bos_token_id != tokenizer.eos_token_id
+        else []
+    )
 
 
 def encode_text(tokenizer, text: str, add_eos: bool) -> tuple[list[int], list[int]]:
@@ -76,8 +93,9 @@ def encode_chat(tokenizer, messages: list[dict], add_eos: bool) -> tuple[list[in
     """
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("chat data needs a tokenizer with a chat template (tokenizer.chat_template is not set)")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                 for m in messages):
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+    ):
         raise DataError("each chat example must be a list of {'role': ..., 'content': ...} messages")
     full = _render(tokenizer, messages, False)
     spans = []
@@ -102,17 +120,20 @@ def check_chat_template(fmt: str, tokenizer, dcfg) -> None:
     """Chat data is rendered through the tokenizer's chat template: refuse a tokenizer without one up front."""
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise DataError(f"data.format=chat (field '{dcfg.messages_field}') needs a tokenizer with a chat template, "
-                        f"and the tokenizer {name!r} has none: set model.tokenizer to one that has, or use "
-                        "data.format=text / prompt_completion")
+        raise DataError(
+            f"data.format=chat (field '{dcfg.messages_field}') needs a tokenizer with a chat template, "
+            f"and the tokenizer {name!r} has none: set model.tokenizer to one that has, or use "
+            "data.format=text / prompt_completion"
+        )
 
 
 def _numbered(index: int) -> str:
     return f"number {index + 1}"
 
 
-def check_lengths(encoded: list[tuple[list[int], list[int]]], dcfg, what: str = "training",
-                  where: Callable[[int], str] = _numbered) -> None:
+def check_lengths(
+    encoded: list[tuple[list[int], list[int]]], dcfg, what: str = "training", where: Callable[[int], str] = _numbered
+) -> None:
     """Refuse examples that data.seq_len cannot hold: a prompt (the tokens before the first one with a loss) as
     long as seq_len, whose completion would be cut off or split from it; and a data set in which every example is
     longer than seq_len (all would be truncated, packed or not: seq_len is surely too small)."""
@@ -120,17 +141,27 @@ def check_lengths(encoded: list[tuple[list[int], list[int]]], dcfg, what: str = 
     for index, (ids, labels) in enumerate(encoded):
         first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
         if first is not None and first >= seq_len:
-            raise DataError(f"{what} example {where(index)}: its prompt is {first} tokens, not shorter than "
-                            f"data.seq_len={seq_len}, so its completion does not fit; raise data.seq_len or shorten "
-                            "the prompt")
+            raise DataError(
+                f"{what} example {where(index)}: its prompt is {first} tokens, not shorter than "
+                f"data.seq_len={seq_len}, so its completion does not fit; raise data.seq_len or shorten "
+                "the prompt"
+            )
     if encoded and all(len(ids) > seq_len for ids, _ in encoded):
         shortest = min(len(ids) for ids, _ in encoded)
-        raise DataError(f"every {what} example is longer than data.seq_len={seq_len} tokens (the shortest has "
-                        f"{shortest}) and would be truncated; raise data.seq_len (packing never splits an example)")
+        raise DataError(
+            f"every {what} example is longer than data.seq_len={seq_len} tokens (the shortest has "
+            f"{shortest}) and would be truncated; raise data.seq_len (packing never splits an example)"
+        )
 
 
-def encode_example(example: dict[str, Any], fmt: str, tokenizer, dcfg, index: int | None = None,
-                   where: Callable[[int], str] = _numbered) -> tuple[list[int], list[int]]:
+def encode_example(
+    example: dict[str, Any],
+    fmt: str,
+    tokenizer,
+    dcfg,
+    index: int | None = None,
+    where: Callable[[int], str] = _numbered,
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one example; `where(index)` names it in an error ("at line 3 of data.jsonl")."""
     if fmt == "text":
         text = example[dcfg.text_field]
@@ -139,8 +170,9 @@ def encode_example(example: dict[str, Any], fmt: str, tokenizer, dcfg, index: in
             raise DataError(f"data field '{dcfg.text_field}' must be a string{at}, got {type(text).__name__}")
         return encode_text(tokenizer, text, dcfg.add_eos)
     if fmt == "prompt_completion":
-        return encode_prompt_completion(tokenizer, example[dcfg.prompt_field], example[dcfg.completion_field],
-                                        dcfg.add_eos)
+        return encode_prompt_completion(
+            tokenizer, example[dcfg.prompt_field], example[dcfg.completion_field], dcfg.add_eos
+        )
     return encode_chat(tokenizer, example[dcfg.messages_field], dcfg.add_eos)
 
 

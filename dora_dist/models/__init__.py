@@ -5,6 +5,7 @@ The built-in default ("builtin:tiny-llama") needs no download: a BPE tokenizer i
 corpus and a small Llama is initialised from a fixed seed; both are saved once as an ordinary transformers
 checkpoint under the cache directory, so every later run (and `dora-dist merge`) loads them like any local model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,15 @@ import torch
 from torch import nn
 
 from dora_dist.errors import ConfigError, InputNotFoundError, ModelError, UserError, importable, one_line
-from dora_dist.models.builtin import (BUILTIN_NAME, TINY_LLAMA, builtin_model_dir, default_cache_dir,
-                                      ensure_builtin_model, resolve_base, train_builtin_tokenizer)
+from dora_dist.models.builtin import (
+    BUILTIN_NAME,
+    TINY_LLAMA,
+    builtin_model_dir,
+    default_cache_dir,
+    ensure_builtin_model,
+    resolve_base,
+    train_builtin_tokenizer,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -71,8 +79,9 @@ def check_model_path(cfg) -> None:
     uses_path = cfg.model.config is None or name == BUILTIN_NAME
     for key, value in (("model.name_or_path", name if uses_path else None), ("model.tokenizer", cfg.model.tokenizer)):
         if value and not value.startswith("builtin:") and _looks_local(value) and not Path(value).expanduser().exists():
-            raise InputNotFoundError(f"{key}: no such directory: {value}; give an existing local model directory "
-                                     "or a Hugging Face hub id")
+            raise InputNotFoundError(
+                f"{key}: no such directory: {value}; give an existing local model directory or a Hugging Face hub id"
+            )
 
 
 def check_remote_code(cfg) -> None:
@@ -94,16 +103,20 @@ def check_remote_code(cfg) -> None:
     if data.get("model_type") in CONFIG_MAPPING:
         return  # transformers has its own implementation and uses it without running the model's code
     classes = ", ".join(f"{k} -> {v}" for k, v in sorted(auto_map.items()))
-    raise ConfigError(f"model.name_or_path={name} needs its own code (config.json auto_map: {classes}); set "
-                      "model.trust_remote_code=true if you trust that code, or use a model transformers supports")
+    raise ConfigError(
+        f"model.name_or_path={name} needs its own code (config.json auto_map: {classes}); set "
+        "model.trust_remote_code=true if you trust that code, or use a model transformers supports"
+    )
 
 
 def quantization_problem(cfg) -> str | None:
     """Why the configured 4/8-bit base cannot be loaded here (bitsandbytes missing), or None."""
     mode = cfg.quantization.mode
     if mode != "none" and not importable("bitsandbytes"):
-        return (f"quantization.mode={mode} needs bitsandbytes, which is not installed (or cannot be imported) here: "
-                "pip install 'dora_dist[quant]', or set quantization.mode=none")
+        return (
+            f"quantization.mode={mode} needs bitsandbytes, which is not installed (or cannot be imported) here: "
+            "pip install 'dora_dist[quant]', or set quantization.mode=none"
+        )
     return None
 
 
@@ -150,8 +163,9 @@ def model_config(cfg, env=None):
     if arch is not None and not Path(path).exists():
         return hf_config_from_dict(arch)
     with loading("model config", path):
-        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code,
-                                          revision=cfg.model.revision)
+        return AutoConfig.from_pretrained(
+            path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
+        )
 
 
 def build_on_meta(config) -> nn.Module:
@@ -172,9 +186,13 @@ def quantization_config(cfg):
 
     if q.mode == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.mode, bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
-                              bnb_4bit_quant_storage=getattr(torch, q.quant_storage))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.mode,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        bnb_4bit_quant_storage=getattr(torch, q.quant_storage),
+    )
 
 
 def load_tokenizer(cfg, env=None):
@@ -187,8 +205,9 @@ def load_tokenizer(cfg, env=None):
 
     check_hub_model(name, "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path", cfg.model.revision)
     with loading("tokenizer", name):
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
-                                            revision=cfg.model.revision)
+        tok = AutoTokenizer.from_pretrained(
+            name, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
+        )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -229,8 +248,10 @@ def load_model(cfg, env=None, plan=None) -> nn.Module:
         return model
     if cfg.model.config is not None and cfg.model.name_or_path != BUILTIN_NAME:
         if cfg.quantization.mode != "none":
-            raise ValueError("quantization needs pretrained weights; a model built from model.config cannot be "
-                             "loaded in 4/8 bits (save it with save_pretrained first)")
+            raise ValueError(
+                "quantization needs pretrained weights; a model built from model.config cannot be "
+                "loaded in 4/8 bits (save it with save_pretrained first)"
+            )
         config = hf_config_from_dict(cfg.model.config)
         torch.manual_seed(cfg.training.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
@@ -261,9 +282,16 @@ def dora_config_from(cfg):
     from dora_dist.adapters import DoRAConfig
 
     d = cfg.dora
-    return DoRAConfig(r=d.r, alpha=d.alpha, dropout=d.dropout, target_modules=d.target_modules,
-                      use_rslora=d.use_rslora, use_dora=d.use_dora, adapter_dtype=d.adapter_dtype,
-                      modules_to_save=d.modules_to_save)
+    return DoRAConfig(
+        r=d.r,
+        alpha=d.alpha,
+        dropout=d.dropout,
+        target_modules=d.target_modules,
+        use_rslora=d.use_rslora,
+        use_dora=d.use_dora,
+        adapter_dtype=d.adapter_dtype,
+        modules_to_save=d.modules_to_save,
+    )
 
 
 def add_adapters(model: nn.Module, cfg) -> nn.Module:
@@ -293,12 +321,15 @@ def check_rank_fits(model: nn.Module, r: int) -> None:
     if too_small:
         name, layer = too_small[0]
         fits = min(min(lay.in_features, lay.out_features) for _, lay in layers)
-        raise ConfigError(f"dora.r={r} is larger than the smaller side of {name} ({layer.out_features}×"
-                          f"{layer.in_features}; {len(too_small)} layer(s) like it): use dora.r <= {fits}")
+        raise ConfigError(
+            f"dora.r={r} is larger than the smaller side of {name} ({layer.out_features}×"
+            f"{layer.in_features}; {len(too_small)} layer(s) like it): use dora.r <= {fits}"
+        )
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a ZeRO-3 partitioned parameter counts by its full size (ds_numel)."""
+
     def numel(p: nn.Parameter) -> int:
         return getattr(p, "ds_numel", p.numel())
 
@@ -307,9 +338,31 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-__all__ = ["BUILTIN_NAME", "TINY_LLAMA", "DTYPES", "KNOWN_ARCHITECTURES", "base_dtype", "resolve_model_path",
-           "adapter_base_name", "resolve_base",
-           "known_architecture", "hf_config_from_dict", "model_config", "build_on_meta", "quantization_config",
-           "load_tokenizer", "load_model", "dora_config_from", "add_adapters", "count_parameters", "check_model_path",
-           "check_remote_code", "check_rank_fits", "quantization_problem",
-           "builtin_model_dir", "default_cache_dir", "ensure_builtin_model", "train_builtin_tokenizer"]
+__all__ = [
+    "BUILTIN_NAME",
+    "TINY_LLAMA",
+    "DTYPES",
+    "KNOWN_ARCHITECTURES",
+    "base_dtype",
+    "resolve_model_path",
+    "adapter_base_name",
+    "resolve_base",
+    "known_architecture",
+    "hf_config_from_dict",
+    "model_config",
+    "build_on_meta",
+    "quantization_config",
+    "load_tokenizer",
+    "load_model",
+    "dora_config_from",
+    "add_adapters",
+    "count_parameters",
+    "check_model_path",
+    "check_remote_code",
+    "check_rank_fits",
+    "quantization_problem",
+    "builtin_model_dir",
+    "default_cache_dir",
+    "ensure_builtin_model",
+    "train_builtin_tokenizer",
+]

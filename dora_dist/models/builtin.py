@@ -3,6 +3,7 @@
 Both are deterministic (fixed corpus, fixed seed) and saved once, atomically, as a normal transformers checkpoint
 in <cache>/tiny-llama-<hash>/ so every process and every later run loads the same files.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,8 +54,16 @@ def builtin_model_dir(cfg) -> Path:
     from dora_dist.data.synthetic import CORPUS_VERSION
 
     root = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
-    key = json.dumps({"arch": _arch(cfg.model.config), "vocab": TOKENIZER_VOCAB, "seed": INIT_SEED,
-                      "corpus": CORPUS_VERSION, "v": 1}, sort_keys=True)
+    key = json.dumps(
+        {
+            "arch": _arch(cfg.model.config),
+            "vocab": TOKENIZER_VOCAB,
+            "seed": INIT_SEED,
+            "corpus": CORPUS_VERSION,
+            "v": 1,
+        },
+        sort_keys=True,
+    )
     return root / f"tiny-llama-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
@@ -68,11 +77,20 @@ def train_builtin_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(tokenizer_training_texts(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
-                                   pad_token="<|pad|>", additional_special_tokens=SPECIAL_TOKENS[3:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = TINY_LLAMA["max_position_embeddings"]
     return fast
@@ -85,8 +103,13 @@ def _build(cfg, target: Path) -> None:
     arch = _arch(cfg.model.config)
     arch.pop("model_type", None)
     vocab = -(-len(tok) // 64) * 64
-    config = LlamaConfig(vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, **arch)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **arch,
+    )
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(INIT_SEED)

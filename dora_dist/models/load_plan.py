@@ -13,6 +13,7 @@ zero2) can simply load the weights where they will run; the sharding engines nee
 The plan is explicit data passed from the engine to the loader and back to the engine's `wrap`: no hidden state on
 the model decides how it is loaded.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

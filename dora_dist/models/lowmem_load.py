@@ -19,12 +19,13 @@ chunk of it; the 70B job thus needs ~1/N of the 4-bit model per GPU plus a few M
 Then `init_adapters` draws lora_A exactly as a single process would (same seed, same module order) and writes
 each rank's rows, and the trainer's engine initialises the magnitudes from the local packed rows.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -39,9 +40,14 @@ CHUNK_ELEMENTS = 1 << 24  # values per bf16 staging chunk (32 MiB)
 # ------------------------------------------------------------------------------------------------------------
 # meta model
 # ------------------------------------------------------------------------------------------------------------
-def replace_linears_with_4bit(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64,
-                              double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
-                              skip: Iterable[str] = ("lm_head",)) -> list[str]:
+def replace_linears_with_4bit(
+    model: nn.Module,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    skip: Iterable[str] = ("lm_head",),
+) -> list[str]:
     """Swap every nn.Linear (except `skip` leaf names, as bnb's llm_int8_skip_modules) for a ShardedLinear4bit.
 
     On a meta model the new layers are empty meta tensors (to be filled by `load_safetensors_lowmem`); on a real
@@ -55,17 +61,31 @@ def replace_linears_with_4bit(model: nn.Module, quant_type: str = "nf4", blocksi
         parent = model.get_submodule(parent_name) if parent_name else model
         lin = getattr(parent, leaf)
         if lin.weight.is_meta:
-            new = ShardedLinear4bit.empty(lin.in_features, lin.out_features, lin.bias is not None, quant_type,
-                                          blocksize, double_quant, compute_dtype, device="meta")
+            new = ShardedLinear4bit.empty(
+                lin.in_features,
+                lin.out_features,
+                lin.bias is not None,
+                quant_type,
+                blocksize,
+                double_quant,
+                compute_dtype,
+                device="meta",
+            )
         else:
             new = ShardedLinear4bit.from_linear(lin, quant_type, blocksize, double_quant, compute_dtype)
         setattr(parent, leaf, new)
     return names
 
 
-def build_qdora_on_meta(hf_config, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                        compute_dtype: torch.dtype = torch.bfloat16, dtype: torch.dtype = torch.bfloat16,
-                        **from_config_kwargs):
+def build_qdora_on_meta(
+    hf_config,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype = torch.bfloat16,
+    **from_config_kwargs,
+):
     """A causal LM from a transformers config, on meta, with 4-bit shardable linears. No memory used."""
     from transformers import AutoModelForCausalLM
 
@@ -150,9 +170,17 @@ def _resolve(model: nn.Module, key: str) -> tuple[nn.Module, str] | None:
 
 
 @torch.no_grad()
-def quantize_rows_streaming(read_rows, out_features: int, in_features: int, rows: tuple[int, int],
-                            quant_type: str, blocksize: int, double_quant: bool, dtype: torch.dtype,
-                            device=None) -> Sharded4bitTensor:
+def quantize_rows_streaming(
+    read_rows,
+    out_features: int,
+    in_features: int,
+    rows: tuple[int, int],
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    dtype: torch.dtype,
+    device=None,
+) -> Sharded4bitTensor:
     """Quantize a (out, in) matrix read by `read_rows(a, b)` in chunks; keep rows [r0, r1). Bit-exact vs bnb."""
     import bitsandbytes.functional as bnbf
     from bitsandbytes.functional import QuantState
@@ -166,12 +194,13 @@ def quantize_rows_streaming(read_rows, out_features: int, in_features: int, rows
         chunk = read_rows(a, b).to(device)
         if chunk.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             chunk = chunk.float()
-        packed, qs = bnbf.quantize_4bit(chunk.contiguous(), blocksize=blocksize, compress_statistics=False,
-                                        quant_type=quant_type)
+        packed, qs = bnbf.quantize_4bit(
+            chunk.contiguous(), blocksize=blocksize, compress_statistics=False, quant_type=quant_type
+        )
         absmaxes.append(qs.absmax)
         lo, hi = max(a, r0), min(b, r1)
         if lo < hi:
-            local_bytes.append(packed.reshape(-1)[(lo - a) * in_features // 2: (hi - a) * in_features // 2].clone())
+            local_bytes.append(packed.reshape(-1)[(lo - a) * in_features // 2 : (hi - a) * in_features // 2].clone())
         del chunk, packed
     absmax = torch.cat(absmaxes)
     code = bnbf.get_4bit_type(quant_type, device=absmax.device)
@@ -179,18 +208,26 @@ def quantize_rows_streaming(read_rows, out_features: int, in_features: int, rows
     if double_quant:  # exactly bitsandbytes.functional.quantize_4bit(compress_statistics=True), on the whole matrix
         offset = absmax.mean()
         qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
-        qs = QuantState(absmax=qabsmax, shape=shape, dtype=dtype, blocksize=blocksize, code=code,
-                        quant_type=quant_type, offset=offset, state2=state2)
+        qs = QuantState(
+            absmax=qabsmax,
+            shape=shape,
+            dtype=dtype,
+            blocksize=blocksize,
+            code=code,
+            quant_type=quant_type,
+            offset=offset,
+            state2=state2,
+        )
     else:
-        qs = QuantState(absmax=absmax, shape=shape, dtype=dtype, blocksize=blocksize, code=code,
-                        quant_type=quant_type)
+        qs = QuantState(absmax=absmax, shape=shape, dtype=dtype, blocksize=blocksize, code=code, quant_type=quant_type)
     packed_local = torch.cat(local_bytes) if local_bytes else torch.empty(0, dtype=torch.uint8, device=absmax.device)
     return Sharded4bitTensor.from_bnb(packed_local, qs, dtype, rows=(r0, r1))
 
 
 @torch.no_grad()
-def load_safetensors_lowmem(model: nn.Module, path: str | Path, strict: bool = True,
-                            weight_dtype: torch.dtype | None = None) -> dict:
+def load_safetensors_lowmem(
+    model: nn.Module, path: str | Path, strict: bool = True, weight_dtype: torch.dtype | None = None
+) -> dict:
     """Fill a materialized (possibly FSDP2-sharded) model from safetensors, tensor by tensor, rows by rows.
 
     weight_dtype: cast linear weights to this dtype before quantizing (as transformers does when it loads a
@@ -241,8 +278,9 @@ def load_safetensors_lowmem(model: nn.Module, path: str | Path, strict: bool = T
                         raise ValueError(f"{file.name}:{key} is stored 4-bit but the model has a dense {key}")
                     qs = read_state(key)
                     if tuple(qs.shape) != tuple(param.shape):
-                        raise ValueError(f"{file.name}:{key} has shape {tuple(qs.shape)}, the model expects "
-                                         f"{tuple(param.shape)}")
+                        raise ValueError(
+                            f"{file.name}:{key} has shape {tuple(qs.shape)}, the model expects {tuple(param.shape)}"
+                        )
                     local.copy_(read_packed_rows(sl, qs, (r0, r1), local.dtype, local.meta, key))
                     max_staging = max(max_staging, (r1 - r0) * int(qs.shape[1]) // 2)
                 elif isinstance(module, ShardedLinear4bit) and attr == "weight":
@@ -254,8 +292,17 @@ def load_safetensors_lowmem(model: nn.Module, path: str | Path, strict: bool = T
                         staging.append(t.numel() * t.element_size())
                         return t.to(weight_dtype) if weight_dtype is not None else t
 
-                    q = quantize_rows_streaming(read, shape[0], shape[1], (r0, r1), m.quant_type, m.blocksize,
-                                                m.nested, local.dtype, device=local.packed.device)
+                    q = quantize_rows_streaming(
+                        read,
+                        shape[0],
+                        shape[1],
+                        (r0, r1),
+                        m.quant_type,
+                        m.blocksize,
+                        m.nested,
+                        local.dtype,
+                        device=local.packed.device,
+                    )
                     local.copy_(q)
                     max_staging = max(max_staging, max(staging))
                 else:
@@ -282,12 +329,17 @@ def _check_all_loaded(model: nn.Module, filled: set[int], path) -> None:
             tied = {id(p) for p in head.parameters(recurse=False)}
     params = dict(model.named_parameters())
     tied |= {id(params[copy]) for copy in _untied_copies(model) if copy in params}  # filled from their source
-    missing = [name for name, p in model.named_parameters()
-               if name.rsplit(".", 1)[-1] not in ADAPTER_PARAMS and id(p) not in filled and id(p) not in tied]
+    missing = [
+        name
+        for name, p in model.named_parameters()
+        if name.rsplit(".", 1)[-1] not in ADAPTER_PARAMS and id(p) not in filled and id(p) not in tied
+    ]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ValueError(f"the checkpoint at {path} does not hold every weight of the model: missing {shown} "
-                         "(wrong path or architecture?)")
+        raise ValueError(
+            f"the checkpoint at {path} does not hold every weight of the model: missing {shown} "
+            "(wrong path or architecture?)"
+        )
 
 
 @torch.no_grad()
@@ -307,7 +359,7 @@ def init_adapters(model: nn.Module, seed: int) -> None:
         full = torch.empty(tuple(layer.lora_A.shape), dtype=layer.lora_A.dtype)
         nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
         local, r0 = _local(layer.lora_A)
-        local.copy_(full[r0: r0 + local.shape[0]].to(local.device))
+        local.copy_(full[r0 : r0 + local.shape[0]].to(local.device))
         _local(layer.lora_B)[0].zero_()
         if layer.magnitude is not None:
             _local(layer.magnitude)[0].fill_(1.0)  # set for real by the engine's init_magnitudes
@@ -335,8 +387,10 @@ def build_lowmem_qdora_model(cfg, env=None) -> nn.Module:
     if cfg.quantization.mode not in ("nf4", "fp4"):
         raise ValueError(f"the low-memory 4-bit path needs quantization.mode nf4 or fp4, got {cfg.quantization.mode}")
     if cfg.model.config is not None and cfg.model.name_or_path != models.BUILTIN_NAME:
-        raise ValueError("quantization needs pretrained weights; a model built from model.config cannot be loaded "
-                         "in 4 bits (save it with save_pretrained first)")
+        raise ValueError(
+            "quantization needs pretrained weights; a model built from model.config cannot be loaded "
+            "in 4 bits (save it with save_pretrained first)"
+        )
     from dora_dist.models.prequantized import check_loaded_config
 
     hf_config = models.model_config(cfg, env)
@@ -344,8 +398,16 @@ def build_lowmem_qdora_model(cfg, env=None) -> nn.Module:
     dtype = models.base_dtype(cfg)
     compute_dtype = models.DTYPES[cfg.quantization.compute_dtype]
     extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
-    model = build_qdora_on_meta(hf_config, cfg.quantization.mode, 64, cfg.quantization.double_quant, compute_dtype,
-                                dtype, trust_remote_code=cfg.model.trust_remote_code, **extra)
+    model = build_qdora_on_meta(
+        hf_config,
+        cfg.quantization.mode,
+        64,
+        cfg.quantization.double_quant,
+        compute_dtype,
+        dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        **extra,
+    )
     model.config.use_cache = False
     return model
 

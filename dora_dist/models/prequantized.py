@@ -14,6 +14,7 @@ One rule, applied before any engine is chosen (so `parallel.engine=auto` and pre
 FSDP2 then streams the stored packed rows into its row-sharded 4-bit tensors (`read_packed_rows`): the same bytes
 and quantization constants, no re-quantization and no dense copy.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,15 +27,21 @@ import torch
 from dora_dist.errors import ConfigError, ModelError
 
 #: quant-state entries saved next to a packed 4-bit weight (bitsandbytes' QuantState.as_dict(packed=True))
-QUANT_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
-                        "quant_state.bitsandbytes__fp4")
+QUANT_STATE_SUFFIXES = (
+    "absmax",
+    "quant_map",
+    "nested_absmax",
+    "nested_quant_map",
+    "quant_state.bitsandbytes__nf4",
+    "quant_state.bitsandbytes__fp4",
+)
 
 
 @dataclass(frozen=True)
 class CheckpointQuantization:
     """The bitsandbytes settings a checkpoint was saved with, in the job config's terms."""
 
-    mode: str            # nf4 | fp4 | int8
+    mode: str  # nf4 | fp4 | int8
     double_quant: bool
     compute_dtype: str
     quant_storage: str
@@ -43,16 +50,24 @@ class CheckpointQuantization:
         """quantization.* key -> value (int8 has only a mode)."""
         if self.mode == "int8":
             return {"mode": "int8"}
-        return {"mode": self.mode, "double_quant": self.double_quant, "compute_dtype": self.compute_dtype,
-                "quant_storage": self.quant_storage}
+        return {
+            "mode": self.mode,
+            "double_quant": self.double_quant,
+            "compute_dtype": self.compute_dtype,
+            "quant_storage": self.quant_storage,
+        }
 
     def describe(self) -> str:
         return ", ".join(f"{k}={_fmt(v)}" for k, v in self.settings().items())
 
 
 #: quantization.* key -> the checkpoint's quantization_config key it is read from (for error messages)
-CHECKPOINT_KEYS = {"mode": "bnb_4bit_quant_type", "double_quant": "bnb_4bit_use_double_quant",
-                   "compute_dtype": "bnb_4bit_compute_dtype", "quant_storage": "bnb_4bit_quant_storage"}
+CHECKPOINT_KEYS = {
+    "mode": "bnb_4bit_quant_type",
+    "double_quant": "bnb_4bit_use_double_quant",
+    "compute_dtype": "bnb_4bit_compute_dtype",
+    "quant_storage": "bnb_4bit_quant_storage",
+}
 
 
 #: the settings a job's section must share with the checkpoint. quant_storage is only the dtype the packed bytes
@@ -80,14 +95,19 @@ def checkpoint_quantization(hf_config: dict | None) -> CheckpointQuantization | 
     four = q.get("load_in_4bit") or q.get("_load_in_4bit")
     eight = q.get("load_in_8bit") or q.get("_load_in_8bit")
     if method != "bitsandbytes" or not (four or eight):
-        raise ModelError(f"the checkpoint's config.json has a quantization_config of quant_method={method!r} "
-                         f"(load_in_4bit={bool(four)}, load_in_8bit={bool(eight)}); only bitsandbytes 4-bit (nf4/fp4) "
-                         "and 8-bit checkpoints can be trained here: use the dense checkpoint")
+        raise ModelError(
+            f"the checkpoint's config.json has a quantization_config of quant_method={method!r} "
+            f"(load_in_4bit={bool(four)}, load_in_8bit={bool(eight)}); only bitsandbytes 4-bit (nf4/fp4) "
+            "and 8-bit checkpoints can be trained here: use the dense checkpoint"
+        )
     if eight:
         return CheckpointQuantization("int8", False, "float32", "uint8")
-    return CheckpointQuantization(str(q.get("bnb_4bit_quant_type", "fp4")), bool(q.get("bnb_4bit_use_double_quant")),
-                                  _dtype_name(q.get("bnb_4bit_compute_dtype"), "float32"),
-                                  _dtype_name(q.get("bnb_4bit_quant_storage"), "uint8"))
+    return CheckpointQuantization(
+        str(q.get("bnb_4bit_quant_type", "fp4")),
+        bool(q.get("bnb_4bit_use_double_quant")),
+        _dtype_name(q.get("bnb_4bit_compute_dtype"), "float32"),
+        _dtype_name(q.get("bnb_4bit_quant_storage"), "uint8"),
+    )
 
 
 def local_config_json(cfg) -> dict | None:
@@ -126,16 +146,25 @@ def reconcile(cfg, found: CheckpointQuantization | None) -> tuple[object, str | 
         for key, value in found.settings().items():
             setattr(cfg.quantization, key, value)
         keys = ", ".join(f"quantization.{k}={_fmt(v)}" for k, v in found.settings().items())
-        return cfg, (f"[dora_dist] model {name} is a pre-quantized bitsandbytes checkpoint: training its 4-bit base "
-                     f"with the checkpoint's settings ({keys})")
-    clashes = [f"quantization.{key}={_fmt(getattr(q, key))} vs the checkpoint's {CHECKPOINT_KEYS[key]}={_fmt(value)}"
-               for key, value in found.settings().items() if key in COMPARED and getattr(q, key) != value]
+        return cfg, (
+            f"[dora_dist] model {name} is a pre-quantized bitsandbytes checkpoint: training its 4-bit base "
+            f"with the checkpoint's settings ({keys})"
+        )
+    clashes = [
+        f"quantization.{key}={_fmt(getattr(q, key))} vs the checkpoint's {CHECKPOINT_KEYS[key]}={_fmt(value)}"
+        for key, value in found.settings().items()
+        if key in COMPARED and getattr(q, key) != value
+    ]
     if clashes:
-        raise ConfigError(f"model.name_or_path={name} is a pre-quantized bitsandbytes checkpoint ({found.describe()}) "
-                          f"and the job's quantization section contradicts it: {'; '.join(clashes)}. Remove the "
-                          "quantization section (the checkpoint's settings are then used) or make it match")
-    return cfg, (f"[dora_dist] model {name} is a pre-quantized bitsandbytes checkpoint ({found.describe()}): its "
-                 "stored 4-bit weights are trained as saved")
+        raise ConfigError(
+            f"model.name_or_path={name} is a pre-quantized bitsandbytes checkpoint ({found.describe()}) "
+            f"and the job's quantization section contradicts it: {'; '.join(clashes)}. Remove the "
+            "quantization section (the checkpoint's settings are then used) or make it match"
+        )
+    return cfg, (
+        f"[dora_dist] model {name} is a pre-quantized bitsandbytes checkpoint ({found.describe()}): its "
+        "stored 4-bit weights are trained as saved"
+    )
 
 
 def adopt_checkpoint_quantization(cfg) -> tuple[object, str | None]:
@@ -151,9 +180,11 @@ def check_loaded_config(cfg, hf_config) -> None:
     if found is None:
         return
     if cfg.quantization.mode == "none":
-        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path} is a pre-quantized bitsandbytes checkpoint "
-                          f"({found.describe()}) but the job has quantization.mode=none: set quantization.mode="
-                          f"{found.mode} (and the matching settings), or train the dense checkpoint")
+        raise ConfigError(
+            f"model.name_or_path={cfg.model.name_or_path} is a pre-quantized bitsandbytes checkpoint "
+            f"({found.describe()}) but the job has quantization.mode=none: set quantization.mode="
+            f"{found.mode} (and the matching settings), or train the dense checkpoint"
+        )
     reconcile(cfg, found)
 
 
@@ -163,7 +194,7 @@ def check_loaded_config(cfg, hf_config) -> None:
 def quant_state_keys(weight_key: str, keys) -> list[str]:
     """The checkpoint keys holding the quantization state of `weight_key` (empty for a dense weight)."""
     prefix = weight_key + "."
-    return [k for k in keys if k.startswith(prefix) and k[len(prefix):] in QUANT_STATE_SUFFIXES]
+    return [k for k in keys if k.startswith(prefix) and k[len(prefix) :] in QUANT_STATE_SUFFIXES]
 
 
 def load_quant_state(weight_key: str, tensors: dict[str, torch.Tensor]):
@@ -184,18 +215,23 @@ def read_packed_rows(sl, quant_state, rows: tuple[int, int], dtype: torch.dtype,
 
     out_f, in_f = (int(s) for s in quant_state.shape)
     if (quant_state.quant_type, int(quant_state.blocksize), quant_state.nested) != (
-            meta.quant_type, meta.blocksize, meta.nested):
-        raise ModelError(f"{key}: stored as {quant_state.quant_type} blocksize={quant_state.blocksize} "
-                         f"double_quant={quant_state.nested}, but the model was built for {meta.quant_type} "
-                         f"blocksize={meta.blocksize} double_quant={meta.nested}")
+        meta.quant_type,
+        meta.blocksize,
+        meta.nested,
+    ):
+        raise ModelError(
+            f"{key}: stored as {quant_state.quant_type} blocksize={quant_state.blocksize} "
+            f"double_quant={quant_state.nested}, but the model was built for {meta.quant_type} "
+            f"blocksize={meta.blocksize} double_quant={meta.nested}"
+        )
     r0, r1 = rows
-    first, last = r0 * in_f // 2, r1 * in_f // 2           # byte range of the kept rows in the flat packed array
+    first, last = r0 * in_f // 2, r1 * in_f // 2  # byte range of the kept rows in the flat packed array
     probe = sl[0:1]
     item = probe.element_size()
-    per_row = probe.numel()                                  # stored as (elements, 1) (or flat)
+    per_row = probe.numel()  # stored as (elements, 1) (or flat)
     a, b = first // (item * per_row), -(-last // (item * per_row))
     raw = sl[a:b].contiguous().reshape(-1).view(torch.uint8)
-    packed = raw[first - a * item * per_row: last - a * item * per_row]
+    packed = raw[first - a * item * per_row : last - a * item * per_row]
     if packed.numel() != last - first:
         raise ModelError(f"{key}: the stored packed weight holds fewer bytes than its shape {out_f}x{in_f} needs")
     return Sharded4bitTensor.from_bnb(packed, quant_state, dtype, rows=(r0, r1))

@@ -32,6 +32,7 @@ Under torch.compile the same math is written with plain ops (the data-dependent 
 and inductor fuses the elementwise work and chooses what to save. With dropout active the layer keeps the
 reference ``dora_output`` path (two base matmuls, as in peft).
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,14 +55,14 @@ def _column_dot(g: torch.Tensor, y: torch.Tensor, acc: torch.dtype) -> torch.Ten
         return (g * y).sum(0, dtype=acc)
     out = torch.zeros(g.shape[1], dtype=acc, device=g.device)
     for start in range(0, g.shape[0], _DOT_BLOCK):
-        out += (g[start:start + _DOT_BLOCK].to(acc) * y[start:start + _DOT_BLOCK].to(acc)).sum(0)
+        out += (g[start : start + _DOT_BLOCK].to(acc) * y[start : start + _DOT_BLOCK].to(acc)).sum(0)
     return out
 
 
 #: fp32 elements per block of `compose_16bit` / `backward_16bit_cpu`: on a CPU a block's fp32 temporaries stay in L2;
 #: on a GPU a block is a whole large kernel (the launches are then few)
 _BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 22}
-_MM_FP32_OUT: dict[str, bool] = {}   # device type -> torch.mm(..., out_dtype=float32) works for 16-bit inputs
+_MM_FP32_OUT: dict[str, bool] = {}  # device type -> torch.mm(..., out_dtype=float32) works for 16-bit inputs
 
 
 def _rows_per_block(t: torch.Tensor) -> int:
@@ -76,13 +77,14 @@ def _lowrank_fp32(xa: torch.Tensor, b_scaled: torch.Tensor, dt: torch.dtype) -> 
     if dev == "cuda" and _MM_FP32_OUT.get(dev, True):
         try:
             return torch.mm(xa.to(dt), b_scaled.to(dt).t(), out_dtype=torch.float32)
-        except (RuntimeError, TypeError):                          # an older torch: plain fp32 from now on
+        except (RuntimeError, TypeError):  # an older torch: plain fp32 from now on
             _MM_FP32_OUT[dev] = False
     return torch.mm(xa.float(), b_scaled.float().t())
 
 
-def compose_16bit(base: torch.Tensor, scale: torch.Tensor, xa: torch.Tensor, b_scaled: torch.Tensor,
-                  out: torch.Tensor) -> torch.Tensor:
+def compose_16bit(
+    base: torch.Tensor, scale: torch.Tensor, xa: torch.Tensor, b_scaled: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
     """out = round(scale ⊙ base + xa·b_scaledᵀ) for 2-D 16-bit `base`/`out` (they may be the same tensor), with the
     scale, the products and the sum in fp32: one rounding, so a scale within half an ulp of 1 still reaches out."""
     dt = out.dtype
@@ -105,8 +107,17 @@ def scale_rows_16bit(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.mul(g, scale.float(), out=torch.empty_like(g))
 
 
-def backward_16bit_cpu(g: torch.Tensor, y: torch.Tensor, xa: torch.Tensor, b_scaled: torch.Tensor,
-                       scale: torch.Tensor, need_base: bool, need_xa: bool, need_b: bool, need_m: bool):
+def backward_16bit_cpu(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    xa: torch.Tensor,
+    b_scaled: torch.Tensor,
+    scale: torch.Tensor,
+    need_base: bool,
+    need_xa: bool,
+    need_b: bool,
+    need_m: bool,
+):
     """The node's backward for 16-bit g, y on a CPU, in one pass over cache-sized token blocks, everything in fp32:
     (round(g ⊙ scale), g·b_scaled, gᵀ·xa, Σ_t g ⊙ y), None where not needed. A CPU without native bf16 runs the
     16-bit skinny GEMMs (out × r) many times slower than fp32 ones (LoRA's own path is fp32 there), and each block's
@@ -141,24 +152,35 @@ class DoRAEpilogue(torch.autograd.Function):
     """y = scale ⊙ base_out + (x·Aᵀ)·(s·scale ⊙ B)ᵀ [+ bias], scale = m / denom (denom: detached norm, 0 -> 1)."""
 
     @staticmethod
-    def forward(ctx, base_out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
-                denom: torch.Tensor, bias: torch.Tensor | None, scaling: float, consume_base: bool = False
-                ) -> torch.Tensor:
+    def forward(
+        ctx,
+        base_out: torch.Tensor,
+        xa: torch.Tensor,
+        lora_B: torch.Tensor,
+        magnitude: torch.Tensor,
+        denom: torch.Tensor,
+        bias: torch.Tensor | None,
+        scaling: float,
+        consume_base: bool = False,
+    ) -> torch.Tensor:
         dt = base_out.dtype
         acc = torch.promote_types(magnitude.dtype, torch.float32)
-        scale = magnitude.to(acc) / denom.to(acc)                       # (out,), ≥ fp32
+        scale = magnitude.to(acc) / denom.to(acc)  # (out,), ≥ fp32
         xa2 = _flat(xa)
         zero_idx = z_zero = None
         if ctx.needs_input_grad[3] and bool((magnitude == 0).any()):
             # y has no z for these rows: keep z's columns (tokens × k), computed without the scale.
             zero_idx = (magnitude == 0).nonzero().squeeze(1)
-            z_zero = (_flat(base_out)[:, zero_idx].to(acc)
-                      + scaling * (xa2.to(acc) @ lora_B.to(acc)[zero_idx].t()))
+            z_zero = _flat(base_out)[:, zero_idx].to(acc) + scaling * (xa2.to(acc) @ lora_B.to(acc)[zero_idx].t())
         # base_out is the base matmul's fresh output, used by nothing else: scale it in place (no new
         # (tokens × out) buffer, whose first touch costs page faults on a CPU) and mark it dirty for autograd.
-        in_place = (consume_base and base_out.is_contiguous() and base_out._base is None
-                    and not (base_out.is_leaf and base_out.requires_grad))
-        b_scaled = lora_B.to(acc) * (scaling * scale)[:, None]          # (out, r): s·(m/n) ⊙ B, ≥ fp32
+        in_place = (
+            consume_base
+            and base_out.is_contiguous()
+            and base_out._base is None
+            and not (base_out.is_leaf and base_out.requires_grad)
+        )
+        b_scaled = lora_B.to(acc) * (scaling * scale)[:, None]  # (out, r): s·(m/n) ⊙ B, ≥ fp32
         if is_16bit(dt) and bias is None:
             # scale and low-rank term summed in fp32, one rounding (see the module docstring)
             y = base_out if in_place else torch.empty_like(base_out, memory_format=torch.contiguous_format)
@@ -166,18 +188,19 @@ class DoRAEpilogue(torch.autograd.Function):
             if in_place:
                 ctx.mark_dirty(base_out)
         else:
-            scale_dt = scale.to(dt)                                     # fp32/fp64: exact enough (no 16 bits)
+            scale_dt = scale.to(dt)  # fp32/fp64: exact enough (no 16 bits)
             if bias is not None:
-                y = torch.addcmul(bias.to(dt), base_out, scale_dt)      # one pass: b + base ⊙ m/n
+                y = torch.addcmul(bias.to(dt), base_out, scale_dt)  # one pass: b + base ⊙ m/n
             elif in_place:
                 y = base_out.mul_(scale_dt)
                 ctx.mark_dirty(base_out)
             else:
                 y = base_out * scale_dt
-            _flat(y).addmm_(xa2.to(dt), b_scaled.to(dt).t())            # low-rank term accumulated in the GEMM
+            _flat(y).addmm_(xa2.to(dt), b_scaled.to(dt).t())  # low-rank term accumulated in the GEMM
         safe_m = torch.where(magnitude == 0, torch.ones_like(magnitude), magnitude).to(acc)
-        ctx.save_for_backward(y, xa, lora_B, scale, safe_m, denom,
-                              bias.detach().clone() if bias is not None else None, zero_idx, z_zero)
+        ctx.save_for_backward(
+            y, xa, lora_B, scale, safe_m, denom, bias.detach().clone() if bias is not None else None, zero_idx, z_zero
+        )
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
         ctx.m_dtype = magnitude.dtype
@@ -193,12 +216,13 @@ class DoRAEpilogue(torch.autograd.Function):
         # dL/dz = g ⊙ m/n is only materialised for the base path; the low-rank grads take the scale on the
         # small side: d(xa) = g·(s·m/n ⊙ B), dB = s·m/n ⊙ (gᵀ·xa)   (no (tokens × out) pass when x needs no grad)
         d_xa = d_b = d_m = d_bias = gy = None
-        s_scale = scale * s                                      # (out,), ≥ fp32
+        s_scale = scale * s  # (out,), ≥ fp32
         xa_shape = (*xa.shape[:-1], xa.shape[-1])
         if is_16bit(dt) and g2.device.type == "cpu":
             b_scaled = lora_B.to(s_scale.dtype) * s_scale[:, None]
-            d_base, d_xa, g_xa, gy = backward_16bit_cpu(g2, _flat(y), _flat(xa), b_scaled, scale, need_base,
-                                                        need_xa, need_b, need_m)
+            d_base, d_xa, g_xa, gy = backward_16bit_cpu(
+                g2, _flat(y), _flat(xa), b_scaled, scale, need_base, need_xa, need_b, need_m
+            )
             d_base = d_base.view(y.shape) if need_base else None
             d_xa = d_xa.view(xa_shape).to(xa.dtype) if need_xa else None
             d_b = (g_xa * s_scale[:, None]).to(lora_B.dtype) if need_b else None
@@ -219,9 +243,9 @@ class DoRAEpilogue(torch.autograd.Function):
             g_sum = g2.sum(0, dtype=acc) if (ctx.has_bias or need_bias) else None
             if need_m:
                 if gy is None:
-                    gy = _column_dot(g2, _flat(y), acc)          # Σ g ⊙ y, fp32 accumulation
+                    gy = _column_dot(g2, _flat(y), acc)  # Σ g ⊙ y, fp32 accumulation
                 if ctx.has_bias:
-                    gy = gy - bias.to(acc) * g_sum               # Σ g ⊙ (y - b)
+                    gy = gy - bias.to(acc) * g_sum  # Σ g ⊙ (y - b)
                 d_m = gy / safe_m
                 if zero_idx is not None:
                     d_m[zero_idx] = (g2[:, zero_idx].to(acc) * z_zero).sum(0) / denom.to(acc)[zero_idx]
@@ -231,11 +255,18 @@ class DoRAEpilogue(torch.autograd.Function):
         return (d_base, d_xa, d_b, d_m, None, d_bias) + (None,) * (len(ctx.needs_input_grad) - 6)
 
 
-def dora_epilogue_reference(base_out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
-                            denom: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> torch.Tensor:
+def dora_epilogue_reference(
+    base_out: torch.Tensor,
+    xa: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    denom: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
     """The same function with plain torch ops (autograd and inductor see every op; used under torch.compile)."""
     dt = base_out.dtype
-    scale = magnitude / denom                                      # ≥ fp32: denom is the fp32 norm
+    scale = magnitude / denom  # ≥ fp32: denom is the fp32 norm
     # s·(m/n) folded into B, as in the fused node: autograd then never forms s·(m/n) ⊙ g over (tokens × out) in
     # 16 bits (it overflows fp16 for m/n ~ 1e4 although every gradient is small). base·scale + lora, not
     # torch.add(alpha=): torch 2.13's inductor folds an alpha-add of a matmul output into the GEMM with wrong
@@ -251,9 +282,16 @@ def dora_epilogue_reference(base_out: torch.Tensor, xa: torch.Tensor, lora_B: to
     return y if bias is None else y + bias.to(dt)
 
 
-def dora_epilogue(base_out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
-                  denom: torch.Tensor, bias: torch.Tensor | None, scaling: float,
-                  consume_base: bool = False) -> torch.Tensor:
+def dora_epilogue(
+    base_out: torch.Tensor,
+    xa: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    denom: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+    consume_base: bool = False,
+) -> torch.Tensor:
     """y = (m/denom) ⊙ (base_out + s·xa·Bᵀ) + b; denom is the detached row norm with zeros replaced by 1.
 
     consume_base=True lets the fused node write y into base_out's memory (the caller must not use base_out again;

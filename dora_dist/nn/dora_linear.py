@@ -16,6 +16,7 @@ Inference: in eval mode without grad, m/‖W + sBA‖ is a constant per layer; i
 reused until train()/eval(), merge/unmerge, `invalidate_cache`, or a change of A, B, m or the base weight
 (identity, storage or in-place `_version` counter: the cache key).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,9 @@ def safe_divide_norm(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tenso
     return magnitude / nonzero_norm(norm)
 
 
-def dora_row_norms(w_row_sq: torch.Tensor, w_times_a: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                   scaling: float) -> torch.Tensor:
+def dora_row_norms(
+    w_row_sq: torch.Tensor, w_times_a: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """‖W_i + s(BA)_i‖ from ‖W_i‖² and W·Aᵀ, for any set of rows (w_row_sq, w_times_a and lora_B hold the same rows:
     the whole layer, or one rank's shard), ≥ fp32. The (rows, in) sum is never formed."""
     a = lora_A.detach()
@@ -61,8 +63,13 @@ def dora_row_norms(w_row_sq: torch.Tensor, w_times_a: torch.Tensor, lora_A: torc
     return (w_row_sq.to(a.dtype) + (2 * scaling) * cross + (scaling * scaling) * ba_sq).clamp_min(0).sqrt()
 
 
-def dora_output(base_out: torch.Tensor, lora_out: torch.Tensor, scale: torch.Tensor | None, scaling: float,
-                base_out_dropped: torch.Tensor | None = None) -> torch.Tensor:
+def dora_output(
+    base_out: torch.Tensor,
+    lora_out: torch.Tensor,
+    scale: torch.Tensor | None,
+    scaling: float,
+    base_out_dropped: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Combine base and low-rank outputs (no bias).
 
     scale is m/‖W + sBA‖ (None for plain LoRA). base_out_dropped is x_drop·Wᵀ when dropout is active in training;
@@ -89,8 +96,17 @@ def dora_output(base_out: torch.Tensor, lora_out: torch.Tensor, scale: torch.Ten
 class DoRALinear(nn.Module):
     """A frozen base layer plus trainable lora_A (r, in), lora_B (out, r) and magnitude (out,)."""
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 use_dora: bool = True, adapter_dtype: torch.dtype = torch.float32, init_magnitude: bool = True):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = True,
+        adapter_dtype: torch.dtype = torch.float32,
+        init_magnitude: bool = True,
+    ):
         super().__init__()
         check_layer_settings(r, alpha, dropout)
         self.base_layer = base_layer
@@ -116,7 +132,7 @@ class DoRALinear(nn.Module):
         self.merged = False
         self.merge_scale: torch.Tensor | None = None
         self._premerge_weight: torch.Tensor | None = None  # the base weight before `merge` (exact unmerge)
-        self._scale_cache: tuple | None = None   # (tensors, versions+storages, m/‖W+sBA‖): eval, no grad
+        self._scale_cache: tuple | None = None  # (tensors, versions+storages, m/‖W+sBA‖): eval, no grad
         self.reset_lora_parameters()
         if use_dora and init_magnitude and device.type != "meta":
             self.init_magnitude()
@@ -156,8 +172,9 @@ class DoRALinear(nn.Module):
         if magnitude is not None and self.magnitude is not None:
             target = self.magnitude.to_local() if is_dtensor(self.magnitude) else self.magnitude
             if target.shape != magnitude.shape:
-                raise ValueError(f"magnitude of shape {tuple(magnitude.shape)} does not fit this layer's "
-                                 f"{tuple(target.shape)}")
+                raise ValueError(
+                    f"magnitude of shape {tuple(magnitude.shape)} does not fit this layer's {tuple(target.shape)}"
+                )
             target.copy_(magnitude.to(device=target.device, dtype=target.dtype))
 
     def invalidate_cache(self) -> None:
@@ -180,9 +197,17 @@ class DoRALinear(nn.Module):
         own = self._parameters
         deps = (own["lora_A"], own["lora_B"], own["magnitude"], self._modules["base_layer"]._parameters.get("weight"))
         try:
-            state = (deps[0]._version, deps[1]._version, deps[2]._version, deps[3]._version,
-                     deps[0].data_ptr(), deps[1].data_ptr(), deps[2].data_ptr(), deps[3].data_ptr())
-        except (RuntimeError, AttributeError):                   # e.g. a DTensor, or no `weight`: no caching
+            state = (
+                deps[0]._version,
+                deps[1]._version,
+                deps[2]._version,
+                deps[3]._version,
+                deps[0].data_ptr(),
+                deps[1].data_ptr(),
+                deps[2].data_ptr(),
+                deps[3].data_ptr(),
+            )
+        except (RuntimeError, AttributeError):  # e.g. a DTensor, or no `weight`: no caching
             return at_least_fp32(self.dora_scale().detach())
         c = self._scale_cache
         if c is not None and c[1] == state:
@@ -258,8 +283,9 @@ class DoRALinear(nn.Module):
         if self.use_dora and not dropout_active:  # one fused node: saves y, not z (see nn/dora_epilogue.py)
             xa = F.linear(x.to(self.lora_A.dtype), self.lora_A)
             denom = nonzero_norm(self.weight_norm(w_times_a=w_times_a).detach())
-            return dora_epilogue(base_out, xa, self.lora_B, self.magnitude, denom, source.bias, self.scaling,
-                                consume_base=True)
+            return dora_epilogue(
+                base_out, xa, self.lora_B, self.magnitude, denom, source.bias, self.scaling, consume_base=True
+            )
         x_lora = self.lora_dropout(x) if dropout_active else x
         lora_out = self.lora_path(x_lora)
         scale = self.dora_scale(w_times_a) if self.use_dora else None
@@ -334,8 +360,9 @@ class DoRALinear(nn.Module):
         """The full merged (out, in) weight, built row chunk by row chunk (for merge_and_unload)."""
         source = self.weight_source
         scale = self.merged_scale()
-        out = torch.empty(self.out_features, self.in_features, dtype=dtype or source.compute_dtype,
-                          device=source.device)
+        out = torch.empty(
+            self.out_features, self.in_features, dtype=dtype or source.compute_dtype, device=source.device
+        )
         for start, chunk in source.iter_row_chunks():
             stop = start + chunk.shape[0]
             out[start:stop] = self.merged_rows(chunk, start, stop, scale).to(out.dtype)
@@ -343,5 +370,7 @@ class DoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "DoRA" if self.use_dora else "LoRA"
-        return (f"{kind}: in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
-                f"scaling={self.scaling:.4g}, base={type(self.base_layer).__name__}")
+        return (
+            f"{kind}: in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+            f"scaling={self.scaling:.4g}, base={type(self.base_layer).__name__}"
+        )

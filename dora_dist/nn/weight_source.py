@@ -8,11 +8,12 @@ sharded bases never need a full fp32 copy of the weight: everything is computed 
 A source reads `module.weight` on every call instead of holding the tensor, because FSDP2 and ZeRO-3 swap the
 parameter object between its sharded and unsharded forms.
 """
+
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ class WeightSource:
     def take_ownership(self) -> None:
         """Called once when a DoRA layer wraps the base (a source may fix up or pin the base's storage here)."""
 
-    def over_rows(self, rows: torch.Tensor) -> "WeightSource":
+    def over_rows(self, rows: torch.Tensor) -> WeightSource:
         """A source of the same kind over a (rows, in) part of this weight, e.g. one rank's shard, so row norms and
         W·Aᵀ of just those rows are computed chunk by chunk with no communication."""
         return type(self)(RowsView(rows))
@@ -159,8 +160,9 @@ class WeightSource:
     def to_plain_module(self, weight: torch.Tensor) -> nn.Module:
         """A plain module with the given (out, in) weight and this base's bias (for merge_and_unload)."""
         bias = self.bias
-        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
-                        dtype=weight.dtype)
+        lin = nn.Linear(
+            self.in_features, self.out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype
+        )
         with torch.no_grad():
             lin.weight.copy_(weight)
             if bias is not None:
@@ -257,8 +259,7 @@ class _Registration:
 _REGISTRY: list[_Registration] = []
 
 
-def register_weight_source(matches: Callable[[nn.Module], bool], source: type[WeightSource],
-                           description: str) -> None:
+def register_weight_source(matches: Callable[[nn.Module], bool], source: type[WeightSource], description: str) -> None:
     """Make `source` the weight source of every base module for which `matches(module)` is true. Later
     registrations are tried first, so a specific kind (a quantized Linear subclass) wins over nn.Linear."""
     _REGISTRY.insert(0, _Registration(matches, source, description))
@@ -275,8 +276,10 @@ def weight_source_for(module: nn.Module) -> WeightSource:
         if registration.matches(module):
             return registration.source(module)
     kind = type(module)
-    raise TypeError(f"DoRA does not support base layers of type {kind.__module__}.{kind.__name__}; supported: "
-                    + ", ".join(supported_bases()))
+    raise TypeError(
+        f"DoRA does not support base layers of type {kind.__module__}.{kind.__name__}; supported: "
+        + ", ".join(supported_bases())
+    )
 
 
 def is_supported_base(module: nn.Module) -> bool:

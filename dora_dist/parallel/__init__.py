@@ -3,6 +3,7 @@
 Register a new engine by adding "name": "module:Class" to ENGINES (imported lazily, so optional dependencies such
 as deepspeed are only imported when that engine is chosen).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -15,8 +16,8 @@ ENGINES: dict[str, str] = {
     "none": "dora_dist.parallel.none:SingleProcessEngine",
     "ddp": "dora_dist.parallel.ddp:DDPEngine",
     "fsdp2": "dora_dist.parallel.fsdp2:FSDP2Engine",
-    "zero2": "dora_dist.parallel.zero:Zero2Engine",    # DeepSpeed ZeRO-2 (needs deepspeed)
-    "zero3": "dora_dist.parallel.zero:Zero3Engine",    # DeepSpeed ZeRO-3 (needs deepspeed)
+    "zero2": "dora_dist.parallel.zero:Zero2Engine",  # DeepSpeed ZeRO-2 (needs deepspeed)
+    "zero3": "dora_dist.parallel.zero:Zero3Engine",  # DeepSpeed ZeRO-3 (needs deepspeed)
 }
 
 ENGINE_CHOICES = ("auto", *ENGINES)

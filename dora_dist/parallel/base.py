@@ -34,6 +34,7 @@ reports what its step did (`StepResult.stepped`); the trainer stops the run if a
 To add an engine: subclass `Engine` in parallel/<name>.py, implement `wrap` (and override what differs), and
 register it in `ENGINES` in parallel/__init__.py. Method names here are stable.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,7 +50,6 @@ from dora_dist.adapters.inject import dora_layers  # noqa: F401  (re-exported fo
 from dora_dist.batching import Batching
 from dora_dist.errors import importable
 from dora_dist.parallel.dist_env import DistEnv
-
 
 #: a checkpoint's per-tensor format overhead (see Engine.checkpoint_nbytes)
 TENSOR_RECORD_BYTES = 4096
@@ -103,23 +103,29 @@ class Engine:
         where the engine would otherwise fail."""
         for package in cls.requires:
             if not importable(package):
-                return (f"parallel.engine={cls.name} needs the '{package}' package, which is not installed (or "
-                        f"cannot be imported) here: pip install 'dora_dist[{package}]', or choose another "
-                        "parallel.engine (ddp, fsdp2)")
+                return (
+                    f"parallel.engine={cls.name} needs the '{package}' package, which is not installed (or "
+                    f"cannot be imported) here: pip install 'dora_dist[{package}]', or choose another "
+                    "parallel.engine (ddp, fsdp2)"
+                )
         if world_size > 1 and not cls.runs_many:
-            return (f"parallel.engine={cls.name} cannot run {world_size} processes (WORLD_SIZE={world_size}); use "
-                    "parallel.engine=auto, ddp or fsdp2, or launch one process")
+            return (
+                f"parallel.engine={cls.name} cannot run {world_size} processes (WORLD_SIZE={world_size}); use "
+                "parallel.engine=auto, ddp or fsdp2, or launch one process"
+            )
         if world_size <= 1 and not cls.runs_alone:
-            return (f"parallel.engine={cls.name} needs several processes but this is one (WORLD_SIZE={world_size}): "
-                    "launch with torchrun --nproc-per-node N (launch/torchrun.sh), or use parallel.engine=auto")
+            return (
+                f"parallel.engine={cls.name} needs several processes but this is one (WORLD_SIZE={world_size}): "
+                "launch with torchrun --nproc-per-node N (launch/torchrun.sh), or use parallel.engine=auto"
+            )
         return None
 
     def __init__(self, cfg, env: DistEnv, batching: Batching | None = None):
         self.cfg = cfg
         self.env = env
         self._batching = batching
-        self.plan = None                             # the LoadPlan chosen by load_plan()
-        self.model: nn.Module | None = None          # what the trainer calls for forward (possibly a wrapper)
+        self.plan = None  # the LoadPlan chosen by load_plan()
+        self.model: nn.Module | None = None  # what the trainer calls for forward (possibly a wrapper)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
 
@@ -142,8 +148,10 @@ class Engine:
         for name, layer in dora_layers(model):
             reason = self.unsupported_base(layer.weight_source)
             if reason:
-                raise ValueError(f"parallel.engine={self.name} cannot train {name} (a "
-                                 f"{type(layer.base_layer).__name__} base): {reason}")
+                raise ValueError(
+                    f"parallel.engine={self.name} cannot train {name} (a "
+                    f"{type(layer.base_layer).__name__} base): {reason}"
+                )
 
     def unsupported_base(self, source) -> str | None:
         """Why this engine cannot train a base read through `source` (a WeightSource), or None. Default: any."""
@@ -195,10 +203,16 @@ class Engine:
     def build_optimizer(self, model: nn.Module):
         """AdamW over the trainable (adapter) parameters + warmup/cosine LambdaLR. Returns (optimizer, scheduler)."""
         t = self.cfg.training
-        opt = torch.optim.AdamW(self.param_groups(model), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                eps=t.adam_eps, foreach=False if self.env.device.type == "cpu" else None)
+        opt = torch.optim.AdamW(
+            self.param_groups(model),
+            lr=t.lr,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_eps,
+            foreach=False if self.env.device.type == "cpu" else None,
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_cosine_lambda(t.warmup_steps, self.batching.max_steps, t.min_lr_ratio, t.lr_schedule))
+            opt, warmup_cosine_lambda(t.warmup_steps, self.batching.max_steps, t.min_lr_ratio, t.lr_schedule)
+        )
         return opt, sched
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -247,7 +261,7 @@ class Engine:
         self.optimizer_step()
         return grad_norm
 
-    def guarded_step(self, loss_is_finite: bool = True) -> "StepResult":
+    def guarded_step(self, loss_is_finite: bool = True) -> StepResult:
         """Clip and step when the (global) loss and gradient norm are finite, else skip the step (see the module
         docstring). Every rank takes the same branch: the loss and the norm are global values."""
         grad_norm = self.clip_grad_norm(self.cfg.training.max_grad_norm)
@@ -285,7 +299,7 @@ class Engine:
         sched = self.scheduler
         if sched is None:
             return
-        sched = getattr(sched, "scheduler", sched)          # unwrap, should an engine wrap the torch scheduler
+        sched = getattr(sched, "scheduler", sched)  # unwrap, should an engine wrap the torch scheduler
         lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
         for group, lr in zip(sched.optimizer.param_groups, lrs):
             group["lr"] = lr

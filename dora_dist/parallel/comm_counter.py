@@ -17,6 +17,7 @@ all-gather: the gathered output (world × input); reduce-scatter: the input (wor
 reduce: the tensor. What a ring algorithm puts on the wire per rank follows from these ((N-1)/N, 2(N-1)/N; see
 dora_dist.plan.comm) — the projection predicts exactly these buffer sizes.
 """
+
 from __future__ import annotations
 
 import os
@@ -99,10 +100,10 @@ class CommCounter(TorchDispatchMode):
         self._step_totals: dict[str, int] = {}
         self._step_calls: dict[str, int] = {}
         self.record_calls = record_calls
-        self.log: list[tuple[str, str, int]] = []   # (kind, op, bytes) when record_calls
+        self.log: list[tuple[str, str, int]] = []  # (kind, op, bytes) when record_calls
 
     @classmethod
-    def from_env(cls) -> "CommCounter | None":
+    def from_env(cls) -> CommCounter | None:
         """A counter when DORA_DIST_COUNT_COMM is set to a true value (what benchmarks/scaling.py sets)."""
         if os.environ.get(ENV_VAR, "").lower() in ("1", "true", "yes"):
             return cls(record_calls=os.environ.get(ENV_VAR + "_LOG", "") == "1")
@@ -147,5 +148,7 @@ class CommCounter(TorchDispatchMode):
 
     def snapshot(self) -> dict[str, int]:
         """Totals since the counter was created (set-up collectives included)."""
-        return {**{f"comm_{k}_bytes": self.totals.get(k, 0) for k in KINDS},
-                **{f"comm_{k}_calls": self.calls.get(k, 0) for k in KINDS}}
+        return {
+            **{f"comm_{k}_bytes": self.totals.get(k, 0) for k in KINDS},
+            **{f"comm_{k}_calls": self.calls.get(k, 0) for k in KINDS},
+        }

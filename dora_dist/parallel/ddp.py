@@ -6,6 +6,7 @@ That also keeps bitsandbytes 4/8-bit weights away from DDP (QDoRA + DDP works).
 Collectives: one broadcast of the adapter parameters at wrap; an all-reduce of adapter gradients on the last
 micro-step of each optimizer step; one all-reduce of a scalar for the logged loss (trainer).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,9 +28,14 @@ class DDPEngine(Engine):
         frozen += [n for n, _ in model.named_buffers()]
         model._ddp_params_and_buffers_to_ignore = frozen
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        return DDP(model, device_ids=device_ids, bucket_cap_mb=self.cfg.parallel.ddp_bucket_mb,
-                   broadcast_buffers=False, find_unused_parameters=False,
-                   gradient_as_bucket_view=True)
+        return DDP(
+            model,
+            device_ids=device_ids,
+            bucket_cap_mb=self.cfg.parallel.ddp_bucket_mb,
+            broadcast_buffers=False,
+            find_unused_parameters=False,
+            gradient_as_bucket_view=True,
+        )
 
     @contextlib.contextmanager
     def accumulate(self, last: bool):

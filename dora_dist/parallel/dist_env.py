@@ -4,6 +4,7 @@ Read from the variables torchrun, the deepspeed launcher and SLURM-wrapped torch
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Without them the job is one process and no process group is created.
 Backend: nccl when CUDA is available, gloo otherwise (the CPU path used by the tests).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,7 @@ class DistEnv:
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_environ(cls, device: str = "auto", init_process_group: bool = True,
-                     timeout_s: float = 1800.0) -> "DistEnv":
+    def from_environ(cls, device: str = "auto", init_process_group: bool = True, timeout_s: float = 1800.0) -> DistEnv:
         """Build from torchrun/deepspeed variables; creates the default process group when world_size > 1."""
         rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
         local_rank = _env_int("LOCAL_RANK", 0)
@@ -56,8 +56,14 @@ class DistEnv:
         else:
             dev = torch.device("cpu")
             backend = "gloo"
-        env = cls(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, device=dev,
-                  backend=backend if world > 1 else None)
+        env = cls(
+            rank=rank,
+            world_size=world,
+            local_rank=local_rank,
+            local_world_size=local_world,
+            device=dev,
+            backend=backend if world > 1 else None,
+        )
         if world > 1 and init_process_group:
             if dist.is_initialized():
                 env.backend = dist.get_backend()
@@ -67,7 +73,7 @@ class DistEnv:
                 if backend == "nccl":
                     kwargs["device_id"] = dev
                 restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-                if restart is not None and local_world == world:   # one agent: its count is every rank's
+                if restart is not None and local_world == world:  # one agent: its count is every rank's
                     kwargs.update(store=_attempt_store(restart, rank, world, timeout), rank=rank, world_size=world)
                 dist.init_process_group(**kwargs)
                 env.initialized_here = True

@@ -20,6 +20,7 @@ Forward and backward: FSDP2 all-gathers each block's parameters before use and r
 (averaged over ranks; `loss_scale` = world size compensates, see base.py). Under gradient accumulation,
 `set_requires_gradient_sync(False)` skips the reduce-scatter on all but the last micro-step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,9 +63,11 @@ class FSDP2Engine(Engine):
         # bitsandbytes' Params4bit / Int8Params cannot be split by fully_shard (forward raises `quant_state is
         # required`); a ShardedLinear4bit (what the fsdp2 load plan makes of a 4-bit base) can.
         if source.quantized and not source.fsdp_shardable:
-            return ("bitsandbytes 4/8-bit weights cannot be sharded by fully_shard. Load the model through the "
-                    "trainer with parallel.engine=fsdp2 and quantization.mode=nf4|fp4 (its linears then become "
-                    "row-shardable ShardedLinear4bit), or use parallel.engine=ddp or zero2")
+            return (
+                "bitsandbytes 4/8-bit weights cannot be sharded by fully_shard. Load the model through the "
+                "trainer with parallel.engine=fsdp2 and quantization.mode=nf4|fp4 (its linears then become "
+                "row-shardable ShardedLinear4bit), or use parallel.engine=ddp or zero2"
+            )
         return None
 
     # --- wrapping ------------------------------------------------------------------------------------
@@ -72,8 +75,9 @@ class FSDP2Engine(Engine):
         # bf16 compute reduces gradients in fp32; otherwise they are reduced in the parameters' own dtype (fp32, or
         # fp64 for reference runs), never below it.
         bf16 = self.cfg.training.precision == "bf16"
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                    reduce_dtype=torch.float32 if bf16 else None)
+        return MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+        )
 
     def shard_kwargs(self) -> dict:
         kwargs = {"mesh": self.mesh, "mp_policy": self.mp_policy()}
@@ -114,8 +118,7 @@ class FSDP2Engine(Engine):
         for block in blocks:
             fully_shard(block, reshard_after_forward=self.cfg.parallel.reshard_after_forward, **kwargs)
         # The root holds embeddings, final norm and head; its params are needed right after the last block.
-        fully_shard(model, reshard_after_forward=False if blocks else self.cfg.parallel.reshard_after_forward,
-                    **kwargs)
+        fully_shard(model, reshard_after_forward=False if blocks else self.cfg.parallel.reshard_after_forward, **kwargs)
         if plan.kind == "rank0_broadcast":
             self._fill_from_rank0(model, full_state, buffers)
         elif plan.kind == "sharded_4bit":
@@ -134,8 +137,9 @@ class FSDP2Engine(Engine):
             module = model.get_submodule(owner) if owner else model
             module._buffers[attr] = value.to(self.env.device)
         # COLLECTIVE: a broadcast of every base/adapter tensor from rank 0; each rank keeps only its rows
-        set_model_state_dict(model, full_state,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        set_model_state_dict(
+            model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        )
         full_state.clear()
 
     # --- magnitude init from local rows ----------------------------------------------------------------
@@ -168,7 +172,6 @@ class FSDP2Engine(Engine):
                 out[key] = t.detach().cpu().clone()
         return out if self.env.is_main else None
 
-
     # --- DoRA health ------------------------------------------------------------------------------------
     def dora_row_views(self, model: nn.Module | None = None):
         """Each rank's own rows (W, m and lora_B share the dim-0 shards): W·Aᵀ from the local weight rows, with every
@@ -178,8 +181,11 @@ class FSDP2Engine(Engine):
         from dora_dist.parallel.base import clean_param_name
 
         device = self.env.device
-        layers = [(clean_param_name(n), layer) for n, layer in dora_layers(self.unwrap(model))
-                  if layer.magnitude is not None and not layer.merged]
+        layers = [
+            (clean_param_name(n), layer)
+            for n, layer in dora_layers(self.unwrap(model))
+            if layer.magnitude is not None and not layer.merged
+        ]
         sharded = [layer for _, layer in layers if isinstance(layer.base_layer.weight, DTensor)]
         whole_a = dict(zip(map(id, sharded), gather_dim0_shards([layer.lora_A for layer in sharded], device)))
         for name, layer in layers:
@@ -189,10 +195,18 @@ class FSDP2Engine(Engine):
                 continue
             a = whole_a[id(layer)]
             if layer.fan_in_fan_out:
-                full = layer.weight_source.over_rows(weight.full_tensor())   # COLLECTIVE: one layer's weight
-                yield RowView(name, torch.arange(layer.out_features, device=device), _full(layer.magnitude, device),
-                              _full(layer.lora_B, device), a, full.row_sq_norms().to(device),
-                              full.times_A(a).to(device), layer.scaling, owner=self.env.is_main)
+                full = layer.weight_source.over_rows(weight.full_tensor())  # COLLECTIVE: one layer's weight
+                yield RowView(
+                    name,
+                    torch.arange(layer.out_features, device=device),
+                    _full(layer.magnitude, device),
+                    _full(layer.lora_B, device),
+                    a,
+                    full.row_sq_norms().to(device),
+                    full.times_A(a).to(device),
+                    layer.scaling,
+                    owner=self.env.is_main,
+                )
                 continue
             local = _local(weight)
             mesh = weight.device_mesh
@@ -201,8 +215,16 @@ class FSDP2Engine(Engine):
             source = layer.weight_source.over_rows(local)
             cached = layer.base_row_sq
             row_sq = cached.to(device)[rows] if cached is not None else source.row_sq_norms().to(device)
-            yield RowView(name, rows, _local_copy(layer.magnitude, device), _local_copy(layer.lora_B, device), a,
-                          row_sq, source.times_A(a).to(device), layer.scaling)
+            yield RowView(
+                name,
+                rows,
+                _local_copy(layer.magnitude, device),
+                _local_copy(layer.lora_B, device),
+                a,
+                row_sq,
+                source.times_A(a).to(device),
+                layer.scaling,
+            )
 
 
 def gather_dim0_shards(params: list, device: torch.device) -> list[torch.Tensor]:
@@ -234,7 +256,7 @@ def gather_dim0_shards(params: list, device: torch.device) -> list[torch.Tensor]
         flat = torch.cat(pieces)
         local[: flat.numel()] = flat
     gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local, group=mesh.get_group())                # COLLECTIVE: Σ shards, padded
+    dist.all_gather(gathered, local, group=mesh.get_group())  # COLLECTIVE: Σ shards, padded
     offsets = [0] * world
     whole = {}
     for p in dts:
@@ -284,8 +306,14 @@ def gather_rows(like: DTensor, local: torch.Tensor) -> torch.Tensor:
     """All-gather a per-row tensor whose rows are sharded like `like` (Shard(0), torch.chunk layout, the last
     shards possibly short) into the full tensor. COLLECTIVE: rows × trailing dims values."""
     full_shape = torch.Size((like.shape[0], *local.shape[1:]))
-    dt = DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=full_shape,
-                            stride=torch.empty(full_shape, device="meta").stride())
+    dt = DTensor.from_local(
+        local,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=full_shape,
+        stride=torch.empty(full_shape, device="meta").stride(),
+    )
     return dt.full_tensor()
 
 
@@ -310,16 +338,16 @@ def init_sharded_norms(model: nn.Module, device: torch.device) -> int:
         if source.fan_in_fan_out:
             _init_gathered_layer(layer, device)
             continue
-        rows = source.over_rows(weight.to_local())                          # this rank's rows of W
-        row_sq = rows.row_sq_norms().to(device)                              # ‖W_i‖², local rows
+        rows = source.over_rows(weight.to_local())  # this rank's rows of W
+        row_sq = rows.row_sq_norms().to(device)  # ‖W_i‖², local rows
         magnitude = None
         if layer.magnitude is not None:
-            a = layer.lora_A.full_tensor().to(device)                        # COLLECTIVE: all-gather A (r, in)
-            b = layer.lora_B.to_local().to(device)                           # (rows, r), same rows as W
+            a = layer.lora_A.full_tensor().to(device)  # COLLECTIVE: all-gather A (r, in)
+            b = layer.lora_B.to_local().to(device)  # (rows, r), same rows as W
             # A fresh adapter (B = 0 on every rank alike) needs no W·Aᵀ: its cross term is exactly zero
             wa = rows.times_A(a).to(device) if bool(b.any()) else torch.zeros(b.shape[0], a.shape[0], device=device)
             magnitude = dora_row_norms(row_sq, wa, a, b, layer.scaling)
-        layer.set_norms(gather_rows(weight, row_sq), magnitude)              # COLLECTIVE: (out,) floats
+        layer.set_norms(gather_rows(weight, row_sq), magnitude)  # COLLECTIVE: (out,) floats
     return done
 
 
@@ -328,13 +356,13 @@ def _init_gathered_layer(layer: nn.Module, device: torch.device) -> None:
     """Norms of a layer whose shards do not hold whole output rows: gather this one layer's weight (never more than
     one at a time), compute its norms, keep this rank's chunk of the magnitude (torch.chunk layout, as fully_shard
     splits it)."""
-    weight = layer.base_layer.weight.full_tensor()                          # COLLECTIVE: one layer's weight
+    weight = layer.base_layer.weight.full_tensor()  # COLLECTIVE: one layer's weight
     source = layer.weight_source
-    full = source.over_rows(weight)                                        # the whole gathered layer
+    full = source.over_rows(weight)  # the whole gathered layer
     row_sq = full.row_sq_norms().to(device)
     magnitude = None
     if layer.magnitude is not None:
-        a, b = layer.lora_A.full_tensor(), layer.lora_B.full_tensor()       # COLLECTIVE: adapter of one layer
+        a, b = layer.lora_A.full_tensor(), layer.lora_B.full_tensor()  # COLLECTIVE: adapter of one layer
         norm = dora_row_norms(row_sq, full.times_A(a).to(device), a.to(device), b.to(device), layer.scaling)
         mesh = layer.magnitude.device_mesh
         chunks = torch.chunk(norm, mesh.size())

@@ -1,4 +1,5 @@
 """Single process: no wrapping, no collectives."""
+
 from __future__ import annotations
 
 from torch import nn

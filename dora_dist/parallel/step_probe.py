@@ -12,6 +12,7 @@
         step_probe.start_step(step)     # before a step
         rec.update(step_probe.end_step())
 """
+
 from __future__ import annotations
 
 import gc
@@ -89,8 +90,9 @@ class probing:
         if out_dir and (_COUNTER is not None or _STEPS):
             rank = os.environ.get("RANK", "0")
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            Path(out_dir, f"comm_rank{rank}.json").write_text(json.dumps(
-                {"rank": int(rank), "steps": _STEPS, "total": _COUNTER.snapshot() if _COUNTER else {}}))
+            Path(out_dir, f"comm_rank{rank}.json").write_text(
+                json.dumps({"rank": int(rank), "steps": _STEPS, "total": _COUNTER.snapshot() if _COUNTER else {}})
+            )
         _COUNTER = None
 
 

@@ -52,6 +52,7 @@ QDoRA with ZeRO-3 is refused: ZeRO-3 would flatten and split bitsandbytes' packe
 quantization state (absmax, blocksize, shape) stays whole, which is why peft fails there (peft issue #1731).
 ZeRO-2 (or DDP) trains 4/8-bit bases, and so does FSDP2 (row-sharded packed 4-bit, quant/sharded4bit.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,7 +75,8 @@ QDORA_ZERO3_REASON = (
     "ZeRO-3 flattens and splits every parameter over the ranks, including the packed quantized weights, whose "
     "quantization state cannot be split with them (the same failure as peft issue #1731). For QDoRA on several "
     "ranks use parallel.engine=zero2 (the 4-bit base stays whole on every rank; adapter gradients and optimizer "
-    "state are partitioned) or parallel.engine=ddp; or train a bf16 base with zero3.")
+    "state are partitioned) or parallel.engine=ddp; or train a bf16 base with zero3."
+)
 
 
 def _is_zero3_param(p: torch.Tensor) -> bool:
@@ -107,20 +109,21 @@ def storage_row_pieces(flat: torch.Tensor, start: int, d1: int, chunk_rows: int 
     mid-row) and ("block", row0, None, (k, d1) view) for whole rows, at most chunk_rows at a time."""
     pos, end, n = 0, flat.numel(), start
     col = n % d1
-    if col and pos < end:                                   # head: the rest of a storage row
+    if col and pos < end:  # head: the rest of a storage row
         take = min(d1 - col, end - pos)
         yield "piece", n // d1, col, flat[pos : pos + take]
         pos, n = pos + take, n + take
-    while end - pos >= d1:                                  # body: whole storage rows, in blocks
+    while end - pos >= d1:  # body: whole storage rows, in blocks
         rows = min(chunk_rows, (end - pos) // d1)
         yield "block", n // d1, None, flat[pos : pos + rows * d1].view(rows, d1)
         pos, n = pos + rows * d1, n + rows * d1
-    if pos < end:                                           # tail: the start of a storage row
+    if pos < end:  # tail: the start of a storage row
         yield "piece", n // d1, 0, flat[pos:end]
 
 
-def partial_row_sq_norms(flat: torch.Tensor, start: int, shape: tuple[int, int], out_dim: int,
-                         chunk_rows: int = 4096) -> torch.Tensor:
+def partial_row_sq_norms(
+    flat: torch.Tensor, start: int, shape: tuple[int, int], out_dim: int, chunk_rows: int = 4096
+) -> torch.Tensor:
     """Σ w² per output row over the elements of a row-major (d0, d1) weight that lie in flat[start:...].
 
     out_dim = 0 for an (out, in) weight (nn.Linear), 1 for an (in, out) one (transformers Conv1D). The slice may
@@ -143,19 +146,20 @@ def partial_row_sq_norms(flat: torch.Tensor, start: int, shape: tuple[int, int],
     return out
 
 
-def partial_times_A(flat: torch.Tensor, start: int, shape: tuple[int, int], out_dim: int, lora_A: torch.Tensor,
-                    chunk_rows: int = 4096) -> torch.Tensor:
+def partial_times_A(
+    flat: torch.Tensor, start: int, shape: tuple[int, int], out_dim: int, lora_A: torch.Tensor, chunk_rows: int = 4096
+) -> torch.Tensor:
     """The part of W·Aᵀ ((out, r), fp32 or fp64) contributed by the elements of a row-major (d0, d1) weight that lie
     in flat[start:...]; summed over the partitions of all ranks it is W·Aᵀ. out_dim as in partial_row_sq_norms."""
     acc = torch.promote_types(flat.dtype, torch.float32)
-    a = lora_A.detach().to(device=flat.device, dtype=acc)                  # (r, in)
+    a = lora_A.detach().to(device=flat.device, dtype=acc)  # (r, in)
     out = torch.zeros(shape[out_dim], a.shape[0], dtype=acc, device=flat.device)
     for kind, row, col0, values in storage_row_pieces(flat, start, shape[1], chunk_rows):
         values = values.to(acc)
         if kind == "block":
-            if out_dim == 0:                                               # (out, in): rows are outputs
+            if out_dim == 0:  # (out, in): rows are outputs
                 out[row : row + values.shape[0]] += values @ a.t()
-            else:                                                          # (in, out): rows are inputs
+            else:  # (in, out): rows are inputs
                 out += values.t() @ a[:, row : row + values.shape[0]].t()
         elif out_dim == 0:
             out[row] += a[:, col0 : col0 + values.numel()] @ values
@@ -179,7 +183,7 @@ class ZeroEngine(Engine):
 
     name = "zero"
     checkpoint_format = "deepspeed"
-    reshardable_checkpoints = False    # DeepSpeed's ZeRO checkpoints load at the world size that wrote them
+    reshardable_checkpoints = False  # DeepSpeed's ZeRO checkpoints load at the world size that wrote them
     stage = 0
     runs_alone = False
     requires = ("deepspeed",)
@@ -229,7 +233,7 @@ class ZeroEngine(Engine):
         import deepspeed
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-        deepspeed.init_distributed(dist_backend=self.env.backend)   # wraps the process group the trainer made
+        deepspeed.init_distributed(dist_backend=self.env.backend)  # wraps the process group the trainer made
         self.ds_config = self.make_ds_config()
         # zero.Init casts every floating tensor it creates to the DeepSpeed config's precision (fp32 when bf16/fp16
         # are off, as in our training config); the load-time copy names the base dtype instead, so a bf16 base
@@ -250,8 +254,10 @@ class ZeroEngine(Engine):
     def wrap(self, model: nn.Module) -> nn.Module:
         """Prepare the bare model for deepspeed.initialize (ZeRO-3: base weights as external params)."""
         if not self.env.distributed:
-            raise RuntimeError(f"parallel.engine={self.name} needs several processes "
-                               "(launch with `deepspeed --num_gpus N` or torchrun)")
+            raise RuntimeError(
+                f"parallel.engine={self.name} needs several processes "
+                "(launch with `deepspeed --num_gpus N` or torchrun)"
+            )
         if self.stage == 3:
             import deepspeed
 
@@ -269,16 +275,16 @@ class ZeroEngine(Engine):
             self.ds_config = self.make_ds_config()
         model = self.wrap(model)
         if self.stage == 2:
-            super().init_magnitudes(model)                    # full weights on every rank: no communication
+            super().init_magnitudes(model)  # full weights on every rank: no communication
         optimizer, scheduler = self.build_optimizer(model)
         engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
-            dist_init_required=False)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
+        )
         self.ds_engine, self.model = engine, engine
         self.optimizer, self.scheduler = ds_optimizer, ds_scheduler
         if self.stage == 3:
             self.init_magnitudes(engine.module)
-            ds_optimizer.refresh_fp32_params()                 # the fp32 master partitions follow the new m
+            ds_optimizer.refresh_fp32_params()  # the fp32 master partitions follow the new m
         rank_zero_print(self.env, f"[dora_dist] DeepSpeed {describe(self.ds_config)}")
         return engine
 
@@ -295,7 +301,7 @@ class ZeroEngine(Engine):
         for (_, layer), nonzero in zip(layers, b_nonzero):
             weight = layer.base_layer.weight
             stats["layers"] += 1
-            if not _is_partitioned(weight):                    # not a ZeRO-3 parameter: whole on every rank
+            if not _is_partitioned(weight):  # not a ZeRO-3 parameter: whole on every rank
                 layer.invalidate_cache()
                 row_sq = layer.base_row_sq_norms()
                 norm = layer.weight_norm() if layer.magnitude is not None else None
@@ -328,7 +334,7 @@ class ZeroEngine(Engine):
             flags.append(float(bool(local.numel()) and bool(local.ne(0).any())))
         t = torch.tensor(flags, dtype=torch.float32, device=self.env.device)
         if t.numel() and self.env.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)                          # COLLECTIVE: L floats
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # COLLECTIVE: L floats
         return [bool(v) for v in t.tolist()]
 
     def _row_sq_from_partition(self, layer: nn.Module, stats: dict) -> torch.Tensor:
@@ -338,7 +344,7 @@ class ZeroEngine(Engine):
         shape = tuple(int(d) for d in w.ds_shape)
         out_dim = 1 if layer.fan_in_fan_out else 0
         partial = partial_row_sq_norms(_local_slice(w), start, shape, out_dim).to(self.env.device)
-        dist.all_reduce(partial, group=w.ds_process_group)                # COLLECTIVE: out floats
+        dist.all_reduce(partial, group=w.ds_process_group)  # COLLECTIVE: out floats
         stats["allreduce_bytes"] += partial.numel() * partial.element_size()
         return partial.to(torch.float32 if partial.dtype != torch.float64 else partial.dtype)
 
@@ -350,7 +356,7 @@ class ZeroEngine(Engine):
         base = [p for p in layer.base_layer.parameters(recurse=False)]
         params = base + [layer.lora_A, layer.lora_B]
         stats["gathered_bytes"] += sum(int(p.ds_numel) * p.element_size() for p in params if _is_partitioned(p))
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):    # COLLECTIVE: one layer
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # COLLECTIVE: one layer
             layer.invalidate_cache()
             row_sq = layer.base_row_sq_norms().clone()
             norm = layer.weight_norm() if layer.magnitude is not None else None
@@ -365,6 +371,7 @@ class ZeroEngine(Engine):
             yield from super().dora_row_views(model)
             return
         import deepspeed
+
         from dora_dist.health import RowView
         from dora_dist.parallel.base import clean_param_name
 
@@ -374,8 +381,11 @@ class ZeroEngine(Engine):
                 continue
             adapter = [layer.lora_A, layer.lora_B, layer.magnitude]
             gathered = [p for p in adapter if _is_partitioned(p)]
-            ctx = deepspeed.zero.GatheredParameters(gathered, modifier_rank=None) if gathered \
+            ctx = (
+                deepspeed.zero.GatheredParameters(gathered, modifier_rank=None)
+                if gathered
                 else contextlib.nullcontext()
+            )
             with ctx:
                 a, b, m = (p.detach().to(device).clone() for p in adapter)
             w = layer.base_layer.weight
@@ -383,15 +393,23 @@ class ZeroEngine(Engine):
                 start, _, _ = _partition_range(w)
                 shape = tuple(int(d) for d in w.ds_shape)
                 wa = partial_times_A(_local_slice(w), start, shape, 1 if layer.fan_in_fan_out else 0, a).to(device)
-                dist.all_reduce(wa, group=w.ds_process_group)               # COLLECTIVE: (out, r) floats
+                dist.all_reduce(wa, group=w.ds_process_group)  # COLLECTIVE: (out, r) floats
                 row_sq = layer.base_row_sq
                 if row_sq is None:
-                    row_sq = self._row_sq_from_partition(layer, {"allreduce_bytes": 0})    # COLLECTIVE
+                    row_sq = self._row_sq_from_partition(layer, {"allreduce_bytes": 0})  # COLLECTIVE
             else:
                 wa, row_sq = layer.weight_source.times_A(a), layer.base_row_sq_norms()
-            yield RowView(clean_param_name(name), torch.arange(layer.out_features, device=device), m, b, a,
-                          row_sq.to(device), wa.to(torch.promote_types(wa.dtype, torch.float32)), layer.scaling,
-                          owner=self.env.is_main)
+            yield RowView(
+                clean_param_name(name),
+                torch.arange(layer.out_features, device=device),
+                m,
+                b,
+                a,
+                row_sq.to(device),
+                wa.to(torch.promote_types(wa.dtype, torch.float32)),
+                layer.scaling,
+                owner=self.env.is_main,
+            )
 
     # --- the step -------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -410,7 +428,7 @@ class ZeroEngine(Engine):
 
     def step(self) -> float:
         self.ds_engine.set_gradient_accumulation_boundary(True)
-        self.ds_engine.step()                                  # clip, optimizer + LR scheduler step, zero grads
+        self.ds_engine.step()  # clip, optimizer + LR scheduler step, zero grads
         return self.clip_grad_norm(self.cfg.training.max_grad_norm)
 
     def guarded_step(self, loss_is_finite: bool = True) -> StepResult:
@@ -433,26 +451,34 @@ class ZeroEngine(Engine):
     def adapter_state_dict(self, model: nn.Module | None = None) -> dict[str, torch.Tensor] | None:
         """Full adapter tensors (PEFT keys) on rank 0; ZeRO-3 gathers one layer's adapter at a time, nothing else."""
         import deepspeed
+
         from dora_dist.adapters.inject import modules_to_save
         from dora_dist.adapters.peft_format import PREFIX, SUFFIXES
 
         model = self.unwrap(model if model is not None else self.model)
         out: dict[str, torch.Tensor] = {}
         for name, layer in dora_layers(model):
-            params = {suffix: getattr(layer, attr) for suffix, attr in SUFFIXES.items()
-                      if getattr(layer, attr) is not None}
+            params = {
+                suffix: getattr(layer, attr) for suffix, attr in SUFFIXES.items() if getattr(layer, attr) is not None
+            }
             gathered = [p for p in params.values() if _is_partitioned(p)]
-            ctx = deepspeed.zero.GatheredParameters(gathered, modifier_rank=None) if gathered \
+            ctx = (
+                deepspeed.zero.GatheredParameters(gathered, modifier_rank=None)
+                if gathered
                 else contextlib.nullcontext()
-            with ctx:                                                        # COLLECTIVE: adapter of one layer
+            )
+            with ctx:  # COLLECTIVE: adapter of one layer
                 if self.env.is_main:
                     for suffix, p in params.items():
                         out[f"{PREFIX}{name}.{suffix}"] = p.detach().cpu().clone()
-        for name, module in modules_to_save(model).items():                  # trained in full (dora.modules_to_save)
+        for name, module in modules_to_save(model).items():  # trained in full (dora.modules_to_save)
             gathered = [p for p in module.parameters() if _is_partitioned(p)]
-            ctx = deepspeed.zero.GatheredParameters(gathered, modifier_rank=None) if gathered \
+            ctx = (
+                deepspeed.zero.GatheredParameters(gathered, modifier_rank=None)
+                if gathered
                 else contextlib.nullcontext()
-            with ctx:                                                        # COLLECTIVE: one module
+            )
+            with ctx:  # COLLECTIVE: one module
                 if self.env.is_main:
                     for key, t in module.state_dict().items():
                         out[f"{PREFIX}{name}.{key}"] = t.detach().cpu().clone()
@@ -461,17 +487,29 @@ class ZeroEngine(Engine):
     # --- checkpoints ----------------------------------------------------------------------------------
     def save_checkpoint(self, directory: str, extra_state: dict[str, Any]) -> None:
         """Adapter params, partitioned optimizer state, LR scheduler (no frozen weights) + trainer state."""
-        self.ds_engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={CLIENT_KEY: extra_state},
-                                       save_latest=False, exclude_frozen_parameters=True)
+        self.ds_engine.save_checkpoint(
+            str(directory),
+            tag=CHECKPOINT_TAG,
+            client_state={CLIENT_KEY: extra_state},
+            save_latest=False,
+            exclude_frozen_parameters=True,
+        )
 
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
         if not (Path(directory) / CHECKPOINT_TAG).is_dir():
-            raise FileNotFoundError(f"{directory} holds no DeepSpeed checkpoint (no '{CHECKPOINT_TAG}' folder); "
-                                    f"was it written by parallel.engine={self.name}?")
+            raise FileNotFoundError(
+                f"{directory} holds no DeepSpeed checkpoint (no '{CHECKPOINT_TAG}' folder); "
+                f"was it written by parallel.engine={self.name}?"
+            )
         for file in sorted((Path(directory) / CHECKPOINT_TAG).glob("*.pt")):
             verify_torch_file(file, deepspeed_checkpoint_globals())  # DeepSpeed unpickles with weights_only=False
-        path, client = self.ds_engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_module_strict=False,
-                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+        path, client = self.ds_engine.load_checkpoint(
+            str(directory),
+            tag=CHECKPOINT_TAG,
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
         return (client or {}).get(CLIENT_KEY, {})

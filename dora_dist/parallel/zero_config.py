@@ -20,6 +20,7 @@ Keys the user JSON adds (bucket sizes, overlap_comm, stage3_* thresholds, offloa
 set both ways with different values is an error naming the key and both values; "auto" (the Hugging Face
 convention) takes our value.
 """
+
 from __future__ import annotations
 
 import copy
@@ -106,7 +107,7 @@ _ORIGIN = {
 _REFUSED_SECTIONS = {
     "optimizer": "the optimizer is the trainer's AdamW (training.lr, training.adam_*, training.weight_decay)",
     "scheduler": "the LR schedule is the trainer's (training.warmup_steps, training.lr_schedule, "
-                 "training.min_lr_ratio)",
+    "training.min_lr_ratio)",
     "amp": "precision is set by training.precision and dora.adapter_dtype",
 }
 
@@ -138,12 +139,14 @@ def _merge(ours: dict, theirs: dict, prefix: str, source: str) -> dict:
             origin = _ORIGIN.get(full, "the dora_dist config")
             raise DeepSpeedConfigError(
                 f"{source}: '{full}' is {value!r} but the dora_dist config gives {ours[key]!r} (from {origin}); "
-                f"remove the key from the JSON or change the dora_dist setting")
+                f"remove the key from the JSON or change the dora_dist setting"
+            )
     return out
 
 
-def build_ds_config(cfg, world_size: int, stage: int, user: dict | str | Path | None = None,
-                    grad_accum: int | None = None) -> dict[str, Any]:
+def build_ds_config(
+    cfg, world_size: int, stage: int, user: dict | str | Path | None = None, grad_accum: int | None = None
+) -> dict[str, Any]:
     """Our generated config, merged with the user's JSON (a dict or a path; default parallel.deepspeed_config)."""
     ours = generated_config(cfg, world_size, stage, grad_accum)
     if user is None:
@@ -163,8 +166,13 @@ def build_ds_config(cfg, world_size: int, stage: int, user: dict | str | Path | 
 def describe(ds_config: dict[str, Any]) -> str:
     """One line for the log: stage, batch and offload."""
     z = ds_config.get("zero_optimization", {})
-    off = [k.replace("offload_", "") for k in ("offload_optimizer", "offload_param")
-           if isinstance(z.get(k), dict) and z[k].get("device", "none") != "none"]
-    return (f"ZeRO-{z.get('stage')} micro_batch={ds_config['train_micro_batch_size_per_gpu']} "
-            f"accum={ds_config['gradient_accumulation_steps']} clip={ds_config['gradient_clipping']} "
-            f"offload={'+'.join(off) or 'none'}")
+    off = [
+        k.replace("offload_", "")
+        for k in ("offload_optimizer", "offload_param")
+        if isinstance(z.get(k), dict) and z[k].get("device", "none") != "none"
+    ]
+    return (
+        f"ZeRO-{z.get('stage')} micro_batch={ds_config['train_micro_batch_size_per_gpu']} "
+        f"accum={ds_config['gradient_accumulation_steps']} clip={ds_config['gradient_clipping']} "
+        f"offload={'+'.join(off) or 'none'}"
+    )

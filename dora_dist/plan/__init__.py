@@ -9,11 +9,22 @@ and the engine to use.
     project.py     step time = compute + non-overlapped communication; fit; recommendation
     report.py      the `dora-dist plan` command
 """
+
 from dora_dist.plan.comm import bytes_by_kind, predict_collectives
 from dora_dist.plan.hardware import GPUS, INTERCONNECTS, make_cluster
 from dora_dist.plan.memory import estimate_memory
 from dora_dist.plan.model_spec import model_spec
 from dora_dist.plan.project import candidates, project, recommend
 
-__all__ = ["GPUS", "INTERCONNECTS", "bytes_by_kind", "candidates", "estimate_memory", "make_cluster", "model_spec",
-           "predict_collectives", "project", "recommend"]
+__all__ = [
+    "GPUS",
+    "INTERCONNECTS",
+    "bytes_by_kind",
+    "candidates",
+    "estimate_memory",
+    "make_cluster",
+    "model_spec",
+    "predict_collectives",
+    "project",
+    "recommend",
+]

@@ -26,6 +26,7 @@ Where the sizes come from (world N, gas = micro-steps per optimizer step, adapte
   reduce-scattered (fp32, each padded to N·ceil(numel/N)) on every micro-step; two float64 scalars are
   all-reduced at the step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,9 +43,9 @@ DDP_FIRST_BUCKET_BYTES = 1 << 20
 @dataclass(frozen=True)
 class Collective:
     kind: str
-    nbytes: int          # per step, summed over its calls
+    nbytes: int  # per step, summed over its calls
     calls: int
-    overlap: bool        # can hide behind compute (prefetched all-gathers, bucketed gradient reductions)
+    overlap: bool  # can hide behind compute (prefetched all-gathers, bucketed gradient reductions)
     what: str
 
 
@@ -113,10 +114,20 @@ def predict_collectives(cfg, spec: ModelSpec, engine: str, world: int) -> list[C
         block_bytes = sum(fsdp2_unit_bytes(cfg, spec, u, world) for u in blocks)
         per_block = 2 if cfg.parallel.reshard_after_forward else 1
         root_times = 1 if blocks or not cfg.parallel.reshard_after_forward else 2
-        out.append(Collective("all_gather", gas * root_times * root, gas * root_times, False,
-                              "root unit (embeddings, norm, head)"))
-        out.append(Collective("all_gather", gas * per_block * block_bytes, gas * per_block * len(blocks), True,
-                              f"decoder blocks, {'forward + backward' if per_block == 2 else 'forward'}"))
+        out.append(
+            Collective(
+                "all_gather", gas * root_times * root, gas * root_times, False, "root unit (embeddings, norm, head)"
+            )
+        )
+        out.append(
+            Collective(
+                "all_gather",
+                gas * per_block * block_bytes,
+                gas * per_block * len(blocks),
+                True,
+                f"decoder blocks, {'forward + backward' if per_block == 2 else 'forward'}",
+            )
+        )
         rs, rs_calls = 0, 0
         for u in spec.units:
             unit_train = spec.select(trainable=True, block=u)
@@ -131,20 +142,48 @@ def predict_collectives(cfg, spec: ModelSpec, engine: str, world: int) -> list[C
         decay = [p for p in trainable if not (p.role == "magnitude" or len(p.shape) < 2)]
         no_decay = [p for p in trainable if p not in decay]
         ag = sum(ceil(sum(p.numel for p in g) / (2 * world)) * 2 * world * abytes for g in (decay, no_decay) if g)
-        out.append(Collective("all_gather", ag, sum(1 for g in (decay, no_decay) if g), False,
-                              "updated fp32 partitions (groups padded to 2·N)"))
+        out.append(
+            Collective(
+                "all_gather",
+                ag,
+                sum(1 for g in (decay, no_decay) if g),
+                False,
+                "updated fp32 partitions (groups padded to 2·N)",
+            )
+        )
     elif engine == "zero3":
         persistent = [p for p in spec.params if p.numel <= ZERO3_PERSISTENCE_THRESHOLD]
         big = [p for p in spec.params if p.numel > ZERO3_PERSISTENCE_THRESHOLD]
         itemsize = lambda p: param_itemsize(cfg, p)  # noqa: E731
         big_bytes = sum(_padded(p.numel, world) * itemsize(p) for p in big)
         regather = 2 if sum(p.numel for p in big) > ZERO3_MAX_REUSE_DISTANCE else 1
-        out.append(Collective("all_gather", gas * regather * big_bytes, gas * regather * (1 if big else 0), True,
-                              "non-persistent parameters, per micro-step"))
-        out.append(Collective("all_gather", sum(_padded(p.numel, world) * itemsize(p) for p in persistent),
-                              len(persistent), False, "persistent parameters, re-gathered after the step"))
-        out.append(Collective("reduce_scatter", gas * sum(_padded(p.numel, world) * 4 for p in trainable),
-                              gas, True, "adapter gradients, every micro-step"))
+        out.append(
+            Collective(
+                "all_gather",
+                gas * regather * big_bytes,
+                gas * regather * (1 if big else 0),
+                True,
+                "non-persistent parameters, per micro-step",
+            )
+        )
+        out.append(
+            Collective(
+                "all_gather",
+                sum(_padded(p.numel, world) * itemsize(p) for p in persistent),
+                len(persistent),
+                False,
+                "persistent parameters, re-gathered after the step",
+            )
+        )
+        out.append(
+            Collective(
+                "reduce_scatter",
+                gas * sum(_padded(p.numel, world) * 4 for p in trainable),
+                gas,
+                True,
+                "adapter gradients, every micro-step",
+            )
+        )
         out.append(Collective("all_reduce", 2 * 8, 2, False, "norm / overflow scalars"))
     else:
         raise ValueError(f"no communication model for engine {engine!r}")

@@ -4,6 +4,7 @@ Numbers are vendor peak figures (dense bf16 tensor-core FLOP/s, memory) and typi
 bandwidths per GPU (what NCCL's busbw reports on such links, below the link's line rate). They are presets to start
 from: pass `--bandwidth-gbps` / `--latency-us` / `--mfu` to use your own measurements.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -17,43 +18,49 @@ GiB = 2**30
 @dataclass(frozen=True)
 class GPU:
     name: str
-    memory_bytes: float          # device memory
-    peak_flops: float            # dense bf16 FLOP/s
-    intra_node: str              # default interconnect between the GPUs of one node
-    host_memory_per_gpu: float   # typical CPU RAM per GPU in such a node (CPU offload lands there)
-    reserved_bytes: float = 1.5 * GiB   # CUDA context, NCCL buffers, allocator fragmentation
+    memory_bytes: float  # device memory
+    peak_flops: float  # dense bf16 FLOP/s
+    intra_node: str  # default interconnect between the GPUs of one node
+    host_memory_per_gpu: float  # typical CPU RAM per GPU in such a node (CPU offload lands there)
+    reserved_bytes: float = 1.5 * GiB  # CUDA context, NCCL buffers, allocator fragmentation
 
 
 @dataclass(frozen=True)
 class Interconnect:
     name: str
-    bandwidth: float             # achieved bus bandwidth per GPU, bytes/s
-    latency_s: float             # per collective call
+    bandwidth: float  # achieved bus bandwidth per GPU, bytes/s
+    latency_s: float  # per collective call
     #: whether collectives can run alongside compute (GPU links: a separate stream and engine; gloo on the CPU uses
     #: the same cores as the compute, so nothing overlaps)
     overlaps: bool = True
 
 
-GPUS: dict[str, GPU] = {g.name: g for g in (
-    GPU("h200-141gb", 141 * GB, 989e12, "nvlink", 256 * GB),
-    GPU("h100-80gb", 80 * GB, 989e12, "nvlink", 256 * GB),
-    GPU("a100-80gb", 80 * GB, 312e12, "nvlink", 256 * GB),
-    GPU("a100-40gb", 40 * GB, 312e12, "nvlink", 128 * GB),
-    GPU("l40s-48gb", 48 * GB, 362e12, "pcie", 128 * GB),
-    GPU("a6000-48gb", 48 * GB, 155e12, "pcie", 64 * GB),
-    GPU("rtx4090-24gb", 24 * GB, 165e12, "pcie", 64 * GB),
-    GPU("rtx3090-24gb", 24 * GB, 71e12, "pcie", 64 * GB),
-    GPU("a10-24gb", 24 * GB, 125e12, "pcie", 64 * GB),
-    GPU("cpu", 64 * GB, 0.2e12, "loopback", 64 * GB, reserved_bytes=0.0),
-)}
+GPUS: dict[str, GPU] = {
+    g.name: g
+    for g in (
+        GPU("h200-141gb", 141 * GB, 989e12, "nvlink", 256 * GB),
+        GPU("h100-80gb", 80 * GB, 989e12, "nvlink", 256 * GB),
+        GPU("a100-80gb", 80 * GB, 312e12, "nvlink", 256 * GB),
+        GPU("a100-40gb", 40 * GB, 312e12, "nvlink", 128 * GB),
+        GPU("l40s-48gb", 48 * GB, 362e12, "pcie", 128 * GB),
+        GPU("a6000-48gb", 48 * GB, 155e12, "pcie", 64 * GB),
+        GPU("rtx4090-24gb", 24 * GB, 165e12, "pcie", 64 * GB),
+        GPU("rtx3090-24gb", 24 * GB, 71e12, "pcie", 64 * GB),
+        GPU("a10-24gb", 24 * GB, 125e12, "pcie", 64 * GB),
+        GPU("cpu", 64 * GB, 0.2e12, "loopback", 64 * GB, reserved_bytes=0.0),
+    )
+}
 
-INTERCONNECTS: dict[str, Interconnect] = {i.name: i for i in (
-    Interconnect("nvlink", 360 * GB, 10e-6),        # NVLink 4 (H100 SXM), NCCL busbw
-    Interconnect("pcie", 20 * GB, 15e-6),           # PCIe 4.0 x16 through the host
-    Interconnect("infiniband", 45 * GB, 20e-6),     # 400 Gb/s NDR, one NIC per GPU
-    Interconnect("ethernet", 10 * GB, 50e-6),       # 100 GbE per node, no RDMA
-    Interconnect("loopback", 1.5 * GB, 60e-6, overlaps=False),   # gloo over 127.0.0.1 (the CPU benchmarks)
-)}
+INTERCONNECTS: dict[str, Interconnect] = {
+    i.name: i
+    for i in (
+        Interconnect("nvlink", 360 * GB, 10e-6),  # NVLink 4 (H100 SXM), NCCL busbw
+        Interconnect("pcie", 20 * GB, 15e-6),  # PCIe 4.0 x16 through the host
+        Interconnect("infiniband", 45 * GB, 20e-6),  # 400 Gb/s NDR, one NIC per GPU
+        Interconnect("ethernet", 10 * GB, 50e-6),  # 100 GbE per node, no RDMA
+        Interconnect("loopback", 1.5 * GB, 60e-6, overlaps=False),  # gloo over 127.0.0.1 (the CPU benchmarks)
+    )
+}
 
 
 def get_gpu(name: str) -> GPU:
@@ -63,8 +70,7 @@ def get_gpu(name: str) -> GPU:
         raise ConfigError(f"--gpu: unknown GPU {name!r}; presets: {', '.join(GPUS)}") from None
 
 
-def get_interconnect(name: str, bandwidth_gbps: float | None = None, latency_us: float | None = None
-                     ) -> Interconnect:
+def get_interconnect(name: str, bandwidth_gbps: float | None = None, latency_us: float | None = None) -> Interconnect:
     """A preset, optionally with a user-measured bandwidth (GB/s) and/or latency (µs)."""
     if name not in INTERCONNECTS:
         raise ConfigError(f"unknown interconnect {name!r}; presets: {', '.join(INTERCONNECTS)}")
@@ -95,15 +101,22 @@ class Cluster:
         """The slowest link a world-wide ring crosses."""
         return self.inter if self.nodes > 1 else self.intra
 
-    def with_size(self, nodes: int, gpus_per_node: int) -> "Cluster":
+    def with_size(self, nodes: int, gpus_per_node: int) -> Cluster:
         return replace(self, nodes=nodes, gpus_per_node=gpus_per_node)
 
 
-def make_cluster(gpu: str, nodes: int, gpus_per_node: int, interconnect: str | None = None,
-                 inter_node: str = "infiniband", bandwidth_gbps: float | None = None,
-                 latency_us: float | None = None) -> Cluster:
+def make_cluster(
+    gpu: str,
+    nodes: int,
+    gpus_per_node: int,
+    interconnect: str | None = None,
+    inter_node: str = "infiniband",
+    bandwidth_gbps: float | None = None,
+    latency_us: float | None = None,
+) -> Cluster:
     g = get_gpu(gpu)
-    intra = get_interconnect(interconnect or g.intra_node,
-                             bandwidth_gbps if nodes == 1 else None, latency_us if nodes == 1 else None)
+    intra = get_interconnect(
+        interconnect or g.intra_node, bandwidth_gbps if nodes == 1 else None, latency_us if nodes == 1 else None
+    )
     inter = get_interconnect(inter_node, bandwidth_gbps if nodes > 1 else None, latency_us if nodes > 1 else None)
     return Cluster(g, nodes, gpus_per_node, intra, inter)

@@ -18,6 +18,7 @@ Components (bytes on one rank; `host` ones live in CPU memory under parallel.cpu
 - logits: the (tokens × vocab) logits, their fp32 upcast/shifted copy, the log-softmax saved by cross-entropy and
   the logits' gradient.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,8 +35,8 @@ DEEPSPEED = ("zero2", "zero3")
 class MemoryEstimate:
     engine: str
     world: int
-    device: dict[str, float] = field(default_factory=dict)   # component -> bytes on the accelerator
-    host: dict[str, float] = field(default_factory=dict)     # component -> bytes in CPU memory (offload)
+    device: dict[str, float] = field(default_factory=dict)  # component -> bytes on the accelerator
+    host: dict[str, float] = field(default_factory=dict)  # component -> bytes in CPU memory (offload)
 
     @property
     def device_total(self) -> float:
@@ -137,8 +138,8 @@ def estimate_memory(cfg, spec: ModelSpec, engine: str, world: int) -> MemoryEsti
     grads = n_train * 4 / grad_shard
     optim = 2 * n_train * 4 / grad_shard
     if engine in DEEPSPEED:
-        optim += n_train * 4 / world                       # fp32 master partition
-        grads += ds_reduce_bucket_elements(cfg) * 4        # the contiguous gradient bucket, allocated whole
+        optim += n_train * 4 / world  # fp32 master partition
+        grads += ds_reduce_bucket_elements(cfg) * 4  # the contiguous gradient bucket, allocated whole
     where = est.host if offload else est.device
     (est.host if offload and engine in ("fsdp2", "zero3") else est.device)["base"] = base
     (est.host if offload and engine in ("fsdp2", "zero3") else est.device)["adapters"] = params
@@ -156,10 +157,15 @@ def estimate_memory(cfg, spec: ModelSpec, engine: str, world: int) -> MemoryEsti
         ag_buffer = max((fsdp2_unit_bytes(cfg, spec, u, world) for u in spec.units if u >= 0), default=0)
         est.device["gathered"] = (root + sum(biggest)) * c + ag_buffer
     elif engine == "zero3":
-        persistent = sum(p.numel * (abytes if p.trainable else base_dtype_bytes(cfg))
-                         for p in spec.params if p.numel <= ZERO3_PERSISTENCE_THRESHOLD)
-        big = sorted((p.numel * base_dtype_bytes(cfg) for p in spec.params if p.numel > ZERO3_PERSISTENCE_THRESHOLD),
-                     reverse=True)
+        persistent = sum(
+            p.numel * (abytes if p.trainable else base_dtype_bytes(cfg))
+            for p in spec.params
+            if p.numel <= ZERO3_PERSISTENCE_THRESHOLD
+        )
+        big = sorted(
+            (p.numel * base_dtype_bytes(cfg) for p in spec.params if p.numel > ZERO3_PERSISTENCE_THRESHOLD),
+            reverse=True,
+        )
         est.device["gathered"] = persistent + sum(big[:2])
     elif four_bit(cfg):
         # bitsandbytes dequantizes one linear at a time for its matmul

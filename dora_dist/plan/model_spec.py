@@ -5,6 +5,7 @@ embedded in dora_dist/models/architectures, so nothing is downloaded) and DoRA i
 applies it, so the table holds the same parameters, in the same order and shapes, as a real run. The projection
 (comm.py, memory.py) works only from this table and the config.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,8 +18,8 @@ import torch
 class ParamSpec:
     name: str
     shape: tuple[int, ...]
-    role: str          # "linear" (a DoRA-wrapped base weight), "base" (other frozen), "lora_A", "lora_B", "magnitude"
-    block: int         # decoder block index, or -1 for the root (embeddings, final norm, head)
+    role: str  # "linear" (a DoRA-wrapped base weight), "base" (other frozen), "lora_A", "lora_B", "magnitude"
+    block: int  # decoder block index, or -1 for the root (embeddings, final norm, head)
     trainable: bool
 
     @property
@@ -39,8 +40,9 @@ class ModelSpec:
     tied: bool = False
     extra: dict = field(default_factory=dict)
 
-    def select(self, *, trainable: bool | None = None, roles: tuple[str, ...] | None = None,
-               block: int | None = None) -> list[ParamSpec]:
+    def select(
+        self, *, trainable: bool | None = None, roles: tuple[str, ...] | None = None, block: int | None = None
+    ) -> list[ParamSpec]:
         out = self.params
         if trainable is not None:
             out = [p for p in out if p.trainable == trainable]
@@ -96,17 +98,23 @@ def _spec_cached(key, hf, cfg) -> ModelSpec:
     models.add_adapters(model, cfg)
     params = []
     for name, p in model.named_parameters():
-        params.append(ParamSpec(name, tuple(p.shape), _role(name, p.requires_grad), _block_index(name),
-                                bool(p.requires_grad)))
+        params.append(
+            ParamSpec(name, tuple(p.shape), _role(name, p.requires_grad), _block_index(name), bool(p.requires_grad))
+        )
     n_blocks = 1 + max((p.block for p in params), default=-1)
     heads = int(getattr(hf, "num_attention_heads", 1))
     hidden = int(getattr(hf, "hidden_size", 0))
-    spec = ModelSpec(params=params, n_blocks=n_blocks, hidden=hidden,
-                     intermediate=int(getattr(hf, "intermediate_size", 4 * hidden) or 4 * hidden),
-                     vocab=int(getattr(hf, "vocab_size", 0)), n_heads=heads,
-                     n_kv_heads=int(getattr(hf, "num_key_value_heads", heads) or heads),
-                     head_dim=int(getattr(hf, "head_dim", None) or hidden // max(1, heads)),
-                     tied=bool(getattr(hf, "tie_word_embeddings", False)))
+    spec = ModelSpec(
+        params=params,
+        n_blocks=n_blocks,
+        hidden=hidden,
+        intermediate=int(getattr(hf, "intermediate_size", 4 * hidden) or 4 * hidden),
+        vocab=int(getattr(hf, "vocab_size", 0)),
+        n_heads=heads,
+        n_kv_heads=int(getattr(hf, "num_key_value_heads", heads) or heads),
+        head_dim=int(getattr(hf, "head_dim", None) or hidden // max(1, heads)),
+        tied=bool(getattr(hf, "tie_word_embeddings", False)),
+    )
     del model
     _CACHE[key] = spec
     return spec

@@ -12,6 +12,7 @@ step time = compute + the communication that does not overlap with it (+ host↔
   all-gathers and bucketed gradient reductions overlap with compute; the rest (the first gather, step-time scalars,
   DeepSpeed's post-step gathers) do not.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,7 +23,7 @@ from dora_dist.plan.hardware import GB, Cluster
 from dora_dist.plan.memory import MemoryEstimate, estimate_memory
 from dora_dist.plan.model_spec import ModelSpec, model_spec
 
-HOST_LINK_BYTES_PER_S = 20 * GB   # PCIe between host and GPU, for CPU offload traffic
+HOST_LINK_BYTES_PER_S = 20 * GB  # PCIe between host and GPU, for CPU offload traffic
 
 
 @dataclass
@@ -81,7 +82,7 @@ def flops_per_token(cfg, spec: ModelSpec) -> float:
     bwd = 2 * (n_lin + n_head) + 4 * n_adapt + 2 * attn_fwd
     total = fwd + bwd + (fwd if cfg.training.gradient_checkpointing else 0)
     tokens = cfg.training.micro_batch_size * cfg.data.seq_len
-    norm = 2 * cfg.dora.r * n_lin / tokens if cfg.dora.use_dora else 0.0   # per micro-step, spread over its tokens
+    norm = 2 * cfg.dora.r * n_lin / tokens if cfg.dora.use_dora else 0.0  # per micro-step, spread over its tokens
     return total + norm
 
 
@@ -98,8 +99,15 @@ def comm_time(collectives: list[Collective], cluster: Cluster) -> tuple[float, f
     return ov, no
 
 
-def project(cfg, cluster: Cluster, engine: str | None = None, cpu_offload: bool | None = None,
-            spec: ModelSpec | None = None, mfu: float = 0.4, compute_s_per_token: float | None = None) -> Projection:
+def project(
+    cfg,
+    cluster: Cluster,
+    engine: str | None = None,
+    cpu_offload: bool | None = None,
+    spec: ModelSpec | None = None,
+    mfu: float = 0.4,
+    compute_s_per_token: float | None = None,
+) -> Projection:
     """The projection of `cfg` on `cluster` with `engine` (default: the config's; auto resolved as the trainer)."""
     cfg = copy.deepcopy(cfg)
     world = cluster.world
@@ -128,18 +136,38 @@ def project(cfg, cluster: Cluster, engine: str | None = None, cpu_offload: bool 
     need = mem.device_total + cluster.gpu.reserved_bytes
     have = cluster.gpu.memory_bytes
     host_have = cluster.gpu.host_memory_per_gpu
-    proj = Projection(engine, bool(cfg.parallel.cpu_offload), world, mem, colls, compute, ov + no, exposed, offload,
-                      tokens_rank * world, need <= have and mem.host_total <= host_have, need, have,
-                      host_fits=mem.host_total <= host_have)
+    proj = Projection(
+        engine,
+        bool(cfg.parallel.cpu_offload),
+        world,
+        mem,
+        colls,
+        compute,
+        ov + no,
+        exposed,
+        offload,
+        tokens_rank * world,
+        need <= have and mem.host_total <= host_have,
+        need,
+        have,
+        host_fits=mem.host_total <= host_have,
+    )
     if engine not in valid_engines(cfg, world):
         proj.fits = False
         proj.runnable = False
-        why = ("it runs one process" if engine == "none" else
-               "the trainer refuses this base with it (see README: engines)" if world > 1 else "it needs several ranks")
+        why = (
+            "it runs one process"
+            if engine == "none"
+            else "the trainer refuses this base with it (see README: engines)"
+            if world > 1
+            else "it needs several ranks"
+        )
         proj.notes.append(f"parallel.engine={engine} cannot run this job on {world} rank(s): {why}")
     if not proj.host_fits:
-        proj.notes.append(f"CPU offload needs {mem.host_total / GB:.1f} GB of host memory per GPU, the preset has "
-                          f"{host_have / GB:.0f} GB")
+        proj.notes.append(
+            f"CPU offload needs {mem.host_total / GB:.1f} GB of host memory per GPU, the preset has "
+            f"{host_have / GB:.0f} GB"
+        )
     return proj
 
 
@@ -147,7 +175,7 @@ def candidates(cfg, cluster: Cluster, spec: ModelSpec, **kw) -> list[Projection]
     """Every engine (and CPU offload where the engine has it) this job could run with on `cluster`."""
     out = []
     for engine in valid_engines(cfg, cluster.world):
-        for off in ((False, True) if engine in ("fsdp2", "zero2", "zero3") else (False,)):
+        for off in (False, True) if engine in ("fsdp2", "zero2", "zero3") else (False,):
             out.append(project(cfg, cluster, engine, off, spec, **kw))
     return out
 
@@ -157,22 +185,31 @@ def recommend(projs: list[Projection]) -> tuple[Projection | None, str]:
     fitting = [p for p in projs if p.fits]
     if not fitting:
         best = min(projs, key=lambda p: p.need_bytes)
-        reason = (f"needs {best.need_bytes / GB:.1f} GB per GPU, has {best.have_bytes / GB:.0f} GB"
-                  if best.need_bytes > best.have_bytes else "; ".join(best.notes))
-        return None, (f"does not fit with any engine; the closest, {best.engine}"
-                      f"{' + CPU offload' if best.cpu_offload else ''}, {reason}. Use more GPUs, a 4-bit base, "
-                      "gradient checkpointing or a smaller micro-batch / sequence")
+        reason = (
+            f"needs {best.need_bytes / GB:.1f} GB per GPU, has {best.have_bytes / GB:.0f} GB"
+            if best.need_bytes > best.have_bytes
+            else "; ".join(best.notes)
+        )
+        return None, (
+            f"does not fit with any engine; the closest, {best.engine}"
+            f"{' + CPU offload' if best.cpu_offload else ''}, {reason}. Use more GPUs, a 4-bit base, "
+            "gradient checkpointing or a smaller micro-batch / sequence"
+        )
     best = max(fitting, key=lambda p: (p.tokens_per_s, -p.need_bytes))
     moved = sum(best.comm_bytes.values())
-    why = (f"{best.engine}{' + CPU offload' if best.cpu_offload else ''}: fits ({best.need_bytes / GB:.1f} of "
-           f"{best.have_bytes / GB:.0f} GB), {moved / 2**20:,.1f} MiB of collectives per step "
-           f"({best.exposed_comm_s * 1e3:.1f} ms not hidden behind {best.compute_s * 1e3:.0f} ms of compute), "
-           f"{best.tokens_per_s:,.0f} tokens/s")
+    why = (
+        f"{best.engine}{' + CPU offload' if best.cpu_offload else ''}: fits ({best.need_bytes / GB:.1f} of "
+        f"{best.have_bytes / GB:.0f} GB), {moved / 2**20:,.1f} MiB of collectives per step "
+        f"({best.exposed_comm_s * 1e3:.1f} ms not hidden behind {best.compute_s * 1e3:.0f} ms of compute), "
+        f"{best.tokens_per_s:,.0f} tokens/s"
+    )
     others = [p for p in fitting if p is not best]
     if others:
         runner = max(others, key=lambda p: p.tokens_per_s)
-        why += (f"; next: {runner.engine}{' + offload' if runner.cpu_offload else ''} at "
-                f"{runner.tokens_per_s:,.0f} tokens/s ({sum(runner.comm_bytes.values()) / 2**20:,.1f} MiB per step)")
+        why += (
+            f"; next: {runner.engine}{' + offload' if runner.cpu_offload else ''} at "
+            f"{runner.tokens_per_s:,.0f} tokens/s ({sum(runner.comm_bytes.values()) / 2**20:,.1f} MiB per step)"
+        )
     unfit = sorted({p.engine for p in projs if not p.fits} - {p.engine for p in fitting})
     if unfit:
         why += f"; engines that do not fit: {', '.join(unfit)}"

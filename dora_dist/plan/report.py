@@ -7,6 +7,7 @@
 Nothing is downloaded or loaded: the model is built on the meta device from its config. A job that does not fit is
 reported ("does not fit: needs X, has Y"), with the engines that would.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,18 +22,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="YAML config (default: the built-in quickstart)")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default: %(default)s)")
     p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (ranks) per node (default: %(default)s)")
-    p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS), metavar="GPU",
-                   help=f"GPU preset, one of {', '.join(sorted(GPUS))} (default: %(default)s)")
-    p.add_argument("--interconnect", default=None, choices=sorted(INTERCONNECTS),
-                   help="between the GPUs of a node (default: the GPU's usual one)")
-    p.add_argument("--inter-node", default="infiniband", choices=sorted(INTERCONNECTS),
-                   help="between nodes (default: %(default)s)")
-    p.add_argument("--bandwidth-gbps", type=float, default=None, help="your measured bus bandwidth, GB/s per GPU, "
-                   "for the slowest link the job crosses (default: the interconnect preset's)")
-    p.add_argument("--latency-us", type=float, default=None,
-                   help="per-collective latency, µs (default: the interconnect preset's)")
-    p.add_argument("--mfu", type=float, default=0.4,
-                   help="model FLOPs utilisation assumed for compute, in (0, 1] (default: %(default)s)")
+    p.add_argument(
+        "--gpu",
+        default="h100-80gb",
+        choices=sorted(GPUS),
+        metavar="GPU",
+        help=f"GPU preset, one of {', '.join(sorted(GPUS))} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--interconnect",
+        default=None,
+        choices=sorted(INTERCONNECTS),
+        help="between the GPUs of a node (default: the GPU's usual one)",
+    )
+    p.add_argument(
+        "--inter-node", default="infiniband", choices=sorted(INTERCONNECTS), help="between nodes (default: %(default)s)"
+    )
+    p.add_argument(
+        "--bandwidth-gbps",
+        type=float,
+        default=None,
+        help="your measured bus bandwidth, GB/s per GPU, "
+        "for the slowest link the job crosses (default: the interconnect preset's)",
+    )
+    p.add_argument(
+        "--latency-us", type=float, default=None, help="per-collective latency, µs (default: the interconnect preset's)"
+    )
+    p.add_argument(
+        "--mfu",
+        type=float,
+        default=0.4,
+        help="model FLOPs utilisation assumed for compute, in (0, 1] (default: %(default)s)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.cpu_offload=true")
 
 
@@ -61,8 +82,10 @@ def _gb(x: float) -> str:
 def _line(p: Projection) -> str:
     moved = sum(p.comm_bytes.values())
     fit = "yes" if p.fits else "no"
-    return (f"  {p.engine + (' +offload' if p.cpu_offload else ''):<15} {p.need_bytes / GB:>9.2f} {fit:>5} "
-            f"{moved / 2**20:>12,.1f} {p.step_s:>9.3f} {p.tokens_per_s:>12,.0f} {100 * p.efficiency:>6.1f}%")
+    return (
+        f"  {p.engine + (' +offload' if p.cpu_offload else ''):<15} {p.need_bytes / GB:>9.2f} {fit:>5} "
+        f"{moved / 2**20:>12,.1f} {p.step_s:>9.3f} {p.tokens_per_s:>12,.0f} {100 * p.efficiency:>6.1f}%"
+    )
 
 
 def run(args) -> int:
@@ -71,20 +94,33 @@ def run(args) -> int:
 
     cfg = load_job_config(args.config, args.overrides)
     check_arguments(args, cfg)
-    cluster = make_cluster(args.gpu, args.nodes, args.gpus_per_node, args.interconnect, args.inter_node,
-                           args.bandwidth_gbps, args.latency_us)
+    cluster = make_cluster(
+        args.gpu,
+        args.nodes,
+        args.gpus_per_node,
+        args.interconnect,
+        args.inter_node,
+        args.bandwidth_gbps,
+        args.latency_us,
+    )
     spec = model_spec(cfg)
     kw = {"mfu": args.mfu}
     job = project(cfg, cluster, spec=spec, **kw)
-    print(f"plan: {cfg.model.name_or_path} ({spec.numel(trainable=False) / 1e9:.2f} B frozen, "
-          f"{spec.numel(trainable=True) / 1e6:.1f} M trainable), quantization={cfg.quantization.mode}, "
-          f"precision={cfg.training.precision}, gradient_checkpointing={cfg.training.gradient_checkpointing}, "
-          f"micro-batch {cfg.training.micro_batch_size} × seq {cfg.data.seq_len}")
-    print(f"cluster: {cluster.nodes} node(s) × {cluster.gpus_per_node} {cluster.gpu.name} "
-          f"({cluster.gpu.memory_bytes / GB:.0f} GB), within a node {cluster.intra.name}"
-          + (f", between nodes {cluster.inter.name}" if cluster.nodes > 1 else ""))
-    print(f"\nconfigured engine: {job.engine}{' + CPU offload' if job.cpu_offload else ''} on {job.world} rank(s); "
-          "memory per rank (GB):")
+    print(
+        f"plan: {cfg.model.name_or_path} ({spec.numel(trainable=False) / 1e9:.2f} B frozen, "
+        f"{spec.numel(trainable=True) / 1e6:.1f} M trainable), quantization={cfg.quantization.mode}, "
+        f"precision={cfg.training.precision}, gradient_checkpointing={cfg.training.gradient_checkpointing}, "
+        f"micro-batch {cfg.training.micro_batch_size} × seq {cfg.data.seq_len}"
+    )
+    print(
+        f"cluster: {cluster.nodes} node(s) × {cluster.gpus_per_node} {cluster.gpu.name} "
+        f"({cluster.gpu.memory_bytes / GB:.0f} GB), within a node {cluster.intra.name}"
+        + (f", between nodes {cluster.inter.name}" if cluster.nodes > 1 else "")
+    )
+    print(
+        f"\nconfigured engine: {job.engine}{' + CPU offload' if job.cpu_offload else ''} on {job.world} rank(s); "
+        "memory per rank (GB):"
+    )
     for comp in COMPONENTS:
         dev, host = job.memory.device.get(comp), job.memory.host.get(comp)
         if dev is None and host is None:
@@ -101,9 +137,11 @@ def run(args) -> int:
         if not job.host_fits:
             reason = "; ".join(job.notes)
         print(f"  does not fit: {reason}")
-    print(f"  projected: {job.tokens_per_s:,.0f} tokens/s, step {job.step_s:.3f} s (compute {job.compute_s:.3f} s, "
-          f"exposed communication {job.exposed_comm_s:.3f} s, offload {job.offload_s:.3f} s), "
-          f"scaling efficiency {100 * job.efficiency:.1f}%")
+    print(
+        f"  projected: {job.tokens_per_s:,.0f} tokens/s, step {job.step_s:.3f} s (compute {job.compute_s:.3f} s, "
+        f"exposed communication {job.exposed_comm_s:.3f} s, offload {job.offload_s:.3f} s), "
+        f"scaling efficiency {100 * job.efficiency:.1f}%"
+    )
     if cluster.nodes > 1:
         one = project(cfg, cluster.with_size(1, cluster.gpus_per_node), job.engine, job.cpu_offload, spec, **kw)
         eff = job.tokens_per_s / (cluster.nodes * one.tokens_per_s) if one.tokens_per_s else 0.0
@@ -113,8 +151,10 @@ def run(args) -> int:
         print("  collectives per step: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in kinds.items()))
 
     projs = candidates(cfg, cluster, spec, **kw)
-    print(f"\nengines on this cluster:\n  {'engine':<15} {'GB/rank':>9} {'fits':>5} {'MiB/step':>12} "
-          f"{'step s':>9} {'tokens/s':>12} {'eff':>7}")
+    print(
+        f"\nengines on this cluster:\n  {'engine':<15} {'GB/rank':>9} {'fits':>5} {'MiB/step':>12} "
+        f"{'step s':>9} {'tokens/s':>12} {'eff':>7}"
+    )
     for p in projs:
         print(_line(p))
     best, why = recommend(projs)

@@ -5,6 +5,7 @@ quantization blocks, so each chunk is dequantized with bitsandbytes' own kernel 
 and absmax, and the result is bit-identical to dequantizing the whole weight. Peak extra memory is one fp32
 chunk (CHUNK_ELEMENTS values), never a full fp32 copy of the layer.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,7 @@ class _Dequant4bitMatmul(torch.autograd.Function):
     dequantizes again in backward, so it saves nothing but a reference to the packed codes."""
 
     @staticmethod
-    def forward(ctx, x, source: "BnB4bitWeight", a_t):
+    def forward(ctx, x, source: BnB4bitWeight, a_t):
         weight = source.dequantize_full(x.dtype)
         out = torch.nn.functional.linear(x, weight)
         wa = None
@@ -92,13 +93,18 @@ class BnB4bitWeight(WeightSource):
         # Only ask bitsandbytes to recover a lost quant_state when the module kept one: on a weight that was never
         # quantized, its helper fails with a bare AssertionError instead of our message below.
         fix = getattr(bnb.nn.modules, "fix_4bit_weight_quant_state_from_module", None)
-        if fix is not None and getattr(self.module.weight, "quant_state", None) is None \
-                and getattr(self.module, "quant_state", None) is not None:
+        if (
+            fix is not None
+            and getattr(self.module.weight, "quant_state", None) is None
+            and getattr(self.module, "quant_state", None) is not None
+        ):
             fix(self.module)
         qs = getattr(self.module.weight, "quant_state", None)
         if qs is None:
-            raise ValueError(f"{type(self.module).__name__} weight is not quantized yet (no quant_state): move the "
-                             "model to its device (or load it quantized) before applying DoRA")
+            raise ValueError(
+                f"{type(self.module).__name__} weight is not quantized yet (no quant_state): move the "
+                "model to its device (or load it quantized) before applying DoRA"
+            )
         if getattr(qs, "packing_format_for_cpu", False):
             unpack_cpu_repacked(self.module.weight)  # repacked behind our back (a direct call of the base layer)
         return qs
@@ -196,10 +202,22 @@ def requantize_4bit(template: nn.Module, weight: torch.Tensor) -> nn.Module:
     bnb = _bnb()
     qs = template.weight.quant_state
     bias = template.bias
-    new = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=bias is not None, compute_dtype=template.compute_dtype,
-                            compress_statistics=bool(qs.nested), quant_type=qs.quant_type, device="meta")
-    param = bnb.nn.Params4bit(weight.detach().to(qs.dtype).cpu(), requires_grad=False, quant_type=qs.quant_type,
-                              blocksize=qs.blocksize, compress_statistics=bool(qs.nested))
+    new = bnb.nn.Linear4bit(
+        weight.shape[1],
+        weight.shape[0],
+        bias=bias is not None,
+        compute_dtype=template.compute_dtype,
+        compress_statistics=bool(qs.nested),
+        quant_type=qs.quant_type,
+        device="meta",
+    )
+    param = bnb.nn.Params4bit(
+        weight.detach().to(qs.dtype).cpu(),
+        requires_grad=False,
+        quant_type=qs.quant_type,
+        blocksize=qs.blocksize,
+        compress_statistics=bool(qs.nested),
+    )
     new.weight = param._quantize(weight.device) if hasattr(param, "_quantize") else param.to(weight.device)
     if bias is not None:
         new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -250,9 +268,11 @@ class BnB8bitWeight(WeightSource):
 
 def _bnb_layer(class_name: str):
     """Matcher for a bitsandbytes layer class; a module can only be one if bitsandbytes is already imported."""
+
     def matches(module: nn.Module) -> bool:
         bnb = sys.modules.get("bitsandbytes")
         return bnb is not None and isinstance(module, getattr(bnb.nn, class_name))
+
     return matches
 
 

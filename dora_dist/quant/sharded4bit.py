@@ -35,6 +35,7 @@ row norms (DoRA's ‖W‖² and magnitude init) are computed from the local pack
 
 No dependency on torchao; bitsandbytes is needed only to quantize a dense weight or convert a bnb layer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,8 +76,21 @@ def row_layout(out_features: int, in_features: int, blocksize: int, nested: bool
 class _Meta:
     """Non-tensor state shared by all shards of one weight (replicated, never sharded)."""
 
-    __slots__ = ("quant_type", "blocksize", "nested", "offset", "code2", "k1", "k2", "n_in",
-                 "o_s2", "o_s1", "o_rm", "o_pk", "row_bytes")
+    __slots__ = (
+        "quant_type",
+        "blocksize",
+        "nested",
+        "offset",
+        "code2",
+        "k1",
+        "k2",
+        "n_in",
+        "o_s2",
+        "o_s1",
+        "o_rm",
+        "o_pk",
+        "row_bytes",
+    )
 
     def __init__(self, quant_type, blocksize, nested, offset, code2, k1, k2, n_in):
         self.quant_type, self.blocksize, self.nested = quant_type, int(blocksize), bool(nested)
@@ -92,13 +106,19 @@ class _Meta:
         self.o_pk = self.o_rm + 8
         self.row_bytes = _align4(self.o_pk + self.n_in // 2)
 
-    def to(self, device) -> "_Meta":
+    def to(self, device) -> _Meta:
         code2 = self.code2.to(device) if self.code2 is not None else None
         return _Meta(self.quant_type, self.blocksize, self.nested, self.offset, code2, self.k1, self.k2, self.n_in)
 
-    def same_format(self, other: "_Meta") -> bool:
+    def same_format(self, other: _Meta) -> bool:
         return (self.quant_type, self.blocksize, self.nested, self.k1, self.k2, self.n_in) == (
-            other.quant_type, other.blocksize, other.nested, other.k1, other.k2, other.n_in)
+            other.quant_type,
+            other.blocksize,
+            other.nested,
+            other.k1,
+            other.k2,
+            other.n_in,
+        )
 
 
 def _align4(n: int) -> int:
@@ -112,18 +132,20 @@ class Sharded4bitTensor(torch.Tensor):
     def __new__(cls, qdata, meta: _Meta, shape, dtype, requires_grad=False):
         shape = torch.Size(shape)
         stride = (shape[1], 1) if len(shape) == 2 else (1,)
-        return torch.Tensor._make_wrapper_subclass(cls, shape, stride, 0, dtype=dtype, device=qdata.device,
-                                                   requires_grad=requires_grad)
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, stride, 0, dtype=dtype, device=qdata.device, requires_grad=requires_grad
+        )
 
     def __init__(self, qdata, meta: _Meta, shape, dtype, requires_grad=False):
         if qdata.dim() != 2 or qdata.shape[1] != meta.row_bytes or qdata.dtype != torch.uint8:
-            raise ValueError(f"bad 4-bit row records {tuple(qdata.shape)} {qdata.dtype}, expected (rows, "
-                             f"{meta.row_bytes}) uint8")
+            raise ValueError(
+                f"bad 4-bit row records {tuple(qdata.shape)} {qdata.dtype}, expected (rows, {meta.row_bytes}) uint8"
+            )
         self.qdata, self.meta = qdata, meta  # (rows, row_bytes) uint8: the only tensor FSDP2 sees and gathers
 
     # --- the fields, as views of the row records ---------------------------------------------------------
     def _field(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.qdata[:, offset: offset + nbytes].view(dtype)
+        return self.qdata[:, offset : offset + nbytes].view(dtype)
 
     @property
     def packed(self) -> torch.Tensor:
@@ -144,7 +166,7 @@ class Sharded4bitTensor(torch.Tensor):
         return self._field(self.meta.o_rm, 8, torch.int32)
 
     @classmethod
-    def assemble(cls, packed, scales, scales2, rowmeta, meta: _Meta, shape, dtype) -> "Sharded4bitTensor":
+    def assemble(cls, packed, scales, scales2, rowmeta, meta: _Meta, shape, dtype) -> Sharded4bitTensor:
         """Pack the fields into row records."""
         qdata = torch.zeros(packed.shape[0], meta.row_bytes, dtype=torch.uint8, device=packed.device)
         t = cls(qdata, meta, shape, dtype)
@@ -157,8 +179,9 @@ class Sharded4bitTensor(torch.Tensor):
 
     # --- construction ----------------------------------------------------------------------------------
     @classmethod
-    def from_bnb(cls, packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None,
-                 rows: tuple[int, int] | None = None) -> "Sharded4bitTensor":
+    def from_bnb(
+        cls, packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None, rows: tuple[int, int] | None = None
+    ) -> Sharded4bitTensor:
         """Re-lay out a bitsandbytes 4-bit state (packed bytes + QuantState) by rows. Exact: no re-quantization.
 
         rows=(r0, r1) keeps only those rows of the (out, in) weight; `packed` may then hold just their bytes
@@ -175,7 +198,7 @@ class Sharded4bitTensor(torch.Tensor):
         if flat.numel() * 2 < out_f * in_f:  # only the kept rows' bytes were given
             rows_t = flat[: (r1 - r0) * in_f // 2]
         else:
-            rows_t = flat[r0 * in_f // 2: r1 * in_f // 2]
+            rows_t = flat[r0 * in_f // 2 : r1 * in_f // 2]
         rows = rows_t.reshape(r1 - r0, in_f // 2).clone()
         out_f = r1 - r0
         absmax = quant_state.absmax.reshape(-1)
@@ -200,14 +223,20 @@ class Sharded4bitTensor(torch.Tensor):
         return cls.assemble(rows, scales, scales2, rowmeta, meta, (out_f, in_f), dtype)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
-                   double_quant: bool = True, dtype: torch.dtype | None = None) -> "Sharded4bitTensor":
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> Sharded4bitTensor:
         """Quantize a dense (out, in) weight exactly as bitsandbytes.functional.quantize_4bit does."""
         packed, qs = quantize_4bit_bnb(weight, quant_type, blocksize, double_quant)
         return cls.from_bnb(packed, qs, dtype or weight.dtype)
 
     @classmethod
-    def from_linear4bit(cls, module: nn.Module, dtype: torch.dtype | None = None) -> "Sharded4bitTensor":
+    def from_linear4bit(cls, module: nn.Module, dtype: torch.dtype | None = None) -> Sharded4bitTensor:
         """From a bitsandbytes Linear4bit (its packed weight and quant_state)."""
         qs = module.weight.quant_state
         if qs is None:
@@ -217,8 +246,16 @@ class Sharded4bitTensor(torch.Tensor):
         return cls.from_bnb(module.weight.data, qs, dtype or module.compute_dtype or qs.dtype)
 
     @classmethod
-    def empty(cls, out_features: int, in_features: int, quant_type: str = "nf4", blocksize: int = 64,
-              double_quant: bool = True, dtype: torch.dtype = torch.bfloat16, device=None) -> "Sharded4bitTensor":
+    def empty(
+        cls,
+        out_features: int,
+        in_features: int,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ) -> Sharded4bitTensor:
         """Uninitialised storage with the right inner shapes (e.g. on the meta device, filled later by copy_)."""
         _, _, _, _, k1, k2 = row_layout(out_features, in_features, blocksize, double_quant)
         meta = _Meta(quant_type, blocksize, double_quant, 0.0, None, k1, k2, in_features)
@@ -234,15 +271,17 @@ class Sharded4bitTensor(torch.Tensor):
         meta, shape, dtype = ctx
         return Sharded4bitTensor(inner["qdata"], meta, shape, dtype)
 
-    def _with(self, fn, dtype=None, meta=None) -> "Sharded4bitTensor":
+    def _with(self, fn, dtype=None, meta=None) -> Sharded4bitTensor:
         """Apply fn to the row records (an op that keeps the row structure)."""
         qdata = fn(self.qdata)
         return Sharded4bitTensor(qdata, meta or self.meta, (qdata.shape[0], self.shape[1]), dtype or self.dtype)
 
     def __repr__(self):
         m = self.meta
-        return (f"Sharded4bitTensor(shape={tuple(self.shape)}, dtype={self.dtype}, {m.quant_type}, "
-                f"blocksize={m.blocksize}, double_quant={m.nested}, device={self.device})")
+        return (
+            f"Sharded4bitTensor(shape={tuple(self.shape)}, dtype={self.dtype}, {m.quant_type}, "
+            f"blocksize={m.blocksize}, double_quant={m.nested}, device={self.device})"
+        )
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -262,7 +301,8 @@ class Sharded4bitTensor(torch.Tensor):
         handler = _OPS.get(func)
         if handler is None:
             raise NotImplementedError(
-                f"Sharded4bitTensor does not support {func}; dequantize first (t.dequantize()) for dense math")
+                f"Sharded4bitTensor does not support {func}; dequantize first (t.dequantize()) for dense math"
+            )
         return handler(func, *args, **kwargs)
 
     # --- FSDP2 all-gather extensions ----------------------------------------------------------------------
@@ -270,8 +310,10 @@ class Sharded4bitTensor(torch.Tensor):
         """What FSDP2 all-gathers: the packed bytes and scales of the local rows (no dequantization)."""
         world = mesh.size()
         if outer_size[0] % world:  # same answer on every rank: no rank is left waiting in the collective
-            raise ValueError(f"a 4-bit weight of shape {tuple(outer_size)} cannot be sharded evenly over {world} "
-                             "ranks; FSDP2 sharding of Sharded4bitTensor needs out_features divisible by the world size")
+            raise ValueError(
+                f"a 4-bit weight of shape {tuple(outer_size)} cannot be sharded evenly over {world} "
+                "ranks; FSDP2 sharding of Sharded4bitTensor needs out_features divisible by the world size"
+            )
         return (self.qdata,), (self.meta, torch.Size(outer_size))
 
     @torch.no_grad()
@@ -371,6 +413,6 @@ def quantize_4bit_bnb(weight: torch.Tensor, quant_type: str = "nf4", blocksize: 
     w = weight.detach()
     if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         w = w.float()
-    return bnbf.quantize_4bit(w.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
-                              quant_type=quant_type)
-
+    return bnbf.quantize_4bit(
+        w.contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
+    )

@@ -1,4 +1,5 @@
 """ShardedLinear4bit: a frozen linear layer over a Sharded4bitTensor weight (the FSDP2-shardable QDoRA base)."""
+
 from __future__ import annotations
 
 import torch
@@ -22,19 +23,35 @@ class ShardedLinear4bit(nn.Module):
         return self.weight.dtype
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None) -> "ShardedLinear4bit":
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> ShardedLinear4bit:
         """From an nn.Linear (quantized as bnb does) or a bitsandbytes Linear4bit (re-laid out, exact)."""
         if getattr(linear.weight, "quant_state", None) is not None:  # a bitsandbytes Params4bit
             w = Sharded4bitTensor.from_linear4bit(linear, compute_dtype)
         else:
-            w = Sharded4bitTensor.from_dense(linear.weight.detach(), quant_type, blocksize, double_quant,
-                                             compute_dtype or linear.weight.dtype)
+            w = Sharded4bitTensor.from_dense(
+                linear.weight.detach(), quant_type, blocksize, double_quant, compute_dtype or linear.weight.dtype
+            )
         return cls(w, linear.bias)
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, bias: bool, quant_type: str = "nf4", blocksize: int = 64,
-              double_quant: bool = True, dtype: torch.dtype = torch.bfloat16, device=None) -> "ShardedLinear4bit":
+    def empty(
+        cls,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ) -> ShardedLinear4bit:
         w = Sharded4bitTensor.empty(out_features, in_features, quant_type, blocksize, double_quant, dtype, device)
         b = torch.empty(out_features, dtype=dtype, device=device) if bias else None
         return cls(w, b)

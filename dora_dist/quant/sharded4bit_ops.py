@@ -5,6 +5,7 @@ keeping the packed row records intact. Anything else raises and asks for an expl
 Import through dora_dist.quant.sharded4bit, which imports this module once its tensor class exists; this module
 never imports it back (handlers take the class from their arguments).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ def _implements(*ops):
         for op in ops:
             OPS[op] = fn
         return fn
+
     return deco
 
 
@@ -55,9 +57,9 @@ def _split(func, t, split_size, dim=0):
     if rows % split_size:
         raise ValueError(
             f"a 4-bit weight with {rows} rows cannot be split evenly into chunks of {split_size} rows; FSDP2 "
-            "sharding of Sharded4bitTensor needs out_features divisible by the world size")
-    return [type(t)(part, t.meta, (part.shape[0], t.shape[1]), t.dtype)
-            for part in func(t.qdata, split_size, 0)]
+            "sharding of Sharded4bitTensor needs out_features divisible by the world size"
+        )
+    return [type(t)(part, t.meta, (part.shape[0], t.shape[1]), t.dtype) for part in func(t.qdata, split_size, 0)]
 
 
 @_implements(aten.slice.Tensor)

@@ -10,6 +10,7 @@
   `fsdp_post_all_gather` dequantized them; the matmul and DoRA's per-step cross term W·Aᵀ use this tensor, which
   FSDP materialised for the forward matmul anyway (no extra communication).
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,8 @@ class Sharded4bitWeight(WeightSource):
         if is_dtensor(w):
             raise RuntimeError(
                 "the 4-bit weight is sharded (FSDP2, outside forward): only its local rows are available here; use "
-                "the engine's init_sharded_norms, or call inside forward")
+                "the engine's init_sharded_norms, or call inside forward"
+            )
         return w
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,8 +67,10 @@ class Sharded4bitWeight(WeightSource):
 
     def row_sq_norms(self) -> torch.Tensor:
         if is_dtensor(self.module.weight):
-            raise RuntimeError("the 4-bit weight is sharded (FSDP2, outside forward): its row norms come from the "
-                               "local rows through the engine (parallel.fsdp2.init_sharded_norms)")
+            raise RuntimeError(
+                "the 4-bit weight is sharded (FSDP2, outside forward): its row norms come from the "
+                "local rows through the engine (parallel.fsdp2.init_sharded_norms)"
+            )
         return super().row_sq_norms()
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -84,5 +88,8 @@ class Sharded4bitWeight(WeightSource):
         return ShardedLinear4bit(new, self.bias)
 
 
-register_weight_source(lambda m: isinstance(m, ShardedLinear4bit), Sharded4bitWeight,
-                       "dora_dist ShardedLinear4bit (FSDP2-shardable NF4/FP4)")
+register_weight_source(
+    lambda m: isinstance(m, ShardedLinear4bit),
+    Sharded4bitWeight,
+    "dora_dist ShardedLinear4bit (FSDP2-shardable NF4/FP4)",
+)

@@ -1,5 +1,6 @@
 """`python -m dora_dist.train` in which only rank $FAIL_RANK meets bad input (its data), after the process group
 exists: the other rank goes on into the model's collectives. Launched by test_bad_inputs_launch.py under torchrun."""
+
 import os
 import sys
 
@@ -7,7 +8,7 @@ import dora_dist.errors as errors
 import dora_dist.train as train
 from dora_dist.errors import DataError
 
-errors.OTHER_RANK_GRACE_S = 2.0   # rank 0 does not fail here: the failing rank 1 need not wait the full grace
+errors.OTHER_RANK_GRACE_S = 2.0  # rank 0 does not fail here: the failing rank 1 need not wait the full grace
 
 _real = train.build_datasets
 

@@ -11,6 +11,7 @@ is non-zero, no traceback of dora_dist's code reaches the user, and nothing hang
 - only one rank fails (rank 1, after the process group exists, while rank 0 waits in a collective): rank 1's
   message appears once, torchrun stops rank 0, the job ends well within the timeout.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,21 +47,43 @@ def work(tmp_path_factory) -> Path:
 
 
 def quick(work: Path, *overrides: str) -> list[str]:
-    return ["training.max_steps=1", "data.synthetic_samples=50", "data.seq_len=32", "output.progress_bar=false",
-            "output.plot=false", f"model.cache_dir={work / 'cache'}", f"output.dir={work / 'run'}", *overrides]
+    return [
+        "training.max_steps=1",
+        "data.synthetic_samples=50",
+        "data.seq_len=32",
+        "output.progress_bar=false",
+        "output.plot=false",
+        f"model.cache_dir={work / 'cache'}",
+        f"output.dir={work / 'run'}",
+        *overrides,
+    ]
 
 
 def run(cmd: list[str], timeout: int = 300, **env) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_BUILD_OPS="0",
-                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    full_env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        DS_BUILD_OPS="0",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **env,
+    )
     full_env.pop("RANK", None)
     full_env.pop("DORA_DIST_DEBUG", None)
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-            *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        *args,
+    ]
 
 
 def our_frames(output: str) -> list[str]:
@@ -89,29 +112,40 @@ def test_python_m_train_one_line_exit_2(work):
 def test_torchrun_sh_checks_the_config_before_torchrun(work):
     proc = run(["bash", "launch/torchrun.sh", *quick(work, *ZERO3_4BIT)], NPROC_PER_NODE="2")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert [line for line in proc.stderr.splitlines() if line.strip()] == \
-        [line for line in proc.stderr.splitlines() if line.startswith(PREFIX)] != []
+    assert (
+        [line for line in proc.stderr.splitlines() if line.strip()]
+        == [line for line in proc.stderr.splitlines() if line.startswith(PREFIX)]
+        != []
+    )
     assert len(proc.stderr.splitlines()) == 1 and "parallel.engine=zero3" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr and "ChildFailedError" not in proc.stderr
 
 
 def test_torchrun_error_before_the_process_group(work):
-    out = assert_reported_once(run(torchrun("-m", "dora_dist.train", *quick(work, *ZERO3_4BIT))),
-                               "parallel.engine=zero3", "quantization.mode=nf4")
-    assert "ChildFailedError" in out          # torchrun's own report of a child that exited non-zero
+    out = assert_reported_once(
+        run(torchrun("-m", "dora_dist.train", *quick(work, *ZERO3_4BIT))),
+        "parallel.engine=zero3",
+        "quantization.mode=nf4",
+    )
+    assert "ChildFailedError" in out  # torchrun's own report of a child that exited non-zero
     assert not (work / "run").exists()
 
 
 def test_torchrun_error_after_the_process_group(work):
-    out = assert_reported_once(run(torchrun("-m", "dora_dist.train",
-                                            *quick(work, f"data.source={work / 'garbage.jsonl'}"))),
-                               "cannot read", "garbage.jsonl")
+    out = assert_reported_once(
+        run(torchrun("-m", "dora_dist.train", *quick(work, f"data.source={work / 'garbage.jsonl'}"))),
+        "cannot read",
+        "garbage.jsonl",
+    )
     assert "exitcode  : 2" in out and not (work / "run").exists()
 
 
 def test_torchrun_only_one_rank_fails_and_nothing_hangs(work):
-    proc = run(torchrun(str(ROOT / "tests" / "integration" / "one_rank_fails.py"),
-                        *quick(work, "parallel.engine=fsdp2")), timeout=240, FAIL_RANK="1")
+    proc = run(
+        torchrun(str(ROOT / "tests" / "integration" / "one_rank_fails.py"), *quick(work, "parallel.engine=fsdp2")),
+        timeout=240,
+        FAIL_RANK="1",
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     lines = [line for line in output.splitlines() if PREFIX in line]
@@ -139,7 +173,15 @@ def test_deepspeed_sh_checks_the_config_before_the_launcher(work, deepspeed_laun
 
 def test_deepspeed_launcher_zero3_with_4bit(work, deepspeed_launcher):
     """The issue's example: every rank used to print a full traceback around the message."""
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dora_dist.train",
-           *quick(work, *ZERO3_4BIT)]
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "dora_dist.train",
+        *quick(work, *ZERO3_4BIT),
+    ]
     out = assert_reported_once(run(cmd), "parallel.engine=zero3", "quantization.mode=nf4")
     assert "Traceback" not in out and not (work / "run").exists()

@@ -13,6 +13,7 @@
    difference from the fp32 losses at the same step) against a drop of ~1e-2 over the run, so the ratio's noise is
    ~5%: the bound is 4σ. Before the fix the bf16 loss did not move (ratio 0.03): every scale rounded to 1.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,12 +49,30 @@ def test_quickstart_bf16_magnitude_updates_match_fp32(tmp_path):
     from dora_dist import models
     from dora_dist.config import load_config
 
-    overrides = ["training.max_steps=3", "data.seq_len=64", "training.global_batch_size=4",
-                 "training.micro_batch_size=4", "checkpoint.every_steps=1000"]
+    overrides = [
+        "training.max_steps=3",
+        "data.seq_len=64",
+        "training.global_batch_size=4",
+        "training.micro_batch_size=4",
+        "checkpoint.every_steps=1000",
+    ]
     for precision in ("fp32", "bf16"):
-        proc = subprocess.run([sys.executable, "-m", "dora_dist.train", "--config", "configs/quickstart.yaml",
-                               *overrides, f"training.precision={precision}", f"output.dir={tmp_path / precision}"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dora_dist.train",
+                "--config",
+                "configs/quickstart.yaml",
+                *overrides,
+                f"training.precision={precision}",
+                f"output.dir={tmp_path / precision}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"), [])
     base = load_file(str(Path(models.resolve_model_path(cfg)) / "model.safetensors"))
@@ -91,7 +110,7 @@ def magnitude_only_losses(model: torch.nn.Module, dtype: torch.dtype, ids: torch
             p.data = p.data.to(dtype)
     for _, layer in dora_layers(model):
         layer.invalidate_cache()
-        layer.init_magnitude()                  # m = ‖W + sBA‖ in the base's dtype: every scale exactly 1
+        layer.init_magnitude()  # m = ‖W + sBA‖ in the base's dtype: every scale exactly 1
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(p.dim() == 1 for p in params), "only the magnitudes train"
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
@@ -105,9 +124,11 @@ def magnitude_only_losses(model: torch.nn.Module, dtype: torch.dtype, ids: torch
     with torch.no_grad():
         losses.append(model(ids, labels=ids).loss.item())
     with torch.no_grad():
-        worst = max(float(((layer.magnitude - layer.weight_norm()).abs() / layer.weight_norm()).max())
-                    for _, layer in dora_layers(model))
-    assert worst < 2 ** -9, f"|Δm|/m reached {worst:.2e}: the case must stay below bf16's half-ulp at 1"
+        worst = max(
+            float(((layer.magnitude - layer.weight_norm()).abs() / layer.weight_norm()).max())
+            for _, layer in dora_layers(model)
+        )
+    assert worst < 2**-9, f"|Δm|/m reached {worst:.2e}: the case must stay below bf16's half-ulp at 1"
     return losses
 
 

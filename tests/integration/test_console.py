@@ -1,5 +1,6 @@
 """Console output of a run: piped, plain lines and no carriage returns or third-party bars; in a terminal (a pty),
 the screen shows every log line once and intact plus one progress bar, as a terminal would render the bytes."""
+
 from __future__ import annotations
 
 import os
@@ -13,21 +14,39 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STEP_LINE = re.compile(r"^step +(\d+)/3  loss \d+\.\d{4}  lr \S+  grad_norm \S+  tok/s \d+  peak_mem \d+ MiB"
-                       r"(  attn dM/m \S+ dD \S+ share \S+  mlp dM/m \S+ dD \S+ share \S+)?$")  # + DoRA health
+STEP_LINE = re.compile(
+    r"^step +(\d+)/3  loss \d+\.\d{4}  lr \S+  grad_norm \S+  tok/s \d+  peak_mem \d+ MiB"
+    r"(  attn dM/m \S+ dD \S+ share \S+  mlp dM/m \S+ dD \S+ share \S+)?$"
+)  # + DoRA health
 EVAL_LINE = re.compile(r"^eval +(\d+)/3  eval_loss \d+\.\d{4}  eval_ppl \S+  tokens \d+$")
 
 
 def command(tmp_path: Path, name: str) -> list[str]:
-    return [sys.executable, "-m", "dora_dist.train", f"model.cache_dir={tmp_path / 'cache'}", "data.seq_len=32",
-            "data.synthetic_samples=60", "data.eval_fraction=0.1", "training.eval_every=2", "training.max_steps=3",
-            "training.micro_batch_size=2", "training.global_batch_size=2", "checkpoint.resume=none",
-            "output.plot=false", f"output.dir={tmp_path / name}"]
+    return [
+        sys.executable,
+        "-m",
+        "dora_dist.train",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        "data.seq_len=32",
+        "data.synthetic_samples=60",
+        "data.eval_fraction=0.1",
+        "training.eval_every=2",
+        "training.max_steps=3",
+        "training.micro_batch_size=2",
+        "training.global_batch_size=2",
+        "checkpoint.resume=none",
+        "output.plot=false",
+        f"output.dir={tmp_path / name}",
+    ]
 
 
 def child_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("DORA_DIST_VERBOSE", None)
     return env
 
@@ -40,10 +59,11 @@ def check_lines(lines: list[str]) -> None:
 
 
 def test_piped_output_is_plain_lines(tmp_path):
-    proc = subprocess.run(command(tmp_path, "piped"), cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        command(tmp_path, "piped"), cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "\r" not in proc.stdout and "\r" not in proc.stderr        # no bar redraws in a log file
+    assert "\r" not in proc.stdout and "\r" not in proc.stderr  # no bar redraws in a log file
     assert "it/s" not in proc.stderr and "Loading weights" not in proc.stderr
     check_lines(proc.stdout.splitlines())
 
@@ -92,7 +112,7 @@ def test_terminal_shows_one_bar_and_clean_lines(tmp_path):
     import termios
 
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))   # a 160-column terminal
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160-column terminal
     env = child_env() | {"TERM": "xterm"}
     proc = subprocess.Popen(command(tmp_path, "tty"), cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave)
     os.close(slave)
@@ -102,7 +122,7 @@ def test_terminal_shows_one_bar_and_clean_lines(tmp_path):
         if ready:
             try:
                 data = os.read(master, 65536)
-            except OSError:                                           # the child closed the pty
+            except OSError:  # the child closed the pty
                 break
             if not data:
                 break
@@ -115,5 +135,5 @@ def test_terminal_shows_one_bar_and_clean_lines(tmp_path):
     screen = [line for line in render(raw) if line.strip()]
     check_lines(screen)
     bars = [line for line in screen if line.startswith("train:")]
-    assert len(bars) == 1 and "3/3" in bars[0], screen                # one bar, finished, not interleaved
+    assert len(bars) == 1 and "3/3" in bars[0], screen  # one bar, finished, not interleaved
     assert not any("Loading weights" in line for line in screen)

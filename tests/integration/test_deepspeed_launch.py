@@ -5,6 +5,7 @@ Three launches, each short: one process as the reference; ZeRO-3 under launch/de
 of steps 1-4 (two before and two after the resume) equal the single-process ones; the adapter is saved in PEFT
 format and `dora-dist merge` turns it into a model transformers loads.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,15 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "deepspeed.sh"
-QUICK = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "training.max_steps=4",
-         "data.synthetic_samples=400", "output.progress_bar=false", "output.plot=false", "checkpoint.every_steps=2"]
-
+QUICK = [
+    "--config",
+    str(ROOT / "configs" / "quickstart.yaml"),
+    "training.max_steps=4",
+    "data.synthetic_samples=400",
+    "output.progress_bar=false",
+    "output.plot=false",
+    "checkpoint.every_steps=2",
+]
 
 
 def run(cmd: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -47,11 +54,13 @@ def test_deepspeed_sh_quickstart_zero3_resume_and_merge(tmp_path):
     ref_dir, ds_dir = tmp_path / "ref", tmp_path / "zero3"
     run([sys.executable, "-m", "dora_dist.train", *QUICK, f"output.dir={ref_dir}", "parallel.engine=none"])
     ds_env = {"NUM_GPUS": "2", "ENGINE": "zero3"}
-    first = run(["bash", str(SCRIPT), *QUICK, f"output.dir={ds_dir}", "training.stop_after_steps=2"],
-                dict(ds_env, MASTER_PORT=str(free_port())))
+    first = run(
+        ["bash", str(SCRIPT), *QUICK, f"output.dir={ds_dir}", "training.stop_after_steps=2"],
+        dict(ds_env, MASTER_PORT=str(free_port())),
+    )
     assert "engine=zero3" in first.stdout and "world=2" in first.stdout, first.stdout[-2000:]
     assert (ds_dir / "checkpoints" / "step_00000002" / "COMPLETE").exists()
-    assert not (ds_dir / "adapter").exists()                       # stopped early: no final adapter yet
+    assert not (ds_dir / "adapter").exists()  # stopped early: no final adapter yet
     second = run(["bash", str(SCRIPT), *QUICK, f"output.dir={ds_dir}"], dict(ds_env, MASTER_PORT=str(free_port())))
     assert "resumed_from" in second.stdout, second.stdout[-2000:]
 
@@ -67,8 +76,10 @@ def test_deepspeed_sh_quickstart_zero3_resume_and_merge(tmp_path):
     # same adapter as one process (small drift from reduction order only)
     from safetensors.torch import load_file
 
-    a, b = load_file(str(adapter / "adapter_model.safetensors")), load_file(str(ref_dir / "adapter" /
-                                                                                "adapter_model.safetensors"))
+    a, b = (
+        load_file(str(adapter / "adapter_model.safetensors")),
+        load_file(str(ref_dir / "adapter" / "adapter_model.safetensors")),
+    )
     assert sorted(a) == sorted(b)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 

@@ -1,4 +1,5 @@
 """Each example in examples/ runs in its reduced (--quick) mode and shows the effect it claims."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,10 +28,10 @@ def test_digits_mlp_adaptation_beats_base(tmp_path):
     pytest.importorskip("sklearn")
     res = example("digits_mlp").main(["--quick", "--out", str(tmp_path)])
     t = res["table"]
-    assert t["base"]["acc_orig"] > 0.9 and t["base"]["acc_rot"] < 0.3   # 10 classes: the base is near chance
+    assert t["base"]["acc_orig"] > 0.9 and t["base"]["acc_rot"] < 0.3  # 10 classes: the base is near chance
     for method in ("full", "lora", "dora"):
         assert t[method]["acc_rot"] > 0.7, (method, t[method])
-    r, h = 4, 128   # the defaults: rank 4 on 64 -> 128 -> 128 -> 10
+    r, h = 4, 128  # the defaults: rank 4 on 64 -> 128 -> 128 -> 10
     lora = r * (64 + h) + r * (h + h) + r * (h + 10)
     assert t["lora"]["trainable"] == lora and t["dora"]["trainable"] == lora + h + h + 10
     assert t["full"]["trainable"] == 64 * h + h + h * h + h + h * 10 + 10
@@ -41,7 +42,7 @@ def test_encoder_classify_learns_and_reloads(tmp_path):
     pytest.importorskip("peft")
     res = example("encoder_classify").main(["--quick", "--out", str(tmp_path)])
     assert res["dora"]["acc"] > res["base_sentiment_acc"] + 0.2 and res["dora"]["acc"] > res["head_only"]["acc"]
-    assert res["reload_max_abs_diff"] == 0.0                    # same code, same tensors: bit-identical
+    assert res["reload_max_abs_diff"] == 0.0  # same code, same tensors: bit-identical
     assert res["peft_max_abs_diff"] <= 1e-5 * res["logit_scale"]  # peft's DoRA: fp32 reordering only
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -65,8 +66,14 @@ def test_qdora_from_python_trains_saves_merges_and_analyzes(tmp_path):
     assert res["loss_last"] < res["loss_first"] - 0.5 and res["test_loss_after"] < res["test_loss_before"]
     assert res["merge_max_abs_diff"] <= 1e-4 * res["logit_scale"]
     # analyze against the NF4 base: the adapter and the merged dense model are the same weights W'
-    rep = analyze(tmp_path / "base", [str(tmp_path / "adapter"), f"merged={tmp_path / 'merged'}"],
-                  base_quant="nf4", layers=r"_proj$", verbose=False, plot=False)
+    rep = analyze(
+        tmp_path / "base",
+        [str(tmp_path / "adapter"), f"merged={tmp_path / 'merged'}"],
+        base_quant="nf4",
+        layers=r"_proj$",
+        verbose=False,
+        plot=False,
+    )
     by = {(r["method"], r["layer"]): r for r in rep["records"]}
     dora = {layer: r for (m, layer), r in by.items() if m == "dora"}
     assert len(dora) == res["dora_layers"]

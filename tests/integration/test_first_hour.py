@@ -4,6 +4,7 @@ and merge chatter), what must travel (the built-in base's name in adapter_config
 `plan --help`), Ctrl-C, and the data-source and output-dir checks that a fixture cannot put in docs/errors.md
 (a read-only filesystem, a hub the test cannot reach on demand). The one-line error cases are rows of
 docs/errors.md (test_bad_inputs.py)."""
+
 from __future__ import annotations
 
 import json
@@ -23,16 +24,24 @@ PREFIX = "dora_dist: error: "
 
 
 def _args(tmp: Path, cache: Path, *extra: str) -> list[str]:
-    return ["training.max_steps=2", "data.synthetic_samples=64", "data.seq_len=32", "output.progress_bar=false",
-            "output.plot=false", f"model.cache_dir={cache}", f"output.dir={tmp / 'run'}", *extra]
+    return [
+        "training.max_steps=2",
+        "data.synthetic_samples=64",
+        "data.seq_len=32",
+        "output.progress_bar=false",
+        "output.plot=false",
+        f"model.cache_dir={cache}",
+        f"output.dir={tmp / 'run'}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "dora_dist_cache"      # shared with test_bad_inputs*.py
+    return tmp_path_factory.getbasetemp() / "dora_dist_cache"  # shared with test_bad_inputs*.py
 
 
-WARNINGS: list[str] = []   # what the `finished` runs warned (read by test_checkpoint_save_and_load_leak_no_warning)
+WARNINGS: list[str] = []  # what the `finished` runs warned (read by test_checkpoint_save_and_load_leak_no_warning)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +54,7 @@ def finished(tmp_path_factory, cache) -> Path:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert main(["train", *_args(tmp, cache, "checkpoint.every_steps=1", "training.stop_after_steps=1")]) == 0
-        assert main(["train", *_args(tmp, cache, "checkpoint.every_steps=1")]) == 0   # resumes from step 1
+        assert main(["train", *_args(tmp, cache, "checkpoint.every_steps=1")]) == 0  # resumes from step 1
     WARNINGS.extend(str(w.message) for w in caught)
     return tmp / "run"
 
@@ -58,20 +67,29 @@ def test_epochs_beside_max_steps_says_which_wins(capfd):
     out = capfd.readouterr().out
     assert "training.max_steps=200 sets the length; training.epochs=2 is not used" in out
     assert train.main(["--check", "training.max_steps=0", "training.epochs=2"]) == 0
-    assert "not used" not in capfd.readouterr().out                  # epochs alone decide: nothing to say
+    assert "not used" not in capfd.readouterr().out  # epochs alone decide: nothing to say
 
 
 def test_a_finished_run_names_the_settings_it_did_not_use(finished, cache, capfd):
     before = (finished / "summary.json").read_bytes()
     capfd.readouterr()
-    assert main(["train", *_args(finished.parent, cache, "checkpoint.every_steps=1", "training.lr=1e-3",
-                                 "training.warmup_steps=3")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *_args(
+                    finished.parent, cache, "checkpoint.every_steps=1", "training.lr=1e-3", "training.warmup_steps=3"
+                ),
+            ]
+        )
+        == 0
+    )
     out = capfd.readouterr().out
     assert "nothing to do" in out
     assert "not used (the run is finished): training.lr: 0.005 -> 0.001; training.warmup_steps: 10 -> 3" in out
     assert (finished / "summary.json").read_bytes() == before
     assert main(["train", *_args(finished.parent, cache, "checkpoint.every_steps=1")]) == 0
-    assert "not used" not in capfd.readouterr().out                  # the same command: nothing more to say
+    assert "not used" not in capfd.readouterr().out  # the same command: nothing more to say
 
 
 def test_a_restart_without_checkpoint_keeps_the_earlier_records(tmp_path, cache, capfd):
@@ -91,7 +109,7 @@ def test_a_restart_without_checkpoint_keeps_the_earlier_records(tmp_path, cache,
 
 # --- quiet and portable -------------------------------------------------------------------------------------------
 def test_checkpoint_save_and_load_leak_no_warning(finished):
-    assert (finished / "checkpoints" / "step_00000002").is_dir()      # saved twice, loaded once
+    assert (finished / "checkpoints" / "step_00000002").is_dir()  # saved twice, loaded once
     leaked = [w for w in WARNINGS if "torch.distributed is disabled" in w]
     assert not leaked, leaked
 
@@ -100,19 +118,31 @@ def test_builtin_base_is_stored_by_name_and_accepted_back(finished, cache, tmp_p
     """adapter_config.json names the built-in model portably; merge, generate and analyze resolve it; merge is
     quiet (no DeepSpeed accelerator notice, no progress bars)."""
     adapter = finished / "adapter"
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == \
-        "builtin:tiny-llama"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "builtin:tiny-llama"
     capfd.readouterr()
     assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
     out, err = capfd.readouterr()
     assert out.count("\n") == 1 and out.startswith("[dora_dist] merged"), out
-    assert err == "", err                                            # no accelerator notice, no progress bar
+    assert err == "", err  # no accelerator notice, no progress bar
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.model_type == "llama"
-    assert main(["generate", "--adapter", str(adapter), "--prompt", "17 + 5 =", "--no-chat-template",
-                 "--max-new-tokens", "2"]) == 0
-    monkeypatch.setenv("DORA_DIST_CACHE", str(cache))               # analyze has no config: the default cache
+    assert (
+        main(
+            [
+                "generate",
+                "--adapter",
+                str(adapter),
+                "--prompt",
+                "17 + 5 =",
+                "--no-chat-template",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
+    monkeypatch.setenv("DORA_DIST_CACHE", str(cache))  # analyze has no config: the default cache
     assert main(["analyze", "--base", "builtin:tiny-llama", "--tuned", str(adapter)]) == 0
     assert "Traceback" not in capfd.readouterr().err
 
@@ -157,8 +187,13 @@ def test_plan_flags_all_have_help_with_their_defaults(capsys):
         main(["plan", "--help"])
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for flag, default in (("--nodes", "1"), ("--gpus-per-node", "1"), ("--gpu", "h100-80gb"),
-                          ("--inter-node", "infiniband"), ("--mfu", "0.4")):
+    for flag, default in (
+        ("--nodes", "1"),
+        ("--gpus-per-node", "1"),
+        ("--gpu", "h100-80gb"),
+        ("--inter-node", "infiniband"),
+        ("--mfu", "0.4"),
+    ):
         assert f"{flag} " in text and f"(default: {default})" in text, flag
     for flag in ("--interconnect", "--bandwidth-gbps", "--latency-us"):
         assert flag in text
@@ -184,13 +219,19 @@ def test_output_dir_on_a_read_only_filesystem(capfd):
 
 
 @pytest.mark.parametrize("repo_type", ["dataset", "model"])
-@pytest.mark.parametrize("failure, expect", [
-    ("missing", "the hub has no such"), ("gated", "it is gated: accept its terms on https://huggingface.co/"),
-    ("offline", "the hub cannot be reached (ConnectionError: no route)"),
-])
+@pytest.mark.parametrize(
+    "failure, expect",
+    [
+        ("missing", "the hub has no such"),
+        ("gated", "it is gated: accept its terms on https://huggingface.co/"),
+        ("offline", "the hub cannot be reached (ConnectionError: no route)"),
+    ],
+)
 def test_a_hub_repo_that_cannot_be_loaded_is_one_line(repo_type, failure, expect, monkeypatch, tmp_path):
     """Before datasets / transformers retry for up to a minute: one probe of the hub, turned into one line (no
     network needed: the probe is replaced by one that fails as the hub would)."""
+    from types import SimpleNamespace
+
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
@@ -198,12 +239,10 @@ def test_a_hub_repo_that_cannot_be_loaded_is_one_line(repo_type, failure, expect
     from dora_dist.errors import DataError, ModelError
     from dora_dist.hub import check_hub_dataset, check_hub_model
 
-    from types import SimpleNamespace
-
     response = SimpleNamespace(headers={}, status_code=404, request=None, url="https://huggingface.co/api")
 
     def dataset_info(self, repo_id, revision=None, timeout=None):
-        assert timeout is not None                                   # never the client's default wait
+        assert timeout is not None  # never the client's default wait
         if failure == "missing":
             raise RepositoryNotFoundError("404", response=response)
         if failure == "gated":
@@ -212,7 +251,7 @@ def test_a_hub_repo_that_cannot_be_loaded_is_one_line(repo_type, failure, expect
 
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))   # an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
     monkeypatch.setattr(huggingface_hub.HfApi, f"{repo_type}_info", dataset_info)
     with pytest.raises(DataError if repo_type == "dataset" else ModelError) as err:
         if repo_type == "dataset":
@@ -220,14 +259,16 @@ def test_a_hub_repo_that_cannot_be_loaded_is_one_line(repo_type, failure, expect
         else:
             check_hub_model("nobody/no-such-repo", "model.name_or_path")
     key = "data.source" if repo_type == "dataset" else "model.name_or_path"
-    assert str(err.value).startswith(f"{key}='nobody/no-such-repo' is not a local file or directory, so it was "
-                                     f"taken for a Hugging Face hub {repo_type} id, but ")
+    assert str(err.value).startswith(
+        f"{key}='nobody/no-such-repo' is not a local file or directory, so it was "
+        f"taken for a Hugging Face hub {repo_type} id, but "
+    )
     assert expect in str(err.value)
-    (tmp_path / f"{repo_type}s--nobody--no-such-repo").mkdir()      # cached: an unreachable hub is no error
+    (tmp_path / f"{repo_type}s--nobody--no-such-repo").mkdir()  # cached: an unreachable hub is no error
     if failure == "offline":
-        (check_hub_dataset if repo_type == "dataset" else check_hub_model)("nobody/no-such-repo",
-                                                                           "data.source" if repo_type == "dataset"
-                                                                           else "model.name_or_path")
+        (check_hub_dataset if repo_type == "dataset" else check_hub_model)(
+            "nobody/no-such-repo", "data.source" if repo_type == "dataset" else "model.name_or_path"
+        )
 
 
 def test_ctrl_c_outside_a_training_loop_is_one_line(monkeypatch, capfd):
@@ -248,8 +289,14 @@ def _run_and_interrupt(argv: list[str], after_line: str, signals: int) -> tuple[
     as soon as the run says it is stopping."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    proc = subprocess.Popen([sys.executable, "-m", "dora_dist.train", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dora_dist.train", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     lines = []
     sent = 0
     for line in proc.stdout:
@@ -272,10 +319,10 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_exits_130(tmp_path, cache):
     assert f"checkpoint {tmp_path / 'run' / 'checkpoints' / f'step_{step:08d}'}" in stop[0]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stop_signal"] == "SIGINT" and not summary["finished"]
-    rc, out = _run_and_interrupt(argv, "never printed", signals=0)      # the same command again
+    rc, out = _run_and_interrupt(argv, "never printed", signals=0)  # the same command again
     assert rc == 0 and "resumed_from=" in out, out[-3000:]
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 7))                                 # nothing lost, nothing repeated
+    assert steps == list(range(1, 7))  # nothing lost, nothing repeated
 
 
 @pytest.mark.slow

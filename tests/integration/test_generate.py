@@ -1,5 +1,6 @@
 """`dora-dist generate`: greedy output is the argmax decoding of the adapted model, merged == unmerged, sampling
 is seeded, a 4-bit base is used when asked (flag or training config), and bad input is one line + exit code 2."""
+
 from __future__ import annotations
 
 import shutil
@@ -20,10 +21,24 @@ def adapter(tmp_path_factory) -> Path:
     from dora_dist.train import train
 
     work = tmp_path_factory.mktemp("gen")
-    train(load_config(None, [f"model.cache_dir={work / 'cache'}", "data.seq_len=32", "data.synthetic_samples=60",
-                             "training.max_steps=2", "training.micro_batch_size=2", "training.global_batch_size=2",
-                             "training.lr=5e-2", "output.progress_bar=false", "output.plot=false",
-                             "checkpoint.resume=none", f"output.dir={work / 'run'}"]))
+    train(
+        load_config(
+            None,
+            [
+                f"model.cache_dir={work / 'cache'}",
+                "data.seq_len=32",
+                "data.synthetic_samples=60",
+                "training.max_steps=2",
+                "training.micro_batch_size=2",
+                "training.global_batch_size=2",
+                "training.lr=5e-2",
+                "output.progress_bar=false",
+                "output.plot=false",
+                "checkpoint.resume=none",
+                f"output.dir={work / 'run'}",
+            ],
+        )
+    )
     return work / "run" / "adapter"
 
 
@@ -34,7 +49,7 @@ def greedy_by_hand(model, ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             nxt = model(input_ids=seq, use_cache=False).logits[0, -1].argmax()
             seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
-    return seq[0, len(ids):].tolist()
+    return seq[0, len(ids) :].tolist()
 
 
 def test_greedy_is_argmax_decoding_and_merge_agrees(adapter):
@@ -42,7 +57,7 @@ def test_greedy_is_argmax_decoding_and_merge_agrees(adapter):
 
     model, tok = load_for_generation(str(adapter))
     assert len(dict(dora_layers(model))) == 7 * model.config.num_hidden_layers and not model.training
-    assert any(float(layer.lora_B.abs().max()) > 0 for _, layer in dora_layers(model))   # a trained adapter
+    assert any(float(layer.lora_B.abs().max()) > 0 for _, layer in dora_layers(model))  # a trained adapter
     ids = encode_prompt(tok, PROMPT, chat=False)
     want = tok.decode(greedy_by_hand(model, ids, 6), skip_special_tokens=True)
     assert generate(model, tok, [PROMPT], max_new_tokens=6, chat=False) == [want]
@@ -56,7 +71,7 @@ def test_greedy_is_argmax_decoding_and_merge_agrees(adapter):
 
 def test_chat_template_and_sampling(adapter):
     model, tok = load_for_generation(str(adapter))
-    assert tok.chat_template                                  # the built-in tokenizer has one
+    assert tok.chat_template  # the built-in tokenizer has one
     chat_ids = encode_prompt(tok, PROMPT, chat=True)
     plain_ids = encode_prompt(tok, PROMPT, chat=False)
     assert chat_ids != plain_ids and len(chat_ids) > len(plain_ids)
@@ -64,7 +79,7 @@ def test_chat_template_and_sampling(adapter):
     b = generate(model, tok, [PROMPT, "copy : red fox ->"], 8, temperature=1.0, top_p=0.9, seed=3)
     assert a == b and len(a) == 2
     outs = {generate(model, tok, [PROMPT], 8, temperature=2.0, seed=s)[0] for s in range(4)}
-    assert len(outs) > 1                                      # the seed matters when sampling
+    assert len(outs) > 1  # the seed matters when sampling
 
 
 def test_4bit_base_from_flag_and_from_training_config(adapter, tmp_path):
@@ -88,8 +103,16 @@ def _other_bases(tmp_path: Path) -> dict[str, Path]:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     wider = tmp_path / "wider"
-    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(wider)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(wider)
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(gpt2)
     return {"shape": wider, "modules": gpt2}

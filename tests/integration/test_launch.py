@@ -6,6 +6,7 @@
 - launch/slurm.sh: run as sbatch would, with stand-in `srun`/`scontrol` executables (one node, 2 tasks): scancel,
   the time-limit warning (requeue) and the requeued job.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,14 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+from netutil import free_port  # noqa: E402
 
 from dora_dist.config import load_config
 from dora_dist.metrics import read_metrics
-from netutil import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,17 @@ def cache(tmp_path_factory):
 
 
 def quick(cache: str, out: Path, steps: int) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "quickstart.yaml"), f"training.max_steps={steps}",
-            "data.synthetic_samples=300", "data.seq_len=64", "output.progress_bar=false", "output.plot=false",
-            f"model.cache_dir={cache}", f"output.dir={out}"]
+    return [
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        f"training.max_steps={steps}",
+        "data.synthetic_samples=300",
+        "data.seq_len=64",
+        "output.progress_bar=false",
+        "output.plot=false",
+        f"model.cache_dir={cache}",
+        f"output.dir={out}",
+    ]
 
 
 def script_env(**extra) -> dict:
@@ -79,8 +87,9 @@ def test_torchrun_script_killed_and_resumed(tmp_path, cache, reference):
     out = tmp_path / "run"
     cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), *quick(cache, out, 8), "checkpoint.every_steps=2"]
     env = script_env(NPROC_PER_NODE=2)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     marker = out / "checkpoints" / "step_00000004" / "COMPLETE"
     deadline = time.time() + 400
     try:
@@ -93,7 +102,7 @@ def test_torchrun_script_killed_and_resumed(tmp_path, cache, reference):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the script and torchrun's agent
-        kill_processes_naming(str(out))          # the workers: torchrun starts each in a session of its own
+        kill_processes_naming(str(out))  # the workers: torchrun starts each in a session of its own
         proc.wait()
     killed_at = len(losses(out))
     assert 4 <= killed_at < 8, f"killed after step {killed_at}"
@@ -111,10 +120,24 @@ def test_multinode_script_two_nodes_on_loopback(tmp_path, cache, reference):
     out = tmp_path / "run"
     port = free_port()
     cmd = ["bash", str(ROOT / "launch" / "multinode.sh"), *quick(cache, out, 2)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=script_env(NNODES=2, NODE_RANK=node, MASTER_ADDR="127.0.0.1",
-                                                            MASTER_PORT=port, NPROC_PER_NODE=1,
-                                                            RDZV_ID=f"test{port}"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=script_env(
+                NNODES=2,
+                NODE_RANK=node,
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                NPROC_PER_NODE=1,
+                RDZV_ID=f"test{port}",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-5000:]
@@ -168,9 +191,17 @@ def test_slurm_script_requeues_on_preemption_not_on_cancel(tmp_path, cache, refe
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     out, pids, log = tmp_path / "run", tmp_path / "pids", tmp_path / "scontrol.log"
-    env = script_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="node1",
-                     SLURM_JOB_ID="4242", SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=2, MASTER_PORT=free_port(),
-                     STUB_PIDS=pids, STUB_LOG=log, SLURM_SUBMIT_DIR=tmp_path)
+    env = script_env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="node1",
+        SLURM_JOB_ID="4242",
+        SLURM_NTASKS=2,
+        SLURM_NTASKS_PER_NODE=2,
+        MASTER_PORT=free_port(),
+        STUB_PIDS=pids,
+        STUB_LOG=log,
+        SLURM_SUBMIT_DIR=tmp_path,
+    )
     cmd = ["bash", str(ROOT / "launch" / "slurm.sh"), *quick(cache, out, 8)]
 
     def launch():
@@ -179,7 +210,7 @@ def test_slurm_script_requeues_on_preemption_not_on_cancel(tmp_path, cache, refe
     cancelled = launch()
     _signal_tasks_after_a_step(cancelled, out, pids, signal.SIGTERM, also_script=True)
     text = cancelled.communicate(timeout=300)[0]
-    assert cancelled.returncode == 143, text[-5000:]                # srun's status, passed on
+    assert cancelled.returncode == 143, text[-5000:]  # srun's status, passed on
     assert not log.exists(), "a cancelled job must not requeue itself"
     assert "world=2" in text and "stopped by SIGTERM" in text
     stopped_at = json.loads((out / "summary.json").read_text())["steps"]
@@ -188,14 +219,14 @@ def test_slurm_script_requeues_on_preemption_not_on_cancel(tmp_path, cache, refe
     _signal_tasks_after_a_step(preempted, out, pids, signal.SIGUSR1)
     text = preempted.communicate(timeout=300)[0]
     assert preempted.returncode == 0, text[-5000:]
-    assert log.read_text().split() == ["requeue", "4242"]        # from the ranks' marker, whatever srun said
-    assert f"step_{stopped_at:08d}" in text                       # it resumed from the first stop
+    assert log.read_text().split() == ["requeue", "4242"]  # from the ranks' marker, whatever srun said
+    assert f"step_{stopped_at:08d}" in text  # it resumed from the first stop
     assert stopped_at < json.loads((out / "summary.json").read_text())["steps"] < 8
 
-    requeued = run(cmd, env)                                      # the requeued job runs the script again
+    requeued = run(cmd, env)  # the requeued job runs the script again
     assert "resumed_from=" in requeued.stdout
     assert losses(out) == pytest.approx(reference, rel=1e-5, abs=1e-6)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] and len(summary["segments"]) == 3
-    assert log.read_text().split() == ["requeue", "4242"]         # finished: not requeued again
-    assert not list(tmp_path.glob(".dora_dist_requeue_*"))        # the marker is always cleaned up
+    assert log.read_text().split() == ["requeue", "4242"]  # finished: not requeued again
+    assert not list(tmp_path.glob(".dora_dist_requeue_*"))  # the marker is always cleaned up

@@ -1,4 +1,5 @@
 """`dora-dist merge` writes a model that plain transformers loads, with the logits of base + adapter."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,10 +19,22 @@ def trained(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("cache")
     out = tmp_path_factory.mktemp("run")
-    train(load_config(ROOT / "configs" / "quickstart.yaml", [
-        "training.max_steps=3", "training.lr=2e-2", "training.warmup_steps=0", "data.synthetic_samples=200",
-        "data.seq_len=64", "output.progress_bar=false", f"model.cache_dir={cache}", f"output.dir={out}",
-        "checkpoint.every_steps=0"]))
+    train(
+        load_config(
+            ROOT / "configs" / "quickstart.yaml",
+            [
+                "training.max_steps=3",
+                "training.lr=2e-2",
+                "training.warmup_steps=0",
+                "data.synthetic_samples=200",
+                "data.seq_len=64",
+                "output.progress_bar=false",
+                f"model.cache_dir={cache}",
+                f"output.dir={out}",
+                "checkpoint.every_steps=0",
+            ],
+        )
+    )
     return out
 
 
@@ -31,13 +44,12 @@ def test_outputs_written(trained):
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes"} <= recs[0].keys()
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "loss.png", "config.yaml"):
         assert (trained / name).is_file(), name
-    saved = load_config(trained / "config.yaml")      # the config as given: never rewritten by the run
+    saved = load_config(trained / "config.yaml")  # the config as given: never rewritten by the run
     assert saved.training.max_steps == 3 and saved.training.global_batch_size == 8 and saved.training.grad_accum == 1
     import json
 
-    batching = json.loads((trained / "summary.json").read_text())["batching"]   # what the run resolved
-    assert batching == {"micro_batch_size": 4, "grad_accum": 2, "world_size": 1, "max_steps": 3,
-                        "global_batch_size": 8}
+    batching = json.loads((trained / "summary.json").read_text())["batching"]  # what the run resolved
+    assert batching == {"micro_batch_size": 4, "grad_accum": 2, "world_size": 1, "max_steps": 3, "global_batch_size": 8}
 
 
 def test_merge_loads_in_transformers_and_matches(trained, tmp_path):
@@ -58,7 +70,7 @@ def test_merge_loads_in_transformers_and_matches(trained, tmp_path):
     from dora_dist.models import resolve_base
 
     base_name = json.loads((trained / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert base_name == "builtin:tiny-llama"                           # portable: resolved on each machine
+    assert base_name == "builtin:tiny-llama"  # portable: resolved on each machine
     base_path = resolve_base(base_name, training_config(trained / "adapter")["model"]["cache_dir"])
     adapted = load_adapter(AutoModelForCausalLM.from_pretrained(base_path), trained / "adapter")
     base = AutoModelForCausalLM.from_pretrained(base_path)
@@ -67,5 +79,5 @@ def test_merge_loads_in_transformers_and_matches(trained, tmp_path):
         want = adapted(input_ids=ids).logits
         got = merged(input_ids=ids).logits
         plain = base(input_ids=ids).logits
-    assert (want - plain).abs().max() > 1e-3          # the adapter changes the model
+    assert (want - plain).abs().max() > 1e-3  # the adapter changes the model
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

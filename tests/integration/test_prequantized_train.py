@@ -3,6 +3,7 @@ on such a directory with no quantization section takes the checkpoint's settings
 4-bit base believing it dense, with only a transformers warning); a contradicting section stops before any work,
 naming both values; and for nf4/fp4 ± double quantization the loaded base holds the very bytes of quantizing the
 dense model on the fly, and the runs' losses and adapters are equal. (fsdp2, ddp, zero2: tests/dist.)"""
+
 from __future__ import annotations
 
 import os
@@ -32,10 +33,15 @@ def checkpoints(tmp_path_factory):
 
 
 def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "dora_dist.train", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "dora_dist.train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _read_run(out: Path) -> tuple[list[float], dict]:
@@ -67,8 +73,12 @@ def test_cli_takes_the_checkpoint_settings_and_reports_them(checkpoints, tmp_pat
     proc = _run_cli(job_overrides(cache) + [f"model.name_or_path={ckpt}", f"output.dir={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     notice = [line for line in proc.stdout.splitlines() if "pre-quantized bitsandbytes checkpoint" in line]
-    assert len(notice) == 1 and "quantization.mode=nf4, quantization.double_quant=true, quantization.compute_dtype=" \
-        "float32, quantization.quant_storage=uint8" in notice[0], proc.stdout[-2000:]
+    assert (
+        len(notice) == 1
+        and "quantization.mode=nf4, quantization.double_quant=true, quantization.compute_dtype="
+        "float32, quantization.quant_storage=uint8"
+        in notice[0]
+    ), proc.stdout[-2000:]
     saved = yaml.safe_load((out / "config.yaml").read_text())["quantization"]
     assert saved == {"mode": "nf4", "compute_dtype": "float32", "double_quant": True, "quant_storage": "uint8"}
     fly_out = tmp_path / "fly"
@@ -79,8 +89,10 @@ def test_cli_takes_the_checkpoint_settings_and_reports_them(checkpoints, tmp_pat
 
 def test_cli_contradicting_section_stops_naming_both(checkpoints, tmp_path):
     cache, dirs = checkpoints
-    proc = _run_cli(job_overrides(cache) + [f"model.name_or_path={dirs['nf4-dq']}", "quantization.mode=fp4",
-                                            f"output.dir={tmp_path / 'x'}"])
+    proc = _run_cli(
+        job_overrides(cache)
+        + [f"model.name_or_path={dirs['nf4-dq']}", "quantization.mode=fp4", f"output.dir={tmp_path / 'x'}"]
+    )
     assert proc.returncode != 0
     assert "quantization.mode=fp4 vs the checkpoint's bnb_4bit_quant_type=nf4" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
@@ -95,8 +107,7 @@ def test_one_process_base_bytes_equal_quantizing_on_the_fly(checkpoints, quant_t
     cache, dirs = checkpoints
     ckpt = dirs[combo_name(quant_type, double_quant)]
     fly_cfg = load_config(None, job_overrides(cache) + on_the_fly(quant_type, double_quant))
-    pre_cfg, _ = adopt_checkpoint_quantization(load_config(None, job_overrides(cache)
-                                                           + [f"model.name_or_path={ckpt}"]))
+    pre_cfg, _ = adopt_checkpoint_quantization(load_config(None, job_overrides(cache) + [f"model.name_or_path={ckpt}"]))
     fly_m, pre_m = load_model(fly_cfg), load_model(pre_cfg)
     import bitsandbytes as bnb
 

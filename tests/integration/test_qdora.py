@@ -1,5 +1,6 @@
 """QDoRA in one process: the built-in model loaded in 4 bits (bitsandbytes NF4 on the CPU) trains, its loss falls,
 and the adapter is saved."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,10 +20,24 @@ def test_qdora_nf4_single_process_trains(tmp_path):
     from dora_dist.train import train
 
     out = tmp_path / "run"
-    summary = train(load_config(ROOT / "configs" / "quickstart.yaml", [
-        "quantization.mode=nf4", "quantization.compute_dtype=float32", "training.max_steps=12",
-        "training.warmup_steps=2", "data.synthetic_samples=300", "data.seq_len=64", "output.progress_bar=false",
-        "output.plot=false", f"model.cache_dir={tmp_path / 'cache'}", f"output.dir={out}", "checkpoint.every_steps=0"]))
+    summary = train(
+        load_config(
+            ROOT / "configs" / "quickstart.yaml",
+            [
+                "quantization.mode=nf4",
+                "quantization.compute_dtype=float32",
+                "training.max_steps=12",
+                "training.warmup_steps=2",
+                "data.synthetic_samples=300",
+                "data.seq_len=64",
+                "output.progress_bar=false",
+                "output.plot=false",
+                f"model.cache_dir={tmp_path / 'cache'}",
+                f"output.dir={out}",
+                "checkpoint.every_steps=0",
+            ],
+        )
+    )
     assert summary["engine"] == "none"
     loss = [r["loss"] for r in read_metrics(out)]
     assert len(loss) == 12

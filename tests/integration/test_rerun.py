@@ -1,5 +1,6 @@
 """Re-running into an output directory: a finished run is left as it is (or extended when max_steps grew), another
 job's run or checkpoint is refused naming what changed, and the run's records only ever grow."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,17 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def _args(tmp_path, *extra: str) -> list[str]:
-    return ["training.max_steps=3", "data.synthetic_samples=64", "data.seq_len=32", "output.progress_bar=false",
-            "output.plot=false", f"model.cache_dir={tmp_path / 'cache'}", f"output.dir={tmp_path / 'run'}",
-            "checkpoint.every_steps=0", *extra]
+    return [
+        "training.max_steps=3",
+        "data.synthetic_samples=64",
+        "data.seq_len=32",
+        "output.progress_bar=false",
+        "output.plot=false",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        f"output.dir={tmp_path / 'run'}",
+        "checkpoint.every_steps=0",
+        *extra,
+    ]
 
 
 def _snapshot(run_dir) -> dict[str, bytes]:
@@ -36,7 +45,7 @@ def test_finished_run_is_recognised_and_left_as_is(tmp_path, capsys):
     assert main(["train", *_args(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "finished (3 steps" in out and "nothing to do" in out and "training.max_steps" in out
-    assert _snapshot(tmp_path / "run") == before                     # not a byte changed
+    assert _snapshot(tmp_path / "run") == before  # not a byte changed
 
 
 def test_finished_run_of_another_job_is_refused(tmp_path, capsys):
@@ -64,24 +73,28 @@ def test_extending_a_finished_run_appends(tmp_path):
     lines = metrics.read_text().splitlines()
     assert lines[:3] == head and [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["first_loss"] == first["first_loss"]              # the run's, not this segment's
+    assert summary["first_loss"] == first["first_loss"]  # the run's, not this segment's
     assert [(s["start_step"], s["end_step"]) for s in summary["segments"]] == [(0, 3), (3, 5)]
     assert find_latest(tmp_path / "run" / "checkpoints").name == "step_00000005"
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path):
-    stopped = train(load_job_config(None, _args(tmp_path, "checkpoint.every_steps=2", "training.max_steps=4",
-                                                "training.stop_after_steps=2")))
+    stopped = train(
+        load_job_config(
+            None, _args(tmp_path, "checkpoint.every_steps=2", "training.max_steps=4", "training.stop_after_steps=2")
+        )
+    )
     assert not stopped["finished"]
     ckpts = tmp_path / "run" / "checkpoints"
     before = _snapshot(ckpts)
-    for override, named in [("dora.r=4", "dora.r: 8 -> 4"),
-                            ("dora.target_modules=[q_proj,v_proj]", "dora.target_modules: 'all-linear' -> "),
-                            ("model.config={num_hidden_layers: 1}", "model.config: None -> "),
-                            ("training.seed=7", "training.seed: 42 -> 7")]:
+    for override, named in [
+        ("dora.r=4", "dora.r: 8 -> 4"),
+        ("dora.target_modules=[q_proj,v_proj]", "dora.target_modules: 'all-linear' -> "),
+        ("model.config={num_hidden_layers: 1}", "model.config: None -> "),
+        ("training.seed=7", "training.seed: 42 -> 7"),
+    ]:
         with pytest.raises(ConfigError) as err:
-            train(load_job_config(None, _args(tmp_path, "checkpoint.every_steps=2", "training.max_steps=4",
-                                              override)))
+            train(load_job_config(None, _args(tmp_path, "checkpoint.every_steps=2", "training.max_steps=4", override)))
         msg = str(err.value)
         assert named in msg and "step_00000002" in msg and "checkpoint.resume=none" in msg
     assert _snapshot(ckpts) == before
@@ -111,13 +124,13 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_exit_75(tmp_path, m
     _signal_at(monkeypatch, 2, signal.SIGTERM)
     assert trainer.main(args) == 75
     assert "stopped by SIGTERM after step 2" in capsys.readouterr().out
-    assert find_latest(tmp_path / "run" / "checkpoints").name == "step_00000002"     # although every_steps=0
+    assert find_latest(tmp_path / "run" / "checkpoints").name == "step_00000002"  # although every_steps=0
     assert json.loads(marker.read_text())["step"] == 2
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["preempted"] and not summary["finished"]
     marker.unlink()
     monkeypatch.undo()
-    assert trainer.main(args) == 0 and not marker.exists()                            # the requeued job finishes
+    assert trainer.main(args) == 0 and not marker.exists()  # the requeued job finishes
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["finished"] and [s["end_step"] for s in summary["segments"]] == [2, 4]
 
@@ -141,14 +154,19 @@ def test_extension_under_warmup_and_cosine_uses_the_new_schedule_from_its_first_
     schedule's lr, not the finished run's last one (LambdaLR.load_state_dict leaves the optimizer's old lr)."""
     from dora_dist.parallel.base import warmup_cosine_lambda
 
-    common = ("checkpoint.save_final=true", "training.lr=0.01", "training.warmup_steps=2",
-              "training.lr_schedule=cosine", "training.min_lr_ratio=0.1")
+    common = (
+        "checkpoint.save_final=true",
+        "training.lr=0.01",
+        "training.warmup_steps=2",
+        "training.lr_schedule=cosine",
+        "training.min_lr_ratio=0.1",
+    )
     train(load_job_config(None, _args(tmp_path, *common, "training.max_steps=6")))
     assert main(["train", *_args(tmp_path, *common, "training.max_steps=9")]) == 0
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 10))
     six, nine = warmup_cosine_lambda(2, 6, 0.1, "cosine"), warmup_cosine_lambda(2, 9, 0.1, "cosine")
-    for r in records:                       # the lr logged at step s is the one step s used: schedule(s - 1)
+    for r in records:  # the lr logged at step s is the one step s used: schedule(s - 1)
         schedule = six if r["step"] <= 6 else nine
         assert r["lr"] == pytest.approx(0.01 * schedule(r["step"] - 1), rel=1e-12), r
-    assert abs(nine(6) - six(5)) > 1e-3     # the stale value would be told apart
+    assert abs(nine(6) - six(5)) > 1e-3  # the stale value would be told apart

@@ -6,6 +6,7 @@ in place, which also moved the input embeddings while the adapter file held only
 of the saved adapter differed from the trained model by 3.8 in the logits. Now the trained model, its adapter
 reloaded by peft (PeftModel.from_pretrained) and by `dora-dist generate`'s loader give the same logits. Under
 fsdp2, ddp, zero2, zero3: tests/dist/test_tied_modules_to_save_engines.py."""
+
 from __future__ import annotations
 
 import pytest

@@ -4,6 +4,7 @@ Every base factory builds a *fresh* module from the same dense weights each time
 peft's layer sit on identical (bit-equal) but distinct base modules. Quantized bases are quantized the way
 bitsandbytes does it on load: `load_state_dict` of the dense weights, then `.to("cpu")`.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -13,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-IN, OUT, R = 64, 48, 4          # tiny shapes: 4-bit blocks of 64 divide IN, so chunks can be checked
+IN, OUT, R = 64, 48, 4  # tiny shapes: 4-bit blocks of 64 divide IN, so chunks can be checked
 ALPHA = 8.0
 
 
 @dataclass(frozen=True)
 class BaseKind:
     name: str
-    kind: str                     # linear | conv1d | 4bit | 8bit
+    kind: str  # linear | conv1d | 4bit | 8bit
     bias: bool = True
     quant_type: str = "nf4"
     double_quant: bool = False
@@ -41,9 +42,16 @@ DENSE_KINDS = [
     BaseKind("conv1d", "conv1d"),
 ]
 FOUR_BIT_KINDS = [
-    BaseKind(f"{qt}_dq{int(dq)}_{'bf16' if cd == torch.bfloat16 else 'fp32'}", "4bit", quant_type=qt,
-             double_quant=dq, compute_dtype=cd)
-    for qt in ("nf4", "fp4") for dq in (False, True) for cd in (torch.float32, torch.bfloat16)
+    BaseKind(
+        f"{qt}_dq{int(dq)}_{'bf16' if cd == torch.bfloat16 else 'fp32'}",
+        "4bit",
+        quant_type=qt,
+        double_quant=dq,
+        compute_dtype=cd,
+    )
+    for qt in ("nf4", "fp4")
+    for dq in (False, True)
+    for cd in (torch.float32, torch.bfloat16)
 ]
 EIGHT_BIT_KINDS = [BaseKind("int8", "8bit"), BaseKind("int8_nobias", "8bit", bias=False)]
 ALL_KINDS = DENSE_KINDS + FOUR_BIT_KINDS + EIGHT_BIT_KINDS
@@ -56,13 +64,19 @@ def kind_params(kinds):
 
 def dense_weights(out_f: int = OUT, in_f: int = IN, seed: int = 0, bias: bool = True):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
+    w = torch.randn(out_f, in_f, generator=g) / in_f**0.5
     b = torch.randn(out_f, generator=g) * 0.1 if bias else None
     return w, b
 
 
-def make_base(kind: BaseKind, out_f: int = OUT, in_f: int = IN, seed: int = 0, weight: torch.Tensor | None = None,
-              bias_t: torch.Tensor | None = None) -> nn.Module:
+def make_base(
+    kind: BaseKind,
+    out_f: int = OUT,
+    in_f: int = IN,
+    seed: int = 0,
+    weight: torch.Tensor | None = None,
+    bias_t: torch.Tensor | None = None,
+) -> nn.Module:
     """A fresh base module of the given kind holding deterministic weights (out_f, in_f)."""
     w, b = dense_weights(out_f, in_f, seed, kind.bias)
     if weight is not None:
@@ -92,8 +106,14 @@ def make_base(kind: BaseKind, out_f: int = OUT, in_f: int = IN, seed: int = 0, w
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind.kind == "4bit":
-            m = bnb.nn.Linear4bit(in_f, out_f, bias=kind.bias, compute_dtype=kind.compute_dtype,
-                                  compress_statistics=kind.double_quant, quant_type=kind.quant_type)
+            m = bnb.nn.Linear4bit(
+                in_f,
+                out_f,
+                bias=kind.bias,
+                compute_dtype=kind.compute_dtype,
+                compress_statistics=kind.double_quant,
+                quant_type=kind.quant_type,
+            )
             m.load_state_dict(state)
             m = m.to("cpu")
             assert m.weight.quant_state is not None, "4-bit weight was not quantized"
@@ -171,13 +191,26 @@ class Wrap(nn.Module):
         return self.proj(x)
 
 
-def make_peft_layer(base: nn.Module, r: int = R, alpha: float = ALPHA, dropout: float = 0.0,
-                    use_rslora: bool = False, use_dora: bool = True) -> nn.Module:
+def make_peft_layer(
+    base: nn.Module,
+    r: int = R,
+    alpha: float = ALPHA,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    use_dora: bool = True,
+) -> nn.Module:
     """peft's LoRA/DoRA layer over `base` (built by peft's own dispatch, as get_peft_model would)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"], use_dora=use_dora,
-                     use_rslora=use_rslora, fan_in_fan_out=type(base).__name__ == "Conv1D")
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=["proj"],
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+        fan_in_fan_out=type(base).__name__ == "Conv1D",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = inject_adapter_in_model(cfg, Wrap(base))
@@ -204,7 +237,7 @@ def randomize_adapter(layer: nn.Module, seed: int = 1, b_scale: float = 0.3) -> 
     """Give a DoRALinear a non-trivial adapter: random A, non-zero B, magnitude perturbed away from ‖W‖."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) / layer.in_features ** 0.5)
+        layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) / layer.in_features**0.5)
         layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * b_scale)
         if layer.magnitude is not None:
             layer.magnitude.mul_(1 + 0.2 * torch.randn(layer.magnitude.shape, generator=g))
@@ -230,8 +263,9 @@ MODES = {  # name: (dropout, training)
 }
 
 
-def forward_backward(layer: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, g: torch.Tensor,
-                     seed: int = 1234) -> dict[str, torch.Tensor]:
+def forward_backward(
+    layer: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, g: torch.Tensor, seed: int = 1234
+) -> dict[str, torch.Tensor]:
     """Output and gradients (A, B, m, x) of one forward/backward; the RNG is seeded so dropout masks agree."""
     for p in params.values():
         p.grad = None

@@ -1,6 +1,7 @@
 """Shared by tests/unit/test_packing.py and tests/dist/engine_worker.py (FSDP2): a document's logits and loss packed
 with neighbours against the same document alone, through the data path training uses (pack_documents, collate,
 packed_forward_kwargs, causal_lm_loss_sum)."""
+
 from __future__ import annotations
 
 import torch
@@ -43,9 +44,11 @@ def encoded_examples(tokenizer, fmt: str, n: int, seed: int = 0) -> list[tuple[l
     from dora_dist.data import synthetic
     from dora_dist.data.tokenize import encode_example
 
-    gen = {"text": lambda k: synthetic.text_examples(k, seed=seed, lines_per_example=1),
-           "prompt_completion": lambda k: synthetic.prompt_completion_pairs(k, seed=seed),
-           "chat": lambda k: synthetic.chat_examples(k, seed=seed)}[fmt]
+    gen = {
+        "text": lambda k: synthetic.text_examples(k, seed=seed, lines_per_example=1),
+        "prompt_completion": lambda k: synthetic.prompt_completion_pairs(k, seed=seed),
+        "chat": lambda k: synthetic.chat_examples(k, seed=seed),
+    }[fmt]
     dcfg = load_config(None, [f"data.format={fmt}"]).data
     return [encode_example(row, fmt, tokenizer, dcfg) for row in gen(n)]
 
@@ -80,7 +83,7 @@ def isolation_errors(model, examples, targets: list[int], neighbours: list[int])
             block, doc_lengths, _ = pack_documents([examples[n], examples[t]], seq_len)
             blocks += block
             lengths += doc_lengths
-            first = len(examples[t][0]) > len(examples[n][0])     # best-fit decreasing: the longer one first
+            first = len(examples[t][0]) > len(examples[n][0])  # best-fit decreasing: the longer one first
             start = 0 if first else len(examples[n][0])
             spans.append((start, start + len(examples[t][0])))
         batch = _dataset(blocks, lengths).collate(list(range(len(blocks))))
@@ -91,8 +94,9 @@ def isolation_errors(model, examples, targets: list[int], neighbours: list[int])
             labels[a:b] = batch["labels"][row, a:b]
             loss = _row_loss(logits[row], labels)
             loss_err = max(loss_err, abs(float(loss - alone_loss[t])) / abs(float(alone_loss[t])))
-        total = causal_lm_loss_sum(model, batch["input_ids"], None, batch["labels"], chunk_tokens=37,
-                                   position_ids=batch["position_ids"])
+        total = causal_lm_loss_sum(
+            model, batch["input_ids"], None, batch["labels"], chunk_tokens=37, position_ids=batch["position_ids"]
+        )
         expected = sum(float(alone_loss[n] + alone_loss[t]) for n in neighbours)
         batch_err = max(batch_err, abs(float(total) - expected) / expected)
     return {"logits": logit_err, "loss": loss_err, "batch_loss": batch_err}

@@ -1,13 +1,13 @@
 """apply_dora target matching, freezing, PEFT-format save/load, interop with peft both ways, merging."""
+
 import json
 
 import pytest
 import torch
+from _dora_helpers import BaseKind, close, make_base, randomize_adapter
 from torch import nn
 
-from _dora_helpers import BaseKind, close, make_base, randomize_adapter
-from dora_dist import (DoRAConfig, apply_dora, dora_layers, load_adapter, merge_and_unload,
-                       save_adapter)
+from dora_dist import DoRAConfig, apply_dora, dora_layers, load_adapter, merge_and_unload, save_adapter
 from dora_dist.adapters import set_merged
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -21,8 +21,14 @@ INT8 = BaseKind("int8", "8bit", bias=False)
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
-        self.attn = nn.ModuleDict({"q_proj": nn.Linear(16, 16), "k_proj": nn.Linear(16, 8, bias=False),
-                                   "v_proj": nn.Linear(16, 8), "o_proj": nn.Linear(16, 16)})
+        self.attn = nn.ModuleDict(
+            {
+                "q_proj": nn.Linear(16, 16),
+                "k_proj": nn.Linear(16, 8, bias=False),
+                "v_proj": nn.Linear(16, 8),
+                "o_proj": nn.Linear(16, 16),
+            }
+        )
         self.mlp = nn.ModuleDict({"up_proj": nn.Linear(16, 32), "down_proj": nn.Linear(32, 16)})
         self.norm = nn.LayerNorm(16)
 
@@ -54,16 +60,32 @@ def perturb(model, seed=0):
     return model
 
 
-@pytest.mark.parametrize("targets, expected", [
-    (["q_proj", "v_proj"], ["layers.0.attn.q_proj", "layers.0.attn.v_proj", "layers.1.attn.q_proj",
-                            "layers.1.attn.v_proj"]),
-    (["1.attn.q_proj"], ["layers.1.attn.q_proj"]),
-    (["down_proj"], ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]),
-    (r"layers\.0\..*_proj", ["layers.0.attn.k_proj", "layers.0.attn.o_proj", "layers.0.attn.q_proj",
-                             "layers.0.attn.v_proj", "layers.0.mlp.down_proj", "layers.0.mlp.up_proj"]),
-    (r".*\.(k|o)_proj", ["layers.0.attn.k_proj", "layers.0.attn.o_proj", "layers.1.attn.k_proj",
-                         "layers.1.attn.o_proj"]),
-])
+@pytest.mark.parametrize(
+    "targets, expected",
+    [
+        (
+            ["q_proj", "v_proj"],
+            ["layers.0.attn.q_proj", "layers.0.attn.v_proj", "layers.1.attn.q_proj", "layers.1.attn.v_proj"],
+        ),
+        (["1.attn.q_proj"], ["layers.1.attn.q_proj"]),
+        (["down_proj"], ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]),
+        (
+            r"layers\.0\..*_proj",
+            [
+                "layers.0.attn.k_proj",
+                "layers.0.attn.o_proj",
+                "layers.0.attn.q_proj",
+                "layers.0.attn.v_proj",
+                "layers.0.mlp.down_proj",
+                "layers.0.mlp.up_proj",
+            ],
+        ),
+        (
+            r".*\.(k|o)_proj",
+            ["layers.0.attn.k_proj", "layers.0.attn.o_proj", "layers.1.attn.k_proj", "layers.1.attn.o_proj"],
+        ),
+    ],
+)
 def test_target_matching(targets, expected):
     model = apply_dora(Toy(), DoRAConfig(r=2, alpha=4, target_modules=targets))
     assert adapted(model) == expected
@@ -71,7 +93,7 @@ def test_target_matching(targets, expected):
 
 def test_suffix_matches_whole_name_components_only():
     with pytest.raises(ValueError):
-        apply_dora(Toy(), DoRAConfig(r=2, target_modules=["proj"]))   # "q_proj" does not end with ".proj"
+        apply_dora(Toy(), DoRAConfig(r=2, target_modules=["proj"]))  # "q_proj" does not end with ".proj"
 
 
 def test_all_linear_excludes_output_head():
@@ -82,16 +104,25 @@ def test_all_linear_excludes_output_head():
 
 def tiny_llama(kind=None, layers=1):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                                   max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=32,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
-    if kind is not None:   # same weights, quantized like a bnb-loaded checkpoint (lm_head stays dense)
+    if kind is not None:  # same weights, quantized like a bnb-loaded checkpoint (lm_head stays dense)
         for name, mod in list(model.named_modules()):
             if isinstance(mod, nn.Linear) and "lm_head" not in name:
                 parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent), attr,
-                        make_base(kind, mod.out_features, mod.in_features, weight=mod.weight.detach()))
+                setattr(
+                    model.get_submodule(parent),
+                    attr,
+                    make_base(kind, mod.out_features, mod.in_features, weight=mod.weight.detach()),
+                )
         model.is_loaded_in_4bit = kind.kind == "4bit"
         model.is_loaded_in_8bit = kind.kind == "8bit"
     return model
@@ -99,8 +130,9 @@ def tiny_llama(kind=None, layers=1):
 
 def tiny_gpt2():
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
@@ -116,8 +148,9 @@ def test_only_adapters_trainable():
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith(("lora_A", "lora_B", "magnitude")) for n in trainable)
     assert len(trainable) == 2 * 3
-    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) == \
-        sum(l.lora_A.numel() + l.lora_B.numel() + l.magnitude.numel() for _, l in dora_layers(model))
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) == sum(
+        l.lora_A.numel() + l.lora_B.numel() + l.magnitude.numel() for _, l in dora_layers(model)
+    )
 
 
 def test_apply_twice_refused():
@@ -165,8 +198,12 @@ def _peft_loaded_output(model_fn, directory, ids):
 
 @pytest.mark.parametrize("which", ["llama", "gpt2_conv1d", "llama_nf4", "llama_int8"])
 def test_our_adapter_loads_in_peft(which, tmp_path):
-    model_fn = {"llama": tiny_llama, "gpt2_conv1d": tiny_gpt2, "llama_nf4": lambda: tiny_llama(NF4),
-                "llama_int8": lambda: tiny_llama(INT8)}[which]
+    model_fn = {
+        "llama": tiny_llama,
+        "gpt2_conv1d": tiny_gpt2,
+        "llama_nf4": lambda: tiny_llama(NF4),
+        "llama_int8": lambda: tiny_llama(INT8),
+    }[which]
     targets = ["c_attn", "c_proj"] if which.startswith("gpt2") else ["q_proj", "v_proj", "down_proj"]
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
@@ -183,12 +220,22 @@ def test_our_adapter_loads_in_peft(which, tmp_path):
 
 @pytest.mark.parametrize("which", ["llama", "gpt2_conv1d", "llama_nf4", "llama_int8"])
 def test_peft_saved_adapter_loads(which, tmp_path):
-    model_fn = {"llama": tiny_llama, "gpt2_conv1d": tiny_gpt2, "llama_nf4": lambda: tiny_llama(NF4),
-                "llama_int8": lambda: tiny_llama(INT8)}[which]
+    model_fn = {
+        "llama": tiny_llama,
+        "gpt2_conv1d": tiny_gpt2,
+        "llama_nf4": lambda: tiny_llama(NF4),
+        "llama_int8": lambda: tiny_llama(INT8),
+    }[which]
     targets = ["c_attn", "c_proj"] if which.startswith("gpt2") else ["q_proj", "v_proj", "down_proj"]
     ids = torch.randint(0, 64, (2, 7))
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True, task_type="CAUSAL_LM",
-                          fan_in_fan_out=which.startswith("gpt2"))
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        use_dora=True,
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=which.startswith("gpt2"),
+    )
     pm = peft.get_peft_model(model_fn(), cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -230,8 +277,12 @@ def test_save_unmerged_after_merge_round_trip(tmp_path):
 
 @pytest.mark.parametrize("which", ["llama", "gpt2_conv1d", "llama_nf4", "llama_int8"])
 def test_merge_and_unload_model(which):
-    model_fn = {"llama": tiny_llama, "gpt2_conv1d": tiny_gpt2, "llama_nf4": lambda: tiny_llama(NF4),
-                "llama_int8": lambda: tiny_llama(INT8)}[which]
+    model_fn = {
+        "llama": tiny_llama,
+        "gpt2_conv1d": tiny_gpt2,
+        "llama_nf4": lambda: tiny_llama(NF4),
+        "llama_int8": lambda: tiny_llama(INT8),
+    }[which]
     ids = torch.randint(0, 64, (2, 7))
     model = perturb(apply_dora(model_fn(), DoRAConfig(r=4, alpha=8, target_modules="all-linear"))).eval()
     with torch.no_grad():
@@ -241,7 +292,7 @@ def test_merge_and_unload_model(which):
     assert not list(dora_layers(merged)) and not hasattr(merged, "dora_config")
     kinds = {type(m).__name__ for n, m in merged.named_modules() if n.endswith(("q_proj", "c_attn"))}
     assert kinds == ({"Conv1D"} if which.startswith("gpt2") else {"Linear"})
-    if which == "llama_int8":   # the int8 kernel also quantizes activations; the merged model is exact fp32
+    if which == "llama_int8":  # the int8 kernel also quantizes activations; the merged model is exact fp32
         close(ym, y, rtol=5e-2, atol_frac=5e-2)
     else:
         close(ym, y, rtol=1e-5, atol_frac=1e-5)
@@ -272,8 +323,9 @@ def test_float64_adapter_round_trip_keeps_its_dtype_exactly(tmp_path):
 
     targets = ["q_proj", "v_proj", "down_proj"]
     ids = torch.randint(0, 64, (2, 7))
-    model = perturb(apply_dora(base(), DoRAConfig(r=4, alpha=8, target_modules=targets,
-                                                  adapter_dtype="float64"))).eval()
+    model = perturb(
+        apply_dora(base(), DoRAConfig(r=4, alpha=8, target_modules=targets, adapter_dtype="float64"))
+    ).eval()
     with torch.no_grad():
         y = model(ids).logits
     save_adapter(model, tmp_path)
@@ -293,9 +345,13 @@ def test_float64_adapter_round_trip_keeps_its_dtype_exactly(tmp_path):
     theirs = {n: p for n, p in pm.named_parameters() if "lora_" in n}
     assert len(theirs) == len(ours) and all(p.dtype == torch.float64 for p in theirs.values())
     for name, p in theirs.items():
-        key = name.replace("base_model.model.", "").replace(".lora_A.default.weight", ".lora_A") \
-            .replace(".lora_B.default.weight", ".lora_B").replace(".lora_magnitude_vector.default.weight", ".magnitude")
-        assert torch.equal(p, ours[key]), name                        # peft: 0 difference as well
+        key = (
+            name.replace("base_model.model.", "")
+            .replace(".lora_A.default.weight", ".lora_A")
+            .replace(".lora_B.default.weight", ".lora_B")
+            .replace(".lora_magnitude_vector.default.weight", ".magnitude")
+        )
+        assert torch.equal(p, ours[key]), name  # peft: 0 difference as well
 
 
 def test_merge_cli_keeps_a_float64_adapter(tmp_path):
@@ -306,8 +362,13 @@ def test_merge_cli_keeps_a_float64_adapter(tmp_path):
     from dora_dist.cli import main
 
     tiny_llama().double().save_pretrained(tmp_path / "base")
-    model = perturb(apply_dora(tiny_llama().double(), DoRAConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"],
-                                                                 adapter_dtype="float64")), seed=3)
+    model = perturb(
+        apply_dora(
+            tiny_llama().double(),
+            DoRAConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], adapter_dtype="float64"),
+        ),
+        seed=3,
+    )
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
     expected = merge_and_unload(model)
     assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0

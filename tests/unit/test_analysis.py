@@ -1,4 +1,5 @@
 """`analyze`: exact ΔM/ΔD of hand-built weight changes, chunked (4-bit) bases, adapters against merged models."""
+
 import json
 import math
 
@@ -48,7 +49,7 @@ def test_sign_flip_and_zero_rows():
     w = weights(4, 8)
     w[3] = 0
     t = -w.clone()
-    t[2] = 0     # a row set to zero: direction lost (cos 0); the zero row stays zero (cos 1)
+    t[2] = 0  # a row set to zero: direction lost (cos 0); the zero row stays zero (cos 1)
     dm, dd = row_change(w, t)
     n = w.norm(dim=1)
     assert dm == pytest.approx(float(n[2]) / 4, rel=1e-12)
@@ -59,7 +60,7 @@ def test_fp32_inputs_keep_the_exact_answers():
     """fp32 rounding of the tuned weight moves rows by ~eps: ΔD ~ eps², ΔM ~ eps·‖W‖."""
     w = weights(dtype=torch.float32)
     _, dd = row_change(w, (w.double() * 3.0).float())
-    assert dd < 10 * EPS32 ** 2 * w.shape[1]
+    assert dd < 10 * EPS32**2 * w.shape[1]
     dm, _ = row_change(w, rotated(w.double(), 0.3).float())
     assert dm < 10 * EPS32 * float(w.norm(dim=1).mean())
 
@@ -70,7 +71,7 @@ def test_chunked_4bit_base_matches_dense(monkeypatch):
 
     import dora_dist.nn.weight_source as ws
 
-    monkeypatch.setattr(ws, "CHUNK_ELEMENTS", 8 * 128)   # 8 rows of 128 per chunk: 5 chunks
+    monkeypatch.setattr(ws, "CHUNK_ELEMENTS", 8 * 128)  # 8 rows of 128 per chunk: 5 chunks
     w = weights(40, 128, dtype=torch.float32)
     src = dense_source(w, quant="nf4")
     assert src.rows_per_chunk() < src.out_features
@@ -97,9 +98,15 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_llama():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                                   max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=32,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -115,7 +122,7 @@ def test_magnitude_only_dora_adapter_is_a_pure_rescale(base_dir, tmp_path):
     _, layer = next(dora_layers(model))
     norms = layer.weight_norm().clone()
     with torch.no_grad():
-        layer.magnitude.mul_(torch.linspace(0.8, 1.3, layer.out_features))   # B = 0: only m moves
+        layer.magnitude.mul_(torch.linspace(0.8, 1.3, layer.out_features))  # B = 0: only m moves
     save_adapter(model, tmp_path / "ad")
     res = analyze(base_dir, [str(tmp_path / "ad")], verbose=False, plot=False)
     (rec,) = res["records"]
@@ -137,12 +144,25 @@ def test_adapter_equals_its_merged_model_and_cli_outputs(base_dir, tmp_path):
     save_adapter(model, tmp_path / "dora")
     merge_and_unload(model).save_pretrained(tmp_path / "merged")
     out = tmp_path / "report"
-    assert main(["analyze", "--base", str(base_dir), "--tuned", str(tmp_path / "dora"),
-                 f"merged={tmp_path / 'merged'}", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--base",
+                str(base_dir),
+                "--tuned",
+                str(tmp_path / "dora"),
+                f"merged={tmp_path / 'merged'}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "changes.json").read_text())
     by = {(r["method"], r["layer"]): r for r in res["records"]}
     adapted = sorted(l for m, l in by if m == "dora")
-    assert len(adapted) == 3 and sorted(l for m, l in by if m == "merged") == adapted   # untouched layers left out
+    assert len(adapted) == 3 and sorted(l for m, l in by if m == "merged") == adapted  # untouched layers left out
     assert res["unchanged_layers"] > 0
     for layer in adapted:
         a, b = by[("dora", layer)], by[("merged", layer)]
@@ -169,7 +189,7 @@ def test_gpt2_conv1d_rows_are_output_rows(tmp_path):
     merge_and_unload(model).save_pretrained(tmp_path / "merged")
     res = analyze(tmp_path / "base", [str(tmp_path / "dora"), f"m={tmp_path / 'merged'}"], verbose=False, plot=False)
     by = {r["method"]: r for r in res["records"] if r["layer"].endswith("c_attn")}
-    assert by["dora"]["rows"] == 96 and by["m"]["rows"] == 96          # out = 3·n_embd rows, not n_embd
+    assert by["dora"]["rows"] == 96 and by["m"]["rows"] == 96  # out = 3·n_embd rows, not n_embd
     w0 = load_file(str(tmp_path / "base" / "model.safetensors"))["transformer.h.0.attn.c_attn.weight"].t()
     w1 = load_file(str(tmp_path / "merged" / "model.safetensors"))["transformer.h.0.attn.c_attn.weight"].t()
     dm, dd = row_change(w0.double(), w1.double())

@@ -6,6 +6,7 @@
 - `quant_storage` other than uint8 (bfloat16 is the FSDP-QLoRA convention): the packed bytes are stored in another
   dtype and must be read as bytes, also by the chunked decode of a layer bigger than one chunk.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -13,9 +14,9 @@ from copy import copy
 
 import pytest
 import torch
+from _dora_helpers import close, reference_dequantize_4bit
 from torch import nn
 
-from _dora_helpers import close, reference_dequantize_4bit
 import dora_dist.nn.weight_source as ws
 from dora_dist import DoRALinear
 
@@ -27,9 +28,16 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 def linear4bit(out_f: int, in_f: int, quant_type="nf4", double_quant=True, storage=torch.uint8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
-    m = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, compress_statistics=double_quant,
-                          quant_type=quant_type, quant_storage=storage)
+    w = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    m = bnb.nn.Linear4bit(
+        in_f,
+        out_f,
+        bias=False,
+        compute_dtype=torch.float32,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=storage,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m.load_state_dict({"weight": w})
@@ -68,7 +76,7 @@ def test_dora_over_a_repacked_base_uses_the_repacked_weight(quant_type, double_q
     with torch.no_grad():
         y = layer(x)
     assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
-    close(y, x @ expected_w.t(), rtol=1e-5, atol_frac=1e-5)   # B = 0 and m = ‖W‖: the base output
+    close(y, x @ expected_w.t(), rtol=1e-5, atol_frac=1e-5)  # B = 0 and m = ‖W‖: the base output
 
 
 def test_base_repacked_after_wrapping_is_unpacked_before_use():

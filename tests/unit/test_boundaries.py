@@ -1,5 +1,6 @@
 """The architecture's boundaries, pinned: import layering, the weight-source registry, the one way engines write a
 layer's norm state, the batching object, the load plan; and the review bugs that live at these seams."""
+
 from __future__ import annotations
 
 import ast
@@ -35,7 +36,7 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
         def collect(body):
             for node in body:
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                    continue                                   # runs when called, not at import
+                    continue  # runs when called, not at import
                 if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
                     continue
                 nodes.append(node)
@@ -81,7 +82,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for d in sorted(graph.get(n, ())):
             if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
+                return stack[stack.index(d) :] + [d]
             if d not in state and (c := visit(d)):
                 return c
         stack.pop()
@@ -110,13 +111,19 @@ def test_no_import_time_cycle_between_modules():
     assert cycle is None, " -> ".join(cycle)
 
 
-@pytest.mark.parametrize("package, forbidden", [
-    ("dora_dist.nn", ("torch.distributed", "dora_dist.quant", "dora_dist.parallel")),
-    ("dora_dist.quant", ("torch.distributed", "dora_dist.parallel")),   # quant/ does no collective work
-])
+@pytest.mark.parametrize(
+    "package, forbidden",
+    [
+        ("dora_dist.nn", ("torch.distributed", "dora_dist.quant", "dora_dist.parallel")),
+        ("dora_dist.quant", ("torch.distributed", "dora_dist.parallel")),  # quant/ does no collective work
+    ],
+)
 def test_lower_layers_do_not_reach_up(package, forbidden):
-    bad = {name: sorted(d for d in _imports(path, False) if d.startswith(forbidden))
-           for name, path in MODULES.items() if name.startswith(package)}
+    bad = {
+        name: sorted(d for d in _imports(path, False) if d.startswith(forbidden))
+        for name, path in MODULES.items()
+        if name.startswith(package)
+    }
     assert not {k: v for k, v in bad.items() if v}
 
 
@@ -130,7 +137,7 @@ def test_engines_write_norm_state_only_through_set_norms():
 
 def test_readme_layout_lists_every_subpackage():
     text = (ROOT / "README.md").read_text()
-    layout = text[text.index("## Layout"):]
+    layout = text[text.index("## Layout") :]
     layout = layout[: layout.index("\n## ", 4)]
     subpackages = sorted(p.parent.name for p in PKG.glob("*/__init__.py"))
     for name in subpackages:
@@ -160,7 +167,7 @@ def test_a_registered_base_kind_is_used(monkeypatch):
     ws.register_weight_source(lambda m: isinstance(m, Scaled), ScaledWeight, "test Scaled")
     layer = DoRALinear(Scaled(), r=2, alpha=4)
     assert type(layer.weight_source) is ScaledWeight
-    assert layer.weight_source is layer.weight_source          # built once, not per access
+    assert layer.weight_source is layer.weight_source  # built once, not per access
     assert "test Scaled" in ws.supported_bases()
 
 
@@ -195,8 +202,10 @@ def test_batching_is_resolved_once_without_rewriting_the_config():
     from dora_dist.batching import Batching
     from dora_dist.config import load_config
 
-    cfg = load_config(None, ["training.global_batch_size=12", "training.micro_batch_size=2", "training.max_steps=0",
-                             "training.epochs=2"])
+    cfg = load_config(
+        None,
+        ["training.global_batch_size=12", "training.micro_batch_size=2", "training.max_steps=0", "training.epochs=2"],
+    )
     before = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
     b = Batching.resolve(cfg.training, world_size=3, n_samples=100)
     assert (b.grad_accum, b.global_batch_size, b.max_steps) == (2, 12, 16)
@@ -205,11 +214,14 @@ def test_batching_is_resolved_once_without_rewriting_the_config():
         Batching.resolve(cfg.training, world_size=5, n_samples=100)
 
 
-@pytest.mark.parametrize("overrides, kind", [
-    (["parallel.load_on_rank0=false"], "direct"),
-    (["quantization.mode=nf4"], "sharded_4bit"),
-    ([], "rank0_broadcast"),
-])
+@pytest.mark.parametrize(
+    "overrides, kind",
+    [
+        (["parallel.load_on_rank0=false"], "direct"),
+        (["quantization.mode=nf4"], "sharded_4bit"),
+        ([], "rank0_broadcast"),
+    ],
+)
 def test_fsdp2_chooses_its_load_plan_from_the_config(overrides, kind):
     from dora_dist.config import load_config
     from dora_dist.parallel.dist_env import DistEnv

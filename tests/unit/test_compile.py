@@ -6,6 +6,7 @@ rounded products, so compiled and eager agree to ~hidden·2⁻²⁴ relative: 1e
 largest entry on the gradients (they pass through two blocks' backward). The per-layer graph-break check needs no
 compiler; the end-to-end check runs inductor's C++ backend and is skipped without a C++ compiler.
 """
+
 import shutil
 
 import pytest
@@ -49,8 +50,15 @@ def test_compiled_blocks_equal_eager():
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, use_cache=False)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+    )
     eager = apply_dora(LlamaForCausalLM(cfg), DoRAConfig(r=4, alpha=8, target_modules="all-linear"))
     with torch.no_grad():
         for name, p in eager.named_parameters():
@@ -59,7 +67,7 @@ def test_compiled_blocks_equal_eager():
     compiled = copy.deepcopy(eager)
     assert compile_decoder_blocks(compiled) == 2
     names = [n for n, _ in compiled.named_parameters()]
-    assert names == [n for n, _ in eager.named_parameters()]          # no _orig_mod prefixes
+    assert names == [n for n, _ in eager.named_parameters()]  # no _orig_mod prefixes
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     results = []
     for model in (eager, compiled):

@@ -1,5 +1,6 @@
 """Data: formats and loss masks, packing, local files, clear errors, and the global-batch sampler (same samples
 per optimizer step for any world size × accumulation split, resumable)."""
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,13 @@ def test_prompt_completion_masks_prompt(tokenizer):
 
 
 def test_chat_loss_on_assistant_turns_only(tokenizer):
-    messages = [{"role": "system", "content": "answer briefly ."}, {"role": "user", "content": "1 + 2 ="},
-                {"role": "assistant", "content": "3 ."}, {"role": "user", "content": "2 + 2 ="},
-                {"role": "assistant", "content": "4 ."}]
+    messages = [
+        {"role": "system", "content": "answer briefly ."},
+        {"role": "user", "content": "1 + 2 ="},
+        {"role": "assistant", "content": "3 ."},
+        {"role": "user", "content": "2 + 2 ="},
+        {"role": "assistant", "content": "4 ."},
+    ]
     ids, labels = encode_chat(tokenizer, messages, add_eos=True)
     learned = tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
     assert "3 ." in learned and "4 ." in learned
@@ -41,8 +46,11 @@ def test_chat_loss_on_assistant_turns_only(tokenizer):
 def test_synthetic_formats_and_local_files(tmp_path, tokenizer, fmt):
     from dora_dist.data import synthetic
 
-    rows = {"text": synthetic.text_examples, "prompt_completion": synthetic.prompt_completion_pairs,
-            "chat": synthetic.chat_examples}[fmt](40)
+    rows = {
+        "text": synthetic.text_examples,
+        "prompt_completion": synthetic.prompt_completion_pairs,
+        "chat": synthetic.chat_examples,
+    }[fmt](40)
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(None, [f"data.source={path}", "data.seq_len=64", "data.packing=false"])

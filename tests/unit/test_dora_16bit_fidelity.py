@@ -21,6 +21,7 @@ peft 0.21 on the same layer (fp32 adapters, its training-mode forward), measured
 −0.3% (ours 1.5% / 0.5% / −0.3%), fp16 within ±0.3% for both. Its bracket (m/n − 1)·base + (m/n)·s·lora is fp32
 and rounded once with the base output, as our sum now is.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,6 @@ import warnings
 import pytest
 import torch
 from _dora_helpers import BaseKind, make_base
-from torch import nn
 
 from dora_dist.nn.dora_epilogue import use_fused
 from dora_dist.nn.dora_linear import DoRALinear
@@ -50,14 +50,16 @@ def record(**figures) -> None:
         with open(path, "a") as f:
             f.write(json.dumps({"test": "dora_16bit_fidelity", **figures}) + "\n")
 
+
 BASES = {
     "linear": lambda dt: BaseKind("linear", "linear"),
     "conv1d": lambda dt: BaseKind("conv1d", "conv1d"),
     "nf4": lambda dt: BaseKind("nf4", "4bit", bias=False, quant_type="nf4", double_quant=True, compute_dtype=dt),
     "fp4": lambda dt: BaseKind("fp4", "4bit", bias=False, quant_type="fp4", compute_dtype=dt),
     "int8": lambda dt: BaseKind("int8", "8bit", bias=False),
-    "sharded4bit": lambda dt: BaseKind("sharded4bit", "4bit", bias=False, quant_type="nf4", double_quant=True,
-                                       compute_dtype=dt),
+    "sharded4bit": lambda dt: BaseKind(
+        "sharded4bit", "4bit", bias=False, quant_type="nf4", double_quant=True, compute_dtype=dt
+    ),
 }
 
 
@@ -73,11 +75,11 @@ def build_layer(base_name: str, dtype: torch.dtype, dropout: float = 0.0) -> DoR
             base = ShardedLinear4bit.from_linear(base, compute_dtype=dtype)
         elif kind.kind in ("linear", "conv1d"):
             base = base.to(dtype)
-    torch.manual_seed(0)                             # lora_A's kaiming init: the same layer in any test order
+    torch.manual_seed(0)  # lora_A's kaiming init: the same layer in any test order
     layer = DoRALinear(base, r=R, alpha=ALPHA, dropout=dropout)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        layer.lora_B.copy_(torch.randn(OUT, R, generator=gen) * 0.015)   # s·‖(BA)_i‖ ≈ 0.05·‖W_i‖
+        layer.lora_B.copy_(torch.randn(OUT, R, generator=gen) * 0.015)  # s·‖(BA)_i‖ ≈ 0.05·‖W_i‖
     return layer
 
 
@@ -103,7 +105,7 @@ def run(layer: DoRALinear, x: torch.Tensor, path: str) -> torch.Tensor:
             return layer(x).double()
     layer.train()
     if path == "dropout":
-        torch.manual_seed(123)                       # the same mask for y(m) and y(n)
+        torch.manual_seed(123)  # the same mask for y(m) and y(n)
     with use_fused(path != "plain"):
         return layer(x).detach().double()
 
@@ -124,7 +126,7 @@ def lost_share(layer: DoRALinear, x: torch.Tensor, delta: float, path: str) -> f
     y_m = run(layer, x, path)
     if path == "dropout":
         torch.manual_seed(123)
-        z = float64_z(layer, layer.lora_dropout(x))   # with dropout the scale multiplies x_drop·Wᵀ + s·lora(x_drop)
+        z = float64_z(layer, layer.lora_dropout(x))  # with dropout the scale multiplies x_drop·Wᵀ + s·lora(x_drop)
     else:
         z = float64_z(layer, x)
     return 1.0 - magnitude_share(y_m, y_n, 2 * delta * z)
@@ -146,9 +148,17 @@ def test_dense_every_path_keeps_the_magnitude(dtype, path, device):
         assert abs(lost) <= 0.05, f"{path}, {dtype}, δ={delta}: {lost:.1%} of the magnitude's effect lost"
 
 
-@pytest.mark.parametrize("base,dtype", [("conv1d", torch.bfloat16), ("nf4", torch.bfloat16), ("nf4", torch.float16),
-                                        ("fp4", torch.bfloat16), ("int8", torch.bfloat16),
-                                        ("sharded4bit", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "base,dtype",
+    [
+        ("conv1d", torch.bfloat16),
+        ("nf4", torch.bfloat16),
+        ("nf4", torch.float16),
+        ("fp4", torch.bfloat16),
+        ("int8", torch.bfloat16),
+        ("sharded4bit", torch.bfloat16),
+    ],
+)
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_base_keeps_the_magnitude(base, dtype, device):
     """Every weight source feeds the same epilogue; fp16 once on a 4-bit base (its dense paths are tested above)."""
@@ -187,7 +197,7 @@ def test_backward_uses_the_fp32_scale(dtype):
     implementation (peft's autograd adds g + g·(m/n − 1) in bf16 and loses it too); dL/dm itself is formed in fp32
     and keeps it (tests/unit/test_dora_lowprec.py)."""
     layer = build_layer("linear", dtype)
-    x = inputs(dtype)[:1024].requires_grad_(True)        # δ ≥ 4 ulps here: less noise, fewer tokens needed
+    x = inputs(dtype)[:1024].requires_grad_(True)  # δ ≥ 4 ulps here: less noise, fewer tokens needed
     g = torch.randn(1024, OUT, generator=torch.Generator().manual_seed(2)).to(dtype)
     w = layer.weight_source.dense(torch.float64)
     a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
@@ -221,12 +231,12 @@ def test_merged_bf16_weight_unmerges_to_the_original_bit_for_bit():
     assert torch.equal(layer.base_layer.weight, w0)
     # the merged weight is W' rounded once per element: the outputs agree to bf16 rounding of a K=256 dot product
     scale = (y_unmerged.abs().max()).item()
-    assert (y_merged - y_unmerged).abs().max().item() <= 2 ** -8 * scale * 4
+    assert (y_merged - y_unmerged).abs().max().item() <= 2**-8 * scale * 4
     # without the kept copy: W'/scale − sBA rounded again differs from W (documented, not hidden)
     layer.merge(keep_original=False)
     layer.unmerge()
     assert not torch.equal(layer.base_layer.weight, w0)
-    assert (layer.base_layer.weight.double() - w0.double()).abs().max() <= 2 ** -7 * w0.double().abs().max()
+    assert (layer.base_layer.weight.double() - w0.double()).abs().max() <= 2**-7 * w0.double().abs().max()
 
 
 @pytest.mark.slow
@@ -254,13 +264,15 @@ def test_tiny_llama_bf16_logits_keep_magnitudes_moved_by_1e_3():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen, dtype=torch.float64) * 0.015)
             layer.init_magnitude()
     m16 = copy.deepcopy(m64)
-    for name, p in m16.named_parameters():        # bf16 base, fp32 adapters: the trainer's bf16 layout
+    for name, p in m16.named_parameters():  # bf16 base, fp32 adapters: the trainer's bf16 layout
         p.data = p.data.float() if ("lora_" in name or "magnitude" in name) else p.data.bfloat16()
     for _, layer in dora_layers(m16):
         layer.invalidate_cache()
     ids = torch.randint(0, 1024, (32, 32), generator=gen)
-    signs = {name: torch.where(torch.rand(layer.magnitude.shape, generator=gen) < 0.5, -1.0, 1.0)
-             for name, layer in dora_layers(m64)}
+    signs = {
+        name: torch.where(torch.rand(layer.magnitude.shape, generator=gen) < 0.5, -1.0, 1.0)
+        for name, layer in dora_layers(m64)
+    }
     m0 = {id(layer): layer.magnitude.detach().clone() for m in (m64, m16) for _, layer in dora_layers(m)}
 
     def logits(model, delta: float) -> torch.Tensor:

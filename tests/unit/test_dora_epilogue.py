@@ -6,6 +6,7 @@ rounded once or twice, so its error is bounded by c·u·(Σ|terms|), u = 2⁻²�
 we assert |err| ≤ 8·u·(Σ|terms|) + (accumulation over K tokens) K·2⁻²⁴·(Σ|terms|), with Σ|terms| computed in
 float64 from absolute values. That bound does not depend on one machine's rounding.
 """
+
 import pytest
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ def _inputs(dtype=torch.float64, zero_m=(), zero_n=(), bias=True, seed=0):
     n = torch.rand(O, generator=g, dtype=torch.float64) + 0.5
     b = torch.randn(O, generator=g, dtype=torch.float64) if bias else None
     m[list(zero_m)] = 0
-    n[list(zero_n)] = 1          # a zero-norm row reaches the epilogue as denominator 1
+    n[list(zero_n)] = 1  # a zero-norm row reaches the epilogue as denominator 1
     cast = lambda t: None if t is None else t.to(dtype)
     return cast(base), cast(xa), cast(B), cast(m), n.to(torch.promote_types(dtype, torch.float32)), cast(b)
 
@@ -58,24 +59,32 @@ def test_float64_equals_plain_ops(zero_m):
 
 
 def _bound(abs_terms: torch.Tensor, u: float, k: int) -> torch.Tensor:
-    return (8 * u + k * 2.0 ** -24) * abs_terms
+    return (8 * u + k * 2.0**-24) * abs_terms
 
 
-@pytest.mark.parametrize("dtype,u", [(torch.float32, 2.0 ** -24), (torch.bfloat16, 2.0 ** -8)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,u", [(torch.float32, 2.0**-24), (torch.bfloat16, 2.0**-8)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("zero_m", [(), (2,)], ids=["m>0", "m=0 row"])
 def test_precision_against_float64(dtype, u, zero_m):
     """Low-precision activations (base_out, y, g in `dtype`) with fp32 adapters, as in training."""
     s = 0.9
     base, xa, B, m, n, b = _inputs(zero_m=zero_m, bias=False)
     g = torch.randn(T, O, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    base_lp = base.to(dtype)           # the inputs as the low-precision run sees them; the reference uses them too
+    base_lp = base.to(dtype)  # the inputs as the low-precision run sees them; the reference uses them too
     g_lp = g.to(dtype)
-    ref_leaves = [base_lp.double().requires_grad_(), xa.float().double().requires_grad_(),
-                  B.float().double().requires_grad_(), m.float().double().requires_grad_()]
+    ref_leaves = [
+        base_lp.double().requires_grad_(),
+        xa.float().double().requires_grad_(),
+        B.float().double().requires_grad_(),
+        m.float().double().requires_grad_(),
+    ]
     ref = dora_epilogue_reference(*ref_leaves, n.double(), None, s)
     ref_grads = torch.autograd.grad(ref, ref_leaves, g_lp.double())
-    leaves = [base_lp.clone().requires_grad_(), xa.float().requires_grad_(), B.float().requires_grad_(),
-              m.float().requires_grad_()]
+    leaves = [
+        base_lp.clone().requires_grad_(),
+        xa.float().requires_grad_(),
+        B.float().requires_grad_(),
+        m.float().requires_grad_(),
+    ]
     y = dora_epilogue(*leaves, n.float(), None, s)
     grads = torch.autograd.grad(y, leaves, g_lp)
     assert y.dtype == dtype and grads[3].dtype == torch.float32
@@ -125,7 +134,7 @@ def test_layer_saves_its_output_not_z(bias):
     with use_fused(False):
         y0, seen0 = _saved_storages(lambda: layer(x))
     big0 = {ptr for ptr, (shape, _) in seen0.items() if shape == (5, 12)}
-    assert y0.untyped_storage().data_ptr() not in big0 and len(big0) == 1   # the unfused path saves z
+    assert y0.untyped_storage().data_ptr() not in big0 and len(big0) == 1  # the unfused path saves z
     torch.testing.assert_close(y, y0, rtol=1e-6, atol=1e-6)
 
 
@@ -145,12 +154,13 @@ def test_llama_mlp_stores_gate_and_up_outputs_once():
         mlp = apply_dora(LlamaMLP(cfg), DoRAConfig(r=4, alpha=8, target_modules="all-linear", use_dora=use_dora))
         params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
         _, seen = _saved_storages(lambda: mlp(x))
-        return sum(nbytes for ptr, (_, nbytes) in seen.items()
-                   if ptr not in params and ptr != x.untyped_storage().data_ptr())
+        return sum(
+            nbytes for ptr, (_, nbytes) in seen.items() if ptr not in params and ptr != x.untyped_storage().data_ptr()
+        )
 
     extra = saved(True) - saved(False)
     tokens_x_down_out = 10 * 16 * 4
-    vectors = 3 * 4 * (40 + 40 + 16)       # scale, m and the norm per layer, fp32 (out,) each
+    vectors = 3 * 4 * (40 + 40 + 16)  # scale, m and the norm per layer, fp32 (out,) each
     assert tokens_x_down_out <= extra <= tokens_x_down_out + vectors
 
 
@@ -167,4 +177,4 @@ def test_zero_magnitude_rows_gradient_is_exact_in_layer():
     with use_fused(False):
         layer(x).pow(2).sum().backward()
     torch.testing.assert_close(fused, layer.magnitude.grad, rtol=1e-12, atol=1e-12)
-    assert fused[[1, 3]].abs().min() > 0          # rows with m = 0 still learn
+    assert fused[[1, 3]].abs().min() > 0  # rows with m = 0 still learn

@@ -1,5 +1,6 @@
 """The eval/no-grad scale cache of DoRALinear: the same output as the uncached path, reused while nothing changes,
 recomputed after any change of A, B, m or the base weight, and after train()/eval() or merge/unmerge."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,21 +30,21 @@ def uncached(lyr: DoRALinear, x: torch.Tensor) -> torch.Tensor:
 def test_cached_equals_uncached_and_is_reused(monkeypatch):
     lyr, x = layer(), torch.randn(3, 24, dtype=torch.float64)
     calls = []
-    real = DoRALinear.weight_norm                              # every path computes ‖W + sBA‖ through it
+    real = DoRALinear.weight_norm  # every path computes ‖W + sBA‖ through it
     monkeypatch.setattr(DoRALinear, "weight_norm", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     with torch.no_grad():
         y1, y2 = lyr(x), lyr(x)
     with torch.inference_mode():
         y3 = lyr(x)
-    assert len(calls) == 1                                     # computed once, reused twice
+    assert len(calls) == 1  # computed once, reused twice
     torch.testing.assert_close(y1, uncached(lyr, x), rtol=1e-12, atol=1e-12)
     assert torch.equal(y1, y2) and torch.equal(y1, y3)
-    with torch.enable_grad():                                  # eval with grad: never from the cache
+    with torch.enable_grad():  # eval with grad: never from the cache
         lyr(x)
     lyr.train()
-    with torch.no_grad():                                      # training mode: never from the cache
+    with torch.no_grad():  # training mode: never from the cache
         lyr(x)
-    assert len(calls) == 3 and lyr._scale_cache is None         # one norm per uncached forward
+    assert len(calls) == 3 and lyr._scale_cache is None  # one norm per uncached forward
 
 
 @pytest.mark.parametrize("change", ["lora_A", "lora_B", "magnitude", "base", "base_swap", "train_eval", "merge"])
@@ -56,14 +57,14 @@ def test_cache_invalidated(change):
             getattr(lyr, change).mul_(0.7)
         elif change == "base":
             lyr.base_layer.weight.add_(0.5)
-            lyr.base_row_sq = None                             # (‖W‖² is documented as cached: invalidate_cache)
+            lyr.base_row_sq = None  # (‖W‖² is documented as cached: invalidate_cache)
         elif change == "base_swap":
             lyr.base_layer.weight = nn.Parameter(lyr.base_layer.weight * 2, requires_grad=False)
             lyr.base_row_sq = None
         elif change == "train_eval":
             lyr.train().eval()
             assert lyr._scale_cache is None
-            lyr.magnitude.data = lyr.magnitude.data * 0.5      # .data swaps storage without a version bump
+            lyr.magnitude.data = lyr.magnitude.data * 0.5  # .data swaps storage without a version bump
         elif change == "merge":
             lyr.merge()
             assert lyr._scale_cache is None

@@ -6,12 +6,26 @@ of the tensor's largest value) in fp32, in train and eval mode, with and without
 seeded identically before each forward so both layers draw the same mask (peft's base runs on the clean input, its
 DoRA path on the dropped one).
 """
+
 import pytest
 import torch
+from _dora_helpers import (
+    ALPHA,
+    DENSE_KINDS,
+    IN,
+    MODES,
+    OUT,
+    R,
+    assert_parity,
+    close,
+    dequantized,
+    kind_params,
+    make_base,
+    randomize_adapter,
+    run_parity,
+)
 from torch import nn
 
-from _dora_helpers import (ALPHA, DENSE_KINDS, IN, MODES, OUT, R, close, dequantized, kind_params, make_base,
-                           randomize_adapter, run_parity, assert_parity)
 from dora_dist import DoRALinear
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -27,7 +41,7 @@ def test_parity_with_peft(kind, mode):
 @pytest.mark.parametrize("kind", kind_params(DENSE_KINDS[:1] + DENSE_KINDS[2:]))
 def test_parity_with_peft_rslora(kind):
     ours, theirs, results = run_parity(kind, "train_dropout", use_rslora=True)
-    assert ours.scaling == pytest.approx(ALPHA / R ** 0.5)
+    assert ours.scaling == pytest.approx(ALPHA / R**0.5)
     assert_parity(results)
 
 
@@ -103,7 +117,7 @@ def test_merge_unmerge_round_trip(kind, use_dora):
     with torch.no_grad():
         y = layer(x)
         W = dequantized(layer.base_layer).double()
-        merged_ref = (W + layer.scaling * layer.lora_B.double() @ layer.lora_A.double())
+        merged_ref = W + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
         if use_dora:
             merged_ref = merged_ref * (layer.magnitude.double() / torch.linalg.norm(merged_ref, dim=1))[:, None]
         layer.merge()

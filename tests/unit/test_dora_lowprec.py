@@ -25,6 +25,7 @@ Each case runs through the fused epilogue (eager default) and the plain-op one (
 (bitsandbytes NF4, CPU): the norm against the float64 norm of the dequantized weight, and the layer against the
 reference built on that weight.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -45,8 +46,9 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
-def make_layer(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor | None, dtype: torch.dtype,
-               alpha: float) -> DoRALinear:
+def make_layer(
+    w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor | None, dtype: torch.dtype, alpha: float
+) -> DoRALinear:
     """A bias-free DoRA layer over a `dtype` nn.Linear with adapters in `dtype` (m=None: initialised, ‖W + sBA‖)."""
     base = nn.Linear(w.shape[1], w.shape[0], bias=False).to(dtype)
     with torch.no_grad():
@@ -75,8 +77,9 @@ def reference(w, a, b, m, x, g, s: float, denom: torch.Tensor | None = None):
     return y.detach(), a.grad, b.grad, m.grad, denom
 
 
-def check_against_reference(layer: DoRALinear, x: torch.Tensor, g: torch.Tensor, fused: bool = True,
-                            w: torch.Tensor | None = None) -> dict[str, float]:
+def check_against_reference(
+    layer: DoRALinear, x: torch.Tensor, g: torch.Tensor, fused: bool = True, w: torch.Tensor | None = None
+) -> dict[str, float]:
     """Run the layer forward + backward with upstream g; assert every output is finite and within 8·u·bound of the
     float64 reference (on base weight `w`, default the layer's); returns the worst error / tolerance per quantity."""
     dtype = layer.lora_A.dtype
@@ -94,7 +97,7 @@ def check_against_reference(layer: DoRALinear, x: torch.Tensor, g: torch.Tensor,
         assert got[key].dtype == dtype
         assert torch.isfinite(got[key]).all(), f"{key} is not finite in {dtype}"
         assert torch.isfinite(ref[i]).all() and ref[i].abs().max() < FP16_MAX / 2, "the case must be representable"
-        tol = 8 * u * bound[i] + 8 * 2.0 ** -24
+        tol = 8 * u * bound[i] + 8 * 2.0**-24
         err = (got[key].double() - ref[i]).abs()
         ratios[key] = float((err / tol).max())
         assert bool((err <= tol).all()), f"{key}: max error / tolerance = {ratios[key]:.3g} in {dtype}"
@@ -102,7 +105,7 @@ def check_against_reference(layer: DoRALinear, x: torch.Tensor, g: torch.Tensor,
     norm = layer.weight_norm()
     assert norm.dtype == torch.float32 and torch.isfinite(norm).all()
     n64 = (w.double() + layer.scaling * (params[1].double() @ params[0].double())).norm(dim=1)
-    assert torch.allclose(norm.double(), n64, rtol=(w.shape[1] + 8) * 2.0 ** -24, atol=0)
+    assert torch.allclose(norm.double(), n64, rtol=(w.shape[1] + 8) * 2.0**-24, atol=0)
     return ratios
 
 
@@ -141,7 +144,7 @@ def test_row_zero_only_after_adding_sBA(dtype, fused):
     b = torch.randint(-2, 3, (out_f, r), generator=gen).to(dtype)
     w = torch.randint(-3, 4, (out_f, in_f), generator=gen).to(dtype)
     b[3] = torch.tensor([1.0, -1.0, 2.0, 0.0])
-    w[3] = -(b[3].double() @ a.double()).to(dtype)           # s = alpha / r = 1
+    w[3] = -(b[3].double() @ a.double()).to(dtype)  # s = alpha / r = 1
     m = torch.full((out_f,), 1.0, dtype=dtype)
     layer = make_layer(w, a, b, m, dtype, alpha=r)
     assert layer.scaling == 1.0 and float(layer.weight_norm()[3]) == 0
@@ -162,7 +165,7 @@ def test_row_norm_overflowing_fp16_squares(dtype, fused):
     b = (torch.randn(out_f, r, generator=gen) * 0.5).to(dtype)
     layer = make_layer(w, a, b, None, dtype, alpha=8)
     assert float(layer.magnitude.detach().float().min()) > 1e4
-    x, g = inputs(8, in_f, out_f, dtype, 1e-3)               # outputs ~ 1e-3·200·64 ≈ 13: representable
+    x, g = inputs(8, in_f, out_f, dtype, 1e-3)  # outputs ~ 1e-3·200·64 ≈ 13: representable
     check_against_reference(layer, x, g, fused)
 
 
@@ -202,11 +205,11 @@ def test_4bit_norm_overflowing_fp16_squares(dtype):
         base = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, quant_type="nf4")
         base.load_state_dict({"weight": w.to(dtype)})
         base = base.to("cpu")
-    base.support_avx512bf16_for_cpu = False           # as dora_dist does (see tests/unit/_dora_helpers.make_base)
-    w_deq = dequantized(base)                          # the hand-decoded fp32 weight: the reference
+    base.support_avx512bf16_for_cpu = False  # as dora_dist does (see tests/unit/_dora_helpers.make_base)
+    w_deq = dequantized(base)  # the hand-decoded fp32 weight: the reference
     assert float((w_deq.double() ** 2).sum(1).min()) > FP16_MAX
     gen = torch.Generator().manual_seed(6)
-    layer = DoRALinear(base, r=r, alpha=8, adapter_dtype=dtype)      # magnitude initialised from the norm
+    layer = DoRALinear(base, r=r, alpha=8, adapter_dtype=dtype)  # magnitude initialised from the norm
     with torch.no_grad():
         layer.lora_A.copy_(torch.randn(r, in_f, generator=gen) * 0.02)
         layer.lora_B.copy_(torch.randn(out_f, r, generator=gen) * 0.5)

@@ -4,19 +4,34 @@ The norm ‖W + sBA‖ is detached (a constant in backward), so a finite-differe
 either through the pure `dora_output` with a precomputed constant scale, or by patching `DoRALinear.weight_norm`
 to return a fixed tensor.
 """
+
 import pytest
 import torch
+from _dora_helpers import (
+    ALPHA,
+    DENSE_KINDS,
+    EIGHT_BIT_KINDS,
+    FOUR_BIT_KINDS,
+    IN,
+    OUT,
+    R,
+    close,
+    copy_into_peft,
+    dequantized,
+    kind_params,
+    make_base,
+    make_peft_layer,
+    randomize_adapter,
+)
 from torch.autograd import gradcheck
 
-from _dora_helpers import (ALPHA, DENSE_KINDS, FOUR_BIT_KINDS, EIGHT_BIT_KINDS, IN, OUT, R, close, dequantized,
-                           kind_params, make_base, make_peft_layer, copy_into_peft, randomize_adapter)
 import dora_dist.nn.weight_source as ws
 from dora_dist import DoRALinear
 from dora_dist.nn import dora_output, safe_divide_norm
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-O, I, RR = 6, 5, 3   # gradcheck shapes
+O, I, RR = 6, 5, 3  # gradcheck shapes
 
 
 def _f64(*shape, seed):
@@ -30,7 +45,7 @@ def test_gradcheck_dora_output_fixed_scale():
     B = _f64(O, RR, seed=2).requires_grad_()
     m = _f64(O, seed=3).abs().add(0.5).requires_grad_()
     x = _f64(4, I, seed=4).requires_grad_()
-    norm = torch.linalg.norm(W + s * B.detach() @ A.detach(), dim=1)   # constant
+    norm = torch.linalg.norm(W + s * B.detach() @ A.detach(), dim=1)  # constant
 
     def f(x, A, B, m):
         return dora_output(x @ W.t(), (x @ A.t()) @ B.t(), m / norm, s)
@@ -88,9 +103,9 @@ def test_backward_matches_seed000_formulas(kind):
     a, b, mag, s = layer.lora_A.detach(), layer.lora_B.detach(), layer.magnitude.detach(), layer.scaling
     beta = 1 / torch.linalg.norm(W + s * b @ a, dim=1)
     z = x @ W.t() + s * (x @ a.t() @ b.t())
-    dy_dmag = z[:, :, None] * torch.diag(beta)                                           # (bs, m, m)
-    dy_da = s * (mag * beta)[None, :, None, None] * x[:, None, None, :] * b[None, :, :, None]   # (bs, m, r, n)
-    dy_db = s * torch.diag(mag * beta)[None, :, :, None] * (x @ a.t())[:, None, None, :]      # (bs, m, m, r)
+    dy_dmag = z[:, :, None] * torch.diag(beta)  # (bs, m, m)
+    dy_da = s * (mag * beta)[None, :, None, None] * x[:, None, None, :] * b[None, :, :, None]  # (bs, m, r, n)
+    dy_db = s * torch.diag(mag * beta)[None, :, :, None] * (x @ a.t())[:, None, None, :]  # (bs, m, m, r)
     close(layer.magnitude.grad, torch.einsum("bm,bmk->k", gy, dy_dmag), rtol=1e-10, atol_frac=1e-12)
     close(layer.lora_A.grad, torch.einsum("bm,bmrn->rn", gy, dy_da), rtol=1e-10, atol_frac=1e-12)
     close(layer.lora_B.grad, torch.einsum("bm,bmkr->kr", gy, dy_db), rtol=1e-10, atol_frac=1e-12)
@@ -110,7 +125,7 @@ def test_norm_is_detached():
     Wp = W + layer.scaling * B @ A
     y_live = x @ Wp.t() * (m / torch.linalg.norm(Wp, dim=1)) + base.bias.detach()
     (y_live * gy).sum().backward()
-    close(layer.magnitude.grad, m.grad, rtol=1e-10, atol_frac=1e-12)        # m's gradient does not involve ∂‖·‖
+    close(layer.magnitude.grad, m.grad, rtol=1e-10, atol_frac=1e-12)  # m's gradient does not involve ∂‖·‖
     assert not torch.allclose(layer.lora_A.grad, A.grad)
     assert not torch.allclose(layer.lora_B.grad, B.grad)
 

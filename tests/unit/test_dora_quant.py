@@ -10,14 +10,31 @@ two bf16 roundings differ by up to one bf16 ulp (2⁻⁸ relative) of the base o
 output and to every gradient through (m/‖·‖)·(x·Wᵀ). Observed: ~4e-3 of max, ~7e-3 with dropout, where peft's
 extra x_d·Wᵀ is an fp32 matmul on the dequantized weight and ours the bf16 kernel.
 """
+
 import math
 
 import pytest
 import torch
+from _dora_helpers import (
+    ALPHA,
+    EIGHT_BIT_KINDS,
+    FOUR_BIT_KINDS,
+    IN,
+    OUT,
+    BaseKind,
+    R,
+    Wrap,
+    assert_parity,
+    bnb_kernels_agree,
+    close,
+    dequantized,
+    kind_params,
+    make_base,
+    randomize_adapter,
+    reference_dequantize_4bit,
+    run_parity,
+)
 
-from _dora_helpers import (ALPHA, EIGHT_BIT_KINDS, FOUR_BIT_KINDS, IN, OUT, R, BaseKind, Wrap, assert_parity,
-                           bnb_kernels_agree, close, dequantized, kind_params, make_base, randomize_adapter,
-                           reference_dequantize_4bit, run_parity)
 import dora_dist.nn.weight_source as ws
 from dora_dist import DoRALinear, merge_and_unload
 
@@ -57,7 +74,7 @@ def test_magnitude_init_from_dequantized_weight(kind):
 
 
 @pytest.mark.parametrize("shape", [(OUT, IN), (7, 33), (5, 63), (3, 100), (9, 96), (130, 24), (24, 96)])
-@pytest.mark.parametrize("kind", kind_params([FOUR_BIT_KINDS[0], FOUR_BIT_KINDS[6]]))   # nf4, fp4+dq
+@pytest.mark.parametrize("kind", kind_params([FOUR_BIT_KINDS[0], FOUR_BIT_KINDS[6]]))  # nf4, fp4+dq
 @pytest.mark.parametrize("chunk", [1, 1 << 22])
 def test_4bit_chunked_dequant_is_exact(kind, shape, chunk, monkeypatch):
     """Row chunks of the packed weight dequantize bit-identically to the reference decode of the whole weight, for
@@ -78,7 +95,7 @@ def test_4bit_chunked_dequant_is_exact(kind, shape, chunk, monkeypatch):
     assert torch.equal(src.row_sq_norms(), full.pow(2).sum(dim=1))
     close(layer.magnitude, torch.linalg.norm(full, dim=1))
     x = torch.randn(5, in_f)
-    for grad in (False, True):   # the inference and the training matmul both multiply by the norm's weight
+    for grad in (False, True):  # the inference and the training matmul both multiply by the norm's weight
         with torch.set_grad_enabled(grad):
             close(src.matmul(x), x @ full.t(), rtol=1e-5, atol_frac=1e-5)
 
@@ -87,13 +104,21 @@ def test_4bit_chunked_dequant_is_exact(kind, shape, chunk, monkeypatch):
 def test_norms_independent_of_chunk_size(kind, monkeypatch):
     """‖W‖², the magnitude init and ‖W + sBA‖ do not depend on the chunk size: ‖W‖² and the init are bit-exact
     (per-row reductions), W·Aᵀ and the full norm agree to fp32 rounding (the matmul blocks differently)."""
+
     def measure():
         layer = DoRALinear(make_base(kind), r=R, alpha=ALPHA)
         m0 = layer.magnitude.detach().clone()
         randomize_adapter(layer)
         src = layer.weight_source
-        return dict(m0=m0, sq=src.row_sq_norms(), wa=src.times_A(layer.lora_A), fast=layer.weight_norm(),
-                    exact=layer.weight_norm(exact=True), rows=src.rows_per_chunk(), dense=src.dense(torch.float32))
+        return dict(
+            m0=m0,
+            sq=src.row_sq_norms(),
+            wa=src.times_A(layer.lora_A),
+            fast=layer.weight_norm(),
+            exact=layer.weight_norm(exact=True),
+            rows=src.rows_per_chunk(),
+            dense=src.dense(torch.float32),
+        )
 
     big = measure()
     assert big["rows"] == OUT
@@ -130,7 +155,7 @@ def test_no_full_fp32_weight_for_norms(kind, monkeypatch):
 
     monkeypatch.setattr(cls, "row_chunk", spy_chunk)
     monkeypatch.setattr(bnb.functional, "dequantize_4bit", spy_dq)
-    layer = DoRALinear(make_base(kind), r=R, alpha=ALPHA)   # magnitude init
+    layer = DoRALinear(make_base(kind), r=R, alpha=ALPHA)  # magnitude init
     randomize_adapter(layer)
     layer.weight_norm()
     layer.weight_norm(exact=True)
@@ -200,8 +225,12 @@ def test_merge_and_unload_requantize_4bit_is_lossy_linear4bit(kind):
     assert type(new).__name__ == "Linear4bit"
     nqs = new.weight.quant_state
     assert nqs is not None
-    assert (nqs.quant_type, nqs.blocksize, bool(nqs.nested), tuple(nqs.shape)) == \
-        (qs.quant_type, qs.blocksize, bool(qs.nested), (OUT, IN))
+    assert (nqs.quant_type, nqs.blocksize, bool(nqs.nested), tuple(nqs.shape)) == (
+        qs.quant_type,
+        qs.blocksize,
+        bool(qs.nested),
+        (OUT, IN),
+    )
     assert new.compute_dtype == kind.compute_dtype
     # exactly what bitsandbytes makes of the merged weight: lossy, one fresh quantization error
     expected = make_base(kind, weight=merged)

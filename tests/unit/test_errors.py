@@ -1,13 +1,14 @@
 """Bad input gives clear errors that name the problem."""
+
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_adapters import Toy
 from torch import nn
 
 from dora_dist import DoRAConfig, DoRALinear, apply_dora, load_adapter, save_adapter
-from test_adapters import Toy
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -20,10 +21,16 @@ def test_bad_rank(r):
         DoRALinear(nn.Linear(4, 4), r=r if r is not True else 0, alpha=1.0)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(alpha=0), "alpha"), (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"),
-    (dict(target_modules=[]), "target_modules"), (dict(adapter_dtype="int8"), "adapter_dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(alpha=0), "alpha"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(target_modules=[]), "target_modules"),
+        (dict(adapter_dtype="int8"), "adapter_dtype"),
+    ],
+)
 def test_bad_config_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DoRAConfig(**kwargs)
@@ -121,13 +128,16 @@ def test_adapter_for_absent_module(saved):
         load_adapter(Toy(), saved)
 
 
-@pytest.mark.parametrize("patch, match", [
-    ({"peft_type": "IA3"}, "peft_type"),
-    ({"peft_type": "PREFIX_TUNING"}, "peft_type"),
-    ({"use_dora": False}, "use_dora"),
-    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
-    ({"bias": "all"}, "bias"),
-])
+@pytest.mark.parametrize(
+    "patch, match",
+    [
+        ({"peft_type": "IA3"}, "peft_type"),
+        ({"peft_type": "PREFIX_TUNING"}, "peft_type"),
+        ({"use_dora": False}, "use_dora"),
+        ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+        ({"bias": "all"}, "bias"),
+    ],
+)
 def test_non_dora_config_refused(saved, patch, match):
     path = saved / "adapter_config.json"
     cfg = json.loads(path.read_text())
@@ -150,7 +160,7 @@ def test_save_without_dora_layers(tmp_path):
 
 def test_unquantized_4bit_base_refused():
     bnb = pytest.importorskip("bitsandbytes")
-    base = bnb.nn.Linear4bit(64, 8, quant_type="nf4")       # not moved to a device yet: not quantized
+    base = bnb.nn.Linear4bit(64, 8, quant_type="nf4")  # not moved to a device yet: not quantized
     assert base.weight.quant_state is None
     with pytest.raises(ValueError, match="not quantized"):
         DoRALinear(base, r=2, alpha=2)

@@ -1,5 +1,6 @@
 """Validation: config checks, the held-out split, rank shares, the eval loss against a direct computation, and a
 short single-process run that logs eval records, plots them and keeps the best adapter."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,12 +17,15 @@ from dora_dist.evaluate import eval_batches, eval_shard, evaluate
 from dora_dist.parallel.dist_env import DistEnv
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["data.eval_fraction=1.0"], "data.eval_fraction: must be in"),
-    (["data.eval_fraction=0.1", "data.eval_source=x.jsonl"], "set one of them"),
-    (["training.eval_every=5"], "training.eval_every=5 needs an eval set"),
-    (["checkpoint.keep_best=true"], "checkpoint.keep_best=True needs an eval set"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["data.eval_fraction=1.0"], "data.eval_fraction: must be in"),
+        (["data.eval_fraction=0.1", "data.eval_source=x.jsonl"], "set one of them"),
+        (["training.eval_every=5"], "training.eval_every=5 needs an eval set"),
+        (["checkpoint.keep_best=true"], "checkpoint.keep_best=True needs an eval set"),
+    ],
+)
 def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
@@ -38,8 +42,8 @@ def test_split_is_seeded_disjoint_and_complete():
     assert sorted(train + held) == list(range(100))
     assert split_eval_indices(100, 0.1, seed=42) == (train, held)
     assert split_eval_indices(100, 0.1, seed=43)[1] != held
-    assert len(split_eval_indices(5, 0.01, 0)[1]) == 1          # at least one eval example
-    assert len(split_eval_indices(2, 0.9, 0)[0]) == 1           # at least one training example
+    assert len(split_eval_indices(5, 0.01, 0)[1]) == 1  # at least one eval example
+    assert len(split_eval_indices(2, 0.9, 0)[0]) == 1  # at least one training example
 
 
 @pytest.mark.parametrize("n, world, bs", [(7, 2, 3), (1, 2, 4), (10, 3, 1), (5, 1, 2), (16, 4, 3)])
@@ -61,7 +65,7 @@ def tiny_dataset(seed: int = 0) -> TokenizedDataset:
     for length in (5, 9, 3, 12, 7):
         x = torch.randint(1, 50, (length,), generator=g).tolist()
         lab = list(x)
-        lab[: length // 3] = [IGNORE_INDEX] * (length // 3)        # a masked prompt, as prompt_completion data
+        lab[: length // 3] = [IGNORE_INDEX] * (length // 3)  # a masked prompt, as prompt_completion data
         ids.append(x)
         labels.append(lab)
     targets = [sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in labels]
@@ -72,8 +76,15 @@ def tiny_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).double().train()
 
 
@@ -83,12 +94,11 @@ def test_eval_loss_is_the_masked_mean_token_loss():
     with torch.no_grad():
         for x, lab in zip(ds.input_ids, ds.labels):
             logits = model.eval()(input_ids=torch.tensor([x])).logits[0, :-1]
-            total += float(F.cross_entropy(logits, torch.tensor(lab[1:]), ignore_index=IGNORE_INDEX,
-                                           reduction="sum"))
+            total += float(F.cross_entropy(logits, torch.tensor(lab[1:]), ignore_index=IGNORE_INDEX, reduction="sum"))
             count += sum(1 for t in lab[1:] if t != IGNORE_INDEX)
     model.train()
     res = evaluate(model, ds, DistEnv(), batch_size=2)
-    assert model.training                                        # the mode is restored
+    assert model.training  # the mode is restored
     assert res["eval_tokens"] == count
     # float64 model: padding and batching change only the summation order
     assert res["eval_loss"] == pytest.approx(total / count, rel=1e-12)
@@ -103,13 +113,29 @@ def test_run_logs_eval_records_and_keeps_best(tmp_path):
     out = tmp_path / "run"
     has_tb = importlib.util.find_spec("tensorboard") is not None
     loggers = "[jsonl,tensorboard]" if has_tb else "[jsonl]"
-    summary = train(load_config(None, [f"output.loggers={loggers}",
-        f"model.cache_dir={tmp_path / 'cache'}", "data.seq_len=32", "data.synthetic_samples=80",
-        "data.eval_fraction=0.1", "training.eval_every=2", "training.max_steps=3", "training.micro_batch_size=2",
-        "training.global_batch_size=4", "training.lr=5e-3", "output.progress_bar=false", "checkpoint.resume=none",
-        "checkpoint.keep_best=true", f"output.dir={out}"]))
+    summary = train(
+        load_config(
+            None,
+            [
+                f"output.loggers={loggers}",
+                f"model.cache_dir={tmp_path / 'cache'}",
+                "data.seq_len=32",
+                "data.synthetic_samples=80",
+                "data.eval_fraction=0.1",
+                "training.eval_every=2",
+                "training.max_steps=3",
+                "training.micro_batch_size=2",
+                "training.global_batch_size=4",
+                "training.lr=5e-3",
+                "output.progress_bar=false",
+                "checkpoint.resume=none",
+                "checkpoint.keep_best=true",
+                f"output.dir={out}",
+            ],
+        )
+    )
     evals = [r for r in read_metrics(out) if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [2, 3]                 # every 2 steps, and at the end
+    assert [r["step"] for r in evals] == [2, 3]  # every 2 steps, and at the end
     for r in evals:
         assert r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-12)
     best = min(r["eval_loss"] for r in evals)
@@ -135,5 +161,6 @@ def test_default_eval_loss_is_the_training_loss():
     model, ds = tiny_model().eval(), tiny_dataset(1)
     batch = ds.collate([0, 1, 3])
     with torch.no_grad():
-        assert float(masked_loss_sum(model, batch)) == pytest.approx(float(micro_batch_loss(model, batch, 1)),
-                                                                     rel=1e-12)
+        assert float(masked_loss_sum(model, batch)) == pytest.approx(
+            float(micro_batch_loss(model, batch, 1)), rel=1e-12
+        )

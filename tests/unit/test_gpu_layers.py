@@ -1,5 +1,6 @@
 """CUDA-only checks (`pytest -m gpu`): the layer on the GPU against peft and against its own fp32 CPU result,
 bf16 activations, bitsandbytes' CUDA 4-bit kernels, and one training step of the built-in model on CUDA."""
+
 import copy
 
 import pytest
@@ -47,8 +48,9 @@ def test_dense_bf16_cuda_matches_peft():
     base = nn.Linear(256, 192).cuda().to(torch.bfloat16)
     ours = DoRALinear(copy.deepcopy(base), r=8, alpha=16)
     _set_adapter(ours)
-    ref = peft.get_peft_model(Holder(copy.deepcopy(base)),
-                              peft.LoraConfig(r=8, lora_alpha=16, target_modules=["proj"], use_dora=True))
+    ref = peft.get_peft_model(
+        Holder(copy.deepcopy(base)), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["proj"], use_dora=True)
+    )
     layer = ref.base_model.model.proj
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(ours.lora_A)
@@ -90,8 +92,14 @@ def test_tiny_llama_training_step_on_cuda():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = apply_dora(LlamaForCausalLM(cfg).cuda().to(torch.bfloat16), DoRAConfig(r=4, alpha=8))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 256, (4, 32), device="cuda")

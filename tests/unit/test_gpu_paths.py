@@ -1,6 +1,7 @@
 """CUDA paths that had no test (`pytest -m gpu`, run by benchmarks/gpu_check.sh): the allocator's peak memory of
 a bf16 DoRA layer's forward, bitsandbytes' CUDA 4-bit dequantize against the project's reference decode, and a
 2-process nccl FSDP2 run against one process."""
+
 from __future__ import annotations
 
 import json
@@ -23,12 +24,11 @@ def forward_memory(use_dora: bool, tokens: int, width: int) -> tuple[int, int]:
     """(peak allocated during the forward above what was allocated before it, bytes still held after it: the
     output and what autograd saved)."""
     torch.manual_seed(0)
-    layer = DoRALinear(nn.Linear(width, width, bias=False).cuda().to(torch.bfloat16), r=16, alpha=32,
-                       use_dora=use_dora)
+    layer = DoRALinear(nn.Linear(width, width, bias=False).cuda().to(torch.bfloat16), r=16, alpha=32, use_dora=use_dora)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.01)
     x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    layer(x).sum().backward()                        # warm-up: cached norms, cuBLAS workspace
+    layer(x).sum().backward()  # warm-up: cached norms, cuBLAS workspace
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -64,10 +64,11 @@ def test_bnb_cuda_4bit_dequantize_equals_reference_decode(quant_type, double_qua
 
     torch.manual_seed(0)
     dense = nn.Linear(512, 384, bias=False)
-    q = bnb.nn.Linear4bit(512, 384, bias=False, compute_dtype=torch.bfloat16, quant_type=quant_type,
-                          compress_statistics=double_quant)
+    q = bnb.nn.Linear4bit(
+        512, 384, bias=False, compute_dtype=torch.bfloat16, quant_type=quant_type, compress_statistics=double_quant
+    )
     q.load_state_dict(dense.state_dict())
-    q = q.cuda()                                      # quantized by bitsandbytes' CUDA kernel
+    q = q.cuda()  # quantized by bitsandbytes' CUDA kernel
     qs = q.weight.quant_state
     theirs = bnb.functional.dequantize_4bit(q.weight.data, qs).float()
     n = 512 * 384
@@ -76,17 +77,29 @@ def test_bnb_cuda_4bit_dequantize_equals_reference_decode(quant_type, double_qua
     # and the DoRA norm of the wrapped layer is taken over exactly that weight
     layer = DoRALinear(q, r=8, alpha=16)
     ref = theirs.double().norm(dim=1)
-    torch.testing.assert_close(layer.weight_norm().double(), ref, rtol=512 * 2 ** -24, atol=0)
+    torch.testing.assert_close(layer.weight_norm().double(), ref, rtol=512 * 2**-24, atol=0)
 
 
 def _quickstart_losses(tmp: Path, nproc: int) -> list[float]:
     out = tmp / f"run{nproc}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "dora_dist.train", "--config", "configs/quickstart.yaml", "training.max_steps=4",
-           "parallel.engine=" + ("fsdp2" if nproc > 1 else "none"), "checkpoint.every_steps=1000",
-           f"output.dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "NVIDIA_TF32_OVERRIDE": "0"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "dora_dist.train",
+        "--config",
+        "configs/quickstart.yaml",
+        "training.max_steps=4",
+        "parallel.engine=" + ("fsdp2" if nproc > 1 else "none"),
+        "checkpoint.every_steps=1000",
+        f"output.dir={out}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "NVIDIA_TF32_OVERRIDE": "0"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r["loss"] for r in rows if "loss" in r and "step" in r]

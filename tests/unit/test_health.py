@@ -1,6 +1,7 @@
 """DoRA's health metrics (dora_dist/health.py): the factored ΔM/ΔD equal analyze's dense definition, m₀ is the
 fresh magnitude bit for bit, the effective share tells a rounding forward (0) from one that keeps the scale (1),
 ZeRO-3's partial W·Aᵀ sums to W·Aᵀ, and the warning names its causes once."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,18 @@ from torch import nn
 
 from dora_dist.analysis.decompose import row_change
 from dora_dist.config import ConfigError, load_job_config
-from dora_dist.health import (ABS_DM, DD, REL_DM, SHARE_DEN, SHARE_NUM, RowView, finish_layers, group_record,
-                              layer_group, layer_sums)
+from dora_dist.health import (
+    ABS_DM,
+    DD,
+    REL_DM,
+    SHARE_DEN,
+    SHARE_NUM,
+    RowView,
+    finish_layers,
+    group_record,
+    layer_group,
+    layer_sums,
+)
 from dora_dist.health_log import HealthMonitor, warning_text
 from dora_dist.nn.dora_linear import DoRALinear
 from dora_dist.parallel.zero import partial_times_A
@@ -24,7 +35,7 @@ def _layer(out_f=24, in_f=40, r=4, dtype=torch.float64, seed=0) -> DoRALinear:
     g = torch.Generator().manual_seed(seed)
     base = nn.Linear(in_f, out_f, bias=False, dtype=dtype)
     with torch.no_grad():
-        base.weight.copy_(torch.randn(out_f, in_f, generator=g, dtype=dtype) / in_f ** 0.5)
+        base.weight.copy_(torch.randn(out_f, in_f, generator=g, dtype=dtype) / in_f**0.5)
     return DoRALinear(base, r=r, alpha=8, adapter_dtype=dtype)
 
 
@@ -59,11 +70,11 @@ def test_factored_change_equals_dense_definition():
     rows = layer.out_features
     w = layer.base_layer.weight.detach()
     v = w + layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
-    tuned = layer.magnitude.detach()[:, None] * v / v.norm(dim=1, keepdim=True)       # W', float64
+    tuned = layer.magnitude.detach()[:, None] * v / v.norm(dim=1, keepdim=True)  # W', float64
     dm, dd = row_change(w, tuned)
     assert sums[ABS_DM].item() / rows == pytest.approx(dm, rel=1e-12, abs=1e-15)
     assert sums[DD].item() / rows == pytest.approx(dd, rel=1e-10, abs=1e-15)
-    assert dd > 1e-4                          # the m < 0 row counts 1 − cos ≈ 2
+    assert dd > 1e-4  # the m < 0 row counts 1 − cos ≈ 2
 
 
 def test_initial_magnitude_is_the_fresh_magnitude_bit_for_bit():
@@ -80,7 +91,7 @@ def test_relative_change_is_mean_of_abs_m_minus_m0_over_m0():
     with torch.no_grad():
         layer.magnitude.mul_(torch.linspace(0.99, 1.02, layer.out_features))
     sums, biggest = change_sums(_view(layer))
-    rel = ((layer.magnitude.double() - m0).abs() / m0)
+    rel = (layer.magnitude.double() - m0).abs() / m0
     assert sums[REL_DM].item() / layer.out_features == pytest.approx(rel.mean().item(), rel=1e-6)
     assert biggest == pytest.approx(rel.max().item(), rel=1e-6)
 
@@ -99,7 +110,7 @@ def _exact_epilogue(base_out, xa, lora_B, magnitude, denom, bias, scaling):
 def _small_scale_view(eps: float) -> RowView:
     layer = _layer(out_f=64, in_f=64, dtype=torch.float32)
     with torch.no_grad():
-        layer.magnitude.mul_(1 + eps)                  # |m/‖V‖ − 1| = eps < 2⁻⁹: bf16 rounds the scale to 1
+        layer.magnitude.mul_(1 + eps)  # |m/‖V‖ − 1| = eps < 2⁻⁹: bf16 rounds the scale to 1
     return _view(layer)
 
 
@@ -144,8 +155,8 @@ def test_partial_times_a_over_partitions_sums_to_w_times_a(out_dim):
     stored = w if out_dim == 0 else w.t().contiguous()
     flat = stored.reshape(-1)
     total = torch.zeros(out_f, r, dtype=torch.float64)
-    for start in range(0, flat.numel(), 4):                     # partitions of 4 elements: never row-aligned
-        total += partial_times_A(flat[start:start + 4], start, tuple(stored.shape), out_dim, a, chunk_rows=1)
+    for start in range(0, flat.numel(), 4):  # partitions of 4 elements: never row-aligned
+        total += partial_times_A(flat[start : start + 4], start, tuple(stored.shape), out_dim, a, chunk_rows=1)
     torch.testing.assert_close(total, w @ a.t(), rtol=1e-13, atol=1e-13)
 
 
@@ -161,21 +172,27 @@ def test_warning_names_the_causes():
 
 
 def test_monitor_warns_once_and_only_after_warn_after():
-    cfg = load_job_config(None, ["output.dora_health_warn_after=3", "training.log_every=2",
-                                 "output.dora_health_every=0"])
+    cfg = load_job_config(
+        None, ["output.dora_health_warn_after=3", "training.log_every=2", "output.dora_health_every=0"]
+    )
     mon = HealthMonitor.from_config(cfg)
     assert mon.every == 2 and mon.due(4, 10) and not mon.due(3, 10) and mon.due(3, 3)
     frozen = {"dora_dm_rel_max": 0.0}
     assert mon.check(2, frozen) is None
     assert mon.check(3, frozen) is not None
-    assert mon.check(4, frozen) is None                       # once
+    assert mon.check(4, frozen) is None  # once
     assert not HealthMonitor.from_config(load_job_config(None, ["dora.use_dora=false"])).enabled
     assert HealthMonitor.from_config(load_job_config(None, [])).every == 10
 
 
-@pytest.mark.parametrize("override, key", [("output.dora_health_min_share=1.5", "output.dora_health_min_share"),
-                                           ("output.dora_health_every=-1", "output.dora_health_every"),
-                                           ("output.dora_health_min_change=-1", "output.dora_health_min_change")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("output.dora_health_min_share=1.5", "output.dora_health_min_share"),
+        ("output.dora_health_every=-1", "output.dora_health_every"),
+        ("output.dora_health_min_change=-1", "output.dora_health_min_change"),
+    ],
+)
 def test_bad_health_keys_are_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_job_config(None, [override])
@@ -188,12 +205,22 @@ def test_loss_png_gets_a_health_panel(tmp_path):
 
     from dora_dist.metrics import plot_loss
 
-    rows = [{"step": s, "loss": 7 - s / 10, "dora_dm_rel_attn": s * 1e-3, "dora_dd_attn": s * 1e-5,
-             "dora_dm_rel_mlp": s * 2e-3, "dora_dd_mlp": s * 2e-5} for s in range(1, 5)]
+    rows = [
+        {
+            "step": s,
+            "loss": 7 - s / 10,
+            "dora_dm_rel_attn": s * 1e-3,
+            "dora_dd_attn": s * 1e-5,
+            "dora_dm_rel_mlp": s * 2e-3,
+            "dora_dd_mlp": s * 2e-5,
+        }
+        for s in range(1, 5)
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot_loss(tmp_path / "metrics.jsonl", tmp_path / "with.png")
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": r["step"], "loss": r["loss"]}) + "\n"
-                                                    for r in rows))
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": r["step"], "loss": r["loss"]}) + "\n" for r in rows)
+    )
     plot_loss(tmp_path / "metrics.jsonl", tmp_path / "without.png")
     assert imread(tmp_path / "with.png").shape[0] > 1.5 * imread(tmp_path / "without.png").shape[0]
     assert math.isfinite(rows[0]["loss"])
@@ -210,14 +237,14 @@ def test_batched_layers_equal_each_layer_alone(monkeypatch):
     alone = torch.stack([layer_sums([v], torch.float32)[1][0] for v in views])
     _, together, maxima = layer_sums(views, torch.float32)
 
-    def same(got):   # float64 columns to rounding; the share's token sums run in fp32 (32 terms: ≤ 32ε relative)
+    def same(got):  # float64 columns to rounding; the share's token sums run in fp32 (32 terms: ≤ 32ε relative)
         share_cols = [SHARE_NUM, SHARE_DEN]
         other = [c for c in range(got.shape[1]) if c not in share_cols]
         torch.testing.assert_close(got[:, other], alone[:, other], rtol=1e-12, atol=0)
         torch.testing.assert_close(got[:, share_cols], alone[:, share_cols], rtol=32 * EPS32, atol=0)
 
     same(together)
-    monkeypatch.setattr(health, "BATCH_ROWS", 20)                   # one layer per batch
+    monkeypatch.setattr(health, "BATCH_ROWS", 20)  # one layer per batch
     same(layer_sums(views, torch.float32)[1])
     assert maxima.shape == (3,) and bool((maxima > 0).all())
 
@@ -231,7 +258,7 @@ def test_share_of_the_real_bf16_forward(trained):
     layer = _layer(out_f=256, in_f=64, dtype=torch.float32)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        if trained:   # s·‖(BA)_i‖ ≈ 5% of ‖W_i‖, as in tests/unit/test_dora_16bit_fidelity.py
+        if trained:  # s·‖(BA)_i‖ ≈ 5% of ‖W_i‖, as in tests/unit/test_dora_16bit_fidelity.py
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
         layer.magnitude.copy_(layer.weight_norm() * (1 + 1e-3))
     num, den = share(_view(layer), torch.bfloat16)

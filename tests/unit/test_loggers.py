@@ -1,5 +1,6 @@
 """output.loggers: validation, the missing-package error naming the extra, rank-0 only, and what TensorBoard / wandb
 (offline) receive: the same scalars as metrics.jsonl, eval metrics included, and the config as hyper-parameters."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,8 +12,16 @@ import pytest
 from dora_dist.config import ConfigError, load_config
 from dora_dist.loggers import check_loggers, flat_config, make_loggers
 
-STEP = {"step": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.7, "tokens_per_s": 100.0, "step_time_s": 0.1,
-        "peak_mem_bytes": 1024, "epoch": 0.1}
+STEP = {
+    "step": 1,
+    "loss": 2.5,
+    "lr": 1e-3,
+    "grad_norm": 0.7,
+    "tokens_per_s": 100.0,
+    "step_time_s": 0.1,
+    "peak_mem_bytes": 1024,
+    "epoch": 0.1,
+}
 EVAL = {"step": 1, "eval_loss": 2.4, "eval_ppl": 11.02, "eval_tokens": 50, "eval_time_s": 0.01, "best": True}
 
 
@@ -65,8 +74,8 @@ def test_tensorboard_receives_scalars_and_hparams(tmp_path):
     assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/ppl"} <= set(tags)
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 2.5), (2, 2.0)]
     assert acc.Scalars("eval/ppl")[0].value == pytest.approx(11.02)
-    assert acc.Tags()["tensors"] == ["config/text_summary"]               # the resolved config as YAML text
-    hp = acc.PluginTagToContent("hparams")                                # and as hyper-parameters
+    assert acc.Tags()["tensors"] == ["config/text_summary"]  # the resolved config as YAML text
+    hp = acc.PluginTagToContent("hparams")  # and as hyper-parameters
     assert "_hparams_/session_start_info" in hp
     from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -87,7 +96,7 @@ def test_wandb_offline(tmp_path, monkeypatch):
     summary = dict(run.summary)
     loggers.close()
     assert summary["train/loss"] == 2.5 and summary["eval/loss"] == 2.4
-    assert not (tmp_path / "metrics.jsonl").exists()              # jsonl not chosen
+    assert not (tmp_path / "metrics.jsonl").exists()  # jsonl not chosen
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
@@ -117,8 +126,17 @@ def test_wandb_calls_with_a_stand_in_module(tmp_path, monkeypatch):
     init = calls["init"]
     assert init["mode"] == "offline" and init["project"] == "dora_dist" and init["name"] == "myrun"
     assert init["config"] == cfg.to_dict()
-    assert calls["log"][0] == (1, {"train/loss": 2.5, "train/lr": 1e-3, "train/grad_norm": 0.7,
-                                   "train/tokens_per_s": 100.0, "train/step_time_s": 0.1,
-                                   "train/peak_mem_bytes": 1024.0, "train/epoch": 0.1})
+    assert calls["log"][0] == (
+        1,
+        {
+            "train/loss": 2.5,
+            "train/lr": 1e-3,
+            "train/grad_norm": 0.7,
+            "train/tokens_per_s": 100.0,
+            "train/step_time_s": 0.1,
+            "train/peak_mem_bytes": 1024.0,
+            "train/epoch": 0.1,
+        },
+    )
     assert calls["log"][1] == (1, {"eval/loss": 2.4, "eval/ppl": 11.02, "eval/tokens": 50.0, "eval/time_s": 0.01})
     assert calls["finished"]

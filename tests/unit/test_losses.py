@@ -5,21 +5,34 @@ log_softmax over all rows); the relative difference of a sum of n positive fp32 
 1e-6 relative holds for the few hundred tokens here. Gradients are the same products (softmax − one-hot)·W formed
 chunk by chunk: 1e-5 relative to the largest entry. The float64 check compares with a float64 reference at 1e-12.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dora_dist.losses import (ChunkedLinearCrossEntropy, causal_lm_loss_sum, chunkable_head, linear_cross_entropy_sum,
-                              plain_causal_lm_loss_sum)
+from dora_dist.losses import (
+    ChunkedLinearCrossEntropy,
+    causal_lm_loss_sum,
+    chunkable_head,
+    linear_cross_entropy_sum,
+    plain_causal_lm_loss_sum,
+)
 
 
 def _tiny_llama(tied: bool, vocab: int = 97, dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tied)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
     return LlamaForCausalLM(cfg).to(dtype)
 
 
@@ -27,8 +40,8 @@ def _batch(vocab: int, b: int = 3, t: int = 11, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (b, t), generator=g)
     labels = ids.clone()
-    labels[0, :4] = -100          # a prompt that carries no loss
-    labels[2, -3:] = -100         # padding
+    labels[0, :4] = -100  # a prompt that carries no loss
+    labels[2, -3:] = -100  # padding
     mask = torch.ones_like(ids)
     mask[2, -3:] = 0
     return ids, mask, labels
@@ -56,7 +69,7 @@ def test_function_float64_matches_reference(chunk):
     grads = torch.autograd.grad(ours, (h, w, bias), go)
     refs = torch.autograd.grad(ref, (h, w, bias), go)
     for a, b in zip(grads, refs):
-        _close(a, b, rtol=1e-6, atol_frac=1e-6)   # fp32 loss path; the gradients are float64 products
+        _close(a, b, rtol=1e-6, atol_frac=1e-6)  # fp32 loss path; the gradients are float64 products
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -87,11 +100,10 @@ def test_model_loss_and_grads_equal_plain(tied, chunk):
 def test_trainable_tied_head_gets_the_same_gradient():
     model = _tiny_llama(tied=True)
     model.requires_grad_(False)
-    model.lm_head.weight.requires_grad_(True)     # tied: the embedding's gradient has two sources
+    model.lm_head.weight.requires_grad_(True)  # tied: the embedding's gradient has two sources
     ids, mask, labels = _batch(model.config.vocab_size)
     (ref_g,) = torch.autograd.grad(plain_causal_lm_loss_sum(model, ids, mask, labels), [model.lm_head.weight])
-    (our_g,) = torch.autograd.grad(causal_lm_loss_sum(model, ids, mask, labels, chunk_tokens=5),
-                                   [model.lm_head.weight])
+    (our_g,) = torch.autograd.grad(causal_lm_loss_sum(model, ids, mask, labels, chunk_tokens=5), [model.lm_head.weight])
     _close(our_g, ref_g, rtol=1e-5, atol_frac=1e-5)
 
 
@@ -109,8 +121,10 @@ def test_chunk_zero_is_the_plain_loss_and_softcapped_models_fall_back():
     model = _tiny_llama(tied=False)
     ids, mask, labels = _batch(model.config.vocab_size)
     with torch.no_grad():
-        assert torch.equal(causal_lm_loss_sum(model, ids, mask, labels, chunk_tokens=0),
-                           plain_causal_lm_loss_sum(model, ids, mask, labels))
+        assert torch.equal(
+            causal_lm_loss_sum(model, ids, mask, labels, chunk_tokens=0),
+            plain_causal_lm_loss_sum(model, ids, mask, labels),
+        )
     model.config.final_logit_softcapping = 30.0
     assert chunkable_head(model) is None
 

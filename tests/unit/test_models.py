@@ -1,5 +1,6 @@
 """Models: the built-in tiny Llama is deterministic; every shipped config's model builds on the meta device from
 embedded architecture numbers (no download) and takes DoRA on all linear layers."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,13 +34,22 @@ def test_builtin_model_is_deterministic(tmp_path):
     rendered = ta.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert rendered.endswith("<|assistant|>\n")
     # a second load reuses the cached files
-    assert models.builtin_model_dir(a) == models.builtin_model_dir(load_config(None, [f"model.cache_dir={tmp_path / 'a'}"]))
+    assert models.builtin_model_dir(a) == models.builtin_model_dir(
+        load_config(None, [f"model.cache_dir={tmp_path / 'a'}"])
+    )
 
 
 def test_builtin_architecture_override(tmp_path):
-    cfg = load_config(None, [f"model.cache_dir={tmp_path}", "model.config.num_hidden_layers=1",
-                             "model.config.hidden_size=64", "model.config.num_attention_heads=2",
-                             "model.config.intermediate_size=96"])
+    cfg = load_config(
+        None,
+        [
+            f"model.cache_dir={tmp_path}",
+            "model.config.num_hidden_layers=1",
+            "model.config.hidden_size=64",
+            "model.config.num_attention_heads=2",
+            "model.config.intermediate_size=96",
+        ],
+    )
     m = models.load_model(cfg)
     assert m.config.num_hidden_layers == 1 and m.config.hidden_size == 64
 
@@ -65,16 +75,18 @@ def test_real_job_configs_build_on_meta(path):
     assert all(p.device.type == "meta" for p in model.parameters())
     apply_dora(model, models.dora_config_from(cfg), init_magnitude=False)
     layers = dict(dora_layers(model))
-    assert len(layers) == 7 * config.num_hidden_layers              # q k v o gate up down
+    assert len(layers) == 7 * config.num_hidden_layers  # q k v o gate up down
     assert "lm_head" not in layers
     h, i = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     r = cfg.dora.r
-    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]   # (in, out)
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # (in, out)
     expected = config.num_hidden_layers * sum(r * (a + b) + b for a, b in shapes)
     assert _dora_params(model) == expected
     total = sum(p.numel() for p in model.parameters())
-    billions = {"llama-3.1-8b.json": 8.03e9, "llama-3.1-70b.json": 70.6e9}[models.KNOWN_ARCHITECTURES[cfg.model.name_or_path]]
+    billions = {"llama-3.1-8b.json": 8.03e9, "llama-3.1-70b.json": 70.6e9}[
+        models.KNOWN_ARCHITECTURES[cfg.model.name_or_path]
+    ]
     assert total - expected == pytest.approx(billions, rel=0.01)
     # the engine named by the config exists (or is registered by an optional helper module)
     name = resolve_engine_name(cfg, DistEnv(world_size=8))

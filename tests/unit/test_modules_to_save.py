@@ -1,11 +1,12 @@
 """modules_to_save: a module trained in full next to the adapters, saved under peft's keys, interoperable with peft
 (peft loads ours with the same logits, we load peft's)."""
+
 import json
 
 import pytest
 import torch
-
 from _dora_helpers import close, randomize_adapter
+
 from dora_dist import DoRAConfig, apply_dora, dora_layers, load_adapter, merge_and_unload, save_adapter
 from dora_dist.adapters import adapter_state_dict, read_adapter
 
@@ -18,8 +19,15 @@ TARGETS = ["query", "value"]
 
 def tiny_bert(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
@@ -31,7 +39,7 @@ def trained_ours():
     model = apply_dora(tiny_bert(), DoRAConfig(r=4, alpha=8, target_modules=TARGETS, modules_to_save=["classifier"]))
     for i, (_, layer) in enumerate(dora_layers(model)):
         randomize_adapter(layer, seed=i)
-    with torch.no_grad():   # a "trained" head: the base model's head would hide a failure to save it
+    with torch.no_grad():  # a "trained" head: the base model's head would hide a failure to save it
         model.classifier.weight.add_(torch.randn(model.classifier.weight.shape) * 0.5)
         model.classifier.bias.add_(1.0)
     return model.eval()
@@ -75,8 +83,9 @@ def test_ours_round_trip_and_peft_loads_ours(tmp_path):
 
 
 def test_we_load_peft_saved(tmp_path):
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, task_type="SEQ_CLS",
-                          modules_to_save=["classifier"])
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, task_type="SEQ_CLS", modules_to_save=["classifier"]
+    )
     pm = peft.get_peft_model(tiny_bert(), cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

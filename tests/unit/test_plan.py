@@ -1,5 +1,6 @@
 """dora_dist.plan: `dora-dist plan` on every shipped config (no download), the sanity cases of the issue, the
 projection's internal consistency, and the collective counter in one process."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,32 +31,50 @@ def test_plan_runs_on_every_config(path, capsys):
     # 16 ranks × its accumulation), as training would refuse the other (test_plan_applies_the_trainers_batch_rule)
     cfg = load_config(path)
     t = cfg.training
-    fix = [] if not t.global_batch_size or t.global_batch_size % (t.micro_batch_size * 16) == 0 else \
-        [f"training.global_batch_size={t.micro_batch_size * 16}"]
+    fix = (
+        []
+        if not t.global_batch_size or t.global_batch_size % (t.micro_batch_size * 16) == 0
+        else [f"training.global_batch_size={t.micro_batch_size * 16}"]
+    )
     assert cli(["plan", "--config", str(path), "--nodes", "2", "--gpus-per-node", "8", "--gpu", "a100-40gb", *fix]) == 0
     out = capsys.readouterr().out
     assert "memory per rank" in out and "engines on this cluster" in out
-    verdicts = [ln for ln in out.splitlines()
-                if ln == "  fits" or ln.startswith("  does not fit:") or ln.startswith("  cannot run:")]
-    assert len(verdicts) == 1                                        # exactly one verdict for the configured job
+    verdicts = [
+        ln
+        for ln in out.splitlines()
+        if ln == "  fits" or ln.startswith("  does not fit:") or ln.startswith("  cannot run:")
+    ]
+    assert len(verdicts) == 1  # exactly one verdict for the configured job
     assert "recommended:" in out or "does not fit with any engine" in out
-    assert "against one node" in out                                # 2 nodes: efficiency against one node
+    assert "against one node" in out  # 2 nodes: efficiency against one node
 
 
 def test_job_that_cannot_fit_is_reported_not_crashed(capsys):
-    rc = cli(["plan", "--config", str(ROOT / "configs" / "llama3.1-70b-fsdp2-2nodes.yaml"), "--nodes", "1",
-              "--gpus-per-node", "2", "--gpu", "rtx4090-24gb"])
+    rc = cli(
+        [
+            "plan",
+            "--config",
+            str(ROOT / "configs" / "llama3.1-70b-fsdp2-2nodes.yaml"),
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "2",
+            "--gpu",
+            "rtx4090-24gb",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "does not fit: needs" in out and "has 24 GB" in out
-    assert "does not fit with any engine" in out                     # 70B bf16 on 2×24 GB: no engine fits
+    assert "does not fit with any engine" in out  # 70B bf16 on 2×24 GB: no engine fits
 
 
 def test_engine_that_cannot_run_the_job_is_reported(capsys):
     """A one-process config planned on 16 GPUs, and ZeRO-3 with a 4-bit base: reported, with a runnable advice."""
     path = str(ROOT / "configs" / "llama3.1-8b-qdora-1gpu.yaml")
-    assert cli(["plan", "--config", path, "--nodes", "2", "--gpus-per-node", "8",
-                "training.global_batch_size=32"]) == 0                  # 16 does not split over 16 × micro 2
+    assert (
+        cli(["plan", "--config", path, "--nodes", "2", "--gpus-per-node", "8", "training.global_batch_size=32"]) == 0
+    )  # 16 does not split over 16 × micro 2
     out = capsys.readouterr().out
     assert "cannot run: parallel.engine=none" in out and "recommended:" in out
     assert cli(["plan", "--config", path, "--gpus-per-node", "2", "parallel.engine=zero3"]) == 0
@@ -70,7 +89,7 @@ def test_70b_qdora_fsdp2_fits_two_24gb_gpus_with_offload():
     assert cfg.training.gradient_checkpointing
     off = project(cfg, cluster, "fsdp2", cpu_offload=True)
     assert off.fits and off.need_bytes < 24 * GB
-    assert not project(cfg, cluster, "fsdp2", cpu_offload=False).fits   # the sharded 4-bit base alone is ~20 GB
+    assert not project(cfg, cluster, "fsdp2", cpu_offload=False).fits  # the sharded 4-bit base alone is ~20 GB
     best, why = recommend(candidates(cfg, cluster, off_spec(cfg)))
     assert best is not None and best.engine == "fsdp2" and best.cpu_offload, why
 
@@ -93,7 +112,7 @@ def test_8b_qdora_fits_one_24gb_gpu():
     cfg = load_config(ROOT / "configs" / "llama3.1-8b-qdora-1gpu.yaml")
     p = project(cfg, make_cluster("rtx4090-24gb", 1, 1))
     assert p.engine == "none" and p.fits
-    assert p.memory.device["base"] < 8 * GB                          # 4-bit linears + bf16 embeddings/head
+    assert p.memory.device["base"] < 8 * GB  # 4-bit linears + bf16 embeddings/head
 
 
 def test_8b_on_one_nvlink_node_scales_above_90_percent():
@@ -146,8 +165,8 @@ def test_memory_components_follow_sharding_offload_and_quantization():
     spec = off_spec(cfg)
     n_frozen = spec.numel(trainable=False)
     ddp, fsdp = estimate_memory(cfg, spec, "ddp", 8), estimate_memory(cfg, spec, "fsdp2", 8)
-    assert ddp.device["base"] == pytest.approx(2 * n_frozen)                 # bf16, replicated
-    assert fsdp.device["base"] == pytest.approx(ddp.device["base"] / 8)      # sharded over 8 ranks
+    assert ddp.device["base"] == pytest.approx(2 * n_frozen)  # bf16, replicated
+    assert fsdp.device["base"] == pytest.approx(ddp.device["base"] / 8)  # sharded over 8 ranks
     assert fsdp.device["optimizer"] == pytest.approx(ddp.device["optimizer"] / 8)
     cfg.parallel.cpu_offload = True
     off = estimate_memory(cfg, spec, "fsdp2", 8)
@@ -155,17 +174,17 @@ def test_memory_components_follow_sharding_offload_and_quantization():
     q = load_config(ROOT / "configs" / "llama3.1-8b-qdora-1gpu.yaml")
     lin = spec.numel(roles=("linear",))
     four = estimate_memory(q, off_spec(q), "none", 1).device["base"] - 2 * (n_frozen - lin)
-    assert 0.5 * lin < four < 0.56 * lin                                     # NF4 + double-quant absmax per weight
+    assert 0.5 * lin < four < 0.56 * lin  # NF4 + double-quant absmax per weight
     tokens = cfg.training.micro_batch_size * cfg.data.seq_len
     cfg.training.gradient_checkpointing = False
     assert estimate_memory(cfg, spec, "fsdp2", 8).device["activations"] > 5 * fsdp.device["activations"]
-    assert fsdp.device["logits"] == pytest.approx(tokens * spec.vocab * 14)   # bf16 logits + 3 fp32 copies
+    assert fsdp.device["logits"] == pytest.approx(tokens * spec.vocab * 14)  # bf16 logits + 3 fp32 copies
 
 
 def test_plan_applies_the_trainers_batch_rule(capsys):
     """A global batch the cluster does not split is refused as training refuses it (one line, exit 2), not projected
     with a smaller batch; the same job on a cluster that splits it is projected with it."""
-    path = str(ROOT / "configs" / "llama3.1-8b-fsdp2-8gpu.yaml")      # global 64 = micro 2 × 8 ranks × 4
+    path = str(ROOT / "configs" / "llama3.1-8b-fsdp2-8gpu.yaml")  # global 64 = micro 2 × 8 ranks × 4
     assert cli(["plan", "--config", path, "--gpus-per-node", "3"]) == 2
     assert "training.global_batch_size=64 is not a multiple of" in capsys.readouterr().err
     assert cli(["plan", "--config", path, "--gpus-per-node", "4"]) == 0

@@ -1,5 +1,6 @@
 """preflight: what the config and the machine can tell is refused before any process group exists, and nothing a
 shipped config asks for is refused (no false alarms)."""
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,22 @@ from dora_dist.preflight import RULES, preflight
 ROOT = Path(__file__).resolve().parents[2]
 
 #: the world each shipped config is written for (its comments: GPUs × nodes)
-SHIPPED = {"quickstart.yaml": (1, 2), "llama3.1-8b-qdora-1gpu.yaml": (1,), "llama3.1-8b-fsdp2-8gpu.yaml": (8,),
-           "llama3.1-8b-qdora-zero2.yaml": (8,), "llama3.1-8b-zero3.yaml": (8,),
-           "llama3.1-70b-fsdp2-2nodes.yaml": (16,), "llama3.1-70b-qdora-fsdp2-2nodes.yaml": (16,),
-           "llama3.1-70b-zero3-offload.yaml": (16,)}
+SHIPPED = {
+    "quickstart.yaml": (1, 2),
+    "llama3.1-8b-qdora-1gpu.yaml": (1,),
+    "llama3.1-8b-fsdp2-8gpu.yaml": (8,),
+    "llama3.1-8b-qdora-zero2.yaml": (8,),
+    "llama3.1-8b-zero3.yaml": (8,),
+    "llama3.1-70b-fsdp2-2nodes.yaml": (16,),
+    "llama3.1-70b-qdora-fsdp2-2nodes.yaml": (16,),
+    "llama3.1-70b-zero3-offload.yaml": (16,),
+}
 
 
 def test_every_shipped_config_passes_at_its_world_size(monkeypatch):
     pytest.importorskip("deepspeed")
     pytest.importorskip("bitsandbytes")
-    monkeypatch.chdir(ROOT)                              # deepspeed_config paths are relative to the repository
+    monkeypatch.chdir(ROOT)  # deepspeed_config paths are relative to the repository
     assert sorted(SHIPPED) == sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
     for name, worlds in SHIPPED.items():
         cfg = load_config(ROOT / "configs" / name)
@@ -78,7 +85,7 @@ def test_compile_with_a_zero_engine():
 def test_engine_none_on_several_processes_and_auto_on_any():
     with pytest.raises(ConfigError, match="parallel.engine=none cannot run 4 processes"):
         preflight(load_job_config(None, ["parallel.engine=none"]), 4)
-    for world in (1, 2):   # quickstart: global batch 8 = micro 4 × 2 ranks (× accumulation 1 or 2)
+    for world in (1, 2):  # quickstart: global batch 8 = micro 4 × 2 ranks (× accumulation 1 or 2)
         preflight(load_job_config(None, []), world)
 
 
@@ -87,7 +94,7 @@ def test_every_rule_raises_only_user_errors():
     cfg = load_job_config(None, [])
     for rule in RULES:
         try:
-            rule(cfg, 3)   # quickstart's global batch 8 does not split over 3 ranks × micro 4
+            rule(cfg, 3)  # quickstart's global batch 8 does not split over 3 ranks × micro 4
         except UserError:
             pass
 

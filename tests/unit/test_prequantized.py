@@ -2,6 +2,7 @@
 FSDP2 streaming of stored packed rows, bit for bit equal to quantizing the dense model on the fly, for nf4 and fp4,
 with and without double quantization. The trainer runs: tests/integration/test_prequantized_train.py (one
 process) and tests/dist/test_prequantized_engines.py (fsdp2, ddp, zero2)."""
+
 from __future__ import annotations
 
 import math
@@ -15,12 +16,23 @@ from prequant_fixture import COMBOS, combo_name, dense_dir, save_prequantized  #
 
 from dora_dist.config import load_config  # noqa: E402
 from dora_dist.errors import ConfigError, ModelError  # noqa: E402
-from dora_dist.models.prequantized import (CheckpointQuantization, checkpoint_quantization,  # noqa: E402
-                                           check_loaded_config, reconcile)
+from dora_dist.models.prequantized import (  # noqa: E402
+    CheckpointQuantization,
+    check_loaded_config,
+    checkpoint_quantization,
+    reconcile,
+)
 
-NF4_DQ = {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                  "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16",
-                                  "bnb_4bit_quant_storage": "uint8"}}
+NF4_DQ = {
+    "quantization_config": {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "bfloat16",
+        "bnb_4bit_quant_storage": "uint8",
+    }
+}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -51,13 +63,20 @@ def test_matching_section_is_kept_and_reported():
     assert run is cfg and "mode=nf4" in report and "double_quant=true" in report
 
 
-@pytest.mark.parametrize("override, named", [
-    ("quantization.mode=fp4", "quantization.mode=fp4 vs the checkpoint's bnb_4bit_quant_type=nf4"),
-    ("quantization.double_quant=false",
-     "quantization.double_quant=false vs the checkpoint's bnb_4bit_use_double_quant=true"),
-    ("quantization.compute_dtype=float32",
-     "quantization.compute_dtype=float32 vs the checkpoint's bnb_4bit_compute_dtype=bfloat16"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("quantization.mode=fp4", "quantization.mode=fp4 vs the checkpoint's bnb_4bit_quant_type=nf4"),
+        (
+            "quantization.double_quant=false",
+            "quantization.double_quant=false vs the checkpoint's bnb_4bit_use_double_quant=true",
+        ),
+        (
+            "quantization.compute_dtype=float32",
+            "quantization.compute_dtype=float32 vs the checkpoint's bnb_4bit_compute_dtype=bfloat16",
+        ),
+    ],
+)
 def test_contradicting_section_is_an_error_naming_both(override, named):
     overrides = ["model.name_or_path=/some/ckpt", "quantization.mode=nf4", override]
     with pytest.raises(ConfigError, match=named.replace("'", ".")):
@@ -99,20 +118,31 @@ def test_streamed_rows_equal_quantizing_on_the_fly(checkpoints, quant_type, doub
     import bitsandbytes.functional as bnbf
     from safetensors import safe_open
 
-    from dora_dist.models.lowmem_load import (build_lowmem_qdora_model, load_safetensors_lowmem, materialize,
-                                              quantize_rows_streaming)
+    from dora_dist.models.lowmem_load import (
+        build_lowmem_qdora_model,
+        load_safetensors_lowmem,
+        materialize,
+        quantize_rows_streaming,
+    )
     from dora_dist.models.prequantized import load_quant_state, quant_state_keys, read_packed_rows
 
     cache, dirs = checkpoints
     ckpt = dirs[combo_name(quant_type, double_quant)]
-    base = [f"model.cache_dir={cache}", "model.dtype=float32", f"quantization.mode={quant_type}",
-            f"quantization.double_quant={str(double_quant).lower()}", "quantization.compute_dtype=float32"]
+    base = [
+        f"model.cache_dir={cache}",
+        "model.dtype=float32",
+        f"quantization.mode={quant_type}",
+        f"quantization.double_quant={str(double_quant).lower()}",
+        "quantization.compute_dtype=float32",
+    ]
     fly = build_lowmem_qdora_model(load_config(None, base))
     materialize(fly, "cpu")
     load_safetensors_lowmem(fly, dense_dir(cache), weight_dtype=torch.float32)
 
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f, \
-            safe_open(str(dense_dir(cache) / "model.safetensors"), "pt") as d:
+    with (
+        safe_open(str(ckpt / "model.safetensors"), "pt") as f,
+        safe_open(str(dense_dir(cache) / "model.safetensors"), "pt") as d,
+    ):
         keys = list(f.keys())
         for name, module in _sharded_modules(fly):
             key = f"{name}.weight"
@@ -121,8 +151,9 @@ def test_streamed_rows_equal_quantizing_on_the_fly(checkpoints, quant_type, doub
             for rows in ((0, out_f // 2), (out_f // 2, out_f)):
                 stored = read_packed_rows(f.get_slice(key), qs, rows, torch.float32, module.weight.meta, key)
                 dense = d.get_slice(key)
-                fresh = quantize_rows_streaming(lambda a, b: dense[a:b].float(), out_f, in_f, rows, quant_type, 64,
-                                                double_quant, torch.float32)
+                fresh = quantize_rows_streaming(
+                    lambda a, b: dense[a:b].float(), out_f, in_f, rows, quant_type, 64, double_quant, torch.float32
+                )
                 assert torch.equal(stored.qdata, fresh.qdata), (key, rows)
                 assert stored.meta.offset == fresh.meta.offset
 
@@ -161,9 +192,17 @@ def test_bfloat16_quant_storage_streams_the_same_bytes(checkpoints, tmp_path):
         assert f.get_slice("model.layers.0.mlp.down_proj.weight").get_dtype() == "BF16"
     models = []
     for path in (dirs["nf4-dq"], ckpt):
-        cfg, report = adopt_checkpoint_quantization(load_config(None, [
-            f"model.name_or_path={path}", "model.dtype=float32", "quantization.mode=nf4",
-            "quantization.compute_dtype=float32"]))
+        cfg, report = adopt_checkpoint_quantization(
+            load_config(
+                None,
+                [
+                    f"model.name_or_path={path}",
+                    "model.dtype=float32",
+                    "quantization.mode=nf4",
+                    "quantization.compute_dtype=float32",
+                ],
+            )
+        )
         model = build_lowmem_qdora_model(cfg)
         materialize(model, "cpu")
         load_safetensors_lowmem(model, path, weight_dtype=torch.float32)
@@ -179,10 +218,21 @@ def test_streaming_into_a_model_of_other_settings_names_both(checkpoints):
     from dora_dist.models.lowmem_load import build_lowmem_qdora_model, load_safetensors_lowmem, materialize
 
     cache, dirs = checkpoints
-    cfg = load_config(None, [f"model.cache_dir={cache}", "model.dtype=float32", "quantization.mode=fp4",
-                             "quantization.double_quant=false", "quantization.compute_dtype=float32"])
+    cfg = load_config(
+        None,
+        [
+            f"model.cache_dir={cache}",
+            "model.dtype=float32",
+            "quantization.mode=fp4",
+            "quantization.double_quant=false",
+            "quantization.compute_dtype=float32",
+        ],
+    )
     model = build_lowmem_qdora_model(cfg)  # the built-in (dense) model's architecture, fp4 layers
     materialize(model, "cpu")
-    with pytest.raises(ModelError, match="stored as nf4 blocksize=64 double_quant=True, but the model was built for "
-                                         "fp4 blocksize=64 double_quant=False"):
+    with pytest.raises(
+        ModelError,
+        match="stored as nf4 blocksize=64 double_quant=True, but the model was built for "
+        "fp4 blocksize=64 double_quant=False",
+    ):
         load_safetensors_lowmem(model, dirs["nf4-dq"], weight_dtype=torch.float32)

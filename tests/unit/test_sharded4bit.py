@@ -7,6 +7,7 @@ split: a row range must dequantize on its own to the same rows. bitsandbytes' ow
 where its CPU kernels decode the format exactly (in_features a multiple of the block size; on AVX512 CPUs
 bitsandbytes 0.50 decodes other shapes differently).
 """
+
 from __future__ import annotations
 
 import re
@@ -18,8 +19,8 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
-
 from _dora_helpers import bnb_kernels_agree, reference_dequantize_4bit  # noqa: E402
+
 from dora_dist.nn.dora_linear import DoRALinear  # noqa: E402
 from dora_dist.nn.weight_source import weight_source_for  # noqa: E402
 from dora_dist.quant.sharded4bit import Sharded4bitTensor  # noqa: E402
@@ -86,10 +87,18 @@ def test_from_dense_equals_bnb_quantize(quant_type, double_quant):
 
 
 def _linear4bit(w, bias, quant_type="nf4", double_quant=True, compute_dtype=torch.float32):
-    m = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=bias is not None, compute_dtype=compute_dtype,
-                          compress_statistics=double_quant, quant_type=quant_type, device="meta")
-    m.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type=quant_type,
-                                 compress_statistics=double_quant)
+    m = bnb.nn.Linear4bit(
+        w.shape[1],
+        w.shape[0],
+        bias=bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        device="meta",
+    )
+    m.weight = bnb.nn.Params4bit(
+        w.clone(), requires_grad=False, quant_type=quant_type, compress_statistics=double_quant
+    )
     if bias is not None:
         m.bias = nn.Parameter(bias.clone(), requires_grad=False)
     with warnings.catch_warnings():
@@ -189,15 +198,15 @@ def test_70b_qdora_fsdp2_config_builds_on_meta_and_shards_over_16_ranks():
     cfg = load_config(str(root / "configs" / "llama3.1-70b-qdora-fsdp2-2nodes.yaml"))
     assert cfg.parallel.engine == "fsdp2" and cfg.quantization.mode == "nf4"
     model = build_lowmem_qdora_model(cfg)
-    assert all(p.is_meta for p in model.parameters())   # nothing read: the engine loads after sharding
+    assert all(p.is_meta for p in model.parameters())  # nothing read: the engine loads after sharding
     quant = [m for m in model.modules() if isinstance(m, ShardedLinear4bit)]
     assert len(quant) == 7 * 80 and type(model.lm_head) is nn.Linear
     world = 16
     assert all(m.out_features % world == 0 and m.in_features % 64 == 0 for m in quant)
     total = sum(m.weight.qdata.shape[0] * m.weight.qdata.shape[1] for m in quant)  # meta: shapes only
     weights = sum(m.out_features * m.in_features for m in quant)
-    assert 0.51 < total / weights < 0.53            # bytes per weight (bf16: 2)
-    assert total / world < 2.3e9                    # 4-bit linears per GPU
+    assert 0.51 < total / weights < 0.53  # bytes per weight (bf16: 2)
+    assert total / world < 2.3e9  # 4-bit linears per GPU
     apply_dora(model, dora_config_from(cfg), init_magnitude=False)
     assert len(dict(dora_layers(model))) == 7 * 80
 
@@ -211,8 +220,15 @@ def test_lowmem_load_names_weights_missing_from_the_checkpoint(tmp_path):
     from dora_dist.adapters import DoRAConfig, apply_dora
     from dora_dist.models.lowmem_load import build_qdora_on_meta, load_safetensors_lowmem, materialize
 
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     state = {k: v.contiguous() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
     save_file(state, str(tmp_path / "model.safetensors"))
 
@@ -221,7 +237,7 @@ def test_lowmem_load_names_weights_missing_from_the_checkpoint(tmp_path):
         apply_dora(model, DoRAConfig(r=2, target_modules=["q_proj"]), init_magnitude=False)
         return materialize(model, "cpu")
 
-    assert load_safetensors_lowmem(fresh(), tmp_path)["loaded"] == len(state)     # complete: fine
+    assert load_safetensors_lowmem(fresh(), tmp_path)["loaded"] == len(state)  # complete: fine
     for missing in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight"):
         partial = {k: v for k, v in state.items() if k != missing}
         (tmp_path / "model.safetensors").unlink()

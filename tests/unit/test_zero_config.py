@@ -1,5 +1,6 @@
 """ZeRO engines without processes: the generated DeepSpeed JSON, user-JSON conflicts, the partition row-norm math,
 and the ZeRO-3 refusal of 4-bit bases."""
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ def test_generated_config_follows_our_config():
     assert ds["gradient_clipping"] == pytest.approx(0.7)
     assert ds["zero_optimization"] == {"stage": 2}
     assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
-    assert "optimizer" not in ds and "scheduler" not in ds     # the trainer's AdamW + LambdaLR are passed in
+    assert "optimizer" not in ds and "scheduler" not in ds  # the trainer's AdamW + LambdaLR are passed in
     assert describe(ds).startswith("ZeRO-2 micro_batch=2 accum=3")
 
 
@@ -62,10 +63,17 @@ def test_deepspeed_accepts_the_generated_config():
 
 # --- user JSON ---------------------------------------------------------------------------------------------
 def test_user_json_adds_keys_and_auto_takes_ours(tmp_path):
-    user = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": 3, "overlap_comm": False, "stage3_param_persistence_threshold": 0,
-                                  "offload_optimizer": {"device": "cpu", "pin_memory": False}},
-            "bf16": {"enabled": False}}
+    user = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": False,
+            "stage3_param_persistence_threshold": 0,
+            "offload_optimizer": {"device": "cpu", "pin_memory": False},
+        },
+        "bf16": {"enabled": False},
+    }
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
     cfg = cfg_of(training={"micro_batch_size": 4}, parallel={"deepspeed_config": str(path)})
@@ -76,15 +84,18 @@ def test_user_json_adds_keys_and_auto_takes_ours(tmp_path):
     assert z["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
 
 
-@pytest.mark.parametrize("user, key, theirs, ours", [
-    ({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu", "8", "2"),
-    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps", "4", "1"),
-    ({"train_batch_size": 64}, "train_batch_size", "64", "4"),
-    ({"gradient_clipping": 0.3}, "gradient_clipping", "0.3", "1.0"),
-    ({"bf16": {"enabled": True}}, "bf16.enabled", "True", "False"),
-    ({"fp16": {"enabled": True}}, "fp16.enabled", "True", "False"),
-    ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage", "2", "3"),
-])
+@pytest.mark.parametrize(
+    "user, key, theirs, ours",
+    [
+        ({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu", "8", "2"),
+        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps", "4", "1"),
+        ({"train_batch_size": 64}, "train_batch_size", "64", "4"),
+        ({"gradient_clipping": 0.3}, "gradient_clipping", "0.3", "1.0"),
+        ({"bf16": {"enabled": True}}, "bf16.enabled", "True", "False"),
+        ({"fp16": {"enabled": True}}, "fp16.enabled", "True", "False"),
+        ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage", "2", "3"),
+    ],
+)
 def test_conflicts_name_the_key_and_both_values(user, key, theirs, ours):
     cfg = cfg_of(training={"micro_batch_size": 2})
     with pytest.raises(DeepSpeedConfigError) as err:
@@ -127,12 +138,13 @@ def test_partial_row_norms_sum_to_full_row_norms(shape, world, conv1d):
     torch.manual_seed(0)
     out_f, in_f = shape
     w = torch.randn(out_f, in_f, dtype=torch.float64)
-    storage = w.t().contiguous() if conv1d else w       # Conv1D stores (in, out)
+    storage = w.t().contiguous() if conv1d else w  # Conv1D stores (in, out)
     flat = storage.reshape(-1)
     total = torch.zeros(out_f, dtype=torch.float64)
     for start, n in zero3_slices(flat.numel(), world):
-        part = partial_row_sq_norms(flat[start:start + n], start, tuple(storage.shape), 1 if conv1d else 0,
-                                    chunk_rows=2)
+        part = partial_row_sq_norms(
+            flat[start : start + n], start, tuple(storage.shape), 1 if conv1d else 0, chunk_rows=2
+        )
         assert part.shape == (out_f,)
         total += part
     torch.testing.assert_close(total, w.pow(2).sum(dim=1), rtol=1e-12, atol=1e-12)
@@ -171,7 +183,7 @@ def test_zero3_refuses_quantized_loading_before_touching_the_model():
     cfg = cfg_of(quantization={"mode": "nf4"})
     with pytest.raises(ValueError, match="quantization.mode=nf4.*parallel.engine=zero2"):
         Zero3Engine(cfg, DistEnv()).model_init_context()
-    with Zero2Engine(cfg, DistEnv()).model_init_context():   # ZeRO-2 loads the model as usual
+    with Zero2Engine(cfg, DistEnv()).model_init_context():  # ZeRO-2 loads the model as usual
         pass
 
 
@@ -187,14 +199,14 @@ def test_shipped_zero_configs_give_a_valid_deepspeed_config(path, monkeypatch):
 
     from dora_dist.config import load_config
 
-    monkeypatch.chdir(ROOT)                       # parallel.deepspeed_config paths are relative to the repo root
+    monkeypatch.chdir(ROOT)  # parallel.deepspeed_config paths are relative to the repo root
     cfg = load_config(path)
     stage = {"zero2": 2, "zero3": 3}[cfg.parallel.engine]
     for world in (8, 16):
         if cfg.training.global_batch_size % (cfg.training.micro_batch_size * world) == 0:
             ds = build_ds_config(cfg, world_size=world, stage=stage)
             assert ds["train_batch_size"] == cfg.training.global_batch_size
-    ds1 = build_ds_config(cfg, world_size=1, stage=stage)   # DeepSpeed's own parser (world size 1 without a group)
+    ds1 = build_ds_config(cfg, world_size=1, stage=stage)  # DeepSpeed's own parser (world size 1 without a group)
     parsed = DeepSpeedConfig(ds1)
     assert parsed.zero_config.stage == stage
     if cfg.parallel.cpu_offload:
