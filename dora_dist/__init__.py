@@ -1,5 +1,6 @@
 """dora_dist: DoRA / QDoRA fine-tuning on one GPU, many GPUs and many nodes."""
 
+import dora_dist.preflight  # noqa: F401  (registers the config rules that read the engine registry and the loggers)
 import dora_dist.quant  # noqa: F401  (registers the quantized weight sources before any layer is built)
 from dora_dist.adapters import (
     DoRAConfig,

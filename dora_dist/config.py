@@ -4,6 +4,11 @@
 
 Every key is checked on load: an unknown key is an error that lists the valid keys of its section, a value of the
 wrong type or out of range is an error naming the key (`training.lr`).
+
+A leaf: it imports only dora_dist.errors and the adapter settings (dora_dist.adapters.config, whose DoRAConfig is
+the `dora:` section), so every layer can import `Config`. Rules that need a layer above it to judge a value (the
+engine registry, the trackers) live in dora_dist.preflight, which registers them here (`register_load_rule`).
+Fields marked `metadata=IDENTITY` define a run (`identity_keys`; dora_dist.run_state compares them).
 """
 
 from __future__ import annotations
@@ -11,13 +16,18 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
-from dora_dist.errors import ConfigError  # noqa: E402  (re-exported: dora_dist.config.ConfigError)
+from dora_dist.adapters.config import IDENTITY, DoRAConfig
+from dora_dist.errors import ConfigError, SettingError  # ConfigError re-exported: dora_dist.config.ConfigError
+
+#: the built-in model's name (models/builtin.py builds it); the default model.name_or_path
+BUILTIN_NAME = "builtin:tiny-llama"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -26,90 +36,73 @@ from dora_dist.errors import ConfigError  # noqa: E402  (re-exported: dora_dist.
 @dataclass
 class ModelConfig:
     #: "builtin:tiny-llama" (the embedded default, built locally), a local directory or a Hugging Face hub id
-    name_or_path: str = "builtin:tiny-llama"
+    name_or_path: str = field(default=BUILTIN_NAME, metadata=IDENTITY)
     #: build the model from scratch from this transformers config dict (needs "model_type"); overrides name_or_path
     #: for the weights (random init with training.seed). With name_or_path="builtin:tiny-llama", these keys
     #: override the tiny Llama's architecture.
-    config: dict | None = None
+    config: dict | None = field(default=None, metadata=IDENTITY)
     #: tokenizer location when it differs from the model (default: the model's own / the built-in one)
     tokenizer: str | None = None
     #: dtype of the frozen base weights: auto (bf16 when training.precision=bf16, else fp32), float32, bfloat16,
     #: float16; float64 for numerical reference runs (engine parity tests)
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = field(default="auto", metadata=IDENTITY)
     #: attention kernel passed to transformers (sdpa, eager, flash_attention_2; null: its default)
     attn_implementation: str | None = "sdpa"
     #: run a hub/local model's own Python code (config.json auto_map); only for code you trust
     trust_remote_code: bool = False
     #: hub branch, tag or commit of the model (null: main)
-    revision: str | None = None
+    revision: str | None = field(default=None, metadata=IDENTITY)
     #: where the built-in model/tokenizer and downloads are cached (default: $DORA_DIST_CACHE or ~/.cache/dora_dist)
     cache_dir: str | None = None
+
+    @property
+    def builds_from_scratch(self) -> bool:
+        """model.config builds a new model (random init), rather than reshaping the built-in one."""
+        return self.config is not None and self.name_or_path != BUILTIN_NAME
 
 
 @dataclass
 class QuantizationConfig:
     #: none, nf4 / fp4 (bitsandbytes 4-bit, QDoRA) or int8 (LLM.int8)
-    mode: Literal["none", "nf4", "fp4", "int8"] = "none"
+    mode: Literal["none", "nf4", "fp4", "int8"] = field(default="none", metadata=IDENTITY)
     #: dtype the 4/8-bit base is dequantized to for its matmuls
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     #: also quantize the 4-bit blocks' scales (QLoRA's double quantization; ~0.4 bit/param less)
-    double_quant: bool = True
+    double_quant: bool = field(default=True, metadata=IDENTITY)
     #: storage dtype of the packed 4-bit weights (uint8, or bfloat16 for FSDP-style flat storage)
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
 
 
 @dataclass
-class AdapterSection:
-    """The job's `dora:` section (validated by the same function as the library's dora_dist.DoRAConfig)."""
-
-    #: adapter rank (the inner size of B·A)
-    r: int = 8
-    #: scaling numerator: the low-rank update is scaled by alpha/r (alpha/√r with use_rslora)
-    alpha: float = 16.0
-    #: dropout on the adapter's input (0: none)
-    dropout: float = 0.0
-    #: "all-linear" (every linear layer except the output head) or a list of module-name suffixes
-    target_modules: str | list = "all-linear"
-    #: rank-stabilised scaling alpha/√r instead of alpha/r
-    use_rslora: bool = False
-    #: False gives plain LoRA through the same layer (for comparisons)
-    use_dora: bool = True
-    #: dtype of the trainable A, B and magnitude (float32 keeps AdamW exact with a bf16 base)
-    adapter_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
-    #: modules trained in full beside the adapters (e.g. [lm_head]); saved in the adapter under peft's keys
-    modules_to_save: list | None = None
-
-
-@dataclass
 class DataConfig:
     #: "synthetic" (the embedded corpus), a local .jsonl/.json/.parquet/.csv file or directory, or a hub dataset id
-    source: str = "synthetic"
+    source: str = field(default="synthetic", metadata=IDENTITY)
     #: auto (from the columns), text, prompt_completion, chat
-    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
+    format: Literal["auto", "text", "prompt_completion", "chat"] = field(default="auto", metadata=IDENTITY)
     #: column holding the text (data.format=text)
-    text_field: str = "text"
+    text_field: str = field(default="text", metadata=IDENTITY)
     #: column holding the prompt (data.format=prompt_completion; no loss on it)
-    prompt_field: str = "prompt"
+    prompt_field: str = field(default="prompt", metadata=IDENTITY)
     #: column holding the completion (data.format=prompt_completion; the loss is on it)
-    completion_field: str = "completion"
+    completion_field: str = field(default="completion", metadata=IDENTITY)
     #: column holding the chat messages [{role, content}, ...] (data.format=chat)
-    messages_field: str = "messages"
+    messages_field: str = field(default="messages", metadata=IDENTITY)
     #: split to read from a hub dataset or a data directory (a single file has one split)
-    split: str = "train"
+    split: str = field(default="train", metadata=IDENTITY)
     #: hub dataset configuration name
-    subset: str | None = None
+    subset: str | None = field(default=None, metadata=IDENTITY)
     #: tokens per training sequence (packed blocks, or the truncation length without packing)
-    seq_len: int = 128
+    seq_len: int = field(default=128, metadata=IDENTITY)
     #: concatenate examples into full seq_len blocks (labels kept per token)
-    packing: bool = True
+    packing: bool = field(default=True, metadata=IDENTITY)
     #: keep at most this many raw examples (0: all)
-    max_samples: int = 0
+    max_samples: int = field(default=0, metadata=IDENTITY)
     #: number of examples of the synthetic corpus
-    synthetic_samples: int = 6000
+    synthetic_samples: int = field(default=6000, metadata=IDENTITY)
     #: add the tokenizer's EOS after each example
-    add_eos: bool = True
+    add_eos: bool = field(default=True, metadata=IDENTITY)
     #: hold out this fraction of the raw examples (split before packing, drawn with training.seed) as the eval set
-    eval_fraction: float = 0.0
+    eval_fraction: float = field(default=0.0, metadata=IDENTITY)
     #: or evaluate on its own source (same formats and *_field keys as `source`); exclusive with eval_fraction
     eval_source: str | None = None
     #: split / subset of eval_source (default: "validation" for a hub id or directory; files have one split)
@@ -131,7 +124,7 @@ class TrainingConfig:
     #: gradient accumulation steps; ignored (derived) when global_batch_size > 0
     grad_accum: int = 1
     #: samples per optimizer step over all ranks; 0 means micro_batch_size * grad_accum * world_size
-    global_batch_size: int = 0
+    global_batch_size: int = field(default=0, metadata=IDENTITY)
     #: peak learning rate (AdamW)
     lr: float = 2e-4
     #: AdamW weight decay
@@ -154,7 +147,7 @@ class TrainingConfig:
     #: skipped steps in a row stop the run (1: stop at the first)
     max_bad_steps: int = 5
     #: seed of the adapter init, the data order and dropout (part of the run's identity)
-    seed: int = 42
+    seed: int = field(default=42, metadata=IDENTITY)
     #: fp32, or bf16 autocast with a bf16 base (model.dtype=auto)
     precision: Literal["fp32", "bf16"] = "fp32"
     #: recompute each decoder block in backward: less activation memory, ~30% more compute
@@ -247,7 +240,7 @@ class OutputConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
-    dora: AdapterSection = field(default_factory=AdapterSection)
+    dora: DoRAConfig = field(default_factory=DoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -326,14 +319,13 @@ def _coerce(key: str, value: Any, tp) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(key, value, arg)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                pass  # the next type of the union may fit; none fitting is the error below
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -412,48 +404,42 @@ def _section_from_dict(cls, data: Any, prefix: str):
             if check is not None and value is not None and not check[0](value):
                 raise ConfigError(f"{full}: {check[1]}, got {value!r}")
             kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except SettingError as exc:  # a section that validates itself (DoRAConfig) names the field
+        raise ConfigError(f"{prefix}.{exc.name} {exc.problem}") from exc
+
+
+#: rules of a loaded config that need a layer above this leaf to judge a value (the engine registry, the trackers):
+#: dora_dist.preflight registers them (it is imported with the package) and every config loaded here runs them
+_LOAD_RULES: list[Callable[[Config], None]] = []
+
+
+def register_load_rule(rule: Callable[[Config], None]) -> Callable[[Config], None]:
+    """Run `rule(cfg)` on every config this module loads, after its own checks (a rule raises ConfigError)."""
+    if rule not in _LOAD_RULES:
+        _LOAD_RULES.append(rule)
+    return rule
 
 
 def _cross_checks(cfg: Config) -> None:
-    from dora_dist.parallel import ENGINE_CHOICES
-
-    if cfg.parallel.engine not in ENGINE_CHOICES:
-        raise ConfigError(f"parallel.engine: expected one of {', '.join(ENGINE_CHOICES)}, got {cfg.parallel.engine!r}")
     tm = cfg.dora.target_modules
     if isinstance(tm, str) and tm != "all-linear":
         cfg.dora.target_modules = [tm]  # in a job config a single name is a suffix, as in a list
-    from dora_dist.adapters.config import check_adapter_settings, check_modules_to_save
-
-    d = cfg.dora
-    try:  # the one validator of adapter settings, shared with the library's DoRAConfig
-        check_adapter_settings(d.r, d.alpha, d.dropout, d.target_modules, d.adapter_dtype, prefix="dora.")
-        check_modules_to_save(d.modules_to_save, prefix="dora.")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    if (
-        cfg.model.config is not None
-        and cfg.model.name_or_path != "builtin:tiny-llama"
-        and "model_type" not in cfg.model.config
-    ):
-        raise ConfigError("model.config: a from-scratch model config needs a 'model_type' key (e.g. llama)")
-    q = cfg.quantization
-    if cfg.parallel.engine == "fsdp2" and q.mode in ("nf4", "fp4") and q.quant_storage != "uint8":
+    if cfg.dora.adapter_dtype == "float16":
         raise ConfigError(
-            f"quantization.quant_storage={q.quant_storage} has no effect with parallel.engine=fsdp2: its "
-            "4-bit weights are row-sharded packed uint8 records that FSDP2 shards itself (the bfloat16 "
-            "storage convention exists for FSDP1's flat parameters). Remove the key or set uint8."
+            "dora.adapter_dtype=float16: training keeps no loss scale, so float16 adapter gradients can underflow; "
+            "use float32 or bfloat16"
         )
+    if cfg.model.builds_from_scratch and "model_type" not in (cfg.model.config or {}):
+        raise ConfigError("model.config: a from-scratch model config needs a 'model_type' key (e.g. llama)")
     _check_eval(cfg)
     if isinstance(cfg.output.loggers, str):
         cfg.output.loggers = [cfg.output.loggers]
-    from dora_dist.loggers import LOGGER_CHOICES
-
-    bad = [n for n in cfg.output.loggers if n not in LOGGER_CHOICES]
-    if bad:
-        raise ConfigError(f"output.loggers: unknown logger(s) {bad}; choose from {', '.join(LOGGER_CHOICES)}")
     if cfg.checkpoint.resume not in ("auto", "none") and not cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume: expected 'auto', 'none' or a checkpoint directory")
+    for rule in _LOAD_RULES:
+        rule(cfg)
 
 
 def _check_eval(cfg: Config) -> None:
@@ -550,7 +536,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 #: `dora-dist train` without --config runs this job (the same as configs/quickstart.yaml): the built-in tiny Llama,
 #: the synthetic corpus, DoRA r=8 on all linear layers, ~2 minutes on 2 CPU cores under torchrun.
 QUICKSTART: dict = {
-    "model": {"name_or_path": "builtin:tiny-llama"},
+    "model": {"name_or_path": BUILTIN_NAME},
     "dora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
     "data": {"source": "synthetic", "format": "text", "seq_len": 128, "packing": True},
     "training": {
@@ -587,3 +573,14 @@ def valid_keys() -> list[str]:
         for f in fields(sec.type if dataclasses.is_dataclass(sec.type) else typing.get_type_hints(Config)[sec.name]):
             out.append(f"{sec.name}.{f.name}")
     return out
+
+
+def identity_keys() -> tuple[str, ...]:
+    """The dotted keys that define a run (fields marked `metadata=IDENTITY`), in section and field order."""
+    hints = typing.get_type_hints(Config)
+    return tuple(
+        f"{section.name}.{f.name}"
+        for section in fields(Config)
+        for f in fields(hints[section.name])
+        if f.metadata.get("identity")
+    )

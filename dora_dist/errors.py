@@ -60,6 +60,16 @@ class InputNotFoundError(UserError, FileNotFoundError):
     """A file or directory named by the user (data source, model path, adapter, checkpoint) does not exist."""
 
 
+class SettingError(ValueError):
+    """One named setting has a bad value (a DoRAConfig field, a DoRALinear argument). Not a UserError by itself (a
+    library caller gets a ValueError); it carries the setting's name so that the job config reports it under the
+    key the user wrote (`dora.r`), and the message reads `<owner><name> <problem>` ("DoRAConfig.r must be ...")."""
+
+    def __init__(self, name: str, problem: str, owner: str = "") -> None:
+        super().__init__(f"{owner}{name} {problem}")
+        self.name, self.problem = name, problem
+
+
 def importable(package: str) -> bool:
     """Whether `import package` can succeed, without importing it (tests block a package through sys.modules).
     For the checks that name a missing optional package (deepspeed, bitsandbytes) before any work starts."""
@@ -128,6 +138,7 @@ def _wait_for_the_launcher(seconds: float, code: int) -> None:
 
 
 __all__ = [
+    "SettingError",
     "UserError",
     "ConfigError",
     "DataError",

@@ -17,10 +17,13 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from dora_dist.parallel.dist_env import DistEnv
 
 
 def eval_shard(n: int, rank: int, world: int) -> range:
@@ -53,7 +56,7 @@ def masked_loss_sum(model, batch: dict[str, torch.Tensor], denominator: int = 1)
 
 
 @torch.no_grad()
-def evaluate(model, dataset, env, batch_size: int, loss_fn: Callable = masked_loss_sum) -> dict[str, float]:
+def evaluate(model, dataset, env: DistEnv, batch_size: int, loss_fn: Callable = masked_loss_sum) -> dict[str, float]:
     """{"eval_loss", "eval_ppl", "eval_tokens"} over all of `dataset`; loss_fn(model, batch, 1) is the batch's
     token-loss sum. COLLECTIVE: every rank calls it (with the same dataset); forwards per rank are equal; one
     all-reduce of two float64 numbers."""

@@ -7,15 +7,20 @@ warning and keeps the final values for summary.json.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from dora_dist.health import GROUPS, LayerHealth, group_record, measure
 
+if TYPE_CHECKING:
+    from dora_dist.config import Config
+    from dora_dist.parallel.dist_env import DistEnv
+
 GROUP_NAMES = {"attn": "attention", "mlp": "mlp", "other": "other"}
 
 
-def compute_dtype(cfg) -> torch.dtype:
+def compute_dtype(cfg: Config) -> torch.dtype:
     """The dtype the DoRA epilogue runs in: bf16 under training.precision=bf16 (the base in bf16, or FSDP2's bf16
     parameters), else fp32 (a 4-bit base's fp32 compute dtype included)."""
     return torch.bfloat16 if cfg.training.precision == "bf16" else torch.float32
@@ -67,7 +72,7 @@ class HealthMonitor:
     layers: list[LayerHealth] = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, cfg) -> HealthMonitor:
+    def from_config(cls, cfg: Config) -> HealthMonitor:
         out = cfg.output
         return cls(
             enabled=bool(out.dora_health and cfg.dora.use_dora),
@@ -82,7 +87,7 @@ class HealthMonitor:
         """The same answer on every rank (a function of the step only)."""
         return self.enabled and (step % self.every == 0 or step == last_step)
 
-    def measure(self, engine, env, step: int) -> dict:
+    def measure(self, engine, env: DistEnv, step: int) -> dict:
         """COLLECTIVE: the record's health keys (health.group_record)."""
         self.layers = measure(engine, env, self.dtype)
         self.last, self.last_step = group_record(self.layers), step

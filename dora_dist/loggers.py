@@ -12,10 +12,13 @@ from __future__ import annotations
 import importlib.util
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dora_dist.errors import ConfigError
 from dora_dist.metrics import MetricsLogger
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
 
 LOGGER_CHOICES = ("jsonl", "tensorboard", "wandb")
 #: logger -> (module that must import, pip extra)
@@ -63,7 +66,7 @@ def flat_config(cfg_dict: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class TensorBoardLogger:
-    def __init__(self, out_dir: Path, cfg):
+    def __init__(self, out_dir: Path, cfg: Config):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -83,7 +86,7 @@ class TensorBoardLogger:
 
 
 class WandbLogger:
-    def __init__(self, out_dir: Path, cfg):
+    def __init__(self, out_dir: Path, cfg: Config):
         import wandb
 
         out = cfg.output
@@ -120,7 +123,7 @@ class RunLoggers:
                 close()
 
 
-def make_loggers(cfg, out_dir: str | Path, is_main: bool, resume_step: int = 0) -> RunLoggers:
+def make_loggers(cfg: Config, out_dir: str | Path, is_main: bool, resume_step: int = 0) -> RunLoggers:
     """All ranks call (the package check runs everywhere); rank 0 gets the real loggers."""
     names = list(cfg.output.loggers)
     check_loggers(names)

@@ -22,8 +22,12 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from dora_dist.errors import is_reporting_rank
+
+if TYPE_CHECKING:
+    from dora_dist.parallel.dist_env import DistEnv
 
 #: exit status of a run stopped by a signal after saving a checkpoint: EX_TEMPFAIL, "try again later"
 REQUEUE_EXIT_CODE = 75
@@ -69,11 +73,11 @@ class PreemptionGuard:
     def requested(self) -> bool:
         return self.received is not None
 
-    def requested_anywhere(self, env) -> bool:
+    def requested_anywhere(self, env: DistEnv) -> bool:
         """COLLECTIVE: True on every rank when any rank has been signalled (one float all-reduce)."""
         return env.all_reduce_max(1.0 if self.requested else 0.0) > 0
 
-    def stop_reason(self, env) -> str | None:
+    def stop_reason(self, env: DistEnv) -> str | None:
         """COLLECTIVE (see requested_anywhere): what stops the run, the same decision on every rank; None: go on."""
         if not self.requested_anywhere(env):
             return None

@@ -9,6 +9,10 @@ Each rule is one function of (cfg, world_size) that calls the check the late cod
 preflight first; `python -m dora_dist.train --check ...` runs only this (the launch scripts call it before
 starting torchrun or the deepspeed launcher, so a config error never reaches their agents). To add a rule, write
 `check_<what>(cfg, world_size)` and append it to RULES.
+
+LOAD_RULES are earlier still: they judge a value of the config alone against a layer above config (the engine
+registry, the trackers), and run on every config dora_dist.config loads (registered there on import: config, a leaf,
+cannot import what they read), so `load_config` itself refuses an unknown engine or logger.
 """
 
 from __future__ import annotations
@@ -17,8 +21,42 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from dora_dist.config import Config
+from dora_dist.config import Config, register_load_rule
 from dora_dist.errors import CheckpointError, ConfigError, InputNotFoundError
+
+
+def check_engine_choice(cfg: Config) -> None:
+    """parallel.engine names an engine (or auto)."""
+    from dora_dist.parallel import ENGINE_CHOICES
+
+    if cfg.parallel.engine not in ENGINE_CHOICES:
+        raise ConfigError(f"parallel.engine: expected one of {', '.join(ENGINE_CHOICES)}, got {cfg.parallel.engine!r}")
+
+
+def check_fsdp2_quant_storage(cfg: Config) -> None:
+    """FSDP2 shards packed 4-bit records itself: a quant_storage it would ignore is refused."""
+    q = cfg.quantization
+    if cfg.parallel.engine == "fsdp2" and q.mode in ("nf4", "fp4") and q.quant_storage != "uint8":
+        raise ConfigError(
+            f"quantization.quant_storage={q.quant_storage} has no effect with parallel.engine=fsdp2: its "
+            "4-bit weights are row-sharded packed uint8 records that FSDP2 shards itself (the bfloat16 "
+            "storage convention exists for FSDP1's flat parameters). Remove the key or set uint8."
+        )
+
+
+def check_logger_choice(cfg: Config) -> None:
+    """output.loggers names known trackers (whether their packages are installed is check_loggers')."""
+    from dora_dist.loggers import LOGGER_CHOICES
+
+    bad = [n for n in cfg.output.loggers if n not in LOGGER_CHOICES]
+    if bad:
+        raise ConfigError(f"output.loggers: unknown logger(s) {bad}; choose from {', '.join(LOGGER_CHOICES)}")
+
+
+#: run by dora_dist.config on every config it loads (after its own checks), in this order
+LOAD_RULES: tuple[Callable[[Config], None], ...] = (check_engine_choice, check_fsdp2_quant_storage, check_logger_choice)
+for _rule in LOAD_RULES:
+    register_load_rule(_rule)
 
 
 def check_device(cfg: Config, world_size: int) -> None:
@@ -227,6 +265,10 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
 __all__ = [
     "preflight",
     "RULES",
+    "LOAD_RULES",
+    "check_engine_choice",
+    "check_fsdp2_quant_storage",
+    "check_logger_choice",
     "launch_world_size",
     "check_device",
     "check_engine",

@@ -1,9 +1,9 @@
 """What an output directory already holds, and what a new invocation may do with it.
 
-A run is identified by the keys in `IDENTITY_KEYS`: the base model, the adapter, the data and the sampling seed.
-Checkpoints record them (in their COMPLETE marker) and so does `<output.dir>/config.yaml`; resuming, or re-running
-into the same output directory, with other values is refused with a message naming each changed key, because the
-result would silently be a mixture of two runs.
+A run is identified by the keys in `IDENTITY_KEYS` (the config fields marked `metadata=IDENTITY`): the base model,
+the adapter, the data and the sampling seed. Checkpoints record them (in their COMPLETE marker) and so does
+`<output.dir>/config.yaml`; resuming, or re-running into the same output directory, with other values is refused
+with a message naming each changed key, because the result would silently be a mixture of two runs.
 
 A finished run is recognised from `<output.dir>/summary.json` ("finished": true, written atomically at the end of
 every run whatever the checkpoint settings): re-running the same job says so and exits 0; raising max_steps (or
@@ -18,42 +18,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dora_dist.config import identity_keys
 from dora_dist.errors import ConfigError
 
+if TYPE_CHECKING:
+    from dora_dist.config import Config
+
 #: dotted config keys that define a run: a checkpoint or a finished run only continues under the same values
-IDENTITY_KEYS = (
-    "model.name_or_path",
-    "model.config",
-    "model.revision",
-    "model.dtype",
-    "quantization.mode",
-    "quantization.double_quant",
-    "dora.r",
-    "dora.alpha",
-    "dora.target_modules",
-    "dora.use_rslora",
-    "dora.use_dora",
-    "dora.adapter_dtype",
-    "dora.modules_to_save",
-    "data.source",
-    "data.format",
-    "data.text_field",
-    "data.prompt_field",
-    "data.completion_field",
-    "data.messages_field",
-    "data.split",
-    "data.subset",
-    "data.seq_len",
-    "data.packing",
-    "data.max_samples",
-    "data.synthetic_samples",
-    "data.add_eos",
-    "data.eval_fraction",
-    "training.seed",
-    "training.global_batch_size",
-)
+IDENTITY_KEYS = identity_keys()
 #: keys that only say how long the run is: changing them extends (or shortens) a run
 LENGTH_KEYS = ("training.max_steps", "training.epochs")
 SUMMARY = "summary.json"
@@ -66,12 +40,12 @@ def _get(cfg_dict: dict, dotted: str) -> Any:
     return node
 
 
-def _values(cfg, keys: tuple[str, ...]) -> dict[str, Any]:
+def _values(cfg: Config, keys: tuple[str, ...]) -> dict[str, Any]:
     as_dict = cfg.to_dict()
     return {key: _get(as_dict, key) for key in keys}
 
 
-def run_identity(cfg) -> dict[str, Any]:
+def run_identity(cfg: Config) -> dict[str, Any]:
     """{"dora.r": 8, ...}: the values of IDENTITY_KEYS (JSON-serialisable, recorded in every checkpoint)."""
     return _values(cfg, IDENTITY_KEYS)
 
@@ -173,7 +147,7 @@ def find_finished_run(out_dir: str | Path) -> PriorRun | None:
 _NOT_COMPARED = ("output.", "checkpoint.resume", "training.device", "parallel.")
 
 
-def unused_changes(prior: PriorRun, cfg) -> list[str]:
+def unused_changes(prior: PriorRun, cfg: Config) -> list[str]:
     """["training.lr: 0.005 -> 0.001", ...]: keys this invocation changes from the finished run's config that it
     does not use, as there is nothing to train (identity and length keys are decided by check_rerun)."""
     if prior.config is None:
@@ -204,7 +178,7 @@ def keep_earlier_metrics(out_dir: Path) -> Path | None:
     return kept
 
 
-def check_rerun(cfg, prior: PriorRun) -> bool:
+def check_rerun(cfg: Config, prior: PriorRun) -> bool:
     """Decide what a new invocation does with the finished run in its output.dir, from the config alone.
 
     Returns True when the job is already done (same run, same length: the caller says so and exits 0), False when
@@ -243,12 +217,12 @@ def check_extension(prior: PriorRun, max_steps: int, resume_step: int | None) ->
     return False
 
 
-def length_of(cfg) -> dict[str, Any]:
+def length_of(cfg: Config) -> dict[str, Any]:
     """The length keys as given (recorded in summary.json, compared on a re-run)."""
     return _values(cfg, LENGTH_KEYS)
 
 
-def check_resume(checkpoint: Path, info: dict, cfg, engine, world_size: int) -> None:
+def check_resume(checkpoint: Path, info: dict, cfg: Config, engine, world_size: int) -> None:
     """Refuse to resume from a checkpoint of another run, or one this engine cannot read at this world size.
 
     `info` is the checkpoint's COMPLETE record (step, engine, world_size, format, run identity). Checkpoints of the

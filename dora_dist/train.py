@@ -49,8 +49,6 @@ from dora_dist.run_state import (
     write_json_atomic,
 )
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 
 class RunAlreadyFinished(Exception):
     """build() found that output.dir holds this run, finished: nothing to train (not an error)."""
@@ -136,7 +134,7 @@ def train(cfg: Config) -> dict:
             env.destroy()
 
 
-def _train(cfg: Config, env, guard: PreemptionGuard) -> dict:
+def _train(cfg: Config, env: DistEnv, guard: PreemptionGuard) -> dict:
     prior = find_finished_run(cfg.output.dir)  # a finished run in output.dir: done, extend, or refuse
     if prior is not None and check_rerun(cfg, prior):
         return _already_finished(prior, env, cfg)
@@ -205,7 +203,7 @@ def _log_eval(job: Job, logger, bar) -> None:
         bar.line(format_eval_line(rec, job.batching.max_steps))
 
 
-def _already_finished(prior: PriorRun, env, cfg: Config) -> dict:
+def _already_finished(prior: PriorRun, env: DistEnv, cfg: Config) -> dict:
     if env.is_main:
         print(
             f"[dora_dist] output.dir={prior.out_dir} holds this run, finished ({prior.steps} steps"
@@ -223,7 +221,7 @@ def _already_finished(prior: PriorRun, env, cfg: Config) -> dict:
     return dict(prior.summary, already_finished=True, preempted=False)
 
 
-def _resume_point(cfg: Config, env, manager, engine) -> tuple[Path | None, dict]:
+def _resume_point(cfg: Config, env: DistEnv, manager, engine) -> tuple[Path | None, dict]:
     """The checkpoint to resume from (checkpoint.resume) and its COMPLETE record, checked against this job before
     any model work."""
     from dora_dist.checkpoint import checkpoint_info
@@ -237,7 +235,7 @@ def _resume_point(cfg: Config, env, manager, engine) -> tuple[Path | None, dict]
     return resume_dir, info
 
 
-def build(cfg: Config, env, prior: PriorRun | None = None) -> Job:
+def build(cfg: Config, env: DistEnv, prior: PriorRun | None = None) -> Job:
     """Data, batching, engine, resume point, model (loaded as the engine's plan says), adapters, resume state;
     prints the banner. `prior`: a finished run in output.dir that this job may extend (run_state.py)."""
     from dora_dist import models

@@ -1,76 +1,90 @@
-"""DoRAConfig: what to adapt and how, validated on construction, convertible to and from PEFT's LoraConfig JSON."""
+"""DoRAConfig: what to adapt and how. The one adapter-settings dataclass: the library's (apply_dora) and the job
+config's `dora:` section (dora_dist/config.py). Validated once, on construction; convertible to and from PEFT's
+LoraConfig JSON.
+
+A new adapter option is one field here (its `#:` comment is what `dora-dist keys` prints; `metadata=IDENTITY`
+when a checkpoint may only continue under the same value) plus its use.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from dora_dist.errors import AdapterError
+from dora_dist.errors import AdapterError, SettingError
 from dora_dist.nn.dora_linear import check_layer_settings
 
-ADAPTER_DTYPES = {
+#: field metadata of a setting that defines a run: a checkpoint or a finished run only continues under the same
+#: value (dora_dist.config.identity_keys reads it, dora_dist.run_state compares the values)
+IDENTITY: dict[str, Any] = {"identity": True}
+
+AdapterDtype = Literal["float32", "bfloat16", "float16", "float64"]
+ADAPTER_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float64": torch.float64,
 }
-
-
-def check_adapter_settings(r, alpha, dropout, target_modules, adapter_dtype, prefix: str = "") -> None:
-    """Validate adapter settings wherever they come from (this DoRAConfig, the job config's `dora:` section), raising
-    ValueError naming the setting as `prefix + name`."""
-    check_layer_settings(r, alpha, dropout, prefix)
-    if isinstance(target_modules, (list, tuple)):
-        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
-            raise ValueError(f"{prefix}target_modules must be a non-empty list of names, got {target_modules!r}")
-    elif not isinstance(target_modules, str) or not target_modules:
-        raise ValueError(
-            f"{prefix}target_modules must be a list of names, a regex or 'all-linear', got {target_modules!r}"
-        )
-    if adapter_dtype not in ADAPTER_DTYPES:
-        raise ValueError(f"{prefix}adapter_dtype must be one of {sorted(ADAPTER_DTYPES)}, got {adapter_dtype!r}")
-
-
-def check_modules_to_save(modules_to_save, prefix: str = "") -> None:
-    """None, or a list of module names trained in full beside the adapters."""
-    if modules_to_save is None:
-        return
-    if isinstance(modules_to_save, str) or not all(isinstance(m, str) and m for m in modules_to_save):
-        raise ValueError(f"{prefix}modules_to_save must be a list of module names, got {modules_to_save!r}")
+_OWNER = "DoRAConfig."
 
 
 @dataclass
 class DoRAConfig:
-    """Adapter hyper-parameters.
+    """Adapter hyper-parameters (the job config's `dora:` section is this class: `dora.r` is DoRAConfig.r).
 
     target_modules: a list of module-name suffixes (peft semantics: "q_proj" matches "...self_attn.q_proj"),
     a single regular expression matched against the full module name, or "all-linear" (every supported linear
     layer except the output head).
     """
 
-    r: int = 8
-    alpha: float = 16.0
+    #: adapter rank (the inner size of B·A)
+    r: int = field(default=8, metadata=IDENTITY)
+    #: scaling numerator: the low-rank update is scaled by alpha/r (alpha/√r with use_rslora)
+    alpha: float = field(default=16.0, metadata=IDENTITY)
+    #: dropout on the adapter's input (0: none)
     dropout: float = 0.0
-    target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
-    use_rslora: bool = False
-    use_dora: bool = True
-    adapter_dtype: str = "float32"
-    # modules trained in full next to the adapters (e.g. a new classifier head), saved with the adapter under
-    # peft's keys; names match like target_modules ("classifier" matches "...classifier")
-    modules_to_save: list[str] | None = None
+    #: "all-linear" (every linear layer except the output head) or a list of module-name suffixes (in a job config a
+    #: single name is a one-item list; the library reads a single string as a regex over full module names)
+    target_modules: list[str] | str = field(default="all-linear", metadata=IDENTITY)
+    #: rank-stabilised scaling alpha/√r instead of alpha/r
+    use_rslora: bool = field(default=False, metadata=IDENTITY)
+    #: False gives plain LoRA through the same layer (for comparisons)
+    use_dora: bool = field(default=True, metadata=IDENTITY)
+    #: dtype of the trainable A, B and magnitude (float32 keeps AdamW exact with a bf16 base; a job refuses float16)
+    adapter_dtype: AdapterDtype = field(default="float32", metadata=IDENTITY)
+    #: modules trained in full beside the adapters (e.g. [lm_head]); saved in the adapter under peft's keys; names
+    #: match like target_modules ("classifier" matches "...classifier")
+    modules_to_save: list[str] | None = field(default=None, metadata=IDENTITY)
 
     def __post_init__(self) -> None:
-        check_adapter_settings(
-            self.r, self.alpha, self.dropout, self.target_modules, self.adapter_dtype, prefix="DoRAConfig."
-        )
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        check_modules_to_save(self.modules_to_save, prefix="DoRAConfig.")
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save) or None
+        """The one validation of adapter settings; a SettingError names the field (the job config's loader reports
+        it as `dora.<field>`)."""
+        check_layer_settings(self.r, self.alpha, self.dropout, _OWNER)
+        tm: Any = self.target_modules
+        if isinstance(tm, (list, tuple)):
+            if not tm or not all(isinstance(t, str) and t for t in tm):
+                raise SettingError("target_modules", f"must be a non-empty list of names, got {tm!r}", _OWNER)
+            self.target_modules = list(tm)
+        elif not isinstance(tm, str) or not tm:
+            raise SettingError(
+                "target_modules", f"must be a list of names, a regex or 'all-linear', got {tm!r}", _OWNER
+            )
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise SettingError(
+                "adapter_dtype", f"must be one of {sorted(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}", _OWNER
+            )
+        saved: Any = self.modules_to_save
+        if saved is not None:
+            if (
+                isinstance(saved, str)
+                or not hasattr(saved, "__iter__")
+                or not all(isinstance(m, str) and m for m in saved)
+            ):
+                raise SettingError("modules_to_save", f"must be a list of module names, got {saved!r}", _OWNER)
+            self.modules_to_save = list(saved) or None
 
     @property
     def scaling(self) -> float:

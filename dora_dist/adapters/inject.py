@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dora_dist.adapters.config import DoRAConfig
+from dora_dist.errors import SettingError
 from dora_dist.nn.dora_linear import DoRALinear
 from dora_dist.nn.weight_source import is_supported_base, supported_bases
 
@@ -54,9 +55,9 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
         pattern = re.compile(target_modules)
         names = [name for name, _ in candidates if pattern.fullmatch(name)]
         if not names:
-            raise ValueError(
-                f"target_modules regex {target_modules!r} matches no module; linear layers in this "
-                f"model: {_leaf_summary(supported)}"
+            raise SettingError(
+                "target_modules",
+                f"regex {target_modules!r} matches no module; linear layers in this model: {_leaf_summary(supported)}",
             )
     else:
         names, unmatched = [], []
@@ -66,9 +67,10 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
                 unmatched.append(target)
             names.extend(h for h in hits if h not in names)
         if unmatched:
-            raise ValueError(
-                f"target_modules {unmatched} match no module in {type(model).__name__}; linear layers "
-                f"in this model: {_leaf_summary(supported)}"
+            raise SettingError(
+                "target_modules",
+                f"{unmatched} match no module in {type(model).__name__}; linear layers "
+                f"in this model: {_leaf_summary(supported)}",
             )
     if not names:
         raise ValueError(f"no linear layer to adapt in {type(model).__name__} (target_modules={target_modules!r})")
@@ -114,13 +116,13 @@ def find_modules_to_save(model: nn.Module, modules_to_save: list[str] | None, st
             unmatched.append(key)
         found.extend(h for h in hits if h not in found)
     if unmatched and strict:
-        raise ValueError(f"modules_to_save {unmatched} match no module in {type(model).__name__}")
+        raise SettingError("modules_to_save", f"{unmatched} match no module in {type(model).__name__}")
     found = [n for n in found if not any(n.startswith(o + ".") for o in found)]
     adapted = {n for n, _ in dora_layers(model)}
     clash = [n for n in found if n in adapted or any(a.startswith(n + ".") for a in adapted)]
     if clash:
-        raise ValueError(
-            f"modules_to_save {clash} are (or contain) DoRA targets; a module is either adapted or trained in full"
+        raise SettingError(
+            "modules_to_save", f"{clash} are (or contain) DoRA targets; a module is either adapted or trained in full"
         )
     return sorted(found)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from dora_dist.data.tokenize import (
     truncate,
 )
 from dora_dist.errors import DataError, InputNotFoundError, one_line
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
 
 LOCAL_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -212,7 +216,7 @@ def tokenize_raw(raw, dcfg, tokenizer, what: str = "training", where=None) -> To
     )
 
 
-def build_datasets(cfg, tokenizer, env=None) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+def build_datasets(cfg: Config, tokenizer, env=None) -> tuple[TokenizedDataset, TokenizedDataset | None]:
     """(train, eval or None): eval is data.eval_source, or a held-out data.eval_fraction of the raw examples."""
     dcfg = cfg.data
     raw = load_raw(dcfg)
@@ -236,7 +240,7 @@ def build_datasets(cfg, tokenizer, env=None) -> tuple[TokenizedDataset, Tokenize
     return train, held
 
 
-def build_dataset(cfg, tokenizer, env=None) -> TokenizedDataset:
+def build_dataset(cfg: Config, tokenizer, env=None) -> TokenizedDataset:
     """The training set alone (see build_datasets)."""
     return build_datasets(cfg, tokenizer, env)[0]
 

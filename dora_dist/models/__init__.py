@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from dora_dist.errors import ConfigError, InputNotFoundError, ModelError, UserError, importable, one_line
+from dora_dist.errors import (
+    ConfigError,
+    InputNotFoundError,
+    ModelError,
+    SettingError,
+    UserError,
+    importable,
+    one_line,
+)
 from dora_dist.models.builtin import (
     BUILTIN_NAME,
     TINY_LLAMA,
@@ -26,6 +35,15 @@ from dora_dist.models.builtin import (
     resolve_base,
     train_builtin_tokenizer,
 )
+
+if TYPE_CHECKING:
+    from dora_dist.adapters.config import DoRAConfig
+    from dora_dist.config import Config
+    from dora_dist.models.load_plan import LoadPlan
+
+# Set before any tokenizer of a job is made (here and in builtin.py): the tokenizers library's threads and a later
+# fork (DataLoader workers, torch.compile's compile workers) otherwise warn, or deadlock. A user's own value wins.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -43,13 +61,13 @@ KNOWN_ARCHITECTURES = {
 ARCH_DIR = Path(__file__).resolve().parent / "architectures"
 
 
-def base_dtype(cfg) -> torch.dtype:
+def base_dtype(cfg: Config) -> torch.dtype:
     if cfg.model.dtype != "auto":
         return DTYPES[cfg.model.dtype]
     return torch.bfloat16 if cfg.training.precision == "bf16" else torch.float32
 
 
-def resolve_model_path(cfg, env=None) -> str:
+def resolve_model_path(cfg: Config, env=None) -> str:
     """The local directory or hub id to load; builds the built-in model first when needed."""
     name = cfg.model.name_or_path
     if name == BUILTIN_NAME:
@@ -58,7 +76,7 @@ def resolve_model_path(cfg, env=None) -> str:
     return name
 
 
-def adapter_base_name(cfg, env=None) -> str:
+def adapter_base_name(cfg: Config, env=None) -> str:
     """What a saved adapter names as its base (base_model_name_or_path): the built-in model by its name, which any
     machine rebuilds (merge, generate and analyze resolve it: builtin.resolve_base), anything else as loaded."""
     if cfg.model.name_or_path == BUILTIN_NAME and cfg.model.config is None:
@@ -70,7 +88,7 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 
-def check_model_path(cfg) -> None:
+def check_model_path(cfg: Config) -> None:
     """model.name_or_path / model.tokenizer: a built-in name we have, and a local path (one that starts with /, ./,
     ../ or ~) that exists. Hub ids are left to the loader (checked without a download: nothing to check here)."""
     name = cfg.model.name_or_path
@@ -84,7 +102,7 @@ def check_model_path(cfg) -> None:
             )
 
 
-def check_remote_code(cfg) -> None:
+def check_remote_code(cfg: Config) -> None:
     """A local model whose config.json maps its classes to code shipped beside it (auto_map), of a model type
     transformers does not know, loads only with model.trust_remote_code=true: say so before anything is loaded."""
     name = cfg.model.name_or_path
@@ -109,7 +127,7 @@ def check_remote_code(cfg) -> None:
     )
 
 
-def quantization_problem(cfg) -> str | None:
+def quantization_problem(cfg: Config) -> str | None:
     """Why the configured 4/8-bit base cannot be loaded here (bitsandbytes missing), or None."""
     mode = cfg.quantization.mode
     if mode != "none" and not importable("bitsandbytes"):
@@ -152,11 +170,11 @@ def hf_config_from_dict(d: dict):
     return AutoConfig.for_model(model_type, **d)
 
 
-def model_config(cfg, env=None):
+def model_config(cfg: Config, env=None):
     """The transformers config of the model the job will train (no weights loaded)."""
     from transformers import AutoConfig
 
-    if cfg.model.config is not None and cfg.model.name_or_path != BUILTIN_NAME:
+    if cfg.model.builds_from_scratch:
         return hf_config_from_dict(cfg.model.config)
     path = resolve_model_path(cfg, env)
     arch = known_architecture(path)
@@ -178,7 +196,7 @@ def build_on_meta(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def quantization_config(cfg):
+def quantization_config(cfg: Config):
     q = cfg.quantization
     if q.mode == "none":
         return None
@@ -195,11 +213,11 @@ def quantization_config(cfg):
     )
 
 
-def load_tokenizer(cfg, env=None):
+def load_tokenizer(cfg: Config, env=None):
     from transformers import AutoTokenizer
 
     name = cfg.model.tokenizer or resolve_model_path(cfg, env)
-    if cfg.model.config is not None and cfg.model.name_or_path != BUILTIN_NAME and not cfg.model.tokenizer:
+    if cfg.model.builds_from_scratch and not cfg.model.tokenizer:
         raise ConfigError("model.config builds a model from scratch: set model.tokenizer to a tokenizer path or id")
     from dora_dist.hub import check_hub_model
 
@@ -213,7 +231,7 @@ def load_tokenizer(cfg, env=None):
     return tok
 
 
-def load_model(cfg, env=None, plan=None) -> nn.Module:
+def load_model(cfg: Config, env=None, plan: LoadPlan | None = None) -> nn.Module:
     """The base causal LM as the engine's LoadPlan asks (see models/load_plan.py): real weights on plan.device
     (4/8-bit bases are quantized when placed there), or a meta build the engine fills after sharding.
 
@@ -246,7 +264,7 @@ def load_model(cfg, env=None, plan=None) -> nn.Module:
             model = AutoModelForCausalLM.from_config(model_config(cfg, env), dtype=dtype, **common)
         model.config.use_cache = False
         return model
-    if cfg.model.config is not None and cfg.model.name_or_path != BUILTIN_NAME:
+    if cfg.model.builds_from_scratch:
         if cfg.quantization.mode != "none":
             raise ValueError(
                 "quantization needs pretrained weights; a model built from model.config cannot be "
@@ -278,23 +296,12 @@ def load_model(cfg, env=None, plan=None) -> nn.Module:
     return model
 
 
-def dora_config_from(cfg):
-    from dora_dist.adapters import DoRAConfig
-
-    d = cfg.dora
-    return DoRAConfig(
-        r=d.r,
-        alpha=d.alpha,
-        dropout=d.dropout,
-        target_modules=d.target_modules,
-        use_rslora=d.use_rslora,
-        use_dora=d.use_dora,
-        adapter_dtype=d.adapter_dtype,
-        modules_to_save=d.modules_to_save,
-    )
+def dora_config_from(cfg: Config) -> DoRAConfig:
+    """The job's adapter settings: its `dora:` section is a DoRAConfig (validated when the config was loaded)."""
+    return cfg.dora
 
 
-def add_adapters(model: nn.Module, cfg) -> nn.Module:
+def add_adapters(model: nn.Module, cfg: Config) -> nn.Module:
     """apply_dora with the job's settings, the adapters drawn from training.seed in module order (the same on every
     engine and world size, see lowmem_load.init_adapters). Magnitudes are left for the engine
     (`Engine.init_magnitudes`)."""
@@ -303,9 +310,10 @@ def add_adapters(model: nn.Module, cfg) -> nn.Module:
 
     try:
         model = apply_dora(model, dora_config_from(cfg), init_magnitude=False)
-    except (ValueError, TypeError) as exc:  # a target list that does not fit this model is a config problem
-        key = "dora.modules_to_save" if str(exc).startswith("modules_to_save") else "dora.target_modules"
-        raise ConfigError(f"{key}: {exc}") from exc
+    except SettingError as exc:  # a list that does not fit this model is a config problem, named by its setting
+        raise ConfigError(f"dora.{exc.name}: {exc}") from exc
+    except (ValueError, TypeError) as exc:  # no layer to adapt, or one of a type DoRA cannot adapt
+        raise ConfigError(f"dora.target_modules: {exc}") from exc
     check_rank_fits(model, cfg.dora.r)
     init_adapters(model, cfg.training.seed)
     return model

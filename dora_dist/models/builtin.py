@@ -12,10 +12,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-BUILTIN_NAME = "builtin:tiny-llama"
+from dora_dist.config import BUILTIN_NAME  # noqa: F401  (re-exported: models.BUILTIN_NAME)
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
 
 #: architecture of the built-in model (vocab_size is set from the trained tokenizer, rounded up to 64)
 TINY_LLAMA = {
@@ -50,7 +54,7 @@ def _arch(overrides: dict | None) -> dict:
     return arch
 
 
-def builtin_model_dir(cfg) -> Path:
+def builtin_model_dir(cfg: Config) -> Path:
     from dora_dist.data.synthetic import CORPUS_VERSION
 
     root = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
@@ -96,7 +100,7 @@ def train_builtin_tokenizer():
     return fast
 
 
-def _build(cfg, target: Path) -> None:
+def _build(cfg: Config, target: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = train_builtin_tokenizer()
@@ -144,7 +148,7 @@ def resolve_base(name: str, cache_dir: str | None = None) -> str:
     return str(ensure_builtin_model(SimpleNamespace(model=SimpleNamespace(cache_dir=cache_dir, config=None))))
 
 
-def ensure_builtin_model(cfg, env=None) -> Path:
+def ensure_builtin_model(cfg: Config, env=None) -> Path:
     """Directory of the built-in model, building it first if needed (rank 0 builds, the others wait)."""
     target = builtin_model_dir(cfg)
     if (target / "config.json").exists():

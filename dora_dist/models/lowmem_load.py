@@ -26,6 +26,7 @@ import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -33,6 +34,9 @@ from torch import nn
 from dora_dist.nn.weight_source import is_dtensor
 from dora_dist.quant.sharded4bit import Sharded4bitTensor
 from dora_dist.quant.sharded4bit_linear import ShardedLinear4bit
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
 
 CHUNK_ELEMENTS = 1 << 24  # values per bf16 staging chunk (32 MiB)
 
@@ -379,14 +383,14 @@ def local_checkpoint_dir(name_or_path: str, revision: str | None = None) -> Path
     return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
 
 
-def build_lowmem_qdora_model(cfg, env=None) -> nn.Module:
+def build_lowmem_qdora_model(cfg: Config, env=None) -> nn.Module:
     """The job's causal LM on meta with ShardedLinear4bit linears; the engine loads it after sharding
     (`finish_lowmem_load`)."""
     from dora_dist import models
 
     if cfg.quantization.mode not in ("nf4", "fp4"):
         raise ValueError(f"the low-memory 4-bit path needs quantization.mode nf4 or fp4, got {cfg.quantization.mode}")
-    if cfg.model.config is not None and cfg.model.name_or_path != models.BUILTIN_NAME:
+    if cfg.model.builds_from_scratch:
         raise ValueError(
             "quantization needs pretrained weights; a model built from model.config cannot be loaded "
             "in 4 bits (save it with save_pretrained first)"
@@ -413,7 +417,7 @@ def build_lowmem_qdora_model(cfg, env=None) -> nn.Module:
 
 
 @torch.no_grad()
-def finish_lowmem_load(model: nn.Module, cfg, env, device) -> dict:
+def finish_lowmem_load(model: nn.Module, cfg: Config, env, device) -> dict:
     """After fully_shard of a model from `build_lowmem_qdora_model`: allocate this rank's shards, stream the
     checkpoint into them, draw the adapters from the job's seed."""
     from dora_dist import models

@@ -21,10 +21,14 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dora_dist.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
 
 #: quant-state entries saved next to a packed 4-bit weight (bitsandbytes' QuantState.as_dict(packed=True))
 QUANT_STATE_SUFFIXES = (
@@ -110,7 +114,7 @@ def checkpoint_quantization(hf_config: dict | None) -> CheckpointQuantization | 
     )
 
 
-def local_config_json(cfg) -> dict | None:
+def local_config_json(cfg: Config) -> dict | None:
     """config.json of the job's pretrained model without any download: a local directory (the built-in model is
     dense) or a hub id already in the Hugging Face cache. None when it cannot be read here yet."""
     name = cfg.model.name_or_path
@@ -134,7 +138,7 @@ def local_config_json(cfg) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def reconcile(cfg, found: CheckpointQuantization | None) -> tuple[object, str | None]:
+def reconcile(cfg: Config, found: CheckpointQuantization | None) -> tuple[object, str | None]:
     """(the job config to run, a one-line report for the log or None for a dense checkpoint). A copy carries the
     checkpoint's settings when quantization.mode=none; a contradicting section raises a ConfigError naming both."""
     if found is None:
@@ -167,12 +171,12 @@ def reconcile(cfg, found: CheckpointQuantization | None) -> tuple[object, str | 
     )
 
 
-def adopt_checkpoint_quantization(cfg) -> tuple[object, str | None]:
+def adopt_checkpoint_quantization(cfg: Config) -> tuple[object, str | None]:
     """`reconcile` with the checkpoint's config.json as far as it can be read without a download."""
     return reconcile(cfg, checkpoint_quantization(local_config_json(cfg)))
 
 
-def check_loaded_config(cfg, hf_config) -> None:
+def check_loaded_config(cfg: Config, hf_config) -> None:
     """At load time, with the config transformers resolved (a hub id may not have been cached at preflight): the
     job must already carry the checkpoint's settings, else a 4-bit base would be taken for a dense one."""
     data = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)

@@ -25,19 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dora_dist.errors import SettingError
 from dora_dist.nn.dora_epilogue import compose_16bit, dora_epilogue, is_16bit
 from dora_dist.nn.weight_source import WeightSource, at_least_fp32, is_dtensor, weight_source_for
 
 
 def check_layer_settings(r, alpha, dropout, prefix: str = "") -> None:
-    """The layer's hyper-parameters, checked once here for the layer, the library's DoRAConfig and the job config
-    (which pass their own prefix, e.g. "dora.", so the message names the setting as the user wrote it)."""
+    """The layer's hyper-parameters, checked here for the layer and for DoRAConfig (the library's and the job
+    config's `dora:` section alike, prefix "DoRAConfig."). The SettingError (a ValueError) names the setting, so the
+    job config reports it under the user's key (dora.r)."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"{prefix}r must be a positive integer, got {r!r}")
+        raise SettingError("r", f"must be a positive integer, got {r!r}", prefix)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"{prefix}alpha must be a positive number, got {alpha!r}")
+        raise SettingError("alpha", f"must be a positive number, got {alpha!r}", prefix)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{prefix}dropout must be in [0, 1), got {dropout!r}")
+        raise SettingError("dropout", f"must be in [0, 1), got {dropout!r}", prefix)
 
 
 def nonzero_norm(norm: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,14 @@ as deepspeed are only imported when that engine is chosen).
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from dora_dist.errors import ConfigError
 from dora_dist.parallel.base import Engine
 from dora_dist.parallel.dist_env import DistEnv
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
 
 ENGINES: dict[str, str] = {
     "none": "dora_dist.parallel.none:SingleProcessEngine",
@@ -23,7 +27,7 @@ ENGINES: dict[str, str] = {
 ENGINE_CHOICES = ("auto", *ENGINES)
 
 
-def resolve_engine_name(cfg, env: DistEnv | int) -> str:
+def resolve_engine_name(cfg: Config, env: DistEnv | int) -> str:
     """'auto' -> none for one process; several processes: ddp for QDoRA (4/8-bit) bases, else fsdp2.
     `env` is the DistEnv, or just the world size (preflight, before any process group exists)."""
     name = cfg.parallel.engine
@@ -41,7 +45,7 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(importlib.import_module(module), cls)
 
 
-def make_engine(cfg, env: DistEnv, batching=None) -> Engine:
+def make_engine(cfg: Config, env: DistEnv, batching=None) -> Engine:
     cls = engine_class(resolve_engine_name(cfg, env))
     problem = cls.config_problem(cfg, env.world_size)  # preflight checked it already; kept for library callers
     if problem is not None:

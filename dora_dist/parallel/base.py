@@ -39,9 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -50,6 +49,9 @@ from dora_dist.adapters.inject import dora_layers  # noqa: F401  (re-exported fo
 from dora_dist.batching import Batching
 from dora_dist.errors import importable
 from dora_dist.parallel.dist_env import DistEnv
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
 
 #: a checkpoint's per-tensor format overhead (see Engine.checkpoint_nbytes)
 TENSOR_RECORD_BYTES = 4096
@@ -97,7 +99,7 @@ class Engine:
     requires: tuple[str, ...] = ()
 
     @classmethod
-    def config_problem(cls, cfg, world_size: int) -> str | None:
+    def config_problem(cls, cfg: Config, world_size: int) -> str | None:
         """Why this engine cannot run `cfg` on `world_size` processes here, from the config and the environment
         alone, or None. The one rule: checked by preflight before any process group or model work, and again
         where the engine would otherwise fail."""
@@ -120,7 +122,7 @@ class Engine:
             )
         return None
 
-    def __init__(self, cfg, env: DistEnv, batching: Batching | None = None):
+    def __init__(self, cfg: Config, env: DistEnv, batching: Batching | None = None):
         self.cfg = cfg
         self.env = env
         self._batching = batching
@@ -405,6 +407,3 @@ def _to_full(t) -> torch.Tensor:
 def rank_zero_print(env: DistEnv, *args, **kwargs) -> None:
     if env.is_main:
         print(*args, **kwargs, flush=True)
-
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -24,12 +24,17 @@ Forward and backward: FSDP2 all-gathers each block's parameters before use and r
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from dora_dist.nn.dora_linear import dora_row_norms
 from dora_dist.parallel.base import Engine, dora_layers
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
+    from dora_dist.parallel.dist_env import DistEnv
 
 try:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -55,7 +60,7 @@ class FSDP2Engine(Engine):
     name = "fsdp2"
     runs_alone = False
 
-    def __init__(self, cfg, env, batching=None):
+    def __init__(self, cfg: Config, env: DistEnv, batching=None):
         super().__init__(cfg, env, batching)
         self.mesh = None
 

@@ -58,7 +58,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -68,6 +68,10 @@ from dora_dist.checkpoint.safe_load import verify_torch_file
 from dora_dist.errors import ConfigError
 from dora_dist.parallel.base import Engine, StepResult, dora_layers, rank_zero_print
 from dora_dist.parallel.zero_config import build_ds_config, describe
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
+    from dora_dist.parallel.dist_env import DistEnv
 
 CHECKPOINT_TAG = "zero"
 CLIENT_KEY = "dora_dist"
@@ -189,7 +193,7 @@ class ZeroEngine(Engine):
     requires = ("deepspeed",)
 
     @classmethod
-    def config_problem(cls, cfg, world_size: int) -> str | None:
+    def config_problem(cls, cfg: Config, world_size: int) -> str | None:
         """No 4/8-bit base under ZeRO-3 (whatever else is set), then the engine-wide rules (deepspeed importable,
         several processes)."""
         mode = getattr(cfg.quantization, "mode", "none")
@@ -197,7 +201,7 @@ class ZeroEngine(Engine):
             return f"parallel.engine=zero3 cannot train a quantization.mode={mode} base: {QDORA_ZERO3_REASON}"
         return super().config_problem(cfg, world_size)
 
-    def __init__(self, cfg, env, batching=None):
+    def __init__(self, cfg: Config, env: DistEnv, batching=None):
         super().__init__(cfg, env, batching)
         self.ds_engine = None
         self.ds_config: dict[str, Any] | None = None

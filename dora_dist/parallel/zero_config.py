@@ -26,9 +26,12 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dora_dist.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
 
 AUTO = "auto"
 
@@ -37,7 +40,7 @@ class DeepSpeedConfigError(ConfigError):
     """A DeepSpeed JSON that contradicts our config, or one we cannot read."""
 
 
-def grad_accum_steps(cfg, world_size: int) -> int:
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
     """Micro-steps per optimizer step, resolved by the job's one Batching rule (dora_dist/batching.py)."""
     from dora_dist.batching import Batching
 
@@ -47,7 +50,7 @@ def grad_accum_steps(cfg, world_size: int) -> int:
         raise DeepSpeedConfigError(str(exc)) from exc
 
 
-def generated_config(cfg, world_size: int, stage: int, grad_accum: int | None = None) -> dict[str, Any]:
+def generated_config(cfg: Config, world_size: int, stage: int, grad_accum: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config implied by our config alone."""
     if stage not in (2, 3):
         raise ValueError(f"ZeRO stage must be 2 or 3, got {stage!r}")
@@ -145,7 +148,7 @@ def _merge(ours: dict, theirs: dict, prefix: str, source: str) -> dict:
 
 
 def build_ds_config(
-    cfg, world_size: int, stage: int, user: dict | str | Path | None = None, grad_accum: int | None = None
+    cfg: Config, world_size: int, stage: int, user: dict | str | Path | None = None, grad_accum: int | None = None
 ) -> dict[str, Any]:
     """Our generated config, merged with the user's JSON (a dict or a path; default parallel.deepspeed_config)."""
     ours = generated_config(cfg, world_size, stage, grad_accum)

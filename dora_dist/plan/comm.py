@@ -31,8 +31,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import ceil
+from typing import TYPE_CHECKING
 
 from dora_dist.plan.model_spec import ModelSpec, ParamSpec, base_dtype_bytes, dtype_bytes
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
 
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "reduce", "other")
 ZERO3_PERSISTENCE_THRESHOLD = 100_000
@@ -49,18 +53,18 @@ class Collective:
     what: str
 
 
-def grad_accum(cfg, world: int) -> int:
+def grad_accum(cfg: Config, world: int) -> int:
     t = cfg.training
     if t.global_batch_size:
         return max(1, t.global_batch_size // (t.micro_batch_size * world))
     return int(t.grad_accum)
 
 
-def four_bit(cfg) -> bool:
+def four_bit(cfg: Config) -> bool:
     return cfg.quantization.mode in ("nf4", "fp4")
 
 
-def packed_row_bytes(cfg, out_features: int, in_features: int) -> int:
+def packed_row_bytes(cfg: Config, out_features: int, in_features: int) -> int:
     """Bytes of one row record of a Sharded4bitTensor (FSDP2's 4-bit base), from its layout code."""
     from dora_dist.quant.sharded4bit import _Meta, row_layout
 
@@ -69,14 +73,14 @@ def packed_row_bytes(cfg, out_features: int, in_features: int) -> int:
     return _Meta(cfg.quantization.mode, 64, nested, None, None, k1, k2, in_features).row_bytes
 
 
-def param_itemsize(cfg, p: ParamSpec) -> int:
+def param_itemsize(cfg: Config, p: ParamSpec) -> int:
     """Bytes per element as stored (dense); 4-bit bases are handled by the callers."""
     if p.trainable:
         return dtype_bytes(cfg.dora.adapter_dtype)
     return base_dtype_bytes(cfg)
 
 
-def fsdp2_gather_bytes(cfg, p: ParamSpec, world: int) -> int:
+def fsdp2_gather_bytes(cfg: Config, p: ParamSpec, world: int) -> int:
     """All-gather output bytes of one parameter under FSDP2 (dim-0 padded to a multiple of the world size)."""
     rows = ceil(p.shape[0] / world) * world if p.shape else world
     if p.role == "linear" and four_bit(cfg):
@@ -86,7 +90,7 @@ def fsdp2_gather_bytes(cfg, p: ParamSpec, world: int) -> int:
     return rows * row_elems * itemsize
 
 
-def fsdp2_unit_bytes(cfg, spec: ModelSpec, unit: int, world: int) -> int:
+def fsdp2_unit_bytes(cfg: Config, spec: ModelSpec, unit: int, world: int) -> int:
     return sum(fsdp2_gather_bytes(cfg, p, world) for p in spec.select(block=unit))
 
 
@@ -94,7 +98,7 @@ def _padded(numel: int, world: int) -> int:
     return ceil(numel / world) * world
 
 
-def predict_collectives(cfg, spec: ModelSpec, engine: str, world: int) -> list[Collective]:
+def predict_collectives(cfg: Config, spec: ModelSpec, engine: str, world: int) -> list[Collective]:
     """Every collective of one steady-state optimizer step on one rank (empty for one process)."""
     if world <= 1 or engine == "none":
         return []

@@ -23,9 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import ceil
+from typing import TYPE_CHECKING
 
 from dora_dist.plan.comm import ZERO3_PERSISTENCE_THRESHOLD, four_bit, packed_row_bytes
 from dora_dist.plan.model_spec import ModelSpec, ParamSpec, base_dtype_bytes, dtype_bytes
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
 
 SHARDED_PARAMS = ("fsdp2", "zero3")
 DEEPSPEED = ("zero2", "zero3")
@@ -50,7 +54,7 @@ class MemoryEstimate:
 DS_REDUCE_BUCKET_DEFAULT = 500_000_000
 
 
-def ds_reduce_bucket_elements(cfg) -> int:
+def ds_reduce_bucket_elements(cfg: Config) -> int:
     """DeepSpeed's gradient bucket (`zero_optimization.reduce_bucket_size`, default 5e8 elements: 2 GB in fp32,
     allocated in full whatever the model's size), from the user's DeepSpeed JSON when it sets one."""
     path = getattr(cfg.parallel, "deepspeed_config", None)
@@ -68,7 +72,7 @@ def ds_reduce_bucket_elements(cfg) -> int:
     return DS_REDUCE_BUCKET_DEFAULT
 
 
-def base_param_bytes(cfg, p: ParamSpec, engine: str) -> float:
+def base_param_bytes(cfg: Config, p: ParamSpec, engine: str) -> float:
     """Stored bytes of one frozen parameter (whole, unsharded)."""
     q = cfg.quantization.mode
     if p.role == "linear" and q in ("nf4", "fp4"):
@@ -82,14 +86,14 @@ def base_param_bytes(cfg, p: ParamSpec, engine: str) -> float:
     return p.numel * base_dtype_bytes(cfg)
 
 
-def compute_bytes(cfg) -> int:
+def compute_bytes(cfg: Config) -> int:
     """Bytes per element of activations and of dequantized/gathered weights."""
     if four_bit(cfg) or cfg.quantization.mode == "int8":
         return dtype_bytes(cfg.quantization.compute_dtype)
     return 2 if cfg.training.precision == "bf16" or base_dtype_bytes(cfg) == 2 else 4
 
 
-def activation_bytes_per_token(cfg, spec: ModelSpec) -> float:
+def activation_bytes_per_token(cfg: Config, spec: ModelSpec) -> float:
     """Bytes autograd keeps per token for one decoder block (Llama-style: RMSNorm, attention, gated MLP, DoRA
     on the targeted linears). Counted tensor by tensor from the layers' forward code:
 
@@ -117,12 +121,12 @@ def activation_bytes_per_token(cfg, spec: ModelSpec) -> float:
     return float(norms + dora + attn + mlp)
 
 
-def logits_bytes_per_token(cfg, spec: ModelSpec) -> float:
+def logits_bytes_per_token(cfg: Config, spec: ModelSpec) -> float:
     a = compute_bytes(cfg)
     return float(spec.vocab * (a + 3 * 4))
 
 
-def estimate_memory(cfg, spec: ModelSpec, engine: str, world: int) -> MemoryEstimate:
+def estimate_memory(cfg: Config, spec: ModelSpec, engine: str, world: int) -> MemoryEstimate:
     """Peak memory of one rank during a training step, by component."""
     est = MemoryEstimate(engine, world)
     offload = bool(cfg.parallel.cpu_offload) and engine in ("fsdp2", "zero2", "zero3")

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import prod
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ def _role(name: str, trainable: bool) -> str:
     return "linear" if ".base_layer." in name else "base"
 
 
-def model_spec(cfg) -> ModelSpec:
+def model_spec(cfg: Config) -> ModelSpec:
     """The parameter table of the job `cfg` describes (meta build + apply_dora; cached per architecture)."""
     from dora_dist import models
 
@@ -89,7 +93,7 @@ def model_spec(cfg) -> ModelSpec:
 _CACHE: dict = {}
 
 
-def _spec_cached(key, hf, cfg) -> ModelSpec:
+def _spec_cached(key, hf, cfg: Config) -> ModelSpec:
     if key in _CACHE:
         return _CACHE[key]
     from dora_dist import models
@@ -124,7 +128,7 @@ def dtype_bytes(name: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2}[name]
 
 
-def base_dtype_bytes(cfg) -> int:
+def base_dtype_bytes(cfg: Config) -> int:
     """Bytes per element of the frozen dense base (model.dtype, auto: bf16 under training.precision=bf16)."""
     from dora_dist.models import base_dtype
 

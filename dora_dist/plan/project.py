@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dora_dist.plan.comm import Collective, bytes_by_kind, four_bit, grad_accum, predict_collectives, wire_bytes
 from dora_dist.plan.hardware import GB, Cluster
 from dora_dist.plan.memory import MemoryEstimate, estimate_memory
 from dora_dist.plan.model_spec import ModelSpec, model_spec
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
 
 HOST_LINK_BYTES_PER_S = 20 * GB  # PCIe between host and GPU, for CPU offload traffic
 
@@ -63,7 +67,7 @@ class Projection:
         return bytes_by_kind(self.collectives)
 
 
-def valid_engines(cfg, world: int) -> list[str]:
+def valid_engines(cfg: Config, world: int) -> list[str]:
     if world <= 1:
         return ["none"]
     if four_bit(cfg):
@@ -73,7 +77,7 @@ def valid_engines(cfg, world: int) -> list[str]:
     return ["ddp", "fsdp2", "zero2", "zero3"]
 
 
-def flops_per_token(cfg, spec: ModelSpec) -> float:
+def flops_per_token(cfg: Config, spec: ModelSpec) -> float:
     n_lin = spec.numel(roles=("linear",))
     n_head = sum(p.numel for p in spec.params if p.name.endswith("lm_head.weight")) or spec.vocab * spec.hidden
     n_adapt = spec.numel(trainable=True)
@@ -100,7 +104,7 @@ def comm_time(collectives: list[Collective], cluster: Cluster) -> tuple[float, f
 
 
 def project(
-    cfg,
+    cfg: Config,
     cluster: Cluster,
     engine: str | None = None,
     cpu_offload: bool | None = None,
@@ -171,7 +175,7 @@ def project(
     return proj
 
 
-def candidates(cfg, cluster: Cluster, spec: ModelSpec, **kw) -> list[Projection]:
+def candidates(cfg: Config, cluster: Cluster, spec: ModelSpec, **kw) -> list[Projection]:
     """Every engine (and CPU offload where the engine has it) this job could run with on `cluster`."""
     out = []
     for engine in valid_engines(cfg, cluster.world):

@@ -11,9 +11,13 @@ reported ("does not fit: needs X, has Y"), with the engines that would.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from dora_dist.plan.hardware import GB, GPUS, INTERCONNECTS, make_cluster
 from dora_dist.plan.project import Projection, candidates, project, recommend
+
+if TYPE_CHECKING:
+    from dora_dist.config import Config
 
 COMPONENTS = ("base", "adapters", "grads", "optimizer", "gathered", "activations", "logits")
 
@@ -57,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.cpu_offload=true")
 
 
-def check_arguments(args, cfg) -> None:
+def check_arguments(args, cfg: Config) -> None:
     """The cluster flags, and the job's batch split on that cluster by the trainer's own rule (Batching): what
     training would refuse, plan refuses too."""
     from dora_dist.batching import Batching
