@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,6 +128,33 @@ def test_lower_layers_do_not_reach_up(package, forbidden):
         if name.startswith(package)
     }
     assert not {k: v for k, v in bad.items() if v}
+
+
+def _package_imports(name: str) -> set[str]:
+    """The dora_dist modules a module imports anywhere in its file (deferred and TYPE_CHECKING imports too)."""
+    return {d for d in _imports(MODULES[name], top_level_only=False) if d in MODULES and d != "dora_dist"}
+
+
+def test_config_is_a_leaf():
+    """config.py imports of dora_dist only errors and the adapter settings (DoRAConfig, its `dora:` section), so every
+    layer can import Config; the settings module itself imports nothing above it (errors, nn/). The rules that read
+    the engine registry and the loggers are dora_dist.preflight's, registered with config, not imported by it."""
+    assert _package_imports("dora_dist.config") <= {"dora_dist.errors", "dora_dist.adapters.config"}
+    text = (PKG / "config.py").read_text()
+    assert "importlib" not in text and "__import__" not in text  # no import the AST cannot see
+    below = _package_imports("dora_dist.adapters.config")
+    assert all(d == "dora_dist.errors" or d.startswith("dora_dist.nn.") for d in below), below
+
+
+def test_tokenizers_parallelism_is_set_in_one_place_before_any_tokenizer():
+    setters = sorted(
+        name for name, path in MODULES.items() if re.search(r"environ.*TOKENIZERS_PARALLELISM", path.read_text())
+    )
+    assert setters == ["dora_dist.models"]  # models/ makes every tokenizer of a job (load_tokenizer, builtin.py)
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    code = "import os; from dora_dist.models import load_tokenizer; print(os.environ['TOKENIZERS_PARALLELISM'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "false"
 
 
 def test_engines_write_norm_state_only_through_set_norms():

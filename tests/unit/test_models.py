@@ -105,3 +105,27 @@ def test_quantization_config_for_nf4():
     q = models.quantization_config(cfg)
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_compute_dtype == torch.float32
     assert models.quantization_config(load_config()) is None
+
+
+@pytest.mark.parametrize(
+    "overrides, key, named",
+    [
+        (["dora.target_modules=[q_proj, zz_proj]"], "dora.target_modules", "['zz_proj'] match no module"),
+        (["dora.target_modules=[q_proj]", "dora.modules_to_save=[nohead]"], "dora.modules_to_save", "['nohead']"),
+        (["dora.target_modules=[q_proj]", "dora.modules_to_save=[q_proj]"], "dora.modules_to_save", "DoRA targets"),
+    ],
+)
+def test_add_adapters_names_the_setting_the_model_does_not_fit(overrides, key, named):
+    """The key comes from the error's setting (SettingError.name), not from the wording of its message."""
+    from torch import nn
+
+    from dora_dist.errors import ConfigError
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.head = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    with pytest.raises(ConfigError) as err:
+        models.add_adapters(Toy(), load_config(None, ["dora.r=2", *overrides]))
+    assert str(err.value).startswith(f"{key}: ") and named in str(err.value)

@@ -116,3 +116,28 @@ def test_gpus_per_node(monkeypatch, visible, local, refused):
             check_device(cfg, local)
     else:
         check_device(cfg, local)
+
+
+@pytest.mark.parametrize(
+    "rule, overrides, fragment",
+    [
+        ("check_engine_choice", ["parallel.engine=megatron"], "parallel.engine: expected one of"),
+        ("check_logger_choice", ["output.loggers=[jsonl,mlflow]"], "unknown logger"),
+        (
+            "check_fsdp2_quant_storage",
+            ["parallel.engine=fsdp2", "quantization.mode=nf4", "quantization.quant_storage=bfloat16"],
+            "quant_storage",
+        ),
+    ],
+)
+def test_rules_on_engines_and_loggers_live_here_and_run_on_load(monkeypatch, rule, overrides, fragment):
+    """The config rules that read the engine registry and the loggers are preflight's (config is a leaf); the
+    loader runs them, so load_config refuses what it refused before. Without the registration it would not."""
+    from dora_dist import config
+    from dora_dist import preflight as module
+
+    assert getattr(module, rule) in module.LOAD_RULES
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, overrides)
+    monkeypatch.setattr(config, "_LOAD_RULES", [r for r in config._LOAD_RULES if r is not getattr(module, rule)])
+    load_config(None, overrides)
