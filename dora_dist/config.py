@@ -19,12 +19,17 @@ import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
 import yaml
 
 from dora_dist.adapters.config import IDENTITY, DoRAConfig
 from dora_dist.errors import ConfigError, SettingError  # ConfigError re-exported: dora_dist.config.ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Section = TypeVar("_Section", bound="DataclassInstance")
 
 #: the built-in model's name (models/builtin.py builds it); the default model.name_or_path
 BUILTIN_NAME = "builtin:tiny-llama"
@@ -40,7 +45,7 @@ class ModelConfig:
     #: build the model from scratch from this transformers config dict (needs "model_type"); overrides name_or_path
     #: for the weights (random init with training.seed). With name_or_path="builtin:tiny-llama", these keys
     #: override the tiny Llama's architecture.
-    config: dict | None = field(default=None, metadata=IDENTITY)
+    config: dict[str, Any] | None = field(default=None, metadata=IDENTITY)
     #: tokenizer location when it differs from the model (default: the model's own / the built-in one)
     tokenizer: str | None = None
     #: dtype of the frozen base weights: auto (bf16 when training.precision=bf16, else fp32), float32, bfloat16,
@@ -215,7 +220,7 @@ class OutputConfig:
     progress_bar: bool = True
     #: where metrics go (rank 0): any of jsonl (<dir>/metrics.jsonl), tensorboard (<dir>/tensorboard; needs the
     #: `tensorboard` extra), wandb (needs the `wandb` extra)
-    loggers: str | list = field(default_factory=lambda: ["jsonl"])
+    loggers: str | list[str] = field(default_factory=lambda: ["jsonl"])
     #: wandb: project, run name (default: the output dir's name) and mode (offline needs no network or account)
     wandb_project: str = "dora_dist"
     #: wandb run name (default: the output dir's name)
@@ -247,7 +252,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_yaml(self) -> str:
@@ -262,7 +267,7 @@ class Config:
 # --------------------------------------------------------------------------------------------------------
 _POSITIVE = (lambda v: v > 0, "must be > 0")
 _NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
-_RANGES: dict[str, tuple] = {
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.seq_len": (lambda v: v >= 2, "must be >= 2"),
     "data.max_samples": _NON_NEGATIVE,
     "data.synthetic_samples": _POSITIVE,
@@ -301,7 +306,7 @@ _RANGES: dict[str, tuple] = {
 # --------------------------------------------------------------------------------------------------------
 # Type coercion
 # --------------------------------------------------------------------------------------------------------
-def _type_name(tp) -> str:
+def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
@@ -312,7 +317,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(key: str, value: Any, tp) -> Any:
+def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check/convert `value` to the annotated type `tp`, raising ConfigError naming `key`."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -382,7 +387,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
     return value
 
 
-def _section_from_dict(cls, data: Any, prefix: str):
+def _section_from_dict(cls: type[_Section], data: Any, prefix: str) -> _Section:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -396,7 +401,7 @@ def _section_from_dict(cls, data: Any, prefix: str):
             where = f"section '{prefix}'" if prefix else "the top level"
             raise ConfigError(f"unknown config key '{full}'; valid keys in {where}: {', '.join(valid)}")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = _section_from_dict(tp, value, full)
         else:
             value = _coerce(full, value, tp)
@@ -461,7 +466,7 @@ def _check_eval(cfg: Config) -> None:
                 )
 
 
-def config_from_dict(data: dict | None) -> Config:
+def config_from_dict(data: dict[str, Any] | None) -> Config:
     cfg = _section_from_dict(Config, data or {}, "")
     _cross_checks(cfg)
     return cfg
@@ -484,7 +489,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """Set dotted keys in a nested dict (`training.lr=1e-3`, `model.config.hidden_size=64`)."""
     for item in overrides or []:
         path, value = parse_override(item)
@@ -500,7 +505,7 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"--config {p} is a directory; give a YAML file (e.g. configs/quickstart.yaml)")
@@ -535,7 +540,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 #: `dora-dist train` without --config runs this job (the same as configs/quickstart.yaml): the built-in tiny Llama,
 #: the synthetic corpus, DoRA r=8 on all linear layers, ~2 minutes on 2 CPU cores under torchrun.
-QUICKSTART: dict = {
+QUICKSTART: dict[str, Any] = {
     "model": {"name_or_path": BUILTIN_NAME},
     "dora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
     "data": {"source": "synthetic", "format": "text", "seq_len": 128, "packing": True},
