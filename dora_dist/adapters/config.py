@@ -48,7 +48,7 @@ class DoRAConfig:
     dropout: float = 0.0
     #: "all-linear" (every linear layer except the output head) or a list of module-name suffixes (in a job config a
     #: single name is a one-item list; the library reads a single string as a regex over full module names)
-    target_modules: list[str] | str = field(default="all-linear", metadata=IDENTITY)
+    target_modules: str | list[str] = field(default="all-linear", metadata=IDENTITY)
     #: rank-stabilised scaling alpha/√r instead of alpha/r
     use_rslora: bool = field(default=False, metadata=IDENTITY)
     #: False gives plain LoRA through the same layer (for comparisons)
