@@ -53,13 +53,13 @@ def check_engine(cfg: Config, world_size: int) -> None:
 
 def check_deepspeed_config(cfg: Config, world_size: int) -> None:
     """A user DeepSpeed JSON (parallel.deepspeed_config) exists, parses and agrees with the config (ZeRO engines)."""
-    from dora_dist.parallel import resolve_engine_name
+    from dora_dist.parallel import capabilities, resolve_engine_name
 
-    engine = resolve_engine_name(cfg, world_size)
-    if engine in ("zero2", "zero3") and cfg.parallel.deepspeed_config:
+    stage = capabilities(resolve_engine_name(cfg, world_size)).deepspeed_stage
+    if stage is not None and cfg.parallel.deepspeed_config:
         from dora_dist.parallel.zero_config import build_ds_config
 
-        build_ds_config(cfg, world_size, int(engine[-1]))
+        build_ds_config(cfg, world_size, stage)
 
 
 def check_compile(cfg: Config, world_size: int) -> None:
