@@ -37,12 +37,13 @@ def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: floa
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on lora_A/lora_B, none on magnitudes and biases."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if (name.endswith("magnitude") or name.endswith("bias") or p.ndim < 2) else decay).append(p)
-    groups = []
+    groups: list[dict] = []
     if decay:
         groups.append({"params": decay, "weight_decay": float(weight_decay)})
     if no_decay:

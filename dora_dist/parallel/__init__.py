@@ -45,8 +45,8 @@ def resolve_engine(name: str, world_size: int, quant_mode: str = "none") -> str:
 def resolve_engine_name(cfg, env: DistEnv | int) -> str:
     """`resolve_engine` for a job config; `env` is the DistEnv, or just the world size (preflight, before any
     process group exists)."""
-    world = getattr(env, "world_size", env)
-    return resolve_engine(cfg.parallel.engine, int(world), cfg.quantization.mode)
+    world = env if isinstance(env, int) else env.world_size
+    return resolve_engine(cfg.parallel.engine, world, cfg.quantization.mode)
 
 
 def engine_class(name: str) -> type[Engine]:

@@ -75,7 +75,10 @@ class ZeroEngine(Engine):
     @property
     def stage(self) -> int:
         """The ZeRO stage (from the capabilities)."""
-        return int(self.capabilities.deepspeed_stage)
+        stage = self.capabilities.deepspeed_stage
+        if stage is None:
+            raise TypeError(f"{type(self).__name__} declares no deepspeed_stage in its capabilities")
+        return stage
 
     def make_ds_config(self) -> dict[str, Any]:
         return build_ds_config(self.cfg, self.env.world_size, self.stage, grad_accum=self.batching.grad_accum)
