@@ -81,7 +81,7 @@ def lr_from_schedule(scheduler) -> None:
     if scheduler is None:
         return
     sched = getattr(scheduler, "scheduler", scheduler)  # unwrap, should an engine wrap the torch scheduler
-    lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
-    for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+    lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas, strict=False)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs, strict=False):  # as many (DeepSpeed wraps them)
         group["lr"] = lr
     sched._last_lr = list(lrs)
