@@ -9,7 +9,8 @@ how FSDP2 expects to be composed with compile. Inside a block the DoRA epilogue 
 (`nn/dora_epilogue.py`), so inductor fuses it with its neighbours; a DoRA layer has no graph break.
 
 Compile before the engine wraps the model (the trainer does). DeepSpeed ZeRO registers hooks on every submodule,
-which would run inside the compiled code; the trainer refuses compile with zero2/zero3.
+which would run inside the compiled code; the trainer refuses compile with the engines whose capabilities say
+`compile=False` (zero2, zero3).
 """
 
 from __future__ import annotations
@@ -30,15 +31,20 @@ def compile_decoder_blocks(model: nn.Module, **compile_kwargs) -> int:
     return len(blocks)
 
 
-#: engines whose hooks live outside the compiled blocks (ZeRO hooks every submodule: refused)
-COMPILE_ENGINES = ("none", "ddp", "fsdp2")
+def compile_engines() -> list[str]:
+    """The engines whose hooks live outside the compiled blocks (capability `compile`; ZeRO hooks every submodule)."""
+    from dora_dist.parallel import ENGINES, capabilities
+
+    return [name for name in ENGINES if capabilities(name).compile]
 
 
 def compile_problem(engine_name: str) -> str | None:
     """Why training.compile=true cannot be used with this engine, or None (checked by preflight too)."""
-    if engine_name not in COMPILE_ENGINES:
+    from dora_dist.parallel import capabilities
+
+    if not capabilities(engine_name).compile:
         return (
-            f"training.compile=true is supported with parallel.engine in {list(COMPILE_ENGINES)}, not "
+            f"training.compile=true is supported with parallel.engine in {compile_engines()}, not "
             f"{engine_name!r} (DeepSpeed ZeRO's per-module hooks would run inside the compiled blocks)"
         )
     return None

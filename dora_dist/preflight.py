@@ -34,12 +34,18 @@ def check_engine_choice(cfg: Config) -> None:
 
 
 def check_fsdp2_quant_storage(cfg: Config) -> None:
-    """FSDP2 shards packed 4-bit records itself: a quant_storage it would ignore is refused."""
+    """An engine that shards packed 4-bit records itself (FSDP2) ignores quantization.quant_storage: refused."""
+    from dora_dist.parallel import ENGINES, capabilities
+
     q = cfg.quantization
-    if cfg.parallel.engine == "fsdp2" and q.mode in ("nf4", "fp4") and q.quant_storage != "uint8":
+    name = cfg.parallel.engine
+    if name not in ENGINES or q.mode not in ("nf4", "fp4") or q.quant_storage == "uint8":
+        return
+    caps = capabilities(name)
+    if caps.shards_params and caps.holds(q.mode):
         raise ConfigError(
-            f"quantization.quant_storage={q.quant_storage} has no effect with parallel.engine=fsdp2: its "
-            "4-bit weights are row-sharded packed uint8 records that FSDP2 shards itself (the bfloat16 "
+            f"quantization.quant_storage={q.quant_storage} has no effect with parallel.engine={name}: its "
+            "4-bit weights are row-sharded packed uint8 records that the engine shards itself (the bfloat16 "
             "storage convention exists for FSDP1's flat parameters). Remove the key or set uint8."
         )
 
@@ -91,13 +97,13 @@ def check_engine(cfg: Config, world_size: int) -> None:
 
 def check_deepspeed_config(cfg: Config, world_size: int) -> None:
     """A user DeepSpeed JSON (parallel.deepspeed_config) exists, parses and agrees with the config (ZeRO engines)."""
-    from dora_dist.parallel import resolve_engine_name
+    from dora_dist.parallel import capabilities, resolve_engine_name
 
-    engine = resolve_engine_name(cfg, world_size)
-    if engine in ("zero2", "zero3") and cfg.parallel.deepspeed_config:
+    stage = capabilities(resolve_engine_name(cfg, world_size)).deepspeed_stage
+    if stage is not None and cfg.parallel.deepspeed_config:
         from dora_dist.parallel.zero_config import build_ds_config
 
-        build_ds_config(cfg, world_size, int(engine[-1]))
+        build_ds_config(cfg, world_size, stage)
 
 
 def check_compile(cfg: Config, world_size: int) -> None:

@@ -222,6 +222,13 @@ def length_of(cfg: Config) -> dict[str, Any]:
     return _values(cfg, LENGTH_KEYS)
 
 
+def _format_written_by(engine_name: str) -> str:
+    """The checkpoint format of a record that predates the "format" key: the one its engine writes."""
+    from dora_dist.parallel import ENGINES, capabilities
+
+    return capabilities(engine_name).checkpoint_format if engine_name in ENGINES else "dcp"
+
+
 def check_resume(checkpoint: Path, info: dict, cfg: Config, engine, world_size: int) -> None:
     """Refuse to resume from a checkpoint of another run, or one this engine cannot read at this world size.
 
@@ -235,16 +242,17 @@ def check_resume(checkpoint: Path, info: dict, cfg: Config, engine, world_size: 
             "Restore those settings, use another output.dir / checkpoint.dir, or "
             "checkpoint.resume=none to start over"
         )
+    caps = engine.capabilities
     saved_engine = info.get("engine", "?")
-    saved_format = info.get("format") or ("deepspeed" if str(saved_engine).startswith("zero") else "dcp")
-    if saved_format != engine.checkpoint_format:
+    saved_format = info.get("format") or _format_written_by(saved_engine)
+    if saved_format not in caps.resumes_from:
         raise ConfigError(
             f"cannot resume from {checkpoint}: it was written by parallel.engine={saved_engine} "
             f"({saved_format} format), which parallel.engine={engine.name} cannot read; resume with "
             f"parallel.engine={saved_engine}"
         )
     saved_world = int(info.get("world_size", world_size))
-    if saved_world != world_size and not engine.reshardable_checkpoints:
+    if saved_world != world_size and not caps.reshardable_checkpoints:
         raise ConfigError(
             f"cannot resume from {checkpoint}: it was written by {saved_world} ranks and "
             f"parallel.engine={engine.name} checkpoints load only at the same world size (this run has "

@@ -30,6 +30,7 @@ from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
 from dora_dist.metrics import format_line, plot_loss
 from dora_dist.models.prequantized import adopt_checkpoint_quantization
 from dora_dist.nonfinite import NonFiniteLossError, applied_nonfinite_step, report_skipped_step, skip_reason  # noqa: F401 (re-exported)
+from dora_dist.optim import adamw_factory
 from dora_dist.parallel import DistEnv, make_engine, step_probe
 from dora_dist.preemption import PreemptionGuard, exit_code_of, interrupted_now, stopped_line, write_requeue_marker
 from dora_dist.preflight import preflight
@@ -251,7 +252,8 @@ def build(cfg: Config, env: DistEnv, prior: PriorRun | None = None) -> Job:
         len(dataset), batching.micro_batch_size, batching.grad_accum, env.world_size, env.rank, tcfg.seed
     )
 
-    engine = make_engine(cfg, env, batching)
+    optimizer = adamw_factory(tcfg, batching.max_steps, env.device)  # the job's optimizer + LR policy (optim.py)
+    engine = make_engine(cfg, env, batching, optimizer)
     ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
     manager = CheckpointManager(ckpt_root, cfg.checkpoint.keep_last, env)
     resume_dir, resume_info = _resume_point(cfg, env, manager, engine)

@@ -2,12 +2,12 @@
 
 The trainer (dora_dist/train.py) drives every engine with the same calls and no engine-specific branches:
 
-    engine = make_engine(cfg, env, batching)        # parallel/__init__.py: "auto" -> none | fsdp2 | ddp
+    engine = make_engine(cfg, env, batching, optimizer_factory)  # parallel/__init__.py: resolve_engine("auto")
     plan = engine.load_plan()                       # how this rank gets the weights (models/load_plan.py)
     with engine.model_init_context():               # (ZeRO-3: zero.Init)
         model = load_model(cfg, env, plan); add_adapters(model, cfg)
-    model = engine.prepare(model)                   # wrap -> init_magnitudes -> build_optimizer; returns the
-                                                    #   module to call for forward (may be a wrapper)
+    model = engine.prepare(model)                   # wrap -> init_magnitudes -> optimizer_factory(model);
+                                                    #   returns the module to call for forward (may be a wrapper)
     if resuming: extra = engine.load_checkpoint(dir)
     for each optimizer step:
         for i, micro_batch in enumerate(micro_batches):
@@ -31,8 +31,13 @@ non-finite (a collective: only then is there a by-parameter pass), zeroes the gr
 and the LR schedule untouched. An engine whose step cannot be split (ZeRO: DeepSpeed clips and steps in one call)
 reports what its step did (`StepResult.stepped`); the trainer stops the run if a non-finite step was applied.
 
-To add an engine: subclass `Engine` in parallel/<name>.py, implement `wrap` (and override what differs), and
-register it in `ENGINES` in parallel/__init__.py. Method names here are stable.
+The optimizer and LR schedule are not the engine's: the trainer passes a factory (dora_dist/optim.py) that `prepare`
+calls over the wrapped model; the engine only decides when (ZeRO hands the result to deepspeed.initialize).
+
+To add an engine: subclass `Engine` in parallel/<name>.py, declare its `capabilities` (parallel/capabilities.py:
+world sizes, quantization modes, compile, sharding, checkpoint format, ...), implement `wrap` (and override what
+differs), and register it in `ENGINES` in parallel/__init__.py. Nothing outside parallel/ names an engine:
+preflight, compile, resume and the planner read `capabilities(name)`. Method names here are stable.
 """
 
 from __future__ import annotations
@@ -48,10 +53,12 @@ from torch import nn
 from dora_dist.adapters.inject import dora_layers  # noqa: F401  (re-exported for the engines)
 from dora_dist.batching import Batching
 from dora_dist.errors import importable
+from dora_dist.parallel.capabilities import EngineCapabilities
 from dora_dist.parallel.dist_env import DistEnv
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
+    from dora_dist.optim import OptimizerFactory
 
 #: a checkpoint's per-tensor format overhead (see Engine.checkpoint_nbytes)
 TENSOR_RECORD_BYTES = 4096
@@ -68,64 +75,62 @@ def clean_param_name(name: str) -> str:
     return name
 
 
-def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0, schedule: str = "cosine"):
-    """LR multiplier: linear warmup from ~0 to 1 over warmup_steps, then cosine (or constant/linear) decay."""
-
-    def fn(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if schedule == "linear":
-            return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress)
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
-
-
 class Engine:
     """Base engine: one process's view of data parallelism. Subclasses override `wrap` and what differs."""
 
     name = "base"
-    #: what save_checkpoint writes, and whether another world size can read it (DCP reshards on load)
-    checkpoint_format = "dcp"
-    reshardable_checkpoints = True
-    #: False for engines that only make sense on several processes (they would wrap nothing on one)
-    runs_alone: bool = True
-    #: False for the single-process engine
-    runs_many: bool = True
-    #: packages the engine imports when it is used (checked before any process group exists)
-    requires: tuple[str, ...] = ()
+    #: what this engine can do (parallel/capabilities.py); read through `dora_dist.parallel.capabilities(name)`
+    capabilities = EngineCapabilities()
 
     @classmethod
     def config_problem(cls, cfg: Config, world_size: int) -> str | None:
-        """Why this engine cannot run `cfg` on `world_size` processes here, from the config and the environment
-        alone, or None. The one rule: checked by preflight before any process group or model work, and again
-        where the engine would otherwise fail."""
-        for package in cls.requires:
+        """Why this engine cannot run `cfg` on `world_size` processes here, from the config, the environment and its
+        capabilities alone, or None. The one rule: checked by preflight before any process group or model work,
+        and again where the engine would otherwise fail."""
+        caps = cls.capabilities
+        mode = getattr(cfg.quantization, "mode", "none")
+        if not caps.holds(mode):
+            return f"parallel.engine={cls.name} cannot train a quantization.mode={mode} base: {cls.quant_reason(mode)}"
+        for package in caps.requires:
             if not importable(package):
                 return (
                     f"parallel.engine={cls.name} needs the '{package}' package, which is not installed (or "
                     f"cannot be imported) here: pip install 'dora_dist[{package}]', or choose another "
                     "parallel.engine (ddp, fsdp2)"
                 )
-        if world_size > 1 and not cls.runs_many:
+        if caps.max_world is not None and world_size > caps.max_world:
             return (
                 f"parallel.engine={cls.name} cannot run {world_size} processes (WORLD_SIZE={world_size}); use "
                 "parallel.engine=auto, ddp or fsdp2, or launch one process"
             )
-        if world_size <= 1 and not cls.runs_alone:
+        if world_size < caps.min_world:
             return (
                 f"parallel.engine={cls.name} needs several processes but this is one (WORLD_SIZE={world_size}): "
                 "launch with torchrun --nproc-per-node N (launch/torchrun.sh), or use parallel.engine=auto"
             )
         return None
 
-    def __init__(self, cfg: Config, env: DistEnv, batching: Batching | None = None):
+    @classmethod
+    def quant_reason(cls, mode: str) -> str:
+        """Why this engine cannot hold a `mode` base (the end of config_problem's message)."""
+        return f"it trains quantization.mode in {sorted(cls.capabilities.quant_modes)} only"
+
+    @property
+    def checkpoint_format(self) -> str:
+        """What save_checkpoint writes (recorded with each checkpoint)."""
+        return self.capabilities.checkpoint_format
+
+    def __init__(
+        self,
+        cfg,
+        env: DistEnv,
+        batching: Batching | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
+    ):
         self.cfg = cfg
         self.env = env
         self._batching = batching
+        self._optimizer_factory = optimizer_factory
         self.plan = None  # the LoadPlan chosen by load_plan()
         self.model: nn.Module | None = None  # what the trainer calls for forward (possibly a wrapper)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -187,35 +192,15 @@ class Engine:
             if layer.magnitude is not None:
                 layer.init_magnitude()
 
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        """AdamW groups: weight decay on lora_A/lora_B, none on magnitudes and biases."""
-        wd = float(self.cfg.training.weight_decay)
-        decay, no_decay = [], []
-        for name, p in trainable_named_parameters(model):
-            (no_decay if (name.endswith("magnitude") or name.endswith("bias") or p.ndim < 2) else decay).append(p)
-        groups = []
-        if decay:
-            groups.append({"params": decay, "weight_decay": wd})
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        if not groups:
-            raise ValueError("the model has no trainable parameters (did apply_dora match any target module?)")
-        return groups
-
     def build_optimizer(self, model: nn.Module):
-        """AdamW over the trainable (adapter) parameters + warmup/cosine LambdaLR. Returns (optimizer, scheduler)."""
-        t = self.cfg.training
-        opt = torch.optim.AdamW(
-            self.param_groups(model),
-            lr=t.lr,
-            betas=(t.adam_beta1, t.adam_beta2),
-            eps=t.adam_eps,
-            foreach=False if self.env.device.type == "cpu" else None,
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_cosine_lambda(t.warmup_steps, self.batching.max_steps, t.min_lr_ratio, t.lr_schedule)
-        )
-        return opt, sched
+        """(optimizer, LR scheduler) over the wrapped model, from the factory the trainer gave (dora_dist/optim.py);
+        without one, the config's AdamW + warmup/decay schedule."""
+        factory = self._optimizer_factory
+        if factory is None:
+            from dora_dist.optim import adamw_factory
+
+            factory = adamw_factory(self.cfg.training, self.batching.max_steps, self.env.device)
+        return factory(model)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """check_model -> wrap -> init_magnitudes -> build_optimizer. Returns the module to call for forward."""
@@ -257,12 +242,6 @@ class Engine:
         """Drop this step's gradients: no optimizer update, no scheduler tick."""
         self.optimizer.zero_grad(set_to_none=True)
 
-    def step(self) -> float:
-        """Clip, optimizer step, scheduler step, zero grads; returns the global gradient norm (before clipping)."""
-        grad_norm = self.clip_grad_norm(self.cfg.training.max_grad_norm)
-        self.optimizer_step()
-        return grad_norm
-
     def guarded_step(self, loss_is_finite: bool = True) -> StepResult:
         """Clip and step when the (global) loss and gradient norm are finite, else skip the step (see the module
         docstring). Every rank takes the same branch: the loss and the norm are global values."""
@@ -295,17 +274,10 @@ class Engine:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def lr_from_schedule(self) -> None:
-        """Set the optimizer's lr to the schedule's value at its restored step. After a resume the optimizer holds
-        the lr saved with it (and LambdaLR.load_state_dict keeps it): stale for one step when the schedule changed,
-        as when a finished run is extended (training.max_steps raised)."""
-        sched = self.scheduler
-        if sched is None:
-            return
-        sched = getattr(sched, "scheduler", sched)  # unwrap, should an engine wrap the torch scheduler
-        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(sched.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        sched._last_lr = list(lrs)
+        """Set the optimizer's lr to this job's schedule at its restored step (after a resume; see optim.py)."""
+        from dora_dist.optim import lr_from_schedule
+
+        lr_from_schedule(self.scheduler)
 
     # --- adapter export -------------------------------------------------------------------------------
     def adapter_state_dict(self, model: nn.Module | None = None) -> dict[str, torch.Tensor] | None:
@@ -350,7 +322,7 @@ class Engine:
 
         total = sum(nbytes(p) for p in self.model.parameters() if p.requires_grad) if self.model is not None else 0
         state = getattr(self.optimizer, "state", None) or {}
-        partitioned = self.name.startswith("zero")
+        partitioned = self.capabilities.deepspeed_stage is not None  # flat local partitions, not DTensors
         for per_param in state.values():
             total += sum(nbytes(v, partitioned) for v in per_param.values() if isinstance(v, torch.Tensor))
         return total

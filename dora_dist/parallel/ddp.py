@@ -15,11 +15,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dora_dist.parallel.base import Engine
+from dora_dist.parallel.capabilities import EngineCapabilities
 
 
 class DDPEngine(Engine):
     name = "ddp"
-    runs_alone = False
+    # every rank holds the whole model: any base, 4/8-bit included; DDP's hooks sit outside the compiled blocks
+    capabilities = EngineCapabilities(min_world=2)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if not self.env.distributed:

@@ -31,6 +31,7 @@ from torch import nn
 
 from dora_dist.nn.dora_linear import dora_row_norms
 from dora_dist.parallel.base import Engine, dora_layers
+from dora_dist.parallel.capabilities import EngineCapabilities
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
@@ -58,10 +59,25 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 
 class FSDP2Engine(Engine):
     name = "fsdp2"
-    runs_alone = False
+    # nf4/fp4 bases become row-shardable ShardedLinear4bit (load plan sharded_4bit); bitsandbytes' Int8Params cannot
+    # be split by fully_shard
+    capabilities = EngineCapabilities(
+        min_world=2,
+        shards_params=True,
+        shards_optimizer=True,
+        quant_modes=frozenset({"none", "nf4", "fp4"}),
+        cpu_offload=True,
+    )
 
-    def __init__(self, cfg: Config, env: DistEnv, batching=None):
-        super().__init__(cfg, env, batching)
+    @classmethod
+    def quant_reason(cls, mode: str) -> str:
+        return (
+            f"bitsandbytes {mode} weights cannot be sharded by fully_shard (only nf4/fp4 bases become row-shardable "
+            "ShardedLinear4bit); use parallel.engine=ddp or zero2"
+        )
+
+    def __init__(self, cfg: Config, env: DistEnv, batching=None, optimizer_factory=None):
+        super().__init__(cfg, env, batching, optimizer_factory)
         self.mesh = None
 
     def unsupported_base(self, source) -> str | None:
@@ -96,7 +112,7 @@ class FSDP2Engine(Engine):
         reads the weights into CPU memory, the others build on meta, and `wrap` broadcasts. Else: direct."""
         from dora_dist.models.load_plan import LoadPlan
 
-        if self.cfg.quantization.mode in ("nf4", "fp4"):
+        if self.cfg.quantization.mode in ("nf4", "fp4"):  # 4-bit: packed row records, sharded by rows
             plan = LoadPlan("sharded_4bit", torch.device("meta"))
         elif self.cfg.parallel.load_on_rank0 and self.env.world_size > 1 and self.cfg.quantization.mode == "none":
             plan = LoadPlan("rank0_broadcast", torch.device("cpu" if self.env.is_main else "meta"))

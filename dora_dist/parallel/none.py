@@ -5,11 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from dora_dist.parallel.base import Engine
+from dora_dist.parallel.capabilities import EngineCapabilities
 
 
 class SingleProcessEngine(Engine):
     name = "none"
-    runs_many = False
+    capabilities = EngineCapabilities(min_world=1, max_world=1)
 
     @property
     def loss_scale(self) -> float:

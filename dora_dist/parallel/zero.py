@@ -1,14 +1,5 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 engines (`parallel.engine=zero2|zero3`).
-
-Launched by `deepspeed --num_gpus N --module dora_dist.train ...` (launch/deepspeed.sh; or `deepspeed --hostfile
-...`, or torchrun: all set RANK/WORLD_SIZE/MASTER_ADDR, and the trainer makes the process group before DeepSpeed is
-touched). On the CPU, DeepSpeed picks its cpu accelerator and uses the gloo group the trainer made.
-
-The math is the single-process math. The DeepSpeed JSON comes from our config (`zero_config.py`); the trainer's
-torch AdamW and warmup/cosine LambdaLR are handed to `deepspeed.initialize` as a client optimizer and scheduler, so
-ZeRO only partitions their state. `backward` multiplies by the world size (DeepSpeed averages gradients over
-ranks) and passes `scale_wrt_gas=False` (the trainer's loss is already the micro-batch's share of the global mean),
-and `accumulate(last)` sets DeepSpeed's accumulation boundary, so `step` is called once per optimizer step.
+"""DeepSpeed ZeRO-2 and ZeRO-3 engines (`parallel.engine=zero2|zero3`): what each stage does differently. What they
+share (launch, the step, adapter export, DeepSpeed checkpoints) is `ZeroEngine` in zero_base.py.
 
 ZeRO-2: every rank holds the whole model; gradients and optimizer state of the adapters are partitioned. The
 magnitude is initialised from the full local weight (no communication), before `deepspeed.initialize`.
@@ -44,11 +35,6 @@ partitions (a load-time config names the base dtype, so a bf16 base stays bf16).
 partitioned weight's logical shape (`ds_shape`), so the layers are built over the partitioned base.
 
 Adapter export gathers only adapter tensors (one layer at a time) and builds the PEFT state dict on rank 0.
-Checkpoints use DeepSpeed's own `save_checkpoint`/`load_checkpoint` (adapter parameters, partitioned optimizer
-state, the LR scheduler; frozen base weights excluded), with the trainer's extra state (data position, RNG) as
-client state, so a resumed run continues exactly.
-
-QDoRA with ZeRO-3 is refused: ZeRO-3 would flatten and split bitsandbytes' packed 4-bit data while the
 quantization state (absmax, blocksize, shape) stays whole, which is why peft fails there (peft issue #1731).
 ZeRO-2 (or DDP) trains 4/8-bit bases, and so does FSDP2 (row-sharded packed 4-bit, quant/sharded4bit.py).
 """
@@ -57,40 +43,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from dora_dist.checkpoint.safe_load import verify_torch_file
 from dora_dist.errors import ConfigError
-from dora_dist.parallel.base import Engine, StepResult, dora_layers, rank_zero_print
-from dora_dist.parallel.zero_config import build_ds_config, describe
+from dora_dist.parallel.base import Engine, dora_layers
+from dora_dist.parallel.capabilities import EngineCapabilities
+from dora_dist.parallel.zero_base import (  # noqa: F401  (CHECKPOINT_TAG, CLIENT_KEY, ...: re-exported)
+    CHECKPOINT_TAG,
+    CLIENT_KEY,
+    ZeroEngine,
+    _is_partitioned,
+    deepspeed_checkpoint_globals,
+)
 
-if TYPE_CHECKING:
-    from dora_dist.config import Config
-    from dora_dist.parallel.dist_env import DistEnv
-
-CHECKPOINT_TAG = "zero"
-CLIENT_KEY = "dora_dist"
 QDORA_ZERO3_REASON = (
     "ZeRO-3 flattens and splits every parameter over the ranks, including the packed quantized weights, whose "
     "quantization state cannot be split with them (the same failure as peft issue #1731). For QDoRA on several "
     "ranks use parallel.engine=zero2 (the 4-bit base stays whole on every rank; adapter gradients and optimizer "
     "state are partitioned) or parallel.engine=ddp; or train a bf16 base with zero3."
 )
-
-
-def _is_zero3_param(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
-
-def _is_partitioned(p: torch.Tensor) -> bool:
-    """A ZeRO-3 parameter: this rank's slice of its flat data is `p.ds_tensor`. (Small 'persistent' parameters
-    are partitioned too until their first use, then also kept whole in `p.data`.)"""
-    return _is_zero3_param(p) and getattr(p, "ds_tensor", None) is not None
 
 
 def _partition_range(p: torch.Tensor) -> tuple[int, int, int]:
@@ -172,65 +146,71 @@ def partial_times_A(
     return out
 
 
-def deepspeed_checkpoint_globals() -> list:
-    """The plain-data classes DeepSpeed's checkpoint files hold besides tensors (checked by verify_torch_file):
-    an enum, the (static) loss scaler's attribute record and ZeRO-2's fragment addresses (a named tuple)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+class Zero2Engine(ZeroEngine):
+    """ZeRO-2: every rank holds the whole model (4/8-bit bases too); adapter gradients and optimizer state are
+    partitioned. The magnitudes come from the full local weights, before deepspeed.initialize (no communication)."""
 
-    return [ZeroStageEnum, LossScaler, fragment_address]
+    name = "zero2"
+    capabilities = EngineCapabilities(
+        min_world=2,
+        compile=False,  # DeepSpeed's per-module hooks would run inside the compiled blocks
+        shards_optimizer=True,
+        deepspeed_stage=2,
+        checkpoint_format="deepspeed",
+        resumes_from=frozenset({"deepspeed"}),
+        reshardable_checkpoints=False,  # DeepSpeed's ZeRO checkpoints load at the world size that wrote them
+        cpu_offload=True,
+        requires=("deepspeed",),
+    )
+
+    def init_magnitudes_before(self, model: nn.Module) -> None:
+        Engine.init_magnitudes(self, model)  # full weights on every rank: no communication
 
 
-class ZeroEngine(Engine):
-    """Common ZeRO engine; `stage` picks ZeRO-2 or ZeRO-3."""
+class Zero3Engine(ZeroEngine):
+    """ZeRO-3: every parameter partitioned, the model loaded inside zero.Init, base weights registered as external
+    parameters of their DoRA layer, magnitudes from the weight partitions; no 4/8-bit base."""
 
-    name = "zero"
-    checkpoint_format = "deepspeed"
-    reshardable_checkpoints = False  # DeepSpeed's ZeRO checkpoints load at the world size that wrote them
-    stage = 0
-    runs_alone = False
-    requires = ("deepspeed",)
+    name = "zero3"
+    capabilities = EngineCapabilities(
+        min_world=2,
+        compile=False,
+        shards_params=True,
+        shards_optimizer=True,
+        quant_modes=frozenset({"none"}),
+        prequantized=False,
+        deepspeed_stage=3,
+        checkpoint_format="deepspeed",
+        resumes_from=frozenset({"deepspeed"}),
+        reshardable_checkpoints=False,
+        cpu_offload=True,
+        requires=("deepspeed",),
+    )
 
     @classmethod
-    def config_problem(cls, cfg: Config, world_size: int) -> str | None:
-        """No 4/8-bit base under ZeRO-3 (whatever else is set), then the engine-wide rules (deepspeed importable,
-        several processes)."""
-        mode = getattr(cfg.quantization, "mode", "none")
-        if cls.stage == 3 and mode != "none":
-            return f"parallel.engine=zero3 cannot train a quantization.mode={mode} base: {QDORA_ZERO3_REASON}"
-        return super().config_problem(cfg, world_size)
-
-    def __init__(self, cfg: Config, env: DistEnv, batching=None):
-        super().__init__(cfg, env, batching)
-        self.ds_engine = None
-        self.ds_config: dict[str, Any] | None = None
-        self.norm_init_stats: dict[str, Any] = {}
-        self._hf_ds_config = None
+    def quant_reason(cls, mode: str) -> str:
+        return QDORA_ZERO3_REASON
 
     # --- set-up ---------------------------------------------------------------------------------------
     def unsupported_base(self, source) -> str | None:
-        if self.stage == 3 and source.quantized:
+        if source.quantized:
             return f"zero3 does not support 4/8-bit (quantized) base layers: {QDORA_ZERO3_REASON}"
         return None
 
     def load_plan(self):
-        """ZeRO-3 builds and loads the model inside zero.Init (see model_init_context); ZeRO-2 loads it directly."""
+        """ZeRO-3 builds and loads the model inside zero.Init (see model_init_context)."""
         from dora_dist.models.load_plan import LoadPlan
 
-        self.plan = LoadPlan("zero_init" if self.stage == 3 else "direct", self.env.device)
+        self.plan = LoadPlan("zero_init", self.env.device)
         return self.plan
 
     def model_init_context(self):
-        """Build/load the model already partitioned (ZeRO-3), so no rank ever holds the whole base model.
+        """Build/load the model already partitioned, so no rank ever holds the whole base model.
 
         Under this context transformers' `from_pretrained` / `from_config` construct parameters inside
         `deepspeed.zero.Init` and load checkpoint shards straight into the partitions (transformers sees the live
         `HfDeepSpeedConfig`). DoRA layers are added afterwards, outside it; `deepspeed.initialize` partitions them.
-        ZeRO-2 (every rank holds the whole model anyway): a no-op context.
         """
-        if self.stage != 3:
-            return contextlib.nullcontext()
         problem = self.config_problem(self.cfg, self.env.world_size)
         if problem is not None:
             raise ConfigError(problem)
@@ -252,47 +232,21 @@ class ZeroEngine(Engine):
         self._hf_ds_config = HfDeepSpeedConfig(load_config)
         return contextlib.nullcontext()
 
-    def make_ds_config(self) -> dict[str, Any]:
-        return build_ds_config(self.cfg, self.env.world_size, self.stage, grad_accum=self.batching.grad_accum)
-
     def wrap(self, model: nn.Module) -> nn.Module:
-        """Prepare the bare model for deepspeed.initialize (ZeRO-3: base weights as external params)."""
-        if not self.env.distributed:
-            raise RuntimeError(
-                f"parallel.engine={self.name} needs several processes "
-                "(launch with `deepspeed --num_gpus N` or torchrun)"
-            )
-        if self.stage == 3:
-            import deepspeed
-
-            for _, layer in dora_layers(model):
-                for p in layer.base_layer.parameters(recurse=False):
-                    deepspeed.zero.register_external_parameter(layer, p)
-        return model
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """check -> (ZeRO-2: magnitudes) -> optimizer -> deepspeed.initialize -> (ZeRO-3: magnitudes)."""
+        """Each base weight becomes an external parameter of its DoRA layer (gathered with the adapter)."""
         import deepspeed
 
-        self.check_model(model)
-        if self.ds_config is None:
-            self.ds_config = self.make_ds_config()
-        model = self.wrap(model)
-        if self.stage == 2:
-            super().init_magnitudes(model)  # full weights on every rank: no communication
-        optimizer, scheduler = self.build_optimizer(model)
-        engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
-        )
-        self.ds_engine, self.model = engine, engine
-        self.optimizer, self.scheduler = ds_optimizer, ds_scheduler
-        if self.stage == 3:
-            self.init_magnitudes(engine.module)
-            ds_optimizer.refresh_fp32_params()  # the fp32 master partitions follow the new m
-        rank_zero_print(self.env, f"[dora_dist] DeepSpeed {describe(self.ds_config)}")
-        return engine
+        model = super().wrap(model)
+        for _, layer in dora_layers(model):
+            for p in layer.base_layer.parameters(recurse=False):
+                deepspeed.zero.register_external_parameter(layer, p)
+        return model
 
-    # --- magnitude init (ZeRO-3) -------------------------------------------------------------------------
+    def init_magnitudes_after(self, ds_engine, ds_optimizer) -> None:
+        self.init_magnitudes(ds_engine.module)
+        ds_optimizer.refresh_fp32_params()  # the fp32 master partitions follow the new m
+
+    # --- magnitude init -------------------------------------------------------------------------
     @torch.no_grad()
     def init_magnitudes(self, model: nn.Module, method: str = "partition") -> None:
         """m = ‖W + s·B·A‖ per row from partitioned weights; see the module docstring for the two paths."""
@@ -370,10 +324,7 @@ class ZeroEngine(Engine):
     def dora_row_views(self, model: nn.Module | None = None):
         """ZeRO-3: each layer's adapter gathered (COLLECTIVE: A, B, m of one layer, as the adapter export does) and
         W·Aᵀ summed from every rank's weight partition (COLLECTIVE: one all-reduce of (out, r) floats), never the
-        weight; rank 0 counts the layer. ZeRO-2 holds whole layers (the default)."""
-        if self.stage != 3:
-            yield from super().dora_row_views(model)
-            return
+        weight; rank 0 counts the layer."""
         import deepspeed
 
         from dora_dist.health import RowView
@@ -414,122 +365,3 @@ class ZeroEngine(Engine):
                 layer.scaling,
                 owner=self.env.is_main,
             )
-
-    # --- the step -------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def accumulate(self, last: bool):
-        """DeepSpeed reduces gradients and steps only at the boundary; we mark it on the last micro-step."""
-        self.ds_engine.set_gradient_accumulation_boundary(bool(last))
-        yield
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.ds_engine.backward(loss * self.loss_scale, scale_wrt_gas=False)
-
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Clipping happens inside DeepSpeed's step (gradient_clipping); this reports the last global norm."""
-        norm = self.ds_engine.get_global_grad_norm()
-        return 0.0 if norm is None else float(norm)
-
-    def step(self) -> float:
-        self.ds_engine.set_gradient_accumulation_boundary(True)
-        self.ds_engine.step()  # clip, optimizer + LR scheduler step, zero grads
-        return self.clip_grad_norm(self.cfg.training.max_grad_norm)
-
-    def guarded_step(self, loss_is_finite: bool = True) -> StepResult:
-        """DeepSpeed clips and steps in one call, and skips a step whose gradient norm is inf/NaN itself (no update,
-        no LR tick, gradients zeroed: its "overflow" path, taken for fp32 adapters under ZeRO-2 and any dtype under
-        ZeRO-3). `was_step_applied` says which happened. The parameter at fault is not named: the gradients are
-        in DeepSpeed's flat partitions, and gone after its step. A step applied although non-finite (bf16 adapters
-        under ZeRO-2) makes the trainer stop."""
-        grad_norm = self.step()
-        return StepResult(grad_norm, stepped=bool(self.ds_engine.was_step_applied()))
-
-    def first_nonfinite_grad(self) -> str | None:
-        """Not available: the gradients are in DeepSpeed's flat partitions (and zeroed by its step)."""
-        return None
-
-    def current_lr(self) -> float:
-        return float(self.ds_engine.get_lr()[0])
-
-    # --- adapter export -------------------------------------------------------------------------------
-    def adapter_state_dict(self, model: nn.Module | None = None) -> dict[str, torch.Tensor] | None:
-        """Full adapter tensors (PEFT keys) on rank 0; ZeRO-3 gathers one layer's adapter at a time, nothing else."""
-        import deepspeed
-
-        from dora_dist.adapters.inject import modules_to_save
-        from dora_dist.adapters.peft_format import PREFIX, SUFFIXES
-
-        model = self.unwrap(model if model is not None else self.model)
-        out: dict[str, torch.Tensor] = {}
-        for name, layer in dora_layers(model):
-            params = {
-                suffix: getattr(layer, attr) for suffix, attr in SUFFIXES.items() if getattr(layer, attr) is not None
-            }
-            gathered = [p for p in params.values() if _is_partitioned(p)]
-            ctx = (
-                deepspeed.zero.GatheredParameters(gathered, modifier_rank=None)
-                if gathered
-                else contextlib.nullcontext()
-            )
-            with ctx:  # COLLECTIVE: adapter of one layer
-                if self.env.is_main:
-                    for suffix, p in params.items():
-                        out[f"{PREFIX}{name}.{suffix}"] = p.detach().cpu().clone()
-        for name, module in modules_to_save(model).items():  # trained in full (dora.modules_to_save)
-            gathered = [p for p in module.parameters() if _is_partitioned(p)]
-            ctx = (
-                deepspeed.zero.GatheredParameters(gathered, modifier_rank=None)
-                if gathered
-                else contextlib.nullcontext()
-            )
-            with ctx:  # COLLECTIVE: one module
-                if self.env.is_main:
-                    for key, t in module.state_dict().items():
-                        out[f"{PREFIX}{name}.{key}"] = t.detach().cpu().clone()
-        return out if self.env.is_main else None
-
-    # --- checkpoints ----------------------------------------------------------------------------------
-    def save_checkpoint(self, directory: str, extra_state: dict[str, Any]) -> None:
-        """Adapter params, partitioned optimizer state, LR scheduler (no frozen weights) + trainer state."""
-        self.ds_engine.save_checkpoint(
-            str(directory),
-            tag=CHECKPOINT_TAG,
-            client_state={CLIENT_KEY: extra_state},
-            save_latest=False,
-            exclude_frozen_parameters=True,
-        )
-
-    def load_checkpoint(self, directory: str) -> dict[str, Any]:
-        if not (Path(directory) / CHECKPOINT_TAG).is_dir():
-            raise FileNotFoundError(
-                f"{directory} holds no DeepSpeed checkpoint (no '{CHECKPOINT_TAG}' folder); "
-                f"was it written by parallel.engine={self.name}?"
-            )
-        for file in sorted((Path(directory) / CHECKPOINT_TAG).glob("*.pt")):
-            verify_torch_file(file, deepspeed_checkpoint_globals())  # DeepSpeed unpickles with weights_only=False
-        path, client = self.ds_engine.load_checkpoint(
-            str(directory),
-            tag=CHECKPOINT_TAG,
-            load_module_strict=False,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
-        return (client or {}).get(CLIENT_KEY, {})
-
-    def close(self) -> None:
-        destroy = getattr(self.ds_engine, "destroy", None)
-        if callable(destroy):
-            destroy()
-        self._hf_ds_config = None
-
-
-class Zero2Engine(ZeroEngine):
-    name = "zero2"
-    stage = 2
-
-
-class Zero3Engine(ZeroEngine):
-    name = "zero3"
-    stage = 3

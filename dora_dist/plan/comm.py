@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from math import ceil
 from typing import TYPE_CHECKING
 
+from dora_dist.parallel import capabilities
 from dora_dist.plan.model_spec import ModelSpec, ParamSpec, base_dtype_bytes, dtype_bytes
 
 if TYPE_CHECKING:
@@ -100,19 +101,20 @@ def _padded(numel: int, world: int) -> int:
 
 def predict_collectives(cfg: Config, spec: ModelSpec, engine: str, world: int) -> list[Collective]:
     """Every collective of one steady-state optimizer step on one rank (empty for one process)."""
-    if world <= 1 or engine == "none":
+    caps = capabilities(engine)
+    if world <= 1 or caps.max_world == 1:
         return []
     gas = grad_accum(cfg, world)
     abytes = dtype_bytes(cfg.dora.adapter_dtype)
     trainable = spec.select(trainable=True)
     n_train = sum(p.numel for p in trainable)
     out = [Collective("all_reduce", 8, 1, False, "step loss (float64)")]
-    if engine == "ddp":
+    if not caps.shards_params and not caps.shards_optimizer:  # DDP: replicated, gradients all-reduced
         nbytes = n_train * abytes
         cap = cfg.parallel.ddp_bucket_mb * 2**20
         calls = 1 + (ceil(max(0, nbytes - DDP_FIRST_BUCKET_BYTES) / cap) if nbytes > DDP_FIRST_BUCKET_BYTES else 0)
         out.append(Collective("all_reduce", nbytes, calls, True, "adapter gradients (DDP buckets)"))
-    elif engine == "fsdp2":
+    elif caps.shards_params and caps.deepspeed_stage is None:  # FSDP2: sharded by rows
         blocks = [u for u in spec.units if u >= 0]
         root = fsdp2_unit_bytes(cfg, spec, -1, world)
         block_bytes = sum(fsdp2_unit_bytes(cfg, spec, u, world) for u in blocks)
@@ -140,7 +142,7 @@ def predict_collectives(cfg: Config, spec: ModelSpec, engine: str, world: int) -
                 rs_calls += 1
         out.append(Collective("reduce_scatter", rs, rs_calls, True, "adapter gradients (fp32, padded dim 0)"))
         out.append(Collective("all_reduce", 4 * len(trainable), 1, False, "gradient norm (one fp32 per tensor)"))
-    elif engine == "zero2":
+    elif caps.deepspeed_stage == 2:
         out.append(Collective("all_reduce", gas * n_train * abytes, gas, False, "adapter gradients, every micro-step"))
         out.append(Collective("all_reduce", 2 * 4, 2, False, "overflow / norm scalars"))
         decay = [p for p in trainable if not (p.role == "magnitude" or len(p.shape) < 2)]
@@ -155,7 +157,7 @@ def predict_collectives(cfg: Config, spec: ModelSpec, engine: str, world: int) -
                 "updated fp32 partitions (groups padded to 2·N)",
             )
         )
-    elif engine == "zero3":
+    elif caps.deepspeed_stage == 3:
         persistent = [p for p in spec.params if p.numel <= ZERO3_PERSISTENCE_THRESHOLD]
         big = [p for p in spec.params if p.numel > ZERO3_PERSISTENCE_THRESHOLD]
         itemsize = lambda p: param_itemsize(cfg, p)  # noqa: E731

@@ -25,14 +25,12 @@ from dataclasses import dataclass, field
 from math import ceil
 from typing import TYPE_CHECKING
 
+from dora_dist.parallel import capabilities
 from dora_dist.plan.comm import ZERO3_PERSISTENCE_THRESHOLD, four_bit, packed_row_bytes
 from dora_dist.plan.model_spec import ModelSpec, ParamSpec, base_dtype_bytes, dtype_bytes
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
-
-SHARDED_PARAMS = ("fsdp2", "zero3")
-DEEPSPEED = ("zero2", "zero3")
 
 
 @dataclass
@@ -76,7 +74,7 @@ def base_param_bytes(cfg: Config, p: ParamSpec, engine: str) -> float:
     """Stored bytes of one frozen parameter (whole, unsharded)."""
     q = cfg.quantization.mode
     if p.role == "linear" and q in ("nf4", "fp4"):
-        if engine == "fsdp2":
+        if capabilities(engine).shards_params and capabilities(engine).deepspeed_stage is None:  # FSDP2's rows
             return p.shape[0] * packed_row_bytes(cfg, p.shape[0], p.shape[1])
         blocks = ceil(p.numel / 64)
         absmax = blocks + ceil(blocks / 256) * 4 if cfg.quantization.double_quant else blocks * 4
@@ -129,8 +127,9 @@ def logits_bytes_per_token(cfg: Config, spec: ModelSpec) -> float:
 def estimate_memory(cfg: Config, spec: ModelSpec, engine: str, world: int) -> MemoryEstimate:
     """Peak memory of one rank during a training step, by component."""
     est = MemoryEstimate(engine, world)
-    offload = bool(cfg.parallel.cpu_offload) and engine in ("fsdp2", "zero2", "zero3")
-    shard = world if engine in SHARDED_PARAMS else 1
+    caps = capabilities(engine)
+    offload = bool(cfg.parallel.cpu_offload) and caps.cpu_offload
+    shard = world if caps.shards_params else 1
     padded = (lambda n: ceil(n / shard)) if shard > 1 else (lambda n: n)
     abytes = dtype_bytes(cfg.dora.adapter_dtype)
     trainable = spec.select(trainable=True)
@@ -138,20 +137,20 @@ def estimate_memory(cfg: Config, spec: ModelSpec, engine: str, world: int) -> Me
 
     base = sum(base_param_bytes(cfg, p, engine) for p in spec.select(trainable=False)) / shard
     params = sum(padded(p.numel) for p in trainable) * abytes if shard > 1 else n_train * abytes
-    grad_shard = world if engine in ("fsdp2",) + DEEPSPEED else 1
+    grad_shard = world if caps.shards_optimizer else 1
     grads = n_train * 4 / grad_shard
     optim = 2 * n_train * 4 / grad_shard
-    if engine in DEEPSPEED:
+    if caps.deepspeed_stage is not None:
         optim += n_train * 4 / world  # fp32 master partition
         grads += ds_reduce_bucket_elements(cfg) * 4  # the contiguous gradient bucket, allocated whole
     where = est.host if offload else est.device
-    (est.host if offload and engine in ("fsdp2", "zero3") else est.device)["base"] = base
-    (est.host if offload and engine in ("fsdp2", "zero3") else est.device)["adapters"] = params
+    (est.host if offload and caps.offloads_params else est.device)["base"] = base
+    (est.host if offload and caps.offloads_params else est.device)["adapters"] = params
     where["optimizer"] = optim
     est.device["grads"] = grads
 
     c = compute_bytes(cfg)
-    if engine == "fsdp2":
+    if caps.shards_params and caps.deepspeed_stage is None:  # FSDP2
         from dora_dist.plan.comm import fsdp2_unit_bytes
 
         units = [sum(p.numel for p in spec.select(block=u)) for u in spec.units]
@@ -160,7 +159,7 @@ def estimate_memory(cfg: Config, spec: ModelSpec, engine: str, world: int) -> Me
         # the prefetched block's all-gather output (packed bytes for a 4-bit base) lives until its copy-out
         ag_buffer = max((fsdp2_unit_bytes(cfg, spec, u, world) for u in spec.units if u >= 0), default=0)
         est.device["gathered"] = (root + sum(biggest)) * c + ag_buffer
-    elif engine == "zero3":
+    elif caps.deepspeed_stage == 3:
         persistent = sum(
             p.numel * (abytes if p.trainable else base_dtype_bytes(cfg))
             for p in spec.params

@@ -19,7 +19,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dora_dist.plan.comm import Collective, bytes_by_kind, four_bit, grad_accum, predict_collectives, wire_bytes
+from dora_dist.parallel import capabilities, engines_for, resolve_engine
+from dora_dist.plan.comm import Collective, bytes_by_kind, grad_accum, predict_collectives, wire_bytes
 from dora_dist.plan.hardware import GB, Cluster
 from dora_dist.plan.memory import MemoryEstimate, estimate_memory
 from dora_dist.plan.model_spec import ModelSpec, model_spec
@@ -68,13 +69,8 @@ class Projection:
 
 
 def valid_engines(cfg: Config, world: int) -> list[str]:
-    if world <= 1:
-        return ["none"]
-    if four_bit(cfg):
-        return ["ddp", "zero2", "fsdp2"]
-    if cfg.quantization.mode == "int8":
-        return ["ddp", "zero2"]
-    return ["ddp", "fsdp2", "zero2", "zero3"]
+    """The engines whose capabilities run `world` ranks over this job's base (registry order)."""
+    return engines_for(world, cfg.quantization.mode)
 
 
 def flops_per_token(cfg: Config, spec: ModelSpec) -> float:
@@ -115,9 +111,8 @@ def project(
     """The projection of `cfg` on `cluster` with `engine` (default: the config's; auto resolved as the trainer)."""
     cfg = copy.deepcopy(cfg)
     world = cluster.world
-    engine = engine or cfg.parallel.engine
-    if engine == "auto":
-        engine = "none" if world <= 1 else ("ddp" if cfg.quantization.mode != "none" else "fsdp2")
+    engine = resolve_engine(engine or cfg.parallel.engine, world, cfg.quantization.mode)
+    caps = capabilities(engine)
     if cpu_offload is not None:
         cfg.parallel.cpu_offload = cpu_offload
     spec = spec or model_spec(cfg)
@@ -132,10 +127,10 @@ def project(
     exposed = max(0.0, ov - compute) + no
     mem = estimate_memory(cfg, spec, engine, world)
     offload = 0.0
-    if cfg.parallel.cpu_offload and engine in ("fsdp2", "zero3"):
+    if cfg.parallel.cpu_offload and caps.offloads_params:
         gathers = 2 * gas
         offload = (gathers * mem.host.get("base", 0) + 2 * mem.host.get("adapters", 0)) / HOST_LINK_BYTES_PER_S
-    elif cfg.parallel.cpu_offload and engine == "zero2":
+    elif cfg.parallel.cpu_offload and caps.cpu_offload:
         offload = 2 * spec.numel(trainable=True) * 4 / world / HOST_LINK_BYTES_PER_S
     need = mem.device_total + cluster.gpu.reserved_bytes
     have = cluster.gpu.memory_bytes
@@ -161,7 +156,7 @@ def project(
         proj.runnable = False
         why = (
             "it runs one process"
-            if engine == "none"
+            if caps.max_world == 1
             else "the trainer refuses this base with it (see README: engines)"
             if world > 1
             else "it needs several ranks"
@@ -179,7 +174,7 @@ def candidates(cfg: Config, cluster: Cluster, spec: ModelSpec, **kw) -> list[Pro
     """Every engine (and CPU offload where the engine has it) this job could run with on `cluster`."""
     out = []
     for engine in valid_engines(cfg, cluster.world):
-        for off in (False, True) if engine in ("fsdp2", "zero2", "zero3") else (False,):
+        for off in (False, True) if capabilities(engine).cpu_offload else (False,):
             out.append(project(cfg, cluster, engine, off, spec, **kw))
     return out
 

@@ -91,7 +91,7 @@ def run_reference(cfg, data):
         total = n_targets(labels)
         loss = loss_sum(model, ids, labels) / total
         engine.backward(loss)
-        norms.append(engine.step())
+        norms.append(engine.guarded_step().grad_norm)
         losses.append(loss.item())
     final = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     return init, losses, norms, final
@@ -116,7 +116,7 @@ def train_steps(engine, model, env, data, steps):
                 loss = loss_sum(model, mi, ml) / total
                 engine.backward(loss)
                 local += loss.item()
-        norms.append(engine.step())
+        norms.append(engine.guarded_step().grad_norm)
         losses.append(env.all_reduce_sum(local))
     return losses, norms
 
@@ -172,7 +172,7 @@ def check_zero_init_loading(cfg, env, data, workdir):
     for ids, labels in data[:2]:
         loss = loss_sum(ref_model, ids, labels) / n_targets(labels)
         ref_engine.backward(loss)
-        ref_engine.step()
+        ref_engine.guarded_step()
         out["ref_losses"].append(loss.item())
     if env.is_main:
         out["adapter_vs_ref"] = max_diff(state, adapter_state_dict(ref_model))
@@ -279,7 +279,7 @@ def main() -> int:
         for ids, labels in data:
             loss = loss_sum(ref_model, ids, labels) / n_targets(labels)
             ref_engine.backward(loss)
-            ref_engine.step()
+            ref_engine.guarded_step()
             qref.append(loss.item())
         res.update(qdora_losses=qlosses, qdora_ref_losses=qref)
         if env.is_main:

@@ -189,6 +189,12 @@ CASES: list[Case] = [
         lambda a: a.train("parallel.engine=zero3", "quantization.mode=nf4"),
         ("parallel.engine=zero3", "quantization.mode=nf4", "zero2"),
     ),
+    Case(
+        "config",
+        "fsdp2 with an 8-bit base",
+        lambda a: a.train("parallel.engine=fsdp2", "quantization.mode=int8"),
+        ("parallel.engine=fsdp2", "quantization.mode=int8", "ddp or zero2"),
+    ),
     # --- data ------------------------------------------------------------------------------------------------------
     Case(
         "data",

@@ -152,7 +152,7 @@ def test_a_signal_during_the_last_step_finishes_the_run(tmp_path, monkeypatch):
 def test_extension_under_warmup_and_cosine_uses_the_new_schedule_from_its_first_step(tmp_path):
     """6 steps, then extended to 9 with warmup + cosine: every step of the extension (7 first) logs the 9-step
     schedule's lr, not the finished run's last one (LambdaLR.load_state_dict leaves the optimizer's old lr)."""
-    from dora_dist.parallel.base import warmup_cosine_lambda
+    from dora_dist.optim import warmup_cosine_lambda
 
     common = (
         "checkpoint.save_final=true",

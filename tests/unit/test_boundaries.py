@@ -176,6 +176,73 @@ def test_readme_layout_lists_every_subpackage():
         assert (PKG / entry).is_dir() or (ROOT / entry).is_dir(), f"README Layout lists {entry}/ which does not exist"
 
 
+# --- engine names stay inside parallel/ ------------------------------------------------------------------------------
+ENGINE_NAMES = ("none", "ddp", "fsdp2", "zero2", "zero3")
+#: (file, literal) pairs allowed to name an engine outside parallel/ (none: every rule reads capabilities)
+ENGINE_NAME_ALLOWED: set[tuple[str, str]] = set()
+
+
+def _string_literals(node: ast.AST) -> list[str]:
+    """The string constants of a literal or a tuple/list/set of literals."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [v for elt in node.elts for v in _string_literals(elt)]
+    return []
+
+
+def _engine_name_comparisons(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, literal) of every engine name compared with an expression that names an engine: `x.engine ==
+    "fsdp2"`, `engine in ("zero2", "zero3")`, `saved_engine.startswith("zero")`; and of every collection of engine
+    names (`SHARDED = ("fsdp2", "zero3")`, compared later through the constant)."""
+    hits = []
+    for node in ast.walk(tree):
+        literals = _string_literals(node) if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else []
+        if len(literals) >= 2 and all(v in ENGINE_NAMES for v in literals):
+            hits += [(node.lineno, v) for v in literals]
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any("engine" in ast.unparse(side).lower() for side in sides if not _string_literals(side)):
+                hits += [(node.lineno, v) for side in sides for v in _string_literals(side) if v in ENGINE_NAMES]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in ("startswith", "endswith") and "engine" in ast.unparse(node.func.value).lower():
+                literals = [v for arg in node.args for v in _string_literals(arg)]
+                hits += [(node.lineno, v) for v in literals if any(n.startswith(v) for n in ENGINE_NAMES)]
+    return hits
+
+
+def test_engine_names_are_not_compared_outside_parallel():
+    """What an engine can do is declared on its class and read through `parallel.capabilities(name)`; no module
+    outside parallel/ decides by comparing engine names (adding an engine = subclass + register)."""
+    found = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("dora_dist/parallel/"):
+            continue
+        for line, literal in _engine_name_comparisons(ast.parse(path.read_text())):
+            if (rel, literal) not in ENGINE_NAME_ALLOWED:
+                found.append(f"{rel}:{line} compares an engine with {literal!r}")
+    assert not found, "; ".join(found)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        'cfg.parallel.engine == "zero3"',
+        'engine in ("fsdp2", "zero3")',
+        'str(saved_engine).startswith("zero")',
+        '"ddp" != self.engine_name',
+        'COMPILE_ENGINES = ("none", "ddp", "fsdp2")',
+    ],
+)
+def test_engine_name_rule_catches_each_form(code):
+    assert _engine_name_comparisons(ast.parse(code))
+
+
+def test_engine_name_rule_leaves_other_none_comparisons():
+    assert not _engine_name_comparisons(ast.parse('cfg.quantization.mode != "none" and resume == "none"'))
+
+
 # --- the weight-source registry ------------------------------------------------------------------------------------
 def test_registry_names_every_supported_base_in_errors():
     with pytest.raises(TypeError) as err:

@@ -10,12 +10,14 @@ from types import SimpleNamespace
 import pytest
 
 from dora_dist.config import ConfigError, load_job_config
+from dora_dist.parallel.capabilities import EngineCapabilities
 from dora_dist.preemption import PreemptionGuard
 from dora_dist.run_state import check_resume, identity_changes, merge_summary, run_identity, write_json_atomic
 
 
 def _engine(name: str, fmt: str = "dcp", reshardable: bool = True):
-    return SimpleNamespace(name=name, checkpoint_format=fmt, reshardable_checkpoints=reshardable)
+    caps = EngineCapabilities(checkpoint_format=fmt, resumes_from=frozenset({fmt}), reshardable_checkpoints=reshardable)
+    return SimpleNamespace(name=name, checkpoint_format=fmt, capabilities=caps)
 
 
 def test_identity_changes_name_each_key():
