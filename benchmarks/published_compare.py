@@ -172,6 +172,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, key, meas, label in (
@@ -197,6 +198,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot([lo, hi], [lo * (1 - band), hi * (1 - band)], "k:", lw=0.6)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel(f"published {label}")
         ax.set_ylabel(f"dora-dist plan {label}")
         ax.set_title(f"±{int(band * 100)}% band; hollow: ambiguous; squares: used to derive presets", fontsize=8)

@@ -243,8 +243,8 @@ def project(
         proj.notes.append(f"parallel.engine={engine} cannot run this job on {world} rank(s): {why}")
     if not proj.host_fits:
         proj.notes.append(
-            f"CPU offload needs {mem.host_total / GB:.1f} GB of host memory per GPU, the preset has "
-            f"{host_have / GB:.0f} GB"
+            f"CPU offload needs {mem.host_total / GiB:.1f} GiB of host memory per GPU, the preset has "
+            f"{host_have / GiB:.0f} GiB"
         )
     return proj
 

@@ -163,8 +163,8 @@ def run(args) -> int:
     top = ", ".join(f"{k} {100 * share:.0f}%" for k, share in job.dominant_memory[:3])
     print(
         f"  uncertainty: {lo:,.0f} to {hi:,.0f} tokens/s (MFU ± {100 * MFU_SPREAD:.0f}% of the preset's "
-        f"{args.mfu or cluster.gpu.mfu:.2f}, the spread of published runs); memory is dominated by {top}; "
-        "memory within 20% at 90% of the published runs (README: Scaling)"
+        f"{args.mfu or cluster.gpu.mfu:.2f}); memory is dominated by {top} (the model's errors against "
+        "published runs: README, Scaling)"
     )
     if cluster.nodes > 1:
         one = project(cfg, cluster.with_size(1, cluster.gpus_per_node), job.engine, job.cpu_offload, spec, **kw)
@@ -197,7 +197,7 @@ def largest_fitting(cfg, cluster, engine: str, offload: bool, knob: str, spec_fo
             c.data.seq_len = value
         elif knob == "micro_batch":
             c.training.micro_batch_size = value
-            c.training.global_batch_size = None
+            c.training.global_batch_size = 0
         else:
             c.dora.r = value
         return project(c, cluster, engine, offload, spec_for(c), **kw).fits
