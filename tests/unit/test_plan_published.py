@@ -68,7 +68,7 @@ def test_every_fit_verdict_is_right(rows):
 def test_presets_reproduce_the_runs_they_are_derived_from(rows):
     """The per-GPU MFU and the PCIe overlap efficiency were derived from the runs marked `fit`: plan gives those
     runs' tokens/s back (to the rounding of the preset), and no run both derives a preset and counts as held out."""
-    fitted = [r for r in rows if not r["held_out"]]
+    fitted = [r for r in rows if {"mfu", "overlap"} & set(r["run"]["fit"])]
     assert fitted and all("tps_err" in r for r in fitted)
     for r in fitted:
         assert abs(r["tps_err"]) < 0.03, (r["run"]["id"], r["tps_err"])
