@@ -140,6 +140,23 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
+def error_stats(rows: list[dict]) -> str:
+    """Median and range of the relative errors, for the held-out and the fitted points separately."""
+    import statistics
+
+    out = []
+    for key, what in (("mem_err", "memory"), ("tps_err", "tokens/s")):
+        for held, label in ((True, "held out"), (False, "used for fitting")):
+            v = [r[key] for r in rows if r[f"{key[:3]}_target"] and r["held_out"] == held]
+            if v:
+                med = 100 * statistics.median(abs(x) for x in v)
+                out.append(
+                    f"{what}, {label}: {len(v)} points, median |error| {med:.1f}%, range "
+                    f"{100 * min(v):+.0f}% … {100 * max(v):+.0f}%"
+                )
+    return "\n".join(f"- {line}" for line in out)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| run | GPUs | published GiB | plan GiB | err | published tok/s | plan tok/s | err | plan says |",
@@ -221,6 +238,7 @@ def main() -> None:
         f"{s['tokens_held_out'][0]}/{s['tokens_held_out'][1]}); fit verdicts right: {s['verdicts'][0]}/"
         f"{s['verdicts'][1]} (* ambiguous: not in the targets; (fit): used to derive a preset)"
     )
+    text += "\n\n" + error_stats(rows)
     print(text)
     if args.write:
         out = ROOT / "benchmarks" / "results"
