@@ -5,9 +5,11 @@ and the engine to use.
     model_spec.py  the job's parameter table (meta build + apply_dora)
     hardware.py    GPU and interconnect presets, a Cluster (nodes × GPUs per node)
     comm.py        predicted collectives per engine (held equal to the counted bytes in tests/dist)
-    memory.py      per-rank memory by component (held within 15% of measured live tensors)
+    memory.py      per-rank memory by component (held within 15% of measured live tensors, and against
+                   published runs of other frameworks: benchmarks/published)
     project.py     step time = compute + non-overlapped communication; fit; recommendation
-    report.py      the `dora-dist plan` command
+    report.py      the `dora-dist plan` command (--sweep: the largest seq_len / micro_batch / r that fits)
+    FACTS.md       the allocator, kernel and loss facts the model counts, and where its defaults come from
 """
 
 from dora_dist.plan.comm import bytes_by_kind, predict_collectives

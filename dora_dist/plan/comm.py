@@ -30,6 +30,7 @@ Where the sizes come from (world N, gas = micro-steps per optimizer step, adapte
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from math import ceil
 from typing import TYPE_CHECKING
 
@@ -67,11 +68,16 @@ def four_bit(cfg: Config) -> bool:
 
 def packed_row_bytes(cfg: Config, out_features: int, in_features: int) -> int:
     """Bytes of one row record of a Sharded4bitTensor (FSDP2's 4-bit base), from its layout code."""
+    return _packed_row_bytes(cfg.quantization.mode, cfg.quantization.double_quant, out_features, in_features)
+
+
+@cache
+def _packed_row_bytes(mode: str, nested: bool, out_features: int, in_features: int) -> int:
+    """(cached: the layout code is slow and a model has a handful of distinct shapes)"""
     from dora_dist.quant.sharded4bit import _Meta, row_layout
 
-    nested = cfg.quantization.double_quant
     _, _, _, _, k1, k2 = row_layout(out_features, in_features, 64, nested)
-    return _Meta(cfg.quantization.mode, 64, nested, None, None, k1, k2, in_features).row_bytes
+    return _Meta(mode, 64, nested, None, None, k1, k2, in_features).row_bytes
 
 
 def param_itemsize(cfg: Config, p: ParamSpec) -> int:

@@ -5,9 +5,10 @@ Components (bytes on one rank; `host` ones live in CPU memory under parallel.cpu
 - base: the frozen base as stored: dense in model.dtype; NF4/FP4 packed (bitsandbytes: numel/2 + block absmax,
   one uint8 code per 64 weights and an fp32 scale per 256 blocks with double quant; FSDP2: the row records of
   quant/sharded4bit.py); embeddings, norms and head stay dense. Sharded (÷N, padded) under fsdp2 / zero3.
-- adapters, grads, optimizer: lora_A/lora_B/magnitude in dora.adapter_dtype, their gradients (fp32), AdamW's two
-  moments; sharded under fsdp2 (all three), zero2 (grads, moments) and zero3 (all three); DeepSpeed also keeps an
-  fp32 master partition and its contiguous gradient bucket (reduce_bucket_size elements, 2 GB by default).
+- adapters, grads, optimizer: lora_A/lora_B/magnitude in dora.adapter_dtype, their gradients and AdamW's two
+  moments in the same dtype (torch keeps optimizer state like the parameter); sharded under fsdp2 (all three),
+  zero2 (grads, moments) and zero3 (all three); DeepSpeed keeps fp32 gradients, moments and master partition
+  whatever the parameters' dtype, and its contiguous gradient bucket (reduce_bucket_size elements, 2 GB default).
 - gathered: parameters unsharded for compute: FSDP2 holds the root unit (embeddings, head) through the step plus
   the current and the prefetched block (dense in the compute dtype, 4-bit ones dequantized) and the prefetched
   block's all-gather buffer until its copy-out (packed bytes for a 4-bit base); ZeRO-3 holds every
@@ -15,8 +16,8 @@ Components (bytes on one rank; `host` ones live in CPU memory under parallel.cpu
 - activations: what autograd saves per token and decoder block (`activation_bytes_per_token`), times the
   micro-batch's tokens and the blocks; with gradient checkpointing only each block's input is kept, plus one block's
   full activations during its recomputation (which happens after the logits are freed: the larger of the two counts).
-- logits: the (tokens × vocab) logits, their fp32 upcast/shifted copy, the log-softmax saved by cross-entropy and
-  the logits' gradient.
+- logits: the loss's peak: one chunk of fp32 logits for our chunked loss, the whole (tokens × vocab) logits, their
+  fp32 copies, the saved log-softmax and its gradients for an unchunked one (`LOSS_STYLES`, FACTS.md).
 """
 
 from __future__ import annotations
@@ -70,16 +71,24 @@ def ds_reduce_bucket_elements(cfg: Config) -> int:
     return DS_REDUCE_BUCKET_DEFAULT
 
 
+def is_quantized(cfg: Config, p: ParamSpec) -> bool:
+    """Whether a frozen parameter is stored 4/8-bit: bitsandbytes replaces every nn.Linear of the decoder blocks
+    (adapted or not; the head and embeddings stay dense), so a non-targeted o_proj is 4-bit too."""
+    if cfg.quantization.mode == "none":
+        return False
+    return p.role == "linear" or (p.role == "base" and p.block >= 0 and len(p.shape) == 2)
+
+
 def base_param_bytes(cfg: Config, p: ParamSpec, engine: str) -> float:
     """Stored bytes of one frozen parameter (whole, unsharded)."""
     q = cfg.quantization.mode
-    if p.role == "linear" and q in ("nf4", "fp4"):
+    if is_quantized(cfg, p) and q in ("nf4", "fp4"):
         if capabilities(engine).shards_params and capabilities(engine).deepspeed_stage is None:  # FSDP2's rows
             return p.shape[0] * packed_row_bytes(cfg, p.shape[0], p.shape[1])
         blocks = ceil(p.numel / 64)
         absmax = blocks + ceil(blocks / 256) * 4 if cfg.quantization.double_quant else blocks * 4
         return p.numel / 2 + absmax
-    if p.role == "linear" and q == "int8":
+    if is_quantized(cfg, p) and q == "int8":
         return p.numel + p.shape[0] * 4
     return p.numel * base_dtype_bytes(cfg)
 
@@ -91,41 +100,109 @@ def compute_bytes(cfg: Config) -> int:
     return 2 if cfg.training.precision == "bf16" or base_dtype_bytes(cfg) == 2 else 4
 
 
+#: peak bytes per token and vocabulary entry of the loss, by implementation (see plan/FACTS.md):
+#: - "plain": our `plain_causal_lm_loss_sum` (training.loss_chunk_tokens=0): the logits upcast to fp32 (the 16-bit
+#:   ones are freed by the reassignment), cross-entropy saves its log-softmax; in backward the incoming and the
+#:   outgoing gradient of log-softmax live beside it: 3 × 4 bytes.
+#: - "hf": transformers ≥ 4.46 (`ForCausalLMLoss`): the model output keeps the 16-bit logits (a bytes) while the
+#:   caller holds the output; the fp32 upcast is local; backward as above: a + 12.
+#: - "hf-legacy": transformers < 4.46: the output keeps the fp32 logits (`logits.float()`, 4) and a shifted
+#:   `.contiguous()` copy feeds cross-entropy (freed once log-softmax has saved its output); backward as above:
+#:   4 + 12 = 16 (the slice's zero-filled gradient comes after log-softmax's saved output is freed).
+#: - "compiled": torch.compile'd chunked cross-entropy (torchtune's CEWithChunkedOutputLoss, 8 chunks): the model
+#:   keeps its 16-bit logits (a), inductor fuses log-softmax into the loss and saves only the log-sum-exp, and
+#:   backward rebuilds one chunk's fp32 softmax and gradient at a time (2 × 4 bytes × tokens/8): a + 1.
+#: Our chunked loss ("chunked") holds one chunk's fp32 logits (in place softmax) and its 16-bit matmul output,
+#: plus the (tokens × hidden) gradient it computes in forward: not per vocabulary entry, see `logits_bytes`.
+LOSS_STYLES = ("chunked", "plain", "hf", "hf-legacy", "compiled")
+
+
+def loss_style(cfg) -> str:
+    """How our trainer computes this job's loss: chunked when training.loss_chunk_tokens > 0 (losses.py)."""
+    return "chunked" if (cfg.training.loss_chunk_tokens or 0) > 0 else "plain"
+
+
+def _adapted_modules(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """Block 0's adapted modules: full module name -> (in, out) features, from lora_A (r, in) and lora_B (out, r).
+
+    Keyed by the module's own name (`…self_attn.q_proj`): the parameter's leaf is the only thing stripped."""
+    mods: dict[str, list[int]] = {}
+    for p in spec.select(roles=("lora_A", "lora_B"), block=0):
+        name = p.name.rsplit(".", 1)[0]
+        entry = mods.setdefault(name, [0, 0])
+        if p.role == "lora_A":
+            entry[0] = p.shape[1]
+        else:
+            entry[1] = p.shape[0]
+    return {k: (v[0], v[1]) for k, v in mods.items()}
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
 def activation_bytes_per_token(cfg: Config, spec: ModelSpec) -> float:
-    """Bytes autograd keeps per token for one decoder block (Llama-style: RMSNorm, attention, gated MLP, DoRA
-    on the targeted linears). Counted tensor by tensor from the layers' forward code:
+    """Bytes autograd keeps per token for one decoder block (Llama-style: RMSNorm, attention, gated MLP, adapters on
+    the targeted linears). Counted tensor by tensor from what each op saves for its backward (FACTS.md):
 
-    - 2 RMSNorms: the fp32 upcast input, the normalized fp32 value and the weighted output (2·4h + a·h each);
-    - each DoRA linear (out features o): its input is shared with the others reading the same tensor; it saves
-      x·Aᵀ (r) and the base-plus-LoRA output that the magnitude scales (o); the scaled output (o) is the next op's
-      input;
-    - attention: rotated q and k, v (h + 2·kv), and the sdpa output (h) plus its reshaped copy for o_proj (h);
-    - MLP: gate and up outputs (2i), silu(gate) (i), the product fed to down_proj (i).
+    - each RMSNorm: its fp32 upcast input (4h; `pow` and the `rsqrt` product save it); the frozen weight's product
+      saves only the weight. Its 16-bit output (a·h) is saved only if an adapter reads it (lora_A's input);
+    - attention (sdpa): q, k, v and the output (a·(2h + 2kv)); o_proj's input, a contiguous copy, only if adapted;
+    - MLP: gate and up outputs (SiLU and the product save them), silu(gate) (2·a·i + a·i); down_proj's input only
+      if adapted. A frozen linear saves nothing: its backward needs only its weight;
+    - each adapted linear: its input in the adapter dtype (lora_A's weight gradient needs it; a separate copy per
+      linear when the adapter dtype differs from the compute dtype, else shared), x·Aᵀ (r); DoRA also its output
+      (the fused epilogue saves y, which the next op saves too for v/gate/up: counted once);
+    - LoRA dropout (dora.dropout > 0): each adapted linear's dropped input (adapter dtype) and its mask (1 byte);
+      DoRA then also runs the base matmul on the dropped input and saves that output (out features, a bytes).
 
-    Not per token, so not here: in 16 bits the DoRA epilogue sums scale ⊙ base + low-rank in fp32 blocks of at
-    most 4M elements (two live at once, 32 MiB on a GPU, freed before the next layer) and saves nothing in fp32;
-    the planner's headroom covers them.
-    """
+    Per-call temporaries (the DoRA epilogue's fp32 blocks of ≤ 4M elements, 32 MiB) are not per token: the
+    allocator headroom covers them."""
     a = compute_bytes(cfg)
+    ab = dtype_bytes(cfg.dora.adapter_dtype)
     h, i, r = spec.hidden, spec.intermediate, cfg.dora.r
     kv = spec.n_kv_heads * spec.head_dim
-    targeted = {p.name.rsplit(".", 2)[0]: p.shape[0] for p in spec.select(roles=("magnitude",), block=0)}
-    if not targeted:  # LoRA (use_dora=False) or magnitude-less: count lora_B rows
-        targeted = {p.name.rsplit(".", 1)[0]: p.shape[0] for p in spec.select(roles=("lora_B",), block=0)}
-    dora = sum(a * (r + o) for o in targeted.values())
-    norms = 2 * (2 * 4 * h + a * h)
-    attn = a * (h + 2 * kv) + 2 * a * h
-    mlp = a * 4 * i
-    return float(norms + dora + attn + mlp)
+    mods = _adapted_modules(spec)
+    leaves = {_leaf(k): v for k, v in mods.items()}
+    dora = bool(spec.select(roles=("magnitude",), block=0))
+    total = 2 * 4 * h  # the two norms' fp32 inputs
+    total += a * (2 * h + 2 * kv)  # sdpa: q, k, v, output
+    total += 3 * a * i  # gate, up, silu(gate)
+    shared_input = {"q_proj": h, "k_proj": h, "v_proj": h, "gate_proj": h, "up_proj": h}
+    saved_inputs = set()
+    for leaf, (fin, fout) in leaves.items():
+        if ab != a:
+            total += ab * fin  # x.to(adapter dtype): one copy per linear
+        else:
+            group = "attn_in" if leaf in ("q_proj", "k_proj", "v_proj") else "mlp_in" if leaf in shared_input else leaf
+            if group not in saved_inputs:
+                saved_inputs.add(group)
+                total += a * fin  # the 16-bit input, saved once for the linears that share it
+        total += ab * r  # x·Aᵀ
+        if dora and leaf not in ("v_proj", "gate_proj", "up_proj"):
+            total += a * fout  # the epilogue's output, not otherwise saved
+        if cfg.dora.dropout > 0:
+            total += (ab + 1) * fin  # dropped input and its mask
+            if dora:
+                total += a * fout  # the base matmul on the dropped input
+    return float(total)
 
 
-def logits_bytes_per_token(cfg: Config, spec: ModelSpec) -> float:
+def logits_bytes(cfg: Config, spec: ModelSpec, tokens: int, style: str | None = None) -> float:
+    """Peak bytes of the loss (lm_head output, its fp32 copies, the gradients), by `LOSS_STYLES`."""
     a = compute_bytes(cfg)
-    return float(spec.vocab * (a + 3 * 4))
+    style = style or loss_style(cfg)
+    if style == "chunked":
+        chunk = min(tokens, cfg.training.loss_chunk_tokens or tokens)
+        return float(chunk * spec.vocab * (a + 4) + tokens * spec.hidden * a)
+    per = {"plain": 12, "hf": a + 12, "hf-legacy": 16, "compiled": a + 1}[style]
+    return float(tokens * spec.vocab * per)
 
 
-def estimate_memory(cfg: Config, spec: ModelSpec, engine: str, world: int) -> MemoryEstimate:
-    """Peak memory of one rank during a training step, by component."""
+def estimate_memory(cfg: Config, spec: ModelSpec, engine: str, world: int, loss: str | None = None) -> MemoryEstimate:
+    """Peak memory of one rank during a training step, by component (live tensors: what the caching allocator
+    hands out; project.py adds its fragmentation and what lives outside it). `loss` is one of LOSS_STYLES (default:
+    what our trainer runs for this config)."""
     est = MemoryEstimate(engine, world)
     caps = capabilities(engine)
     offload = bool(cfg.parallel.cpu_offload) and caps.cpu_offload
@@ -138,10 +215,13 @@ def estimate_memory(cfg: Config, spec: ModelSpec, engine: str, world: int) -> Me
     base = sum(base_param_bytes(cfg, p, engine) for p in spec.select(trainable=False)) / shard
     params = sum(padded(p.numel) for p in trainable) * abytes if shard > 1 else n_train * abytes
     grad_shard = world if caps.shards_optimizer else 1
-    grads = n_train * 4 / grad_shard
-    optim = 2 * n_train * 4 / grad_shard
+    # torch.optim.AdamW keeps its moments, and autograd the gradients, in the parameter's dtype (dora.adapter_dtype);
+    # DeepSpeed's optimizer works on fp32 partitions whatever the parameters' dtype
+    grads = n_train * abytes / grad_shard
+    optim = 2 * n_train * abytes / grad_shard
     if caps.deepspeed_stage is not None:
-        optim += n_train * 4 / world  # fp32 master partition
+        grads = n_train * 4 / grad_shard
+        optim = 2 * n_train * 4 / grad_shard + n_train * 4 / world  # moments and the fp32 master partition
         grads += ds_reduce_bucket_elements(cfg) * 4  # the contiguous gradient bucket, allocated whole
     where = est.host if offload else est.device
     (est.host if offload and caps.offloads_params else est.device)["base"] = base
@@ -176,7 +256,7 @@ def estimate_memory(cfg: Config, spec: ModelSpec, engine: str, world: int) -> Me
 
     tokens = cfg.training.micro_batch_size * cfg.data.seq_len
     per_block = tokens * activation_bytes_per_token(cfg, spec)
-    logits = tokens * logits_bytes_per_token(cfg, spec)
+    logits = logits_bytes(cfg, spec, tokens, loss)
     if cfg.training.gradient_checkpointing:
         # the block inputs stay; one block's activations exist only while it is recomputed in backward, after the
         # logits and their gradient are freed, so only the larger of the two counts towards the peak

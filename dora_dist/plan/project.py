@@ -2,15 +2,22 @@
 
 step time = compute + the communication that does not overlap with it (+ host↔device traffic under CPU offload):
 
-- compute: model FLOPs per token at a given MFU of the GPU's peak (default 0.4), or a measured time per token
-  (`compute_s_per_token`, what benchmarks/scaling.py calibrates from its one-process run). With a frozen base a
-  linear costs 2·N per token forward and 2·N backward (input gradients only, no weight gradients), 4·N in all; the
-  adapters 6·N_adapter; causal attention 2·S·h per layer and token forward, twice that backward; gradient
-  checkpointing repeats the forward; DoRA's weight norm adds 2·r·N_linear per micro-step (W·Aᵀ).
+- compute: model FLOPs per token at the GPU's MFU (its preset's, derived from cited published runs, or `--mfu`),
+  or a measured time per token (`compute_s_per_token`, what benchmarks/scaling.py calibrates from its one-process
+  run). Every linear of the model counts, adapted or not, and the head: with a frozen base a linear costs 2·N per
+  token forward and 2·N backward (input gradients only, no weight gradients), 4·N in all; the adapters 6·N_adapter;
+  causal attention 2·S·h per layer and token forward, twice that backward; gradient checkpointing repeats the
+  forward; DoRA's weight norm adds 2·r·N_linear per micro-step (W·Aᵀ); LoRA dropout under DoRA runs the adapted
+  base matmuls once more on the dropped input (forward and backward). A 4-bit base adds bitsandbytes'
+  dequantization, bound by memory bandwidth: per pass over the weights (forward, recomputation, backward, DoRA's
+  W·Aᵀ) each weight's packed half byte is read and its 16-bit copy written and read back.
 - communication: each collective of `comm.predict_collectives` costs its ring wire bytes / bandwidth + latency ×
   calls on the slowest link it crosses (NVLink/PCIe within a node, InfiniBand/Ethernet across nodes). Prefetched
-  all-gathers and bucketed gradient reductions overlap with compute; the rest (the first gather, step-time scalars,
-  DeepSpeed's post-step gathers) do not.
+  all-gathers and bucketed gradient reductions overlap with compute, as far as the link's `overlap_efficiency`
+  lets them; the rest (the first gather, step-time scalars, DeepSpeed's post-step gathers) do not.
+
+The uncertainty `plan` prints: tokens/s from the MFU's spread over the cited runs (`MFU_SPREAD`), and the memory
+terms that dominate the peak.
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dora_dist.parallel import capabilities, engines_for, resolve_engine
-from dora_dist.plan.comm import Collective, bytes_by_kind, grad_accum, predict_collectives, wire_bytes
-from dora_dist.plan.hardware import GB, Cluster
+from dora_dist.plan.comm import Collective, bytes_by_kind, four_bit, grad_accum, predict_collectives, wire_bytes
+from dora_dist.plan.hardware import GB, Cluster, GiB
 from dora_dist.plan.memory import MemoryEstimate, estimate_memory
 from dora_dist.plan.model_spec import ModelSpec, model_spec
 
@@ -29,6 +36,18 @@ if TYPE_CHECKING:
     from dora_dist.config import Config
 
 HOST_LINK_BYTES_PER_S = 20 * GB  # PCIe between host and GPU, for CPU offload traffic
+#: what the CUDA caching allocator reserves beyond the peak of live tensors (segments rounded to 2 MiB, blocks split
+#: and cached for reuse): Answer.AI measured 10.22 GiB reserved for 9.16 GiB allocated (Llama-2-7B LoRA FSDP,
+#: 2 × 3090, benchmarks_03_2024.md), 11.6 %; plan/FACTS.md
+ALLOCATOR_OVERHEAD = 0.12
+#: what the allocator cannot give back when memory runs short: on a failed cudaMalloc it frees every cached,
+#: unused segment and retries, so only the slack inside live segments remains (allocations rounded up to 512 B,
+#: large blocks to 2 MiB segments, split blocks not merged): a few percent (plan/FACTS.md)
+MIN_FRAGMENTATION = 0.03
+#: NCCL's communicator buffers (outside the allocator) on multi-rank jobs: NCCL_BUFFSIZE 4 MiB × channels × peers
+NCCL_BYTES = 0.25 * 2**30
+#: the relative spread of achieved MFU over the cited runs of one GPU kind (tokens/s range printed by plan)
+MFU_SPREAD = 0.25
 
 
 @dataclass
@@ -49,6 +68,8 @@ class Projection:
     host_fits: bool = True
     runnable: bool = True
     notes: list[str] = field(default_factory=list)
+    reserved_bytes: float = 0.0  # what torch.cuda.max_memory_reserved would report: live peak + allocator overhead
+    outside_bytes: float = 0.0  # CUDA context and NCCL buffers, outside the caching allocator
 
     @property
     def step_s(self) -> float:
@@ -57,6 +78,22 @@ class Projection:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens_per_step / self.step_s if self.step_s > 0 else 0.0
+
+    @property
+    def tokens_per_s_range(self) -> tuple[float, float]:
+        """tokens/s at MFU × (1 ∓ MFU_SPREAD): the spread of the cited runs around the preset."""
+        if self.step_s <= 0:
+            return (0.0, 0.0)
+        rest = self.step_s - self.compute_s
+        lo = self.tokens_per_step / (self.compute_s / (1 - MFU_SPREAD) + rest)
+        hi = self.tokens_per_step / (self.compute_s / (1 + MFU_SPREAD) + rest)
+        return (lo, hi)
+
+    @property
+    def dominant_memory(self) -> list[tuple[str, float]]:
+        """The device memory terms, largest first, with their share of the live peak."""
+        total = self.memory.device_total or 1.0
+        return sorted(((k, v / total) for k, v in self.memory.device.items() if v > 0), key=lambda kv: -kv[1])
 
     @property
     def efficiency(self) -> float:
@@ -73,17 +110,45 @@ def valid_engines(cfg: Config, world: int) -> list[str]:
     return engines_for(world, cfg.quantization.mode)
 
 
+def model_linear_numel(spec: ModelSpec) -> int:
+    """Weights of every matmul a token goes through: all 2-D weights of the decoder blocks (adapted or not) and the
+    output head (the tied embedding when there is no separate head); embedding lookups cost no FLOPs."""
+    blocks = sum(p.numel for p in spec.params if p.block >= 0 and len(p.shape) == 2 and p.role in ("linear", "base"))
+    head = sum(
+        p.numel
+        for p in spec.params
+        if p.name.endswith("lm_head.weight") or p.name.endswith("lm_head.base_layer.weight")
+    )
+    return blocks + (head or spec.vocab * spec.hidden)
+
+
 def flops_per_token(cfg: Config, spec: ModelSpec) -> float:
-    n_lin = spec.numel(roles=("linear",))
-    n_head = sum(p.numel for p in spec.params if p.name.endswith("lm_head.weight")) or spec.vocab * spec.hidden
+    """FLOPs per trained token of a micro-step (forward, backward, recomputation), the whole model's."""
+    n_lin = model_linear_numel(spec)
+    n_adapted = spec.numel(roles=("linear",))
     n_adapt = spec.numel(trainable=True)
     attn_fwd = 2 * cfg.data.seq_len * spec.hidden * spec.n_blocks
-    fwd = 2 * (n_lin + n_head) + 2 * n_adapt + attn_fwd
-    bwd = 2 * (n_lin + n_head) + 4 * n_adapt + 2 * attn_fwd
+    fwd = 2 * n_lin + 2 * n_adapt + attn_fwd
+    bwd = 2 * n_lin + 4 * n_adapt + 2 * attn_fwd
+    if cfg.dora.use_dora and cfg.dora.dropout > 0:
+        fwd += 2 * n_adapted  # the base matmul on the dropped input
+        bwd += 2 * n_adapted
     total = fwd + bwd + (fwd if cfg.training.gradient_checkpointing else 0)
     tokens = cfg.training.micro_batch_size * cfg.data.seq_len
-    norm = 2 * cfg.dora.r * n_lin / tokens if cfg.dora.use_dora else 0.0  # per micro-step, spread over its tokens
+    norm = 2 * cfg.dora.r * n_adapted / tokens if cfg.dora.use_dora else 0.0  # per micro-step, spread over its tokens
     return total + norm
+
+
+def dequant_s_per_micro_step(cfg, spec: ModelSpec, gpu) -> float:
+    """bitsandbytes dequantizes each 4-bit linear before its matmul: 0.5 byte read + 2 written + 2 read back per
+    weight, once per pass (forward, backward, recomputation; DoRA's W·Aᵀ one more), at the GPU's memory bandwidth."""
+    if not four_bit(cfg):
+        return 0.0
+    passes = 2 + (1 if cfg.training.gradient_checkpointing else 0) + (1 if cfg.dora.use_dora else 0)
+    from dora_dist.plan.memory import is_quantized
+
+    n = sum(p.numel for p in spec.params if not p.trainable and is_quantized(cfg, p))
+    return passes * n * 4.5 / gpu.mem_bandwidth
 
 
 def comm_time(collectives: list[Collective], cluster: Cluster) -> tuple[float, float]:
@@ -105,10 +170,12 @@ def project(
     engine: str | None = None,
     cpu_offload: bool | None = None,
     spec: ModelSpec | None = None,
-    mfu: float = 0.4,
+    mfu: float | None = None,
     compute_s_per_token: float | None = None,
+    loss: str | None = None,
 ) -> Projection:
-    """The projection of `cfg` on `cluster` with `engine` (default: the config's; auto resolved as the trainer)."""
+    """The projection of `cfg` on `cluster` with `engine` (default: the config's; auto resolved as the trainer).
+    mfu: default the GPU preset's; loss: the loss implementation to size (memory.LOSS_STYLES, default ours)."""
     cfg = copy.deepcopy(cfg)
     world = cluster.world
     engine = resolve_engine(engine or cfg.parallel.engine, world, cfg.quantization.mode)
@@ -121,18 +188,27 @@ def project(
     if compute_s_per_token is not None:
         compute = tokens_rank * compute_s_per_token
     else:
+        mfu = mfu or cluster.gpu.mfu
         compute = tokens_rank * flops_per_token(cfg, spec) / (cluster.gpu.peak_flops * mfu)
+        compute += gas * dequant_s_per_micro_step(cfg, spec, cluster.gpu)
     colls = predict_collectives(cfg, spec, engine, world)
     ov, no = comm_time(colls, cluster)
-    exposed = max(0.0, ov - compute) + no
-    mem = estimate_memory(cfg, spec, engine, world)
+    # overlap composition: the link hides at most overlap_efficiency of what compute could cover (hardware.py)
+    exposed = ov - min(ov, compute) * cluster.link.overlap_efficiency + no
+    mem = estimate_memory(cfg, spec, engine, world, loss)
     offload = 0.0
     if cfg.parallel.cpu_offload and caps.offloads_params:
         gathers = 2 * gas
         offload = (gathers * mem.host.get("base", 0) + 2 * mem.host.get("adapters", 0)) / HOST_LINK_BYTES_PER_S
     elif cfg.parallel.cpu_offload and caps.cpu_offload:
         offload = 2 * spec.numel(trainable=True) * 4 / world / HOST_LINK_BYTES_PER_S
-    need = mem.device_total + cluster.gpu.reserved_bytes
+    outside = cluster.gpu.reserved_bytes + (NCCL_BYTES if world > 1 else 0.0)
+    need = mem.device_total * (1 + MIN_FRAGMENTATION) + outside
+    # what max_memory_reserved reports: the cache grows to the overhead where there is room, is trimmed at the card
+    reserved = max(
+        mem.device_total * (1 + MIN_FRAGMENTATION),
+        min(mem.device_total * (1 + ALLOCATOR_OVERHEAD), cluster.gpu.memory_bytes - outside),
+    )
     have = cluster.gpu.memory_bytes
     host_have = cluster.gpu.host_memory_per_gpu
     proj = Projection(
@@ -150,6 +226,8 @@ def project(
         need,
         have,
         host_fits=mem.host_total <= host_have,
+        reserved_bytes=reserved,
+        outside_bytes=outside,
     )
     if engine not in valid_engines(cfg, world):
         proj.fits = False
@@ -164,8 +242,8 @@ def project(
         proj.notes.append(f"parallel.engine={engine} cannot run this job on {world} rank(s): {why}")
     if not proj.host_fits:
         proj.notes.append(
-            f"CPU offload needs {mem.host_total / GB:.1f} GB of host memory per GPU, the preset has "
-            f"{host_have / GB:.0f} GB"
+            f"CPU offload needs {mem.host_total / GiB:.1f} GiB of host memory per GPU, the preset has "
+            f"{host_have / GiB:.0f} GiB"
         )
     return proj
 
@@ -185,7 +263,7 @@ def recommend(projs: list[Projection]) -> tuple[Projection | None, str]:
     if not fitting:
         best = min(projs, key=lambda p: p.need_bytes)
         reason = (
-            f"needs {best.need_bytes / GB:.1f} GB per GPU, has {best.have_bytes / GB:.0f} GB"
+            f"needs {best.need_bytes / GiB:.1f} GiB per GPU, has {best.have_bytes / GiB:.0f} GiB"
             if best.need_bytes > best.have_bytes
             else "; ".join(best.notes)
         )
@@ -197,8 +275,8 @@ def recommend(projs: list[Projection]) -> tuple[Projection | None, str]:
     best = max(fitting, key=lambda p: (p.tokens_per_s, -p.need_bytes))
     moved = sum(best.comm_bytes.values())
     why = (
-        f"{best.engine}{' + CPU offload' if best.cpu_offload else ''}: fits ({best.need_bytes / GB:.1f} of "
-        f"{best.have_bytes / GB:.0f} GB), {moved / 2**20:,.1f} MiB of collectives per step "
+        f"{best.engine}{' + CPU offload' if best.cpu_offload else ''}: fits ({best.need_bytes / GiB:.1f} of "
+        f"{best.have_bytes / GiB:.0f} GiB), {moved / 2**20:,.1f} MiB of collectives per step "
         f"({best.exposed_comm_s * 1e3:.1f} ms not hidden behind {best.compute_s * 1e3:.0f} ms of compute), "
         f"{best.tokens_per_s:,.0f} tokens/s"
     )

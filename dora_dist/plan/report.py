@@ -4,8 +4,11 @@
     dora-dist plan --config configs/llama3.1-70b-qdora-fsdp2-2nodes.yaml --nodes 1 --gpus-per-node 2 \
         --gpu rtx4090-24gb parallel.cpu_offload=true data.seq_len=512
 
+    dora-dist plan --config configs/llama3.1-8b-qdora-1gpu.yaml --gpu rtx4090-24gb --sweep seq_len
+
 Nothing is downloaded or loaded: the model is built on the meta device from its config. A job that does not fit is
-reported ("does not fit: needs X, has Y"), with the engines that would.
+reported ("does not fit: needs X, has Y"), with the engines that would. Memory is in GiB (2^30 bytes, the unit the
+cards' sizes are in). `--sweep seq_len|micro_batch|r` prints, per engine, the largest value that fits.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from dora_dist.plan.hardware import GB, GPUS, INTERCONNECTS, make_cluster
-from dora_dist.plan.project import Projection, candidates, project, recommend
+from dora_dist.parallel import capabilities
+from dora_dist.plan.hardware import GPUS, INTERCONNECTS, GiB, make_cluster
+from dora_dist.plan.project import MFU_SPREAD, Projection, candidates, project, recommend
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
 
 COMPONENTS = ("base", "adapters", "grads", "optimizer", "gathered", "activations", "logits")
+SWEEPS = ("seq_len", "micro_batch", "r")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,8 +60,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mfu",
         type=float,
-        default=0.4,
-        help="model FLOPs utilisation assumed for compute, in (0, 1] (default: %(default)s)",
+        default=None,
+        help="model FLOPs utilisation assumed for compute, in (0, 1] (default: the GPU preset's, derived from "
+        "published runs)",
+    )
+    p.add_argument(
+        "--sweep",
+        choices=SWEEPS,
+        default=None,
+        help="print, per engine, the largest data.seq_len / training.micro_batch_size / dora.r that fits",
     )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.cpu_offload=true")
 
@@ -70,7 +82,7 @@ def check_arguments(args, cfg: Config) -> None:
     for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    if not 0 < args.mfu <= 1:
+    if args.mfu is not None and not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1] (a fraction of the GPU's peak FLOPs), got {args.mfu}")
     if args.bandwidth_gbps is not None and not args.bandwidth_gbps > 0:
         raise ConfigError(f"--bandwidth-gbps must be > 0, got {args.bandwidth_gbps}")
@@ -80,14 +92,14 @@ def check_arguments(args, cfg: Config) -> None:
 
 
 def _gb(x: float) -> str:
-    return f"{x / GB:8.2f}"
+    return f"{x / GiB:8.2f}"
 
 
 def _line(p: Projection) -> str:
     moved = sum(p.comm_bytes.values())
     fit = "yes" if p.fits else "no"
     return (
-        f"  {p.engine + (' +offload' if p.cpu_offload else ''):<15} {p.need_bytes / GB:>9.2f} {fit:>5} "
+        f"  {p.engine + (' +offload' if p.cpu_offload else ''):<15} {p.need_bytes / GiB:>9.2f} {fit:>5} "
         f"{moved / 2**20:>12,.1f} {p.step_s:>9.3f} {p.tokens_per_s:>12,.0f} {100 * p.efficiency:>6.1f}%"
     )
 
@@ -109,6 +121,8 @@ def run(args) -> int:
     )
     spec = model_spec(cfg)
     kw = {"mfu": args.mfu}
+    if getattr(args, "sweep", None):
+        return print_sweep(cfg, cluster, args.sweep, kw)
     job = project(cfg, cluster, spec=spec, **kw)
     print(
         f"plan: {cfg.model.name_or_path} ({spec.numel(trainable=False) / 1e9:.2f} B frozen, "
@@ -118,26 +132,30 @@ def run(args) -> int:
     )
     print(
         f"cluster: {cluster.nodes} node(s) × {cluster.gpus_per_node} {cluster.gpu.name} "
-        f"({cluster.gpu.memory_bytes / GB:.0f} GB), within a node {cluster.intra.name}"
+        f"({cluster.gpu.memory_bytes / GiB:.0f} GiB), within a node {cluster.intra.name}"
         + (f", between nodes {cluster.inter.name}" if cluster.nodes > 1 else "")
     )
     print(
         f"\nconfigured engine: {job.engine}{' + CPU offload' if job.cpu_offload else ''} on {job.world} rank(s); "
-        "memory per rank (GB):"
+        "memory per rank (GiB):"
     )
     for comp in COMPONENTS:
         dev, host = job.memory.device.get(comp), job.memory.host.get(comp)
         if dev is None and host is None:
             continue
-        print(f"  {comp:<12} {_gb(dev or 0)}" + (f"   (+{(host or 0) / GB:.2f} GB in host memory)" if host else ""))
-    print(f"  {'reserved':<12} {_gb(cluster.gpu.reserved_bytes)}   (CUDA context, NCCL, fragmentation)")
-    print(f"  {'total':<12} {_gb(job.need_bytes)}   of {cluster.gpu.memory_bytes / GB:.0f} GB")
+        print(f"  {comp:<12} {_gb(dev or 0)}" + (f"   (+{(host or 0) / GiB:.2f} GiB in host memory)" if host else ""))
+    floor = job.need_bytes - job.outside_bytes - job.memory.device_total
+    print(f"  {'allocator':<12} {_gb(floor)}   (fragmentation the caching allocator cannot release)")
+    outside = job.outside_bytes
+    print(f"  {'outside':<12} {_gb(outside)}   (CUDA context{', NCCL buffers' if job.world > 1 else ''})")
+    print(f"  {'total':<12} {_gb(job.need_bytes)}   of {cluster.gpu.memory_bytes / GiB:.0f} GiB")
+    print(f"  (torch.cuda.max_memory_reserved would show about {job.reserved_bytes / GiB:.2f} GiB: the cache grows)")
     if not job.runnable:
         print(f"  cannot run: {'; '.join(job.notes)}")
     elif job.fits:
         print("  fits")
     else:
-        reason = f"needs {job.need_bytes / GB:.1f} GB per GPU, has {job.have_bytes / GB:.0f} GB"
+        reason = f"needs {job.need_bytes / GiB:.1f} GiB per GPU, has {job.have_bytes / GiB:.0f} GiB"
         if not job.host_fits:
             reason = "; ".join(job.notes)
         print(f"  does not fit: {reason}")
@@ -145,6 +163,13 @@ def run(args) -> int:
         f"  projected: {job.tokens_per_s:,.0f} tokens/s, step {job.step_s:.3f} s (compute {job.compute_s:.3f} s, "
         f"exposed communication {job.exposed_comm_s:.3f} s, offload {job.offload_s:.3f} s), "
         f"scaling efficiency {100 * job.efficiency:.1f}%"
+    )
+    lo, hi = job.tokens_per_s_range
+    top = ", ".join(f"{k} {100 * share:.0f}%" for k, share in job.dominant_memory[:3])
+    print(
+        f"  uncertainty: {lo:,.0f} to {hi:,.0f} tokens/s (MFU ± {100 * MFU_SPREAD:.0f}% of the preset's "
+        f"{args.mfu or cluster.gpu.mfu:.2f}); memory is dominated by {top} (the model's errors against "
+        "published runs: README, Scaling)"
     )
     if cluster.nodes > 1:
         one = project(cfg, cluster.with_size(1, cluster.gpus_per_node), job.engine, job.cpu_offload, spec, **kw)
@@ -156,13 +181,71 @@ def run(args) -> int:
 
     projs = candidates(cfg, cluster, spec, **kw)
     print(
-        f"\nengines on this cluster:\n  {'engine':<15} {'GB/rank':>9} {'fits':>5} {'MiB/step':>12} "
+        f"\nengines on this cluster:\n  {'engine':<15} {'GiB/rank':>9} {'fits':>5} {'MiB/step':>12} "
         f"{'step s':>9} {'tokens/s':>12} {'eff':>7}"
     )
     for p in projs:
         print(_line(p))
     best, why = recommend(projs)
     print(f"\nrecommended: {why}" if best else f"\n{why}")
+    return 0
+
+
+def largest_fitting(cfg, cluster, engine: str, offload: bool, knob: str, spec_for, kw: dict) -> int | None:
+    """The largest value of `knob` with which `engine` fits (binary search over powers of two, then the gap);
+    None if even the smallest does not fit."""
+    import copy
+
+    def fits(value: int) -> bool:
+        c = copy.deepcopy(cfg)
+        if knob == "seq_len":
+            c.data.seq_len = value
+        elif knob == "micro_batch":
+            c.training.micro_batch_size = value
+            c.training.global_batch_size = 0
+        else:
+            c.dora.r = value
+        return project(c, cluster, engine, offload, spec_for(c), **kw).fits
+
+    lo = 8 if knob == "seq_len" else 1
+    if not fits(lo):
+        return None
+    hi = lo
+    limit = {"seq_len": 1 << 22, "micro_batch": 1 << 12, "r": 1 << 12}[knob]
+    while hi < limit and fits(hi * 2):
+        hi *= 2
+    if hi >= limit:
+        return hi
+    step_lo, step_hi = hi, hi * 2  # fits(step_lo), not fits(step_hi)
+    quantum = 8 if knob == "seq_len" else 1
+    while step_hi - step_lo > quantum:
+        mid = (step_lo + step_hi) // 2 // quantum * quantum
+        if mid <= step_lo:
+            break
+        step_lo, step_hi = (mid, step_hi) if fits(mid) else (step_lo, mid)
+    return step_lo
+
+
+def print_sweep(cfg, cluster, knob: str, kw: dict) -> int:
+    """`plan --sweep`: per engine (and CPU offload), the largest seq_len / micro_batch / r that fits."""
+    from dora_dist.plan.model_spec import model_spec
+    from dora_dist.plan.project import valid_engines
+
+    spec = model_spec(cfg)
+
+    def spec_for(c):
+        return model_spec(c) if knob == "r" else spec
+
+    cur = {"seq_len": cfg.data.seq_len, "micro_batch": cfg.training.micro_batch_size, "r": cfg.dora.r}[knob]
+    print(
+        f"sweep {knob} (now {cur}): {cfg.model.name_or_path} on {cluster.world} × {cluster.gpu.name} "
+        f"({cluster.gpu.memory_bytes / GiB:.0f} GiB); largest value that fits, per engine:"
+    )
+    for engine in valid_engines(cfg, cluster.world):
+        for off in (False, True) if capabilities(engine).cpu_offload else (False,):
+            best = largest_fitting(cfg, cluster, engine, off, knob, spec_for, kw)
+            name = engine + (" +offload" if off else "")
+            print(f"  {name:<15} " + (f"{best:,}" if best is not None else "does not fit at the smallest value"))
     return 0
 
 

@@ -65,7 +65,7 @@ def test_job_that_cannot_fit_is_reported_not_crashed(capsys):
     )
     out = capsys.readouterr().out
     assert rc == 0
-    assert "does not fit: needs" in out and "has 24 GB" in out
+    assert "does not fit: needs" in out and "has 24 GiB" in out
     assert "does not fit with any engine" in out  # 70B bf16 on 2×24 GB: no engine fits
 
 
@@ -178,7 +178,13 @@ def test_memory_components_follow_sharding_offload_and_quantization():
     tokens = cfg.training.micro_batch_size * cfg.data.seq_len
     cfg.training.gradient_checkpointing = False
     assert estimate_memory(cfg, spec, "fsdp2", 8).device["activations"] > 5 * fsdp.device["activations"]
-    assert fsdp.device["logits"] == pytest.approx(tokens * spec.vocab * 14)  # bf16 logits + 3 fp32 copies
+    # the config's chunked loss (training.loss_chunk_tokens) holds one chunk's logits (16-bit matmul output and its
+    # fp32 copy) and the hidden states' gradient, not the whole (tokens × vocab) logits
+    chunk = cfg.training.loss_chunk_tokens
+    assert 0 < chunk < tokens
+    assert fsdp.device["logits"] == pytest.approx(chunk * spec.vocab * (2 + 4) + tokens * spec.hidden * 2)
+    cfg.training.loss_chunk_tokens = 0  # our plain loss: fp32 logits, saved log-softmax, its two gradients
+    assert estimate_memory(cfg, spec, "fsdp2", 8).device["logits"] == pytest.approx(tokens * spec.vocab * 12)
 
 
 def test_plan_applies_the_trainers_batch_rule(capsys):
