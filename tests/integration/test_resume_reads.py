@@ -50,10 +50,16 @@ def _files(step_dir) -> set[str]:
     return {str(p) for p in step_dir.rglob("*") if p.is_file() and p.name != "COMPLETE"}
 
 
-def test_resume_hashes_each_checkpoint_file_once(tmp_path, hashed):
+def test_resume_hashes_each_checkpoint_file_once(tmp_path, hashed, monkeypatch):
+    from dora_dist import loggers
+
+    checks = Counter()
+    real_check = loggers.check_loggers
+    monkeypatch.setattr(loggers, "check_loggers", lambda names: (checks.update(["call"]), real_check(names))[1])
     stopped = tmp_path / "stopped"
     first = train(load_job_config(None, _args(tmp_path, stopped, "training.stop_after_steps=2")))
     assert first["steps"] == 2 and not first["finished"]
+    assert checks["call"] == 1  # issue 29: preflight's check of the trackers only (was also in train and make_loggers)
     step2 = stopped / "checkpoints" / "step_00000002"
     shutil.copytree(stopped, tmp_path / "explicit")
     files = _files(step2)
