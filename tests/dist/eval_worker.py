@@ -1,8 +1,9 @@
 """Run under `torchrun --nproc-per-node 2` by tests/dist/test_eval.py (one launch for every engine).
 
-For each engine (with dora.modules_to_save=[lm_head]: adapters and one module trained in full): build the job, evaluate before any step (the same initial adapter on every engine, so the eval
-loss is the single-process one up to the float64 reduction order), take one optimizer step, evaluate again
-through `eval_and_keep_best` (keep_best: the best adapter is gathered and saved), then `finish`. Rank 0 writes the figures
+For each engine (with dora.modules_to_save=[lm_head]: adapters and one module trained in full): build the job,
+evaluate before any step (the same initial adapter on every engine, so the eval loss is the single-process one up to
+the float64 reduction order), take one optimizer step, evaluate again through `eval_and_keep_best` (keep_best: the
+best adapter is gathered and saved), then `finish`. Rank 0 writes the figures
 as JSON; the test compares them with one process.
 """
 from __future__ import annotations
