@@ -5,18 +5,18 @@ Every rank runs the same number of forwards, because under FSDP2 and ZeRO-3 a fo
 parameters are gathered layer by layer); a rank whose share has fewer batches runs a padding forward whose
 result is dropped. The loss is the training loss with the same masking: the trainer passes its own
 `micro_batch_loss` (with a denominator of 1: the sum of next-token losses over the label positions that are not
-IGNORE_INDEX); `masked_loss_sum` below is the same sum for callers without a trainer. Summed per batch in float64; the token-loss sum and the target count of all ranks are all-reduced together as float64, so the result
-does not depend on the world size beyond the reduction order (1e-12 relative for fp64 models).
+IGNORE_INDEX); `masked_loss_sum` below is the same sum for callers without a trainer. Summed per batch in float64;
+the token-loss sum and the target count of all ranks are all-reduced together as float64, so the result does not
+depend on the world size beyond the reduction order (1e-12 relative for fp64 models).
 
     eval_loss = Σ token losses / Σ target tokens,  eval_ppl = exp(eval_loss)
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -83,48 +83,41 @@ def evaluate(model, dataset, env: DistEnv, batch_size: int, loss_fn: Callable = 
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 709.0)), "eval_tokens": int(total_count)}
 
 
-def eval_due(job) -> bool:
-    every = job.cfg.training.eval_every
-    return job.eval_dataset is not None and bool(every) and job.step % every == 0
+def eval_due(step: int, every: int) -> bool:
+    """An eval falls on `step` (training.eval_every; 0: never)."""
+    return bool(every) and step % every == 0
 
 
-def run_eval(job, loss_fn: Callable = masked_loss_sum) -> dict[str, Any]:
-    """Evaluate the job's model now (loss_fn: the trainer's micro_batch_loss); returns the metrics record ({"step", "eval_loss", "eval_ppl", ...}) and keeps
-    the best adapter when checkpoint.keep_best is set. COLLECTIVE (all ranks)."""
+@dataclass(frozen=True)
+class EvalResult:
+    """One evaluation of the model at a step: what `run_eval` measured. The training loop decides what follows
+    from it (a new best adapter, the log line); `record` is its metrics.jsonl entry."""
+
+    step: int
+    eval_loss: float
+    eval_ppl: float
+    eval_tokens: int
+    eval_time_s: float
+
+    def record(self, best: bool = False) -> dict[str, Any]:
+        """{"step", "eval_loss", "eval_ppl", "eval_tokens", "eval_time_s"}, plus "best": True when this eval's
+        adapter was kept as the best."""
+        rec: dict[str, Any] = asdict(self)
+        if best:
+            rec["best"] = True
+        return rec
+
+
+def run_eval(
+    model, dataset, env: DistEnv, batch_size: int, step: int, loss_fn: Callable = masked_loss_sum
+) -> EvalResult:
+    """Evaluate `model` on all of `dataset` now (loss_fn: the trainer's micro_batch_loss), timed. COLLECTIVE (all
+    ranks); changes nothing but the model's train/eval mode, which it restores."""
     import time
 
     t0 = time.perf_counter()
-    bs = job.cfg.training.eval_batch_size or job.batching.micro_batch_size
-    res = evaluate(job.model, job.eval_dataset, job.env, bs, loss_fn)
-    rec = {"step": job.step, **res, "eval_time_s": time.perf_counter() - t0}
-    job.last_eval, job.last_eval_record = job.step, rec
-    if job.best_eval is None or res["eval_loss"] < job.best_eval:  # the same float on every rank
-        job.best_eval = res["eval_loss"]
-        if job.cfg.checkpoint.keep_best:
-            save_best_adapter(job)
-            rec["best"] = True
-    return rec
-
-
-def save_best_adapter(job) -> Path:
-    """<output.dir>/adapter_best: PEFT files (each written atomically by save_adapter), tokenizer, training config
-    and eval.json (step, eval loss). COLLECTIVE (the engine gathers the adapter)."""
-    from dora_dist import models
-    from dora_dist.adapters import save_adapter
-
-    out = job.out_dir / "adapter_best"
-    state = job.engine.adapter_state_dict()
-    if job.env.is_main:
-        save_adapter(
-            job.engine.unwrap(),
-            out,
-            state_dict=state,
-            base_model_name_or_path=models.adapter_base_name(job.cfg, job.env),
-        )
-        job.tokenizer.save_pretrained(out)
-        job.cfg.save(out / "training_config.yaml")
-        (out / "eval.json").write_text(json.dumps({"step": job.step, "eval_loss": job.best_eval}) + "\n")
-    return out
+    res = evaluate(model, dataset, env, batch_size, loss_fn)
+    return EvalResult(step, res["eval_loss"], res["eval_ppl"], res["eval_tokens"], time.perf_counter() - t0)
 
 
 def format_eval_line(rec: dict, max_steps: int) -> str:

@@ -124,9 +124,9 @@ class RunLoggers:
 
 
 def make_loggers(cfg: Config, out_dir: str | Path, is_main: bool, resume_step: int = 0) -> RunLoggers:
-    """All ranks call (the package check runs everywhere); rank 0 gets the real loggers."""
+    """All ranks call; rank 0 gets the real loggers. The names and packages were checked by preflight
+    (check_loggers), before any model work."""
     names = list(cfg.output.loggers)
-    check_loggers(names)
     out_dir = Path(out_dir)
     if not is_main:
         return RunLoggers([])

@@ -7,6 +7,8 @@ checkpoints inside one, so the last checkpoint of a run stopped here is its last
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 from dora_dist.errors import JobFault
 
@@ -38,19 +40,21 @@ def applied_nonfinite_step(step: int, loss: float, grad_norm: float, engine: str
     )
 
 
-def report_skipped_step(job, rec: dict, bar) -> None:
-    """Rank 0 prints the skipped step and why; at training.max_bad_steps skipped steps in a row, every rank raises
-    NonFiniteLossError (before any checkpoint of the streak: see train.maybe_checkpoint)."""
-    limit = job.cfg.training.max_bad_steps
-    if job.env.is_main:
-        bar.line(
+def report_skipped_step(
+    rec: dict[str, Any], streak: list[tuple[int, str]], limit: int, is_main: bool, line: Callable[[str], None]
+) -> None:
+    """Rank 0 prints the skipped step and why (`line`: the console's); at `limit` (training.max_bad_steps) skipped
+    steps in a row (`streak`: their (step, why)), every rank raises NonFiniteLossError (before any checkpoint of the
+    streak: see train.maybe_checkpoint)."""
+    if is_main:
+        line(
             f"[dora_dist] step {rec['step']} skipped: {rec['skip_reason']}; no optimizer update "
-            f"({len(job.bad_streak)}/{limit} bad steps in a row, training.max_bad_steps)"
+            f"({len(streak)}/{limit} bad steps in a row, training.max_bad_steps)"
         )
-    if len(job.bad_streak) >= limit:
-        steps = [step for step, _ in job.bad_streak]
+    if len(streak) >= limit:
+        steps = [step for step, _ in streak]
         span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
-        reasons = "; ".join(dict.fromkeys(why for _, why in job.bad_streak))  # each distinct cause once
+        reasons = "; ".join(dict.fromkeys(why for _, why in streak))  # each distinct cause once
         raise NonFiniteLossError(
             f"{len(steps)} non-finite step(s) in a row ({span}, training.max_bad_steps="
             f"{limit}): {reasons}. Stopping. {ADVICE}"

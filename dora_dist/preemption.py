@@ -88,13 +88,13 @@ class PreemptionGuard:
 REQUEUE_FILE_ENV = "DORA_DIST_REQUEUE_FILE"
 
 
-def write_requeue_marker(job) -> None:
+def write_requeue_marker(step: int, stop_signal: str | None, out_dir: Path, is_main: bool) -> None:
     """Rank 0: write $DORA_DIST_REQUEUE_FILE (when set) with the step and signal, for the launch script."""
     from dora_dist.run_state import write_json_atomic
 
     target = os.environ.get(REQUEUE_FILE_ENV)
-    if job.env.is_main and target and job.preempted != signal.SIGINT.name:  # Ctrl-C: the user stopped it
-        write_json_atomic(Path(target), {"step": job.step, "signal": job.preempted, "output_dir": str(job.out_dir)})
+    if is_main and target and stop_signal != signal.SIGINT.name:  # Ctrl-C: the user stopped it
+        write_json_atomic(Path(target), {"step": step, "signal": stop_signal, "output_dir": str(out_dir)})
 
 
 def stopped_line(reason: str, step: int, checkpoint: Path | None) -> str:

@@ -156,9 +156,10 @@ def check_data(cfg: Config, world_size: int) -> None:
     check_source(cfg.data.eval_source, "data.eval_source")
 
 
-def check_resume(cfg: Config, world_size: int) -> None:
-    """checkpoint.resume=<dir> names a complete, undamaged checkpoint."""
-    from dora_dist.checkpoint.atomic import STEP_RE
+def check_resume(cfg: Config, world_size: int, contents: bool = True) -> None:
+    """checkpoint.resume=<dir> names a complete, undamaged checkpoint. contents=False: only what needs no read of
+    the files (marker, every file present at its size); train() leaves the sha256 to the resume itself, which reads
+    the checkpoint once, on rank 0 (CheckpointManager.verify)."""
     from dora_dist.checkpoint.manager import verify_checkpoint
 
     resume = cfg.checkpoint.resume
@@ -170,16 +171,22 @@ def check_resume(cfg: Config, world_size: int) -> None:
             f"checkpoint.resume: no such directory: {resume}; give a checkpoint directory "
             "(<output.dir>/checkpoints/step_NNNNNNNN), auto or none"
         )
-    problem = verify_checkpoint(path)
-    if problem is None:
-        return
+    problem = verify_checkpoint(path, contents=contents)
+    if problem is not None:
+        raise resume_error(path, problem)
+
+
+def resume_error(path: Path, problem: str) -> CheckpointError:
+    """The error for checkpoint.resume=<path> that is not an undamaged checkpoint (`problem`: what is wrong)."""
+    from dora_dist.checkpoint.atomic import STEP_RE
+
     inside = sorted(p.name for p in path.iterdir() if STEP_RE.match(p.name))
     hint = (
         f"it holds checkpoints ({', '.join(inside[-3:])}): pass one of them, or checkpoint.resume=auto"
         if inside
         else "give a step_NNNNNNNN directory written by a run, or checkpoint.resume=auto / none"
     )
-    raise CheckpointError(f"checkpoint.resume: {problem}; {hint}")
+    return CheckpointError(f"checkpoint.resume: {problem}; {hint}")
 
 
 def writable_dir_problem(path: Path) -> str | None:
@@ -258,14 +265,19 @@ def launch_world_size() -> int:
     return int(value) if value else 1
 
 
-def preflight(cfg: Config, world_size: int | None = None) -> None:
-    """Run every rule; the first problem is raised as a UserError. world_size: default WORLD_SIZE (or 1)."""
+def preflight(cfg: Config, world_size: int | None = None, checkpoint_contents: bool = True) -> None:
+    """Run every rule; the first problem is raised as a UserError. world_size: default WORLD_SIZE (or 1).
+    checkpoint_contents=False: an explicit checkpoint.resume is checked without reading its files (train() does:
+    its resume verifies the checkpoint once, on rank 0)."""
     from dora_dist.models.prequantized import adopt_checkpoint_quantization
 
     world = launch_world_size() if world_size is None else world_size
     cfg, _ = adopt_checkpoint_quantization(cfg)  # a pre-quantized checkpoint's settings, or a contradiction error
     for rule in RULES:
-        rule(cfg, world)
+        if rule is check_resume:
+            check_resume(cfg, world, contents=checkpoint_contents)
+        else:
+            rule(cfg, world)
 
 
 __all__ = [
@@ -286,6 +298,7 @@ __all__ = [
     "check_model",
     "check_data",
     "check_resume",
+    "resume_error",
     "check_output",
     "writable_dir_problem",
     "note_length",

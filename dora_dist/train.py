@@ -12,28 +12,31 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
+from dora_dist.adapter_export import export_adapter
 from dora_dist.batching import Batching
 from dora_dist.config import Config, load_job_config
 from dora_dist.console import Console, quiet_third_party
-from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, build_datasets
+from dora_dist.data import IGNORE_INDEX, GlobalBatchSampler, TokenizedDataset, build_datasets
 from dora_dist.errors import JobFault, UserError, report_error
 from dora_dist.evaluate import eval_due, format_eval_line, run_eval
 from dora_dist.health_log import HealthMonitor, format_health
-from dora_dist.loggers import check_loggers, make_loggers
+from dora_dist.loggers import RunLoggers, make_loggers
 from dora_dist.losses import DEFAULT_CHUNK_TOKENS, causal_lm_loss_sum
 from dora_dist.metrics import format_line, plot_loss
 from dora_dist.models.prequantized import adopt_checkpoint_quantization
 from dora_dist.nonfinite import NonFiniteLossError, applied_nonfinite_step, report_skipped_step, skip_reason  # noqa: F401 (re-exported)
 from dora_dist.optim import adamw_factory
-from dora_dist.parallel import DistEnv, make_engine, step_probe
+from dora_dist.parallel import DistEnv, Engine, make_engine, step_probe
 from dora_dist.preemption import PreemptionGuard, exit_code_of, interrupted_now, stopped_line, write_requeue_marker
-from dora_dist.preflight import preflight
+from dora_dist.preflight import preflight, resume_error
 from dora_dist.run_state import (
     PriorRun,
     check_extension,
@@ -49,6 +52,12 @@ from dora_dist.run_state import (
     unused_changes,
     write_json_atomic,
 )
+from dora_dist.train_state import TrainState
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from dora_dist.checkpoint import CheckpointManager
 
 
 class RunAlreadyFinished(Exception):
@@ -60,7 +69,7 @@ class RunAlreadyFinished(Exception):
 
 
 def micro_batch_loss(
-    model, batch: dict[str, torch.Tensor], global_targets: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    model: nn.Module, batch: dict[str, torch.Tensor], global_targets: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 ) -> torch.Tensor:
     """Sum of next-token losses of this micro-batch / target tokens of the whole global batch (see Engine).
     lm_head + cross-entropy run over chunks of `chunk_tokens` tokens (0: whole fp32 logits), see losses.py."""
@@ -78,33 +87,38 @@ def micro_batch_loss(
 
 @dataclass
 class Job:
-    """Everything a run is made of, built once by `build`; the loop functions below read and advance it."""
+    """Everything a run is made of, built once by `build`; the loop functions of this file (and only they) advance
+    it. `state` is the part a checkpoint saves and restores (train_state.py)."""
 
     cfg: Config
-    env: Any
-    tokenizer: Any
-    dataset: Any
+    env: DistEnv
+    tokenizer: PreTrainedTokenizerBase
+    dataset: TokenizedDataset
     batching: Batching
     sampler: GlobalBatchSampler
-    engine: Any
-    model: Any
-    manager: Any
+    engine: Engine
+    model: nn.Module
+    manager: CheckpointManager
     out_dir: Path
+    state: TrainState
     start_step: int = 0
     resume_dir: Path | None = None
-    step: int = 0
     last_saved: int = -1
     history: list[float] = field(default_factory=list)
     t0: float = field(default_factory=time.time)
-    eval_dataset: Any = None  # TokenizedDataset of the eval set, or None (dora_dist/evaluate.py)
-    best_eval: float | None = None
+    eval_dataset: TokenizedDataset | None = None  # the eval set, or None (dora_dist/evaluate.py)
     last_eval: int = -1
-    last_eval_record: dict | None = None
+    last_eval_record: dict[str, Any] | None = None
     preempted: str | None = None  # the signal that stopped the run (preemption.py), None otherwise
     bad_streak: list[tuple[int, str]] = field(default_factory=list)  # (step, why) of the current skipped streak
     skipped_steps: list[int] = field(default_factory=list)
     checkpoint_owed: bool = False  # a checkpoint fell on a skipped step: take it at the next
     health: HealthMonitor | None = None  # DoRA's health in the log (health_log.py)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (skipped ones included): the TrainState's."""
+        return self.state.step
 
     @property
     def stop_at(self) -> int:
@@ -117,7 +131,9 @@ def train(cfg: Config) -> dict:
     quiet_third_party()
     # a pre-quantized checkpoint's bitsandbytes settings become the job's (models/prequantized.py), before any check
     cfg, notice = adopt_checkpoint_quantization(cfg)
-    preflight(cfg)  # what the config and this machine can tell, before any process group or model work
+    # what the config and this machine can tell, before any process group or model work; a checkpoint's contents
+    # are read later, once, on rank 0 (_resume_point)
+    preflight(cfg, checkpoint_contents=False)
     env = DistEnv.from_environ(device=cfg.training.device)
     if notice and env.is_main:
         print(notice, flush=True)
@@ -139,7 +155,6 @@ def _train(cfg: Config, env: DistEnv, guard: PreemptionGuard) -> dict:
     prior = find_finished_run(cfg.output.dir)  # a finished run in output.dir: done, extend, or refuse
     if prior is not None and check_rerun(cfg, prior):
         return _already_finished(prior, env, cfg)
-    check_loggers(cfg.output.loggers)  # a missing tracker package fails before the model is loaded
     try:
         job = build(cfg, env, prior)
     except RunAlreadyFinished as done:
@@ -152,14 +167,14 @@ def _train(cfg: Config, env: DistEnv, guard: PreemptionGuard) -> dict:
             rec = train_step(job)
             warning = _measure_health(job, rec)  # COLLECTIVE when due
             logger.log(rec)
-            if rec.get("skipped"):
-                report_skipped_step(job, rec, bar)  # stops the run at training.max_bad_steps in a row
+            if rec.get("skipped"):  # stops the run at training.max_bad_steps in a row
+                report_skipped_step(rec, job.bad_streak, cfg.training.max_bad_steps, env.is_main, bar.line)
             elif env.is_main and job.step % cfg.training.log_every == 0:
                 bar.line(format_line(rec, job.batching.max_steps) + format_health(rec))
             if warning and env.is_main:
                 bar.line(warning)
             bar.update(1)
-            if eval_due(job):
+            if job.eval_dataset is not None and eval_due(job.step, cfg.training.eval_every):
                 _log_eval(job, logger, bar)
             maybe_checkpoint(job)
             if job.step < job.stop_at:  # all ranks stop after the same step (the last one just
@@ -175,7 +190,7 @@ def _train(cfg: Config, env: DistEnv, guard: PreemptionGuard) -> dict:
                         job.preempted, job.step, job.manager.final_dir(job.last_saved) if job.last_saved >= 0 else None
                     )
                 )
-            write_requeue_marker(job)
+            write_requeue_marker(job.step, job.preempted, job.out_dir, env.is_main)
         else:
             if job.eval_dataset is not None and job.last_eval != job.step:
                 _log_eval(job, logger, bar)  # the final (or stopped-early) model
@@ -196,12 +211,33 @@ def _measure_health(job: Job, rec: dict) -> str | None:
     return health.check(job.step, rec)
 
 
-def _log_eval(job: Job, logger, bar) -> None:
-    loss_fn = functools.partial(micro_batch_loss, chunk_tokens=job.cfg.training.loss_chunk_tokens)
-    rec = run_eval(job, loss_fn)  # COLLECTIVE; the training loss, same masking
+def _log_eval(job: Job, logger: RunLoggers, bar: Console) -> None:
+    rec = eval_and_keep_best(job)  # COLLECTIVE
     logger.log(rec)
     if job.env.is_main:
         bar.line(format_eval_line(rec, job.batching.max_steps))
+
+
+def eval_and_keep_best(job: Job, loss_fn: Callable[..., torch.Tensor] | None = None) -> dict[str, Any]:
+    """Evaluate now (loss_fn: default the training loss with its loss_chunk_tokens, same masking); a new best eval
+    loss becomes the TrainState's, and with checkpoint.keep_best its adapter is exported to
+    <output.dir>/adapter_best. Returns the metrics record ("best": True when that adapter was kept). COLLECTIVE."""
+    if job.eval_dataset is None:
+        raise ValueError("eval_and_keep_best: the job has no eval set")
+    if loss_fn is None:
+        loss_fn = functools.partial(micro_batch_loss, chunk_tokens=job.cfg.training.loss_chunk_tokens)
+    batch_size = job.cfg.training.eval_batch_size or job.batching.micro_batch_size
+    result = run_eval(job.model, job.eval_dataset, job.env, batch_size, job.step, loss_fn)
+    kept = False
+    if job.state.improves(result.eval_loss):  # the same float on every rank: every rank decides alike
+        job.state.best_eval = result.eval_loss
+        if job.cfg.checkpoint.keep_best:
+            best = {"step": result.step, "eval_loss": result.eval_loss}
+            export_adapter(job.out_dir / "adapter_best", job.engine, job.env, job.cfg, job.tokenizer, best)
+            kept = True
+    rec = result.record(best=kept)
+    job.last_eval, job.last_eval_record = job.step, rec
+    return rec
 
 
 def _already_finished(prior: PriorRun, env: DistEnv, cfg: Config) -> dict:
@@ -222,15 +258,26 @@ def _already_finished(prior: PriorRun, env: DistEnv, cfg: Config) -> dict:
     return dict(prior.summary, already_finished=True, preempted=False)
 
 
-def _resume_point(cfg: Config, env: DistEnv, manager, engine) -> tuple[Path | None, dict]:
+def _resume_point(
+    cfg: Config, env: DistEnv, manager: CheckpointManager, engine: Engine
+) -> tuple[Path | None, dict[str, Any]]:
     """The checkpoint to resume from (checkpoint.resume) and its COMPLETE record, checked against this job before
-    any model work."""
+    any model work. Its files are read (sha256) once, by rank 0 (latest / verify), whose verdict every rank gets;
+    the load that follows does not read them again."""
     from dora_dist.checkpoint import checkpoint_info
 
     resume = cfg.checkpoint.resume
-    resume_dir = manager.latest() if resume == "auto" else (None if resume == "none" else Path(resume))
-    if resume_dir is None:
+    if resume == "none":
         return None, {}
+    if resume == "auto":
+        resume_dir = manager.latest()
+        if resume_dir is None:
+            return None, {}
+    else:
+        resume_dir = Path(resume)
+        problem = manager.verify(resume_dir)  # preflight checked the cheap part (marker, sizes)
+        if problem is not None:
+            raise resume_error(resume_dir, problem)
     info = checkpoint_info(resume_dir)
     check_resume(resume_dir, info, cfg, engine, env.world_size)
     return resume_dir, info
@@ -274,26 +321,26 @@ def build(cfg: Config, env: DistEnv, prior: PriorRun | None = None) -> Job:
     model.train()
 
     job = Job(
-        cfg,
-        env,
-        tokenizer,
-        dataset,
-        batching,
-        sampler,
-        engine,
-        model,
-        manager,
-        out_dir,
+        cfg=cfg,
+        env=env,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        batching=batching,
+        sampler=sampler,
+        engine=engine,
+        model=model,
+        manager=manager,
+        out_dir=out_dir,
+        state=TrainState(data=sampler),
         eval_dataset=eval_dataset,
         resume_dir=resume_dir,
         health=HealthMonitor.from_config(cfg),
     )
     if job.resume_dir is not None:
-        extra = manager.load(engine, job.resume_dir)
+        saved = manager.load(engine, job.resume_dir)  # verified once already (_resume_point)
         engine.lr_from_schedule()  # this job's schedule, not the saved optimizer's lr
-        sampler.load_state_dict(extra["data"])
-        job.start_step = job.step = job.last_saved = int(extra["step"])
-        job.best_eval = extra.get("best_eval")
+        job.state.load_state_dict(saved)  # step, data position, best eval loss
+        job.start_step = job.last_saved = job.state.step
 
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -341,7 +388,7 @@ def train_step(job: Job) -> dict:
     result = engine.guarded_step(loss_ok)  # COLLECTIVE; skips (no update, no LR tick) a non-finite step
     if result.stepped and not (loss_ok and math.isfinite(result.grad_norm)):
         raise applied_nonfinite_step(job.step + 1, step_loss, result.grad_norm, engine.name)
-    job.step += 1
+    job.state.step += 1
     sampler.step = job.step  # a skipped step's batch is consumed too: the data order is kept
     dt = time.perf_counter() - step_t0
     rec = {
@@ -366,12 +413,7 @@ def train_step(job: Job) -> dict:
 
 
 def save_checkpoint(job: Job) -> None:
-    job.manager.save(
-        job.engine,
-        job.step,
-        {"step": job.step, "data": job.sampler.state_dict(), "best_eval": job.best_eval},
-        run=run_identity(job.cfg),
-    )
+    job.manager.save(job.engine, job.step, job.state.state_dict(), run=run_identity(job.cfg))
     job.last_saved = job.step
     job.checkpoint_owed = False
 
@@ -392,8 +434,6 @@ def maybe_checkpoint(job: Job) -> None:
 
 def finish(job: Job) -> dict:
     """Export the adapter (PEFT format) of a finished run, plot, write summary.json; close the engine."""
-    from dora_dist import models
-
     cfg, env, engine, out_dir = job.cfg, job.env, job.engine, job.out_dir
     finished = job.step >= job.batching.max_steps
     summary = {
@@ -415,20 +455,11 @@ def finish(job: Job) -> dict:
     if health is not None:
         summary["dora_health"] = health
     if job.eval_dataset is not None:
-        summary.update(eval_samples=len(job.eval_dataset), best_eval_loss=job.best_eval, last_eval=job.last_eval_record)
+        summary.update(
+            eval_samples=len(job.eval_dataset), best_eval_loss=job.state.best_eval, last_eval=job.last_eval_record
+        )
     if finished and cfg.output.save_adapter:
-        state = engine.adapter_state_dict()  # all ranks take part; full tensors on rank 0
-        if env.is_main:
-            from dora_dist.adapters import save_adapter
-
-            save_adapter(
-                engine.unwrap(),
-                out_dir / "adapter",
-                state_dict=state,
-                base_model_name_or_path=models.adapter_base_name(cfg, env),
-            )
-            job.tokenizer.save_pretrained(out_dir / "adapter")
-            cfg.save(out_dir / "adapter" / "training_config.yaml")  # read by `dora-dist generate` (4-bit base)
+        export_adapter(out_dir / "adapter", engine, env, cfg, job.tokenizer)  # COLLECTIVE
     if env.is_main:
         if cfg.output.plot and (out_dir / "metrics.jsonl").exists():
             plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png")

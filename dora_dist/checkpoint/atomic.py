@@ -34,7 +34,9 @@ class CheckpointWriteError(JobFault, OSError):
     """A checkpoint could not be written (disk full, file size limit, read-only or unwritable directory, or another
     rank's failure). Raised on every rank; the partial directory is removed and earlier checkpoints are untouched."""
 
-    def __init__(self, message: str, path: Path, needed_bytes: int, free_bytes: int | None, cause_errno=None):
+    def __init__(
+        self, message: str, path: Path, needed_bytes: int, free_bytes: int | None, cause_errno: int | None = None
+    ):
         super().__init__(message)
         self.errno = cause_errno
         self.path, self.needed_bytes, self.free_bytes = Path(path), needed_bytes, free_bytes
@@ -43,11 +45,12 @@ class CheckpointWriteError(JobFault, OSError):
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "unknown"
+    size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)  # pragma: no cover
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)  # pragma: no cover
 
 
 def free_bytes(path: Path) -> int | None:
@@ -83,14 +86,15 @@ def describe_failure(exc: BaseException) -> str:
     os_err = os_error_in(exc)
     if os_err is None:
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-    hint = {
+    hints = {
         errno.ENOSPC: "the disk is full",
         errno.EDQUOT: "the disk quota is exhausted",
         errno.EFBIG: "a file exceeds the process's file size limit (ulimit -f) or the filesystem's",
         errno.EROFS: "the filesystem is read-only",
         errno.EACCES: "the directory is not writable",
         errno.EPERM: "the directory is not writable",
-    }.get(os_err.errno)
+    }
+    hint = hints.get(os_err.errno) if os_err.errno is not None else None
     where = f" ({os_err.filename})" if os_err.filename else ""
     return f"{hint or os_err.strerror or type(os_err).__name__}{where}"
 

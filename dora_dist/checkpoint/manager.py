@@ -14,7 +14,9 @@ free, the partial directory is removed and the previous checkpoints are untouche
 
 Integrity: COMPLETE records the size and sha256 of every file; a resume checks them, so a damaged or truncated
 latest checkpoint is reported and the previous complete one is used (`resume=auto`), or a clear error names the
-damaged file (an explicit `resume=<dir>`).
+damaged file (an explicit `resume=<dir>`). The check reads every byte, so it runs once per resume: on rank 0 only,
+whose verdict every rank receives (one broadcast), and `load` does not repeat it for a checkpoint this manager has
+just verified (`latest`, `verify`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import errno
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import dora_dist.checkpoint.atomic as atomic
 from dora_dist.checkpoint.atomic import CheckpointWriteError
@@ -32,22 +35,65 @@ from dora_dist.checkpoint.safe_load import load_rng_state, save_rng_state
 from dora_dist.errors import CheckpointError, InputNotFoundError
 
 COMPLETE = "COMPLETE"
+T = TypeVar("T")
 
 
-def file_manifest(directory: Path) -> dict[str, dict]:
+class RankEnv(Protocol):
+    """What the manager needs of the process's place in the job (dora_dist.parallel.DistEnv has it; checkpoint/
+    sits below parallel/, so it names the shape, not the class)."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+    @property
+    def distributed(self) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+    def all_reduce_max(self, value: float) -> float: ...
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
+
+
+class CheckpointEngine(Protocol):
+    """What the manager needs of an engine (dora_dist.parallel.base.Engine): it writes and reads the content."""
+
+    name: str
+    checkpoint_format: str
+
+    def save_checkpoint(self, directory: str, extra_state: dict[str, Any]) -> None: ...
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any]: ...
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks: the one place a checkpoint's bytes are read for its integrity."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != COMPLETE)
+
+
+def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     """Size and sha256 of every file of a checkpoint directory (COMPLETE excepted), recorded when it is saved."""
-    out = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != COMPLETE):
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        out[str(path.relative_to(directory))] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-    return out
+    return {
+        str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+        for path in _files(directory)
+    }
 
 
-def verify_checkpoint(directory: str | Path) -> str | None:
-    """None when the directory is a complete, undamaged checkpoint; else what is wrong, naming the file."""
+def verify_checkpoint(directory: str | Path, contents: bool = True) -> str | None:
+    """None when the directory is a complete, undamaged checkpoint; else what is wrong, naming the file.
+    contents=False checks only what costs no read (the COMPLETE record, every recorded file present with its
+    recorded size: a missing or truncated file); True also compares every file's sha256 (reads all of it)."""
     directory = Path(directory)
     marker = directory / COMPLETE
     if not marker.is_file():
@@ -58,25 +104,28 @@ def verify_checkpoint(directory: str | Path) -> str | None:
         return f"{marker} is damaged (not JSON)"
     if recorded is None:  # written before manifests existed: nothing to compare
         return None
-    actual = file_manifest(directory)
+    present = {str(path.relative_to(directory)): path for path in _files(directory)}
     for name, info in recorded.items():
-        got = actual.get(name)
-        if got is None:
+        path = present.get(name)
+        if path is None:
             return f"{directory / name} is missing"
-        if got["bytes"] != info["bytes"]:
-            return f"{directory / name} has {got['bytes']} bytes, {info['bytes']} were written (truncated?)"
-        if got["sha256"] != info["sha256"]:
-            return f"{directory / name} does not match its checksum (damaged)"
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            return f"{directory / name} has {size} bytes, {info['bytes']} were written (truncated?)"
+    if contents:
+        for name, info in recorded.items():
+            if file_digest(present[name]) != info["sha256"]:
+                return f"{directory / name} does not match its checksum (damaged)"
     return None
 
 
-def checkpoint_info(directory: str | Path) -> dict:
+def checkpoint_info(directory: str | Path) -> dict[str, Any]:
     """The COMPLETE record of a checkpoint: step, engine, world_size, format, the run's identity (run_state.py)."""
     try:
         info = json.loads((Path(directory) / COMPLETE).read_text())
     except (OSError, ValueError):
         return {}
-    return info if isinstance(info, dict) else {}
+    return dict(info) if isinstance(info, dict) else {}
 
 
 def find_latest(root: str | Path, problems: list[str] | None = None) -> Path | None:
@@ -99,24 +148,51 @@ class DamagedCheckpointError(CheckpointError):
 
 #: bytes per rank beyond the tensors: the RNG state as JSON (~34 KB), the engine's metadata and trainer state
 PER_RANK_OVERHEAD = 64 * 1024
+#: a failed phase of a save: (reason for the user, errno, the exception)
+_Failure = tuple[str, int | None, BaseException]
 _NOT_CAUGHT = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int, env):
+    def __init__(self, root: str | Path, keep_last: int, env: RankEnv):
         self.root = Path(root)
         self.keep_last = keep_last
         self.env = env
+        self._verified: Path | None = None  # the checkpoint latest()/verify() just found undamaged (load skips it)
 
     def final_dir(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
 
+    def _on_main(self, fn: Callable[[], T]) -> T:
+        """fn() run by rank 0 alone, its result on every rank. COLLECTIVE (one broadcast; none in one process). An
+        error on rank 0 is raised on every rank (as a CheckpointError on the others), so none waits forever."""
+        env = self.env
+        if not env.distributed:
+            return fn()
+        outcome: tuple[bool, Any] | None = None
+        error: BaseException | None = None
+        if env.is_main:
+            try:
+                outcome = (True, fn())
+            except Exception as exc:  # reported on every rank below
+                error, outcome = exc, (False, f"rank 0: {type(exc).__name__}: {exc}")
+        ok, value = env.broadcast_object(outcome, src=0)
+        if error is not None:
+            raise error
+        if not ok:
+            raise CheckpointError(f"checking checkpoints under {self.root} failed on {value}")
+        return value  # type: ignore[no-any-return]
+
     def latest(self) -> Path | None:
         """The newest undamaged complete checkpoint; damaged newer ones are reported (rank 0) and skipped. None when
         there is none at all; an error when there are checkpoints but every one is damaged (starting over from
-        step 0 would silently discard the run)."""
-        problems: list[str] = []
-        found = find_latest(self.root, problems)
+        step 0 would silently discard the run). COLLECTIVE: rank 0 reads and checks, every rank gets its answer."""
+
+        def scan() -> tuple[Path | None, list[str]]:
+            problems: list[str] = []
+            return find_latest(self.root, problems), problems
+
+        found, problems = self._on_main(scan)
         if problems and found is None:
             raise DamagedCheckpointError(
                 f"checkpoint.resume=auto: every checkpoint under {self.root} is damaged ({'; '.join(problems)}). "
@@ -126,14 +202,25 @@ class CheckpointManager:
             for problem in problems:
                 print(f"[dora_dist] skipping a damaged checkpoint: {problem}", flush=True)
             print(f"[dora_dist] resuming from {found}", flush=True)
+        self._verified = found
         return found
 
+    def verify(self, path: str | Path) -> str | None:
+        """verify_checkpoint(path), read and hashed by rank 0 only; its verdict on every rank (COLLECTIVE)."""
+        path = Path(path)
+        problem = self._on_main(lambda: verify_checkpoint(path))
+        self._verified = path if problem is None else None
+        return problem
+
     # --- saving --------------------------------------------------------------------------------------------
-    def save(self, engine, step: int, extra_state: dict[str, Any], run: dict[str, Any] | None = None) -> Path:
+    def save(
+        self, engine: CheckpointEngine, step: int, extra_state: dict[str, Any], run: dict[str, Any] | None = None
+    ) -> Path:
         """All ranks call. Three phases (prepare on rank 0, write on all ranks, publish on rank 0), each ending in
         an agreement on success that every rank takes part in, so a failure anywhere raises everywhere.
         `run`: the job's identity keys (run_state.py), recorded in COMPLETE so a resume can check them."""
         env = self.env
+        self._verified = None
         final = self.final_dir(step)
         tmp = atomic.tmp_dir(final)
         needed = self.bytes_needed(engine)
@@ -148,11 +235,12 @@ class CheckpointManager:
         self._agree(failure, final, needed, partial=tmp)
         return final
 
-    def bytes_needed(self, engine) -> int:
+    def bytes_needed(self, engine: CheckpointEngine) -> int:
         """What a save writes, estimated before writing: the engine's adapter + optimizer tensors (all ranks
         together) plus a small per-rank overhead."""
-        tensors = engine.checkpoint_nbytes() if hasattr(engine, "checkpoint_nbytes") else 0
-        return int(tensors) + PER_RANK_OVERHEAD * self.env.world_size
+        nbytes = getattr(engine, "checkpoint_nbytes", None)
+        tensors = int(nbytes()) if nbytes is not None else 0
+        return tensors + PER_RANK_OVERHEAD * self.env.world_size
 
     def _prepare(self, tmp: Path, needed: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -167,12 +255,12 @@ class CheckpointManager:
         if free is not None and needed > free:
             raise _EarlyFailure(errno.ENOSPC, "not enough free space (checked before writing anything)")
 
-    def _write(self, engine, tmp: Path, extra_state: dict[str, Any]) -> None:
+    def _write(self, engine: CheckpointEngine, tmp: Path, extra_state: dict[str, Any]) -> None:
         engine.save_checkpoint(str(tmp), extra_state)
         save_rng_state(tmp / f"rng_rank{self.env.rank:05d}.json")
         atomic.fsync_tree(tmp)  # this rank's files are on disk before COMPLETE can exist
 
-    def _publish(self, engine, tmp: Path, final: Path, step: int, run: dict[str, Any] | None) -> None:
+    def _publish(self, engine: CheckpointEngine, tmp: Path, final: Path, step: int, run: dict[str, Any] | None) -> None:
         info = {
             "step": step,
             "world_size": self.env.world_size,
@@ -187,7 +275,7 @@ class CheckpointManager:
         atomic.publish(tmp, final)
 
     @staticmethod
-    def _attempt(fn, *args) -> tuple[str, int | None, BaseException] | None:
+    def _attempt(fn: Callable[..., object], *args: Any) -> _Failure | None:
         """Run one phase; None on success, else (reason for the user, errno, the exception)."""
         try:
             fn(*args)
@@ -195,17 +283,18 @@ class CheckpointManager:
             raise
         except BaseException as exc:  # noqa: BLE001  (DCP's CheckpointException is a BaseException)
             os_err = atomic.os_error_in(exc)
-            reason = exc.strerror if isinstance(exc, _EarlyFailure) else atomic.describe_failure(exc)
+            reason = str(exc.strerror) if isinstance(exc, _EarlyFailure) else atomic.describe_failure(exc)
             return reason, (os_err.errno if os_err is not None else None), exc
         return None
 
-    def _agree(self, failure, final: Path, needed: int, partial: Path | None = None) -> None:
+    def _agree(self, failure: _Failure | None, final: Path, needed: int, partial: Path | None = None) -> None:
         """COLLECTIVE (one all-reduce; on failure a broadcast of the reason): raise on every rank if any failed."""
         env = self.env
         failed_rank = int(env.all_reduce_max(env.rank + 1 if failure is not None else 0)) - 1
         if failed_rank < 0:
             return
-        reason, err = env.broadcast_object(failure[:2] if env.rank == failed_rank else None, src=failed_rank)
+        mine = failure[:2] if failure is not None and env.rank == failed_rank else None
+        reason, err = env.broadcast_object(mine, src=failed_rank)
         if partial is not None:
             if env.is_main and partial.exists():
                 try:
@@ -238,13 +327,18 @@ class CheckpointManager:
             atomic.remove_dir(path)
 
     # --- loading -------------------------------------------------------------------------------------------
-    def load(self, engine, path: str | Path) -> dict[str, Any]:
+    def load(self, engine: CheckpointEngine, path: str | Path) -> dict[str, Any]:
+        """All ranks call. Restore the engine's state and this rank's RNG from `path`; returns the trainer state
+        saved with it. The checkpoint is verified first (once, on rank 0: see verify) unless this manager's
+        latest()/verify() has just found it undamaged."""
         path = Path(path)
         if not (path / COMPLETE).exists():
             raise InputNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-        problem = verify_checkpoint(path)
-        if problem is not None:
-            raise DamagedCheckpointError(f"cannot resume: {problem}")
+        if self._verified != path:
+            problem = self.verify(path)
+            if problem is not None:
+                raise DamagedCheckpointError(f"cannot resume: {problem}")
+        self._verified = None  # one load per verdict: a later load checks again
         extra = engine.load_checkpoint(str(path))
         rng_file = path / f"rng_rank{self.env.rank:05d}.json"
         if rng_file.exists():

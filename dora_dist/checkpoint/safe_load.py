@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import pickle
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -26,12 +27,12 @@ class UnsafeCheckpointError(ValueError):
 # --- RNG state as JSON -------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """Every RNG the trainer draws from, as JSON-serialisable lists of integers."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     version, mt_state, gauss = random.getstate()
     state = {
         "torch": torch.random.get_rng_state().tolist(),
         "python": [version, list(mt_state), gauss],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state().tolist()
@@ -90,11 +91,11 @@ def _is_torch_constant(module: str, name: str) -> bool:
 
 
 class _AllowListUnpickler(pickle.Unpickler):
-    def __init__(self, file, source: Path):
+    def __init__(self, file: IO[bytes], source: Path):
         super().__init__(file)
         self.source = source
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> Any:
         if module in _DATA_MODULES or (module, name) in _PLAIN_GLOBALS or _is_torch_constant(module, name):
             return super().find_class(module, name)
         raise UnsafeCheckpointError(
@@ -117,7 +118,7 @@ def verify_dcp_metadata(directory: str | Path) -> None:
             raise ValueError(f"{path} is not a readable checkpoint metadata file: {exc}") from exc
 
 
-def verify_torch_file(path: str | Path, allowed: list[Any] = ()) -> None:
+def verify_torch_file(path: str | Path, allowed: Sequence[Any] = ()) -> None:
     """Check a torch.save file with torch's weights-only unpickler (plus `allowed` globals, e.g. a library's
     plain-data classes) before a library that loads it with weights_only=False does."""
     try:

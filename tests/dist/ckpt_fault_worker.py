@@ -7,6 +7,7 @@ tests/integration/test_checkpoint_write_faults.py). One process (no torchrun var
                saves again. The kill is a monkeypatch of the function at that point in this script; the library has
                no test hooks.
 --mode resume: (2 ranks) resume=auto after that kill, save, then damage the newest checkpoints one by one.
+--mode reads:  (2 ranks) how many times each checkpoint file is hashed by a resume, per rank.
 --mode fs:     (one process, inside `unshare -rm` with --root on a small tmpfs) a full disk, then a read-only one.
 --mode chmod:  (one process, not root) the checkpoint root made read-only by chmod.
 Results go to --out (JSON, rank 0; the other ranks add <out>.rank<k>.json).
@@ -245,6 +246,46 @@ def mode_resume(args, env, manager) -> None:
     write_json(Path(args.out), out, env)
 
 
+def mode_reads(args, env, manager) -> None:
+    """(2 ranks) How often each checkpoint file is hashed (read whole) by a resume: the manager's hashing function
+    wrapped to count, per rank, for resume=auto (latest + load), an explicit checkpoint (verify + load) and a bare
+    load (the library path: it verifies by itself)."""
+    from dora_dist.checkpoint import manager as manager_module
+
+    engine = make_engine(env, adapter_seed=0)
+    saved = {}
+    for step in (1, 2):
+        train_step(engine, env)
+        save(manager, engine, step)
+        saved[step] = params_fingerprint(engine)
+    env.barrier()
+    real, counts = manager_module.file_digest, {}
+
+    def counting(path):
+        counts[str(path)] = counts.get(str(path), 0) + 1
+        return real(path)
+
+    manager_module.file_digest = counting
+    out: dict = {"files": {step: sorted(str(p) for p in manager.final_dir(step).rglob("*")
+                                        if p.is_file() and p.name != "COMPLETE") for step in (1, 2)}}
+    try:
+        for case, step in (("auto", 2), ("explicit", 1), ("bare_load", 2)):
+            counts.clear()
+            other = make_engine(env, adapter_seed=5)
+            if case == "auto":
+                found = manager.latest()
+            else:
+                found = manager.final_dir(step)
+                if case == "explicit":
+                    assert manager.verify(found) is None
+            manager.load(other, found)
+            out[case] = {"found": str(found), "hashes": dict(counts),
+                         "params_restored": params_fingerprint(other) == saved[step]}
+    finally:
+        manager_module.file_digest = real
+    write_json(Path(args.out), out, env)
+
+
 def mode_fs(args, env, manager) -> None:
     """--root is a small tmpfs of this mount namespace: fill it, then remount it read-only."""
     engine = make_engine(env, adapter_seed=0, width=256)     # ~30 KB of adapter + optimizer tensors
@@ -290,7 +331,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--mode", choices=("kill", "resume", "fs", "chmod"), default="kill")
+    p.add_argument("--mode", choices=("kill", "resume", "reads", "fs", "chmod"), default="kill")
     p.add_argument("--point", choices=POINTS, default="engine")
     p.add_argument("--kill-rank", type=int, default=0)
     p.add_argument("--fsize-rank", type=int, default=None)
@@ -303,7 +344,8 @@ def main() -> int:
     env = DistEnv.from_environ(device="cpu")
     manager = CheckpointManager(args.root, keep_last=2, env=env)
     try:
-        {"kill": mode_kill, "resume": mode_resume, "fs": mode_fs, "chmod": mode_chmod}[args.mode](args, env, manager)
+        modes = {"kill": mode_kill, "resume": mode_resume, "reads": mode_reads, "fs": mode_fs, "chmod": mode_chmod}
+        modes[args.mode](args, env, manager)
     finally:
         env.destroy()
     return 0

@@ -1,8 +1,9 @@
 """Run under `torchrun --nproc-per-node 2` by tests/dist/test_eval.py (one launch for every engine).
 
-For each engine (with dora.modules_to_save=[lm_head]: adapters and one module trained in full): build the job, evaluate before any step (the same initial adapter on every engine, so the eval
-loss is the single-process one up to the float64 reduction order), take one optimizer step, evaluate again
-through `run_eval` (keep_best: the best adapter is gathered and saved), then `finish`. Rank 0 writes the figures
+For each engine (with dora.modules_to_save=[lm_head]: adapters and one module trained in full): build the job,
+evaluate before any step (the same initial adapter on every engine, so the eval loss is the single-process one up to
+the float64 reduction order), take one optimizer step, evaluate again through `eval_and_keep_best` (keep_best: the
+best adapter is gathered and saved), then `finish`. Rank 0 writes the figures
 as JSON; the test compares them with one process.
 """
 from __future__ import annotations
@@ -40,13 +41,13 @@ ENGINES = {"ddp": "float64", "fsdp2": "float64", "zero2": "float32", "zero3": "f
 
 def run_engine(overrides: list[str], env) -> dict:
     from dora_dist.config import load_config
-    from dora_dist.evaluate import evaluate, run_eval
-    from dora_dist.train import build, finish, micro_batch_loss, train_step
+    from dora_dist.evaluate import evaluate
+    from dora_dist.train import build, eval_and_keep_best, finish, micro_batch_loss, train_step
 
     job = build(load_config(None, overrides), env)
     before = evaluate(job.model, job.eval_dataset, env, job.cfg.training.eval_batch_size, micro_batch_loss)
     train_step(job)
-    rec = run_eval(job, micro_batch_loss)
+    rec = eval_and_keep_best(job, micro_batch_loss)
     finish(job)
     return {"before": before, "after": rec}
 

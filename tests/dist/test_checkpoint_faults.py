@@ -91,3 +91,21 @@ def test_two_ranks_write_failure_kill_and_damaged_latest(tmp_path):
         assert s["none_left"]["raised"] == "DamagedCheckpointError"
         assert f"every checkpoint under {root} is damaged" in s["none_left"]["message"]
         assert str(damaged) in s["none_left"]["message"]
+
+
+def test_a_two_rank_resume_hashes_each_checkpoint_file_once(tmp_path):
+    """Issue 29: a resume read every checkpoint file whole at least twice on every rank (sha256 in find_latest,
+    again in load; preflight for explicit paths). Now rank 0 verifies, every rank gets its verdict, and the load
+    after latest()/verify() does not hash again: each file is hashed once per resume across both ranks, and the
+    parameters are still restored."""
+    root, out = tmp_path / "ckpt", tmp_path / "reads.json"
+    proc = torchrun(["--mode", "reads", "--root", str(root), "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = rank_results(out)
+    for case, step in (("auto", 2), ("explicit", 1), ("bare_load", 2)):
+        files = r0["files"][str(step)]
+        assert len(files) >= 4, files  # .metadata, 2 DCP shards, trainer state, 2 RNG files
+        assert r0[case]["found"] == r1[case]["found"] == str(root / f"step_{step:08d}")
+        assert r0[case]["hashes"] == {f: 1 for f in files}, case  # every file once, on rank 0
+        assert r1[case]["hashes"] == {}, case  # rank 1 reads none of them
+        assert r0[case]["params_restored"] and r1[case]["params_restored"], case
