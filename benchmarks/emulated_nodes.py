@@ -117,6 +117,13 @@ def collect(out: Path, steps: int) -> dict:
                 "bytes": {k: last[f"comm_{k}_bytes"] for k in KINDS},
                 "calls": {k: last[f"comm_{k}_calls"] for k in KINDS},
                 "link_tx_bytes": statistics.median(by_step[s].get("link_tx_bytes", 0) for s in timed),
+                # the main thread's step: on a CPU, waiting for one (the machine's load), blocked (collectives)
+                "run_s": statistics.median(by_step[s].get("sched_run_s", 0.0) for s in timed),
+                "runqueue_s": statistics.median(by_step[s].get("sched_wait_s", 0.0) for s in timed),
+                "blocked_s": statistics.median(
+                    by_step[s]["step_s"] - by_step[s].get("sched_run_s", 0.0) - by_step[s].get("sched_wait_s", 0.0)
+                    for s in timed
+                ),
                 "counted_total_bytes": {k: data["total"].get(f"comm_{k}_bytes", 0) for k in KINDS},
             }
         )
@@ -182,6 +189,21 @@ def add_projection(row: dict, args) -> dict:
     return row
 
 
+def calibrate(rows: list[dict], args) -> list[dict]:
+    """Each engine's compute from its runs over the unshaped veth, the median over the repeats (one run's compute
+    on this shared machine varies with the load), then every row's projection with it."""
+    for engine in {r["engine"] for r in rows}:
+        free = [r for r in rows if r["engine"] == engine and r["link_mbit"] is None and not r["delay_ms"]]
+        if free:
+            step = statistics.median(r["step_s"] for r in free)
+            bw = statistics.median(r["link_achieved_Bps"] for r in free)
+            cpt = engine_compute(step, engine, args, bw)
+            for r in rows:
+                if r["engine"] == engine:
+                    r["engine_compute_s_per_token"] = cpt
+    return [add_projection(r, args) for r in rows]
+
+
 def sweep(args) -> tuple[list[dict], list[dict]]:
     rows, failures = [], []
     work = Path(args.workdir)
@@ -200,8 +222,13 @@ def sweep(args) -> tuple[list[dict], list[dict]]:
         specs = sorted([LinkSpec.parse(x) for x in args.links], key=lambda s: (s.mbit is not None, -(s.mbit or 0)))
         for spec in specs:
             with EmulatedLink(spec) as link:
-                achieved = link.tcp_throughput()
-                log(f"[emulated] link {spec.name} ({link.names[0]}<->{link.names[1]}): TCP {achieved / 1e6:.2f} MB/s")
+                achieved = link.tcp_throughput()  # both ways at once, as the ring sends
+                one_way = link.tcp_throughput(both_ways=False)
+                log(
+                    f"[emulated] link {spec.name} ({link.names[0]}<->{link.names[1]}): TCP {achieved / 1e6:.2f} MB/s "
+                    "each way at once "
+                    f"({one_way / 1e6:.2f} MB/s one way alone)"
+                )
                 for engine in args.engines:
                     out = work / f"r{rep}_{spec.name}_{engine}"
                     la = os.getloadavg()
@@ -214,10 +241,15 @@ def sweep(args) -> tuple[list[dict], list[dict]]:
                         continue
                     row = {
                         "engine": engine, "link": spec.name, "link_mbit": spec.mbit, "delay_ms": spec.delay_ms,
-                        "latency_us": spec.delay_ms * 1e3 or None, "link_achieved_Bps": achieved, "repeat": rep,
+                        "latency_us": spec.delay_ms * 1e3 or None, "link_achieved_Bps": achieved,
+                        "link_one_way_Bps": one_way, "repeat": rep,
                         "compute_s_per_token": cpt, "one_process_step_s": one["ranks"][0]["step_s"],
                         "step_s": max(r["step_s"] for r in m["ranks"]), "tokens_per_s": m["tokens_per_s"],
                         "link_tx_bytes_per_step": max(r["link_tx_bytes"] for r in m["ranks"]),
+                        # the rank that computes longest waits least for its peer: its blocked time is the link's
+                        "measured_comm_s": min(r["blocked_s"] for r in m["ranks"]),
+                        "cpu_run_s": max(r["run_s"] for r in m["ranks"]),
+                        "runqueue_s": max(r["runqueue_s"] for r in m["ranks"]),
                         "ip_link_run": ipl["ip_link"], "per_rank": m["ranks"],
                         "loadavg_before": la, "loadavg_after": os.getloadavg(), "loadavg_calibration": load0,
                     }  # fmt: skip
@@ -361,13 +393,14 @@ def main(argv=None) -> int:
             m["micro_batch"],
             m["global_batch"],
         )
-        rows = [add_projection(r, args) for r in data["points"]]
+        rows = calibrate(data["points"], args)
         write(rows, data["failures"], args, stem, m)
         return 0
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_on_signal)
     t0 = time.time()
     rows, failures = sweep(args)
+    rows = calibrate(rows, args)
     log(f"[emulated] {len(rows)} runs in {time.time() - t0:.0f} s, {len(failures)} failed")
     write(rows, failures, args, stem)
     return 1 if failures or not all(r["bytes_match"] for r in rows) else 0

@@ -196,24 +196,43 @@ class EmulatedLink:
             "rx_packets": st["rx"]["packets"],
         }
 
-    def tcp_throughput(self, nbytes: int = 8 * 2**20) -> float:
-        """Payload bytes/s of one TCP stream from node 0 to node 1 (what the shaped link achieves after TCP/IP
-        headers; the benchmark passes it to the plan as the measured bandwidth)."""
+    def tcp_throughput(self, nbytes: int = 8 * 2**20, both_ways: bool = True) -> float:
+        """Payload bytes/s per direction of TCP streams between the nodes, by default one each way at once (as a
+        two-rank ring sends: each end's egress then carries its data and the ACKs of the other's); the benchmark
+        passes it to the plan as the measured bandwidth."""
         server = (
             "import socket,sys;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
-            f"s.bind(('{ADDRS[1]}',5999));s.listen(1);print('ready',flush=True);c,_=s.accept();n=0\n"
+            "s.bind((sys.argv[1],5999));s.listen(1);print('ready',flush=True);c,_=s.accept();n=0\n"
             f"while n<{nbytes}:\n b=c.recv(1<<20)\n if not b: break\n n+=len(b)\n"
             "c.sendall(b'k')"
         )
         client = (
-            "import socket,time;time.sleep(0.1);c=socket.create_connection"
-            f"(('{ADDRS[1]}',5999));t=time.perf_counter();c.sendall(bytes({nbytes}));c.recv(1);"
-            "print(time.perf_counter()-t)"
+            "import socket,sys,time;c=socket.create_connection((sys.argv[1],5999));input();"
+            f"t=time.perf_counter();c.sendall(bytes({nbytes}));c.recv(1);print(time.perf_counter()-t)"
         )
-        srv = self.popen(1, [sys.executable, "-c", server], stdout=subprocess.PIPE, text=True)
-        assert srv.stdout is not None
-        srv.stdout.readline()
-        cli = self.popen(0, [sys.executable, "-c", client], stdout=subprocess.PIPE, text=True)
-        out, _ = cli.communicate(timeout=300)
-        srv.wait(timeout=30)
-        return nbytes / float(out.strip())
+        pairs = [(0, 1), (1, 0)] if both_ways else [(0, 1)]
+        servers = []
+        for _, dst in pairs:
+            srv = self.popen(dst, [sys.executable, "-c", server, ADDRS[dst]], stdout=subprocess.PIPE, text=True)
+            assert srv.stdout is not None
+            srv.stdout.readline()
+            servers.append(srv)
+        clients = [
+            self.popen(
+                src,
+                [sys.executable, "-c", client, ADDRS[dst]],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for src, dst in pairs
+        ]
+        time.sleep(0.2)  # connected: start all streams together
+        for c in clients:
+            assert c.stdin is not None
+            c.stdin.write("go\n")
+            c.stdin.flush()
+        secs = [float(c.communicate(timeout=300)[0].strip()) for c in clients]
+        for srv in servers:
+            srv.wait(timeout=30)
+        return nbytes / max(secs)

@@ -39,7 +39,7 @@ def _namespaces() -> set[str]:
 
 
 def test_ddp_and_fsdp2_step_over_shaped_links(netns_ok, tmp_path):
-    args = Namespace(steps=2, micro=2, accum=1, global_batch=4, seq=32, device="cpu", timeout=240,
+    args = Namespace(steps=3, micro=2, accum=1, global_batch=4, seq=32, device="cpu", timeout=240,
                      cache=str(tmp_path / "cache"), workdir=str(tmp_path))  # fmt: skip
     runs = {"ddp": LinkSpec(200), "fsdp2": LinkSpec(100)}
     links, results, errors = {}, {}, {}
@@ -64,7 +64,7 @@ def test_ddp_and_fsdp2_step_over_shaped_links(netns_ok, tmp_path):
         assert not set(link.names) & _namespaces()
 
     for engine in runs:
-        m = collect(tmp_path / engine, 2)
+        m = collect(tmp_path / engine, 3)
         pred = projection(engine, args, runs[engine].mbit * 1e6 / 8, None, 0.0)
         assert len(m["ranks"]) == 2
         for r in m["ranks"]:
