@@ -89,6 +89,44 @@ def run_two_nodes(link: EmulatedLink, engine: str, args, out: Path) -> dict:
     return {"ip_link": [{k: a[k] - b[k] for k in a} for a, b in zip(after, before, strict=True)]}
 
 
+BUSBW_WORKER = """
+import os, statistics, sys, time
+import torch, torch.distributed as dist
+rank, nbytes, reps, gap = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+dist.init_process_group("gloo", init_method=f"tcp://{sys.argv[5]}:29401", rank=rank, world_size=2)
+shard = torch.ones(nbytes // 8, dtype=torch.float32)
+out = torch.empty(2 * shard.numel())
+ts = []
+for i in range(reps + 1):
+    dist.barrier()
+    time.sleep(gap)  # the link idles as between two blocks' gathers (TCP restarts from its initial window)
+    t = time.perf_counter()
+    dist.all_gather_into_tensor(out, shard)
+    ts.append(time.perf_counter() - t)
+print(statistics.median(ts[1:]))
+dist.destroy_process_group()
+"""
+
+
+BUSBW_BYTES = 2 * 2**20  # all-gather output: about one decoder block of the built-in model under FSDP2
+
+
+def collective_busbw(link: EmulatedLink, nbytes: int, reps: int = 5, gap_s: float = 0.3) -> float:
+    """Bus bandwidth of gloo's all-gather over the link (bytes each rank sends / time, as nccl-tests' busbw), for
+    an all-gather of `nbytes` output after the link idled `gap_s`: what `--bandwidth-gbps` means."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="")
+    procs = []
+    for node in (0, 1):
+        env["GLOO_SOCKET_IFNAME"] = link.names[node]
+        cmd = [sys.executable, "-c", BUSBW_WORKER, str(node), str(nbytes), str(reps), str(gap_s), ADDRS[0]]
+        procs.append(link.popen(node, cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError("busbw worker failed: " + " | ".join(o[1][-800:] for o in outs))
+    secs = max(float(o[0].strip()) for o in outs)
+    return nbytes / 2 / secs
+
+
 def run_one_process(args, out: Path) -> None:
     """The compute calibration: the same job on one process, no link."""
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +170,7 @@ def collect(out: Path, steps: int) -> dict:
     return {"ranks": sorted(ranks, key=lambda r: r["rank"]), "tokens_per_s": tps}
 
 
-def projection(engine: str, args, bandwidth_Bps: float, latency_us: float | None, cpt: float) -> dict:
+def projection(engine: str, args, bandwidth_Bps: float, latency_us: float | None, cpt: float, gpu: str = "cpu") -> dict:
     """What `dora-dist plan --gpu cpu --nodes 2 --gpus-per-node 1 --inter-node ethernet --bandwidth-gbps B` projects
     for this job, with compute calibrated (s/token) instead of FLOPs at an MFU."""
     from dora_dist.config import load_config
@@ -142,9 +180,7 @@ def projection(engine: str, args, bandwidth_Bps: float, latency_us: float | None
 
     ov = overrides(Point(engine, "dense", "strong", 2), args, Path(args.workdir))
     cfg = load_config(ov[1], ov[2:])
-    cluster = make_cluster(
-        "cpu", 2, 1, inter_node="ethernet", bandwidth_gbps=bandwidth_Bps / 1e9, latency_us=latency_us
-    )
+    cluster = make_cluster(gpu, 2, 1, inter_node="ethernet", bandwidth_gbps=bandwidth_Bps / 1e9, latency_us=latency_us)
     p = project(cfg, cluster, engine, compute_s_per_token=cpt)
     return {
         "bytes": bytes_by_kind(p.collectives),
@@ -174,12 +210,21 @@ def add_projection(row: dict, args) -> dict:
     """The projection with compute calibrated on the unshaped link for this engine (`predicted`, what the errors
     are of) and with the one-process calibration scaling.py uses (`predicted_one_process`)."""
     cpt = row.get("engine_compute_s_per_token") or row["compute_s_per_token"]
-    pred = projection(row["engine"], args, row["link_achieved_Bps"], row["latency_us"], cpt)
-    pred1 = projection(row["engine"], args, row["link_achieved_Bps"], row["latency_us"], row["compute_s_per_token"])
+    bw = row.get("link_busbw_Bps") or row["link_achieved_Bps"]
+    pred = projection(row["engine"], args, bw, row["latency_us"], cpt)
+    pred_tcp = projection(row["engine"], args, row["link_achieved_Bps"], row["latency_us"], cpt)
+    pred1 = projection(row["engine"], args, bw, row["latency_us"], row["compute_s_per_token"])
+    # the same link and compute under nccl's rule (prefetched gathers, bucketed reductions hidden behind compute):
+    # what the model projected for gloo before it knew the backend (the rule it keeps for GPUs)
+    overlapped = projection(row["engine"], args, bw, row["latency_us"], cpt, gpu="h100-80gb")
     counted = row["per_rank"][0]["bytes"]
     row.update(
         predicted=pred,
         predicted_one_process=pred1,
+        predicted_if_overlapped=overlapped["step_s"],
+        predicted_with_tcp_rate=pred_tcp,
+        comm_error_with_tcp_rate=(pred_tcp["comm_s"] - row["measured_comm_s"]) / row["measured_comm_s"],
+        time_error_if_overlapped=(overlapped["step_s"] - row["step_s"]) / row["step_s"],
         bytes_match=all(r["bytes"] == pred["bytes"] for r in row["per_rank"]),
         time_error=(pred["step_s"] - row["step_s"]) / row["step_s"],
         time_error_one_process=(pred1["step_s"] - row["step_s"]) / row["step_s"],
@@ -190,17 +235,17 @@ def add_projection(row: dict, args) -> dict:
 
 
 def calibrate(rows: list[dict], args) -> list[dict]:
-    """Each engine's compute from its runs over the unshaped veth, the median over the repeats (one run's compute
-    on this shared machine varies with the load), then every row's projection with it."""
-    for engine in {r["engine"] for r in rows}:
-        free = [r for r in rows if r["engine"] == engine and r["link_mbit"] is None and not r["delay_ms"]]
+    """Each engine's compute from its run over the unshaped veth in the same repeat (the load of this shared machine
+    drifts between repeats, less within one), then every row's projection with it."""
+    for r in rows:
+        free = [
+            u
+            for u in rows
+            if (u["engine"], u["repeat"]) == (r["engine"], r["repeat"]) and u["link_mbit"] is None and not u["delay_ms"]
+        ]
         if free:
-            step = statistics.median(r["step_s"] for r in free)
-            bw = statistics.median(r["link_achieved_Bps"] for r in free)
-            cpt = engine_compute(step, engine, args, bw)
-            for r in rows:
-                if r["engine"] == engine:
-                    r["engine_compute_s_per_token"] = cpt
+            bw = free[0].get("link_busbw_Bps") or free[0]["link_achieved_Bps"]
+            r["engine_compute_s_per_token"] = engine_compute(free[0]["step_s"], r["engine"], args, bw)
     return [add_projection(r, args) for r in rows]
 
 
@@ -224,6 +269,7 @@ def sweep(args) -> tuple[list[dict], list[dict]]:
             with EmulatedLink(spec) as link:
                 achieved = link.tcp_throughput()  # both ways at once, as the ring sends
                 one_way = link.tcp_throughput(both_ways=False)
+                busbw = collective_busbw(link, BUSBW_BYTES)
                 log(
                     f"[emulated] link {spec.name} ({link.names[0]}<->{link.names[1]}): TCP {achieved / 1e6:.2f} MB/s "
                     "each way at once "
@@ -242,7 +288,7 @@ def sweep(args) -> tuple[list[dict], list[dict]]:
                     row = {
                         "engine": engine, "link": spec.name, "link_mbit": spec.mbit, "delay_ms": spec.delay_ms,
                         "latency_us": spec.delay_ms * 1e3 or None, "link_achieved_Bps": achieved,
-                        "link_one_way_Bps": one_way, "repeat": rep,
+                        "link_one_way_Bps": one_way, "link_busbw_Bps": busbw, "repeat": rep,
                         "compute_s_per_token": cpt, "one_process_step_s": one["ranks"][0]["step_s"],
                         "step_s": max(r["step_s"] for r in m["ranks"]), "tokens_per_s": m["tokens_per_s"],
                         "link_tx_bytes_per_step": max(r["link_tx_bytes"] for r in m["ranks"]),
@@ -254,12 +300,14 @@ def sweep(args) -> tuple[list[dict], list[dict]]:
                         "loadavg_before": la, "loadavg_after": os.getloadavg(), "loadavg_calibration": load0,
                     }  # fmt: skip
                     if spec.mbit is None and not spec.delay_ms:
-                        unshaped[engine] = (row["step_s"], achieved)
+                        unshaped[engine] = (row["step_s"], busbw)
                     if engine in unshaped:
                         row["engine_compute_s_per_token"] = engine_compute(unshaped[engine][0], engine, args,
                                                                            unshaped[engine][1])  # fmt: skip
                     add_projection(row, args)
                     rows.append(row)
+                    partial = Path(args.out).with_suffix(".partial.json")  # an interrupted sweep keeps its runs
+                    partial.write_text(json.dumps({"points": rows, "failures": failures}))
                     log(
                         f"[emulated]   {engine:<6} step {row['step_s']:.3f} s (projected "
                         f"{row['predicted']['step_s']:.3f}, {100 * row['time_error']:+.0f}%), "
@@ -290,8 +338,15 @@ def medians(rows: list[dict]) -> list[dict]:
                 "measured_step_s": med(lambda r: r["step_s"]),
                 "predicted_step_s": med(lambda r: r["predicted"]["step_s"]),
                 "predicted_comm_s": med(lambda r: r["predicted"]["comm_s"]),
+                "measured_comm_s": med(lambda r: r["measured_comm_s"]),
+                "comm_error": med(lambda r: (r["predicted"]["comm_s"] - r["measured_comm_s"]) / r["measured_comm_s"]),
+                "comm_error_with_tcp_rate": med(lambda r: r["comm_error_with_tcp_rate"]),
+                "busbw_MBps": med(lambda r: r.get("link_busbw_Bps") or r["link_achieved_Bps"]) / 1e6,
+                "cpu_run_s": med(lambda r: r["cpu_run_s"]),
+                "runqueue_s": med(lambda r: r["runqueue_s"]),
                 "comm_share": med(lambda r: r["comm_share"]),
                 "time_error": med(lambda r: r["time_error"]),
+                "time_error_if_overlapped": med(lambda r: r["time_error_if_overlapped"]),
                 "tokens_per_s": med(lambda r: r["tokens_per_s"]),
                 "counted_MiB": sum(rs[0]["per_rank"][0]["bytes"].values()) / 2**20,
                 "wire_MiB": med(lambda r: r["link_tx_bytes_per_step"]) / 2**20,
@@ -310,39 +365,52 @@ def plot(rows: list[dict], summary: list[dict], path: Path, machine: str) -> Non
     import matplotlib.pyplot as plt
 
     colors = {"ddp": "tab:blue", "fsdp2": "tab:orange", "zero2": "tab:green", "zero3": "tab:red"}
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for eng in [e for e in ENGINES if any(s["engine"] == e for s in summary)]:
         ss = sorted([s for s in summary if s["engine"] == eng], key=lambda s: s["achieved_MBps"])
         x = [s["achieved_MBps"] * 8 for s in ss]
-        ax.plot(x, [s["predicted_step_s"] for s in ss], "--", color=colors[eng], label=f"{eng} projected")
-        ax.plot(x, [s["measured_step_s"] for s in ss], "o-", color=colors[eng], label=f"{eng} measured (median)")
         raw = [r for r in rows if r["engine"] == eng]
-        ax.scatter([r["link_achieved_Bps"] * 8 / 1e6 for r in raw], [r["step_s"] for r in raw], s=10,
-                   color=colors[eng], alpha=0.4)  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("link bandwidth achieved by TCP, Mbit/s per direction (tc tbf on a veth pair)")
-    ax.set_ylabel("optimizer step time, s (max over the 2 ranks)")
-    ax.set_title(f"2 emulated nodes × 1 process, gloo, tiny Llama DoRA r=8\n{machine}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+        xr = [r["link_achieved_Bps"] * 8 / 1e6 for r in raw]
+        for ax, meas, pred, raw_y in (
+            (axes[0], "measured_step_s", "predicted_step_s", [r["step_s"] for r in raw]),
+            (axes[1], "measured_comm_s", "predicted_comm_s", [r["measured_comm_s"] for r in raw]),
+        ):
+            ax.plot(x, [s[pred] for s in ss], "--", color=colors[eng], label=f"{eng} projected")
+            ax.plot(x, [s[meas] for s in ss], "o-", color=colors[eng], label=f"{eng} measured (median)")
+            ax.scatter(xr, raw_y, s=10, color=colors[eng], alpha=0.4)
+    for ax, what in zip(axes, ("optimizer step time, s (max over the 2 ranks)",
+                               "communication, s (main thread blocked; projected comm_s)"), strict=True):  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("link: TCP Mbit/s each way, both ways at once (veth + tc tbf)")
+        ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"2 emulated nodes × 1 process, gloo, tiny Llama DoRA r=8 — {machine}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def print_table(summary: list[dict]) -> None:
-    print(
-        f"{'link':<10} {'MB/s':>6} {'engine':<6} {'counted MiB':>11} {'wire MiB':>9} {'measured s':>10} "
-        f"{'projected s':>11} {'error':>7} {'comm share':>10} {'tok/s':>7} {'load':>5}"
-    )
+    head = f"{'link':<9} {'TCP':>6} {'busbw':>6} {'engine':<6} {'counted':>8} {'wire':>6} {'step s':>7} {'proj.':>7} "
+    print(head + f"{'err':>5} {'comm s':>7} {'proj.':>7} {'err':>5} {'share':>5} {'tok/s':>5} {'load':>5}")
     for s in summary:
         print(
-            f"{s['link']:<10} {s['achieved_MBps']:>6.2f} {s['engine']:<6} {s['counted_MiB']:>11.2f} "
-            f"{s['wire_MiB']:>9.2f} {s['measured_step_s']:>10.3f} {s['predicted_step_s']:>11.3f} "
-            f"{100 * s['time_error']:>+6.0f}% {100 * s['comm_share']:>9.0f}% {s['tokens_per_s']:>7,.0f} "
-            f"{s['load_1min']:>5.2f}"
+            f"{s['link']:<9} {s['achieved_MBps']:>6.2f} {s['busbw_MBps']:>6.2f} {s['engine']:<6} "
+            f"{s['counted_MiB']:>8.2f} {s['wire_MiB']:>6.2f} {s['measured_step_s']:>7.3f} "
+            f"{s['predicted_step_s']:>7.3f} "
+            f"{100 * s['time_error']:>+4.0f}% {s['measured_comm_s']:>7.3f} {s['predicted_comm_s']:>7.3f} "
+            f"{100 * s['comm_error']:>+4.0f}% {100 * s['comm_share']:>4.0f}% {s['tokens_per_s']:>5.0f} "
+            f"{s['load_1min']:>5.1f}"
         )
+    print(
+        "TCP: MB/s each way with both directions streaming; busbw: gloo all-gather bus bandwidth, MB/s (the\n"
+        "projection's bandwidth, as --bandwidth-gbps); counted / wire: MiB per step and rank (collective buffers;\n"
+        "the veth's own tx counter); comm s: the main thread blocked (step - on CPU - waiting for a CPU,\n"
+        "/proc/self/schedstat) and the projection's comm_s; share: projected communication / projected step.\n"
+        "unshaped rows calibrate each engine's compute (their step error is 0 by construction)."
+    )
 
 
 def write(rows, failures, args, stem: Path, meta: dict | None = None) -> list[dict]:
@@ -382,6 +450,11 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--out", default=str(RESULTS / "emulated_nodes"), help="output stem")
     ap.add_argument("--reproject", action="store_true", help="no runs: recompute the projection for the saved points")
+    ap.add_argument(
+        "--measure-busbw",
+        action="store_true",
+        help="with --reproject: measure gloo's all-gather bus bandwidth on each saved link setting (needs root)",
+    )
     args = ap.parse_args(argv)
     stem = Path(args.out)
     if args.reproject:
@@ -393,6 +466,14 @@ def main(argv=None) -> int:
             m["micro_batch"],
             m["global_batch"],
         )
+        if args.measure_busbw:
+            for name in sorted({r["link"] for r in data["points"]}):
+                with EmulatedLink(LinkSpec.parse(name)) as link:
+                    bw = statistics.median(collective_busbw(link, BUSBW_BYTES) for _ in range(args.repeats))
+                log(f"[emulated] {name}: gloo all-gather busbw {bw / 1e6:.2f} MB/s")
+                for r in data["points"]:
+                    if r["link"] == name:
+                        r["link_busbw_Bps"] = bw
         rows = calibrate(data["points"], args)
         write(rows, data["failures"], args, stem, m)
         return 0
@@ -401,6 +482,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows, failures = sweep(args)
     rows = calibrate(rows, args)
+    Path(args.out).with_suffix(".partial.json").unlink(missing_ok=True)
     log(f"[emulated] {len(rows)} runs in {time.time() - t0:.0f} s, {len(failures)} failed")
     write(rows, failures, args, stem)
     return 1 if failures or not all(r["bytes_match"] for r in rows) else 0

@@ -30,9 +30,17 @@ class Interconnect:
     name: str
     bandwidth: float  # achieved bus bandwidth per GPU, bytes/s
     latency_s: float  # per collective call
-    #: whether collectives can run alongside compute (GPU links: a separate stream and engine; gloo on the CPU uses
-    #: the same cores as the compute, so nothing overlaps)
+    #: whether the link lets collectives run alongside compute (loopback: gloo's copies use the compute's cores);
+    #: whether the *backend* does is `BACKEND_OVERLAPS`, and both must hold
     overlaps: bool = True
+
+
+#: Whether a backend's collectives overlap with compute. nccl: yes, they run on their own CUDA stream while the
+#: compute stream goes on (FSDP2's prefetched all-gathers, DDP's bucketed all-reduces during backward). gloo on the
+#: CPU: no, measured over a shaped link (benchmarks/emulated_nodes.py): the step time is compute + communication,
+#: the trainer waits on each collective where it is issued (FSDP2 unshards a block just before using it, DDP's
+#: gradients fit its first bucket and are reduced after the backward).
+BACKEND_OVERLAPS = {"nccl": True, "gloo": False}
 
 
 GPUS: dict[str, GPU] = {
@@ -95,6 +103,11 @@ class Cluster:
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def backend(self) -> str:
+        """The process-group backend the trainer uses on this hardware: gloo on CPUs, nccl on GPUs."""
+        return "gloo" if self.gpu.name == "cpu" else "nccl"
 
     @property
     def link(self) -> Interconnect:

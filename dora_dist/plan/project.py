@@ -8,9 +8,10 @@ step time = compute + the communication that does not overlap with it (+ host↔
   adapters 6·N_adapter; causal attention 2·S·h per layer and token forward, twice that backward; gradient
   checkpointing repeats the forward; DoRA's weight norm adds 2·r·N_linear per micro-step (W·Aᵀ).
 - communication: each collective of `comm.predict_collectives` costs its ring wire bytes / bandwidth + latency ×
-  calls on the slowest link it crosses (NVLink/PCIe within a node, InfiniBand/Ethernet across nodes). Prefetched
-  all-gathers and bucketed gradient reductions overlap with compute; the rest (the first gather, step-time scalars,
-  DeepSpeed's post-step gathers) do not.
+  calls on the slowest link it crosses (NVLink/PCIe within a node, InfiniBand/Ethernet across nodes). Under nccl,
+  prefetched all-gathers and bucketed gradient reductions overlap with compute; the rest (the first gather,
+  step-time scalars, DeepSpeed's post-step gathers) do not. Under gloo (`--gpu cpu`) nothing does: the trainer
+  waits for each collective where it is issued (measured over a shaped link, benchmarks/emulated_nodes.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import copy
 from dataclasses import dataclass, field
 
 from dora_dist.plan.comm import Collective, bytes_by_kind, four_bit, grad_accum, predict_collectives, wire_bytes
-from dora_dist.plan.hardware import GB, Cluster
+from dora_dist.plan.hardware import BACKEND_OVERLAPS, GB, Cluster
 from dora_dist.plan.memory import MemoryEstimate, estimate_memory
 from dora_dist.plan.model_spec import ModelSpec, model_spec
 
@@ -87,12 +88,14 @@ def flops_per_token(cfg, spec: ModelSpec) -> float:
 
 
 def comm_time(collectives: list[Collective], cluster: Cluster) -> tuple[float, float]:
-    """(overlappable, not overlappable) seconds of communication per step."""
+    """(overlappable, not overlappable) seconds of communication per step: ring wire bytes / bandwidth + latency
+    × calls on the slowest link; overlappable only where the collective, the link and the backend allow it."""
     link = cluster.link
+    overlaps = link.overlaps and BACKEND_OVERLAPS[cluster.backend]
     ov = no = 0.0
     for c in collectives:
         t = wire_bytes(c, cluster.world) / link.bandwidth + link.latency_s * c.calls
-        if c.overlap and link.overlaps:
+        if c.overlap and overlaps:
             ov += t
         else:
             no += t
