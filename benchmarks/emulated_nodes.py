@@ -307,6 +307,7 @@ def sweep(args) -> tuple[list[dict], list[dict]]:
                     add_projection(row, args)
                     rows.append(row)
                     partial = Path(args.out).with_suffix(".partial.json")  # an interrupted sweep keeps its runs
+                    partial.parent.mkdir(parents=True, exist_ok=True)
                     partial.write_text(json.dumps({"points": rows, "failures": failures}))
                     log(
                         f"[emulated]   {engine:<6} step {row['step_s']:.3f} s (projected "

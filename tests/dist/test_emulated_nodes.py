@@ -75,3 +75,33 @@ def test_ddp_and_fsdp2_step_over_shaped_links(netns_ok, tmp_path):
         # `ip -s link` over the whole run (set-up, rendezvous and the step) saw at least the step's bytes
         whole_run = sum(ipl["tx_bytes"] for ipl in results[engine]["ip_link"])
         assert whole_run >= sum(r["link_tx_bytes"] for r in m["ranks"]) > 0
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_run_removes_its_namespaces(netns_ok, sig):
+    """Ctrl-C or SIGTERM while a process runs inside the emulated nodes: the namespaces, the veth pair and the
+    process are gone when the interrupted program has exited."""
+    import signal
+    import time
+
+    code = (
+        "import signal, subprocess, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "from emulated_nodes import _raise_on_signal\n"
+        "from netns_link import EmulatedLink, LinkSpec\n"
+        "signal.signal(signal.SIGTERM, _raise_on_signal)\n"
+        "with EmulatedLink(LinkSpec(100)) as link:\n"
+        "    link.popen(1, [sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "    print(*link.names, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    names = proc.stdout.readline().split()
+    assert len(names) == 2 and set(names) <= _namespaces()
+    time.sleep(0.5)
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=60)
+    assert not set(names) & _namespaces()
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    assert not any(n in links for n in names)
