@@ -7,6 +7,12 @@
   optimizer/engine state they hold) plus the peak of the allocations and frees the profiler records during the
   step. On the CPU this is what the projection's memory model predicts; RSS also holds the interpreter, the
   libraries and the allocator's caches. (The profiler slows the step: benchmarks leave that step out of timings.)
+- DORA_DIST_COUNT_LINK=<interface>: the bytes the interface sent and received during each step (`link_tx_bytes`,
+  `link_rx_bytes`, from /sys/class/net/<interface>/statistics, the counters `ip -s link` shows), so a benchmark over
+  an emulated link (benchmarks/emulated_nodes.py) holds the wire bytes of the steady-state steps against the
+  counted collectives; with it, the main thread's time on a CPU and waiting for one (`sched_run_s`,
+  `sched_wait_s`, /proc/self/schedstat): the rest of the step it was blocked, waiting for collectives, a split that
+  holds on a machine whose other load slows the compute.
 
     with step_probe.probing():          # around the whole run
         step_probe.start_step(step)     # before a step
@@ -27,6 +33,8 @@ import torch
 from dora_dist.parallel.comm_counter import ENV_VAR, CommCounter
 
 MEMORY_ENV = "DORA_DIST_MEMORY_STEP"
+LINK_ENV = "DORA_DIST_COUNT_LINK"
+_LINK0: dict[str, float] = {}
 _COUNTER: CommCounter | None = None
 _STEPS: list[dict] = []
 _PROF = None
@@ -96,13 +104,35 @@ class probing:
         _COUNTER = None
 
 
+def link_counters(iface: str) -> dict[str, int]:
+    """tx/rx byte counters of a network interface (Linux sysfs; {} where it cannot be read)."""
+    out = {}
+    for d in ("tx", "rx"):
+        try:
+            out[f"link_{d}_bytes"] = int(Path(f"/sys/class/net/{iface}/statistics/{d}_bytes").read_text())
+        except (OSError, ValueError):
+            return {}
+    return out
+
+
+def sched_times() -> dict[str, float]:
+    """The calling process's main thread: seconds on a CPU and runnable but waiting for one ({} off Linux)."""
+    try:
+        run_ns, wait_ns = (int(x) for x in Path("/proc/self/schedstat").read_text().split()[:2])
+    except (OSError, ValueError):
+        return {}
+    return {"sched_run_s": run_ns / 1e9, "sched_wait_s": wait_ns / 1e9}
+
+
 def _memory_step() -> bool:
     return bool(os.environ.get(MEMORY_ENV)) and int(os.environ[MEMORY_ENV]) == _STEP
 
 
 def start_step(step: int = 0) -> None:
-    global _PROF, _BASE, _STEP, _T0
+    global _PROF, _BASE, _STEP, _T0, _LINK0
     _STEP = step + 1
+    if os.environ.get(LINK_ENV):
+        _LINK0 = {**link_counters(os.environ[LINK_ENV]), **sched_times()}
     if _COUNTER is not None:
         _COUNTER.start_step()
     if _memory_step():
@@ -128,6 +158,9 @@ def end_step() -> dict:
     step_s = time.perf_counter() - _T0
     if _COUNTER is not None:
         rec.update(_COUNTER.end_step())
+    if _LINK0 and os.environ.get(LINK_ENV):
+        now = {**link_counters(os.environ[LINK_ENV]), **sched_times()}
+        rec.update({k: now[k] - _LINK0[k] for k in now if k in _LINK0})
     if _memory_step():
         rec["live_bytes_start"] = _BASE
         if _PROF is not None:

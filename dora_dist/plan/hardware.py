@@ -40,8 +40,8 @@ class Interconnect:
     name: str
     bandwidth: float  # achieved bus bandwidth per GPU, bytes/s
     latency_s: float  # per collective call
-    #: whether collectives can run alongside compute (GPU links: a separate stream and engine; gloo on the CPU uses
-    #: the same cores as the compute, so nothing overlaps)
+    #: whether the link lets collectives run alongside compute (loopback: gloo's copies use the compute's cores);
+    #: whether the *backend* does is `BACKEND_OVERLAPS`, and both must hold
     overlaps: bool = True
     #: fraction of the overlappable collective time that compute actually hides (1: all of it). Below 1 where
     #: the copy engines share a path with compute traffic: GeForce cards without P2P stage every collective
@@ -54,6 +54,14 @@ class Interconnect:
 
 #: MFU for a GPU no cited run covers (and whose die and peak no covered GPU shares): the median of the derived ones
 FALLBACK_MFU = 0.60
+
+#: Whether a backend's collectives overlap with compute. nccl: yes, they run on their own CUDA stream while the
+#: compute stream goes on (FSDP2's prefetched all-gathers, DDP's bucketed all-reduces during backward). gloo on the
+#: CPU: no, measured over a shaped link (benchmarks/emulated_nodes.py): the step time is compute + communication,
+#: the trainer waits on each collective where it is issued (FSDP2 unshards a block just before using it, DDP's
+#: gradients fit its first bucket and are reduced after the backward).
+BACKEND_OVERLAPS = {"nccl": True, "gloo": False}
+
 
 GPUS: dict[str, GPU] = {
     g.name: g
@@ -125,6 +133,11 @@ class Cluster:
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def backend(self) -> str:
+        """The process-group backend the trainer uses on this hardware: gloo on CPUs, nccl on GPUs."""
+        return "gloo" if self.gpu.name == "cpu" else "nccl"
 
     @property
     def link(self) -> Interconnect:

@@ -12,9 +12,11 @@ step time = compute + the communication that does not overlap with it (+ host↔
   dequantization, bound by memory bandwidth: per pass over the weights (forward, recomputation, backward, DoRA's
   W·Aᵀ) each weight's packed half byte is read and its 16-bit copy written and read back.
 - communication: each collective of `comm.predict_collectives` costs its ring wire bytes / bandwidth + latency ×
-  calls on the slowest link it crosses (NVLink/PCIe within a node, InfiniBand/Ethernet across nodes). Prefetched
-  all-gathers and bucketed gradient reductions overlap with compute, as far as the link's `overlap_efficiency`
-  lets them; the rest (the first gather, step-time scalars, DeepSpeed's post-step gathers) do not.
+  calls on the slowest link it crosses (NVLink/PCIe within a node, InfiniBand/Ethernet across nodes). Under nccl,
+  prefetched all-gathers and bucketed gradient reductions overlap with compute, as far as the link's
+  `overlap_efficiency` lets them; the rest (the first gather, step-time scalars, DeepSpeed's post-step gathers) do
+  not. Under gloo (`--gpu cpu`) nothing does: the trainer waits for each collective where it is issued (measured
+  over a shaped link, benchmarks/emulated_nodes.py).
 
 The uncertainty `plan` prints: tokens/s from the MFU's spread over the cited runs (`MFU_SPREAD`), and the memory
 terms that dominate the peak.
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from dora_dist.parallel import capabilities, engines_for, resolve_engine
 from dora_dist.plan.comm import Collective, bytes_by_kind, four_bit, grad_accum, predict_collectives, wire_bytes
-from dora_dist.plan.hardware import GB, Cluster, GiB
+from dora_dist.plan.hardware import BACKEND_OVERLAPS, GB, Cluster, GiB
 from dora_dist.plan.memory import MemoryEstimate, estimate_memory
 from dora_dist.plan.model_spec import ModelSpec, model_spec
 
@@ -139,7 +141,7 @@ def flops_per_token(cfg: Config, spec: ModelSpec) -> float:
     return total + norm
 
 
-def dequant_s_per_micro_step(cfg, spec: ModelSpec, gpu) -> float:
+def dequant_s_per_micro_step(cfg: Config, spec: ModelSpec, gpu) -> float:
     """bitsandbytes dequantizes each 4-bit linear before its matmul: 0.5 byte read + 2 written + 2 read back per
     weight, once per pass (forward, backward, recomputation; DoRA's W·Aᵀ one more), at the GPU's memory bandwidth."""
     if not four_bit(cfg):
@@ -152,12 +154,14 @@ def dequant_s_per_micro_step(cfg, spec: ModelSpec, gpu) -> float:
 
 
 def comm_time(collectives: list[Collective], cluster: Cluster) -> tuple[float, float]:
-    """(overlappable, not overlappable) seconds of communication per step."""
+    """(overlappable, not overlappable) seconds of communication per step: ring wire bytes / bandwidth + latency
+    × calls on the slowest link; overlappable only where the collective, the link and the backend allow it."""
     link = cluster.link
+    overlaps = link.overlaps and BACKEND_OVERLAPS[cluster.backend]
     ov = no = 0.0
     for c in collectives:
         t = wire_bytes(c, cluster.world) / link.bandwidth + link.latency_s * c.calls
-        if c.overlap and link.overlaps:
+        if c.overlap and overlaps:
             ov += t
         else:
             no += t

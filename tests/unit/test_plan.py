@@ -194,3 +194,19 @@ def test_plan_applies_the_trainers_batch_rule(capsys):
     assert cli(["plan", "--config", path, "--gpus-per-node", "3"]) == 2
     assert "training.global_batch_size=64 is not a multiple of" in capsys.readouterr().err
     assert cli(["plan", "--config", path, "--gpus-per-node", "4"]) == 0
+
+
+def test_gloo_waits_for_each_collective_nccl_overlaps():
+    """The backend decides the overlap, not only the link: on CPUs (gloo) the step is compute + all communication,
+    as measured over a shaped link between two emulated nodes (benchmarks/emulated_nodes.py); on GPUs (nccl) the
+    prefetched all-gathers hide behind compute on the same link."""
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["data.seq_len=64", "training.micro_batch_size=2"])
+    cpu = make_cluster("cpu", 2, 1, inter_node="ethernet", bandwidth_gbps=0.0125)
+    gpu = make_cluster("h100-80gb", 2, 1, inter_node="ethernet", bandwidth_gbps=0.0125)
+    assert (cpu.backend, gpu.backend) == ("gloo", "nccl")
+    on_cpu = project(cfg, cpu, "fsdp2", compute_s_per_token=1e-3)
+    assert on_cpu.exposed_comm_s == pytest.approx(on_cpu.comm_s)
+    assert on_cpu.step_s == pytest.approx(on_cpu.compute_s + on_cpu.comm_s)
+    on_gpu = project(cfg, gpu, "fsdp2", compute_s_per_token=1e-3)
+    assert on_gpu.comm_s == pytest.approx(on_cpu.comm_s)  # the same bytes over the same link
+    assert on_gpu.exposed_comm_s < on_gpu.comm_s
