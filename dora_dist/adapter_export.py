@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
+    from dora_dist.dist_env import DistEnv
     from dora_dist.parallel.base import Engine
-    from dora_dist.parallel.dist_env import DistEnv
 
 
 def export_adapter(

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from dora_dist.parallel.dist_env import DistEnv
+    from dora_dist.dist_env import DistEnv
 
 
 def eval_shard(n: int, rank: int, world: int) -> range:

@@ -31,10 +31,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from dora_dist.nn.dora_linear import nonzero_norm
+
+if TYPE_CHECKING:
+    from dora_dist.dist_env import DistEnv
 
 #: layer groups: a module path is attention when a part of it names attention, MLP when a part names the MLP
 ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value")
@@ -331,7 +335,7 @@ def group_record(layers: list[LayerHealth]) -> dict[str, float | None]:
     return rec
 
 
-def measure(engine, env, dtype: torch.dtype, epilogue: Epilogue | None = None) -> list[LayerHealth]:
+def measure(engine, env: DistEnv, dtype: torch.dtype, epilogue: Epilogue | None = None) -> list[LayerHealth]:
     """Every DoRA layer's health, the same on every rank. COLLECTIVE (every rank calls): the engine's row views
     (FSDP2: every layer's lora_A in one all-gather; ZeRO-3: the adapter gathered and W·Aᵀ summed per layer) and one
     all-gather of (layers × 8) floats per rank (sums added, maxima taken, in rank order on every rank)."""

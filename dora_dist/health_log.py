@@ -15,7 +15,7 @@ from dora_dist.health import GROUPS, LayerHealth, group_record, measure
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
-    from dora_dist.parallel.dist_env import DistEnv
+    from dora_dist.dist_env import DistEnv
 
 GROUP_NAMES = {"attn": "attention", "mlp": "mlp", "other": "other"}
 

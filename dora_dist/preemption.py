@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from dora_dist.errors import is_reporting_rank
 
 if TYPE_CHECKING:
-    from dora_dist.parallel.dist_env import DistEnv
+    from dora_dist.dist_env import DistEnv
 
 #: exit status of a run stopped by a signal after saving a checkpoint: EX_TEMPFAIL, "try again later"
 REQUEUE_EXIT_CODE = 75

@@ -24,6 +24,7 @@ from dora_dist.errors import DataError, InputNotFoundError, one_line
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
+    from dora_dist.dist_env import DistEnv
 
 LOCAL_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -216,7 +217,9 @@ def tokenize_raw(raw, dcfg, tokenizer, what: str = "training", where=None) -> To
     )
 
 
-def build_datasets(cfg: Config, tokenizer, env=None) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+def build_datasets(
+    cfg: Config, tokenizer, env: DistEnv | None = None
+) -> tuple[TokenizedDataset, TokenizedDataset | None]:
     """(train, eval or None): eval is data.eval_source, or a held-out data.eval_fraction of the raw examples."""
     dcfg = cfg.data
     raw = load_raw(dcfg)
@@ -240,7 +243,7 @@ def build_datasets(cfg: Config, tokenizer, env=None) -> tuple[TokenizedDataset, 
     return train, held
 
 
-def build_dataset(cfg: Config, tokenizer, env=None) -> TokenizedDataset:
+def build_dataset(cfg: Config, tokenizer, env: DistEnv | None = None) -> TokenizedDataset:
     """The training set alone (see build_datasets)."""
     return build_datasets(cfg, tokenizer, env)[0]
 

@@ -39,6 +39,7 @@ from dora_dist.models.builtin import (
 if TYPE_CHECKING:
     from dora_dist.adapters.config import DoRAConfig
     from dora_dist.config import Config
+    from dora_dist.dist_env import DistEnv
     from dora_dist.models.load_plan import LoadPlan
 
 # Set before any tokenizer of a job is made (here and in builtin.py): the tokenizers library's threads and a later
@@ -67,7 +68,7 @@ def base_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if cfg.training.precision == "bf16" else torch.float32
 
 
-def resolve_model_path(cfg: Config, env=None) -> str:
+def resolve_model_path(cfg: Config, env: DistEnv | None = None) -> str:
     """The local directory or hub id to load; builds the built-in model first when needed."""
     name = cfg.model.name_or_path
     if name == BUILTIN_NAME:
@@ -76,7 +77,7 @@ def resolve_model_path(cfg: Config, env=None) -> str:
     return name
 
 
-def adapter_base_name(cfg: Config, env=None) -> str:
+def adapter_base_name(cfg: Config, env: DistEnv | None = None) -> str:
     """What a saved adapter names as its base (base_model_name_or_path): the built-in model by its name, which any
     machine rebuilds (merge, generate and analyze resolve it: builtin.resolve_base), anything else as loaded."""
     if cfg.model.name_or_path == BUILTIN_NAME and cfg.model.config is None:
@@ -170,7 +171,7 @@ def hf_config_from_dict(d: dict):
     return AutoConfig.for_model(model_type, **d)
 
 
-def model_config(cfg: Config, env=None):
+def model_config(cfg: Config, env: DistEnv | None = None):
     """The transformers config of the model the job will train (no weights loaded)."""
     from transformers import AutoConfig
 
@@ -213,7 +214,7 @@ def quantization_config(cfg: Config):
     )
 
 
-def load_tokenizer(cfg: Config, env=None):
+def load_tokenizer(cfg: Config, env: DistEnv | None = None):
     from transformers import AutoTokenizer
 
     name = cfg.model.tokenizer or resolve_model_path(cfg, env)
@@ -231,7 +232,7 @@ def load_tokenizer(cfg: Config, env=None):
     return tok
 
 
-def load_model(cfg: Config, env=None, plan: LoadPlan | None = None) -> nn.Module:
+def load_model(cfg: Config, env: DistEnv | None = None, plan: LoadPlan | None = None) -> nn.Module:
     """The base causal LM as the engine's LoadPlan asks (see models/load_plan.py): real weights on plan.device
     (4/8-bit bases are quantized when placed there), or a meta build the engine fills after sharding.
 

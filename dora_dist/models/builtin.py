@@ -20,6 +20,7 @@ from dora_dist.config import BUILTIN_NAME  # noqa: F401  (re-exported: models.BU
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
+    from dora_dist.dist_env import DistEnv
 
 #: architecture of the built-in model (vocab_size is set from the trained tokenizer, rounded up to 64)
 TINY_LLAMA = {
@@ -148,7 +149,7 @@ def resolve_base(name: str, cache_dir: str | None = None) -> str:
     return str(ensure_builtin_model(SimpleNamespace(model=SimpleNamespace(cache_dir=cache_dir, config=None))))
 
 
-def ensure_builtin_model(cfg: Config, env=None) -> Path:
+def ensure_builtin_model(cfg: Config, env: DistEnv | None = None) -> Path:
     """Directory of the built-in model, building it first if needed (rank 0 builds, the others wait)."""
     target = builtin_model_dir(cfg)
     if (target / "config.json").exists():

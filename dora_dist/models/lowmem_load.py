@@ -37,6 +37,7 @@ from dora_dist.quant.sharded4bit_linear import ShardedLinear4bit
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
+    from dora_dist.dist_env import DistEnv
 
 CHUNK_ELEMENTS = 1 << 24  # values per bf16 staging chunk (32 MiB)
 
@@ -383,7 +384,7 @@ def local_checkpoint_dir(name_or_path: str, revision: str | None = None) -> Path
     return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
 
 
-def build_lowmem_qdora_model(cfg: Config, env=None) -> nn.Module:
+def build_lowmem_qdora_model(cfg: Config, env: DistEnv | None = None) -> nn.Module:
     """The job's causal LM on meta with ShardedLinear4bit linears; the engine loads it after sharding
     (`finish_lowmem_load`)."""
     from dora_dist import models
@@ -417,7 +418,7 @@ def build_lowmem_qdora_model(cfg: Config, env=None) -> nn.Module:
 
 
 @torch.no_grad()
-def finish_lowmem_load(model: nn.Module, cfg: Config, env, device) -> dict:
+def finish_lowmem_load(model: nn.Module, cfg: Config, env: DistEnv, device) -> dict:
     """After fully_shard of a model from `build_lowmem_qdora_model`: allocate this rank's shards, stream the
     checkpoint into them, draw the adapters from the job's seed."""
     from dora_dist import models

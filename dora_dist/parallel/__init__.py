@@ -11,10 +11,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from dora_dist.dist_env import DistEnv
 from dora_dist.errors import ConfigError
 from dora_dist.parallel.base import Engine
 from dora_dist.parallel.capabilities import EngineCapabilities
-from dora_dist.parallel.dist_env import DistEnv
 
 if TYPE_CHECKING:
     from dora_dist.config import Config

@@ -52,9 +52,9 @@ from torch import nn
 
 from dora_dist.adapters.inject import dora_layers  # noqa: F401  (re-exported for the engines)
 from dora_dist.batching import Batching
+from dora_dist.dist_env import DistEnv
 from dora_dist.errors import importable
 from dora_dist.parallel.capabilities import EngineCapabilities
-from dora_dist.parallel.dist_env import DistEnv
 
 if TYPE_CHECKING:
     from dora_dist.config import Config

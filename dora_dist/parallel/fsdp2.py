@@ -35,7 +35,7 @@ from dora_dist.parallel.capabilities import EngineCapabilities
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
-    from dora_dist.parallel.dist_env import DistEnv
+    from dora_dist.dist_env import DistEnv
 
 try:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard

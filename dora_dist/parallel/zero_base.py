@@ -36,7 +36,7 @@ from dora_dist.parallel.zero_config import build_ds_config, describe
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
-    from dora_dist.parallel.dist_env import DistEnv
+    from dora_dist.dist_env import DistEnv
 
 CHECKPOINT_TAG = "zero"
 CLIENT_KEY = "dora_dist"
