@@ -197,7 +197,7 @@ def build_plan(base_dir: Path, adapter_dir: Path, training: dict, onto: str, dty
         name = weight_keys.get(key)
         if name is not None:
             conv = _is_conv1d(modules[name])
-            out, inp = shapes[name]
+            out, inp = shapes.get(name) or linear_shape(modules[name], name, source)
             stored_dtype = _dense_dtype(plan, info.dtype, key)
             kind = "merge" if name in by_module else "dequant"
             plan.actions[key] = Action(kind, key, name, conv)
@@ -219,19 +219,23 @@ def _dense_dtype(plan: MergePlan, stored: torch.dtype, key: str) -> torch.dtype:
     return prequantized_state(plan.checkpoint, key).dtype
 
 
+def linear_shape(module: nn.Module, name: str, source: str) -> tuple[int, int]:
+    """(out, in) of a linear layer (nn.Linear, or Conv1D whose weight is (in, out))."""
+    if _is_conv1d(module):
+        inp, out = module.weight.shape
+    elif isinstance(module, nn.Linear):
+        out, inp = module.out_features, module.in_features
+    else:
+        raise AdapterError(f"{source}: {name} is a {type(module).__name__}, not a linear layer DoRA adapts")
+    return int(out), int(inp)
+
+
 def _check_adapter_shapes(plan: MergePlan, model: nn.Module, source: str) -> dict[str, tuple[int, int]]:
     """(out, in) of each adapted module, checked against the adapter's A (r, in), B (out, r) and m (out,)."""
     shapes = {}
     r = plan.adapter_cfg.r
     for name, parts in plan.adapter.items():
-        module = model.get_submodule(name)
-        if _is_conv1d(module):
-            inp, out = module.weight.shape
-        elif isinstance(module, nn.Linear):
-            out, inp = module.out_features, module.in_features
-        else:
-            raise AdapterError(f"{source}: {name} is a {type(module).__name__}, not a linear layer DoRA adapts")
-        shapes[name] = (int(out), int(inp))
+        shapes[name] = out, inp = linear_shape(model.get_submodule(name), name, source)
         want = {"lora_A": (r, inp), "lora_B": (out, r), "magnitude": (out,)}
         need = ["lora_A", "lora_B"] + (["magnitude"] if plan.adapter_cfg.use_dora else [])
         for attr in need:
