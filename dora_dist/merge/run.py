@@ -133,6 +133,23 @@ def write_model(plan: MergePlan, tmp: Path, adapter_dir: Path, dtype_name: str) 
             shutil.copyfile(tok_src / name, tmp / name)
 
 
+def return_freed_tensors_to_the_os() -> None:
+    """Serve every allocation over 128 KiB from its own mmap (glibc), so a freed tensor goes back to the OS.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which tensors of that
+    size come from the heap, which a stream of tensors of changing sizes fragments and grows: measured, that
+    doubled the peak of a merge. A fixed threshold keeps the peak at the tensors alive at one time. Elsewhere than
+    glibc this does nothing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def check_disk(out: Path, plan: MergePlan) -> None:
     need = planned_bytes(plan.shards)
     free = shutil.disk_usage(out.parent).free
@@ -180,6 +197,7 @@ def merge(
         raise AdapterError(f"{cfg_file} names no base model (base_model_name_or_path); pass --base")
     training = training_config(adapter_dir)
     quiet_third_party()
+    return_freed_tensors_to_the_os()
     base_dir = resolve_base_dir(base, (training.get("model") or {}).get("cache_dir"))
     check_out_dir(out_dir, adapter_dir, base_dir)
     plan = build_plan(base_dir, adapter_dir, training, onto, dtype)
