@@ -45,6 +45,7 @@ class Action:
     source: str  # checkpoint key (copy, merge, dequant) or adapter key (saved)
     module: str = ""  # module name (merge, dequant)
     conv1d: bool = False  # the stored weight is (in, out)
+    quantized: bool = False  # a 4-bit weight in the base the adapter was trained on
 
 
 @dataclass
@@ -175,8 +176,14 @@ def build_plan(base_dir: Path, adapter_dir: Path, training: dict, onto: str, dty
         base_dir, ckpt, cfg, adapter_dtype, by_module, {}, quant, architecture=arch, adapter_dir=adapter_dir
     )
     shapes = _check_adapter_shapes(plan, model, source)
-    quantized = quantized_linears(model, quant) if quant is not None else set()
     prequant_aux = {k for k in ckpt.tensors if any(k.endswith("." + s) for s in QUANT_STATE_SUFFIXES)}
+    if quant is None:
+        quantized: set[str] = set()
+    elif quant.prequantized:  # the checkpoint says which weights it stores in 4 bits
+        stored = {k.rsplit(".weight.", 1)[0] + ".weight" for k in prequant_aux}
+        quantized = {n for n in modules if checkpoint_key(model, n + ".weight", ckpt) in stored}
+    else:
+        quantized = quantized_linears(model, quant)
     weight_keys = {}
     for name in set(by_module) | quantized:
         key = checkpoint_key(model, name + ".weight", ckpt)
@@ -194,13 +201,14 @@ def build_plan(base_dir: Path, adapter_dir: Path, training: dict, onto: str, dty
         if key in prequant_aux:
             continue
         shard = plan.shards.setdefault(info.file, [])
-        name = weight_keys.get(key)
-        if name is not None:
+        module_name = weight_keys.get(key)
+        if module_name is not None:
+            name = module_name
             conv = _is_conv1d(modules[name])
             out, inp = shapes.get(name) or linear_shape(modules[name], name, source)
-            stored_dtype = _dense_dtype(plan, info.dtype, key)
+            stored_dtype = _dense_dtype(plan, info.dtype, key, name in quantized)
             kind = "merge" if name in by_module else "dequant"
-            plan.actions[key] = Action(kind, key, name, conv)
+            plan.actions[key] = Action(kind, key, name, conv, quantized=name in quantized)
             shard.append(OutTensor(key, out_dtype(stored_dtype, stored_dtype), (inp, out) if conv else (out, inp)))
         else:
             plan.actions[key] = Action("copy", key)
@@ -209,10 +217,10 @@ def build_plan(base_dir: Path, adapter_dir: Path, training: dict, onto: str, dty
     return plan
 
 
-def _dense_dtype(plan: MergePlan, stored: torch.dtype, key: str) -> torch.dtype:
+def _dense_dtype(plan: MergePlan, stored: torch.dtype, key: str, quantized: bool) -> torch.dtype:
     """The dtype a merged/dequantized weight is written in by default: the stored dtype, or for a pre-quantized
     weight the dtype it was quantized from."""
-    if plan.quant is None or not plan.quant.prequantized:
+    if plan.quant is None or not plan.quant.prequantized or not quantized:
         return stored
     from dora_dist.merge.tensors import prequantized_state
 

@@ -80,7 +80,7 @@ def _linear4bit(plan: MergePlan, key: str, weight: torch.Tensor, conv1d: bool) -
 
 def base_module(plan: MergePlan, action: Action, weight: torch.Tensor) -> nn.Module:
     """The base layer as training saw it: 4-bit when the plan merges against a 4-bit base, else dense."""
-    if plan.quant is not None:
+    if action.quantized:
         return _linear4bit(plan, action.source, weight, action.conv1d)
     return _dense_module(weight, action.conv1d)
 
