@@ -262,8 +262,8 @@ def logits_difference(plan: MergePlan, written: Path) -> tuple[float, float]:
     from dora_dist.adapters import merge_and_unload
     from dora_dist.adapters.peft_format import load_adapter
 
-    ids = prompt_ids(written)
     merged = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32).eval()
+    ids = prompt_ids(written, merged.config.get_text_config().vocab_size)
     got = merged(input_ids=ids).logits
     del merged
     base = AutoModelForCausalLM.from_pretrained(plan.base_dir, dtype=torch.float32).eval()
@@ -274,14 +274,17 @@ def logits_difference(plan: MergePlan, written: Path) -> tuple[float, float]:
     return float((got - want).abs().max()), float((want - plain).abs().max())
 
 
-def prompt_ids(model_dir: Path) -> torch.Tensor:
-    """PROMPTS tokenized (padded with the first token), or fixed random ids without a tokenizer."""
+def prompt_ids(model_dir: Path, vocab_size: int) -> torch.Tensor:
+    """PROMPTS tokenized (padded with the first token), or fixed random ids when there is no usable tokenizer."""
+    rows: list[list[int]] = []
     try:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
-        rows = [tok(p)["input_ids"] for p in PROMPTS]
-    except (OSError, ValueError):
-        return torch.randint(0, 100, (len(PROMPTS), 8), generator=torch.Generator().manual_seed(0))
+        rows = [list(tok(p)["input_ids"]) for p in PROMPTS]
+    except Exception:  # noqa: BLE001 (no tokenizer files, or one transformers cannot build: random ids below)
+        rows = []
+    if not rows or not all(rows) or max(max(r) for r in rows) >= vocab_size:
+        return torch.randint(0, vocab_size, (len(PROMPTS), 8), generator=torch.Generator().manual_seed(0))
     width = max(len(r) for r in rows)
     return torch.tensor([r + [r[0]] * (width - len(r)) for r in rows])

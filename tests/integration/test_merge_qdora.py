@@ -32,12 +32,12 @@ def job(cache: Path, name: str = "builtin:tiny-llama"):
     return load_config(None, [f"model.cache_dir={cache}", f"model.name_or_path={name}", *QUANT])
 
 
-def adapted_4bit_model(cfg, adapter_dir: Path, base_name: str):
+def adapted_4bit_model(cfg, adapter_dir: Path, base_name: str, targets=("q_proj", "v_proj", "down_proj")):
     """The 4-bit base as training loads it (models.load_model), a perturbed DoRA adapter on it, saved with the
     training config beside it (as the trainer does)."""
     from dora_dist.models import load_model
 
-    model = apply_dora(load_model(cfg), DoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = apply_dora(load_model(cfg), DoRAConfig(r=4, alpha=8, target_modules=list(targets)))
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():  # a non-trivial adapter: random A and B, magnitudes moved off ‖W‖
         for _, layer in dora_layers(model):
@@ -55,7 +55,7 @@ def written(out_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in out_dir.glob("*.safetensors") for k, v in load_file(str(f)).items()}
 
 
-def check_against_4bit_model(model, out_dir: Path) -> None:
+def check_against_4bit_model(model, out_dir: Path, transpose: tuple[str, ...] = ()) -> None:
     """Adapted weights = the 4-bit layer's merged_weight (fp32), other 4-bit linears = their dequantized weights,
     bit for bit; logits = the 4-bit model + adapter's to fp32 rounding."""
     import bitsandbytes as bnb
@@ -65,6 +65,7 @@ def check_against_4bit_model(model, out_dir: Path) -> None:
     from dora_dist.nn.weight_source import weight_source_for
 
     got = written(out_dir)
+    got = {k: v.t() if k.endswith(tuple(f"{t}.weight" for t in transpose)) else v for k, v in got.items()}
     n_4bit = 0
     for name, module in model.named_modules():
         if isinstance(module, DoRALinear):
@@ -72,9 +73,9 @@ def check_against_4bit_model(model, out_dir: Path) -> None:
         elif isinstance(module, bnb.nn.Linear4bit) and not name.endswith("base_layer"):
             assert torch.equal(got[name + ".weight"], weight_source_for(module).dense(torch.float32)), name
             n_4bit += 1
-    assert n_4bit > 0 and "lm_head.weight" in got
+    assert n_4bit > 0
     merged = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
-    ids = torch.randint(3, 800, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, have = model(input_ids=ids).logits, merged(input_ids=ids).logits
     # fp32 evaluation order only (W'x against m/‖·‖ ⊙ (Wx + sBAx)): ≤ (in + r + 8)·2^-24 ≈ 3e-5 relative per linear,
@@ -124,3 +125,18 @@ def test_prequantized_base(tmp_path, capsys):
         main(["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "o"), "--onto", "original"]) == 2
     )
     assert "holds no original weights" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_gpt2_conv1d_4bit_base(tmp_path):
+    """GPT-2's Conv1D weights are stored (in, out): transformers transposes them before quantizing, so the merge
+    does too, and writes the merged weight back as (in, out)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    cfg = load_config(None, [f"model.name_or_path={tmp_path / 'gpt2'}", *QUANT])
+    model = adapted_4bit_model(cfg, tmp_path / "adapter", str(tmp_path / "gpt2"), ["c_attn", "c_fc"])
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"), "--verify"]) == 0
+    check_against_4bit_model(model, tmp_path / "merged", transpose=("c_attn", "c_fc", "c_proj"))
