@@ -217,8 +217,15 @@ def merge(
                 v = verify_written(plan, tmp, bar)
             lines.append(
                 f"[dora_dist] verified: {v['adapted']} merged weights within the rounding bound (worst "
-                f"{v['worst_ratio']:.2g} of it) and {v['copied']} other tensors equal to the base's / adapter's"
+                f"{v['worst_ratio']:.2g} of it), {v['dequantized']} dequantized 4-bit weights within their rounding, "
+                f"{v['copied']} other tensors equal to the base's / adapter's"
             )
+            if plan.checkpoint.total_bytes() <= E2E_MAX_BYTES:
+                diff, effect = unmerged_logits_difference(plan, tmp)
+                lines.append(
+                    f"[dora_dist] logits on {len(PROMPTS)} prompts, float32: max |merged − (base + adapter)| = "
+                    f"{diff:.3g} (the adapter itself moves them by up to {effect:.3g})"
+                )
         if plan.quant is not None and not plan.quant.prequantized:
             lines.extend(quantized_report(plan, tmp))
         publish(tmp, out_dir)
@@ -271,6 +278,36 @@ def logits_difference(plan: MergePlan, written: Path) -> tuple[float, float]:
     adapter_dir = plan.adapter_dir
     original = merge_and_unload(load_adapter(base, adapter_dir, allow_lora=True)).eval()
     want = original(input_ids=ids).logits
+    return float((got - want).abs().max()), float((want - plain).abs().max())
+
+
+@torch.no_grad()
+def unmerged_logits_difference(plan: MergePlan, written: Path) -> tuple[float, float]:
+    """(max |Δlogits| between the written merge and the base + adapter unmerged, as trained (the 4-bit base for
+    QDoRA), max |Δlogits| the adapter makes), float32 compute, on PROMPTS."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from dora_dist.adapters.peft_format import load_adapter
+
+    merged = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32).eval()
+    ids = prompt_ids(written, merged.config.get_text_config().vocab_size)
+    got = merged(input_ids=ids).logits
+    del merged
+    kwargs: dict = {"dtype": torch.float32}
+    q = plan.quant
+    if q is not None:
+        kwargs.update(dtype=q.load_dtype, device_map={"": "cpu"})
+        if not q.prequantized:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=q.quant_type,
+                bnb_4bit_use_double_quant=q.double_quant,
+                bnb_4bit_compute_dtype=q.compute_dtype,
+                bnb_4bit_quant_storage=q.quant_storage,
+            )
+    base = AutoModelForCausalLM.from_pretrained(plan.base_dir, **kwargs).eval()
+    plain = base(input_ids=ids).logits.float()
+    want = load_adapter(base, plan.adapter_dir, allow_lora=True).eval()(input_ids=ids).logits.float()
     return float((got - want).abs().max()), float((want - plain).abs().max())
 
 

@@ -63,10 +63,10 @@ def check_adapted(plan: MergePlan, key: str, written: torch.Tensor, seed: int) -
 @torch.no_grad()
 def verify_written(plan: MergePlan, out_dir: Path, progress=None) -> dict[str, float]:
     """Check every tensor of the written shards; raise MergeVerificationError naming the first that fails.
-    Returns {'adapted': n, 'worst_ratio': max error/bound over the adapted weights, 'copied': n}."""
+    Returns {'adapted': n, 'worst_ratio': max error/bound over the adapted weights, 'copied': n, 'dequantized': n}."""
     from safetensors import safe_open
 
-    worst, adapted, copied = 0.0, 0, 0
+    worst, adapted, copied, dequantized = 0.0, 0, 0, 0
     for i, (shard, entries) in enumerate(plan.shards.items()):
         for j, e in enumerate(entries):
             with safe_open(str(out_dir / shard), framework="pt") as f:
@@ -86,6 +86,7 @@ def verify_written(plan: MergePlan, out_dir: Path, progress=None) -> dict[str, f
 
                 ref = to_stored_layout(weight_source_for(base).dense(torch.float64), action)
                 tol = unit_roundoff(written.dtype) * ref.abs()
+                dequantized += 1
                 if not bool(((written.double() - ref).abs() <= tol).all()):
                     raise MergeVerificationError(f"--verify: dequantized weight {e.key} differs from the 4-bit base")
             else:
@@ -98,7 +99,7 @@ def verify_written(plan: MergePlan, out_dir: Path, progress=None) -> dict[str, f
                     raise MergeVerificationError(f"--verify: tensor {e.key} is not the base's / adapter's")
             if progress is not None:
                 progress.update(1)
-    return {"adapted": adapted, "worst_ratio": worst, "copied": copied}
+    return {"adapted": adapted, "worst_ratio": worst, "copied": copied, "dequantized": dequantized}
 
 
 @torch.no_grad()

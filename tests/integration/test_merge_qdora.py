@@ -94,6 +94,10 @@ def test_on_the_fly_4bit_base(tmp_path, capsys):
     rel = float(out.split("differ by up to ")[1].split(" ")[0])
     diff = float(out.split("merged onto original| = ")[1].split(" ")[0])
     assert 1e-3 < rel < 0.5 and diff > 0, out
+    # --verify's end-to-end line: the merged model against the 4-bit model + adapter (fp32 evaluation order only)
+    unmerged = float(out.split("max |merged − (base + adapter)| = ")[1].split(" ")[0])
+    effect = float(out.split("max |merged − (base + adapter)| = ")[1].split("up to ")[1].split(")")[0])
+    assert unmerged < 1e-3 * effect, out
     adapter, original = str(tmp_path / "adapter"), str(tmp_path / "original")
     assert main(["merge", "--adapter", adapter, "--out", original, "--onto", "original"]) == 0
     orig = written(tmp_path / "original")
