@@ -11,6 +11,7 @@ is merged against the dequantized 4-bit weights it was trained with (`--onto ori
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -133,21 +134,31 @@ def write_model(plan: MergePlan, tmp: Path, adapter_dir: Path, dtype_name: str) 
             shutil.copyfile(tok_src / name, tmp / name)
 
 
-def return_freed_tensors_to_the_os() -> None:
-    """Serve every allocation over 128 KiB from its own mmap (glibc), so a freed tensor goes back to the OS.
+@contextlib.contextmanager
+def freed_tensors_return_to_the_os():
+    """Within the block, serve every allocation over 128 KiB from its own mmap (glibc), so a freed tensor goes back
+    to the OS.
 
     glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which tensors of that
     size come from the heap, which a stream of tensors of changing sizes fragments and grows: measured, that
-    doubled the peak of a merge. A fixed threshold keeps the peak at the tensors alive at one time. Elsewhere than
-    glibc this does nothing."""
+    doubled the peak of a merge. A fixed threshold keeps the peak at the tensors alive at one time. Afterwards the
+    threshold is left at 32 MiB, where glibc's own adjustment ends up after large frees. Elsewhere than glibc this
+    does nothing."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
-        pass
+        mallopt = None
+    m_mmap_threshold = -3
+    if mallopt is not None:
+        mallopt(m_mmap_threshold, 128 * 1024)
+    try:
+        yield
+    finally:
+        if mallopt is not None:
+            mallopt(m_mmap_threshold, 32 * 1024 * 1024)
 
 
 def check_disk(out: Path, plan: MergePlan) -> None:
@@ -197,7 +208,6 @@ def merge(
         raise AdapterError(f"{cfg_file} names no base model (base_model_name_or_path); pass --base")
     training = training_config(adapter_dir)
     quiet_third_party()
-    return_freed_tensors_to_the_os()
     base_dir = resolve_base_dir(base, (training.get("model") or {}).get("cache_dir"))
     check_out_dir(out_dir, adapter_dir, base_dir)
     plan = build_plan(base_dir, adapter_dir, training, onto, dtype)
@@ -206,14 +216,15 @@ def merge(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merging-", dir=out_dir.parent))
     lines = []
     try:
-        write_model(plan, tmp, adapter_dir, dtype)
+        with freed_tensors_return_to_the_os():
+            write_model(plan, tmp, adapter_dir, dtype)
         if verify:
             from tqdm.auto import tqdm
 
             from dora_dist.merge.verify import verify_written
 
             n = sum(len(es) for es in plan.shards.values())
-            with tqdm(total=n, unit="tensor", desc="verifying", disable=None) as bar:
+            with tqdm(total=n, unit="tensor", desc="verifying", disable=None) as bar, freed_tensors_return_to_the_os():
                 v = verify_written(plan, tmp, bar)
             lines.append(
                 f"[dora_dist] verified: {v['adapted']} merged weights within the rounding bound (worst "
