@@ -1,7 +1,7 @@
 """`dora-dist` command line.
 
 dora-dist train [--config FILE.yaml] [key=value ...]    fine-tune (same as python -m dora_dist.train)
-dora-dist merge --adapter DIR [--base PATH] --out DIR     write a merged model transformers can load
+dora-dist merge --adapter DIR [--base PATH] --out DIR     write a merged model transformers can load (streamed)
 dora-dist generate --adapter DIR --prompt "..."           generate text (see dora_dist/generate.py)
 dora-dist keys                                            list every config key
 dora-dist analyze --base DIR --tuned T1 T2 ... [--out DIR]  magnitude/direction change per layer (DoRA Fig. 2)
@@ -48,7 +48,19 @@ def _build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="dtype of the merged weights (auto: the base checkpoint's)",
+        help="dtype of the merged weights (auto: the base checkpoint's; merged in fp32, rounded once)",
+    )
+    mg.add_argument(
+        "--onto",
+        default="trained",
+        choices=["trained", "original"],
+        help="QDoRA: merge onto the dequantized 4-bit weights the adapter was trained with (trained, default) "
+        "or onto the original dense weights",
+    )
+    mg.add_argument(
+        "--verify",
+        action="store_true",
+        help="read the written model back tensor by tensor and check it against base + adapter",
     )
     from dora_dist.generate import add_parser as add_generate_parser
 
@@ -87,64 +99,21 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def merge(adapter: str, out: str, base: str | None = None, dtype: str = "auto") -> Path:
-    """Load the base unquantized, apply the adapter, fold W' = m·(W+sBA)/‖W+sBA‖ into the weights, save."""
-    import json
+def merge(
+    adapter: str, out: str, base: str | None = None, dtype: str = "auto", onto: str = "trained", verify: bool = False
+) -> Path:
+    """Stream the base checkpoint tensor by tensor, fold W' = m·(W+sBA)/‖W+sBA‖ into the adapted weights and write
+    the merged model (dora_dist/merge/run.py)."""
+    from dora_dist.merge import merge as stream_merge
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dora_dist.adapters import load_adapter, merge_and_unload
-    from dora_dist.console import quiet_third_party
-    from dora_dist.errors import AdapterError, InputNotFoundError
-    from dora_dist.models import loading, resolve_base
-
-    adapter_dir = Path(adapter)
-    cfg_file = adapter_dir / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise InputNotFoundError(f"--adapter: {adapter_dir} is not an adapter directory (no adapter_config.json)")
-    check_merge_out(adapter_dir, Path(out))
-    try:
-        base = base or json.loads(cfg_file.read_text()).get("base_model_name_or_path")
-    except ValueError as exc:
-        raise AdapterError(f"{cfg_file} is not valid JSON: {exc}") from exc
-    if not base:
-        raise AdapterError(f"{cfg_file} names no base model (base_model_name_or_path); pass --base")
-    from dora_dist.generate import training_config
-
-    base = resolve_base(base, (training_config(adapter_dir).get("model") or {}).get("cache_dir"))
-    kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
-    quiet_third_party()
-    with loading("base model", base):
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    load_adapter(model, adapter_dir, allow_lora=True)
-    model = merge_and_unload(model)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
-    try:
-        AutoTokenizer.from_pretrained(tok_src).save_pretrained(out_dir)
-    except Exception as exc:  # a base without tokenizer files is still a valid merge
-        print(f"[dora_dist] warning: tokenizer not saved ({exc})", file=sys.stderr)
-    print(f"[dora_dist] merged {adapter_dir} into {base} -> {out_dir}")
-    return out_dir
+    return stream_merge(adapter, out, base, dtype, onto=onto, verify=verify)
 
 
 def check_merge_out(adapter_dir: Path, out_dir: Path) -> None:
-    """--out must not be the adapter directory, inside it, or an existing file: the merged model would be written
-    over (or among) the adapter's own files."""
-    from dora_dist.errors import ConfigError
+    """--out must not be the adapter directory, inside it, or an existing file (kept for callers of the old name)."""
+    from dora_dist.merge import check_out_dir
 
-    adapter, out = adapter_dir.resolve(), out_dir.resolve()
-    if out == adapter or adapter in out.parents:
-        raise ConfigError(
-            f"--out {out_dir} is {'the' if out == adapter else 'inside the'} adapter directory "
-            f"{adapter_dir}: the merged model would be mixed with the adapter's files; give another "
-            "--out (e.g. a sibling 'merged' directory)"
-        )
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out_dir} is an existing file; give a directory")
+    check_out_dir(out_dir, adapter_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_job(args.config, args.overrides, check_only=args.check)
         elif args.command == "merge":
-            merge(args.adapter, args.out, args.base, args.dtype)
+            merge(args.adapter, args.out, args.base, args.dtype, args.onto, args.verify)
         elif args.command == "generate":
             from dora_dist.generate import run as run_generate
 

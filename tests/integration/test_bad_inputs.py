@@ -337,6 +337,18 @@ CASES: list[Case] = [
     ),
     Case(
         "adapters",
+        "merge --out inside the base model directory",
+        lambda a: ["merge", "--adapter", a["adapter"], "--out", str(a.builtin / "merged")],
+        ("is inside the base model directory", "give another --out"),
+    ),
+    Case(
+        "adapters",
+        "merge of a base with a shard missing",
+        lambda a: ["merge", "--adapter", a["adapter"], "--base", a["missing_shard"], "--out", str(a.tmp / "merged")],
+        ("missing shard(s)", "model.safetensors.index.json"),
+    ),
+    Case(
+        "adapters",
         "merge --out is an existing file",
         lambda a: ["merge", "--adapter", a["adapter"], "--out", a["a_file"]],
         ("is an existing file",),
@@ -436,6 +448,9 @@ def _adapters(a: Assets) -> None:
     (a.tmp / "pickle" / weights).unlink()
     torch.save(tensors, a.tmp / "pickle" / "adapter_model.bin")
     save_file({k: v for k, v in tensors.items() if "magnitude" not in k}, str(a.tmp / "lora_as_dora" / weights))
+    a.files["missing_shard"] = a.tmp / "missing_shard"  # the base in shards, one of them lost
+    AutoModelForCausalLM.from_pretrained(a.builtin).save_pretrained(a.files["missing_shard"], max_shard_size="1MB")
+    sorted(a.files["missing_shard"].glob("model-*.safetensors"))[1].unlink()
 
 
 @pytest.fixture(scope="module")
