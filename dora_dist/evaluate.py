@@ -5,7 +5,8 @@ Every rank runs the same number of forwards, because under FSDP2 and ZeRO-3 a fo
 parameters are gathered layer by layer); a rank whose share has fewer batches runs a padding forward whose
 result is dropped. The loss is the training loss with the same masking: the trainer passes its own
 `micro_batch_loss` (with a denominator of 1: the sum of next-token losses over the label positions that are not
-IGNORE_INDEX); `masked_loss_sum` below is the same sum for callers without a trainer. Summed per batch in float64; the token-loss sum and the target count of all ranks are all-reduced together as float64, so the result
+IGNORE_INDEX); `masked_loss_sum` below is the same sum for callers without a trainer. Summed per batch in float64;
+the token-loss sum and the target count of all ranks are all-reduced together as float64, so the result
 does not depend on the world size beyond the reduction order (1e-12 relative for fp64 models).
 
     eval_loss = Σ token losses / Σ target tokens,  eval_ppl = exp(eval_loss)
@@ -86,8 +87,9 @@ def eval_due(job) -> bool:
 
 
 def run_eval(job, loss_fn: Callable = masked_loss_sum) -> dict[str, Any]:
-    """Evaluate the job's model now (loss_fn: the trainer's micro_batch_loss); returns the metrics record ({"step", "eval_loss", "eval_ppl", ...}) and keeps
-    the best adapter when checkpoint.keep_best is set. COLLECTIVE (all ranks)."""
+    """Evaluate the job's model now (loss_fn: the trainer's micro_batch_loss); returns the metrics record
+    ({"step", "eval_loss", "eval_ppl", ...}) and keeps the best adapter when checkpoint.keep_best is set.
+    COLLECTIVE (all ranks)."""
     import time
 
     t0 = time.perf_counter()

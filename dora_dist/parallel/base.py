@@ -300,8 +300,8 @@ class Engine:
         if sched is None:
             return
         sched = getattr(sched, "scheduler", sched)  # unwrap, should an engine wrap the torch scheduler
-        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(sched.optimizer.param_groups, lrs):
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         sched._last_lr = list(lrs)
 

@@ -167,7 +167,8 @@ def test_keys_shows_type_default_choices_and_doc(capfd):
 
     assert main(["keys"]) == 0
     out = capfd.readouterr().out
-    entries = {}
+    entries: dict[str, list[str]] = {}
+    key = ""  # set by the first (unindented) line
     for line in out.splitlines():
         if line.startswith("    "):
             entries[key] = entries[key] + [line.strip()]

@@ -89,14 +89,14 @@ def test_4bit_base_from_flag_and_from_training_config(adapter, tmp_path):
     from dora_dist.adapters import dora_layers
 
     model, tok = load_for_generation(str(adapter), load_in_4bit=True)
-    assert all(isinstance(l.base_layer, bnb.nn.Linear4bit) for _, l in dora_layers(model))
+    assert all(isinstance(layer.base_layer, bnb.nn.Linear4bit) for _, layer in dora_layers(model))
     assert len(generate(model, tok, [PROMPT], 4, chat=False)) == 1
     copy = tmp_path / "adapter"
     shutil.copytree(adapter, copy)
     cfg = (copy / "training_config.yaml").read_text().replace("mode: none", "mode: nf4")
     (copy / "training_config.yaml").write_text(cfg)
     model, _ = load_for_generation(str(copy))
-    assert all(isinstance(l.base_layer, bnb.nn.Linear4bit) for _, l in dora_layers(model))
+    assert all(isinstance(layer.base_layer, bnb.nn.Linear4bit) for _, layer in dora_layers(model))
 
 
 def _other_bases(tmp_path: Path) -> dict[str, Path]:

@@ -161,8 +161,10 @@ def test_adapter_equals_its_merged_model_and_cli_outputs(base_dir, tmp_path):
     )
     res = json.loads((out / "changes.json").read_text())
     by = {(r["method"], r["layer"]): r for r in res["records"]}
-    adapted = sorted(l for m, l in by if m == "dora")
-    assert len(adapted) == 3 and sorted(l for m, l in by if m == "merged") == adapted  # untouched layers left out
+    adapted = sorted(layer for m, layer in by if m == "dora")
+    assert (
+        len(adapted) == 3 and sorted(layer for m, layer in by if m == "merged") == adapted
+    )  # untouched layers left out
     assert res["unchanged_layers"] > 0
     for layer in adapted:
         a, b = by[("dora", layer)], by[("merged", layer)]

@@ -75,7 +75,7 @@ def test_compiled_blocks_equal_eager():
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
-    for got, want in zip(results[1][1], results[0][1]):
+    for got, want in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
@@ -99,5 +99,5 @@ def test_compiled_layer_equals_eager(use_dora):
         y = fn(x)
         y.pow(2).sum().backward()
         outs.append((y.detach(), x.grad.clone(), layer.lora_B.grad.clone()))
-    for got, want in zip(outs[1], outs[0]):
+    for got, want in zip(outs[1], outs[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

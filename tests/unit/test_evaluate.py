@@ -92,7 +92,7 @@ def test_eval_loss_is_the_masked_mean_token_loss():
     model, ds = tiny_model(), tiny_dataset()
     total, count = 0.0, 0
     with torch.no_grad():
-        for x, lab in zip(ds.input_ids, ds.labels):
+        for x, lab in zip(ds.input_ids, ds.labels, strict=True):
             logits = model.eval()(input_ids=torch.tensor([x])).logits[0, :-1]
             total += float(F.cross_entropy(logits, torch.tensor(lab[1:]), ignore_index=IGNORE_INDEX, reduction="sum"))
             count += sum(1 for t in lab[1:] if t != IGNORE_INDEX)
