@@ -28,8 +28,8 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def cache(builtin_cache):
+    return str(builtin_cache)  # built once per session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,9 @@ from dora_dist.checkpoint import find_latest
 from dora_dist.preemption import REQUEUE_EXIT_CODE
 from netutil import free_port
 
+# spawns torchrun (2 gloo ranks) and kills ranks
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
 WORKER = Path(__file__).with_name("fault_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -62,8 +65,8 @@ def losses(out: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("fault_cache"))
+def cache(builtin_cache) -> str:
+    return str(builtin_cache)  # built once per session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from netutil import free_port, run_workers  # noqa: E402
 
 pytest.importorskip("bitsandbytes")
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # every test reads runs of 2 spawned processes
 
 WORLD = 2
 STEPS = 3

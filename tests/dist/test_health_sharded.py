@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 sys.path.insert(0, str(Path(__file__).parent))
 from netutil import run_workers  # noqa: E402
 

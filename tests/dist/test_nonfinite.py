@@ -17,9 +17,8 @@ from nonfinite_worker import BAD_PARAM, GRAD_STEP, LOSS_STEP, run_cases  # noqa:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    """One model/tokenizer cache for the module's runs."""
-    return str(tmp_path_factory.mktemp("cache"))
+def cache(builtin_cache) -> str:
+    return str(builtin_cache)  # built once per session (tests/conftest.py)
 
 
 def check(res: dict, names_param: bool = True) -> None:

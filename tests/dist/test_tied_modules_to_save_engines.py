@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 from netutil import run_workers  # noqa: E402
 from tied_fixture import ENGINES, peft_logits  # noqa: E402
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 #: float64 (fsdp2, ddp): the same function in another op order, rounding ~1e-15 relative on logits of size ~10;
 #: float32 (ZeRO's adapters): ~1e-7 relative per op over a few hundred-term sums, ~1e-5 on these logits.

@@ -37,8 +37,8 @@ def _args(tmp: Path, cache: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "dora_dist_cache"  # shared with test_bad_inputs*.py
+def cache(builtin_cache) -> Path:
+    return builtin_cache  # getbasetemp()/dora_dist_cache, shared with test_bad_inputs*.py
 
 
 WARNINGS: list[str] = []  # what the `finished` runs warned (read by test_checkpoint_save_and_load_leak_no_warning)

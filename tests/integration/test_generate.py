@@ -16,7 +16,7 @@ PROMPT = "17 + 5 ="
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> Path:
+def adapter(tmp_path_factory, builtin_cache) -> Path:
     from dora_dist.config import load_config
     from dora_dist.train import train
 
@@ -25,7 +25,7 @@ def adapter(tmp_path_factory) -> Path:
         load_config(
             None,
             [
-                f"model.cache_dir={work / 'cache'}",
+                f"model.cache_dir={builtin_cache}",
                 "data.seq_len=32",
                 "data.synthetic_samples=60",
                 "training.max_steps=2",

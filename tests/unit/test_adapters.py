@@ -10,7 +10,6 @@ from torch import nn
 from dora_dist import DoRAConfig, apply_dora, dora_layers, load_adapter, merge_and_unload, save_adapter
 from dora_dist.adapters import set_merged
 
-pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 

@@ -9,7 +9,6 @@ import torch
 from dora_dist import DoRAConfig, apply_dora, dora_layers, merge_and_unload, save_adapter
 from dora_dist.analysis import analyze, correlations, dense_source, layer_change, row_change
 
-pytestmark = pytest.mark.filterwarnings("ignore")
 EPS32 = torch.finfo(torch.float32).eps
 
 

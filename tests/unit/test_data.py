@@ -14,8 +14,8 @@ from dora_dist.data.tokenize import encode_chat, encode_prompt_completion
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    cfg = load_config(None, [f"model.cache_dir={tmp_path_factory.mktemp('cache')}"])
+def tokenizer(builtin_cache):
+    cfg = load_config(None, [f"model.cache_dir={builtin_cache}"])
     return models.load_tokenizer(cfg)
 
 

@@ -15,7 +15,6 @@ from torch.autograd import gradcheck
 from dora_dist import DoRALinear
 from dora_dist.nn.dora_epilogue import DoRAEpilogue, dora_epilogue, dora_epilogue_reference, use_fused
 
-pytestmark = pytest.mark.filterwarnings("ignore")
 T, OUT, R = 7, 6, 3
 
 

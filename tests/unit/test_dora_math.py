@@ -29,8 +29,6 @@ import dora_dist.nn.weight_source as ws
 from dora_dist import DoRALinear
 from dora_dist.nn import dora_output, safe_divide_norm
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
 GC_OUT, GC_IN, RR = 6, 5, 3  # gradcheck shapes
 
 

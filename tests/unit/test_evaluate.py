@@ -106,7 +106,7 @@ def test_eval_loss_is_the_masked_mean_token_loss():
     assert evaluate(model, ds, DistEnv(), batch_size=5)["eval_loss"] == pytest.approx(res["eval_loss"], rel=1e-12)
 
 
-def test_run_logs_eval_records_and_keeps_best(tmp_path):
+def test_run_logs_eval_records_and_keeps_best(builtin_cache, tmp_path):
     from dora_dist.metrics import read_metrics
     from dora_dist.train import train
 
@@ -118,7 +118,7 @@ def test_run_logs_eval_records_and_keeps_best(tmp_path):
             None,
             [
                 f"output.loggers={loggers}",
-                f"model.cache_dir={tmp_path / 'cache'}",
+                f"model.cache_dir={builtin_cache}",
                 "data.seq_len=32",
                 "data.synthetic_samples=80",
                 "data.eval_fraction=0.1",

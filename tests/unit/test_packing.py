@@ -16,8 +16,8 @@ from dora_dist.data.tokenize import n_targets
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def cache(builtin_cache):
+    return str(builtin_cache)  # built once per session (tests/conftest.py)
 
 
 def test_best_fit_decreasing_places_every_item_once_within_capacity():
