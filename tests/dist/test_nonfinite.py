@@ -59,6 +59,7 @@ def check(res: dict, names_param: bool = True) -> None:
         assert st["params_changed"] == 0 and st["opt_state_changed"] == 0
 
 
+@pytest.mark.slow  # trains every fault case in-process: 20-50 s on 2 shared cores
 def test_skip_and_stop_engine_none(tmp_path, cache):
     from dora_dist.parallel.dist_env import DistEnv
 
@@ -83,6 +84,7 @@ def test_skip_and_stop_ddp_fsdp2_zero(tmp_path, cache):
         check(res[engine], names_param=not engine.startswith("zero"))
 
 
+@pytest.mark.slow  # a 3-step run with checkpoints: ~20 s on 2 shared cores
 def test_engine_that_applies_a_nonfinite_step_stops_the_run(tmp_path, monkeypatch, cache):
     """An engine whose step cannot be skipped (DeepSpeed with bf16 adapters under ZeRO-2 applies a NaN step) stops
     the run at that step, whatever training.max_bad_steps says, and writes no checkpoint for it."""

@@ -15,6 +15,7 @@ from dora_dist.metrics import read_metrics  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # bitsandbytes' CPU 4-bit path: 15-30 s on 2 shared cores
 def test_qdora_nf4_single_process_trains(builtin_cache, tmp_path):
     from dora_dist.adapters import read_adapter
     from dora_dist.train import train
