@@ -14,6 +14,9 @@ from dora_dist.metrics import read_metrics
 from dora_dist.models import load_tokenizer
 from dora_dist.train import main
 
+# two training runs end to end (~20 s together on 2 shared cores): the slow lane
+pytestmark = pytest.mark.slow
+
 N_DOCS = 12
 
 

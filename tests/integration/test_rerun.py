@@ -14,6 +14,9 @@ from dora_dist.cli import main
 from dora_dist.config import ConfigError, load_job_config
 from dora_dist.train import train
 
+# seven tests of one to three training runs each (5-12 s per test on 2 shared cores, ~65 s together): the slow lane
+pytestmark = pytest.mark.slow
+
 
 def _args(tmp_path, builtin_cache, *extra: str) -> list[str]:
     return [
