@@ -156,7 +156,7 @@ def _worker(rank, world, port, args, kind, out_file):
         x = torch.randn(args.batch, args.seq, args.hidden, generator=g).to(device)
         per_step = []
         with PeakRSS() as peak:
-            for step in range(args.steps):
+            for _ in range(args.steps):
                 counts.update(out=0, **{"in": 0}, calls=0)
                 t0 = time.perf_counter()
                 model(x).float().pow(2).mean().backward()

@@ -180,7 +180,7 @@ def run_point(p: Point, args, out: Path) -> None:
         envs = [env]
     procs = [
         subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for c, e in zip(cmds, envs)
+        for c, e in zip(cmds, envs, strict=True)
     ]
     logs = [pr.communicate(timeout=args.timeout)[0] for pr in procs]
     (out / "launch.log").write_text("\n".join(logs))

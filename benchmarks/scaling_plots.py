@@ -123,7 +123,7 @@ def plot_all(rows: list[dict], stem: Path, machine: str) -> list[Path]:
         ("live_bytes_peak", "predicted_memory_bytes", 2**20, "peak MiB per rank"),
         ("step_s", "predicted_step_s", 1, "step time, s"),
     ]
-    for ax, (mk, pk, scale, label) in zip(axes, panels):
+    for ax, (mk, pk, scale, label) in zip(axes, panels, strict=True):
         pts = [r for r in rows if r.get(mk) and r.get(pk)]
         for r in pts:
             hollow = mk == "step_s" and r["oversubscribed"]

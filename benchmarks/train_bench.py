@@ -377,7 +377,7 @@ def main() -> int:
             continue
         # wall: median over steps; cpu: median of process CPU time (robust to other processes on a shared machine);
         # paired: median over rounds of this variant's step / LoRA's step in the same round
-        paired = [a / b for a, b in zip(r["cpu_times_s"], lora["cpu_times_s"])]
+        paired = [a / b for a, b in zip(r["cpu_times_s"], lora["cpu_times_s"], strict=True)]
         ratios[v] = {
             "time_vs_lora": r["step_time_s"] / lora["step_time_s"],
             "cpu_time_vs_lora": r["cpu_time_s"] / lora["cpu_time_s"],
@@ -408,11 +408,11 @@ def main() -> int:
                 f"×{ratios[f'{v}_vs_eager']['cpu_time']:.3f} CPU"
             )
     if "dora_dist-dora+compile" in results and "dora_dist-lora+compile" in results:
-        d, l = results["dora_dist-dora+compile"], results["dora_dist-lora+compile"]
-        if "step_time_s" in d and "step_time_s" in l:
+        dc, lc = results["dora_dist-dora+compile"], results["dora_dist-lora+compile"]
+        if "step_time_s" in dc and "step_time_s" in lc:
             ratios["compiled_dora_vs_compiled_lora"] = {
-                "time": d["step_time_s"] / l["step_time_s"],
-                "cpu_time": d["cpu_time_s"] / l["cpu_time_s"],
+                "time": dc["step_time_s"] / lc["step_time_s"],
+                "cpu_time": dc["cpu_time_s"] / lc["cpu_time_s"],
             }
             print(
                 f"compiled DoRA vs compiled LoRA: time ×{ratios['compiled_dora_vs_compiled_lora']['time']:.3f} wall, "

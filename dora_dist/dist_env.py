@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,7 +70,7 @@ class DistEnv:
                 env.backend = dist.get_backend()
             else:
                 timeout = datetime.timedelta(seconds=timeout_s)
-                kwargs = {"backend": backend, "timeout": timeout}
+                kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
                 if backend == "nccl":
                     kwargs["device_id"] = dev
                 restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")

@@ -117,7 +117,7 @@ def run_eval(
 
     t0 = time.perf_counter()
     res = evaluate(model, dataset, env, batch_size, loss_fn)
-    return EvalResult(step, res["eval_loss"], res["eval_ppl"], res["eval_tokens"], time.perf_counter() - t0)
+    return EvalResult(step, res["eval_loss"], res["eval_ppl"], int(res["eval_tokens"]), time.perf_counter() - t0)
 
 
 def format_eval_line(rec: dict, max_steps: int) -> str:

@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         args.seed,
         chat=not args.no_chat_template,
     )
-    for i, (prompt, text) in enumerate(zip(prompts, outs)):
+    for i, (prompt, text) in enumerate(zip(prompts, outs, strict=True)):
         if len(prompts) > 1:
             print(f"=== [{i + 1}/{len(prompts)}] {prompt}")
         print(text, flush=True)

@@ -299,7 +299,7 @@ class LayerHealth:
 def finish_layers(names: list[str], sums: torch.Tensor, maxima: torch.Tensor) -> list[LayerHealth]:
     """Per-layer means from reduced sums."""
     out = []
-    for name, s, mx in zip(names, sums.tolist(), maxima.tolist()):
+    for name, s, mx in zip(names, sums.tolist(), maxima.tolist(), strict=True):
         rows = max(s[ROWS], 1.0)
         out.append(
             LayerHealth(

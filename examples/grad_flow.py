@@ -93,7 +93,7 @@ def plot(result: dict, path: Path) -> None:
     lo = min(float(t[t > 0].min()) for t in mats.values())
     hi = max(float(t.max()) for t in mats.values())
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.22 * len(names) + 2.5), gridspec_kw={"width_ratios": [1, 1, 0.6]})
-    for ax, m in zip(axes[:2], ("lora", "dora")):
+    for ax, m in zip(axes[:2], ("lora", "dora"), strict=True):
         im = ax.imshow(mats[m].clamp_min(lo).numpy(), aspect="auto", norm=LogNorm(lo, hi), cmap="viridis")
         ax.set_title(f"{m.upper()}: ‖grad‖ of A, B{', m' if m == 'dora' else ''} per layer")
         ax.set_xlabel("step")

@@ -52,14 +52,14 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
     syy = sum((y - my) ** 2 for y in ys)
     if sxx == 0 or syy == 0:
         return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / math.sqrt(sxx * syy)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / math.sqrt(sxx * syy)
 
 
 def slope(xs: list[float], ys: list[float]) -> float | None:
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
-    return None if n < 2 or sxx == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return None if n < 2 or sxx == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
 
 
 def correlations(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

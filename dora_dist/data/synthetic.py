@@ -68,7 +68,7 @@ GENERATORS = [_addition, _count, _copy, _fact, _sentence]
 
 def prompt_completion_pairs(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(f"dora_dist-synthetic-{CORPUS_VERSION}-{seed}")
-    return [dict(zip(("prompt", "completion"), GENERATORS[i % len(GENERATORS)](rng))) for i in range(n)]
+    return [dict(zip(("prompt", "completion"), GENERATORS[i % len(GENERATORS)](rng), strict=True)) for i in range(n)]
 
 
 def text_examples(n: int, seed: int = 0, lines_per_example: int = 4) -> list[dict]:

@@ -109,7 +109,9 @@ def encode_chat(tokenizer, messages: list[dict], add_eos: bool) -> tuple[list[in
         spans.append((len(before), len(upto)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    labels = [tok if any(s <= off[0] < e for s, e in spans) else IGNORE_INDEX for tok, off in zip(ids, offsets)]
+    labels = [
+        tok if any(s <= off[0] < e for s, e in spans) else IGNORE_INDEX for tok, off in zip(ids, offsets, strict=True)
+    ]
     if add_eos and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id if spans else IGNORE_INDEX)
@@ -138,7 +140,7 @@ def check_lengths(
     long as seq_len, whose completion would be cut off or split from it; and a data set in which every example is
     longer than seq_len (all would be truncated, packed or not: seq_len is surely too small)."""
     seq_len = dcfg.seq_len
-    for index, (ids, labels) in enumerate(encoded):
+    for index, (_, labels) in enumerate(encoded):
         first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
         if first is not None and first >= seq_len:
             raise DataError(

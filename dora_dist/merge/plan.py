@@ -126,7 +126,9 @@ def quantized_linears(model: nn.Module, quant: Quant4bit) -> set[str]:
         bnb_4bit_compute_dtype=quant.compute_dtype,
         bnb_4bit_quant_storage=quant.quant_storage,
     )
-    skip = HfQuantizer.get_modules_to_not_convert(model, q.llm_int8_skip_modules, model._keep_in_fp32_modules)
+    # `model` is a PreTrainedModel and its _keep_in_fp32_modules a list; their annotations say nn.Module / Tensor
+    keep_fp32 = model._keep_in_fp32_modules
+    skip = HfQuantizer.get_modules_to_not_convert(model, q.llm_int8_skip_modules, keep_fp32)  # type: ignore[arg-type]
     replaced = replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=q)
     import bitsandbytes as bnb
 
@@ -230,7 +232,7 @@ def _dense_dtype(plan: MergePlan, stored: torch.dtype, key: str, quantized: bool
 def linear_shape(module: nn.Module, name: str, source: str) -> tuple[int, int]:
     """(out, in) of a linear layer (nn.Linear, or Conv1D whose weight is (in, out))."""
     if _is_conv1d(module):
-        inp, out = module.weight.shape
+        inp, out = module.weight.shape  # type: ignore[misc]  # a Parameter, typed Tensor | Module
     elif isinstance(module, nn.Linear):
         out, inp = module.out_features, module.in_features
     else:

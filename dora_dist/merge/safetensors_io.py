@@ -148,7 +148,7 @@ def write_shard(
             if t.dtype != e.dtype or tuple(t.shape) != e.shape:
                 raise RuntimeError(f"{e.key}: produced {t.dtype} {tuple(t.shape)}, planned {e.dtype} {e.shape}")
             data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            f.write(memoryview(data))
+            f.write(memoryview(data))  # type: ignore[arg-type]  # numpy arrays are buffers; its stub says otherwise
             del t, data
 
 

@@ -27,6 +27,7 @@ def prequantized_state(ckpt: Checkpoint, key: str):
 
 def _dense_module(weight: torch.Tensor, conv1d: bool) -> nn.Module:
     """A bias-free nn.Linear / Conv1D holding `weight` as stored (no copy)."""
+    module: nn.Module
     if conv1d:
         from transformers.pytorch_utils import Conv1D
 
@@ -73,7 +74,7 @@ def _linear4bit(plan: MergePlan, key: str, weight: torch.Tensor, conv1d: bool) -
     else:
         old = module.weight
         settings = {k: v for k, v in old.__dict__.items() if k != "module"}
-        param = bnb.nn.Params4bit(weight, requires_grad=False, **settings, module=module).to("cpu")
+        param = bnb.nn.Params4bit(weight, requires_grad=False, **settings, module=module).to("cpu")  # type: ignore[misc]
     module.weight = param
     return module
 

@@ -158,10 +158,10 @@ def known_architecture(name_or_path: str) -> dict | None:
     return json.loads((ARCH_DIR / fname).read_text())
 
 
-def hf_config_from_dict(d: dict):
+def hf_config_from_dict(d: dict | None):
     from transformers import AutoConfig
 
-    d = dict(d)
+    d = dict(d or {})
     model_type = d.pop("model_type", None)
     if model_type is None:
         raise ValueError("a model config dict needs a 'model_type' key (e.g. 'llama')")
@@ -292,7 +292,7 @@ def load_model(cfg: Config, env: DistEnv | None = None, plan: LoadPlan | None = 
     with loading("model", path):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if qcfg is None:
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to's self oddly
     model.config.use_cache = False
     return model
 

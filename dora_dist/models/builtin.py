@@ -146,7 +146,9 @@ def resolve_base(name: str, cache_dir: str | None = None) -> str:
         return name
     from types import SimpleNamespace
 
-    return str(ensure_builtin_model(SimpleNamespace(model=SimpleNamespace(cache_dir=cache_dir, config=None))))
+    # ensure_builtin_model reads only cfg.model.cache_dir and cfg.model.config
+    stand_in = SimpleNamespace(model=SimpleNamespace(cache_dir=cache_dir, config=None))
+    return str(ensure_builtin_model(stand_in))  # type: ignore[arg-type]
 
 
 def ensure_builtin_model(cfg: Config, env: DistEnv | None = None) -> Path:

@@ -35,6 +35,8 @@ reference ``dora_output`` path (two base matmuls, as in peft).
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 
 
@@ -117,7 +119,7 @@ def backward_16bit_cpu(
     need_xa: bool,
     need_b: bool,
     need_m: bool,
-):
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The node's backward for 16-bit g, y on a CPU, in one pass over cache-sized token blocks, everything in fp32:
     (round(g ⊙ scale), g·b_scaled, gᵀ·xa, Σ_t g ⊙ y), None where not needed. A CPU without native bf16 runs the
     16-bit skinny GEMMs (out × r) many times slower than fp32 ones (LoRA's own path is fp32 there), and each block's
@@ -134,12 +136,16 @@ def backward_16bit_cpu(
         j = min(i + step, tokens)
         gb = g[i:j].to(acc)
         if need_xa:
+            assert d_xa is not None
             torch.mm(gb, b_scaled, out=d_xa[i:j])
         if need_b:
+            assert g_xa is not None
             g_xa.addmm_(gb.t(), xa[i:j])
         if need_m:
+            assert gy is not None
             gy += (gb * y[i:j].to(acc)).sum(0)
         if need_base:
+            assert d_base is not None
             d_base[i:j].copy_(gb.mul_(scale))
     return d_base, d_xa, g_xa, gy
 
@@ -153,7 +159,7 @@ class DoRAEpilogue(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
+        ctx: Any,
         base_out: torch.Tensor,
         xa: torch.Tensor,
         lora_B: torch.Tensor,
@@ -207,7 +213,7 @@ class DoRAEpilogue(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         y, xa, lora_B, scale, safe_m, denom, bias, zero_idx, z_zero = ctx.saved_tensors
         s = ctx.scaling
         dt = y.dtype
@@ -223,8 +229,9 @@ class DoRAEpilogue(torch.autograd.Function):
             d_base, d_xa, g_xa, gy = backward_16bit_cpu(
                 g2, _flat(y), _flat(xa), b_scaled, scale, need_base, need_xa, need_b, need_m
             )
-            d_base = d_base.view(y.shape) if need_base else None
-            d_xa = d_xa.view(xa_shape).to(xa.dtype) if need_xa else None
+            # each is None exactly when it is not needed
+            d_base = d_base.view(y.shape) if need_base else None  # type: ignore[union-attr]
+            d_xa = d_xa.view(xa_shape).to(xa.dtype) if need_xa else None  # type: ignore[union-attr]
             d_b = (g_xa * s_scale[:, None]).to(lora_B.dtype) if need_b else None
         else:
             if not need_base:
@@ -301,9 +308,15 @@ def dora_epilogue(
         return dora_epilogue_reference(base_out, xa, lora_B, magnitude, denom, bias, scaling)
     denom = denom.detach()
     if bias is not None and base_out.dtype not in (torch.float32, torch.float64):
-        y = DoRAEpilogue.apply(base_out, xa, lora_B, magnitude, denom, None, scaling, consume_base)
+        # torch's Function.apply is unannotated
+        y: torch.Tensor = DoRAEpilogue.apply(  # type: ignore[no-untyped-call]
+            base_out, xa, lora_B, magnitude, denom, None, scaling, consume_base
+        )
         return y + bias.to(base_out.dtype)
-    return DoRAEpilogue.apply(base_out, xa, lora_B, magnitude, denom, bias, scaling, consume_base)
+    out: torch.Tensor = DoRAEpilogue.apply(  # type: ignore[no-untyped-call]
+        base_out, xa, lora_B, magnitude, denom, bias, scaling, consume_base
+    )
+    return out
 
 
 _FUSED = True
@@ -313,15 +326,15 @@ class use_fused:
     """Context manager (benchmarks, tests): `with use_fused(False):` runs the plain-op epilogue in eager mode too,
     i.e. the pre-fusion behaviour that saves z."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
 
-    def __enter__(self):
+    def __enter__(self) -> use_fused:
         global _FUSED
         self.prev, _FUSED = _FUSED, self.enabled
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         global _FUSED
         _FUSED = self.prev
         return False

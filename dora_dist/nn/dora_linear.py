@@ -20,6 +20,7 @@ reused until train()/eval(), merge/unmerge, `invalidate_cache`, or a change of A
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from dora_dist.nn.dora_epilogue import compose_16bit, dora_epilogue, is_16bit
 from dora_dist.nn.weight_source import WeightSource, at_least_fp32, is_dtensor, weight_source_for
 
 
-def check_layer_settings(r, alpha, dropout, prefix: str = "") -> None:
+def check_layer_settings(r: object, alpha: object, dropout: object, prefix: str = "") -> None:
     """The layer's hyper-parameters, checked here for the layer and for DoRAConfig (the library's and the job
     config's `dora:` section alike, prefix "DoRAConfig."). The SettingError (a ValueError) names the setting, so the
     job config reports it under the user's key (dora.r)."""
@@ -134,7 +135,8 @@ class DoRALinear(nn.Module):
         self.merged = False
         self.merge_scale: torch.Tensor | None = None
         self._premerge_weight: torch.Tensor | None = None  # the base weight before `merge` (exact unmerge)
-        self._scale_cache: tuple | None = None  # (tensors, versions+storages, m/‖W+sBA‖): eval, no grad
+        # (tensors, versions+storages, m/‖W+sBA‖): eval, no grad
+        self._scale_cache: tuple[tuple[Any, ...], tuple[int, ...], torch.Tensor] | None = None
         self.reset_lora_parameters()
         if use_dora and init_magnitude and device.type != "meta":
             self.init_magnitude()
@@ -172,7 +174,8 @@ class DoRALinear(nn.Module):
         self.base_row_sq = row_sq.detach().to(torch.promote_types(row_sq.dtype, torch.float32))
         self._scale_cache = None
         if magnitude is not None and self.magnitude is not None:
-            target = self.magnitude.to_local() if is_dtensor(self.magnitude) else self.magnitude
+            # a DTensor's local shard (FSDP2); DTensor is not imported here (no torch.distributed in nn/)
+            target = self.magnitude.to_local() if is_dtensor(self.magnitude) else self.magnitude  # type: ignore[attr-defined]
             if target.shape != magnitude.shape:
                 raise ValueError(
                     f"magnitude of shape {tuple(magnitude.shape)} does not fit this layer's {tuple(target.shape)}"
@@ -187,7 +190,7 @@ class DoRALinear(nn.Module):
     #: class-wide switch for the inference scale cache (benchmarks turn it off to measure the uncached path)
     cache_inference_scale: bool = True
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> DoRALinear:
         self._scale_cache = None
         return super().train(mode)
 
@@ -197,7 +200,9 @@ class DoRALinear(nn.Module):
         grad). Plain reads of `_parameters` and `_modules` (nn.Module.__getattr__ costs µs): this runs once per layer
         per decoded token."""
         own = self._parameters
-        deps = (own["lora_A"], own["lora_B"], own["magnitude"], self._modules["base_layer"]._parameters.get("weight"))
+        # no cast() here (a call per token); None or a DTensor raise below and skip the cache
+        base_params = self._modules["base_layer"]._parameters  # type: ignore[union-attr]
+        deps: tuple[Any, ...] = (own["lora_A"], own["lora_B"], own["magnitude"], base_params.get("weight"))
         try:
             state = (
                 deps[0]._version,
@@ -259,7 +264,8 @@ class DoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return self.base_layer(x)
+            merged_out: torch.Tensor = self.base_layer(x)
+            return merged_out
         source = self.weight_source
         w_times_a = None
         if self.use_dora and torch.is_grad_enabled():
@@ -290,9 +296,9 @@ class DoRALinear(nn.Module):
             )
         x_lora = self.lora_dropout(x) if dropout_active else x
         lora_out = self.lora_path(x_lora)
-        scale = self.dora_scale(w_times_a) if self.use_dora else None
+        row_scale = self.dora_scale(w_times_a) if self.use_dora else None
         base_dropped = source.matmul(x_lora) if (dropout_active and self.use_dora) else None
-        out = dora_output(base_out, lora_out, scale, self.scaling, base_dropped)
+        out = dora_output(base_out, lora_out, row_scale, self.scaling, base_dropped)
         bias = source.bias
         if bias is not None:
             out = out + bias.to(out.dtype)
@@ -334,7 +340,8 @@ class DoRALinear(nn.Module):
         if not source.supports_inplace_merge():
             raise TypeError(f"cannot merge into a {type(self.base_layer).__name__} in place; use merge_and_unload()")
         scale = self.merged_scale()
-        self._premerge_weight = self.base_layer.weight.detach().clone() if keep_original else None
+        base_weight = cast(torch.Tensor, self.base_layer.weight)
+        self._premerge_weight = base_weight.detach().clone() if keep_original else None
         for start, chunk in source.iter_row_chunks():
             source.write_rows(start, self.merged_rows(chunk, start, start + chunk.shape[0], scale))
         self.merge_scale, self.merged = scale, True
@@ -348,8 +355,9 @@ class DoRALinear(nn.Module):
         source, scale = self.weight_source, self.merge_scale
         original = getattr(self, "_premerge_weight", None)
         if original is not None:
-            self.base_layer.weight.data.copy_(original)
+            cast(torch.Tensor, self.base_layer.weight).data.copy_(original)
         else:
+            assert scale is not None  # set by merge
             for start, chunk in source.iter_row_chunks():
                 stop = start + chunk.shape[0]
                 delta = self.delta_rows(start, stop, chunk.dtype)

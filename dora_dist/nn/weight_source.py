@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ def logical_shape(weight: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(weight, "ds_shape", weight.shape))
 
 
-def is_dtensor(t) -> bool:
+def is_dtensor(t: object) -> bool:
     """A DTensor (FSDP2's sharded parameters), recognised without importing torch.distributed."""
     return hasattr(t, "placements") and hasattr(t, "to_local")
 
@@ -57,8 +58,10 @@ class WeightSource:
     #: FSDP2's fully_shard can split the stored weight by dim 0 and all-gather it back.
     fsdp_shardable = True
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, module: nn.Module | RowsView):
+        # Any: the base's attributes (weight, bias, quant_state ...) are whatever its library gives it, which
+        # nn.Module's __getattr__ types as Tensor | Module
+        self.module: Any = module
 
     def take_ownership(self) -> None:
         """Called once when a DoRA layer wraps the base (a source may fix up or pin the base's storage here)."""
@@ -83,12 +86,14 @@ class WeightSource:
 
     @property
     def device(self) -> torch.device:
-        return self.module.weight.device
+        device: torch.device = self.module.weight.device
+        return device
 
     @property
     def compute_dtype(self) -> torch.dtype:
         """dtype in which the dense weight is naturally expressed (for merge and adapter init)."""
-        return self.module.weight.dtype
+        dtype: torch.dtype = self.module.weight.dtype
+        return dtype
 
     # --- the operations DoRA needs -------------------------------------------------------------------
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,14 +118,14 @@ class WeightSource:
         """Apply fn(chunk, start, stop) -> (rows,) or (rows, width) per row chunk, concatenated in fp32.
         (no_grad as a block, not a decorator: torch.compile traces it inside a DoRA layer without a graph break)"""
         shape = (self.out_features,) if width is None else (self.out_features, width)
-        out = None
+        out: torch.Tensor | None = None
         with torch.no_grad():
             for start, chunk in self.iter_row_chunks():
                 part = fn(chunk, start, start + chunk.shape[0])
                 if out is None:
                     out = torch.empty(shape, dtype=part.dtype, device=part.device)
                 out[start : start + chunk.shape[0]] = part
-        return out
+        return out  # type: ignore[return-value]  # None only for a weight of no rows, which no layer has
 
     def row_sq_norms(self) -> torch.Tensor:
         """‖W_i‖² per output row, fp32 (out,)."""
@@ -225,7 +230,8 @@ class Conv1DWeight(WeightSource):
         return logical_shape(self.module.weight)[1]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.module.weight.to(x.dtype)
+        y: torch.Tensor = x @ self.module.weight.to(x.dtype)
+        return y
 
     def row_chunk(self, start: int, stop: int) -> torch.Tensor:
         return at_least_fp32(self.module.weight.detach()[:, start:stop].t())
@@ -241,11 +247,13 @@ class Conv1DWeight(WeightSource):
     def to_plain_module(self, weight: torch.Tensor) -> nn.Module:
         from transformers.pytorch_utils import Conv1D
 
-        conv = Conv1D(self.out_features, self.in_features)
+        conv = Conv1D(self.out_features, self.in_features)  # type: ignore[no-untyped-call]  # transformers' own
         conv.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             conv.weight.copy_(weight.t())
-            conv.bias.copy_(self.bias.to(weight.dtype))
+            bias = self.bias
+            assert bias is not None  # a Conv1D always has one
+            conv.bias.copy_(bias.to(weight.dtype))
         return conv
 
 

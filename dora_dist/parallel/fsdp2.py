@@ -208,7 +208,9 @@ class FSDP2Engine(Engine):
             if layer.magnitude is not None and not layer.merged
         ]
         sharded = [layer for _, layer in layers if isinstance(layer.base_layer.weight, DTensor)]
-        whole_a = dict(zip(map(id, sharded), gather_dim0_shards([layer.lora_A for layer in sharded], device)))
+        whole_a = dict(
+            zip(map(id, sharded), gather_dim0_shards([layer.lora_A for layer in sharded], device), strict=True)
+        )
         for name, layer in layers:
             weight = layer.base_layer.weight
             if not isinstance(weight, DTensor):
@@ -262,7 +264,7 @@ def gather_dim0_shards(params: list, device: torch.device) -> list[torch.Tensor]
     if not dts:
         return [p.detach().to(device) for p in params]
     mesh = dts[0].device_mesh
-    world, rank = mesh.size(), mesh.get_local_rank()
+    world = mesh.size()
 
     def rows_of(p, k: int) -> int:
         return _chunk_span(p.shape[0], world, k)[1]

@@ -256,7 +256,7 @@ class Zero3Engine(ZeroEngine):
         stats = {"method": method, "layers": 0, "allreduce_bytes": 0, "gathered_bytes": 0, "local_layers": 0}
         layers = list(dora_layers(model))
         b_nonzero = self._lora_b_nonzero([layer for _, layer in layers])
-        for (_, layer), nonzero in zip(layers, b_nonzero):
+        for (_, layer), nonzero in zip(layers, b_nonzero, strict=True):
             weight = layer.base_layer.weight
             stats["layers"] += 1
             if not _is_partitioned(weight):  # not a ZeRO-3 parameter: whole on every rank

@@ -70,7 +70,7 @@ class ZeroEngine(Engine):
 
     def __init__(self, cfg: Config, env: DistEnv, batching=None, optimizer_factory=None):
         super().__init__(cfg, env, batching, optimizer_factory)
-        self.ds_engine = None
+        self.ds_engine: Any = None  # deepspeed's DeepSpeedEngine (untyped), set by wrap
         self.ds_config: dict[str, Any] | None = None
         self.norm_init_stats: dict[str, Any] = {}
         self._hf_ds_config = None

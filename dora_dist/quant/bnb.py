@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from copy import copy
+from typing import Any
 
 import torch
 from torch import nn
 
-from dora_dist.nn.weight_source import WeightSource, at_least_fp32, register_weight_source
+from dora_dist.nn.weight_source import RowsView, WeightSource, at_least_fp32, register_weight_source
 from dora_dist.quant.decode4bit import bnb_decode_is_exact, decode_elements, packed_bytes, unpack_cpu_repacked
 
 
-def _bnb():
+def _bnb() -> Any:  # bitsandbytes ships no type information
     try:
         import bitsandbytes as bnb
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -28,7 +30,7 @@ def _bnb():
     return bnb
 
 
-def dequantize_absmax(quant_state) -> torch.Tensor:
+def dequantize_absmax(quant_state: Any) -> torch.Tensor:
     """Per-block absmax of a 4-bit weight as fp32, undoing double quantization (n/blocksize values)."""
     bnb = _bnb()
     if not quant_state.nested:
@@ -43,7 +45,9 @@ class _Dequant4bitMatmul(torch.autograd.Function):
     dequantizes again in backward, so it saves nothing but a reference to the packed codes."""
 
     @staticmethod
-    def forward(ctx, x, source: BnB4bitWeight, a_t):
+    def forward(
+        ctx: Any, x: torch.Tensor, source: BnB4bitWeight, a_t: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = source.dequantize_full(x.dtype)
         out = torch.nn.functional.linear(x, weight)
         wa = None
@@ -59,7 +63,7 @@ class _Dequant4bitMatmul(torch.autograd.Function):
         return out, wa
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_wa):
+    def backward(ctx: Any, grad_out: torch.Tensor, _grad_wa: Any) -> tuple[torch.Tensor | None, None, None]:
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ ctx.source.dequantize_full(grad_out.dtype)
@@ -74,7 +78,7 @@ class BnB4bitWeight(WeightSource):
     quantized = True
     fsdp_shardable = False
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module | RowsView):
         super().__init__(module)
         self._absmax_cache: torch.Tensor | None = None
 
@@ -88,7 +92,7 @@ class BnB4bitWeight(WeightSource):
         if hasattr(self.module, "support_avx512bf16_for_cpu"):
             self.module.support_avx512bf16_for_cpu = False
 
-    def _quant_state(self):
+    def _quant_state(self) -> Any:  # bitsandbytes' QuantState
         bnb = _bnb()
         # Only ask bitsandbytes to recover a lost quant_state when the module kept one: on a weight that was never
         # quantized, its helper fails with a bare AssertionError instead of our message below.
@@ -130,14 +134,14 @@ class BnB4bitWeight(WeightSource):
             # The kernel directly (not module.forward): that would add the bias and, on some CPUs, repack the weight.
             qs = self._quant_state()
             return _bnb().matmul_4bit(x.to(cd), self.module.weight.t(), bias=None, quant_state=qs).to(x.dtype)
-        out, _ = _Dequant4bitMatmul.apply(x.to(cd), self, None)
+        out, _ = _Dequant4bitMatmul.apply(x.to(cd), self, None)  # type: ignore[no-untyped-call]  # torch's own
         return out.to(x.dtype)
 
     def matmul_and_times_A(self, x: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One dequantization for both products (bitsandbytes' training matmul dequantizes the whole weight anyway)."""
         cd = self.module.compute_dtype or x.dtype
         a_t = at_least_fp32(lora_A.detach()).t()
-        out, wa = _Dequant4bitMatmul.apply(x.to(cd), self, a_t)
+        out, wa = _Dequant4bitMatmul.apply(x.to(cd), self, a_t)  # type: ignore[no-untyped-call]  # torch's own
         return out.to(x.dtype), wa
 
     @torch.no_grad()
@@ -175,7 +179,7 @@ class BnB4bitWeight(WeightSource):
         return cache if cache is not None else dequantize_absmax(self._quant_state())
 
     @contextmanager
-    def _absmax_cached(self):
+    def _absmax_cached(self) -> Iterator[None]:
         """Dequantize the absmax once for a whole pass over the row chunks."""
         self._absmax_cache = dequantize_absmax(self._quant_state())
         try:
@@ -183,7 +187,7 @@ class BnB4bitWeight(WeightSource):
         finally:
             self._absmax_cache = None
 
-    def reduce_rows(self, fn, width):
+    def reduce_rows(self, fn: Callable[[torch.Tensor, int, int], torch.Tensor], width: int | None) -> torch.Tensor:
         with self._absmax_cached():
             return super().reduce_rows(fn, width)
 
@@ -200,8 +204,9 @@ class BnB4bitWeight(WeightSource):
 def requantize_4bit(template: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A new Linear4bit holding `weight` quantized like `template` (lossy: adds a fresh quantization error)."""
     bnb = _bnb()
-    qs = template.weight.quant_state
-    bias = template.bias
+    template_weight: Any = template.weight  # a bitsandbytes Params4bit
+    qs = template_weight.quant_state
+    bias: Any = template.bias
     new = bnb.nn.Linear4bit(
         weight.shape[1],
         weight.shape[0],
@@ -221,7 +226,8 @@ def requantize_4bit(template: nn.Module, weight: torch.Tensor) -> nn.Module:
     new.weight = param._quantize(weight.device) if hasattr(param, "_quantize") else param.to(weight.device)
     if bias is not None:
         new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-    return new
+    new_module: nn.Module = new
+    return new_module
 
 
 class BnB8bitWeight(WeightSource):
@@ -266,7 +272,7 @@ class BnB8bitWeight(WeightSource):
         return codes * (self._scb()[start:stop].float().unsqueeze(1) / 127.0)
 
 
-def _bnb_layer(class_name: str):
+def _bnb_layer(class_name: str) -> Callable[[nn.Module], bool]:
     """Matcher for a bitsandbytes layer class; a module can only be one if bitsandbytes is already imported."""
 
     def matches(module: nn.Module) -> bool:

@@ -60,7 +60,7 @@ FP4_CODE = (
 CPU_REPACK_BLOCK_N = 32  # rows per tile in bitsandbytes' CPU repacked layout (_convert_weight_packed_for_cpu)
 
 
-def code_book(quant_type: str, device=None) -> torch.Tensor:
+def code_book(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     return torch.tensor(NF4_CODE if quant_type == "nf4" else FP4_CODE, dtype=torch.float32, device=device)
@@ -101,7 +101,7 @@ def unpack_cpu_repacked(param: nn.Parameter) -> None:
     the values change again; here the codes go back to the flat layout and the absmax becomes the fp32 copy of the
     bf16 values the repacked kernel multiplied by: the decoded weight is exactly the one that kernel used.
     """
-    qs = param.quant_state
+    qs = param.quant_state  # type: ignore[attr-defined]  # a bitsandbytes Params4bit
     out_f, in_f = int(qs.shape[0]), int(qs.shape[1])
     tiles = param.data.view(torch.uint8).reshape(-1, CPU_REPACK_BLOCK_N)
     nibbles = torch.cat([tiles & 0xF, tiles >> 4], dim=-1)  # (tiles, 64): low half, high half

@@ -38,6 +38,9 @@ No dependency on torchao; bitsandbytes is needed only to quantize a dense weight
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -54,7 +57,9 @@ DEQUANT_CHUNK_ELEMENTS_CUDA = 1 << 23  # fewer, larger kernels on GPUs (~100 MiB
 # ------------------------------------------------------------------------------------------------------------
 # row layout
 # ------------------------------------------------------------------------------------------------------------
-def row_layout(out_features: int, in_features: int, blocksize: int, nested: bool):
+def row_layout(
+    out_features: int, in_features: int, blocksize: int, nested: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """Per-row block geometry of bnb's flat layout: (first block b0, phase p1, blocks per row nb, K1, K2)."""
     if in_features % 2:
         raise ValueError(f"Sharded4bitTensor needs an even in_features (two codes per byte per row), got {in_features}")
@@ -92,7 +97,17 @@ class _Meta:
         "row_bytes",
     )
 
-    def __init__(self, quant_type, blocksize, nested, offset, code2, k1, k2, n_in):
+    def __init__(
+        self,
+        quant_type: str,
+        blocksize: int,
+        nested: bool,
+        offset: float | None,
+        code2: torch.Tensor | None,
+        k1: int,
+        k2: int,
+        n_in: int,
+    ) -> None:
         self.quant_type, self.blocksize, self.nested = quant_type, int(blocksize), bool(nested)
         self.offset = float(offset) if offset is not None else 0.0  # an fp32 value, exact as a Python float
         self.code2 = code2  # (256,) fp32 code book of the double quantization, or None
@@ -106,7 +121,7 @@ class _Meta:
         self.o_pk = self.o_rm + 8
         self.row_bytes = _align4(self.o_pk + self.n_in // 2)
 
-    def to(self, device) -> _Meta:
+    def to(self, device: torch.device | str | None) -> _Meta:
         code2 = self.code2.to(device) if self.code2 is not None else None
         return _Meta(self.quant_type, self.blocksize, self.nested, self.offset, code2, self.k1, self.k2, self.n_in)
 
@@ -129,14 +144,23 @@ class Sharded4bitTensor(torch.Tensor):
     """A frozen (rows, in) 4-bit weight in bitsandbytes' numerics, laid out so any row range is self-contained."""
 
     @staticmethod
-    def __new__(cls, qdata, meta: _Meta, shape, dtype, requires_grad=False):
+    def __new__(
+        cls, qdata: torch.Tensor, meta: _Meta, shape: Sequence[int], dtype: torch.dtype, requires_grad: bool = False
+    ) -> Sharded4bitTensor:
         shape = torch.Size(shape)
         stride = (shape[1], 1) if len(shape) == 2 else (1,)
-        return torch.Tensor._make_wrapper_subclass(
+        return torch.Tensor._make_wrapper_subclass(  # an instance of cls
             cls, shape, stride, 0, dtype=dtype, device=qdata.device, requires_grad=requires_grad
         )
 
-    def __init__(self, qdata, meta: _Meta, shape, dtype, requires_grad=False):
+    def __init__(
+        self,
+        qdata: torch.Tensor,
+        meta: _Meta,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        requires_grad: bool = False,
+    ) -> None:
         if qdata.dim() != 2 or qdata.shape[1] != meta.row_bytes or qdata.dtype != torch.uint8:
             raise ValueError(
                 f"bad 4-bit row records {tuple(qdata.shape)} {qdata.dtype}, expected (rows, {meta.row_bytes}) uint8"
@@ -166,21 +190,34 @@ class Sharded4bitTensor(torch.Tensor):
         return self._field(self.meta.o_rm, 8, torch.int32)
 
     @classmethod
-    def assemble(cls, packed, scales, scales2, rowmeta, meta: _Meta, shape, dtype) -> Sharded4bitTensor:
+    def assemble(
+        cls,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        scales2: torch.Tensor | None,
+        rowmeta: torch.Tensor,
+        meta: _Meta,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+    ) -> Sharded4bitTensor:
         """Pack the fields into row records."""
         qdata = torch.zeros(packed.shape[0], meta.row_bytes, dtype=torch.uint8, device=packed.device)
         t = cls(qdata, meta, shape, dtype)
         t.packed.copy_(packed)
         t.scales.copy_(scales)
         if meta.nested:
-            t.scales2.copy_(scales2)
+            t.scales2.copy_(scales2)  # type: ignore[union-attr, arg-type]  # both present exactly when nested
         t.rowmeta.copy_(rowmeta)
         return t
 
     # --- construction ----------------------------------------------------------------------------------
     @classmethod
     def from_bnb(
-        cls, packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None, rows: tuple[int, int] | None = None
+        cls,
+        packed: torch.Tensor,
+        quant_state: Any,
+        dtype: torch.dtype | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> Sharded4bitTensor:
         """Re-lay out a bitsandbytes 4-bit state (packed bytes + QuantState) by rows. Exact: no re-quantization.
 
@@ -199,7 +236,7 @@ class Sharded4bitTensor(torch.Tensor):
             rows_t = flat[: (r1 - r0) * in_f // 2]
         else:
             rows_t = flat[r0 * in_f // 2 : r1 * in_f // 2]
-        rows = rows_t.reshape(r1 - r0, in_f // 2).clone()
+        packed_rows = rows_t.reshape(r1 - r0, in_f // 2).clone()
         out_f = r1 - r0
         absmax = quant_state.absmax.reshape(-1)
         slot = torch.arange(k1, device=device)
@@ -220,7 +257,7 @@ class Sharded4bitTensor(torch.Tensor):
             scales = scales.float()
         rowmeta = torch.stack([p1, q], dim=1).to(torch.int32)
         meta = _Meta(quant_state.quant_type, bs, nested, offset, code2, k1, k2, in_f)
-        return cls.assemble(rows, scales, scales2, rowmeta, meta, (out_f, in_f), dtype)
+        return cls.assemble(packed_rows, scales, scales2, rowmeta, meta, (out_f, in_f), dtype)
 
     @classmethod
     def from_dense(
@@ -238,12 +275,14 @@ class Sharded4bitTensor(torch.Tensor):
     @classmethod
     def from_linear4bit(cls, module: nn.Module, dtype: torch.dtype | None = None) -> Sharded4bitTensor:
         """From a bitsandbytes Linear4bit (its packed weight and quant_state)."""
-        qs = module.weight.quant_state
+        linear4bit: Any = module  # bitsandbytes' Linear4bit and Params4bit carry no type information
+        weight = linear4bit.weight
+        qs = weight.quant_state
         if qs is None:
             raise ValueError("the Linear4bit weight is not quantized yet (no quant_state)")
         if getattr(qs, "packing_format_for_cpu", False):
             raise ValueError("this Linear4bit was repacked for bitsandbytes' CPU kernel; convert it before inference")
-        return cls.from_bnb(module.weight.data, qs, dtype or module.compute_dtype or qs.dtype)
+        return cls.from_bnb(weight.data, qs, dtype or linear4bit.compute_dtype or qs.dtype)
 
     @classmethod
     def empty(
@@ -254,7 +293,7 @@ class Sharded4bitTensor(torch.Tensor):
         blocksize: int = 64,
         double_quant: bool = True,
         dtype: torch.dtype = torch.bfloat16,
-        device=None,
+        device: torch.device | str | None = None,
     ) -> Sharded4bitTensor:
         """Uninitialised storage with the right inner shapes (e.g. on the meta device, filled later by copy_)."""
         _, _, _, _, k1, k2 = row_layout(out_features, in_features, blocksize, double_quant)
@@ -263,20 +302,27 @@ class Sharded4bitTensor(torch.Tensor):
         return cls(qdata, meta, (out_features, in_features), dtype)
 
     # --- tensor subclass protocol ----------------------------------------------------------------------
-    def __tensor_flatten__(self):
+    def __tensor_flatten__(self) -> tuple[list[str], tuple[_Meta, torch.Size, torch.dtype]]:
         return ["qdata"], (self.meta, self.shape, self.dtype)
 
     @staticmethod
-    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
+    def __tensor_unflatten__(
+        inner: dict[str, torch.Tensor], ctx: tuple[_Meta, torch.Size, torch.dtype], outer_size: Any, outer_stride: Any
+    ) -> Sharded4bitTensor:
         meta, shape, dtype = ctx
         return Sharded4bitTensor(inner["qdata"], meta, shape, dtype)
 
-    def _with(self, fn, dtype=None, meta=None) -> Sharded4bitTensor:
+    def _with(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        dtype: torch.dtype | None = None,
+        meta: _Meta | None = None,
+    ) -> Sharded4bitTensor:
         """Apply fn to the row records (an op that keeps the row structure)."""
         qdata = fn(self.qdata)
         return Sharded4bitTensor(qdata, meta or self.meta, (qdata.shape[0], self.shape[1]), dtype or self.dtype)
 
-    def __repr__(self):
+    def __repr__(self) -> str:  # type: ignore[override]  # torch's has a keyword-only tensor_contents
         m = self.meta
         return (
             f"Sharded4bitTensor(shape={tuple(self.shape)}, dtype={self.dtype}, {m.quant_type}, "
@@ -284,19 +330,23 @@ class Sharded4bitTensor(torch.Tensor):
         )
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func is torch.nn.functional.linear:
             x, w = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if isinstance(w, Sharded4bitTensor) and not isinstance(x, Sharded4bitTensor):
-                out = Linear4bitFunction.apply(x, w)
+                out = Linear4bitFunction.apply(x, w)  # type: ignore[no-untyped-call]  # torch's own
                 return out + bias.to(out.dtype) if bias is not None else out
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(  # type: ignore[override]  # torch declares it without func
+        cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         handler = _OPS.get(func)
         if handler is None:
@@ -306,7 +356,9 @@ class Sharded4bitTensor(torch.Tensor):
         return handler(func, *args, **kwargs)
 
     # --- FSDP2 all-gather extensions ----------------------------------------------------------------------
-    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+    def fsdp_pre_all_gather(
+        self, mesh: Any, outer_size: Any, outer_stride: Any, module: Any, mp_policy: Any
+    ) -> tuple[tuple[torch.Tensor], tuple[_Meta, torch.Size]]:
         """What FSDP2 all-gathers: the packed bytes and scales of the local rows (no dequantization)."""
         world = mesh.size()
         if outer_size[0] % world:  # same answer on every rank: no rank is left waiting in the collective
@@ -317,7 +369,14 @@ class Sharded4bitTensor(torch.Tensor):
         return (self.qdata,), (self.meta, torch.Size(outer_size))
 
     @torch.no_grad()
-    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+    def fsdp_post_all_gather(
+        self,
+        all_gather_outputs: tuple[torch.Tensor, ...],
+        metadata: tuple[_Meta, torch.Size],
+        param_dtype: torch.dtype,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor]] | None:
         """Dequantize the gathered rows into a dense (out, in) tensor of the param dtype (in place when `out`)."""
         meta, outer_size = metadata
         (qdata,) = all_gather_outputs
@@ -342,7 +401,8 @@ class Sharded4bitTensor(torch.Tensor):
         q = self.rowmeta[start:stop, 1].long()
         slot = torch.arange(meta.k1, device=scales.device)
         g = torch.div(q[:, None] + slot[None, :], DQ_GROUP, rounding_mode="floor")
-        absmax2 = torch.gather(self.scales2[start:stop], 1, g.clamp_max(meta.k2 - 1))
+        scales2: Any = self.scales2  # present: nested
+        absmax2 = torch.gather(scales2[start:stop], 1, g.clamp_max(meta.k2 - 1))
         absmax = code2[scales.long()] * absmax2  # bnb dequantize_blockwise: code[q] * absmax2 (fp32)
         return absmax + torch.tensor(meta.offset, dtype=torch.float32, device=absmax.device)  # then += offset
 
@@ -392,19 +452,21 @@ class Linear4bitFunction(torch.autograd.Function):
     """y = x·Wᵀ with W dequantized on the fly; backward dequantizes again instead of saving the dense W."""
 
     @staticmethod
-    def forward(ctx, x, w: Sharded4bitTensor):
+    def forward(ctx: Any, x: torch.Tensor, w: Sharded4bitTensor) -> torch.Tensor:
         ctx.w = w
         return nn.functional.linear(x, w.dequantize(x.dtype))
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad @ ctx.w.dequantize(grad.dtype), None
 
 
 # ------------------------------------------------------------------------------------------------------------
 # quantization (bitsandbytes' own routine; the result is then re-laid out by rows)
 # ------------------------------------------------------------------------------------------------------------
-def quantize_4bit_bnb(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True):
+def quantize_4bit_bnb(
+    weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True
+) -> tuple[torch.Tensor, Any]:
     """bitsandbytes.functional.quantize_4bit on the weight (needs bitsandbytes). Returns (packed, QuantState)."""
     try:
         import bitsandbytes.functional as bnbf

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -32,13 +34,15 @@ class ShardedLinear4bit(nn.Module):
         compute_dtype: torch.dtype | None = None,
     ) -> ShardedLinear4bit:
         """From an nn.Linear (quantized as bnb does) or a bitsandbytes Linear4bit (re-laid out, exact)."""
-        if getattr(linear.weight, "quant_state", None) is not None:  # a bitsandbytes Params4bit
+        weight: Any = linear.weight  # nn.Linear's Tensor or bitsandbytes' Params4bit
+        if getattr(weight, "quant_state", None) is not None:  # a bitsandbytes Params4bit
             w = Sharded4bitTensor.from_linear4bit(linear, compute_dtype)
         else:
             w = Sharded4bitTensor.from_dense(
-                linear.weight.detach(), quant_type, blocksize, double_quant, compute_dtype or linear.weight.dtype
+                weight.detach(), quant_type, blocksize, double_quant, compute_dtype or weight.dtype
             )
-        return cls(w, linear.bias)
+        bias: Any = linear.bias
+        return cls(w, bias)
 
     @classmethod
     def empty(
@@ -50,7 +54,7 @@ class ShardedLinear4bit(nn.Module):
         blocksize: int = 64,
         double_quant: bool = True,
         dtype: torch.dtype = torch.bfloat16,
-        device=None,
+        device: torch.device | str | None = None,
     ) -> ShardedLinear4bit:
         w = Sharded4bitTensor.empty(out_features, in_features, quant_type, blocksize, double_quant, dtype, device)
         b = torch.empty(out_features, dtype=dtype, device=device) if bias else None
@@ -65,7 +69,7 @@ class ShardedLinear4bit(nn.Module):
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The rank-local tensor of a DTensor (a plain tensor is returned as is)."""
-    return t.to_local() if is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]  # a DTensor (no torch.distributed here)
 
 
 def packed_bytes(module: nn.Module) -> int:

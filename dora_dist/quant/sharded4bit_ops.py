@@ -8,7 +8,8 @@ never imports it back (handlers take the class from their arguments).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -23,8 +24,11 @@ aten = torch.ops.aten
 OPS: dict[Any, Any] = {}
 
 
-def _implements(*ops):
-    def deco(fn):
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+
+
+def _implements(*ops: Any) -> Callable[[_Handler], _Handler]:
+    def deco(fn: _Handler) -> _Handler:
         for op in ops:
             OPS[op] = fn
         return fn
@@ -32,7 +36,7 @@ def _implements(*ops):
     return deco
 
 
-def _rows_arg(t: Sharded4bitTensor, size) -> int:
+def _rows_arg(t: Sharded4bitTensor, size: Any) -> int:
     size = list(size)
     if len(size) != 2 or size[1] != t.shape[1]:
         raise NotImplementedError(f"Sharded4bitTensor only resizes along rows: {tuple(t.shape)} -> {tuple(size)}")
@@ -40,17 +44,17 @@ def _rows_arg(t: Sharded4bitTensor, size) -> int:
 
 
 @_implements(aten.detach.default, aten.alias.default)
-def _detach(func, t, *args, **kwargs):
+def _detach(func: Any, t: Sharded4bitTensor, *args: Any, **kwargs: Any) -> Any:
     return t._with(lambda x: func(x))
 
 
 @_implements(aten.clone.default)
-def _clone(func, t, *args, **kwargs):
+def _clone(func: Any, t: Sharded4bitTensor, *args: Any, **kwargs: Any) -> Any:
     return t._with(lambda x: x.clone())
 
 
 @_implements(aten.split.Tensor)
-def _split(func, t, split_size, dim=0):
+def _split(func: Any, t: Sharded4bitTensor, split_size: Any, dim: Any = 0) -> Any:
     if dim != 0:
         raise NotImplementedError("Sharded4bitTensor splits only along the output rows (dim 0)")
     rows = t.shape[0]
@@ -63,7 +67,7 @@ def _split(func, t, split_size, dim=0):
 
 
 @_implements(aten.slice.Tensor)
-def _slice(func, t, dim=0, start=None, end=None, step=1):
+def _slice(func: Any, t: Sharded4bitTensor, dim: Any = 0, start: Any = None, end: Any = None, step: Any = 1) -> Any:
     if step != 1:
         raise NotImplementedError("Sharded4bitTensor slicing with a step")
     if dim == 1 or dim == -1:
@@ -74,21 +78,21 @@ def _slice(func, t, dim=0, start=None, end=None, step=1):
 
 
 @_implements(aten.new_zeros.default, aten.new_empty.default)
-def _new_rows(func, t, size, **kwargs):
+def _new_rows(func: Any, t: Sharded4bitTensor, size: Any, **kwargs: Any) -> Any:
     rows = _rows_arg(t, size)
     device = kwargs.get("device") or t.device
     return t._with(lambda x: torch.zeros((rows, x.shape[1]), dtype=x.dtype, device=device), meta=t.meta.to(device))
 
 
 @_implements(aten.empty_like.default, aten.zeros_like.default)
-def _empty_like(func, t, **kwargs):
+def _empty_like(func: Any, t: Sharded4bitTensor, **kwargs: Any) -> Any:
     device = kwargs.get("device") or t.device
     dtype = kwargs.get("dtype") or t.dtype
     return t._with(lambda x: func(x, device=device), dtype=dtype, meta=t.meta.to(device))
 
 
 @_implements(aten.copy_.default)
-def _copy(func, dst, src, non_blocking=False):
+def _copy(func: Any, dst: Sharded4bitTensor, src: Any, non_blocking: Any = False) -> Any:
     if type(src) is not type(dst):
         raise NotImplementedError("copy_ into a Sharded4bitTensor needs a Sharded4bitTensor source (quantize first)")
     if tuple(src.shape) != tuple(dst.shape):
@@ -102,7 +106,7 @@ def _copy(func, dst, src, non_blocking=False):
 
 
 @_implements(aten.view.default, aten._unsafe_view.default)
-def _view(func, t, size):
+def _view(func: Any, t: Sharded4bitTensor, size: Any) -> Any:
     size = list(size)
     if size == [-1] or size == [t.numel()]:
         # FSDP keeps a flat "view" of the padded shard; for a packed tensor it is only a handle (same inner data).
@@ -118,14 +122,14 @@ def _flat_handle(t: Sharded4bitTensor) -> Sharded4bitTensor:
 
 
 @_implements(aten.as_strided.default)
-def _as_strided(func, t, size, stride, storage_offset=0):
+def _as_strided(func: Any, t: Sharded4bitTensor, size: Any, stride: Any, storage_offset: Any = 0) -> Any:
     if tuple(size) != tuple(t.shape):
         raise NotImplementedError(f"Sharded4bitTensor.as_strided to a different size {tuple(size)}")
     return t._with(lambda x: x)
 
 
 @_implements(aten._to_copy.default)
-def _to_copy(func, t, **kwargs):
+def _to_copy(func: Any, t: Sharded4bitTensor, **kwargs: Any) -> Any:
     device = kwargs.get("device") or t.device
     dtype = kwargs.get("dtype") or t.dtype
     if not dtype.is_floating_point:
@@ -136,21 +140,21 @@ def _to_copy(func, t, **kwargs):
 
 
 @_implements(aten.is_pinned.default)
-def _is_pinned(func, t, *args):
+def _is_pinned(func: Any, t: Sharded4bitTensor, *args: Any) -> Any:
     return t.qdata.is_pinned()
 
 
 @_implements(aten._pin_memory.default)
-def _pin(func, t, *args):
+def _pin(func: Any, t: Sharded4bitTensor, *args: Any) -> Any:
     return t._with(lambda x: x.pin_memory())
 
 
 @_implements(aten.is_same_size.default)
-def _same_size(func, a, b):
+def _same_size(func: Any, a: Any, b: Any) -> Any:
     return tuple(a.shape) == tuple(b.shape)
 
 
-def _wait(func, t):
+def _wait(func: Any, t: Sharded4bitTensor) -> Any:
     return t._with(lambda x: func(x))
 
 

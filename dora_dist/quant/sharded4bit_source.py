@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -38,7 +40,7 @@ class Sharded4bitWeight(WeightSource):
     def compute_dtype(self) -> torch.dtype:
         return self.module.weight.dtype
 
-    def _weight(self):
+    def _weight(self) -> Any:  # a Sharded4bitTensor, or the dense all-gathered weight inside an FSDP2 forward
         w = self.module.weight
         if is_dtensor(w):
             raise RuntimeError(
@@ -50,7 +52,7 @@ class Sharded4bitWeight(WeightSource):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         w = self._weight()
         if isinstance(w, Sharded4bitTensor):
-            return Linear4bitFunction.apply(x, w.detach()).to(x.dtype)
+            return Linear4bitFunction.apply(x, w.detach()).to(x.dtype)  # type: ignore[no-untyped-call]  # torch's
         return nn.functional.linear(x, w.to(x.dtype))  # FSDP2 forward: already dequantized after the all-gather
 
     def rows_per_chunk(self) -> int:

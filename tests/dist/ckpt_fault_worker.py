@@ -12,6 +12,7 @@ tests/integration/test_checkpoint_write_faults.py). One process (no torchrun var
 --mode chmod:  (one process, not root) the checkpoint root made read-only by chmod.
 Results go to --out (JSON, rank 0; the other ranks add <out>.rank<k>.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,7 @@ def make_engine(env, adapter_seed: int, width: int = 16):
     from dora_dist.parallel.ddp import DDPEngine
     from dora_dist.parallel.none import SingleProcessEngine
 
-    torch.manual_seed(0)                                   # the frozen base is the same (it is not checkpointed)
+    torch.manual_seed(0)  # the frozen base is the same (it is not checkpointed)
     model = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 4))
     torch.manual_seed(adapter_seed)
     apply_dora(model, DoRAConfig(r=2, alpha=4, target_modules=["0", "2"]))
@@ -63,8 +64,11 @@ def params_fingerprint(engine) -> list[float]:
 
 
 def files_digest(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def save(manager, engine, step: int) -> Path:
@@ -78,9 +82,15 @@ def try_save(manager, engine, step: int) -> dict:
     try:
         save(manager, engine, step)
     except CheckpointWriteError as exc:
-        return {"raised": "CheckpointWriteError", "message": str(exc), "needed": exc.needed_bytes,
-                "free": exc.free_bytes, "errno": exc.errno, "is_oserror": isinstance(exc, OSError),
-                "local_cause": type(exc.__cause__).__name__ if exc.__cause__ is not None else None}
+        return {
+            "raised": "CheckpointWriteError",
+            "message": str(exc),
+            "needed": exc.needed_bytes,
+            "free": exc.free_bytes,
+            "errno": exc.errno,
+            "is_oserror": isinstance(exc, OSError),
+            "local_cause": type(exc.__cause__).__name__ if exc.__cause__ is not None else None,
+        }
     except BaseException as exc:  # noqa: BLE001  reported to the test
         return {"raised": type(exc).__name__, "message": str(exc)[-2000:]}
     return {"raised": None}
@@ -127,7 +137,7 @@ def arm(point: str) -> None:
 
     from dora_dist.checkpoint import atomic
 
-    if point == "engine":                                   # half of a DCP shard written, then killed
+    if point == "engine":  # half of a DCP shard written, then killed
         real = filesystem.FileSystem.create_stream
 
         class Dying:
@@ -149,13 +159,13 @@ def arm(point: str) -> None:
                 yield Dying(stream) if "w" in mode and str(path).endswith(".distcp") else stream
 
         filesystem.FileSystem.create_stream = create_stream
-    elif point == "complete":                               # every file written and fsynced, COMPLETE not yet
+    elif point == "complete":  # every file written and fsynced, COMPLETE not yet
         real_write = atomic.write_durably
         atomic.write_durably = lambda path, text: die() if path.name == "COMPLETE" else real_write(path, text)
-    elif point == "rename":                                 # COMPLETE written, the tmp directory not renamed
+    elif point == "rename":  # COMPLETE written, the tmp directory not renamed
         atomic.publish = lambda tmp, final: die()
-    elif point == "replace":                                # a re-save of step 2: the old one set aside, the new
-        real_rename = Path.rename                           # one not yet moved into place
+    elif point == "replace":  # a re-save of step 2: the old one set aside, the new
+        real_rename = Path.rename  # one not yet moved into place
 
         def rename(self, target):
             if self.name.startswith(atomic.TMP):
@@ -163,7 +173,7 @@ def arm(point: str) -> None:
             return real_rename(self, target)
 
         Path.rename = rename
-    elif point == "prune":                                  # the oldest checkpoint half-deleted
+    elif point == "prune":  # the oldest checkpoint half-deleted
         real_rmtree = shutil.rmtree
 
         def rmtree(path, *args, **kwargs):
@@ -222,7 +232,7 @@ def mode_resume(args, env, manager) -> None:
         fingerprints[step] = params_fingerprint(engine)
     out["names_after_saves"] = sorted(p.name for p in manager.root.iterdir())
     env.barrier()
-    if env.is_main:                                         # truncate step 4's biggest shard (a rank-1 file)
+    if env.is_main:  # truncate step 4's biggest shard (a rank-1 file)
         shard = max(manager.final_dir(4).glob("*.distcp"), key=lambda p: (p.stat().st_size, p.name))
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
         out["damaged"] = str(shard)
@@ -232,7 +242,7 @@ def mode_resume(args, env, manager) -> None:
     manager.load(other, found)
     out["fallback"] = {"latest": str(found), "params_equal_step3": params_fingerprint(other) == fingerprints[3]}
     env.barrier()
-    if env.is_main:                                         # flip one bit of step 3's metadata too
+    if env.is_main:  # flip one bit of step 3's metadata too
         meta = manager.final_dir(3) / ".metadata"
         data = bytearray(meta.read_bytes())
         data[len(data) // 2] ^= 1
@@ -266,8 +276,12 @@ def mode_reads(args, env, manager) -> None:
         return real(path)
 
     manager_module.file_digest = counting
-    out: dict = {"files": {step: sorted(str(p) for p in manager.final_dir(step).rglob("*")
-                                        if p.is_file() and p.name != "COMPLETE") for step in (1, 2)}}
+    out: dict = {
+        "files": {
+            step: sorted(str(p) for p in manager.final_dir(step).rglob("*") if p.is_file() and p.name != "COMPLETE")
+            for step in (1, 2)
+        }
+    }
     try:
         for case, step in (("auto", 2), ("explicit", 1), ("bare_load", 2)):
             counts.clear()
@@ -279,8 +293,11 @@ def mode_reads(args, env, manager) -> None:
                 if case == "explicit":
                     assert manager.verify(found) is None
             manager.load(other, found)
-            out[case] = {"found": str(found), "hashes": dict(counts),
-                         "params_restored": params_fingerprint(other) == saved[step]}
+            out[case] = {
+                "found": str(found),
+                "hashes": dict(counts),
+                "params_restored": params_fingerprint(other) == saved[step],
+            }
     finally:
         manager_module.file_digest = real
     write_json(Path(args.out), out, env)
@@ -288,18 +305,18 @@ def mode_reads(args, env, manager) -> None:
 
 def mode_fs(args, env, manager) -> None:
     """--root is a small tmpfs of this mount namespace: fill it, then remount it read-only."""
-    engine = make_engine(env, adapter_seed=0, width=256)     # ~30 KB of adapter + optimizer tensors
+    engine = make_engine(env, adapter_seed=0, width=256)  # ~30 KB of adapter + optimizer tensors
     train_step(engine, env)
     save(manager, engine, 1)
     out = {"step1_files": files_digest(manager.final_dir(1)), "needed_estimate": manager.bytes_needed(engine)}
     free = shutil.disk_usage(manager.root).free
     filler = manager.root.parent / "filler"
-    with filler.open("wb") as f:                            # leave half of what a save needs
+    with filler.open("wb") as f:  # leave half of what a save needs
         f.write(b"\0" * max(0, free - out["needed_estimate"] // 2))
     train_step(engine, env)
     out["early"] = try_save(manager, engine, 2)
     out["early_leftovers"] = sorted(p.name for p in manager.root.iterdir())
-    manager.check_space = lambda needed: None              # skip the pre-check: the write itself hits ENOSPC
+    manager.check_space = lambda needed: None  # skip the pre-check: the write itself hits ENOSPC
     out["enospc"] = try_save(manager, engine, 2)
     del manager.check_space
     out["enospc_leftovers"] = sorted(p.name for p in manager.root.iterdir())

@@ -6,6 +6,7 @@ the float64 reduction order), take one optimizer step, evaluate again through `e
 best adapter is gathered and saved), then `finish`. Rank 0 writes the figures
 as JSON; the test compares them with one process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,18 +21,39 @@ import torch.distributed as dist
 def job_overrides(cache: str, eval_file: str, dtype: str) -> list[str]:
     """7 eval sequences (no packing): shares of 3 and 4 over 2 ranks, eval batches of 3 -> 1 and 2 batches, so
     rank 0 runs one padding forward (a collective under FSDP2 / ZeRO-3)."""
-    return [f"model.cache_dir={cache}", "data.seq_len=48", "data.synthetic_samples=120", "data.packing=false",
-            f"data.eval_source={eval_file}", "training.eval_batch_size=3", "training.max_steps=2",
-            "training.global_batch_size=4", "training.micro_batch_size=2", "training.lr=5e-3",
-            "training.warmup_steps=1", "output.progress_bar=false", "output.plot=false", "output.save_adapter=false",
-            "checkpoint.resume=none", "checkpoint.keep_best=true", f"model.dtype={dtype}",
-            f"dora.adapter_dtype={dtype}", "dora.modules_to_save=[lm_head]"]   # a module trained in full too
+    return [
+        f"model.cache_dir={cache}",
+        "data.seq_len=48",
+        "data.synthetic_samples=120",
+        "data.packing=false",
+        f"data.eval_source={eval_file}",
+        "training.eval_batch_size=3",
+        "training.max_steps=2",
+        "training.global_batch_size=4",
+        "training.micro_batch_size=2",
+        "training.lr=5e-3",
+        "training.warmup_steps=1",
+        "output.progress_bar=false",
+        "output.plot=false",
+        "output.save_adapter=false",
+        "checkpoint.resume=none",
+        "checkpoint.keep_best=true",
+        f"model.dtype={dtype}",
+        f"dora.adapter_dtype={dtype}",
+        "dora.modules_to_save=[lm_head]",
+    ]  # a module trained in full too
 
 
 def write_eval_file(path: Path) -> None:
-    lines = ["17 + 5 = 22 .", "count from 4 : 4 5 6 7 8 .", "copy : red fox blue -> red fox blue .",
-             "the capital of norway is oslo .", "the small cat sees the old tree . the old dog likes the red car .",
-             "3 + 4 = 7 .", "the capital of japan is tokyo . count from 7 : 7 8 9 ."]
+    lines = [
+        "17 + 5 = 22 .",
+        "count from 4 : 4 5 6 7 8 .",
+        "copy : red fox blue -> red fox blue .",
+        "the capital of norway is oslo .",
+        "the small cat sees the old tree . the old dog likes the red car .",
+        "3 + 4 = 7 .",
+        "the capital of japan is tokyo . count from 7 : 7 8 9 .",
+    ]
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
 
 
@@ -68,8 +90,11 @@ def main() -> int:
     results: dict = {"world_size": env.world_size}
     for engine in args.engines.split(","):
         out = Path(args.workdir) / engine
-        res = run_engine(job_overrides(args.cache, args.eval_file, ENGINES[engine])
-                         + [f"parallel.engine={engine}", f"output.dir={out}"], env)
+        res = run_engine(
+            job_overrides(args.cache, args.eval_file, ENGINES[engine])
+            + [f"parallel.engine={engine}", f"output.dir={out}"],
+            env,
+        )
         res["adapter_best"] = (out / "adapter_best" / "adapter_model.safetensors").is_file()
         results[engine] = res
     if env.is_main:

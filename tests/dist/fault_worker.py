@@ -6,6 +6,7 @@ FAULT: none; sigterm (rank RANK sends itself SIGTERM once step STEP is done, as 
 is SIGKILLed inside step STEP, after its forward, on the first attempt of a torchrun --max-restarts job only).
 Exits with the trainer's own status (75 after a preemption), like `python -m dora_dist.train`.
 """
+
 import os
 import signal
 import sys
@@ -18,7 +19,7 @@ def inject(fault: str, at: int) -> None:
 
     def train_step(job):
         if fault == "kill" and job.step + 1 == at and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            job.engine.backward = lambda loss: os.kill(os.getpid(), signal.SIGKILL)   # dies mid-step
+            job.engine.backward = lambda loss: os.kill(os.getpid(), signal.SIGKILL)  # dies mid-step
         record = real_step(job)
         if fault == "sigterm" and job.step == at:
             os.kill(os.getpid(), signal.SIGTERM)

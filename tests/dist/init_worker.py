@@ -1,6 +1,7 @@
 """Run under torchrun (2 ranks) by tests/dist/test_same_init.py: build each engine's job exactly as the trainer
 does (data, load plan, model, adapters, wrap, magnitude init) and write the initial adapter, gathered to full
 tensors, for the test to compare with one process. One launch covers every engine, dense and 4-bit."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ def main() -> None:
     written = {}
     try:
         for name, engine, quant in CASES:
-            cfg = load_config(None, overrides(args.cache, quant) + [f"parallel.engine={engine}",
-                                                                     f"output.dir={work / name}"])
+            cfg = load_config(
+                None, overrides(args.cache, quant) + [f"parallel.engine={engine}", f"output.dir={work / name}"]
+            )
             job = build(cfg, env)
             state = job.engine.adapter_state_dict()
             if env.is_main:

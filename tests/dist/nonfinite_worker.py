@@ -14,6 +14,7 @@ Two training runs per engine (the float64 quickstart job of engine_worker.common
 Around every step the trainable parameters (this rank's shard), the optimizer state and the scheduler's step count
 are snapshotted; the result says, per step, whether they changed (summed over ranks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_worker import common_overrides  # noqa: E402
 
-BAD_PARAM = "model.layers.1.self_attn.v_proj.lora_B"   # not the first trainable parameter in model order
+BAD_PARAM = "model.layers.1.self_attn.v_proj.lora_B"  # not the first trainable parameter in model order
 GRAD_STEP, LOSS_STEP = 2, 4
 
 
@@ -49,7 +50,7 @@ def changed(a: list[torch.Tensor], b: list[torch.Tensor]) -> int:
     """How many tensors differ (a different count of tensors counts as a change)."""
     if len(a) != len(b):
         return 1 + max(len(a), len(b))
-    return sum(0 if torch.equal(x, y) else 1 for x, y in zip(a, b))
+    return sum(0 if torch.equal(x, y) else 1 for x, y in zip(a, b, strict=True))
 
 
 class Injector:
@@ -89,16 +90,19 @@ class Injector:
             undo()
             self.poison_loss = False
         after = snapshot(job.engine)
-        self.per_step[step] = {"params_changed": self.env.all_reduce_sum(changed(before[0], after[0])),
-                               "opt_state_changed": self.env.all_reduce_sum(changed(before[1], after[1])),
-                               "sched_before": before[2], "sched_after": after[2]}
+        self.per_step[step] = {
+            "params_changed": self.env.all_reduce_sum(changed(before[0], after[0])),
+            "opt_state_changed": self.env.all_reduce_sum(changed(before[1], after[1])),
+            "sched_before": before[2],
+            "sched_after": after[2],
+        }
         return rec
 
     def _inject_grad(self, engine):
         from dora_dist.parallel.base import clean_param_name, trainable_named_parameters
 
         param = next(p for n, p in trainable_named_parameters(engine.model) if clean_param_name(n) == BAD_PARAM)
-        if engine.name == "fsdp2":   # this rank's gradient shard, after the reduce-scatter of the last micro-step
+        if engine.name == "fsdp2":  # this rank's gradient shard, after the reduce-scatter of the last micro-step
             real_clip = engine.clip_grad_norm
 
             def clip(max_norm):
@@ -118,8 +122,12 @@ def run_cases(env, engine: str, workdir: Path, cache: str) -> dict:
     from dora_dist.metrics import read_metrics
     from dora_dist.train import NonFiniteLossError, train
 
-    base = common_overrides(cache) + [f"parallel.engine={engine}", "training.max_steps=5",
-                                      "training.max_bad_steps=2", "checkpoint.keep_last=10"]
+    base = common_overrides(cache) + [
+        f"parallel.engine={engine}",
+        "training.max_steps=5",
+        "training.max_bad_steps=2",
+        "checkpoint.keep_last=10",
+    ]
     if engine.startswith("zero"):
         base += ["model.dtype=float32", "dora.adapter_dtype=float32"]
     result: dict = {}

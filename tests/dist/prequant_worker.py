@@ -8,6 +8,7 @@ taken) and on the dense built-in model quantized on the fly with the same settin
 - zero2, fp4 + double quant.
 Rank 0 writes the losses, adapters' paths and the byte comparisons to --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,10 @@ def main() -> int:
     for engine, quant_type, double_quant in CASES:
         name = f"{engine}-{quant_type}{'-dq' if double_quant else ''}"
         base = job_overrides(cache) + [f"parallel.engine={engine}"]
-        pre = base + [f"model.name_or_path={ckpts[f'{quant_type}-dq' if double_quant else quant_type]}",
-                      f"output.dir={work / name / 'pre'}"]
+        pre = base + [
+            f"model.name_or_path={ckpts[f'{quant_type}-dq' if double_quant else quant_type]}",
+            f"output.dir={work / name / 'pre'}",
+        ]
         fly = base + on_the_fly(quant_type, double_quant) + [f"output.dir={work / name / 'fly'}"]
         case: dict = {}
         if (engine, quant_type) == ("fsdp2", "nf4"):  # all four combinations: tests/unit/test_prequantized.py
@@ -83,8 +86,11 @@ def main() -> int:
         for kind, overrides in (("pre", pre), ("fly", fly)):
             summary = train(load_config(None, overrides))
             out = work / name / kind
-            case[kind] = {"engine": summary.get("engine"), "adapter": str(out / "adapter"),
-                          "losses": [r["loss"] for r in read_metrics(out)] if dist.get_rank() == 0 else []}
+            case[kind] = {
+                "engine": summary.get("engine"),
+                "adapter": str(out / "adapter"),
+                "losses": [r["loss"] for r in read_metrics(out)] if dist.get_rank() == 0 else [],
+            }
         results[name] = case
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -5,6 +5,7 @@
 3. the same job stopped after step 2 (checkpoint) and resumed to step 4.
 Writes a JSON of results (rank 0); the test compares them with the single-process QDoRA run (bnb Linear4bit).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,23 @@ import torch.distributed as dist
 
 
 def qdora_overrides(cache: str) -> list[str]:
-    return [f"model.cache_dir={cache}", "data.seq_len=64", "data.synthetic_samples=300", "training.max_steps=4",
-            "training.global_batch_size=8", "training.micro_batch_size=2", "training.lr=5e-3",
-            "training.warmup_steps=1", "output.progress_bar=false", "output.plot=false", "checkpoint.resume=none",
-            "quantization.mode=nf4", "quantization.compute_dtype=float32", "model.dtype=float32",
-            "training.precision=fp32"]
+    return [
+        f"model.cache_dir={cache}",
+        "data.seq_len=64",
+        "data.synthetic_samples=300",
+        "training.max_steps=4",
+        "training.global_batch_size=8",
+        "training.micro_batch_size=2",
+        "training.lr=5e-3",
+        "training.warmup_steps=1",
+        "output.progress_bar=false",
+        "output.plot=false",
+        "checkpoint.resume=none",
+        "quantization.mode=nf4",
+        "quantization.compute_dtype=float32",
+        "model.dtype=float32",
+        "training.precision=fp32",
+    ]
 
 
 def main() -> int:
@@ -42,11 +55,17 @@ def main() -> int:
     train(load_config(None, base + [f"output.dir={out}"]))
     if rank == 0:
         recs = read_metrics(out)
-        results["fsdp2_nf4"] = {"losses": [r["loss"] for r in recs], "grad_norms": [r["grad_norm"] for r in recs],
-                                "adapter": str(out / "adapter")}
+        results["fsdp2_nf4"] = {
+            "losses": [r["loss"] for r in recs],
+            "grad_norms": [r["grad_norm"] for r in recs],
+            "adapter": str(out / "adapter"),
+        }
     out = work / "fsdp2_nf4_offload_ckpt"
-    train(load_config(None, base + [f"output.dir={out}", "parallel.cpu_offload=true",
-                                    "training.gradient_checkpointing=true"]))
+    train(
+        load_config(
+            None, base + [f"output.dir={out}", "parallel.cpu_offload=true", "training.gradient_checkpointing=true"]
+        )
+    )
     if rank == 0:
         recs = read_metrics(out)
         results["offload_ckpt"] = {"losses": [r["loss"] for r in recs], "adapter": str(out / "adapter")}
@@ -57,8 +76,11 @@ def main() -> int:
     train(load_config(None, [o for o in resume if o != "checkpoint.resume=none"] + ["checkpoint.resume=auto"]))
     if rank == 0:
         recs = read_metrics(out)
-        results["resume"] = {"losses": [r["loss"] for r in recs], "adapter": str(out / "adapter"),
-                             "checkpoints_after_stop": stopped}
+        results["resume"] = {
+            "losses": [r["loss"] for r in recs],
+            "adapter": str(out / "adapter"),
+            "checkpoints_after_stop": stopped,
+        }
         Path(args.out).write_text(json.dumps(results, indent=2))
     dist.barrier()
     dist.destroy_process_group()

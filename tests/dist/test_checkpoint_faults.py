@@ -9,6 +9,7 @@
 3. the newest 2-rank checkpoint damaged (a rank's shard truncated): resume=auto reports it and takes the previous
    one on both ranks; all damaged: a clear error on both ranks.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,17 @@ from netutil import free_port  # noqa: E402
 def torchrun(args: list[str]) -> subprocess.CompletedProcess:
     """Like netutil.run_workers, but a launch that ends in a SIGKILL is expected here: the caller checks rc."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           str(WORKER), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        str(WORKER),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -45,8 +55,24 @@ def rank_results(out: Path) -> list[dict]:
 def test_two_ranks_write_failure_kill_and_damaged_latest(tmp_path):
     root = tmp_path / "ckpt"
     out1, out2 = tmp_path / "kill.json", tmp_path / "resume.json"
-    proc = torchrun(["--mode", "kill", "--root", str(root), "--out", str(out1), "--point", "engine",
-                     "--kill-rank", "1", "--fsize-rank", "1", "--fsize-bytes", "16384"])
+    proc = torchrun(
+        [
+            "--mode",
+            "kill",
+            "--root",
+            str(root),
+            "--out",
+            str(out1),
+            "--point",
+            "engine",
+            "--kill-rank",
+            "1",
+            "--fsize-rank",
+            "1",
+            "--fsize-bytes",
+            "16384",
+        ]
+    )
     assert proc.returncode != 0, "rank 1 was not killed"
     assert "Signals.SIGKILL" in proc.stderr or "-9" in proc.stderr, proc.stderr[-3000:]
     r0, r1 = rank_results(out1)
@@ -54,7 +80,7 @@ def test_two_ranks_write_failure_kill_and_damaged_latest(tmp_path):
     # 1. one rank's write failure raises on every rank
     for r in (r0, r1):
         got = r["fsize"]
-        assert got["raised"] == "CheckpointWriteError" and got["errno"] == 27, got          # EFBIG
+        assert got["raised"] == "CheckpointWriteError" and got["errno"] == 27, got  # EFBIG
         assert str(root / "step_00000003") in got["message"] and "rank 1:" in got["message"]
         assert f"{got['needed']:,} bytes" in got["message"] and "file size limit" in got["message"]
         # the partial .tmp_step_00000003 is removed before the error is raised; under a loaded machine it can
@@ -63,10 +89,10 @@ def test_two_ranks_write_failure_kill_and_damaged_latest(tmp_path):
         for leftovers in (r["fsize_leftovers"], r["late_leftovers"]):
             assert [n for n in leftovers if n != ".tmp_step_00000003"] == ["step_00000001", "step_00000002"]
         assert r["step2_files_after_fsize"] == r["step2_files"]
-    assert r0["fsize"]["local_cause"] == "CheckpointException"     # DCP's own gather told rank 0 (inside dcp.save)
-    for r in (r0, r1):                                              # after the engine's write: only our agreement
+    assert r0["fsize"]["local_cause"] == "CheckpointException"  # DCP's own gather told rank 0 (inside dcp.save)
+    for r in (r0, r1):  # after the engine's write: only our agreement
         got = r["late"]
-        assert got["raised"] == "CheckpointWriteError" and got["errno"] == 28, got          # ENOSPC
+        assert got["raised"] == "CheckpointWriteError" and got["errno"] == 28, got  # ENOSPC
         assert "rank 1: the disk is full" in got["message"] and "rng_rank00001.json" in got["message"]
     assert r0["late"]["local_cause"] is None and r1["late"]["local_cause"] == "OSError"
 
@@ -80,8 +106,8 @@ def test_two_ranks_write_failure_kill_and_damaged_latest(tmp_path):
     s0, s1 = rank_results(out2)
     for s, r in ((s0, r0), (s1, r1)):
         assert s["latest"] == str(root / "step_00000002")
-        assert s["loaded_params"] == r["step2_params"]                 # the saved values, on each rank
-    assert s0["names_after_saves"] == ["step_00000003", "step_00000004"]   # leftover gone, keep_last=2
+        assert s["loaded_params"] == r["step2_params"]  # the saved values, on each rank
+    assert s0["names_after_saves"] == ["step_00000003", "step_00000004"]  # leftover gone, keep_last=2
 
     # 3. damaged newest: reported, the previous one used; all damaged: an error on every rank
     damaged = Path(s0["damaged"])

@@ -1,6 +1,7 @@
 """The projection's collective bytes equal the bytes counted in real 2-process (gloo) runs, for every engine and
 kind, padding included (dense bases with an odd MLP width; NF4 bases); its memory is within 15% of the measured
 peak of live tensors."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,20 @@ KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "reduce", "o
 def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("comm")
     cache = str(tmp_path_factory.mktemp("cache"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           str(Path(__file__).with_name("comm_worker.py")), "--workdir", str(work), "--cache", cache]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        str(Path(__file__).with_name("comm_worker.py")),
+        "--workdir",
+        str(work),
+        "--cache",
+        cache,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_BUILD_OPS="0")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -58,5 +71,6 @@ def test_predicted_bytes_equal_counted_bytes(runs, name):
         counted = {k: got[f"comm_{k}_bytes"] for k in KINDS}
         assert counted == predicted, f"{name} rank {rank}: counted {counted}, predicted {predicted}"
         err = (mem - got["live_bytes_peak"]) / got["live_bytes_peak"]
-        assert abs(err) < 0.15, f"{name} rank {rank}: memory predicted {mem:,.0f}, live peak " \
-                                f"{got['live_bytes_peak']:,}: {err:+.1%}"
+        assert abs(err) < 0.15, (
+            f"{name} rank {rank}: memory predicted {mem:,.0f}, live peak {got['live_bytes_peak']:,}: {err:+.1%}"
+        )

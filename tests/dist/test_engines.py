@@ -1,6 +1,7 @@
 """DDP and FSDP2 on 2 real gloo processes == one process over the same global batch (losses, gradient norms, saved
 adapter); DDP with a 4-bit (NF4) base == one process; FSDP2 magnitude init == single process; FSDP2
 stop-and-resume == uninterrupted."""
+
 from __future__ import annotations
 
 import json
@@ -21,15 +22,14 @@ from engine_worker import QDORA, common_overrides  # noqa: E402
 from netutil import run_workers  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("engines")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def cache(builtin_cache):
+    return str(builtin_cache)  # built once per session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,12 @@ def reference(workdir, cache):
     out = workdir / "single"
     train(load_config(None, common_overrides(cache) + ["parallel.engine=none", f"output.dir={out}"]))
     recs = read_metrics(out)
-    return {"losses": [r["loss"] for r in recs], "grad_norms": [r["grad_norm"] for r in recs], "records": recs,
-            "adapter": load_file(str(out / "adapter" / "adapter_model.safetensors"))}
+    return {
+        "losses": [r["loss"] for r in recs],
+        "grad_norms": [r["grad_norm"] for r in recs],
+        "records": recs,
+        "adapter": load_file(str(out / "adapter" / "adapter_model.safetensors")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +55,26 @@ def reference_nf4(workdir, cache):
     out = workdir / "single_nf4"
     train(load_config(None, common_overrides(cache) + QDORA + ["parallel.engine=none", f"output.dir={out}"]))
     recs = read_metrics(out)
-    return {"losses": [r["loss"] for r in recs], "grad_norms": [r["grad_norm"] for r in recs], "records": recs,
-            "adapter": load_file(str(out / "adapter" / "adapter_model.safetensors"))}
+    return {
+        "losses": [r["loss"] for r in recs],
+        "grad_norms": [r["grad_norm"] for r in recs],
+        "records": recs,
+        "adapter": load_file(str(out / "adapter" / "adapter_model.safetensors")),
+    }
 
 
 @pytest.fixture(scope="module")
 def dist_results(workdir, cache, reference):
     out = workdir / "results.json"
-    run_workers(Path(__file__).with_name("engine_worker.py"),
-                ["--workdir", str(workdir), "--cache", cache, "--out", str(out)], out)
+    run_workers(
+        Path(__file__).with_name("engine_worker.py"),
+        ["--workdir", str(workdir), "--cache", cache, "--out", str(out)],
+        out,
+    )
     return json.loads(out.read_text())
 
 
-FP64 = dict(rtol=1e-9, atol=1e-10)   # float64 runs: reduction order only (see engine_worker.common_overrides)
+FP64 = dict(rtol=1e-9, atol=1e-10)  # float64 runs: reduction order only (see engine_worker.common_overrides)
 
 
 def adamw_drift_bound(lrs: list[float], beta1: float = 0.9, beta2: float = 0.999) -> float:
@@ -73,8 +84,8 @@ def adamw_drift_bound(lrs: list[float], beta1: float = 0.9, beta2: float = 0.999
     near-zero gradient moves that element by 2·lr). Two runs thus differ by at most Σ_t 2·lr_t·κ_t per element."""
     bound = 0.0
     for t, lr in enumerate(lrs, start=1):
-        history = sum(beta1 ** (2 * j) / beta2 ** j for j in range(t))
-        kappa = (1 - beta1) / (1 - beta1 ** t) * history ** 0.5 / ((1 - beta2) / (1 - beta2 ** t)) ** 0.5
+        history = sum(beta1 ** (2 * j) / beta2**j for j in range(t))
+        kappa = (1 - beta1) / (1 - beta1**t) * history**0.5 / ((1 - beta2) / (1 - beta2**t)) ** 0.5
         bound += 2 * lr * kappa
     return bound
 
@@ -84,7 +95,7 @@ def assert_same_adapter(path: str, ref: dict, rtol=FP64["rtol"], atol=FP64["atol
     assert got.keys() == ref.keys()
     for k in ref:
         assert got[k].dtype == ref[k].dtype
-        torch.testing.assert_close(got[k], ref[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got[k], ref[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
     assert any(float(v.abs().max()) > 0 for k, v in got.items() if "lora_B" in k)  # it trained
 
 
@@ -112,15 +123,15 @@ def test_fsdp2_magnitude_init_equals_single_process(dist_results):
     mag = dist_results["magnitude"]
     assert mag["n_layers"] == 14
     assert mag["magnitude_max_rel_err"] < 1e-6
-    assert mag["rowsq_max_err"] < 1e-4            # the cached ‖W‖² (all-gathered (out,) floats)
-    assert mag["probe_local_rows"] == 32          # down_proj, a (64, 99) weight: 32 + 32 rows (sharded, not gathered)
+    assert mag["rowsq_max_err"] < 1e-4  # the cached ‖W‖² (all-gathered (out,) floats)
+    assert mag["probe_local_rows"] == 32  # down_proj, a (64, 99) weight: 32 + 32 rows (sharded, not gathered)
     assert mag["forward_max_err"] < 1e-5
 
 
 def test_fsdp2_magnitude_init_conv1d_equals_single_process(dist_results):
     """GPT-2's Conv1D weights are sharded by input rows; the engine gathers one layer at a time for them."""
     mag = dist_results["magnitude_gpt2"]
-    assert mag["n_layers"] == 8                   # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    assert mag["n_layers"] == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
     assert mag["magnitude_max_rel_err"] < 1e-6
     assert mag["rowsq_max_err"] < 1e-4
     assert mag["forward_max_err"] < 1e-5
@@ -140,9 +151,12 @@ def compile_results(workdir, cache):
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         pytest.skip("inductor's CPU backend needs a C++ compiler (g++/clang++)")
     out = workdir / "compile_results.json"
-    run_workers(Path(__file__).with_name("engine_worker.py"),
-                ["--workdir", str(workdir), "--cache", cache, "--out", str(out), "--part", "compile"], out,
-                timeout=1800)
+    run_workers(
+        Path(__file__).with_name("engine_worker.py"),
+        ["--workdir", str(workdir), "--cache", cache, "--out", str(out), "--part", "compile"],
+        out,
+        timeout=1800,
+    )
     return json.loads(out.read_text())
 
 

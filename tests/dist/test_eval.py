@@ -5,6 +5,7 @@ sums all-reduced in float64. Before any step the adapter is the same on every en
 one process is the order of float64 additions (and, in fp32 models, the fp32 forward of differently shaped
 batches): fp64 engines must agree to 1e-12 relative. After one optimizer step the engines' adapters differ from one
 process by their training parity (engine tests: 1e-9 in fp64) and the fp32 ZeRO runs by fp32 rounding."""
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,14 @@ def reference(setup):
     from dora_dist.parallel.dist_env import DistEnv
 
     work, cache, eval_file = setup
-    return {dtype: run_engine(job_overrides(cache, eval_file, dtype)
-                              + ["parallel.engine=none", f"output.dir={work / ('single_' + dtype)}"], DistEnv())
-            for dtype in sorted(set(ENGINES.values()))}
+    return {
+        dtype: run_engine(
+            job_overrides(cache, eval_file, dtype)
+            + ["parallel.engine=none", f"output.dir={work / ('single_' + dtype)}"],
+            DistEnv(),
+        )
+        for dtype in sorted(set(ENGINES.values()))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +50,11 @@ def dist_results(setup, reference):
     pytest.importorskip("deepspeed")
     work, cache, eval_file = setup
     out = work / "results.json"
-    run_workers(Path(__file__).with_name("eval_worker.py"),
-                ["--workdir", str(work), "--cache", cache, "--eval-file", eval_file, "--out", str(out)], out)
+    run_workers(
+        Path(__file__).with_name("eval_worker.py"),
+        ["--workdir", str(work), "--cache", cache, "--eval-file", eval_file, "--out", str(out)],
+        out,
+    )
     return json.loads(out.read_text())
 
 
@@ -63,7 +72,7 @@ def test_reference_is_a_mean_token_loss(reference):
 def test_eval_matches_single_process(dist_results, reference, engine):
     dtype = ENGINES[engine]
     ref, got = reference[dtype], dist_results[engine]
-    exact = 1e-12 if dtype == "float64" else 1e-6        # fp32: forwards of other batch shapes round differently
+    exact = 1e-12 if dtype == "float64" else 1e-6  # fp32: forwards of other batch shapes round differently
     assert got["before"]["eval_tokens"] == ref["before"]["eval_tokens"]
     assert got["before"]["eval_loss"] == pytest.approx(ref["before"]["eval_loss"], rel=exact, abs=0)
     after = 1e-9 if dtype == "float64" else 1e-5
@@ -86,5 +95,6 @@ def test_best_adapter_with_modules_to_save_matches_single_process(dist_results, 
     assert sorted(got) == sorted(ref) and "base_model.model.lm_head.weight" in got
     atol = 1e-10 if dtype == "float64" else 2 * 5e-3
     for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-9 if dtype == "float64" else 0, atol=atol,
-                                   msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(
+            got[key], ref[key], rtol=1e-9 if dtype == "float64" else 0, atol=atol, msg=lambda m, key=key: f"{key}: {m}"
+        )

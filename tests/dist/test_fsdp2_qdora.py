@@ -14,6 +14,7 @@ quantize row chunks, keep local rows) and train it, compared with a single proce
 Finally `dora-dist train parallel.engine=fsdp2 quantization.mode=nf4` under torchrun (plain, CPU offload +
 gradient checkpointing, stop-and-resume) is compared with the single-process QDoRA run on bitsandbytes Linear4bit.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,12 +24,12 @@ import warnings
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 from netutil import free_port, run_workers  # noqa: E402
+from torch import nn
 
 pytest.importorskip("bitsandbytes")
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # every test reads runs of 2 spawned processes
 
 WORLD = 2
 STEPS = 3
@@ -64,8 +65,10 @@ def build_model(checkpoint: bool = False) -> nn.Module:
 
 def batches():
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, DIMS[0][0], generator=g), torch.randn(BATCH, DIMS[-1][1], generator=g))
-            for _ in range(STEPS)]
+    return [
+        (torch.randn(BATCH, DIMS[0][0], generator=g), torch.randn(BATCH, DIMS[-1][1], generator=g))
+        for _ in range(STEPS)
+    ]
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -115,9 +118,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ckpt: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
+    from dora_dist.parallel.fsdp2 import init_sharded_norms
     from dora_dist.quant.sharded4bit import Sharded4bitTensor
     from dora_dist.quant.sharded4bit_linear import ShardedLinear4bit, packed_bytes
-    from dora_dist.parallel.fsdp2 import init_sharded_norms
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -130,8 +133,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ckpt: str) -> None:
             for block in model:
                 fully_shard(block, **kw)
             fully_shard(model, **kw)
-            kinds = {type(m.weight).__name__ + "/" + type(m.weight._local_tensor).__name__
-                     for m in model.modules() if isinstance(m, ShardedLinear4bit)}
+            kinds = {
+                type(m.weight).__name__ + "/" + type(m.weight._local_tensor).__name__
+                for m in model.modules()
+                if isinstance(m, ShardedLinear4bit)
+            }
             assert kinds == {"DTensor/Sharded4bitTensor"}, kinds
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -141,21 +147,30 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ckpt: str) -> None:
             deprecated = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
             assert not deprecated, deprecated
             if variant == "offload":  # the cached norms stay on the compute device, not the offloaded shard's
-                assert all(m.base_row_sq.device == torch.device("cpu") and m.base_row_sq.dtype == torch.float32
-                           for m in model.modules() if hasattr(m, "base_row_sq"))
+                assert all(
+                    m.base_row_sq.device == torch.device("cpu") and m.base_row_sq.dtype == torch.float32
+                    for m in model.modules()
+                    if hasattr(m, "base_row_sq")
+                )
             init = adapter_tensors(model)
             local_bytes = packed_bytes(model)
             losses = train(model, rank, world)
             # Between steps the base weights are sharded 4-bit again (FSDP freed the dequantized copies).
-            assert all(isinstance(m.weight._local_tensor, Sharded4bitTensor)
-                       for m in model.modules() if isinstance(m, ShardedLinear4bit))
-            results[variant] = {"init": init, "losses": losses, "final": adapter_tensors(model),
-                                "local_bytes": local_bytes}
+            assert all(
+                isinstance(m.weight._local_tensor, Sharded4bitTensor)
+                for m in model.modules()
+                if isinstance(m, ShardedLinear4bit)
+            )
+            results[variant] = {
+                "init": init,
+                "losses": losses,
+                "final": adapter_tensors(model),
+                "local_bytes": local_bytes,
+            }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         _lowmem_run(rank, world, ckpt, out_dir)  # same processes: the start-up cost is paid once
     finally:
         dist.destroy_process_group()
-
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +183,7 @@ def runs(tmp_path_factory):
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        mp.spawn(_worker, args=(WORLD, free_port(), out_dir, os.path.join(out_dir, "tiny")), nprocs=WORLD,
-                 join=True)
+        mp.spawn(_worker, args=(WORLD, free_port(), out_dir, os.path.join(out_dir, "tiny")), nprocs=WORLD, join=True)
     finally:
         if old is None:
             os.environ.pop("OMP_NUM_THREADS", None)
@@ -218,9 +232,16 @@ def test_each_rank_holds_half_of_the_packed_bytes(runs, variant):
 def _tiny_llama_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
 
 
 def _tokens():
@@ -248,10 +269,9 @@ def _lowmem_run(rank: int, world: int, ckpt: str, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from dora_dist.adapters import apply_dora
-    from dora_dist.models.lowmem_load import (build_qdora_on_meta, init_adapters, load_safetensors_lowmem,
-                                              materialize)
-    from dora_dist.quant.sharded4bit_linear import packed_bytes
+    from dora_dist.models.lowmem_load import build_qdora_on_meta, init_adapters, load_safetensors_lowmem, materialize
     from dora_dist.parallel.fsdp2 import init_sharded_norms
+    from dora_dist.quant.sharded4bit_linear import packed_bytes
 
     model = build_qdora_on_meta(_tiny_llama_config(), "nf4", 64, True, torch.float32, torch.float32)
     apply_dora(model, _dora_cfg(), init_magnitude=False)
@@ -265,8 +285,10 @@ def _lowmem_run(rank: int, world: int, ckpt: str, out_dir: str) -> None:
     init = adapter_tensors(model)
     local_bytes = packed_bytes(model)
     losses = _train_lm(model, rank, world)
-    torch.save({"init": init, "losses": losses, "final": adapter_tensors(model), "local_bytes": local_bytes,
-                "stats": stats}, os.path.join(out_dir, f"lowmem{rank}.pt"))
+    torch.save(
+        {"init": init, "losses": losses, "final": adapter_tensors(model), "local_bytes": local_bytes, "stats": stats},
+        os.path.join(out_dir, f"lowmem{rank}.pt"),
+    )
 
 
 def test_lowmem_load_fsdp2_equals_single_process(runs):
@@ -322,18 +344,23 @@ def trainer_runs(tmp_path_factory):
     sys.path.insert(0, str(Path(__file__).parent))
     from qdora_fsdp2_worker import qdora_overrides
 
-
     work = tmp_path_factory.mktemp("qdora_trainer")
     cache = str(tmp_path_factory.mktemp("qdora_cache"))
     single = work / "single"
     train(load_config(None, qdora_overrides(cache) + ["parallel.engine=none", f"output.dir={single}"]))
     recs = read_metrics(single)
-    ref = {"losses": [r["loss"] for r in recs], "grad_norms": [r["grad_norm"] for r in recs],
-           "lrs": [r["lr"] for r in recs],
-           "adapter": load_file(str(single / "adapter" / "adapter_model.safetensors"))}
+    ref = {
+        "losses": [r["loss"] for r in recs],
+        "grad_norms": [r["grad_norm"] for r in recs],
+        "lrs": [r["lr"] for r in recs],
+        "adapter": load_file(str(single / "adapter" / "adapter_model.safetensors")),
+    }
     out = work / "results.json"
-    run_workers(Path(__file__).with_name("qdora_fsdp2_worker.py"),
-                ["--workdir", str(work), "--cache", cache, "--out", str(out)], out)
+    run_workers(
+        Path(__file__).with_name("qdora_fsdp2_worker.py"),
+        ["--workdir", str(work), "--cache", cache, "--out", str(out)],
+        out,
+    )
     return ref, json.loads(out.read_text())
 
 
@@ -352,7 +379,7 @@ def _assert_same_adapter(path, ref, lrs):
     assert got.keys() == ref.keys()
     atol = adamw_drift_bound(lrs)
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
     assert any(float(v.abs().max()) > 0 for k, v in got.items() if "lora_B" in k)
 
 

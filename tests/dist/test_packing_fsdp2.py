@@ -1,5 +1,6 @@
 """Packed documents stay apart under FSDP2 (2 gloo processes): each document's logits and loss packed with any
 neighbour equal the document alone, for text, prompt/completion and chat data (issue 22)."""
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,14 @@ def results(tmp_path_factory):
     from dora_dist.models.builtin import ensure_builtin_model
 
     cache = str(tmp_path_factory.mktemp("cache"))
-    ensure_builtin_model(load_config(None, [f"model.cache_dir={cache}"]))   # built once, before the ranks read it
+    ensure_builtin_model(load_config(None, [f"model.cache_dir={cache}"]))  # built once, before the ranks read it
     work = tmp_path_factory.mktemp("packing")
     out = work / "results.json"
-    run_workers(Path(__file__).with_name("engine_worker.py"),
-                ["--workdir", str(work), "--cache", cache, "--out", str(out), "--part", "packing"], out)
+    run_workers(
+        Path(__file__).with_name("engine_worker.py"),
+        ["--workdir", str(work), "--cache", cache, "--out", str(out), "--part", "packing"],
+        out,
+    )
     return json.loads(out.read_text())
 
 

@@ -5,6 +5,7 @@ into its row-sharded 4-bit tensors (it crashed in models/lowmem_load.py: `shape 
 adapter of the on-the-fly run. Cases (tiny model, 3 steps): fsdp2 nf4+dq and fp4, auto/ddp nf4+dq, zero2 fp4+dq;
 the four combinations on the one-process path and on FSDP2's streamed bytes are in tests/unit/test_prequantized.py
 and tests/integration/test_prequantized_train.py."""
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,18 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("prequantized_dist")
     cache = root / "cache"
-    ckpts = {name: str(save_prequantized(cache, root / name, qt, dq))
-             for name, qt, dq in (("nf4-dq", "nf4", True), ("fp4", "fp4", False), ("fp4-dq", "fp4", True))}
+    ckpts = {
+        name: str(save_prequantized(cache, root / name, qt, dq))
+        for name, qt, dq in (("nf4-dq", "nf4", True), ("fp4", "fp4", False), ("fp4-dq", "fp4", True))
+    }
     out = root / "results.json"
     worker = __import__("pathlib").Path(__file__).with_name("prequant_worker.py")
-    run_workers(worker, ["--cache", str(cache), "--ckpts", json.dumps(ckpts), "--workdir", str(root / "work"),
-                         "--out", str(out)], out, timeout=900)
+    run_workers(
+        worker,
+        ["--cache", str(cache), "--ckpts", json.dumps(ckpts), "--workdir", str(root / "work"), "--out", str(out)],
+        out,
+        timeout=900,
+    )
     return json.loads(out.read_text())
 
 
@@ -42,8 +49,10 @@ def _adapter(path):
         return read_adapter(path)[1]
 
 
-@pytest.mark.parametrize("case, engine", [("fsdp2-nf4-dq", "fsdp2"), ("fsdp2-fp4", "fsdp2"),
-                                          ("auto-nf4-dq", "ddp"), ("zero2-fp4-dq", "zero2")])
+@pytest.mark.parametrize(
+    "case, engine",
+    [("fsdp2-nf4-dq", "fsdp2"), ("fsdp2-fp4", "fsdp2"), ("auto-nf4-dq", "ddp"), ("zero2-fp4-dq", "zero2")],
+)
 def test_prequantized_trains_like_quantizing_on_the_fly(runs, case, engine):
     pre, fly = runs[case]["pre"], runs[case]["fly"]
     assert pre["engine"] == fly["engine"] == engine

@@ -1,5 +1,6 @@
 """The same config and seed give the same initial adapter on every engine and world size, dense and 4-bit: lora_A
 and lora_B bit for bit, the magnitude (a norm computed from each engine's own layout of W) to fp32 rounding."""
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,12 @@ def single(work):
     workdir, cache = work
     out = {}
     for quant in ("none", "nf4"):
-        job = build(load_config(None, overrides(cache, quant) + ["parallel.engine=none",
-                                                                 f"output.dir={workdir / ('single_' + quant)}"]),
-                    DistEnv())
+        job = build(
+            load_config(
+                None, overrides(cache, quant) + ["parallel.engine=none", f"output.dir={workdir / ('single_' + quant)}"]
+            ),
+            DistEnv(),
+        )
         out[quant] = job.engine.adapter_state_dict()
         job.engine.close()
     return out
@@ -43,15 +47,18 @@ def distributed(work, single):
     pytest.importorskip("deepspeed")
     workdir, cache = work
     out = workdir / "written.json"
-    run_workers(Path(__file__).with_name("init_worker.py"),
-                ["--workdir", str(workdir), "--cache", cache, "--out", str(out)], out)
+    run_workers(
+        Path(__file__).with_name("init_worker.py"),
+        ["--workdir", str(workdir), "--cache", cache, "--out", str(out)],
+        out,
+    )
     return {name: torch.load(path, weights_only=True) for name, path in json.loads(out.read_text()).items()}
 
 
 @pytest.mark.parametrize("name, engine, quant", CASES, ids=[c[0] for c in CASES])
 def test_initial_adapter_equals_single_process(distributed, single, name, engine, quant):
     got, ref = distributed[name], single[quant]
-    assert got.keys() == ref.keys() and len(ref) == 3 * 3 * 3   # 3 targets × 3 layers × (A, B, m)
+    assert got.keys() == ref.keys() and len(ref) == 3 * 3 * 3  # 3 targets × 3 layers × (A, B, m)
     for key, value in ref.items():
         if key.endswith("magnitude_vector"):
             torch.testing.assert_close(got[key], value, rtol=1e-6, atol=0, msg=key)

@@ -5,6 +5,7 @@ FSDP2 used to abort in the first backward: with the tied weight trainable, the r
 gradient reduce-scatter (embed_tokens = lm_head, 832x192) and a decoder block's in different orders (gloo:
 "159744 vs 28864 ... collective mismatch"); with the head's own copy there is no shared trainable tensor.
 One process: tests/integration/test_tied_modules_to_save.py."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ pytest.importorskip("peft")
 from netutil import run_workers  # noqa: E402
 from tied_fixture import ENGINES, peft_logits  # noqa: E402
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 #: float64 (fsdp2, ddp): the same function in another op order, rounding ~1e-15 relative on logits of size ~10;
 #: float32 (ZeRO's adapters): ~1e-7 relative per op over a few hundred-term sums, ~1e-5 on these logits.
@@ -30,8 +31,12 @@ ATOL = {"float64": 1e-10, "float32": 1e-4}
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tied_dist")
     out = root / "results.json"
-    run_workers(Path(__file__).with_name("tied_worker.py"), ["--cache", str(root / "cache"), "--workdir",
-                                                             str(root / "work"), "--out", str(out)], out, timeout=900)
+    run_workers(
+        Path(__file__).with_name("tied_worker.py"),
+        ["--cache", str(root / "cache"), "--workdir", str(root / "work"), "--out", str(out)],
+        out,
+        timeout=900,
+    )
     return json.loads(out.read_text())
 
 

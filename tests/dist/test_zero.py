@@ -5,6 +5,7 @@ Each stage is one launch of tests/dist/zero_worker.py (DeepSpeed's start on the 
 4 training steps (losses, gradient norms, final adapter), kill-and-resume from a DeepSpeed checkpoint, and 4-bit
 bases (trained with ZeRO-2, refused by ZeRO-3); see its docstring.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,11 @@ WORKER = Path(__file__).with_name("zero_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-
 def launch(stage: int, launcher: str, tmp_path: Path) -> dict:
     out = tmp_path / f"zero{stage}.json"
-    run_workers(WORKER, ["--stage", str(stage), "--out", str(out), "--workdir", str(tmp_path)], out, launcher, timeout=600)
+    run_workers(
+        WORKER, ["--stage", str(stage), "--out", str(out), "--workdir", str(tmp_path)], out, launcher, timeout=600
+    )
     return json.loads(out.read_text())
 
 
@@ -66,7 +68,7 @@ def test_zero3_deepspeed_launcher(tmp_path):
     # the local-partition path moved only (out,) fp32 vectors, the gather path whole weights; both agree
     stats, gstats = res["norm_init_stats"], res["gather_stats"]
     assert stats["method"] == "partition" and stats["gathered_bytes"] == 0 and stats["local_layers"] == 0
-    assert stats["allreduce_bytes"] == 4 * sum([30, 10, 10, 30, 75, 75, 30]) * 2   # 14 layers: Σ out x fp32
+    assert stats["allreduce_bytes"] == 4 * sum([30, 10, 10, 30, 75, 75, 30]) * 2  # 14 layers: Σ out x fp32
     assert gstats["gathered_bytes"] > 40 * stats["allreduce_bytes"]
     assert res["row_sq_paths_diff"] < 1e-5
     assert res["magnitude_gather_vs_ref"] < 1e-6

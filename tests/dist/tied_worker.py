@@ -5,6 +5,7 @@ the built-in tiny Llama with tied embeddings (model.config.tie_word_embeddings=t
 collective mismatch). After training, every rank runs the trained model (collectively where it is sharded) on
 fixed token ids; rank 0 saves those logits beside the adapter, for the test to compare with peft's reload.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ def main() -> int:
     results = {}
     for engine, dtype in ENGINES.items():
         out = Path(args.workdir) / engine
-        job = build(load_config(None, tied_overrides(args.cache, dtype) + [f"parallel.engine={engine}",
-                                                                           f"output.dir={out}"]), env)
+        job = build(
+            load_config(None, tied_overrides(args.cache, dtype) + [f"parallel.engine={engine}", f"output.dir={out}"]),
+            env,
+        )
         while job.step < job.stop_at:
             train_step(job)
         summary = finish(job)
@@ -44,8 +47,12 @@ def main() -> int:
             logits = job.model(input_ids=probe_ids()).logits
         if env.is_main:
             torch.save(logits.detach().cpu(), out / "trained_logits.pt")
-            results[engine] = {"engine": summary["engine"], "dtype": dtype, "adapter": str(out / "adapter"),
-                               "logits": str(out / "trained_logits.pt")}
+            results[engine] = {
+                "engine": summary["engine"],
+                "dtype": dtype,
+                "adapter": str(out / "adapter"),
+                "logits": str(out / "trained_logits.pt"),
+            }
         dist.barrier()
     if env.is_main:
         Path(args.out).write_text(json.dumps(results, indent=2))

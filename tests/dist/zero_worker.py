@@ -10,10 +10,10 @@ One launch checks several things, because a DeepSpeed start on the CPU is slow:
   4. (zero2) a 4-bit QDoRA model trains; (zero3) a 4-bit model is refused with a clear message.
 Rank 0 writes the figures to --out as JSON; the test asserts on them.
 """
+
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -37,8 +37,16 @@ def tiny_model(seed: int = 0):
 
     torch.manual_seed(seed)
     # head_dim 10, one KV head: k/v_proj are (10, 30); MLP 75 wide: gate/up (75, 30) are split mid-row over 2 ranks
-    cfg = LlamaConfig(hidden_size=30, intermediate_size=75, num_hidden_layers=2, num_attention_heads=3,
-                      num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=30,
+        intermediate_size=75,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).float()
     model.config.use_cache = False
     return model
@@ -50,11 +58,21 @@ def with_dora(model, init_magnitude: bool):
 
 
 def job_config(deepspeed_json: str | None):
-    return config_from_dict({
-        "training": {"micro_batch_size": 1, "grad_accum": 2, "lr": 2e-2, "warmup_steps": 1, "max_steps": STEPS,
-                     "weight_decay": 0.01, "max_grad_norm": 0.5, "device": "cpu"},
-        "parallel": {"deepspeed_config": deepspeed_json},
-    })
+    return config_from_dict(
+        {
+            "training": {
+                "micro_batch_size": 1,
+                "grad_accum": 2,
+                "lr": 2e-2,
+                "warmup_steps": 1,
+                "max_steps": STEPS,
+                "weight_decay": 0.01,
+                "max_grad_norm": 0.5,
+                "device": "cpu",
+            },
+            "parallel": {"deepspeed_config": deepspeed_json},
+        }
+    )
 
 
 def batches():
@@ -76,8 +94,9 @@ def n_targets(labels):
 
 def loss_sum(model, ids, labels):
     logits = model(input_ids=ids).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
 
 
 def run_reference(cfg, data):
@@ -99,8 +118,13 @@ def run_reference(cfg, data):
 
 def rank_micro_batches(env, ids, labels, accum):
     """Rank r, micro-step i gets sample i*world + r (the union over ranks and micro-steps is the global batch)."""
-    return [(ids[i * env.world_size + env.rank: i * env.world_size + env.rank + 1],
-             labels[i * env.world_size + env.rank: i * env.world_size + env.rank + 1]) for i in range(accum)]
+    return [
+        (
+            ids[i * env.world_size + env.rank : i * env.world_size + env.rank + 1],
+            labels[i * env.world_size + env.rank : i * env.world_size + env.rank + 1],
+        )
+        for i in range(accum)
+    ]
 
 
 def train_steps(engine, model, env, data, steps):
@@ -138,8 +162,13 @@ def quantized_tiny_model():
     model = tiny_model(seed=1)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and "layers." in name:
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4")
+            q = bnb.nn.Linear4bit(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                compute_dtype=torch.float32,
+                quant_type="nf4",
+            )
             q.load_state_dict(module.state_dict())
             q = q.to("cpu")
             parent, _, attr = name.rpartition(".")
@@ -164,7 +193,7 @@ def check_zero_init_loading(cfg, env, data, workdir):
     out["losses"], _ = train_steps(engine, model, env, data, range(2))
     state = engine.adapter_state_dict()
     engine.close()
-    ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)   # outside zero.Init again
+    ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # outside zero.Init again
     torch.manual_seed(5)
     ref_engine = SingleProcessEngine(cfg, DistEnv())
     ref_model = ref_engine.prepare(with_dora(ref_model, init_magnitude=False))
@@ -192,8 +221,13 @@ def main() -> int:
     if env.is_main:
         # the user JSON: keep even tiny parameters partitioned (ZeRO-3), and a harmless extra key
         with open(ds_json, "w") as f:
-            json.dump({"zero_optimization": {"stage3_param_persistence_threshold": 0, "overlap_comm": False},
-                       "train_micro_batch_size_per_gpu": "auto"}, f)
+            json.dump(
+                {
+                    "zero_optimization": {"stage3_param_persistence_threshold": 0, "overlap_comm": False},
+                    "train_micro_batch_size_per_gpu": "auto",
+                },
+                f,
+            )
     env.barrier()
     cfg = job_config(ds_json)
     data = batches()
@@ -205,28 +239,35 @@ def main() -> int:
     # --- 1. magnitude init ------------------------------------------------------------------------------
     engine = make_engine(args.stage, cfg, env)
     model = engine.prepare(with_dora(tiny_model(), init_magnitude=False))
-    res["partitioned"] = bool(getattr(engine.unwrap().model.layers[0].mlp.gate_proj.base_layer.weight,
-                                      "ds_tensor", None) is not None)
+    res["partitioned"] = bool(
+        getattr(engine.unwrap().model.layers[0].mlp.gate_proj.base_layer.weight, "ds_tensor", None) is not None
+    )
     init_state = engine.adapter_state_dict()
     res["norm_init_stats"] = dict(engine.norm_init_stats)
     if args.stage == 3:
-        row_sq_partition = [l.base_row_sq.clone() for _, l in dora_layers(engine.unwrap())]
+        row_sq_partition = [lyr.base_row_sq.clone() for _, lyr in dora_layers(engine.unwrap())]
         engine.init_magnitudes(model, method="gather")
         res["gather_stats"] = dict(engine.norm_init_stats)
         gathered_state = engine.adapter_state_dict()
-        row_sq_gather = [l.base_row_sq.clone() for _, l in dora_layers(engine.unwrap())]
-        res["row_sq_paths_diff"] = max(float((a - b).abs().max()) for a, b in zip(row_sq_partition, row_sq_gather))
+        row_sq_gather = [lyr.base_row_sq.clone() for _, lyr in dora_layers(engine.unwrap())]
+        res["row_sq_paths_diff"] = max(
+            float((a - b).abs().max()) for a, b in zip(row_sq_partition, row_sq_gather, strict=True)
+        )
         engine.init_magnitudes(model)  # back to the default path
         engine.optimizer.refresh_fp32_params()
         res["no_gathered_left"] = all(
-            p.ds_status.name == "NOT_AVAILABLE" for p in engine.unwrap().parameters() if hasattr(p, "ds_status"))
+            p.ds_status.name == "NOT_AVAILABLE" for p in engine.unwrap().parameters() if hasattr(p, "ds_status")
+        )
         if env.is_main:
             res["magnitude_gather_vs_ref"] = max_diff(
                 {k: v for k, v in gathered_state.items() if "magnitude" in k},
-                {k: v for k, v in ref_init.items() if "magnitude" in k})
+                {k: v for k, v in ref_init.items() if "magnitude" in k},
+            )
     if env.is_main:
-        res["magnitude_init_vs_ref"] = max_diff({k: v for k, v in init_state.items() if "magnitude" in k},
-                                                {k: v for k, v in ref_init.items() if "magnitude" in k})
+        res["magnitude_init_vs_ref"] = max_diff(
+            {k: v for k, v in init_state.items() if "magnitude" in k},
+            {k: v for k, v in ref_init.items() if "magnitude" in k},
+        )
         res["init_adapter_vs_ref"] = max_diff(init_state, ref_init)
 
     # --- 2. training parity + 3. checkpoint ----------------------------------------------------------------
@@ -244,14 +285,19 @@ def main() -> int:
         res["final_adapter_moved"] = max_diff(final, ref_init)
         torch.save(final, os.path.join(args.workdir, "final_adapter.pt"))
         from dora_dist.adapters import save_adapter
+
         save_adapter(engine.unwrap(), os.path.join(args.workdir, "adapter"), state_dict=final)
     engine.close()
 
     engine2 = make_engine(args.stage, cfg, env)
     model2 = engine2.prepare(with_dora(tiny_model(), init_magnitude=False))
     extra = engine2.load_checkpoint(ckpt)
-    res["extra_state_ok"] = bool(extra.get("step") == SAVE_AT and extra.get("sampler") == {"pos": 8}
-                                 and isinstance(extra.get("rng"), torch.Tensor) and extra["rng"].dtype == torch.uint8)
+    res["extra_state_ok"] = bool(
+        extra.get("step") == SAVE_AT
+        and extra.get("sampler") == {"pos": 8}
+        and isinstance(extra.get("rng"), torch.Tensor)
+        and extra["rng"].dtype == torch.uint8
+    )
     resumed, resumed_norms = train_steps(engine2, model2, env, data, range(SAVE_AT, STEPS))
     res.update(resumed_losses=resumed, resumed_norms=resumed_norms)
     final2 = engine2.adapter_state_dict()

@@ -5,9 +5,9 @@ is non-zero, no traceback of dora_dist's code reaches the user, and nothing hang
 - launch/torchrun.sh and launch/deepspeed.sh validate the config first (`python -m dora_dist.train --check`): a
   config error is the one line and exit code 2, and no launcher starts (so no agent traceback either).
 - raw torchrun, the error before the process group (preflight: zero3 + 4-bit) and after it (a data file that
-  cannot be read), and the raw deepspeed launcher with zero3 + 4-bit: torchrun's agent prints a ChildFailedError traceback of its own when a child
-  exits non-zero (torch/distributed/run.py, not ours; the deepspeed launcher prints none); none of the traceback
-  frames in the output are dora_dist's.
+  cannot be read), and the raw deepspeed launcher with zero3 + 4-bit: torchrun's agent prints a ChildFailedError
+  traceback of its own when a child exits non-zero (torch/distributed/run.py, not ours; the deepspeed launcher
+  prints none); none of the traceback frames in the output are dora_dist's.
 - only one rank fails (rank 1, after the process group exists, while rank 0 waits in a collective): rank 1's
   message appears once, torchrun stops rank 0, the job ends well within the timeout.
 """

@@ -32,6 +32,9 @@ WORKER = ROOT / "tests" / "dist" / "ckpt_fault_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 from ckpt_fault_worker import files_digest, make_engine, params_fingerprint, save, train_step  # noqa: E402
 
+# spawns the worker and kills it part way through a save
+pytestmark = pytest.mark.slow
+
 
 def run_worker(args: list[str], prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# spawns `python -m dora_dist.train` (piped and on a pseudo-terminal)
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 STEP_LINE = re.compile(
     r"^step +(\d+)/3  loss \d+\.\d{4}  lr \S+  grad_norm \S+  tok/s \d+  peak_mem \d+ MiB"

@@ -12,7 +12,7 @@ from health_expect import analyze_by_group, assert_logged_equals_analyze
 from dora_dist.cli import main
 from dora_dist.metrics import read_metrics
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.slow]
 WARNING = "warning: DoRA looks like LoRA"
 
 

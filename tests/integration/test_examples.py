@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.slow]  # each example trains end to end (10-30 s)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 

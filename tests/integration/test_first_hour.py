@@ -37,8 +37,8 @@ def _args(tmp: Path, cache: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "dora_dist_cache"  # shared with test_bad_inputs*.py
+def cache(builtin_cache) -> Path:
+    return builtin_cache  # getbasetemp()/dora_dist_cache, shared with test_bad_inputs*.py
 
 
 WARNINGS: list[str] = []  # what the `finished` runs warned (read by test_checkpoint_save_and_load_leak_no_warning)
@@ -167,7 +167,8 @@ def test_keys_shows_type_default_choices_and_doc(capfd):
 
     assert main(["keys"]) == 0
     out = capfd.readouterr().out
-    entries = {}
+    entries: dict[str, list[str]] = {}
+    key = ""  # set by the first (unindented) line
     for line in out.splitlines():
         if line.startswith("    "):
             entries[key] = entries[key] + [line.strip()]

@@ -16,7 +16,7 @@ PROMPT = "17 + 5 ="
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> Path:
+def adapter(tmp_path_factory, builtin_cache) -> Path:
     from dora_dist.config import load_config
     from dora_dist.train import train
 
@@ -25,7 +25,7 @@ def adapter(tmp_path_factory) -> Path:
         load_config(
             None,
             [
-                f"model.cache_dir={work / 'cache'}",
+                f"model.cache_dir={builtin_cache}",
                 "data.seq_len=32",
                 "data.synthetic_samples=60",
                 "training.max_steps=2",
@@ -89,14 +89,14 @@ def test_4bit_base_from_flag_and_from_training_config(adapter, tmp_path):
     from dora_dist.adapters import dora_layers
 
     model, tok = load_for_generation(str(adapter), load_in_4bit=True)
-    assert all(isinstance(l.base_layer, bnb.nn.Linear4bit) for _, l in dora_layers(model))
+    assert all(isinstance(layer.base_layer, bnb.nn.Linear4bit) for _, layer in dora_layers(model))
     assert len(generate(model, tok, [PROMPT], 4, chat=False)) == 1
     copy = tmp_path / "adapter"
     shutil.copytree(adapter, copy)
     cfg = (copy / "training_config.yaml").read_text().replace("mode: none", "mode: nf4")
     (copy / "training_config.yaml").write_text(cfg)
     model, _ = load_for_generation(str(copy))
-    assert all(isinstance(l.base_layer, bnb.nn.Linear4bit) for _, l in dora_layers(model))
+    assert all(isinstance(layer.base_layer, bnb.nn.Linear4bit) for _, layer in dora_layers(model))
 
 
 def _other_bases(tmp_path: Path) -> dict[str, Path]:

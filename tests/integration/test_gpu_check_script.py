@@ -40,6 +40,7 @@ def test_script_is_valid_bash_and_refuses_unknown_arguments():
     assert proc.returncode == 2 and "usage" in proc.stderr
 
 
+@pytest.mark.slow  # spawns python for every benchmark's --help
 def test_dry_run_lists_every_step_of_the_issue():
     cmds = [" ".join(c) for c in dry_run(2)]
     assert any("pytest" in c and "-m gpu" in c for c in cmds)
@@ -120,6 +121,7 @@ def test_every_command_exists_and_accepts_its_arguments(tmp_path):
             pytest.fail(f"gpu_check.sh runs a command this test does not know: {cmd}")
 
 
+@pytest.mark.slow  # spawns the report script (matplotlib)
 def test_report_collects_steps_figures_and_failures(tmp_path):
     work = tmp_path / "work"
     work.mkdir()

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def cache(builtin_cache):
+    return str(builtin_cache)  # built once per session (tests/conftest.py)
 
 
 def quick(cache: str, out: Path, steps: int) -> list[str]:
@@ -139,7 +139,7 @@ def test_multinode_script_two_nodes_on_loopback(tmp_path, cache, reference):
         for node in (0, 1)
     ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, o in zip(procs, outs):
+    for p, o in zip(procs, outs, strict=True):
         assert p.returncode == 0, o[-5000:]
     assert "world=2" in "".join(outs)
     assert losses(out) == pytest.approx(reference[:2], rel=1e-5, abs=1e-6)

@@ -14,10 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, builtin_cache):
     from dora_dist.train import train
 
-    cache = tmp_path_factory.mktemp("cache")
     out = tmp_path_factory.mktemp("run")
     train(
         load_config(
@@ -29,7 +28,7 @@ def trained(tmp_path_factory):
                 "data.synthetic_samples=200",
                 "data.seq_len=64",
                 "output.progress_bar=false",
-                f"model.cache_dir={cache}",
+                f"model.cache_dir={builtin_cache}",
                 f"output.dir={out}",
                 "checkpoint.every_steps=0",
             ],

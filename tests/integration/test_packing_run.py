@@ -14,15 +14,17 @@ from dora_dist.metrics import read_metrics
 from dora_dist.models import load_tokenizer
 from dora_dist.train import main
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+# two training runs end to end (~20 s together on 2 shared cores): the slow lane
+pytestmark = pytest.mark.slow
+
 N_DOCS = 12
 
 
-def _args(tmp_path, *extra: str) -> list[str]:
+def _args(tmp_path, builtin_cache, *extra: str) -> list[str]:
     # float64 base and adapters: the two runs differ only in summation order (1e-16), which AdamW cannot amplify
     # past ~1e-10 in 3 steps (see tests/dist/engine_worker.common_overrides); a leak moves the loss by ~1e-1.
     return [
-        f"model.cache_dir={tmp_path / 'cache'}",
+        f"model.cache_dir={builtin_cache}",
         "data.format=prompt_completion",
         "data.seq_len=32",
         f"data.synthetic_samples={N_DOCS}",
@@ -39,8 +41,8 @@ def _args(tmp_path, *extra: str) -> list[str]:
     ]
 
 
-def test_packed_and_unpacked_runs_of_the_same_documents_have_the_same_losses(tmp_path, capsys):
-    cfg = load_job_config(None, _args(tmp_path))
+def test_packed_and_unpacked_runs_of_the_same_documents_have_the_same_losses(builtin_cache, tmp_path, capsys):
+    cfg = load_job_config(None, _args(tmp_path, builtin_cache))
     blocks = build_dataset(cfg, load_tokenizer(cfg))
     assert blocks.packing.examples == N_DOCS and 1 < len(blocks) < N_DOCS  # documents do share blocks
     n = len(blocks)
@@ -49,6 +51,7 @@ def test_packed_and_unpacked_runs_of_the_same_documents_have_the_same_losses(tmp
         main(
             _args(
                 tmp_path,
+                builtin_cache,
                 f"output.dir={tmp_path / 'packed'}",
                 f"training.global_batch_size={n}",
                 f"training.micro_batch_size={n}",
@@ -62,6 +65,7 @@ def test_packed_and_unpacked_runs_of_the_same_documents_have_the_same_losses(tmp
         main(
             _args(
                 tmp_path,
+                builtin_cache,
                 f"output.dir={tmp_path / 'unpacked'}",
                 "data.packing=false",
                 f"training.global_batch_size={N_DOCS}",

@@ -15,7 +15,8 @@ from dora_dist.metrics import read_metrics  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_qdora_nf4_single_process_trains(tmp_path):
+@pytest.mark.slow  # bitsandbytes' CPU 4-bit path: 15-30 s on 2 shared cores
+def test_qdora_nf4_single_process_trains(builtin_cache, tmp_path):
     from dora_dist.adapters import read_adapter
     from dora_dist.train import train
 
@@ -32,7 +33,7 @@ def test_qdora_nf4_single_process_trains(tmp_path):
                 "data.seq_len=64",
                 "output.progress_bar=false",
                 "output.plot=false",
-                f"model.cache_dir={tmp_path / 'cache'}",
+                f"model.cache_dir={builtin_cache}",
                 f"output.dir={out}",
                 "checkpoint.every_steps=0",
             ],

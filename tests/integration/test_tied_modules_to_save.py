@@ -18,7 +18,7 @@ from tied_fixture import peft_logits, probe_ids, tied_overrides  # noqa: E402
 
 from dora_dist.config import load_config  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

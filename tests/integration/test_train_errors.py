@@ -15,7 +15,7 @@ from dora_dist.config import load_job_config
 from dora_dist.metrics import read_metrics
 
 
-def test_nan_loss_stops_cleanly(tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_cleanly(builtin_cache, tmp_path, monkeypatch, capsys):
     real = train_mod.micro_batch_loss
     calls = {"n": 0}
 
@@ -31,7 +31,7 @@ def test_nan_loss_stops_cleanly(tmp_path, monkeypatch, capsys):
         "data.synthetic_samples=200",
         "data.seq_len=32",
         "output.progress_bar=false",
-        f"model.cache_dir={tmp_path / 'cache'}",
+        f"model.cache_dir={builtin_cache}",
         f"output.dir={out}",
         "checkpoint.every_steps=1",
         "checkpoint.keep_last=5",
@@ -65,7 +65,7 @@ def test_nan_loss_stops_cleanly(tmp_path, monkeypatch, capsys):
     assert torch.isfinite(torch.tensor(summary["last_loss"]))
 
 
-def test_unmatched_target_module_is_a_clear_cli_error_and_writes_nothing(tmp_path, capsys):
+def test_unmatched_target_module_is_a_clear_cli_error_and_writes_nothing(builtin_cache, tmp_path, capsys):
     from dora_dist.cli import main
 
     out = tmp_path / "run"
@@ -77,7 +77,7 @@ def test_unmatched_target_module_is_a_clear_cli_error_and_writes_nothing(tmp_pat
             "data.synthetic_samples=50",
             "data.seq_len=32",
             "output.progress_bar=false",
-            f"model.cache_dir={tmp_path / 'cache'}",
+            f"model.cache_dir={builtin_cache}",
             f"output.dir={out}",
         ]
     )

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from dora_dist.config import ConfigError, load_config
 
 
-def test_bad_values_are_config_errors(tmp_path):
+def test_bad_values_are_config_errors(builtin_cache, tmp_path):
     with pytest.raises(ConfigError, match="dora.modules_to_save must be a list"):
         load_config(None, ["dora.modules_to_save=[1]"])
     from dora_dist.train import train
@@ -23,7 +23,7 @@ def test_bad_values_are_config_errors(tmp_path):
             load_config(
                 None,
                 [
-                    f"model.cache_dir={tmp_path / 'cache'}",
+                    f"model.cache_dir={builtin_cache}",
                     "training.max_steps=1",
                     "dora.modules_to_save=[nohead]",
                     f"output.dir={tmp_path / 'x'}",
@@ -33,7 +33,7 @@ def test_bad_values_are_config_errors(tmp_path):
         )
 
 
-def test_head_trained_saved_and_loaded(tmp_path):
+def test_head_trained_saved_and_loaded(builtin_cache, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from dora_dist.generate import load_for_generation
@@ -44,7 +44,7 @@ def test_head_trained_saved_and_loaded(tmp_path):
         load_config(
             None,
             [
-                f"model.cache_dir={tmp_path / 'cache'}",
+                f"model.cache_dir={builtin_cache}",
                 "data.seq_len=32",
                 "data.synthetic_samples=60",
                 "training.max_steps=2",
@@ -65,7 +65,7 @@ def test_head_trained_saved_and_loaded(tmp_path):
     from dora_dist.models import resolve_base
 
     base_dir = resolve_base(
-        json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"], str(tmp_path / "cache")
+        json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"], str(builtin_cache)
     )
     base_head = AutoModelForCausalLM.from_pretrained(base_dir).lm_head.weight.detach()
     assert saved.shape == base_head.shape

@@ -10,7 +10,6 @@ from torch import nn
 from dora_dist import DoRAConfig, apply_dora, dora_layers, load_adapter, merge_and_unload, save_adapter
 from dora_dist.adapters import set_merged
 
-pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
@@ -149,7 +148,7 @@ def test_only_adapters_trainable():
     assert trainable and all(n.endswith(("lora_A", "lora_B", "magnitude")) for n in trainable)
     assert len(trainable) == 2 * 3
     assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) == sum(
-        l.lora_A.numel() + l.lora_B.numel() + l.magnitude.numel() for _, l in dora_layers(model)
+        layer.lora_A.numel() + layer.lora_B.numel() + layer.magnitude.numel() for _, layer in dora_layers(model)
     )
 
 
@@ -171,7 +170,7 @@ def test_save_load_round_trip(tmp_path):
     assert sorted(cfg["target_modules"]) == ["q_proj", "up_proj"]
     loaded = load_adapter(Toy(), out).eval()
     assert adapted(loaded) == adapted(model)
-    for (_, a), (_, b) in zip(dora_layers(model), dora_layers(loaded)):
+    for (_, a), (_, b) in zip(dora_layers(model), dora_layers(loaded), strict=True):
         for attr in ("lora_A", "lora_B", "magnitude"):
             assert torch.equal(getattr(a, attr), getattr(b, attr))
     assert torch.equal(loaded(ids), y)
@@ -253,7 +252,7 @@ def test_peft_saved_adapter_loads(which, tmp_path):
     model = load_adapter(model_fn(), tmp_path).eval()
     n_expected = sum(1 for n, _ in pm.named_modules() if n.endswith("lora_magnitude_vector"))
     assert len(adapted(model)) == n_expected
-    assert all(l.fan_in_fan_out == which.startswith("gpt2") for _, l in dora_layers(model))
+    assert all(layer.fan_in_fan_out == which.startswith("gpt2") for _, layer in dora_layers(model))
     with torch.no_grad():
         y = model(ids).logits
     close(y, y_peft)
@@ -267,7 +266,7 @@ def test_save_unmerged_after_merge_round_trip(tmp_path):
     with torch.no_grad():
         y = model(ids).logits
         set_merged(model, True)
-        assert all(l.merged for _, l in dora_layers(model))
+        assert all(layer.merged for _, layer in dora_layers(model))
         close(model(ids).logits, y, rtol=1e-5, atol_frac=1e-5)
         set_merged(model, False)
         close(model(ids).logits, y, rtol=1e-5, atol_frac=1e-5)
@@ -330,14 +329,16 @@ def test_float64_adapter_round_trip_keeps_its_dtype_exactly(tmp_path):
         y = model(ids).logits
     save_adapter(model, tmp_path)
     loaded = load_adapter(base(), tmp_path).eval()
-    for (_, a), (_, b) in zip(dora_layers(model), dora_layers(loaded)):
+    for (_, a), (_, b) in zip(dora_layers(model), dora_layers(loaded), strict=True):
         for attr in ("lora_A", "lora_B", "magnitude"):
             assert getattr(b, attr).dtype == torch.float64 and torch.equal(getattr(a, attr), getattr(b, attr))
-    ours = {f"{n}.{a}": getattr(l, a) for n, l in dora_layers(loaded) for a in ("lora_A", "lora_B", "magnitude")}
+    ours = {
+        f"{n}.{a}": getattr(layer, a) for n, layer in dora_layers(loaded) for a in ("lora_A", "lora_B", "magnitude")
+    }
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, y)
         merged, merged_again = merge_and_unload(model), merge_and_unload(loaded)
-        for (name, p), (_, q) in zip(merged.named_parameters(), merged_again.named_parameters()):
+        for (name, p), (_, q) in zip(merged.named_parameters(), merged_again.named_parameters(), strict=True):
             assert torch.equal(p, q), name
         assert torch.equal(merged_again(ids).logits, merged(ids).logits)
     pm = peft.get_peft_model(base(), peft.LoraConfig.from_pretrained(str(tmp_path)))

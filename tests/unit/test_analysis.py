@@ -9,7 +9,6 @@ import torch
 from dora_dist import DoRAConfig, apply_dora, dora_layers, merge_and_unload, save_adapter
 from dora_dist.analysis import analyze, correlations, dense_source, layer_change, row_change
 
-pytestmark = pytest.mark.filterwarnings("ignore")
 EPS32 = torch.finfo(torch.float32).eps
 
 
@@ -161,8 +160,10 @@ def test_adapter_equals_its_merged_model_and_cli_outputs(base_dir, tmp_path):
     )
     res = json.loads((out / "changes.json").read_text())
     by = {(r["method"], r["layer"]): r for r in res["records"]}
-    adapted = sorted(l for m, l in by if m == "dora")
-    assert len(adapted) == 3 and sorted(l for m, l in by if m == "merged") == adapted  # untouched layers left out
+    adapted = sorted(layer for m, layer in by if m == "dora")
+    assert (
+        len(adapted) == 3 and sorted(layer for m, layer in by if m == "merged") == adapted
+    )  # untouched layers left out
     assert res["unchanged_layers"] > 0
     for layer in adapted:
         a, b = by[("dora", layer)], by[("merged", layer)]

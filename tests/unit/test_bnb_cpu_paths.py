@@ -23,8 +23,6 @@ from dora_dist import DoRALinear
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
 
 def linear4bit(out_f: int, in_f: int, quant_type="nf4", double_quant=True, storage=torch.uint8, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -58,8 +58,8 @@ def test_save_prune_latest_and_exact_resume(tmp_path):
     assert b.scheduler.last_epoch == 3
     got = train_steps(b, 3)
     assert got == expected
-    for (n1, p1), (n2, p2) in zip(a.model.named_parameters(), b.model.named_parameters()):
-        assert torch.equal(p1, p2), n1
+    for (name, p1), (_, p2) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
+        assert torch.equal(p1, p2), name
 
 
 class _Payload:

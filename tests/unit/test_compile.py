@@ -15,7 +15,6 @@ from torch import nn
 
 from dora_dist import DoRALinear
 
-pytestmark = pytest.mark.filterwarnings("ignore")
 HAVE_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
@@ -38,6 +37,7 @@ def test_compile_for_engine_refuses_zero():
         compile_for_engine(nn.Linear(2, 2), "zero3")
 
 
+@pytest.mark.slow  # inductor compiles C++ (about a minute on 2 cores)
 @pytest.mark.skipif(not HAVE_CXX, reason="inductor's CPU backend needs a C++ compiler (g++/clang++)")
 def test_compiled_blocks_equal_eager():
     import copy
@@ -75,10 +75,11 @@ def test_compiled_blocks_equal_eager():
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
-    for got, want in zip(results[1][1], results[0][1]):
+    for got, want in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+@pytest.mark.slow  # inductor compiles C++
 @pytest.mark.skipif(not HAVE_CXX, reason="inductor's CPU backend needs a C++ compiler (g++/clang++)")
 @pytest.mark.parametrize("use_dora", [True, False])
 def test_compiled_layer_equals_eager(use_dora):
@@ -99,5 +100,5 @@ def test_compiled_layer_equals_eager(use_dora):
         y = fn(x)
         y.pow(2).sum().backward()
         outs.append((y.detach(), x.grad.clone(), layer.lora_B.grad.clone()))
-    for got, want in zip(outs[1], outs[0]):
+    for got, want in zip(outs[1], outs[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

@@ -101,6 +101,7 @@ def test_shipped_configs_validate(path):
     assert isinstance(cfg, Config)
 
 
+@pytest.mark.slow  # spawns the CLI
 def test_cli_reports_config_errors():
     proc = subprocess.run(
         [sys.executable, "-m", "dora_dist.cli", "train", "training.lrr=1"],
@@ -113,6 +114,7 @@ def test_cli_reports_config_errors():
     assert "training.lrr" in proc.stderr and "valid keys" in proc.stderr
 
 
+@pytest.mark.slow  # spawns the CLI
 def test_cli_without_arguments_prints_help():
     proc = subprocess.run(
         [sys.executable, "-m", "dora_dist.cli"], capture_output=True, text=True, cwd=ROOT, timeout=120

@@ -14,18 +14,19 @@ from dora_dist.data.tokenize import encode_chat, encode_prompt_completion
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    cfg = load_config(None, [f"model.cache_dir={tmp_path_factory.mktemp('cache')}"])
+def tokenizer(builtin_cache):
+    cfg = load_config(None, [f"model.cache_dir={builtin_cache}"])
     return models.load_tokenizer(cfg)
 
 
 def test_prompt_completion_masks_prompt(tokenizer):
     ids, labels = encode_prompt_completion(tokenizer, "17 + 5 =", " 22 .", add_eos=True)
     n_prompt = len(tokenizer("17 + 5 =", add_special_tokens=False)["input_ids"])
-    assert all(l == IGNORE_INDEX for l in labels[:n_prompt])
+    assert all(label == IGNORE_INDEX for label in labels[:n_prompt])
     assert labels[n_prompt:] == ids[n_prompt:]
     assert ids[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX], skip_special_tokens=True) == " 22 ."
+    learned = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(learned, skip_special_tokens=True) == " 22 ."
 
 
 def test_chat_loss_on_assistant_turns_only(tokenizer):
@@ -37,7 +38,7 @@ def test_chat_loss_on_assistant_turns_only(tokenizer):
         {"role": "assistant", "content": "4 ."},
     ]
     ids, labels = encode_chat(tokenizer, messages, add_eos=True)
-    learned = tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
+    learned = tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
     assert "3 ." in learned and "4 ." in learned
     assert "1 + 2" not in learned and "answer briefly" not in learned and "<|user|>" not in learned
 

@@ -15,18 +15,17 @@ from torch.autograd import gradcheck
 from dora_dist import DoRALinear
 from dora_dist.nn.dora_epilogue import DoRAEpilogue, dora_epilogue, dora_epilogue_reference, use_fused
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-T, O, R = 7, 6, 3
+T, OUT, R = 7, 6, 3
 
 
 def _inputs(dtype=torch.float64, zero_m=(), zero_n=(), bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    base = torch.randn(T, O, generator=g, dtype=torch.float64)
+    base = torch.randn(T, OUT, generator=g, dtype=torch.float64)
     xa = torch.randn(T, R, generator=g, dtype=torch.float64)
-    B = torch.randn(O, R, generator=g, dtype=torch.float64)
-    m = torch.rand(O, generator=g, dtype=torch.float64) + 0.5
-    n = torch.rand(O, generator=g, dtype=torch.float64) + 0.5
-    b = torch.randn(O, generator=g, dtype=torch.float64) if bias else None
+    B = torch.randn(OUT, R, generator=g, dtype=torch.float64)
+    m = torch.rand(OUT, generator=g, dtype=torch.float64) + 0.5
+    n = torch.rand(OUT, generator=g, dtype=torch.float64) + 0.5
+    b = torch.randn(OUT, generator=g, dtype=torch.float64) if bias else None
     m[list(zero_m)] = 0
     n[list(zero_n)] = 1  # a zero-norm row reaches the epilogue as denominator 1
     cast = lambda t: None if t is None else t.to(dtype)
@@ -46,7 +45,7 @@ def test_gradcheck(zero_m, bias):
 @pytest.mark.parametrize("zero_m", [(), (0, 5)], ids=["m>0", "m=0 rows"])
 def test_float64_equals_plain_ops(zero_m):
     base, xa, B, m, n, b = _inputs(zero_m=zero_m)
-    g = torch.randn(T, O, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    g = torch.randn(T, OUT, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     outs = []
     for fused in (True, False):
         leaves = [t.detach().clone().requires_grad_() for t in (base, xa, B, m)]
@@ -54,7 +53,7 @@ def test_float64_equals_plain_ops(zero_m):
             y = dora_epilogue(*leaves, n, b, 0.7)
         grads = torch.autograd.grad(y, leaves, g)
         outs.append((y.detach(), *grads))
-    for a, r in zip(*outs):
+    for a, r in zip(*outs, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
 
 
@@ -68,7 +67,7 @@ def test_precision_against_float64(dtype, u, zero_m):
     """Low-precision activations (base_out, y, g in `dtype`) with fp32 adapters, as in training."""
     s = 0.9
     base, xa, B, m, n, b = _inputs(zero_m=zero_m, bias=False)
-    g = torch.randn(T, O, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    g = torch.randn(T, OUT, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     base_lp = base.to(dtype)  # the inputs as the low-precision run sees them; the reference uses them too
     g_lp = g.to(dtype)
     ref_leaves = [

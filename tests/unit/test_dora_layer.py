@@ -28,8 +28,6 @@ from torch import nn
 
 from dora_dist import DoRALinear
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("kind", kind_params(DENSE_KINDS))

@@ -29,9 +29,7 @@ import dora_dist.nn.weight_source as ws
 from dora_dist import DoRALinear
 from dora_dist.nn import dora_output, safe_divide_norm
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-O, I, RR = 6, 5, 3  # gradcheck shapes
+GC_OUT, GC_IN, RR = 6, 5, 3  # gradcheck shapes
 
 
 def _f64(*shape, seed):
@@ -40,11 +38,11 @@ def _f64(*shape, seed):
 
 
 def test_gradcheck_dora_output_fixed_scale():
-    W, s = _f64(O, I, seed=0), 1.7
-    A = _f64(RR, I, seed=1).requires_grad_()
-    B = _f64(O, RR, seed=2).requires_grad_()
-    m = _f64(O, seed=3).abs().add(0.5).requires_grad_()
-    x = _f64(4, I, seed=4).requires_grad_()
+    W, s = _f64(GC_OUT, GC_IN, seed=0), 1.7
+    A = _f64(RR, GC_IN, seed=1).requires_grad_()
+    B = _f64(GC_OUT, RR, seed=2).requires_grad_()
+    m = _f64(GC_OUT, seed=3).abs().add(0.5).requires_grad_()
+    x = _f64(4, GC_IN, seed=4).requires_grad_()
     norm = torch.linalg.norm(W + s * B.detach() @ A.detach(), dim=1)  # constant
 
     def f(x, A, B, m):
@@ -54,12 +52,12 @@ def test_gradcheck_dora_output_fixed_scale():
 
 
 def test_gradcheck_dora_output_dropout_path():
-    W, s = _f64(O, I, seed=0), 0.9
-    A = _f64(RR, I, seed=1).requires_grad_()
-    B = _f64(O, RR, seed=2).requires_grad_()
-    m = _f64(O, seed=3).abs().add(0.5).requires_grad_()
-    x = _f64(4, I, seed=4).requires_grad_()
-    mask = (torch.rand(4, I, generator=torch.Generator().manual_seed(5)) > 0.3).double() / 0.7
+    W, s = _f64(GC_OUT, GC_IN, seed=0), 0.9
+    A = _f64(RR, GC_IN, seed=1).requires_grad_()
+    B = _f64(GC_OUT, RR, seed=2).requires_grad_()
+    m = _f64(GC_OUT, seed=3).abs().add(0.5).requires_grad_()
+    x = _f64(4, GC_IN, seed=4).requires_grad_()
+    mask = (torch.rand(4, GC_IN, generator=torch.Generator().manual_seed(5)) > 0.3).double() / 0.7
     norm = torch.linalg.norm(W + s * B.detach() @ A.detach(), dim=1)
 
     def f(x, A, B, m):
@@ -71,12 +69,12 @@ def test_gradcheck_dora_output_dropout_path():
 
 @pytest.mark.parametrize("kind", kind_params(DENSE_KINDS))
 def test_gradcheck_layer_with_fixed_norm(kind, monkeypatch):
-    base = make_base(kind, O, I).double()
+    base = make_base(kind, GC_OUT, GC_IN).double()
     layer = DoRALinear(base, r=RR, alpha=2.0, adapter_dtype=torch.float64)
     randomize_adapter(layer)
     fixed = layer.weight_norm().clone()
     monkeypatch.setattr(DoRALinear, "weight_norm", lambda self, exact=False, w_times_a=None: fixed)
-    x = _f64(3, I, seed=9).requires_grad_()
+    x = _f64(3, GC_IN, seed=9).requires_grad_()
     params = (layer.lora_A, layer.lora_B, layer.magnitude)
 
     def f(x, A, B, m):
@@ -91,11 +89,11 @@ def test_gradcheck_layer_with_fixed_norm(kind, monkeypatch):
 def test_backward_matches_seed000_formulas(kind):
     """Seed 000: with β = 1/‖W + sBA‖ held constant, z = x·Wᵀ + s·x·Aᵀ·Bᵀ and y = (m·β) ⊙ z:
     dL/dm = Σ_bs g ⊙ z ⊙ β;  dL/dA = s·Σ g·diag(m·β)·B ⊗ x;  dL/dB = s·Σ diag(m·β)·g ⊗ (x·Aᵀ)."""
-    base = make_base(kind, O, I).double()
+    base = make_base(kind, GC_OUT, GC_IN).double()
     layer = DoRALinear(base, r=RR, alpha=2.0, adapter_dtype=torch.float64)
     randomize_adapter(layer)
-    x = _f64(4, I, seed=11)
-    gy = _f64(4, O, seed=12)
+    x = _f64(4, GC_IN, seed=11)
+    gy = _f64(4, GC_OUT, seed=12)
     y = layer(x)
     (y * gy).sum().backward()
 
@@ -115,10 +113,10 @@ def test_backward_matches_seed000_formulas(kind):
 
 def test_norm_is_detached():
     """Gradients of A and B differ from those of a layer whose norm is differentiated: the norm is a constant."""
-    base = make_base(DENSE_KINDS[0], O, I).double()
+    base = make_base(DENSE_KINDS[0], GC_OUT, GC_IN).double()
     layer = DoRALinear(base, r=RR, alpha=2.0, adapter_dtype=torch.float64)
     randomize_adapter(layer)
-    x, gy = _f64(4, I, seed=1), _f64(4, O, seed=2)
+    x, gy = _f64(4, GC_IN, seed=1), _f64(4, GC_OUT, seed=2)
     (layer(x) * gy).sum().backward()
     W = base.weight.detach()
     A, B, m = (p.detach().clone().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.magnitude))

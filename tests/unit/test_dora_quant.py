@@ -39,7 +39,6 @@ import dora_dist.nn.weight_source as ws
 from dora_dist import DoRALinear, merge_and_unload
 
 bnb = pytest.importorskip("bitsandbytes")
-pytestmark = pytest.mark.filterwarnings("ignore")
 
 QUANT_KINDS = FOUR_BIT_KINDS + EIGHT_BIT_KINDS
 NF4_DQ = BaseKind("nf4_dq1", "4bit", quant_type="nf4", double_quant=True)

@@ -10,8 +10,6 @@ from torch import nn
 
 from dora_dist import DoRAConfig, DoRALinear, apply_dora, load_adapter, save_adapter
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
 
 @pytest.mark.parametrize("r", [0, -3, 2.5, True])
 def test_bad_rank(r):

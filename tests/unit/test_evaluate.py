@@ -92,7 +92,7 @@ def test_eval_loss_is_the_masked_mean_token_loss():
     model, ds = tiny_model(), tiny_dataset()
     total, count = 0.0, 0
     with torch.no_grad():
-        for x, lab in zip(ds.input_ids, ds.labels):
+        for x, lab in zip(ds.input_ids, ds.labels, strict=True):
             logits = model.eval()(input_ids=torch.tensor([x])).logits[0, :-1]
             total += float(F.cross_entropy(logits, torch.tensor(lab[1:]), ignore_index=IGNORE_INDEX, reduction="sum"))
             count += sum(1 for t in lab[1:] if t != IGNORE_INDEX)
@@ -106,7 +106,7 @@ def test_eval_loss_is_the_masked_mean_token_loss():
     assert evaluate(model, ds, DistEnv(), batch_size=5)["eval_loss"] == pytest.approx(res["eval_loss"], rel=1e-12)
 
 
-def test_run_logs_eval_records_and_keeps_best(tmp_path):
+def test_run_logs_eval_records_and_keeps_best(builtin_cache, tmp_path):
     from dora_dist.metrics import read_metrics
     from dora_dist.train import train
 
@@ -118,7 +118,7 @@ def test_run_logs_eval_records_and_keeps_best(tmp_path):
             None,
             [
                 f"output.loggers={loggers}",
-                f"model.cache_dir={tmp_path / 'cache'}",
+                f"model.cache_dir={builtin_cache}",
                 "data.seq_len=32",
                 "data.synthetic_samples=80",
                 "data.eval_fraction=0.1",

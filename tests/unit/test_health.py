@@ -135,7 +135,7 @@ def test_group_record_means_over_layers_and_names_groups():
     for layer in layers:
         _train_like(layer)
     names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]
-    views = [_view(layer, n) for layer, n in zip(layers, names)]
+    views = [_view(layer, n) for layer, n in zip(layers, names, strict=True)]
     result = finish_layers(*layer_sums(views, torch.float32))
     rec = group_record(result)
     assert rec["dora_dd_attn"] == result[0].delta_d

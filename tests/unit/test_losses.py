@@ -68,7 +68,7 @@ def test_function_float64_matches_reference(chunk):
     go = torch.tensor(0.7, dtype=torch.float64)
     grads = torch.autograd.grad(ours, (h, w, bias), go)
     refs = torch.autograd.grad(ref, (h, w, bias), go)
-    for a, b in zip(grads, refs):
+    for a, b in zip(grads, refs, strict=True):
         _close(a, b, rtol=1e-6, atol_frac=1e-6)  # fp32 loss path; the gradients are float64 products
 
 
@@ -90,7 +90,7 @@ def test_model_loss_and_grads_equal_plain(tied, chunk):
     ours = causal_lm_loss_sum(model, ids, mask, labels, chunk_tokens=chunk)
     grads = torch.autograd.grad(ours, params)
     _close(ours, ref, rtol=1e-6)
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=True):
         _close(a, b, rtol=1e-5, atol_frac=1e-5)
     # the head's plain forward is untouched outside a loss request
     logits = model(input_ids=ids, attention_mask=mask).logits

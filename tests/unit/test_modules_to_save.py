@@ -10,7 +10,6 @@ from _dora_helpers import close, randomize_adapter
 from dora_dist import DoRAConfig, apply_dora, dora_layers, load_adapter, merge_and_unload, save_adapter
 from dora_dist.adapters import adapter_state_dict, read_adapter
 
-pytestmark = pytest.mark.filterwarnings("ignore")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 

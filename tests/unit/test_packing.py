@@ -16,8 +16,8 @@ from dora_dist.data.tokenize import n_targets
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def cache(builtin_cache):
+    return str(builtin_cache)  # built once per session (tests/conftest.py)
 
 
 def test_best_fit_decreasing_places_every_item_once_within_capacity():
@@ -46,7 +46,7 @@ def test_pack_documents_keeps_examples_whole_and_labels_inside_them():
     assert lengths == [[5], [4], [3, 2]]
     # every document's first token is no target; the rest keep their labels
     assert [b[1] for b in blocks] == [[-100, 11, 12, 13, 14], [-100, -100, 6, 7], [-100, 2, 3, -100, 9]]
-    assert sum(n_targets(b[1]) for b in blocks) == sum(n_targets(l[:5]) for _, l in examples)
+    assert sum(n_targets(b[1]) for b in blocks) == sum(n_targets(labels[:5]) for _, labels in examples)
     assert stats.truncated == 1 and stats.blocks == 3 and stats.real_tokens == 14
     assert stats.efficiency == pytest.approx(14 / 15)
     assert stats.to_dict()["block_tokens"] == 15
@@ -121,7 +121,7 @@ def test_packed_dataset_reports_efficiency_and_never_splits_an_example(cache, tm
     assert ds.packing is not None and ds.packing.examples == 200 and len(ds) == ds.packing.blocks
     assert sum(sum(d) for d in ds.doc_lengths) == ds.packing.real_tokens == sum(len(i) for i in ds.input_ids)
     assert 0.9 < ds.packing.efficiency <= 1.0
-    for ids, labels, docs in zip(ds.input_ids, ds.labels, ds.doc_lengths):
+    for labels, docs in zip(ds.labels, ds.doc_lengths, strict=True):
         start = 0
         for n in docs:  # every document starts with its prompt: no block starts inside a completion
             assert labels[start] == IGNORE_INDEX and labels[start + 1] == IGNORE_INDEX

@@ -152,7 +152,14 @@ def test_streamed_rows_equal_quantizing_on_the_fly(checkpoints, quant_type, doub
                 stored = read_packed_rows(f.get_slice(key), qs, rows, torch.float32, module.weight.meta, key)
                 dense = d.get_slice(key)
                 fresh = quantize_rows_streaming(
-                    lambda a, b: dense[a:b].float(), out_f, in_f, rows, quant_type, 64, double_quant, torch.float32
+                    lambda a, b, dense=dense: dense[a:b].float(),
+                    out_f,
+                    in_f,
+                    rows,
+                    quant_type,
+                    64,
+                    double_quant,
+                    torch.float32,
                 )
                 assert torch.equal(stored.qdata, fresh.qdata), (key, rows)
                 assert stored.meta.offset == fresh.meta.offset
@@ -167,7 +174,7 @@ def test_streamed_rows_equal_quantizing_on_the_fly(checkpoints, quant_type, doub
     materialize(pre, "cpu")
     stats = load_safetensors_lowmem(pre, ckpt, weight_dtype=torch.float32)
     assert stats["skipped"] == []  # the quant-state entries are read with their weight, not left over
-    for (name, a), (_, b) in zip(_sharded_modules(fly), _sharded_modules(pre)):
+    for (name, a), (_, b) in zip(_sharded_modules(fly), _sharded_modules(pre), strict=True):
         assert torch.equal(a.weight.qdata, b.weight.qdata), name
         assert a.weight.meta.offset == b.weight.meta.offset
     dense_fly = {n: p for n, p in fly.named_parameters() if type(p.data) is torch.Tensor}
@@ -208,7 +215,7 @@ def test_bfloat16_quant_storage_streams_the_same_bytes(checkpoints, tmp_path):
         load_safetensors_lowmem(model, path, weight_dtype=torch.float32)
         models.append(model)
     assert "quant_storage=bfloat16" in report
-    for (name, a), (_, b) in zip(_sharded_modules(models[0]), _sharded_modules(models[1])):
+    for (name, a), (_, b) in zip(_sharded_modules(models[0]), _sharded_modules(models[1]), strict=True):
         assert torch.equal(a.weight.qdata, b.weight.qdata), name
 
 

@@ -186,7 +186,8 @@ def test_clear_errors():
 
 
 def test_70b_qdora_fsdp2_config_builds_on_meta_and_shards_over_16_ranks():
-    """configs/llama3.1-70b-qdora-fsdp2-2nodes.yaml: the low-memory path builds the 4-bit model on meta (no download)."""
+    """configs/llama3.1-70b-qdora-fsdp2-2nodes.yaml: the low-memory path builds the 4-bit model on meta
+    (no download)."""
     from pathlib import Path
 
     from dora_dist.adapters import apply_dora, dora_layers
