@@ -122,7 +122,7 @@ class Engine:
 
     def __init__(
         self,
-        cfg,
+        cfg: Config,
         env: DistEnv,
         batching: Batching | None = None,
         optimizer_factory: OptimizerFactory | None = None,

@@ -117,7 +117,7 @@ def compute_bytes(cfg: Config) -> int:
 LOSS_STYLES = ("chunked", "plain", "hf", "hf-legacy", "compiled")
 
 
-def loss_style(cfg) -> str:
+def loss_style(cfg: Config) -> str:
     """How our trainer computes this job's loss: chunked when training.loss_chunk_tokens > 0 (losses.py)."""
     return "chunked" if (cfg.training.loss_chunk_tokens or 0) > 0 else "plain"
 

@@ -22,6 +22,7 @@ from dora_dist.plan.project import MFU_SPREAD, Projection, candidates, project, 
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
+    from dora_dist.plan.hardware import Cluster
 
 COMPONENTS = ("base", "adapters", "grads", "optimizer", "gathered", "activations", "logits")
 SWEEPS = ("seq_len", "micro_batch", "r")
@@ -191,7 +192,9 @@ def run(args) -> int:
     return 0
 
 
-def largest_fitting(cfg, cluster, engine: str, offload: bool, knob: str, spec_for, kw: dict) -> int | None:
+def largest_fitting(
+    cfg: Config, cluster: Cluster, engine: str, offload: bool, knob: str, spec_for, kw: dict
+) -> int | None:
     """The largest value of `knob` with which `engine` fits (binary search over powers of two, then the gap);
     None if even the smallest does not fit."""
     import copy
@@ -226,7 +229,7 @@ def largest_fitting(cfg, cluster, engine: str, offload: bool, knob: str, spec_fo
     return step_lo
 
 
-def print_sweep(cfg, cluster, knob: str, kw: dict) -> int:
+def print_sweep(cfg: Config, cluster: Cluster, knob: str, kw: dict) -> int:
     """`plan --sweep`: per engine (and CPU offload), the largest seq_len / micro_batch / r that fits."""
     from dora_dist.plan.model_spec import model_spec
     from dora_dist.plan.project import valid_engines
