@@ -148,7 +148,7 @@ def test_comm_counter_counts_bytes_by_kind(tmp_path):
             dist.all_reduce(torch.ones(10))
             dist.broadcast(torch.ones(3, dtype=torch.float64), src=0)
             out = torch.empty(6)
-            dist.all_gather_into_tensor(out, torch.ones(6))
+            dist.all_gather_single(out, torch.ones(6))  # all_gather_into_tensor is deprecated (torch 2.13)
             got = counter.end_step()
         assert got["comm_all_reduce_bytes"] == 40 and got["comm_all_reduce_calls"] == 1
         assert got["comm_broadcast_bytes"] == 24
