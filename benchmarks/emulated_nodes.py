@@ -480,6 +480,9 @@ def main(argv=None) -> int:
         return 0
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_on_signal)
+    # Ctrl-C raises KeyboardInterrupt even when started from a non-interactive shell's background job, which hands
+    # its children SIGINT ignored (Python then installs no handler of its own): the links must still come down
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.time()
     rows, failures = sweep(args)
     rows = calibrate(rows, args)

@@ -90,6 +90,8 @@ def test_interrupted_run_removes_its_namespaces(netns_ok, sig):
         "from emulated_nodes import _raise_on_signal\n"
         "from netns_link import EmulatedLink, LinkSpec\n"
         "signal.signal(signal.SIGTERM, _raise_on_signal)\n"
+        # as emulated_nodes.main does: a background job of a non-interactive shell starts with SIGINT ignored
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "with EmulatedLink(LinkSpec(100)) as link:\n"
         "    link.popen(1, [sys.executable, '-c', 'import time; time.sleep(600)'])\n"
         "    print(*link.names, flush=True)\n"

@@ -99,8 +99,10 @@ def test_engine_that_applies_a_nonfinite_step_stops_the_run(tmp_path, monkeypatc
     from dora_dist.parallel.base import Engine, StepResult
     from dora_dist.parallel.dist_env import DistEnv
 
-    def always_step(self, loss_is_finite: bool = True) -> StepResult:
-        return StepResult(self.step(), stepped=True)
+    def always_step(self, loss_is_finite: bool = True) -> StepResult:  # clip and step whatever the loss
+        grad_norm = self.clip_grad_norm(self.cfg.training.max_grad_norm)
+        self.optimizer_step()
+        return StepResult(grad_norm, stepped=True)
 
     monkeypatch.setattr(Engine, "guarded_step", always_step)
     out = tmp_path / "run"
