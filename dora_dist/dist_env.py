@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +98,7 @@ class DistEnv:
             else:
                 dist.barrier()
 
-    def _all_reduce_scalar(self, value: float | torch.Tensor, op) -> float:
+    def _all_reduce_scalar(self, value: float | torch.Tensor, op: Any) -> float:
         """One all_reduce of one float64 (a no-op in one process)."""
         if not self.distributed:
             return float(value)
@@ -124,7 +125,7 @@ class DistEnv:
         dist.all_gather(parts, buf)
         return torch.stack(parts).cpu()
 
-    def broadcast_object(self, obj, src: int = 0):
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         if not self.distributed:
             return obj
         box = [obj]
@@ -132,7 +133,7 @@ class DistEnv:
         return box[0]
 
     @contextlib.contextmanager
-    def main_process_first(self):
+    def main_process_first(self) -> Iterator[None]:
         """Rank 0 runs the block first (e.g. fills a cache), then the others."""
         if not self.is_main:
             self.barrier()

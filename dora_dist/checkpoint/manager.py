@@ -27,35 +27,18 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import dora_dist.checkpoint.atomic as atomic
 from dora_dist.checkpoint.atomic import CheckpointWriteError
 from dora_dist.checkpoint.safe_load import load_rng_state, save_rng_state
 from dora_dist.errors import CheckpointError, InputNotFoundError
 
+if TYPE_CHECKING:
+    from dora_dist.dist_env import DistEnv  # a leaf (torch only): checkpoint/ stays below parallel/
+
 COMPLETE = "COMPLETE"
 T = TypeVar("T")
-
-
-class RankEnv(Protocol):
-    """What the manager needs of the process's place in the job (dora_dist.parallel.DistEnv has it; checkpoint/
-    sits below parallel/, so it names the shape, not the class)."""
-
-    rank: int
-    world_size: int
-
-    @property
-    def is_main(self) -> bool: ...
-
-    @property
-    def distributed(self) -> bool: ...
-
-    def barrier(self) -> None: ...
-
-    def all_reduce_max(self, value: float) -> float: ...
-
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
 
 
 class CheckpointEngine(Protocol):
@@ -154,7 +137,7 @@ _NOT_CAUGHT = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int, env: RankEnv):
+    def __init__(self, root: str | Path, keep_last: int, env: DistEnv):
         self.root = Path(root)
         self.keep_last = keep_last
         self.env = env
