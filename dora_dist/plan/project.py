@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from dora_dist.parallel import capabilities, engines_for, resolve_engine
 from dora_dist.plan.comm import Collective, bytes_by_kind, four_bit, grad_accum, predict_collectives, wire_bytes
 from dora_dist.plan.hardware import BACKEND_OVERLAPS, GB, Cluster, GiB
-from dora_dist.plan.memory import MemoryEstimate, estimate_memory
+from dora_dist.plan.memory import MemoryEstimate, estimate_memory, is_quantized
 from dora_dist.plan.model_spec import ModelSpec, model_spec
 
 if TYPE_CHECKING:
@@ -147,8 +147,6 @@ def dequant_s_per_micro_step(cfg: Config, spec: ModelSpec, gpu) -> float:
     if not four_bit(cfg):
         return 0.0
     passes = 2 + (1 if cfg.training.gradient_checkpointing else 0) + (1 if cfg.dora.use_dora else 0)
-    from dora_dist.plan.memory import is_quantized
-
     n = sum(p.numel for p in spec.params if not p.trainable and is_quantized(cfg, p))
     return passes * n * 4.5 / gpu.mem_bandwidth
 
