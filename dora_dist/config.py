@@ -185,6 +185,15 @@ class ParallelConfig:
     #: FSDP2: only rank 0 reads the base weights (on the CPU); the other ranks build the model on the meta device and
     #: receive their shards by broadcast, so a node holds one CPU copy of the model instead of one per process
     load_on_rank0: bool = True
+    #: data-parallel processes that shard the base among themselves (FSDP2, ZeRO-3); the shard groups are then
+    #: replicated over the rest. 0 = auto: the processes of one node (LOCAL_WORLD_SIZE / tp) when the job spans
+    #: several nodes, else all of them. Smaller than the data-parallel world: FSDP2 runs HSDP (a 2-D mesh:
+    #: replicate × shard) and zero3 ZeRO++ hierarchical partitioning (zero_hpz_partition_size). Must divide the
+    #: data-parallel world and, across nodes, fit the node layout (a group never straddles nodes unless it spans them)
+    shard_group: int = 0
+    #: tensor-parallel degree: each block's linears split over this many processes of a node (1 = none); the mesh is
+    #: dp × tp (dp = world / tp), tp innermost. Must divide the world size, the attention heads and the KV heads
+    tp: int = 1
     #: DDP: bucket size in MiB
     ddp_bucket_mb: int = 25
     #: DeepSpeed engines (zero2/zero3): a user DeepSpeed JSON merged into the one generated from this config; keys
@@ -294,6 +303,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "training.eval_batch_size": _NON_NEGATIVE,
     "training.loss_chunk_tokens": _NON_NEGATIVE,
     "parallel.ddp_bucket_mb": _POSITIVE,
+    "parallel.tp": _POSITIVE,
+    "parallel.shard_group": _NON_NEGATIVE,
     "output.dora_health_every": _NON_NEGATIVE,
     "output.dora_health_warn_after": _NON_NEGATIVE,
     "output.dora_health_min_change": _NON_NEGATIVE,

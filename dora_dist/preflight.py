@@ -95,6 +95,13 @@ def check_engine(cfg: Config, world_size: int) -> None:
         raise ConfigError(problem)
 
 
+def check_mesh(cfg: Config, world_size: int) -> None:
+    """parallel.tp and parallel.shard_group fit the world size, the node layout (LOCAL_WORLD_SIZE) and the engine."""
+    from dora_dist.parallel.mesh import resolve_dims
+
+    resolve_dims(cfg, world_size, launch_local_world_size(world_size))
+
+
 def check_deepspeed_config(cfg: Config, world_size: int) -> None:
     """A user DeepSpeed JSON (parallel.deepspeed_config) exists, parses and agrees with the config (ZeRO engines)."""
     from dora_dist.parallel import capabilities, resolve_engine_name
@@ -246,6 +253,7 @@ def note_length(cfg: Config, world_size: int) -> None:
 RULES: tuple[Callable[[Config, int], None], ...] = (
     check_device,
     check_engine,
+    check_mesh,
     check_batch,
     check_deepspeed_config,
     check_compile,
@@ -263,6 +271,13 @@ def launch_world_size() -> int:
     """WORLD_SIZE as torchrun / the deepspeed launcher set it (1 when run alone)."""
     value = os.environ.get("WORLD_SIZE", "").strip()
     return int(value) if value else 1
+
+
+def launch_local_world_size(world_size: int) -> int:
+    """LOCAL_WORLD_SIZE (processes per node) as torchrun sets it, or as launch/multinode.sh passes it to --check;
+    the whole world when unset (one node)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return int(value) if value else world_size
 
 
 def preflight(cfg: Config, world_size: int | None = None, checkpoint_contents: bool = True) -> None:
@@ -290,6 +305,8 @@ __all__ = [
     "launch_world_size",
     "check_device",
     "check_engine",
+    "check_mesh",
+    "launch_local_world_size",
     "check_batch",
     "check_deepspeed_config",
     "check_compile",

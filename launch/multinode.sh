@@ -16,7 +16,7 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$(python -c 'import torch; n = torch.cuda.device_count(); print(n if n else 2)')
 fi
 # Validate the config for the whole world first (one line and exit code 2 on a config error, before torchrun).
-WORLD_SIZE=$((NNODES * NPROC_PER_NODE)) python -m dora_dist.train --check "$@" || exit $?
+WORLD_SIZE=$((NNODES * NPROC_PER_NODE)) LOCAL_WORLD_SIZE="${NPROC_PER_NODE}" python -m dora_dist.train --check "$@" || exit $?
 exec torchrun \
   --nnodes "${NNODES}" \
   --node-rank "${NODE_RANK}" \

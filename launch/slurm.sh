@@ -31,7 +31,8 @@ export DORA_DIST_REQUEUE_FILE="${DORA_DIST_REQUEUE_FILE:-${SLURM_SUBMIT_DIR:-$PW
 rm -f "$DORA_DIST_REQUEUE_FILE"
 
 # Validate the config for the whole world first: a config error is one line and exit code 2, before any task starts.
-WORLD_SIZE="${SLURM_NTASKS:-1}" python -m dora_dist.train --check "$@" || exit $?
+PER_NODE="${SLURM_NTASKS_PER_NODE:-${SLURM_NTASKS:-1}}"
+WORLD_SIZE="${SLURM_NTASKS:-1}" LOCAL_WORLD_SIZE="${PER_NODE%%(*}" python -m dora_dist.train --check "$@" || exit $?
 
 cancelled=0
 trap 'cancelled=1' TERM    # this script is signalled by scancel (and by preemption, which requeues by itself)

@@ -71,6 +71,11 @@ def engines_for(world_size: int, quant_mode: str = "none") -> list[str]:
     return [n for n in ENGINES if capabilities(n).runs_on(world_size) and capabilities(n).holds(quant_mode)]
 
 
+def engines_with(flag: str) -> list[str]:
+    """The registered engines whose capabilities set `flag` (e.g. "hybrid_shard", "tensor_parallel")."""
+    return [n for n in ENGINES if getattr(capabilities(n), flag)]
+
+
 def make_engine(cfg: Config, env: DistEnv, batching=None, optimizer_factory=None) -> Engine:
     """The job's engine (parallel.engine, 'auto' resolved), checked against the config. `optimizer_factory`
     (dora_dist/optim.py) builds the optimizer and LR schedule over the wrapped model; default: the config's."""
@@ -89,6 +94,7 @@ __all__ = [
     "ENGINE_CHOICES",
     "capabilities",
     "engines_for",
+    "engines_with",
     "make_engine",
     "engine_class",
     "resolve_engine",

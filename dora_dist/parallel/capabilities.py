@@ -42,6 +42,11 @@ class EngineCapabilities:
     reshardable_checkpoints: bool = True
     #: parallel.cpu_offload has an effect (optimizer state, and parameters where they are sharded, in CPU memory)
     cpu_offload: bool = False
+    #: parallel.shard_group below the data-parallel world: the base sharded inside each group and replicated across
+    #: groups (FSDP2's HSDP, DeepSpeed ZeRO++ hpZ); only adapter gradients cross groups
+    hybrid_shard: bool = False
+    #: parallel.tp > 1 composes with it (a dp × tp mesh: tensor-parallel linears inside each data-parallel rank)
+    tensor_parallel: bool = False
     #: packages it imports when used (checked before any process group exists)
     requires: tuple[str, ...] = ()
 

@@ -21,7 +21,7 @@ from dora_dist.parallel.capabilities import EngineCapabilities
 class DDPEngine(Engine):
     name = "ddp"
     # every rank holds the whole model: any base, 4/8-bit included; DDP's hooks sit outside the compiled blocks
-    capabilities = EngineCapabilities(min_world=2)
+    capabilities = EngineCapabilities(min_world=2, tensor_parallel=True)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if not self.env.distributed:

@@ -67,6 +67,8 @@ class FSDP2Engine(Engine):
         shards_optimizer=True,
         quant_modes=frozenset({"none", "nf4", "fp4"}),
         cpu_offload=True,
+        hybrid_shard=True,
+        tensor_parallel=True,
     )
 
     @classmethod

@@ -180,6 +180,7 @@ class Zero3Engine(ZeroEngine):
         quant_modes=frozenset({"none"}),
         prequantized=False,
         deepspeed_stage=3,
+        hybrid_shard=True,  # ZeRO++ hierarchical partitioning (zero_hpz_partition_size)
         checkpoint_format="deepspeed",
         resumes_from=frozenset({"deepspeed"}),
         reshardable_checkpoints=False,
