@@ -46,6 +46,12 @@ ZERO3_MAX_REUSE_DISTANCE = 1_000_000_000
 DDP_FIRST_BUCKET_BYTES = 1 << 20
 
 
+#: the mesh dimension whose process group runs a collective (parallel/mesh.py): "dp" = all data-parallel ranks
+#: (the flat group, the only one before HSDP / TP), "dp_shard" = inside a shard group, "dp_replicate" = across
+#: shard groups (the same shard on each group), "tp" = inside a tensor-parallel group
+MESH_DIMS = ("dp", "dp_shard", "dp_replicate", "tp")
+
+
 @dataclass(frozen=True)
 class Collective:
     kind: str
@@ -53,6 +59,7 @@ class Collective:
     calls: int
     overlap: bool  # can hide behind compute (prefetched all-gathers, bucketed gradient reductions)
     what: str
+    dim: str = "dp"  # MESH_DIMS: which group runs it (its size and whether it crosses nodes follow from MeshDims)
 
 
 def grad_accum(cfg: Config, world: int) -> int:
@@ -207,6 +214,15 @@ def bytes_by_kind(collectives: list[Collective]) -> dict[str, int]:
     for c in collectives:
         out[c.kind] += c.nbytes
     return out
+
+
+def bytes_by_dim(collectives: list[Collective]) -> dict[str, dict[str, int]]:
+    """{mesh dimension: {kind: bytes}} for the dimensions that carry any collective."""
+    return {
+        d: bytes_by_kind([c for c in collectives if c.dim == d])
+        for d in MESH_DIMS
+        if any(c.dim == d for c in collectives)
+    }
 
 
 def wire_bytes(c: Collective, world: int) -> float:
