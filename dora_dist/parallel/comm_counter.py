@@ -80,6 +80,40 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
+#: process-group name -> mesh dimension ("dp", "dp_shard", "dp_replicate", "tp"; plan.comm.MESH_DIMS), filled by
+#: `name_mesh_groups` when the job's mesh is built; the default (world) group counts as "dp", any other as "other"
+GROUP_DIMS: dict[str, str] = {}
+
+
+def name_mesh_groups(groups: dict[str, Any]) -> None:
+    """Record which mesh dimension each process group serves ({dim: ProcessGroup}); a group serving several
+    dimensions (a size-1 dimension's group, or "dp" = the world when tp = 1) keeps the first name given."""
+    for dim, group in groups.items():
+        GROUP_DIMS.setdefault(group.group_name, dim)
+
+
+def _group_dim(args: tuple) -> str:
+    """The mesh dimension of the process group a c10d op runs on (a boxed ProcessGroup argument, or a functional
+    collective's group-name string)."""
+    import torch.distributed as dist
+
+    name = None
+    for a in args:
+        if isinstance(a, torch.ScriptObject):
+            try:
+                name = dist.ProcessGroup.unbox(a).group_name
+                break
+            except (RuntimeError, TypeError):
+                continue
+    if name is None:
+        strs = [a for a in args if isinstance(a, str)]
+        name = strs[-1] if strs else None
+    if name is not None and name in GROUP_DIMS:
+        return GROUP_DIMS[name]
+    world = dist.group.WORLD if dist.is_initialized() else None
+    return "dp" if world is None or name in (None, world.group_name) else "other"
+
+
 def classify(func) -> tuple[str, str] | None:
     """(kind, buffer position) of a collective op overload, or None for any other op."""
     ns = getattr(func, "namespace", None)
@@ -101,6 +135,8 @@ class CommCounter(TorchDispatchMode):
         self._step_calls: dict[str, int] = {}
         self.record_calls = record_calls
         self.log: list[tuple[str, str, int]] = []  # (kind, op, bytes) when record_calls
+        self.by_dim: dict[tuple[str, str], int] = defaultdict(int)  # (mesh dim, kind) -> bytes
+        self._step_by_dim: dict[tuple[str, str], int] = {}
 
     @classmethod
     def from_env(cls) -> CommCounter | None:
@@ -128,6 +164,7 @@ class CommCounter(TorchDispatchMode):
                 nbytes = tensor_bytes(args[idx]) if len(args) > idx else 0
             self.totals[kind] += nbytes
             self.calls[kind] += 1
+            self.by_dim[(_group_dim(args), kind)] += nbytes
             if self.record_calls:
                 self.log.append((kind, func._schema.name, nbytes))
         return out
@@ -136,6 +173,7 @@ class CommCounter(TorchDispatchMode):
     def start_step(self) -> None:
         self._step_totals = dict(self.totals)
         self._step_calls = dict(self.calls)
+        self._step_by_dim = dict(self.by_dim)
         self.log.clear()
 
     def end_step(self) -> dict[str, int]:
@@ -144,6 +182,9 @@ class CommCounter(TorchDispatchMode):
         for kind in KINDS:
             out[f"comm_{kind}_bytes"] = self.totals.get(kind, 0) - self._step_totals.get(kind, 0)
             out[f"comm_{kind}_calls"] = self.calls.get(kind, 0) - self._step_calls.get(kind, 0)
+        for (dim, kind), total in self.by_dim.items():  # per mesh dimension: comm_<dim>_<kind>_bytes (dim != "dp")
+            if dim != "dp":
+                out[f"comm_{dim}_{kind}_bytes"] = total - self._step_by_dim.get((dim, kind), 0)
         return out
 
     def snapshot(self) -> dict[str, int]:

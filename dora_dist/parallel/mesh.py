@@ -133,8 +133,14 @@ def build_mesh(dims: MeshDims, device_type: str) -> JobMesh:
     default process group; every rank must call it (collective group creation)."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    from dora_dist.parallel.comm_counter import name_mesh_groups
+
     root = init_device_mesh(device_type, dims.sizes(), mesh_dim_names=DIM_NAMES)
-    return JobMesh(dims, root, root["dp_replicate", "dp_shard"]._flatten("dp"))
+    mesh = JobMesh(dims, root, root["dp_replicate", "dp_shard"]._flatten("dp"))
+    # the counter attributes bytes per dimension (a group that serves several keeps the first name: "dp" first)
+    names = ["dp"] + [n for n, size in zip(DIM_NAMES, dims.sizes(), strict=True) if size > 1]
+    name_mesh_groups({n: mesh[n].get_group() for n in names})
+    return mesh
 
 
 __all__ = ["DIM_NAMES", "MeshDims", "JobMesh", "resolve_dims", "build_mesh"]
