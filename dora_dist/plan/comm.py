@@ -35,6 +35,7 @@ from math import ceil
 from typing import TYPE_CHECKING
 
 from dora_dist.parallel import capabilities
+from dora_dist.parallel.mesh import MeshDims, resolve_dims
 from dora_dist.plan.model_spec import ModelSpec, ParamSpec, base_dtype_bytes, dtype_bytes
 
 if TYPE_CHECKING:
@@ -112,11 +113,18 @@ def _padded(numel: int, world: int) -> int:
     return ceil(numel / world) * world
 
 
-def predict_collectives(cfg: Config, spec: ModelSpec, engine: str, world: int) -> list[Collective]:
-    """Every collective of one steady-state optimizer step on one rank (empty for one process)."""
+def predict_collectives(
+    cfg: Config, spec: ModelSpec, engine: str, world: int, dims: MeshDims | None = None
+) -> list[Collective]:
+    """Every collective of one steady-state optimizer step on one rank (empty for one process). `dims`: the job's
+    mesh (default: `resolve_dims` for one node of `world` processes)."""
     caps = capabilities(engine)
     if world <= 1 or caps.max_world == 1:
         return []
+    if dims is None:
+        dims = resolve_dims(cfg, world, None, engine)
+    if dims.hybrid or dims.tp > 1 or dims.world != world:
+        raise NotImplementedError(f"no communication model yet for the mesh {dims.describe()}")
     gas = grad_accum(cfg, world)
     abytes = dtype_bytes(cfg.dora.adapter_dtype)
     trainable = spec.select(trainable=True)
