@@ -12,11 +12,12 @@ and the engine to use.
     FACTS.md       the allocator, kernel and loss facts the model counts, and where its defaults come from
 """
 
+from dora_dist.plan.choose import candidates, recommend
 from dora_dist.plan.comm import bytes_by_kind, predict_collectives
 from dora_dist.plan.hardware import GPUS, INTERCONNECTS, make_cluster
 from dora_dist.plan.memory import estimate_memory
 from dora_dist.plan.model_spec import model_spec
-from dora_dist.plan.project import candidates, project, recommend
+from dora_dist.plan.project import project
 
 __all__ = [
     "GPUS",
