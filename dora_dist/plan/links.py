@@ -15,7 +15,9 @@ several nodes). A crossing group runs at the inter-node link's bus bandwidth (th
 the nodes achieves it). Where that link is one per node (`Interconnect.per_gpu` false: 100 GbE) the groups of one
 dimension that cross at the same time share it: a group with k of its ranks on a node shares the node's link with
 the node's GPUs / k − 1 other groups (HSDP's replicate groups, one rank per node each: 8 groups on 8 GPUs), so
-each gets k / GPUs per node of it. Over one NIC per GPU (InfiniBand presets) each group has its own.
+each gets k / GPUs per node of it. Over one NIC per GPU (InfiniBand presets) each group has its own. A crossing
+ring also runs over the node's own link between its GPUs, so it is never faster than that link, and hides behind
+compute no better than it does (PCIe without P2P stages every hop through host memory).
 """
 
 from __future__ import annotations
@@ -34,12 +36,27 @@ class DimLink:
     dim: str
     size: int  # ranks in one group
     inter_node: bool  # the group crosses nodes
-    link: Interconnect
+    link: Interconnect  # the link it is charged on: the inter-node one when it crosses
     share: float  # fraction of the link's per-GPU bus bandwidth one group gets (concurrent groups on a per-node link)
+    intra: Interconnect | None = None  # the node's own link, which a crossing ring also runs over
 
     @property
     def bandwidth(self) -> float:
-        return self.link.bandwidth * self.share
+        own = self.link.bandwidth * self.share
+        return min(own, self.intra.bandwidth) if self.intra else own
+
+    @property
+    def latency_s(self) -> float:
+        return max(self.link.latency_s, self.intra.latency_s) if self.intra else self.link.latency_s
+
+    @property
+    def overlaps(self) -> bool:
+        return self.link.overlaps and (self.intra.overlaps if self.intra else True)
+
+    @property
+    def overlap_efficiency(self) -> float:
+        eff = self.link.overlap_efficiency
+        return min(eff, self.intra.overlap_efficiency) if self.intra else eff
 
 
 def group_shape(dims: MeshDims, dim: str) -> tuple[int, int]:
@@ -64,12 +81,12 @@ def dim_link(dims: MeshDims, dim: str, cluster: Cluster) -> DimLink:
         return DimLink(dim, size, False, cluster.intra, 1.0)
     on_one_node = max(1, gpn // stride)  # ranks of one group on a node
     share = 1.0 if cluster.inter.per_gpu else on_one_node / gpn
-    return DimLink(dim, size, True, cluster.inter, share)
+    return DimLink(dim, size, True, cluster.inter, share, cluster.intra if gpn > 1 else None)
 
 
 def collective_seconds(c: Collective, dl: DimLink) -> float:
     """Ring wire bytes over the group's share of its link, plus the link's latency per call."""
-    return wire_bytes(c, dl.size) / dl.bandwidth + dl.link.latency_s * c.calls
+    return wire_bytes(c, dl.size) / dl.bandwidth + dl.latency_s * c.calls
 
 
 def comm_time(
@@ -84,9 +101,9 @@ def comm_time(
     for c in collectives:
         dl = dim_link(dims, c.dim, cluster)
         t = collective_seconds(c, dl)
-        if c.overlap and backend and dl.link.overlaps:
+        if c.overlap and backend and dl.overlaps:
             ov += t
-            weighted += t * dl.link.overlap_efficiency
+            weighted += t * dl.overlap_efficiency
         else:
             no += t
     return ov, no, (weighted / ov if ov else 1.0)

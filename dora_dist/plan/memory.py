@@ -168,9 +168,10 @@ def activation_bytes_per_token(cfg: Config, spec: ModelSpec, tp: int = 1) -> flo
     allocator headroom covers them.
 
     Under tensor parallelism (`tp` > 1, plan/tp_layout.py) a rank keeps 1/tp of what the split linears produce
-    (q, k, v and the attention output: heads are split; gate, up, silu; the column-wise outputs) and of the
-    row-wise linears' inputs; the norms' inputs, the column-wise linears' shared input, x·Aᵀ (lora_A replicated,
-    or all-reduced for row-wise) and the row-wise outputs stay whole."""
+    (q, k, v and the attention output: heads are split; gate, up, silu; the column-wise outputs), of the
+    row-wise linears' inputs and, with the norms sequence-parallel, of the norms' inputs; the column-wise
+    linears' input (gathered from the sequence shards), x·Aᵀ (lora_A replicated, or all-reduced for row-wise)
+    and the row-wise outputs stay whole."""
     a = compute_bytes(cfg)
     ab = dtype_bytes(cfg.dora.adapter_dtype)
     h, i, r = spec.hidden, spec.intermediate, cfg.dora.r
@@ -178,7 +179,7 @@ def activation_bytes_per_token(cfg: Config, spec: ModelSpec, tp: int = 1) -> flo
     mods = _adapted_modules(spec)
     leaves = {_leaf(k): v for k, v in mods.items()}
     dora = bool(spec.select(roles=("magnitude",), block=0))
-    total = 2 * 4 * h  # the two norms' fp32 inputs
+    total = 2 * 4 * h / tp  # the two norms' fp32 inputs (sequence-parallel under tp: 1/tp of the tokens)
     total += a * (2 * h + 2 * kv) / tp  # sdpa: q, k, v, output (heads split under tp)
     total += 3 * a * i / tp  # gate, up, silu(gate)
     shared_input = {"q_proj": h, "k_proj": h, "v_proj": h, "gate_proj": h, "up_proj": h}
@@ -311,7 +312,8 @@ def estimate_memory(
     if cfg.training.gradient_checkpointing:
         # the block inputs stay; one block's activations exist only while it is recomputed in backward, after the
         # logits and their gradient are freed, so only the larger of the two counts towards the peak
-        act = tokens * spec.n_blocks * spec.hidden * c + max(0.0, per_block - logits)
+        # (under tp the residual stream between blocks is sequence-parallel: 1/tp of the tokens on each rank)
+        act = tokens * spec.n_blocks * spec.hidden * c / tp + max(0.0, per_block - logits)
     else:
         act = spec.n_blocks * per_block
     est.device["activations"] = act

@@ -7,8 +7,10 @@ attention heads are split with q/k/v. DoRA's pieces follow their base weight:
 
 - column-wise: W, lora_B (out × r) and the magnitude (out,) split by rows; lora_A (r × in) replicated;
 - row-wise: W and lora_A split by columns; lora_B and the magnitude replicated;
-- norms, embeddings and the head are replicated (no sequence parallel and no vocabulary split are modelled:
-  the norms' inputs and the logits stay whole on every tp rank).
+- norms, embeddings and the head are replicated parameters; the norms run sequence-parallel (torchtitan's plan,
+  `SequenceParallel`): the residual stream between the split layers, the norms' inputs and, with gradient
+  checkpointing, the saved block inputs hold 1/tp of the tokens on each rank; the column-wise linears' input is
+  gathered whole; no vocabulary split is modelled (the logits stay whole on every tp rank).
 
 The data-parallel engine then shards what each tp rank holds over its own dimension (fsdp2) or keeps it whole
 (ddp).
