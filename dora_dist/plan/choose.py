@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 def layouts(cfg: Config, cluster: Cluster, spec: ModelSpec, engine: str) -> list[MeshDims]:
     """The meshes `plan` compares for one engine: flat data parallelism; on several nodes, where the engine can,
     the base sharded inside each node and replicated across (HSDP / hpZ); where it composes with tensor
-    parallelism, tp = 2, 4, 8 inside a node (with the engine's default data-parallel layout: one node's shard
-    group across nodes)."""
+    parallelism, tp = 2, 4, 8 inside a node, with the engine's default data-parallel layout (one node's shard
+    group across nodes) and flat."""
     world, gpn = cluster.world, cluster.gpus_per_node
 
     def resolved(tp: int, group: int) -> MeshDims | None:
@@ -44,7 +44,7 @@ def layouts(cfg: Config, cluster: Cluster, spec: ModelSpec, engine: str) -> list
     if caps.tensor_parallel and world > 1:
         for tp in TP_DEGREES:
             if tp <= gpn and not tp_unfit_reason(spec, tp, gpn):
-                out.append(resolved(tp, 0))
+                out += [resolved(tp, 0), resolved(tp, world // tp)]  # one node's shard group; flat
     seen: list[MeshDims] = []
     for d in out:
         if d is not None and d not in seen:

@@ -127,11 +127,14 @@ class Projection:
 
 
 def layout_label(engine: str, dims: MeshDims) -> str:
-    """An engine with its mesh: HSDP (FSDP2) / hpZ (ZeRO-3) when the base is sharded in groups, tp=N."""
+    """An engine with its mesh: HSDP (FSDP2) / hpZ (ZeRO-3) when the base is sharded in groups, "replicated" when
+    the groups are single ranks, tp=N."""
     out = engine
     if dims.hybrid:
         hybrid = "hpZ" if capabilities(engine).deepspeed_stage else "HSDP"
         out += f" {hybrid} {dims.dp_replicate}×{dims.dp_shard}"
+    elif dims.dp_replicate > 1:  # shard groups of one rank: every data-parallel rank holds the whole (tp slice)
+        out += f" replicated ×{dims.dp_replicate}"
     if dims.tp > 1:
         out += f" tp={dims.tp}"
     return out
