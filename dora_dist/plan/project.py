@@ -232,8 +232,9 @@ def project(
     spec = spec or model_spec(cfg)
     gas = grad_accum(cfg, dims.dp)
     tokens_rank = cfg.training.micro_batch_size * cfg.data.seq_len * gas
-    if compute_s_per_token is not None:
-        compute = tokens_rank * compute_s_per_token
+    if compute_s_per_token is not None:  # measured on one process: a tp rank does its share of those FLOPs
+        share = flops_per_token(cfg, spec, dims.tp) / flops_per_token(cfg, spec) if dims.tp > 1 else 1.0
+        compute = tokens_rank * compute_s_per_token * share
     else:
         mfu = mfu or cluster.gpu.mfu
         compute = tokens_rank * flops_per_token(cfg, spec, dims.tp) / (cluster.gpu.peak_flops * mfu)
