@@ -227,3 +227,33 @@ def test_bad_mesh_is_a_one_line_error(override, message, capsys):
     err = capsys.readouterr().err.strip()
     assert rc != 0
     assert message in err and len(err.splitlines()) == 1, err
+
+
+# ---- benchmarks/scaling.py's mesh points ----------------------------------------------------------------------
+
+
+def test_scaling_benchmark_compares_bytes_per_mesh_dimension(tmp_path):
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scaling
+
+    args = argparse.Namespace(micro=2, accum=4, global_batch=8, seq=64, steps=4, device="cpu", cache=str(tmp_path))
+    args.gpu = "h100-80gb"
+    hsdp, tp2, dp_tp = scaling.mesh_points()
+    assert [p.layout for p in (hsdp, tp2, dp_tp)] == ["HSDP 2×2", "tp=2", "dp=2 × tp=2"]
+    assert hsdp.nodes == 2 and "parallel.shard_group=2" in scaling.overrides(hsdp, args, tmp_path)
+    assert "parallel.tp=2" in scaling.overrides(dp_tp, args, tmp_path)
+    pred = scaling.project_point(hsdp, args, tmp_path, None)
+    shard, rep = (sum(pred["dim_bytes"][d].values()) for d in ("dp_shard", "dp_replicate"))
+    assert shard > 0 and rep > 0 and sum(pred["dim_bytes"]["tp"].values()) == 0
+    assert pred["link_bytes"] == {"intra_node": shard, "inter_node": sum(pred["bytes"].values()) - shard}
+    # a measured row equal to the prediction matches; one byte off in one dimension does not
+    row = {f"counted_{k}_bytes": pred["bytes"][k] for k in scaling.KINDS}
+    row |= {f"counted_{d}_{k}_bytes": pred["dim_bytes"][d][k] for d in scaling.MESH_DIMS for k in scaling.KINDS}
+    row |= {"same_bytes_on_all_ranks": True, "live_bytes_peak": pred["memory"], "step_s": 1.0}
+    assert scaling.add_projection(dict(row), pred)["bytes_match"]
+    row["counted_dp_replicate_all_reduce_bytes"] += 1
+    off = scaling.add_projection(dict(row), pred)
+    assert not off["bytes_match"] and not off["dim_bytes_match"]
