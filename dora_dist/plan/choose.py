@@ -110,8 +110,16 @@ def layout_reason(best: Projection, projs: list[Projection], cluster: Cluster | 
 def recommend(projs: list[Projection], cluster: Cluster | None = None) -> tuple[Projection | None, str]:
     """The fastest projection that fits, and a sentence saying why (for a hybrid or tensor-parallel layout: what
     it saves against the flat ones, `layout_reason`)."""
+    unmodelled = [p for p in projs if not p.comm_modelled and p.fits]
     projs = [p for p in projs if p.comm_modelled]
     fitting = [p for p in projs if p.fits]
+    if not fitting and unmodelled:
+        small = min(unmodelled, key=lambda p: p.need_bytes)
+        names = ", ".join(p.label for p in unmodelled)
+        return None, (
+            f"only layouts whose communication plan/comm.py does not model yet fit: {names} (the smallest, "
+            f"{small.label}, needs {small.need_bytes / GiB:.1f} GiB per GPU); no time projected for them"
+        )
     if not fitting:
         best = min(projs, key=lambda p: p.need_bytes)
         reason = (
