@@ -91,7 +91,10 @@ def check_arguments(args, cfg: Config) -> None:
         raise ConfigError(f"--bandwidth-gbps must be > 0, got {args.bandwidth_gbps}")
     if args.latency_us is not None and not args.latency_us >= 0:
         raise ConfigError(f"--latency-us must be >= 0, got {args.latency_us}")
-    Batching.accumulation(cfg.training, args.nodes * args.gpus_per_node)
+    world = args.nodes * args.gpus_per_node
+    tp = cfg.parallel.tp
+    # the batch is split over the data-parallel ranks: a tp group shares its micro-batches
+    Batching.accumulation(cfg.training, world // tp if tp > 0 and world % tp == 0 else world)
 
 
 def _gb(x: float) -> str:
