@@ -47,7 +47,10 @@ def layouts(cfg: Config, cluster: Cluster, spec: ModelSpec, engine: str) -> list
                 out += [resolved(tp, 0), resolved(tp, world // tp)]  # one node's shard group; flat
     seen: list[MeshDims] = []
     for d in out:
-        if d is not None and d not in seen:
+        # shard groups of one rank under tp (one node's data-parallel ranks = 1): the whole tp slice on every rank,
+        # the same traffic as the flat dp × tp layout with more memory; left out
+        replicated = d is not None and d.tp > 1 and d.dp_replicate > 1 and d.dp_shard == 1
+        if d is not None and d not in seen and not replicated:
             seen.append(d)
     return seen
 
