@@ -7,7 +7,10 @@ and the engine to use.
     comm.py        predicted collectives per engine (held equal to the counted bytes in tests/dist)
     memory.py      per-rank memory by component (held within 15% of measured live tensors, and against
                    published runs of other frameworks: benchmarks/published)
-    project.py     step time = compute + non-overlapped communication; fit; recommendation
+    links.py       which link each mesh dimension's collectives cross (intra / inter-node), and their time there
+    tp_layout.py   what tensor parallelism splits (parameters, activations) on one tp rank
+    project.py     step time = compute + non-overlapped communication; fit
+    choose.py      the layouts compared (flat, HSDP / hpZ, tp), the recommendation and its reason
     report.py      the `dora-dist plan` command (--sweep: the largest seq_len / micro_batch / r that fits)
     FACTS.md       the allocator, kernel and loss facts the model counts, and where its defaults come from
 """

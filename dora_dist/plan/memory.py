@@ -184,9 +184,9 @@ def activation_bytes_per_token(cfg: Config, spec: ModelSpec, tp: int = 1) -> flo
     total += 3 * a * i / tp  # gate, up, silu(gate)
     shared_input = {"q_proj": h, "k_proj": h, "v_proj": h, "gate_proj": h, "up_proj": h}
     saved_inputs = set()
-    for leaf, (fin, fout) in leaves.items():
+    for leaf, (in_features, out_features) in leaves.items():
         in_div, out_div = leaf_split(leaf, tp)
-        fin, fout = fin / in_div, fout / out_div
+        fin, fout = in_features / in_div, out_features / out_div
         if ab != a:
             total += ab * fin  # x.to(adapter dtype): one copy per linear
         else:
