@@ -6,7 +6,9 @@ the slow start of 4 processes on 2 cores is paid once). parallel.shard_group=2 m
    collectives counted per mesh dimension on every step;
 2. hsdp_nf4: an NF4 base (packed 4-bit rows sharded inside the groups), fp32, 3 steps, counted;
 3. checkpoints across meshes (DCP): flat FSDP2 and DDP resume HSDP's step-2 checkpoint and write step 3; HSDP
-   resumes those (and the one-process step-2 checkpoint the test wrote before the launch, --single-ckpt) to step 4.
+   resumes those to step 4, and (with CPU offload) the one-process step-2 checkpoint the test wrote before the
+   launch (--single-ckpt);
+4. the magnitude init under HSDP (nonzero lora_B, uneven row shards, GPT-2's Conv1D bases) vs one process.
 
 Writes a JSON of results (rank 0); tests/dist/test_hsdp.py compares them with one process.
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_worker import QDORA, common_overrides  # noqa: E402
+from engine_worker import GPT2_ARCH, LLAMA_ARCH, QDORA, common_overrides, magnitude_check  # noqa: E402
 
 HSDP = ["parallel.engine=fsdp2", "parallel.shard_group=2"]
 FLAT = ["parallel.engine=fsdp2", "parallel.shard_group=4"]
@@ -46,7 +48,7 @@ RESUMES = {
     "ddp_from_hsdp": (DDP, ("hsdp", 2), 1),
     "hsdp_from_flat": (HSDP, ("flat_from_hsdp", 3), 0),
     "hsdp_from_ddp": (HSDP, ("ddp_from_hsdp", 3), 0),
-    "hsdp_from_single": (HSDP, "single", 0),
+    "hsdp_offload_from_single": ([*HSDP, "parallel.cpu_offload=true"], "single", 0),
 }
 
 
@@ -77,6 +79,7 @@ def main() -> int:
                 "losses": [r["loss"] for r in recs],
                 "grad_norms": [r["grad_norm"] for r in recs],
                 "adapter": str(out / "adapter"),
+                "health": {k: v for k, v in recs[-1].items() if k.startswith("dora_")},
             }
 
     def counted(name: str, out: Path, cfg_overrides: list[str]) -> None:
@@ -96,6 +99,17 @@ def main() -> int:
         out = work / name
         train(load_config(None, resumed(args.cache, out, ckpt, *engine, f"checkpoint.every_steps={every}")))
         record(name, out)
+    from dora_dist.parallel.dist_env import DistEnv
+
+    env = DistEnv.from_environ(device="cpu")
+    for key, arch, probe in (
+        ("magnitude", LLAMA_ARCH, "model.layers.0.mlp.down_proj"),
+        ("magnitude_gpt2", GPT2_ARCH, None),
+    ):
+        res = magnitude_check(env, arch, probe, extra=("parallel.shard_group=2",))
+        res["rowsq_max_err"] = env.all_reduce_max(res["rowsq_max_err"])
+        res["forward_max_err"] = env.all_reduce_max(res["forward_max_err"])
+        results[key] = {**results.get(key, {}), **res}
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     dist.barrier()

@@ -47,6 +47,7 @@ def single_run(out: Path, cfg_overrides: list[str]) -> dict:
         "grad_norms": [r["grad_norm"] for r in recs],
         "lrs": [r["lr"] for r in recs],
         "adapter": load_file(str(out / "adapter" / "adapter_model.safetensors")),
+        "health": {k: v for k, v in recs[-1].items() if k.startswith("dora_")},
         "out": out,
     }
 
@@ -116,6 +117,9 @@ def test_hsdp_dense_float64_equals_one_process(results, reference):
     assert res["losses"] == pytest.approx(reference["losses"], rel=1e-12, abs=1e-12)
     assert res["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-10, abs=1e-12)
     assert_same_adapter(res["adapter"], reference["adapter"])
+    # DoRA's health metrics (dora_row_views: the rows of the first shard group, lora_A gathered inside groups)
+    assert res["health"].keys() == reference["health"].keys() and len(res["health"]) > 4
+    assert res["health"] == pytest.approx(reference["health"], rel=1e-9, abs=1e-12)
 
 
 def test_hsdp_nf4_equals_one_process(results, reference_nf4):
@@ -148,6 +152,20 @@ def test_checkpoints_cross_hsdp_flat_ddp_and_one_process(results, reference, nam
     assert res["steps"] == list(range(first, 5))
     assert res["losses"] == pytest.approx(reference["losses"][first - 1 :], rel=1e-12, abs=1e-12)
     assert_same_adapter(res["adapter"], reference["adapter"])
+
+
+@pytest.mark.parametrize(("key", "layers"), [("magnitude", 14), ("magnitude_gpt2", 8)])
+def test_hsdp_magnitude_init_equals_one_process(results, key, layers):
+    """From each rank's rows inside its shard group (lora_B != 0, uneven shards of the 99-wide MLP); GPT-2's Conv1D
+    bases gather one layer inside the group. down_proj (64 rows) holds 32 rows a rank: sharded over a group of 2,
+    not over all 4 ranks."""
+    mag = results[key]
+    assert mag["n_layers"] == layers
+    assert mag["magnitude_max_rel_err"] < 1e-6
+    assert mag["rowsq_max_err"] < 1e-4
+    assert mag["forward_max_err"] < 1e-5
+    if key == "magnitude":
+        assert mag["probe_local_rows"] == 32
 
 
 def test_one_process_resumes_hsdp_checkpoint(results, workdir, cache, reference):
