@@ -1,4 +1,4 @@
-"""The planner's FSDP2 HSDP communication model (plan/comm.py) against the flat one it is built from: inside a shard
+"""FSDP2 HSDP without processes. The planner's communication model (plan/comm.py) against the flat one: inside a shard
 group of S ranks it is flat FSDP2 on S ranks; across groups only the reduce-scattered gradient shards travel.
 (tests/dist/test_hsdp.py holds it equal to the bytes counted per mesh dimension in real 4-process runs.)"""
 
@@ -49,3 +49,17 @@ def test_unmodelled_meshes_still_refused(cfg_spec):
         predict_collectives(cfg, spec, "fsdp2", 4, MeshDims(dp_replicate=4, dp_shard=1))
     with pytest.raises(NotImplementedError):
         predict_collectives(cfg, spec, "fsdp2", 4, MeshDims(dp_shard=2, tp=2))
+
+
+@pytest.mark.parametrize(("rows", "group"), [(99, 2), (64, 4), (5, 4), (3, 4)])
+def test_chunk_span_is_fully_shards_row_layout(rows, group):
+    """The rows a rank holds inside its shard group (parallel/hsdp.py) are torch.chunk's, as fully_shard splits."""
+    import torch
+
+    from dora_dist.parallel.hsdp import chunk_span
+
+    chunks = torch.chunk(torch.arange(rows), group)
+    for rank in range(group):
+        start, count = chunk_span(rows, group, rank)
+        expect = chunks[rank] if rank < len(chunks) else torch.arange(0)
+        assert torch.equal(torch.arange(start, start + count), expect)
