@@ -373,8 +373,11 @@ def points(args) -> list[Point]:
             Point("zero3", "dense", "strong", 2, "deepspeed-hostfile", shard_group=2),
         ]
     if args.mesh and "dense" in args.bases:
-        pts += mesh_points()
+        pts += [p for name, p in zip(MESH_POINT_NAMES, mesh_points(), strict=True) if name in args.mesh_points]
     return pts
+
+
+MESH_POINT_NAMES = ("hsdp", "tp2", "dp2tp2")
 
 
 def mesh_points() -> list[Point]:
@@ -406,6 +409,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="run only the one-rank dense baseline and the HSDP / tp points, and merge them into the saved JSON",
     )
+    ap.add_argument(
+        "--mesh-points",
+        nargs="+",
+        choices=MESH_POINT_NAMES,
+        default=list(MESH_POINT_NAMES),
+        help="which mesh points: hsdp (4 ranks as 2 × 2), tp2, dp2tp2 (default: all)",
+    )
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dora_dist_scaling_cache"))
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dora_dist_scaling"))
     ap.add_argument("--timeout", type=int, default=900)
@@ -428,12 +438,26 @@ def main(argv=None) -> int:
         args.ranks, args.bases, args.modes, args.multinode, args.mesh = [1], ["dense"], ["strong"], False, True
     cores = os.cpu_count() or 1
     machine = machine_name(args.device)
-    log(f"[scaling] {machine}; {len(points(args))} runs of {args.steps} steps")
     rows, calib, failures = [], {}, []
+    todo = points(args)
+    if args.mesh_only:  # calibrate on the saved one-rank run, when there is one, rather than run it again
+        saved = stem.with_suffix(".json")
+        base = [
+            r
+            for r in (json.loads(saved.read_text())["points"] if saved.exists() else [])
+            if r["world"] == 1 and r["base"] == "dense"
+        ]
+        if base:
+            p1 = Point("none", "dense", "strong", 1, "single")
+            calib["dense"] = (
+                base[0]["step_s"] / project_point(p1, args, Path(args.workdir) / "calib", None)["tokens_per_step"]
+            )
+            todo = [p for p in todo if p.world > 1]
+    log(f"[scaling] {machine}; {len(todo)} runs of {args.steps} steps")
     t0 = time.time()
-    for i, p in enumerate(points(args)):
+    for i, p in enumerate(todo):
         out = Path(args.workdir) / p.key
-        log(f"[scaling] {i + 1}/{len(points(args))} {p} ...")
+        log(f"[scaling] {i + 1}/{len(todo)} {p} ...")
         try:
             run_point(p, args, out)
             m = collect(p, out, args.steps)
@@ -501,7 +525,8 @@ def write_outputs(rows: list[dict], failures: list[dict], stem: Path, machine: s
     flat = [{k: v for k, v in r.items() if k != "per_rank"} for r in rows]
     if flat:
         with stem.with_suffix(".csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(flat[0]))
+            names = list(dict.fromkeys(k for r in flat for k in r))  # rows of older sweeps lack the mesh keys
+            w = csv.DictWriter(f, fieldnames=names)
             w.writeheader()
             w.writerows(flat)
     from scaling_plots import plot_all  # noqa: E402  (sibling module, benchmarks/ is on sys.path)
