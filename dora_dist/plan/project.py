@@ -28,6 +28,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dora_dist.errors import ConfigError
 from dora_dist.parallel import capabilities, engines_for, resolve_engine
 from dora_dist.parallel.mesh import MeshDims, resolve_dims
 from dora_dist.plan.comm import Collective, bytes_by_dim, bytes_by_kind, four_bit, grad_accum, predict_collectives
@@ -36,7 +37,7 @@ from dora_dist.plan.links import bytes_by_link
 from dora_dist.plan.links import comm_time as link_comm_time
 from dora_dist.plan.memory import MemoryEstimate, estimate_memory, is_quantized
 from dora_dist.plan.model_spec import ModelSpec, model_spec
-from dora_dist.plan.tp_layout import tp_fraction
+from dora_dist.plan.tp_layout import model_split_problem, tp_fraction
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
@@ -222,6 +223,7 @@ def project(
     caps = capabilities(engine)
     if cpu_offload is not None:
         cfg.parallel.cpu_offload = cpu_offload
+    configured = dims is None
     if dims is None:
         dims = (
             resolve_dims(cfg, world, cluster.gpus_per_node, engine)
@@ -230,6 +232,9 @@ def project(
         )
     cfg.parallel.tp, cfg.parallel.shard_group = dims.tp, dims.dp_shard
     spec = spec or model_spec(cfg)
+    problem = model_split_problem(spec, dims.tp) if configured and dims.tp > 1 else None
+    if problem:  # the trainer's preflight refuses it too (parallel/tp.py)
+        raise ConfigError(f"parallel.{problem}")
     gas = grad_accum(cfg, dims.dp)
     tokens_rank = cfg.training.micro_batch_size * cfg.data.seq_len * gas
     if compute_s_per_token is not None:  # measured on one process: a tp rank does its share of those FLOPs

@@ -64,6 +64,11 @@ def tp_unfit_reason(spec: ModelSpec, tp: int, gpus_per_node: int) -> str | None:
     """Why `tp` cannot split this model on nodes of `gpus_per_node`, or None."""
     if gpus_per_node % tp:
         return f"tp={tp} does not divide the {gpus_per_node} GPUs of a node"
+    return model_split_problem(spec, tp)
+
+
+def model_split_problem(spec: ModelSpec, tp: int) -> str | None:
+    """Why the model's heads / KV heads / MLP width cannot be split `tp` ways, or None."""
     for what, n in (
         ("attention heads", spec.n_heads),
         ("KV heads", spec.n_kv_heads),
@@ -74,4 +79,13 @@ def tp_unfit_reason(spec: ModelSpec, tp: int, gpus_per_node: int) -> str | None:
     return None
 
 
-__all__ = ["COLUMN_WISE", "ROW_WISE", "TP_DEGREES", "leaf_split", "split_kind", "tp_fraction", "tp_unfit_reason"]
+__all__ = [
+    "COLUMN_WISE",
+    "ROW_WISE",
+    "TP_DEGREES",
+    "leaf_split",
+    "model_split_problem",
+    "split_kind",
+    "tp_fraction",
+    "tp_unfit_reason",
+]

@@ -291,3 +291,10 @@ def test_recommends_tp_when_no_data_parallel_layout_fits(monkeypatch):
     best, why = recommend(projs, node)
     assert best is not None and best.dims.tp > 1
     assert f"tp={best.dims.tp}: no data-parallel layout fits" in why
+
+
+def test_tp_that_does_not_split_the_heads_is_a_one_line_error(capsys):
+    # the built-in tiny Llama has 6 attention heads and 2 KV heads: tp=4 fits a node of 4 but not the heads
+    assert cli(["plan", "--gpus-per-node", "4", "parallel.engine=fsdp2", "parallel.tp=4"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "parallel.tp=4 does not divide the 6 attention heads" in err and len(err.splitlines()) == 1, err
