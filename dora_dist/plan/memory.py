@@ -36,7 +36,7 @@ from dora_dist.parallel import capabilities
 from dora_dist.parallel.mesh import MeshDims
 from dora_dist.plan.comm import ZERO3_PERSISTENCE_THRESHOLD, four_bit, packed_row_bytes
 from dora_dist.plan.model_spec import ModelSpec, ParamSpec, base_dtype_bytes, dtype_bytes
-from dora_dist.plan.tp_layout import leaf_split, tp_fraction
+from dora_dist.plan.tp_layout import SEQUENCE_PARALLEL, leaf_split, tp_fraction
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
@@ -149,7 +149,9 @@ def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def activation_bytes_per_token(cfg: Config, spec: ModelSpec, tp: int = 1) -> float:
+def activation_bytes_per_token(
+    cfg: Config, spec: ModelSpec, tp: int = 1, sequence_parallel: bool | None = None
+) -> float:
     """Bytes autograd keeps per token for one decoder block (Llama-style: RMSNorm, attention, gated MLP, adapters on
     the targeted linears). Counted tensor by tensor from what each op saves for its backward (FACTS.md):
 
@@ -168,10 +170,10 @@ def activation_bytes_per_token(cfg: Config, spec: ModelSpec, tp: int = 1) -> flo
     allocator headroom covers them.
 
     Under tensor parallelism (`tp` > 1, plan/tp_layout.py) a rank keeps 1/tp of what the split linears produce
-    (q, k, v and the attention output: heads are split; gate, up, silu; the column-wise outputs), of the
-    row-wise linears' inputs and, with the norms sequence-parallel, of the norms' inputs; the column-wise
-    linears' input (gathered from the sequence shards), x·Aᵀ (lora_A replicated, or all-reduced for row-wise)
-    and the row-wise outputs stay whole."""
+    (q, k, v and the attention output: heads are split; gate, up, silu; the column-wise outputs) and of the
+    row-wise linears' inputs; the norms' inputs stay whole (1/tp with `sequence_parallel`, tp_layout.py), as do
+    the column-wise linears' input, x·Aᵀ (lora_A replicated, or all-reduced for row-wise) and the row-wise
+    outputs."""
     a = compute_bytes(cfg)
     ab = dtype_bytes(cfg.dora.adapter_dtype)
     h, i, r = spec.hidden, spec.intermediate, cfg.dora.r
@@ -179,7 +181,8 @@ def activation_bytes_per_token(cfg: Config, spec: ModelSpec, tp: int = 1) -> flo
     mods = _adapted_modules(spec)
     leaves = {_leaf(k): v for k, v in mods.items()}
     dora = bool(spec.select(roles=("magnitude",), block=0))
-    total = 2 * 4 * h / tp  # the two norms' fp32 inputs (sequence-parallel under tp: 1/tp of the tokens)
+    sp = tp if (SEQUENCE_PARALLEL if sequence_parallel is None else sequence_parallel) else 1
+    total = 2 * 4 * h / sp  # the two norms' fp32 inputs (1/tp of the tokens only under sequence parallelism)
     total += a * (2 * h + 2 * kv) / tp  # sdpa: q, k, v, output (heads split under tp)
     total += 3 * a * i / tp  # gate, up, silu(gate)
     shared_input = {"q_proj": h, "k_proj": h, "v_proj": h, "gate_proj": h, "up_proj": h}
@@ -312,8 +315,9 @@ def estimate_memory(
     if cfg.training.gradient_checkpointing:
         # the block inputs stay; one block's activations exist only while it is recomputed in backward, after the
         # logits and their gradient are freed, so only the larger of the two counts towards the peak
-        # (under tp the residual stream between blocks is sequence-parallel: 1/tp of the tokens on each rank)
-        act = tokens * spec.n_blocks * spec.hidden * c / tp + max(0.0, per_block - logits)
+        # (whole on every tp rank; 1/tp of the tokens under sequence parallelism)
+        sp = dims.tp if SEQUENCE_PARALLEL else 1
+        act = tokens * spec.n_blocks * spec.hidden * c / sp + max(0.0, per_block - logits)
     else:
         act = spec.n_blocks * per_block
     est.device["activations"] = act

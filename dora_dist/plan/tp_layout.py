@@ -7,10 +7,11 @@ attention heads are split with q/k/v. DoRA's pieces follow their base weight:
 
 - column-wise: W, lora_B (out × r) and the magnitude (out,) split by rows; lora_A (r × in) replicated;
 - row-wise: W and lora_A split by columns; lora_B and the magnitude replicated;
-- norms, embeddings and the head are replicated parameters; the norms run sequence-parallel (torchtitan's plan,
-  `SequenceParallel`): the residual stream between the split layers, the norms' inputs and, with gradient
-  checkpointing, the saved block inputs hold 1/tp of the tokens on each rank; the column-wise linears' input is
-  gathered whole; no vocabulary split is modelled (the logits stay whole on every tp rank).
+- norms, embeddings and the head are replicated parameters. The engine (parallel/tp.py) runs the norms on the
+  whole sequence, so the residual stream between the split layers, the norms' inputs and, with gradient
+  checkpointing, the saved block inputs are whole on every tp rank. With sequence parallelism (torchtitan's
+  `SequenceParallel` on the norms; `SEQUENCE_PARALLEL`, or `sequence_parallel=True` where the functions take it)
+  they would hold 1/tp of the tokens. No vocabulary split is modelled (the logits stay whole on every tp rank).
 
 The data-parallel engine then shards what each tp rank holds over its own dimension (fsdp2) or keeps it whole
 (ddp).
@@ -24,6 +25,8 @@ COLUMN_WISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_WISE = ("o_proj", "down_proj")
 #: candidate degrees `plan` tries (within one node)
 TP_DEGREES = (2, 4, 8)
+#: whether the tensor-parallel engine splits the residual stream by tokens (sequence parallel): not yet
+SEQUENCE_PARALLEL = False
 
 
 def split_kind(p: ParamSpec) -> str | None:
@@ -82,6 +85,7 @@ def model_split_problem(spec: ModelSpec, tp: int) -> str | None:
 __all__ = [
     "COLUMN_WISE",
     "ROW_WISE",
+    "SEQUENCE_PARALLEL",
     "TP_DEGREES",
     "leaf_split",
     "model_split_problem",

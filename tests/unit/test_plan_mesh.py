@@ -89,15 +89,16 @@ def test_tensor_parallel_splits_the_linears_and_their_adapters(tiny):
 
 def test_tensor_parallel_activations_split_only_the_split_layers(tiny):
     cfg, spec = tiny
-    a1, a2, a4 = (activation_bytes_per_token(cfg, spec, t) for t in (1, 2, 4))
-    # act(tp) = whole + split / tp: the split part halves from 1 to 2 and again from 2 to 4
-    assert a1 - a2 == pytest.approx(2 * (a2 - a4))
     h, r, b = spec.hidden, cfg.dora.r, 4
-    # what stays whole per token (fp32 adapters and compute, so inputs are shared): the attention and MLP inputs
-    # (the column-wise linears' input, gathered from the sequence shards), x·Aᵀ of the 7 adapted linears, DoRA's
-    # saved outputs of o and down (row-wise: whole after their reduction); the norms' inputs are sequence-parallel
-    whole = 2 * b * h + 7 * b * r + 2 * b * h
-    assert 2 * a2 - a1 == pytest.approx(whole)
+    for sp in (False, True):
+        a1, a2, a4 = (activation_bytes_per_token(cfg, spec, t, sequence_parallel=sp) for t in (1, 2, 4))
+        # act(tp) = whole + split / tp: the split part halves from 1 to 2 and again from 2 to 4
+        assert a1 - a2 == pytest.approx(2 * (a2 - a4))
+        # what stays whole per token (fp32 adapters and compute, so inputs are shared): the attention and MLP
+        # inputs (the column-wise linears' input), x·Aᵀ of the 7 adapted linears, DoRA's saved outputs of o and
+        # down (row-wise: whole after their reduction); the two norms' fp32 inputs unless sequence-parallel
+        whole = 2 * b * h + 7 * b * r + 2 * b * h + (0 if sp else 2 * 4 * h)
+        assert 2 * a2 - a1 == pytest.approx(whole)
 
 
 # ---- links ---------------------------------------------------------------------------------------------------
@@ -187,17 +188,21 @@ def test_tp_layouts_offered_within_a_node(tiny):
     assert MeshDims(dp_replicate=2, dp_shard=4, tp=2, nodes=2) in fsdp2  # tp inside, one node's shard group
 
 
-def test_tp_fits_405b_at_long_context_where_data_parallelism_does_not():
+def test_tp_fits_70b_at_long_context_where_data_parallelism_does_not():
     cfg = load_config(
         ROOT / "configs" / "llama3.1-70b-fsdp2-2nodes.yaml",
         ["data.seq_len=32768", "training.micro_batch_size=1", "training.global_batch_size=0"],
     )
-    node = make_cluster("h100-80gb", 1, 8)
+    two = make_cluster("h100-80gb", 2, 8)
     spec = model_spec(cfg)
-    flat = project(cfg, node, "fsdp2", spec=spec, dims=MeshDims(dp_shard=8))
-    tp8 = project(cfg, node, "fsdp2", spec=spec, dims=MeshDims(dp_shard=1, tp=8))
-    assert tp8.memory.device["activations"] < flat.memory.device["activations"] / 2
-    assert tp8.memory.device_total < flat.memory.device_total
+    flat = project(cfg, two, "fsdp2", spec=spec, dims=MeshDims(dp_shard=16, nodes=2))
+    tp8 = project(cfg, two, "fsdp2", spec=spec, dims=MeshDims(dp_shard=2, tp=8, nodes=2))
+    assert not flat.fits and tp8.fits
+    # the checkpointed block inputs (no sequence parallelism) stay whole; what tp saves is the recomputed block's
+    # split activations: 32 K tokens × (bytes per token at tp 1 − at tp 8)
+    saved = 32768 * (activation_bytes_per_token(cfg, spec, 1) - activation_bytes_per_token(cfg, spec, 8))
+    assert saved > 0
+    assert flat.memory.device["activations"] - tp8.memory.device["activations"] == pytest.approx(saved)
 
 
 def test_tp_rows_in_the_table_once_their_collectives_are_modelled(capsys):
@@ -284,7 +289,7 @@ def test_recommends_tp_when_no_data_parallel_layout_fits(monkeypatch):
     monkeypatch.setattr(proj_mod, "predict_collectives", with_tp)
     over = ["data.seq_len=32768", "training.micro_batch_size=1", "training.global_batch_size=0"]
     cfg = load_config(ROOT / "configs" / "llama3.1-70b-fsdp2-2nodes.yaml", over)
-    node = make_cluster("h100-80gb", 1, 8)
+    node = make_cluster("h100-80gb", 2, 8)
     projs = candidates(cfg, node, model_spec(cfg))
     assert not any(p.fits for p in projs if p.dims.tp == 1)
     assert all(p.fits for p in projs if p.dims.tp > 1) and any(p.dims.tp > 1 for p in projs)
