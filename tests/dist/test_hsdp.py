@@ -2,7 +2,8 @@
 
 - the plain 4-rank form (one torchrun, parallel.shard_group=2; tests/dist/hsdp_worker.py runs every case in one
   launch): float64 dense and fp32 NF4 bases give the one-process losses and adapters; DCP checkpoints move between
-  HSDP, flat FSDP2, DDP and one process both ways with the same losses;
+  HSDP, flat FSDP2, DDP and one process both ways with the same losses; the magnitude init, DoRA's health metrics,
+  CPU offload and training.compile under HSDP;
 - two torchrun agents through launch/multinode.sh on loopback (2 "nodes" × 2 processes, shard_group left at auto,
   which makes one node's processes a shard group): the one-process losses and adapter;
 - in both, the bytes counted per mesh dimension (inside a shard group, across groups) on every step and rank equal
@@ -152,6 +153,17 @@ def test_checkpoints_cross_hsdp_flat_ddp_and_one_process(results, reference, nam
     assert res["steps"] == list(range(first, 5))
     assert res["losses"] == pytest.approx(reference["losses"][first - 1 :], rel=1e-12, abs=1e-12)
     assert_same_adapter(res["adapter"], reference["adapter"])
+
+
+def test_hsdp_compiled_blocks_match_eager_one_process(results, reference):
+    """training.compile=true under HSDP: the eager one-process losses, reassociated by inductor (as
+    test_engines.test_compiled_blocks_match_eager_single_process: rel 1e-4 over 2 steps)."""
+    if "hsdp_compile" not in results:
+        pytest.skip("inductor's CPU backend needs a C++ compiler (g++/clang++)")
+    res = results["hsdp_compile"]
+    assert res["steps"] == [1, 2]
+    assert res["losses"] == pytest.approx(reference["losses"][:2], rel=1e-4, abs=1e-6)
+    assert res["grad_norms"] == pytest.approx(reference["grad_norms"][:2], rel=1e-3, abs=1e-6)
 
 
 @pytest.mark.parametrize(("key", "layers"), [("magnitude", 14), ("magnitude_gpt2", 8)])
