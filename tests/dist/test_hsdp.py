@@ -199,19 +199,13 @@ def test_two_agents_through_multinode_launcher(workdir, cache, reference):
                DORA_DIST_COUNT_COMM="1", DORA_DIST_COUNT_COMM_DIR=str(out / "probe"),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
     cmd = ["bash", str(ROOT / "launch" / "multinode.sh"), "--config", str(reference["out"] / "config.yaml"), *keys]
-    agents = [
-        subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=dict(env, NODE_RANK=str(node)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for node in (0, 1)
-    ]
-    logs = [a.communicate(timeout=600)[0] for a in agents]
-    assert [a.returncode for a in agents] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    logs = [workdir / f"node{node}.log" for node in (0, 1)]  # files, not pipes: neither agent blocks on output
+    agents = []
+    for node, log in enumerate(logs):
+        with log.open("w") as f:
+            agents.append(subprocess.Popen(cmd, cwd=ROOT, env=dict(env, NODE_RANK=str(node)), stdout=f, stderr=f))
+    codes = [a.wait(timeout=600) for a in agents]
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
     recs = read_metrics(out)
     assert [r["loss"] for r in recs] == pytest.approx(reference["losses"], rel=1e-12, abs=1e-12)
     assert_same_adapter(str(out / "adapter"), reference["adapter"])
