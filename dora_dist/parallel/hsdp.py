@@ -55,10 +55,11 @@ def same_row_sharding(params: list[DTensor]) -> bool:
     if not params:
         return True
     first = params[0]
-    return all(
-        p.device_mesh == first.device_mesh and p.placements == first.placements and row_shard_dim(p) >= 0
-        for p in params
-    )
+    try:
+        row_shard_dim(first)
+    except NotImplementedError:  # not split by rows (e.g. a tensor-parallel Shard(1)): the caller gathers each
+        return False
+    return all(p.device_mesh == first.device_mesh and p.placements == first.placements for p in params)
 
 
 __all__ = ["chunk_span", "row_shard_dim", "row_shards", "row_shard_group", "first_replica", "same_row_sharding"]

@@ -8,7 +8,8 @@ the slow start of 4 processes on 2 cores is paid once). parallel.shard_group=2 m
 3. checkpoints across meshes (DCP): flat FSDP2 and DDP resume HSDP's step-2 checkpoint and write step 3; HSDP
    resumes those to step 4, and (with CPU offload) the one-process step-2 checkpoint the test wrote before the
    launch (--single-ckpt);
-4. the magnitude init under HSDP (nonzero lora_B, uneven row shards, GPT-2's Conv1D bases) vs one process.
+4. training.compile=true under HSDP (2 steps; where a C++ compiler exists);
+5. the magnitude init under HSDP (nonzero lora_B, uneven row shards, GPT-2's Conv1D bases) vs one process.
 
 Writes a JSON of results (rank 0); tests/dist/test_hsdp.py compares them with one process.
 """
@@ -18,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_worker import GPT2_ARCH, LLAMA_ARCH, QDORA, common_overrides, magnitude_check  # noqa: E402
+from engine_worker import COMPILE, GPT2_ARCH, LLAMA_ARCH, QDORA, common_overrides, magnitude_check  # noqa: E402
 
 HSDP = ["parallel.engine=fsdp2", "parallel.shard_group=2"]
 FLAT = ["parallel.engine=fsdp2", "parallel.shard_group=4"]
@@ -94,6 +96,10 @@ def main() -> int:
     counted("hsdp", out, overrides(args.cache, out, *HSDP, "checkpoint.every_steps=2"))
     out = work / "hsdp_nf4"
     counted("hsdp_nf4", out, overrides(args.cache, out, *HSDP, *QDORA))
+    if any(shutil.which(c) for c in ("g++", "c++", "clang++")):  # inductor's CPU backend needs a C++ compiler
+        out = work / "hsdp_compile"
+        train(load_config(None, overrides(args.cache, out, *HSDP, *COMPILE)))
+        record("hsdp_compile", out)
     for name, (engine, source, every) in RESUMES.items():
         ckpt = Path(args.single_ckpt) if source == "single" else ckpt_dir(work, *source)
         out = work / name
