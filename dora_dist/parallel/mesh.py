@@ -88,7 +88,8 @@ def resolve_dims(cfg: Config, world: int, local_world: int | None = None, engine
     dp, dp_per_node = world // tp, local // tp
     group = p.shard_group
     if group == 0:  # auto: one node's data-parallel ranks when the job spans nodes and the engine can hybrid-shard
-        group = dp_per_node if nodes > 1 and caps.hybrid_shard else dp
+        # (a node of one data-parallel process shards nothing inside it: flat, or the base would be whole on each)
+        group = dp_per_node if nodes > 1 and caps.hybrid_shard and dp_per_node > 1 else dp
     if group > dp or dp % group:
         raise ConfigError(
             f"parallel.shard_group={group} does not divide the {dp} data-parallel processes (world {world} / "
