@@ -116,7 +116,12 @@ class FSDP2Engine(Engine):
 
         if self.cfg.quantization.mode in ("nf4", "fp4"):  # 4-bit: packed row records, sharded by rows
             plan = LoadPlan("sharded_4bit", torch.device("meta"))
-        elif self.cfg.parallel.load_on_rank0 and self.env.world_size > 1 and self.cfg.quantization.mode == "none":
+        elif (
+            self.cfg.parallel.load_on_rank0
+            and self.env.world_size > 1
+            and self.cfg.quantization.mode == "none"
+            and self.cfg.parallel.tp == 1
+        ):
             plan = LoadPlan("rank0_broadcast", torch.device("cpu" if self.env.is_main else "meta"))
         else:
             plan = LoadPlan("direct", self.env.device)
@@ -128,7 +133,11 @@ class FSDP2Engine(Engine):
         if not self.env.distributed:
             raise RuntimeError("parallel.engine=fsdp2 needs several processes (launch with torchrun)")
         plan = self.plan or self.load_plan()
-        self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,), mesh_dim_names=("dp",))
+        if self.cfg.parallel.tp > 1:  # dp × tp: split the linears over tp, then shard over dp (as torchtitan)
+            self.apply_tensor_parallel(model)
+            self.mesh = self.job_mesh().data_parallel()
+        else:
+            self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,), mesh_dim_names=("dp",))
         kwargs = self.shard_kwargs()
         full_state = buffers = None
         if plan.kind == "rank0_broadcast":
@@ -357,6 +366,8 @@ def init_sharded_norms(model: nn.Module, device: torch.device) -> int:
     for _, layer in dora_layers(model):
         weight, source = layer.base_layer.weight, layer.weight_source
         done += 1
+        if getattr(layer, "_tp_spec", None) is not None:
+            continue  # tensor-parallel: norms and magnitude set when it was split (parallel/tp.py)
         if not isinstance(weight, DTensor):
             layer.init_magnitude()  # not sharded (e.g. outside any fully_shard unit)
             continue
