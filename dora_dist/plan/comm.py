@@ -123,6 +123,10 @@ def predict_collectives(
         return []
     if dims is None:
         dims = resolve_dims(cfg, world, None, engine)
+    if dims.tp > 1 and not dims.hybrid and dims.world == world:  # dp × tp (plan/comm_tp.py)
+        from dora_dist.plan.comm_tp import predict_tp_collectives
+
+        return [c for c in predict_tp_collectives(cfg, spec, engine, dims) if c.nbytes or c.calls]
     if dims.hybrid or dims.tp > 1 or dims.world != world:
         raise NotImplementedError(f"no communication model yet for the mesh {dims.describe()}")
     gas = grad_accum(cfg, world)
