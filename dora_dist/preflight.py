@@ -111,17 +111,26 @@ def check_mesh(cfg: Config, world_size: int) -> None:
 
 
 def _model_config_or_none(cfg: Config):
-    """The model's transformers config when it can be read here without a download (a built-in or local model, or
-    one in the hub cache), else None: the heads are then checked where the model is loaded (parallel/tp.py)."""
-    name = str(cfg.model.name_or_path or "")
-    if not (cfg.model.builds_from_scratch or name.startswith("builtin:") or Path(name).exists()):
-        return None  # a hub id: no download in preflight
-    try:
-        from dora_dist.models import model_config
+    """The model's transformers config when it is known here without building or downloading anything (the built-in
+    model, a from-scratch config, an embedded known architecture, a local directory), else None: the heads are then
+    checked where the model is loaded (parallel/tp.py)."""
+    from dora_dist import models
+    from dora_dist.models.builtin import _arch
 
-        return model_config(cfg)
+    name = str(cfg.model.name_or_path or "")
+    try:
+        if name == models.BUILTIN_NAME:
+            return models.hf_config_from_dict({"model_type": "llama", **_arch(cfg.model.config)})
+        if cfg.model.builds_from_scratch:
+            return models.hf_config_from_dict(cfg.model.config)
+        arch = models.known_architecture(name)
+        if arch is not None:
+            return models.hf_config_from_dict(arch)
+        if (Path(name) / "config.json").is_file():
+            return models.model_config(cfg)
     except Exception:  # noqa: BLE001 - a config that cannot be read now is read (and reported) at load time
         return None
+    return None
 
 
 def check_deepspeed_config(cfg: Config, world_size: int) -> None:

@@ -121,6 +121,11 @@ def tp_config_problem(cfg: Config, model_config: Any | None) -> str | None:
             f"parallel.tp={tp} with quantization.mode={cfg.quantization.mode}: tensor parallelism over 4/8-bit bases "
             "is not implemented; use parallel.tp=1 (QDoRA with ddp or fsdp2) or a dense base"
         )
+    if cfg.training.compile:
+        return (
+            f"training.compile=true with parallel.tp={tp} is not supported (the tensor-parallel layers swap in their "
+            "local shards on each call); use one or the other"
+        )
     return head_problem(model_config, tp) if model_config is not None else None
 
 

@@ -3,7 +3,8 @@ launch per world size, several cases, so the slow process start is paid once.
 
 - world 2: the magnitude init and forward of a tp=2 model with nonzero lora_B against the unsplit model; fsdp2 and
   ddp training runs with tp=2 (float64, collectives counted); a ddp tp=2 run stopped at step 2 (checkpoint), then
-  resumed to step 4 with tp=1 (ddp over the same 2 processes).
+  resumed to step 4 with tp=1 (ddp over the same 2 processes); an fsdp2 tp=2 run stopped at step 2 that the test
+  resumes in one process.
 - world 4: fsdp2 and ddp training runs on a dp=2 × tp=2 mesh (collectives counted).
 Rank 0 writes <workdir>/results_w<world>.json; the test compares with one-process runs.
 """
@@ -121,6 +122,12 @@ def main() -> int:
         out = os.path.join(args.workdir, "resume_tp2_to_tp1")
         train(load_config(None, overrides(args.cache, out, "ddp", RESUME_FIRST)))
         train(load_config(None, overrides(args.cache, out, "ddp", ["checkpoint.resume=auto"])))
+        # a tp=2 checkpoint at step 2 that the test resumes in one process
+        train(
+            load_config(
+                None, overrides(args.cache, os.path.join(args.workdir, "resume_tp2_to_one"), "fsdp2", RESUME_FIRST)
+            )
+        )
     if dist.get_rank() == 0:
         with open(os.path.join(args.workdir, f"results_w{world}.json"), "w") as f:
             json.dump(results, f, indent=1)
