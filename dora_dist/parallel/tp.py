@@ -353,6 +353,13 @@ def apply_tensor_parallel(model: nn.Module, job_mesh: JobMesh) -> dict[str, str]
             module._tp_name = name  # type: ignore[assignment]  # for error messages
         elif not isinstance(module, nn.Linear):
             raise ConfigError(f"parallel.tp cannot split {name}, a {type(module).__name__} ({kind} in the plan)")
+    for pname, p in model.named_parameters():
+        if p.requires_grad and not any(pname.startswith(n + ".") for n in plan):
+            raise ConfigError(
+                f"parallel.tp={tp} trains adapters on the tensor-parallel linears only, and {pname} is outside the "
+                "model's tensor-parallel plan: leave it out of dora.target_modules / dora.modules_to_save, or use "
+                "parallel.tp=1"
+            )
     styles = {n: DoRAColwiseParallel() if k == "colwise" else DoRARowwiseParallel() for n, k in plan.items()}
     parallelize_module(model, job_mesh["tp"], styles)  # type: ignore[arg-type]
     _divide_head_counts(model, plan, tp)

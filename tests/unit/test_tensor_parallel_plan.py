@@ -151,3 +151,44 @@ def test_row_wise_partial_sums_give_the_unsplit_norm():
     halves[0].partial_sums = plus_other
     assert torch.allclose(halves[0].weight_norm(), want, rtol=1e-13, atol=0)
     assert not torch.allclose(halves[1].weight_norm(), want)  # without the sum: the local half only
+
+
+def _tiny_llama_with_dora(targets):
+    from transformers import AutoModelForCausalLM
+
+    from dora_dist.adapters import apply_dora
+    from dora_dist.models import dora_config_from, hf_config_from_dict
+
+    arch = {
+        "model_type": "llama",
+        "vocab_size": 32,
+        "hidden_size": 24,
+        "intermediate_size": 48,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+    }
+    model = AutoModelForCausalLM.from_config(hf_config_from_dict(arch))
+    cfg = load_config(None, [f"dora.target_modules={targets}"])
+    apply_dora(model, dora_config_from(cfg))
+    return model
+
+
+@pytest.mark.parametrize(
+    "targets,tp,expect",
+    [
+        ("[q_proj,v_proj,lm_head]", 2, "lm_head"),  # an adapter outside the plan
+        ("[q_proj,v_proj]", 4, "num_attention_heads=6"),  # checked again on the loaded model
+    ],
+)
+def test_apply_refuses_before_splitting_anything(targets, tp, expect):
+    from types import SimpleNamespace
+
+    from dora_dist.parallel.mesh import MeshDims
+    from dora_dist.parallel.tp import apply_tensor_parallel
+
+    model = _tiny_llama_with_dora(targets)
+    with pytest.raises(ConfigError, match=expect) as e:
+        apply_tensor_parallel(model, SimpleNamespace(dims=MeshDims(tp=tp)))  # no process group needed to refuse
+    assert "\n" not in str(e.value)
+    assert not any(hasattr(p, "placements") for p in model.parameters())
