@@ -336,7 +336,7 @@ def build(cfg: Config, env: DistEnv, prior: PriorRun | None = None) -> Job:
         state=TrainState(data=sampler),
         eval_dataset=eval_dataset,
         resume_dir=resume_dir,
-        health=HealthMonitor.from_config(cfg) if cfg.parallel.tp == 1 else None,  # not measured under TP (yet)
+        health=HealthMonitor.from_config(cfg),
     )
     if job.resume_dir is not None:
         saved = manager.load(engine, job.resume_dir)  # verified once already (_resume_point)

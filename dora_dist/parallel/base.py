@@ -323,8 +323,14 @@ class Engine:
         rank 0 counts them and the others skip the work."""
         from dora_dist.health import RowView
 
+        dp_rank = data_parallel_rank(self.cfg, self.env.rank, self.env.world_size)[0]
         for name, layer in dora_layers(self.unwrap(model)):
             if layer.magnitude is not None and not layer.merged:
+                if getattr(layer, "_tp_spec", None) is not None:  # tensor-parallel: its rows per tp rank
+                    from dora_dist.parallel.tp import tp_row_view
+
+                    yield tp_row_view(clean_param_name(name), layer, dp_rank == 0, self.env.device)
+                    continue
                 yield RowView.whole_layer(clean_param_name(name), layer, owner=self.env.is_main)
 
     # --- checkpoints (content only; dir naming, atomicity, retention: checkpoint.CheckpointManager) ---

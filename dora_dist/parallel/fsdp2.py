@@ -218,6 +218,14 @@ class FSDP2Engine(Engine):
             for n, layer in dora_layers(self.unwrap(model))
             if layer.magnitude is not None and not layer.merged
         ]
+        if self.cfg.parallel.tp > 1:  # tensor-parallel layers: their tp rows (parallel/tp.py)
+            from dora_dist.parallel.tp import tp_row_view
+
+            split = [(n, layer) for n, layer in layers if getattr(layer, "_tp_spec", None) is not None]
+            layers = [(n, layer) for n, layer in layers if getattr(layer, "_tp_spec", None) is None]
+            first = self.env.rank // self.cfg.parallel.tp == 0
+            for name, layer in split:
+                yield tp_row_view(name, layer, first, device)
         sharded = [layer for _, layer in layers if isinstance(layer.base_layer.weight, DTensor)]
         whole_a = dict(
             zip(map(id, sharded), gather_dim0_shards([layer.lora_A for layer in sharded], device), strict=True)

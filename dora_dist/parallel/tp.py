@@ -398,6 +398,50 @@ def gather_tp_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+# ------------------------------------------------------------------------------------------------------------
+# DoRA health (health.py) of split layers
+# ------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _tp_local_copy(p: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """This tp rank's part of a parameter, detached, on `device`: a tp DTensor's local tensor; under FSDP2 (a dp × tp
+    DTensor) its tp part, gathered over dp (COLLECTIVE: one tensor)."""
+    p = p.detach()
+    if isinstance(p, DTensor) and p.device_mesh.ndim > 1:
+        p = p.redistribute(p.device_mesh, [Replicate()] * (p.device_mesh.ndim - 1) + [p.placements[-1]])
+    return _local(p).to(device)
+
+
+@torch.no_grad()
+def tp_row_view(name: str, layer: DoRALinear, owner: bool, device: torch.device):
+    """A health.RowView of a split layer. Column-wise: this tp rank's rows (no norm communication); row-wise: all
+    rows, W·Aᵀ summed over tp and lora_A gathered (COLLECTIVE), counted by tp rank 0. `owner`: this rank's data-
+    parallel index is 0 (replicas add zeros)."""
+    from dora_dist.health import RowView
+
+    spec: TPSpec = layer._tp_spec  # type: ignore[assignment]
+    tp_rank = dist.get_rank(spec.group)
+    weight = _tp_local_copy(layer.base_layer.weight, device)
+    source = layer.weight_source.over_rows(weight)
+    magnitude = _tp_local_copy(layer.magnitude, device)
+    lora_b = _tp_local_copy(layer.lora_B, device)
+    row_sq = layer.base_row_sq_norms().to(device)
+    if spec.kind == "colwise":
+        a = _tp_local_copy(layer.lora_A, device)
+        k = weight.shape[0]
+        rows = torch.arange(tp_rank * k, (tp_rank + 1) * k, device=device)
+        return RowView(name, rows, magnitude, lora_b, a, row_sq, source.times_A(a).to(device), layer.scaling, owner)
+    a_local = _tp_local_copy(layer.lora_A, device)
+    (wa,) = partial_sums_over(spec.group)([source.times_A(a_local).to(device)])  # COLLECTIVE: out × r
+    a = torch.empty(a_local.shape[0], layer.in_features, dtype=a_local.dtype, device=device)
+    parts = list(a.chunk(dist.get_world_size(spec.group), dim=1))
+    gathered = [torch.empty_like(t) for t in parts]
+    dist.all_gather(gathered, a_local.contiguous(), group=spec.group)  # COLLECTIVE: lora_A, r × in
+    for dst, src in zip(parts, gathered, strict=True):
+        dst.copy_(src)
+    rows = torch.arange(layer.out_features, device=device)
+    return RowView(name, rows, magnitude, lora_b, a, row_sq, wa, layer.scaling, owner and tp_rank == 0)
+
+
 __all__ = [
     "LLAMA_TP_PLAN",
     "resolve_tp_plan",
@@ -411,4 +455,5 @@ __all__ = [
     "average_dp_gradients",
     "dtensor_parameters",
     "gather_tp_tensor",
+    "tp_row_view",
 ]

@@ -123,3 +123,20 @@ def test_collectives_equal_prediction(runs, world, name):
         got = next(s for s in data["steps"] if s["step"] == STEPS)
         assert {k: got[f"comm_{k}_bytes"] for k in KINDS} == total, f"{name} rank {rank}"
         assert {k: got.get(f"comm_tp_{k}_bytes", 0) for k in KINDS} == predicted["tp"], f"{name} rank {rank}"
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_dora_health_equals_one_process(runs, name):
+    """summary.json's DoRA health (measured at the last step from each tp rank's rows; row-wise layers with W·Aᵀ
+    summed over tp) equals the one-process values: ΔM, ΔD and |Δm|/m are float64 sums (1e-9), the effective share
+    goes through the fp32 DoRA epilogue (a few fp32 roundings, 1e-6)."""
+    work, _ = runs
+    want = json.loads((work / "reference" / "summary.json").read_text())["dora_health"]
+    have = json.loads((work / name / "summary.json").read_text())["dora_health"]
+    assert have["step"] == want["step"] == STEPS
+    assert sorted(have["groups"]) == sorted(want["groups"]) == ["attention", "mlp"]
+    for group, values in want["groups"].items():
+        for key, value in values.items():
+            tol = 1e-6 if key == "effective_share" else 1e-9
+            assert have["groups"][group][key] == pytest.approx(value, rel=tol), f"{name} {group} {key}"
+    assert have["max_delta_m_rel"] == pytest.approx(want["max_delta_m_rel"], rel=1e-9)
