@@ -26,7 +26,7 @@ import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -224,9 +224,11 @@ def local_parameters(layer: DoRALinear, spec: TPSpec) -> Iterator[None]:
                 local = _CopyToTP.apply(local, spec.group)
             swap(layer, name, local)
         base = layer.base_layer
-        swap(base, "weight", _local(base._parameters["weight"]))
-        if base._parameters.get("bias") is not None:
-            swap(base, "bias", None if spec.kind == "rowwise" else _local(base._parameters["bias"]))
+        weight, bias = base._parameters["weight"], base._parameters.get("bias")
+        assert weight is not None  # a dense nn.Linear base (shard_dora_layer checked)
+        swap(base, "weight", _local(weight))
+        if bias is not None:
+            swap(base, "bias", None if spec.kind == "rowwise" else _local(bias))
         yield
     finally:
         for module, name, value in reversed(saved):
@@ -420,7 +422,7 @@ def tp_row_view(name: str, layer: DoRALinear, owner: bool, device: torch.device)
 
     spec: TPSpec = layer._tp_spec  # type: ignore[assignment]
     tp_rank = dist.get_rank(spec.group)
-    weight = _tp_local_copy(layer.base_layer.weight, device)
+    weight = _tp_local_copy(cast(torch.Tensor, layer.base_layer.weight), device)
     source = layer.weight_source.over_rows(weight)
     magnitude = _tp_local_copy(layer.magnitude, device)
     lora_b = _tp_local_copy(layer.lora_B, device)

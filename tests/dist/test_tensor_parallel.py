@@ -71,6 +71,11 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if "loss" in r and "eval_loss" not in r}
 
 
+def eval_losses(run: Path) -> list[float]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval_loss"] for r in recs if "eval_loss" in r]
+
+
 def adapter(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -88,6 +93,8 @@ def test_losses_and_adapter_equal_one_process(runs, name):
     assert set(got) <= set(ref) and max(got) == STEPS, f"{name}: steps {sorted(got)}"
     for step, loss in got.items():
         assert abs(loss - ref[step]) <= TOL, f"{name} step {step}: loss {loss!r}, one process {ref[step]!r}"
+    evals = [eval_losses(work / run) for run in ("reference", name)]
+    assert evals[0] and evals[1][-1] == pytest.approx(evals[0][-1], abs=TOL), f"{name}: eval {evals}"
     want, have = adapter(work / "reference"), adapter(work / name)
     assert sorted(have) == sorted(want)  # PEFT keys, whole tensors
     for key, t in want.items():

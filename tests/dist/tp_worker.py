@@ -30,6 +30,7 @@ def overrides(cache: str, out: str, engine: str, extra: list[str]) -> list[str]:
         f"model.cache_dir={cache}",
         "data.seq_len=32",
         "data.synthetic_samples=120",
+        "data.eval_fraction=0.1",  # an eval at the end (tp groups evaluate the same batches)
         f"training.max_steps={STEPS}",
         "training.global_batch_size=8",
         "training.micro_batch_size=2",
