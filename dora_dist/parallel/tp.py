@@ -8,7 +8,8 @@ the tp mesh (so checkpoints reshard on load and FSDP2 composes on a dp × tp mes
 shards with the collectives spelled out:
 
 - column-wise (output rows split): W, bias, lora_B and the magnitude Shard(0); lora_A replicated. Every row's norm
-  is local. Forward: none. Backward: the input's gradient and lora_A's gradient are summed over tp.
+  is local. Forward: none. Backward: the input's gradient (once per attention / MLP input, shared by its
+  projections) and lora_A's gradient are summed over tp.
 - row-wise (input columns split): W and lora_A Shard(1); lora_B, magnitude and bias replicated. ‖W‖² is summed once
   at set-up; each forward sums the (out × r) partial W·Aᵀ and the (r × r) A·Aᵀ (one all-reduce, detached) and the
   (tokens × out) partial output (before the bias). Backward: lora_B's and the magnitude's gradients are summed.
@@ -188,6 +189,8 @@ class TPSpec:
     kind: str  # "colwise" | "rowwise"
     group: dist.ProcessGroup
     replicated: tuple[str, ...]
+    #: column-wise: the parent module sums the input's gradient once for all its column-wise projections
+    input_shared: bool = False
 
 
 def tp_spec(layer: nn.Module) -> TPSpec | None:
@@ -239,7 +242,7 @@ def _tp_forward(self: DoRALinear, x: torch.Tensor) -> torch.Tensor:
     """DoRALinear.forward on this rank's shards, with the split's collectives (bound to TP layers' `forward`)."""
     spec: TPSpec = self._tp_spec  # type: ignore[assignment]
     if spec.kind == "colwise":
-        if torch.is_grad_enabled() and x.requires_grad:
+        if not spec.input_shared and torch.is_grad_enabled() and x.requires_grad:
             x = _CopyToTP.apply(x, spec.group)
         with local_parameters(self, spec):
             return DoRALinear.forward(self, x)
@@ -341,6 +344,52 @@ def _divide_head_counts(model: nn.Module, plan: dict[str, str], tp: int) -> None
                 setattr(attn, attr, value // tp)
 
 
+#: parent modules (by their attribute name) whose input feeds only their projections (attention, MLP): the input's
+#: gradient is summed over tp once there, not once per column-wise projection (as Megatron-LM and torchtitan do)
+SHARED_INPUT_PARENTS = ("self_attn", "attn", "attention", "cross_attn", "mlp", "feed_forward")
+
+
+def shared_input_parents(plan: dict[str, str]) -> dict[str, list[str]]:
+    """{parent module: its column-wise children} for the parents in SHARED_INPUT_PARENTS with ≥ 2 column-wise
+    children in `plan` (the same rule plan/comm_tp.py predicts with)."""
+    out: dict[str, list[str]] = {}
+    for name, kind in plan.items():
+        parent = name.rpartition(".")[0]
+        if kind == "colwise" and parent.rpartition(".")[2] in SHARED_INPUT_PARENTS:
+            out.setdefault(parent, []).append(name)
+    return {p: children for p, children in out.items() if len(children) >= 2}
+
+
+def _input_grad_hook(group: dist.ProcessGroup):
+    """A forward pre-hook: the module's input (first positional argument or `hidden_states`) through _CopyToTP."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if not torch.is_grad_enabled():
+            return args, kwargs
+        if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            args = (_CopyToTP.apply(args[0], group), *args[1:])
+        elif isinstance(kwargs.get("hidden_states"), torch.Tensor) and kwargs["hidden_states"].requires_grad:
+            kwargs = {**kwargs, "hidden_states": _CopyToTP.apply(kwargs["hidden_states"], group)}
+        return args, kwargs
+
+    return hook
+
+
+def _share_input_reductions(model: nn.Module, plan: dict[str, str]) -> None:
+    """One backward all-reduce of N × in per attention / MLP input instead of one per column-wise projection (when
+    every such projection is a DoRA layer: torch's ColwiseParallel on a plain linear reduces its own input)."""
+    for parent, children in shared_input_parents(plan).items():
+        specs = [tp_spec(model.get_submodule(c)) for c in children]
+        if any(spec is None for spec in specs):
+            continue
+        for spec in specs:
+            spec.input_shared = True  # type: ignore[union-attr]
+        model.get_submodule(parent).register_forward_pre_hook(
+            _input_grad_hook(specs[0].group),  # type: ignore[union-attr]
+            with_kwargs=True,
+        )
+
+
 def apply_tensor_parallel(model: nn.Module, job_mesh: JobMesh) -> dict[str, str]:
     """Split `model`'s planned linears over job_mesh["tp"] (call before any data-parallel wrapping, after the real
     weights and the adapters are in place). Returns the plan applied ({module name: kind})."""
@@ -364,6 +413,7 @@ def apply_tensor_parallel(model: nn.Module, job_mesh: JobMesh) -> dict[str, str]
             )
     styles = {n: DoRAColwiseParallel() if k == "colwise" else DoRARowwiseParallel() for n, k in plan.items()}
     parallelize_module(model, job_mesh["tp"], styles)  # type: ignore[arg-type]
+    _share_input_reductions(model, plan)
     _divide_head_counts(model, plan, tp)
     return plan
 

@@ -5,8 +5,9 @@ micro-step (packing fills the blocks; a micro-batch of shorter rows moves fewer 
 e = activation bytes (2 under bf16, else the model dtype's), a = adapter bytes, g = max(a, 4) (DoRA's norm terms are
 ≥ fp32), r = dora.r. Per DoRA layer and micro-step, over the tp group (parallel/tp.py):
 
-    column-wise (in → out/tp):   backward  N·in·e (input gradient; none where the input needs no gradient: the
-                                           first block's attention reads the frozen embeddings) + r·in·a (lora_A)
+    column-wise (in → out/tp):   backward  N·in·e (input gradient: once per attention / MLP input, which its
+                                           projections share; none where the input needs no gradient: the first
+                                           block's attention reads the frozen embeddings) + r·in·a (lora_A)
     row-wise (in/tp → out):      forward   N·out·e (the output) + (out·r + r²)·g (W·Aᵀ and A·Aᵀ partials)
                                  backward  out·r·a (lora_B) + out·a (magnitude)
 
@@ -25,6 +26,7 @@ from dataclasses import replace
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
+from dora_dist.parallel.tp import shared_input_parents
 from dora_dist.plan.model_spec import ModelSpec, ParamSpec, base_dtype_bytes, dtype_bytes
 
 if TYPE_CHECKING:
@@ -89,13 +91,18 @@ def tp_layer_bytes(cfg: Config, spec: ModelSpec, kinds: dict[str, str], tokens: 
     shapes = {p.name: p.shape for p in spec.params}
     fwd = fwd_calls = bwd = bwd_calls = 0
     first = min((p.block for p in spec.params if p.block >= 0), default=0)
+    shared = shared_input_parents(kinds)
+    counted: set[str] = set()
     for module, kind in kinds.items():
         out_f, in_f = shapes[module + LEAVES["linear"]]
         has_dora = module + LEAVES["magnitude"] in shapes
         if kind == "colwise":
+            parent = module.rpartition(".")[0]
             block = next(p.block for p in spec.params if p.name == module + LEAVES["linear"])
-            if not (block == first and ".self_attn." in module):  # the first attention reads frozen embeddings
+            needs_grad = not (block == first and ".self_attn." in module)  # the first attention reads embeddings
+            if needs_grad and (parent not in shared or parent not in counted):  # once per shared input
                 bwd, bwd_calls = bwd + tokens * in_f * e, bwd_calls + 1
+                counted.add(parent)
             bwd, bwd_calls = bwd + r * in_f * a, bwd_calls + 1
         else:
             fwd, fwd_calls = fwd + tokens * out_f * e, fwd_calls + 1
