@@ -2,8 +2,9 @@
 fsdp2 and ddp, float64. Losses and the saved (PEFT-format) adapters equal a one-process run's to 1e-10 (float64:
 the runs differ by reduction order, ~1e-16 per sum, which 4 AdamW steps cannot amplify past ~1e-10); the magnitude
 init with nonzero lora_B equals the unsplit layer's norm (row-wise: partials summed over tp); the collectives counted
-on the tp and dp groups equal plan.comm's prediction byte for byte; a tp=2 checkpoint resumes on tp=1 (2 processes)
-and in one process. One torchrun launch per world size (tests/dist/tp_worker.py)."""
+on the tp and dp groups equal plan.comm's prediction byte for byte; a tp=2 checkpoint resumes on tp=1 (2 processes),
+in one process and on the same dp=2 × tp=2 mesh; DoRA's health and the eval loss equal one process's. One
+torchrun launch per world size (tests/dist/tp_worker.py)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,11 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
-TRAINED = [n for world in RUNS.values() for n in world] + ["resume_tp2_to_tp1", "resume_tp2_to_one"]
+TRAINED = [n for world in RUNS.values() for n in world] + [
+    "resume_tp2_to_tp1",
+    "resume_tp2_to_one",
+    "resume_tp2_to_tp2",
+]
 
 
 @pytest.mark.parametrize("name", TRAINED)

@@ -5,7 +5,8 @@ launch per world size, several cases, so the slow process start is paid once.
   ddp training runs with tp=2 (float64, collectives counted); a ddp tp=2 run stopped at step 2 (checkpoint), then
   resumed to step 4 with tp=1 (ddp over the same 2 processes); an fsdp2 tp=2 run stopped at step 2 that the test
   resumes in one process.
-- world 4: fsdp2 and ddp training runs on a dp=2 × tp=2 mesh (collectives counted).
+- world 4: fsdp2 and ddp training runs on a dp=2 × tp=2 mesh (collectives counted); an fsdp2 dp=2 × tp=2 run
+  stopped at step 2 and resumed on the same mesh.
 Rank 0 writes <workdir>/results_w<world>.json; the test compares with one-process runs.
 """
 
@@ -119,6 +120,10 @@ def main() -> int:
         os.environ.update(DORA_DIST_COUNT_COMM="1", DORA_DIST_COUNT_COMM_DIR=os.path.join(out, "probe"))
         train(load_config(None, overrides(args.cache, out, engine, extra)))
     os.environ.pop("DORA_DIST_COUNT_COMM", None)
+    if world == 4:  # a dp=2 × tp=2 fsdp2 checkpoint resumed on the same mesh
+        out = os.path.join(args.workdir, "resume_tp2_to_tp2")
+        train(load_config(None, overrides(args.cache, out, "fsdp2", RESUME_FIRST)))
+        train(load_config(None, overrides(args.cache, out, "fsdp2", ["parallel.tp=2", "checkpoint.resume=auto"])))
     if world == 2:
         out = os.path.join(args.workdir, "resume_tp2_to_tp1")
         train(load_config(None, overrides(args.cache, out, "ddp", RESUME_FIRST)))
