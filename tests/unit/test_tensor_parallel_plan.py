@@ -192,3 +192,16 @@ def test_apply_refuses_before_splitting_anything(targets, tp, expect):
         apply_tensor_parallel(model, SimpleNamespace(dims=MeshDims(tp=tp)))  # no process group needed to refuse
     assert "\n" not in str(e.value)
     assert not any(hasattr(p, "placements") for p in model.parameters())
+
+
+def test_batch_arithmetic_and_data_ranks_count_data_parallel_ranks():
+    """A tp group reads the same batches: training.global_batch_size splits over world / tp ranks, and the tp ranks
+    of a group (consecutive, tp innermost) share one data-parallel index."""
+    from dora_dist.parallel.mesh import data_parallel_rank
+    from dora_dist.preflight import check_batch
+
+    cfg = load_config(None, ["parallel.tp=2", "training.global_batch_size=6", "training.micro_batch_size=3"])
+    check_batch(cfg, 4)  # 6 = 3 × (4 / 2): fine with tp=2
+    with pytest.raises(ConfigError, match="global_batch_size=6"):
+        check_batch(load_config(None, ["training.global_batch_size=6", "training.micro_batch_size=3"]), 4)
+    assert [data_parallel_rank(cfg, r, 4) for r in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
