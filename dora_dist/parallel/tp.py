@@ -421,10 +421,6 @@ def apply_tensor_parallel(model: nn.Module, job_mesh: JobMesh) -> dict[str, str]
 # ------------------------------------------------------------------------------------------------------------
 # data-parallel gradients of TP parameters (DDP engine: DDP cannot hold DTensor parameters)
 # ------------------------------------------------------------------------------------------------------------
-def dtensor_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if isinstance(p, DTensor)]
-
-
 @torch.no_grad()
 def average_dp_gradients(params: list[nn.Parameter], group: dist.ProcessGroup, dp: int) -> None:
     """Average the local gradients of `params` over the data-parallel ranks: ONE all-reduce of their concatenation
@@ -505,7 +501,6 @@ __all__ = [
     "tp_spec",
     "shard_dora_layer",
     "average_dp_gradients",
-    "dtensor_parameters",
     "gather_tp_tensor",
     "tp_row_view",
 ]

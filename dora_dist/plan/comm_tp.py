@@ -154,10 +154,7 @@ def predict_tp_collectives(cfg: Config, spec: ModelSpec, engine: str, dims: Mesh
             for c in dp_part
         ]
     else:  # ddp: the tp-split adapter gradients in one buffer (parallel/tp.py average_dp_gradients)
-        split = [p for p in local.select(trainable=True) if _module_of(p) in kinds]
-        rest = [p for p in local.select(trainable=True) if _module_of(p) not in kinds]
+        split = local.select(trainable=True)  # all tensor-parallel (parallel/tp.py refuses any other adapter)
         dp_part = [c for c in dp_part if not c.what.startswith("adapter gradients")]
         dp_part.append(Collective("all_reduce", a * sum(p.numel for p in split), 1, True, "tp-split adapter gradients"))
-        if rest:
-            dp_part.append(Collective("all_reduce", a * sum(p.numel for p in rest), 1, True, "adapter gradients (DDP)"))
     return out + dp_part
