@@ -38,7 +38,6 @@ from dora_dist.parallel.base import Engine, dora_layers
 from dora_dist.parallel.capabilities import EngineCapabilities
 from dora_dist.parallel.hsdp import chunk_span as _chunk_span
 from dora_dist.parallel.hsdp import first_replica, row_shard_group, row_shards, same_row_sharding
-from dora_dist.parallel.mesh import build_mesh, resolve_dims
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
@@ -87,7 +86,6 @@ class FSDP2Engine(Engine):
     def __init__(self, cfg: Config, env: DistEnv, batching=None, optimizer_factory=None):
         super().__init__(cfg, env, batching, optimizer_factory)
         self.mesh = None  # what fully_shard shards over: 1-D "dp", or 2-D (dp_replicate, dp_shard) under HSDP
-        self.job_mesh = None
 
     def unsupported_base(self, source) -> str | None:
         # bitsandbytes' Params4bit / Int8Params cannot be split by fully_shard (forward raises `quant_state is
@@ -123,7 +121,12 @@ class FSDP2Engine(Engine):
 
         if self.cfg.quantization.mode in ("nf4", "fp4"):  # 4-bit: packed row records, sharded by rows
             plan = LoadPlan("sharded_4bit", torch.device("meta"))
-        elif self.cfg.parallel.load_on_rank0 and self.env.world_size > 1 and self.cfg.quantization.mode == "none":
+        elif (
+            self.cfg.parallel.load_on_rank0
+            and self.env.world_size > 1
+            and self.cfg.quantization.mode == "none"
+            and self.cfg.parallel.tp == 1
+        ):
             plan = LoadPlan("rank0_broadcast", torch.device("cpu" if self.env.is_main else "meta"))
         else:
             plan = LoadPlan("direct", self.env.device)
@@ -135,10 +138,10 @@ class FSDP2Engine(Engine):
         if not self.env.distributed:
             raise RuntimeError("parallel.engine=fsdp2 needs several processes (launch with torchrun)")
         plan = self.plan or self.load_plan()
-        # HSDP when parallel.shard_group is below the world: shard inside each group, replicate across groups
-        dims = resolve_dims(self.cfg, self.env.world_size, self.env.local_world_size, "fsdp2")
-        self.job_mesh = build_mesh(dims, self.env.device.type)
-        self.mesh = self.job_mesh.data_parallel()
+        # HSDP when parallel.shard_group is below the data-parallel world (shard inside each group, replicate across
+        # groups); parallel.tp > 1: split the linears over tp first, then shard over dp (as torchtitan)
+        self.apply_tensor_parallel(model)
+        self.mesh = self.job_mesh().data_parallel()
         kwargs = self.shard_kwargs()
         full_state = buffers = None
         if plan.kind == "rank0_broadcast":
@@ -220,6 +223,14 @@ class FSDP2Engine(Engine):
             for n, layer in dora_layers(self.unwrap(model))
             if layer.magnitude is not None and not layer.merged
         ]
+        if self.cfg.parallel.tp > 1:  # tensor-parallel layers: their tp rows (parallel/tp.py)
+            from dora_dist.parallel.tp import tp_row_view
+
+            split = [(n, layer) for n, layer in layers if getattr(layer, "_tp_spec", None) is not None]
+            layers = [(n, layer) for n, layer in layers if getattr(layer, "_tp_spec", None) is None]
+            first = self.env.rank // self.cfg.parallel.tp == 0
+            for name, layer in split:
+                yield tp_row_view(name, layer, first, device)
         sharded = [layer for _, layer in layers if isinstance(layer.base_layer.weight, DTensor)]
         whole_a = dict(
             zip(map(id, sharded), gather_dim0_shards([layer.lora_A for layer in sharded], device), strict=True)
@@ -359,6 +370,8 @@ def init_sharded_norms(model: nn.Module, device: torch.device) -> int:
     for _, layer in dora_layers(model):
         weight, source = layer.base_layer.weight, layer.weight_source
         done += 1
+        if getattr(layer, "_tp_spec", None) is not None:
+            continue  # tensor-parallel: norms and magnitude set when it was split (parallel/tp.py)
         if not isinstance(weight, DTensor):
             layer.init_magnitude()  # not sharded (e.g. outside any fully_shard unit)
             continue

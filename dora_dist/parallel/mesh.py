@@ -108,6 +108,13 @@ def resolve_dims(cfg: Config, world: int, local_world: int | None = None, engine
     return MeshDims(dp_replicate=dp // group, dp_shard=group, tp=tp, nodes=nodes)
 
 
+def data_parallel_rank(cfg: Config, rank: int, world: int) -> tuple[int, int]:
+    """(this rank's data-parallel index, data-parallel size): the ranks of one tensor-parallel group (tp innermost,
+    consecutive) see the same batches, so data, batch arithmetic and loss scaling count world / tp ranks."""
+    tp = max(1, int(cfg.parallel.tp))
+    return rank // tp, max(1, world // tp)
+
+
 @dataclass(frozen=True)
 class JobMesh:
     """The built mesh: the 3-D root (dp_replicate, dp_shard, tp) and its flattened data-parallel dimension, kept
@@ -144,4 +151,4 @@ def build_mesh(dims: MeshDims, device_type: str) -> JobMesh:
     return mesh
 
 
-__all__ = ["DIM_NAMES", "MeshDims", "JobMesh", "resolve_dims", "build_mesh"]
+__all__ = ["DIM_NAMES", "MeshDims", "JobMesh", "resolve_dims", "build_mesh", "data_parallel_rank"]

@@ -162,6 +162,10 @@ def predict_collectives(
         return []
     if dims is None:
         dims = resolve_dims(cfg, world, None, engine)
+    if dims.tp > 1 and not dims.hybrid and dims.world == world:  # dp × tp (plan/comm_tp.py)
+        from dora_dist.plan.comm_tp import predict_tp_collectives
+
+        return [c for c in predict_tp_collectives(cfg, spec, engine, dims) if c.nbytes or c.calls]
     fsdp2 = caps.shards_params and caps.deepspeed_stage is None
     # modelled meshes: flat (every engine) and FSDP2's HSDP (dp_replicate × dp_shard, both > 1)
     if (dims.dp_replicate > 1 and not (fsdp2 and dims.hybrid)) or dims.tp > 1 or dims.world != world:

@@ -138,6 +138,14 @@ CASES: list[Case] = [
     ),
     Case(
         "config",
+        "parallel.tp that does not divide the attention heads",
+        lambda a: ["train", "--check", *a.train("parallel.engine=fsdp2", "parallel.tp=4")[1:]],
+        ("parallel.tp=4 does not divide the model's num_attention_heads=6",),
+        env=(("WORLD_SIZE", "4"), ("LOCAL_WORLD_SIZE", "4")),
+        entry="train",
+    ),
+    Case(
+        "config",
         "a shard group that straddles nodes (HSDP)",
         lambda a: [
             "train",
@@ -155,10 +163,42 @@ CASES: list[Case] = [
     ),
     Case(
         "config",
+        "parallel.tp that does not divide the KV heads",
+        lambda a: ["train", "--check", *a.train("parallel.engine=fsdp2", "parallel.tp=3")[1:]],
+        ("parallel.tp=3 does not divide the model's num_key_value_heads=2",),
+        env=(("WORLD_SIZE", "6"), ("LOCAL_WORLD_SIZE", "6")),
+        entry="train",
+    ),
+    Case(
+        "config",
         "a shard group with an engine that has no hybrid sharding",
         lambda a: ["train", "--check", *a.train("parallel.engine=ddp", "parallel.shard_group=2")[1:]],
         ("parallel.shard_group=2", "engines that do: fsdp2"),
         env=(("WORLD_SIZE", "4"),),
+        entry="train",
+    ),
+    Case(
+        "config",
+        "parallel.tp that does not divide the world size",
+        lambda a: ["train", "--check", *a.train("parallel.engine=fsdp2", "parallel.tp=4")[1:]],
+        ("parallel.tp=4 does not divide the world size 6",),
+        env=(("WORLD_SIZE", "6"), ("LOCAL_WORLD_SIZE", "6")),
+        entry="train",
+    ),
+    Case(
+        "config",
+        "parallel.tp with an engine that cannot compose with it",
+        lambda a: ["train", "--check", *a.train("parallel.engine=zero2", "parallel.tp=2")[1:]],
+        ("parallel.tp=2 with parallel.engine=zero2", "engines that can: ddp, fsdp2"),
+        env=(("WORLD_SIZE", "4"), ("LOCAL_WORLD_SIZE", "4")),
+        entry="train",
+    ),
+    Case(
+        "config",
+        "parallel.tp with a 4-bit base",
+        lambda a: ["train", "--check", *a.train("parallel.engine=ddp", "parallel.tp=2", "quantization.mode=nf4")[1:]],
+        ("parallel.tp=2 with quantization.mode=nf4", "not implemented"),
+        env=(("WORLD_SIZE", "4"), ("LOCAL_WORLD_SIZE", "4")),
         entry="train",
     ),
     Case(
