@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dora_dist.errors import ConfigError
-from dora_dist.parallel.base import Engine, dora_layers
+from dora_dist.parallel.base import Engine, dora_layers, rank_zero_print
 from dora_dist.parallel.capabilities import EngineCapabilities
 from dora_dist.parallel.zero_base import (  # noqa: F401  (CHECKPOINT_TAG, CLIENT_KEY, ...: re-exported)
     CHECKPOINT_TAG,
@@ -79,6 +79,22 @@ def _local_slice(p: torch.Tensor) -> torch.Tensor:
     """This rank's valid elements of a partitioned parameter (a view of its ZeRO-3 partition)."""
     start, stop, _ = _partition_range(p)
     return p.ds_tensor.view(-1).narrow(0, 0, stop - start)
+
+
+def _norm_slice(p: torch.Tensor) -> tuple[torch.Tensor, int, object]:
+    """(this rank's valid elements, their flat start, the group whose slices cover the weight) for the row norms.
+    Under hpZ (zero_hpz_partition_size > 1) a frozen weight also has a secondary partition split over the shard
+    group only: the norms then come from it and their all-reduce stays inside the group (the node); otherwise the
+    primary partition over all ranks."""
+    sec = getattr(p, "ds_secondary_tensor", None)
+    group = getattr(p, "ds_zero_param_process_group", None)
+    if sec is None or group is None or hasattr(sec, "ds_quant_scale"):  # no (plain) secondary copy
+        start, stop, _ = _partition_range(p)
+        return _local_slice(p), start, p.ds_process_group
+    size = int(sec.ds_numel)
+    start = dist.get_rank(group=group) * size
+    stop = max(start, min(start + size, int(p.ds_numel)))
+    return sec.view(-1).narrow(0, 0, stop - start), start, group
 
 
 def storage_row_pieces(flat: torch.Tensor, start: int, d1: int, chunk_rows: int = 4096):
@@ -220,6 +236,7 @@ class Zero3Engine(ZeroEngine):
 
         deepspeed.init_distributed(dist_backend=self.env.backend)  # wraps the process group the trainer made
         self.ds_config = self.make_ds_config()
+        self._sync_hpz_group()  # zero.Init creates the hpZ group when it has none
         # zero.Init casts every floating tensor it creates to the DeepSpeed config's precision (fp32 when bf16/fp16
         # are off, as in our training config); the load-time copy names the base dtype instead, so a bf16 base
         # is partitioned in bf16, exactly as `model.dtype` asks.
@@ -242,6 +259,48 @@ class Zero3Engine(ZeroEngine):
             for p in layer.base_layer.parameters(recurse=False):
                 deepspeed.zero.register_external_parameter(layer, p)
         return model
+
+    # --- hpZ (ZeRO++ hierarchical partitioning, parallel.shard_group < world) -------------------------------
+    def hpz_size(self) -> int:
+        return int((self.ds_config or {}).get("zero_optimization", {}).get("zero_hpz_partition_size", 1) or 1)
+
+    def _sync_hpz_group(self) -> None:
+        """DeepSpeed keeps the hpZ group in a module global that outlives its engine and is reused by every later
+        ZeRO-3 engine of the process, whatever its zero_hpz_partition_size (a flat run after an hpZ run would
+        still gather inside the old groups). Drop a group that does not match this engine's size."""
+        from deepspeed.utils import groups
+
+        current = groups._get_zero_param_intra_parallel_group()
+        if current is not None and (self.hpz_size() <= 1 or dist.get_world_size(current) != self.hpz_size()):
+            groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """ZeroEngine.prepare, with the hpZ group made current and named "dp_shard" for the collective counter."""
+        if self.ds_config is None:
+            self.ds_config = self.make_ds_config()
+        self._sync_hpz_group()
+        engine = super().prepare(model)
+        if self.hpz_size() > 1:
+            from deepspeed.utils import groups
+
+            from dora_dist.parallel.comm_counter import name_mesh_groups
+
+            intra = groups._get_zero_param_intra_parallel_group()
+            name_mesh_groups({"dp_shard": intra})
+            rank_zero_print(
+                self.env,
+                f"[dora_dist] ZeRO++ hpZ: frozen weights gathered inside shard groups of {self.hpz_size()} "
+                f"(this rank's: {dist.get_process_group_ranks(intra)}); gradients reduced over all "
+                f"{self.env.world_size} ranks",
+            )
+        return engine
+
+    def close(self) -> None:
+        super().close()
+        if self.hpz_size() > 1:
+            from deepspeed.utils import groups
+
+            groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None  # see _sync_hpz_group
 
     def init_magnitudes_after(self, ds_engine, ds_optimizer) -> None:
         self.init_magnitudes(ds_engine.module)
@@ -299,12 +358,13 @@ class Zero3Engine(ZeroEngine):
     def _row_sq_from_partition(self, layer: nn.Module, stats: dict) -> torch.Tensor:
         """‖W_i‖² (fp32, (out,)) from this rank's flat slice + one all-reduce of (out,) floats."""
         w = layer.base_layer.weight
-        start, _, _ = _partition_range(w)
+        flat, start, group = _norm_slice(w)
         shape = tuple(int(d) for d in w.ds_shape)
         out_dim = 1 if layer.fan_in_fan_out else 0
-        partial = partial_row_sq_norms(_local_slice(w), start, shape, out_dim).to(self.env.device)
-        dist.all_reduce(partial, group=w.ds_process_group)  # COLLECTIVE: out floats
+        partial = partial_row_sq_norms(flat, start, shape, out_dim).to(self.env.device)
+        dist.all_reduce(partial, group=group)  # COLLECTIVE: out floats (inside the shard group under hpZ)
         stats["allreduce_bytes"] += partial.numel() * partial.element_size()
+        stats["allreduce_group_size"] = dist.get_world_size(group)
         return partial.to(torch.float32 if partial.dtype != torch.float64 else partial.dtype)
 
     def _norms_gathered(self, layer: nn.Module, stats: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -346,10 +406,10 @@ class Zero3Engine(ZeroEngine):
                 a, b, m = (p.detach().to(device).clone() for p in adapter)
             w = layer.base_layer.weight
             if _is_partitioned(w):
-                start, _, _ = _partition_range(w)
+                flat, start, group = _norm_slice(w)
                 shape = tuple(int(d) for d in w.ds_shape)
-                wa = partial_times_A(_local_slice(w), start, shape, 1 if layer.fan_in_fan_out else 0, a).to(device)
-                dist.all_reduce(wa, group=w.ds_process_group)  # COLLECTIVE: (out, r) floats
+                wa = partial_times_A(flat, start, shape, 1 if layer.fan_in_fan_out else 0, a).to(device)
+                dist.all_reduce(wa, group=group)  # COLLECTIVE: (out, r) floats
                 row_sq = layer.base_row_sq
                 if row_sq is None:
                     row_sq = self._row_sq_from_partition(layer, {"allreduce_bytes": 0})  # COLLECTIVE
