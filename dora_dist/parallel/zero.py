@@ -27,6 +27,9 @@ Magnitude init and ‖W‖² under ZeRO-3 (`init_magnitudes`), two paths; the de
 - "gather": `deepspeed.zero.GatheredParameters([base.weight, lora_A, lora_B])` around one layer at a time,
   computing the norm from the full weight; the gathered copies are released when the context exits. Moves the
   whole weight: out·in·itemsize bytes gathered per layer ((N-1)/N of it received per rank).
+Under ZeRO++ hpZ (parallel.shard_group below the world: zero_hpz_partition_size in the JSON) each parameter also has
+a secondary partition split over the rank's shard group only; the "partition" path reads it, so the all-reduce
+runs inside the group (the node), and the engine names DeepSpeed's hpZ group "dp_shard" for the collective counter.
 `norm_init_stats` records the layers and payload bytes of the last init (tiny test Llama, 14 layers: 2,080 bytes
 all-reduced vs 89,680 bytes gathered; Llama-3.1-8B, 224 layers: 5.5 MB vs the whole 14 GB bf16 base).
 
@@ -49,6 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dora_dist.errors import ConfigError
+from dora_dist.parallel import zero_hpz
 from dora_dist.parallel.base import Engine, dora_layers, rank_zero_print
 from dora_dist.parallel.capabilities import EngineCapabilities
 from dora_dist.parallel.zero_base import (  # noqa: F401  (CHECKPOINT_TAG, CLIENT_KEY, ...: re-exported)
@@ -79,22 +83,6 @@ def _local_slice(p: torch.Tensor) -> torch.Tensor:
     """This rank's valid elements of a partitioned parameter (a view of its ZeRO-3 partition)."""
     start, stop, _ = _partition_range(p)
     return p.ds_tensor.view(-1).narrow(0, 0, stop - start)
-
-
-def _norm_slice(p: torch.Tensor) -> tuple[torch.Tensor, int, object]:
-    """(this rank's valid elements, their flat start, the group whose slices cover the weight) for the row norms.
-    Under hpZ (zero_hpz_partition_size > 1) a frozen weight also has a secondary partition split over the shard
-    group only: the norms then come from it and their all-reduce stays inside the group (the node); otherwise the
-    primary partition over all ranks."""
-    sec = getattr(p, "ds_secondary_tensor", None)
-    group = getattr(p, "ds_zero_param_process_group", None)
-    if sec is None or group is None or hasattr(sec, "ds_quant_scale"):  # no (plain) secondary copy
-        start, stop, _ = _partition_range(p)
-        return _local_slice(p), start, p.ds_process_group
-    size = int(sec.ds_numel)
-    start = dist.get_rank(group=group) * size
-    stop = max(start, min(start + size, int(p.ds_numel)))
-    return sec.view(-1).narrow(0, 0, stop - start), start, group
 
 
 def storage_row_pieces(flat: torch.Tensor, start: int, d1: int, chunk_rows: int = 4096):
@@ -236,7 +224,7 @@ class Zero3Engine(ZeroEngine):
 
         deepspeed.init_distributed(dist_backend=self.env.backend)  # wraps the process group the trainer made
         self.ds_config = self.make_ds_config()
-        self._sync_hpz_group()  # zero.Init creates the hpZ group when it has none
+        zero_hpz.sync_group(zero_hpz.hpz_size(self.ds_config))  # zero.Init creates the hpZ group when it has none
         # zero.Init casts every floating tensor it creates to the DeepSpeed config's precision (fp32 when bf16/fp16
         # are off, as in our training config); the load-time copy names the base dtype instead, so a bf16 base
         # is partitioned in bf16, exactly as `model.dtype` asks.
@@ -260,47 +248,26 @@ class Zero3Engine(ZeroEngine):
                 deepspeed.zero.register_external_parameter(layer, p)
         return model
 
-    # --- hpZ (ZeRO++ hierarchical partitioning, parallel.shard_group < world) -------------------------------
-    def hpz_size(self) -> int:
-        return int((self.ds_config or {}).get("zero_optimization", {}).get("zero_hpz_partition_size", 1) or 1)
-
-    def _sync_hpz_group(self) -> None:
-        """DeepSpeed keeps the hpZ group in a module global that outlives its engine and is reused by every later
-        ZeRO-3 engine of the process, whatever its zero_hpz_partition_size (a flat run after an hpZ run would
-        still gather inside the old groups). Drop a group that does not match this engine's size."""
-        from deepspeed.utils import groups
-
-        current = groups._get_zero_param_intra_parallel_group()
-        if current is not None and (self.hpz_size() <= 1 or dist.get_world_size(current) != self.hpz_size()):
-            groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
-
+    # --- hpZ (ZeRO++ hierarchical partitioning, parallel.shard_group < world; see zero_hpz.py) ----------------
     def prepare(self, model: nn.Module) -> nn.Module:
         """ZeroEngine.prepare, with the hpZ group made current and named "dp_shard" for the collective counter."""
         if self.ds_config is None:
             self.ds_config = self.make_ds_config()
-        self._sync_hpz_group()
+        zero_hpz.sync_group(zero_hpz.hpz_size(self.ds_config))
         engine = super().prepare(model)
-        if self.hpz_size() > 1:
-            from deepspeed.utils import groups
-
-            from dora_dist.parallel.comm_counter import name_mesh_groups
-
-            intra = groups._get_zero_param_intra_parallel_group()
-            name_mesh_groups({"dp_shard": intra})
+        if (size := zero_hpz.hpz_size(self.ds_config)) > 1:
+            ranks = zero_hpz.register_group()
             rank_zero_print(
                 self.env,
-                f"[dora_dist] ZeRO++ hpZ: frozen weights gathered inside shard groups of {self.hpz_size()} "
-                f"(this rank's: {dist.get_process_group_ranks(intra)}); gradients reduced over all "
-                f"{self.env.world_size} ranks",
+                f"[dora_dist] ZeRO++ hpZ: weights gathered inside shard groups of {size} (this rank's: {ranks}); "
+                f"gradients reduced over all {self.env.world_size} ranks",
             )
         return engine
 
     def close(self) -> None:
         super().close()
-        if self.hpz_size() > 1:
-            from deepspeed.utils import groups
-
-            groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None  # see _sync_hpz_group
+        if zero_hpz.hpz_size(self.ds_config) > 1:
+            zero_hpz.release_group()
 
     def init_magnitudes_after(self, ds_engine, ds_optimizer) -> None:
         self.init_magnitudes(ds_engine.module)
@@ -358,7 +325,7 @@ class Zero3Engine(ZeroEngine):
     def _row_sq_from_partition(self, layer: nn.Module, stats: dict) -> torch.Tensor:
         """‖W_i‖² (fp32, (out,)) from this rank's flat slice + one all-reduce of (out,) floats."""
         w = layer.base_layer.weight
-        flat, start, group = _norm_slice(w)
+        flat, start, group = zero_hpz.norm_slice(w, (_local_slice(w), _partition_range(w)[0]))
         shape = tuple(int(d) for d in w.ds_shape)
         out_dim = 1 if layer.fan_in_fan_out else 0
         partial = partial_row_sq_norms(flat, start, shape, out_dim).to(self.env.device)
@@ -406,7 +373,7 @@ class Zero3Engine(ZeroEngine):
                 a, b, m = (p.detach().to(device).clone() for p in adapter)
             w = layer.base_layer.weight
             if _is_partitioned(w):
-                flat, start, group = _norm_slice(w)
+                flat, start, group = zero_hpz.norm_slice(w, (_local_slice(w), _partition_range(w)[0]))
                 shape = tuple(int(d) for d in w.ds_shape)
                 wa = partial_times_A(flat, start, shape, 1 if layer.fan_in_fan_out else 0, a).to(device)
                 dist.all_reduce(wa, group=group)  # COLLECTIVE: (out, r) floats

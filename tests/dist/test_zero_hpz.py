@@ -147,7 +147,8 @@ def test_hpz_counted_bytes_per_dimension_equal_prediction(workdir, builtin_cache
     assert predicted["dp_shard"]["all_gather"] > 0 and predicted["dp"]["reduce_scatter"] > 0
     for rank in range(4):
         data = json.loads((workdir / run / "probe" / f"comm_rank{rank}.json").read_text())
-        step = next(s for s in data["steps"] if s["step"] == STEPS)  # steady state
+        step = data["steps"][-1]  # steady state: the run's last step (not the first)
+        assert step["step"] == (STEPS if run == "hpz" else 2)
         shard = {k: step.get(f"comm_dp_shard_{k}_bytes", 0) for k in KINDS}
         flat = {k: step[f"comm_{k}_bytes"] - shard[k] for k in KINDS}
         assert not any(step.get(f"comm_other_{k}_bytes", 0) for k in KINDS), step
@@ -175,8 +176,9 @@ def test_hpz_without_persistent_parameters_matches_single_process(workdir, refer
     fetched together, each from its own partition."""
     _, ref = reference
     got = records(workdir / "nopersist")
-    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-5, abs=1e-6)
-    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in ref], rel=1e-4, abs=1e-6)
+    assert len(got) == 2
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref[:2]], rel=1e-5, abs=1e-6)
+    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in ref[:2]], rel=1e-4, abs=1e-6)
 
 
 def test_hpz_engine_groups_and_shard_local_magnitude_init(workdir):

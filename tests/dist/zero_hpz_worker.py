@@ -48,7 +48,7 @@ RUNS = {
     "offload": [*HPZ, "parallel.cpu_offload=true", "training.max_steps=2", "checkpoint.every_steps=0"],
     # no parameter persistent (as every base weight and the larger adapters of a real model): all are gathered per
     # layer, frozen ones from their secondary (shard-group) partition, adapters from their primary one
-    "nopersist": [*HPZ, "checkpoint.every_steps=0"],  # + parallel.deepspeed_config, written by main
+    "nopersist": [*HPZ, "training.max_steps=2", "checkpoint.every_steps=0"],  # + parallel.deepspeed_config (main)
 }
 
 
