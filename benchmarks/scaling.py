@@ -18,7 +18,14 @@ their times are not scaling data.
 
 Two multi-node runs go through the launch scripts on loopback: launch/multinode.sh as 2 nodes × 1 process (separate
 node ranks, c10d rendezvous), and launch/deepspeed.sh with a hostfile of two "nodes" and NODE_RANK (deepspeed
---no_ssh), so the multi-node paths are exercised by a benchmark and not only by tests.
+--no_ssh), so the multi-node paths are exercised by a benchmark and not only by tests. Both pin one flat group
+(parallel.shard_group = world): on several nodes the default is one shard group per node.
+
+Mesh points (issues 23, 24; `--no-mesh` leaves them out, `--mesh-only` runs just them and the one-rank baseline and
+merges them into the saved JSON): FSDP2 HSDP on 4 ranks as 2 nodes × 2 (launch/multinode.sh,
+parallel.shard_group=2), tp=2 (ddp, 2 ranks) and dp=2 × tp=2 (fsdp2, 4 ranks). Their collectives are also counted
+per mesh dimension (comm_<dim>_<kind>_bytes: inside a shard group, across groups, inside a tp group) and compared
+with the planner's prediction for each dimension.
 
 Output: benchmarks/results/scaling_<device>.json and .csv, and PNG plots (tokens/s, memory/rank, bytes/step vs
 ranks, projected vs measured); progress on stderr, a summary table on stdout.
@@ -48,6 +55,9 @@ ENGINES = {"dense": ("ddp", "fsdp2", "zero2", "zero3"), "nf4": ("ddp", "zero2", 
 NF4 = ["quantization.mode=nf4", "quantization.compute_dtype=float32"]
 
 
+MESH_DIMS = ("dp_shard", "dp_replicate", "tp")  # the per-dimension counts (the flat "dp" is the rest)
+
+
 @dataclass(frozen=True)
 class Point:
     engine: str
@@ -55,6 +65,28 @@ class Point:
     mode: str  # strong | weak
     world: int
     launcher: str = "torchrun"  # torchrun | multinode.sh | deepspeed-hostfile | single
+    shard_group: int = 0  # parallel.shard_group (0: the config's default)
+    tp: int = 1  # parallel.tp
+
+    @property
+    def nodes(self) -> int:
+        return 2 if self.launcher in ("multinode.sh", "deepspeed-hostfile") else 1
+
+    @property
+    def layout(self) -> str:
+        """ "flat", or the mesh: "HSDP 2×2", "tp=2", "dp=2 × tp=2"."""
+        dp = self.world // self.tp
+        if self.shard_group and self.shard_group < dp:
+            return f"HSDP {dp // self.shard_group}×{self.shard_group}" + (f" tp={self.tp}" if self.tp > 1 else "")
+        if self.tp > 1:
+            return f"dp={dp} × tp={self.tp}" if dp > 1 else f"tp={self.tp}"
+        return "flat"
+
+    @property
+    def key(self) -> str:
+        extra = f"_g{self.shard_group}" if self.shard_group else ""
+        extra += f"_tp{self.tp}" if self.tp > 1 else ""
+        return f"{self.base}_{self.engine}_{self.mode}_w{self.world}_{self.launcher.replace('.', '')}{extra}"
 
 
 def log(msg: str) -> None:
@@ -107,6 +139,10 @@ def overrides(p: Point, args, out: Path) -> list[str]:
     ]
     if p.launcher != "deepspeed-hostfile":
         o.append(f"parallel.engine={engine}")
+    if p.shard_group:
+        o.append(f"parallel.shard_group={p.shard_group}")
+    if p.tp > 1:
+        o.append(f"parallel.tp={p.tp}")
     return o + (NF4 if p.base == "nf4" else [])
 
 
@@ -201,6 +237,7 @@ def collect(p: Point, out: Path, steps: int) -> dict:
                 "rank": data["rank"],
                 "step_s": statistics.median(timed),
                 "bytes": {k: last[f"comm_{k}_bytes"] for k in KINDS},
+                "dim_bytes": {d: {k: last.get(f"comm_{d}_{k}_bytes", 0) for k in KINDS} for d in MESH_DIMS},
                 "calls": {k: last[f"comm_{k}_calls"] for k in KINDS},
                 "live_bytes_peak": last.get("live_bytes_peak"),
                 "max_rss_bytes": last.get("max_rss_bytes"),
@@ -215,7 +252,8 @@ def collect(p: Point, out: Path, steps: int) -> dict:
 def project_point(p: Point, args, out: Path, cpt: float | None) -> dict:
     """The projection of the same job: collective bytes per kind, memory per rank, step time."""
     from dora_dist.config import load_config
-    from dora_dist.plan.comm import bytes_by_kind, predict_collectives
+    from dora_dist.parallel.mesh import resolve_dims
+    from dora_dist.plan.comm import bytes_by_dim, bytes_by_kind, predict_collectives
     from dora_dist.plan.hardware import make_cluster
     from dora_dist.plan.memory import estimate_memory
     from dora_dist.plan.model_spec import model_spec
@@ -226,23 +264,31 @@ def project_point(p: Point, args, out: Path, cpt: float | None) -> dict:
     engine = "none" if p.world == 1 else p.engine
     spec = model_spec(cfg)
     gpu = "cpu" if args.device == "cpu" else args.gpu
-    cluster = make_cluster(gpu, 1, p.world, "loopback" if args.device == "cpu" else None)
-    proj = project(cfg, cluster, engine, spec=spec, compute_s_per_token=cpt)
+    link = "loopback" if args.device == "cpu" else None
+    cluster = make_cluster(gpu, p.nodes, p.world // p.nodes, link, inter_node=link or "infiniband")
+    dims = resolve_dims(cfg, p.world, p.world // p.nodes, engine)  # the mesh the trainer builds (preflight's rule)
+    proj = project(cfg, cluster, engine, spec=spec, compute_s_per_token=cpt, dims=dims)
+    colls = predict_collectives(cfg, spec, engine, p.world, dims)
+    per_dim = bytes_by_dim(colls)
     return {
-        "bytes": bytes_by_kind(predict_collectives(cfg, spec, engine, p.world)),
-        "memory": estimate_memory(cfg, spec, engine, p.world).device_total,
+        "bytes": bytes_by_kind(colls),
+        "dim_bytes": {d: per_dim.get(d, dict.fromkeys(KINDS, 0)) for d in MESH_DIMS},
+        "memory": estimate_memory(cfg, spec, engine, p.world, dims=dims).device_total,
         "step_s": proj.step_s if cpt is not None else None,
         "tokens_per_step": cfg.training.micro_batch_size
         * cfg.data.seq_len
         * (cfg.training.global_batch_size // cfg.training.micro_batch_size),
+        "link_bytes": proj.link_bytes,
     }
 
 
 def measured_row(p: Point, m: dict, machine: str, cores: int) -> dict:
     live = [r["live_bytes_peak"] for r in m["ranks"] if r["live_bytes_peak"]]
     counted = m["ranks"][0]["bytes"]
+    dims = m["ranks"][0]["dim_bytes"]
     return {
         **asdict(p),
+        "layout": p.layout,
         "machine": machine,
         "oversubscribed": p.world > cores,
         "tokens_per_s": m["tokens_per_s"],
@@ -250,7 +296,10 @@ def measured_row(p: Point, m: dict, machine: str, cores: int) -> dict:
         "loss_last": m["loss_last"],
         **{f"counted_{k}_bytes": counted[k] for k in KINDS},
         "counted_bytes_per_step": sum(counted.values()),
-        "same_bytes_on_all_ranks": all(r["bytes"] == counted for r in m["ranks"]),
+        **{f"counted_{d}_{k}_bytes": dims[d][k] for d in MESH_DIMS for k in KINDS},
+        "same_bytes_on_all_ranks": all(
+            r["bytes"] == counted and r["dim_bytes"] == m["ranks"][0]["dim_bytes"] for r in m["ranks"]
+        ),
         "live_bytes_peak": sum(live) / len(live) if live else None,
         "max_rss_bytes": max(r["max_rss_bytes"] or 0 for r in m["ranks"]),
         "per_rank": m["ranks"],
@@ -260,12 +309,18 @@ def measured_row(p: Point, m: dict, machine: str, cores: int) -> dict:
 def add_projection(row: dict, pred: dict) -> dict:
     """The projection's numbers and its errors against the measured ones, in place."""
     counted = {k: row[f"counted_{k}_bytes"] for k in KINDS}
+    counted_dims = {d: {k: row.get(f"counted_{d}_{k}_bytes", 0) for k in KINDS} for d in MESH_DIMS}
+    pred_dims = pred.get("dim_bytes") or {d: dict.fromkeys(KINDS, 0) for d in MESH_DIMS}
     live = row["live_bytes_peak"]
     row.update(
         {
             **{f"predicted_{k}_bytes": pred["bytes"][k] for k in KINDS},
+            **{f"predicted_{d}_{k}_bytes": pred_dims[d][k] for d in MESH_DIMS for k in KINDS},
+            "predicted_intra_node_bytes": pred.get("link_bytes", {}).get("intra_node"),
+            "predicted_inter_node_bytes": pred.get("link_bytes", {}).get("inter_node"),
             "predicted_bytes_per_step": sum(pred["bytes"].values()),
-            "bytes_match": counted == pred["bytes"] and row["same_bytes_on_all_ranks"],
+            "dim_bytes_match": counted_dims == pred_dims,
+            "bytes_match": counted == pred["bytes"] and counted_dims == pred_dims and row["same_bytes_on_all_ranks"],
             "predicted_memory_bytes": pred["memory"],
             "memory_error": (pred["memory"] - live) / live if live else None,
             "predicted_step_s": pred["step_s"],
@@ -281,7 +336,17 @@ def reproject(args, stem: Path) -> int:
     calib, failures = {}, list(data.get("failures", []))
     rows = data["points"]
     for row in sorted(rows, key=lambda r: r["world"]):
-        p = Point(row["engine"], row["base"], row["mode"], row["world"], row["launcher"])
+        flat_multinode = row["world"] if row["launcher"] in ("multinode.sh", "deepspeed-hostfile") else 0
+        p = Point(
+            row["engine"],
+            row["base"],
+            row["mode"],
+            row["world"],
+            row["launcher"],
+            row.get("shard_group", flat_multinode),
+            row.get("tp", 1),
+        )
+        row.setdefault("layout", p.layout)
         first = row["per_rank"][0]["bytes"]
         row.setdefault("same_bytes_on_all_ranks", all(r["bytes"] == first for r in row["per_rank"]))
         out = Path(args.workdir) / "reprojected"
@@ -302,12 +367,26 @@ def points(args) -> list[Point]:
         for world in [w for w in args.ranks if w > 1]:
             for mode in args.modes:
                 pts += [Point(e, base, mode, world) for e in ENGINES[base] if e in args.engines]
-    if args.multinode and "dense" in args.bases:
+    if args.multinode and "dense" in args.bases:  # one flat group over the two one-process "nodes"
         pts += [
-            Point("fsdp2", "dense", "strong", 2, "multinode.sh"),
-            Point("zero3", "dense", "strong", 2, "deepspeed-hostfile"),
+            Point("fsdp2", "dense", "strong", 2, "multinode.sh", shard_group=2),
+            Point("zero3", "dense", "strong", 2, "deepspeed-hostfile", shard_group=2),
         ]
+    if args.mesh and "dense" in args.bases:
+        pts += [p for name, p in zip(MESH_POINT_NAMES, mesh_points(), strict=True) if name in args.mesh_points]
     return pts
+
+
+MESH_POINT_NAMES = ("hsdp", "tp2", "dp2tp2")
+
+
+def mesh_points() -> list[Point]:
+    """HSDP on 2 "nodes" × 2 (shard group = one node), tp=2, and dp=2 × tp=2 (strong scaling, dense base)."""
+    return [
+        Point("fsdp2", "dense", "strong", 4, "multinode.sh", shard_group=2),
+        Point("ddp", "dense", "strong", 2, tp=2),
+        Point("fsdp2", "dense", "strong", 4, tp=2),
+    ]
 
 
 def main(argv=None) -> int:
@@ -324,6 +403,19 @@ def main(argv=None) -> int:
     ap.add_argument("--global-batch", type=int, default=8, help="strong scaling: samples per step")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--no-multinode", dest="multinode", action="store_false")
+    ap.add_argument("--no-mesh", dest="mesh", action="store_false", help="leave out the HSDP and tp points")
+    ap.add_argument(
+        "--mesh-only",
+        action="store_true",
+        help="run only the one-rank dense baseline and the HSDP / tp points, and merge them into the saved JSON",
+    )
+    ap.add_argument(
+        "--mesh-points",
+        nargs="+",
+        choices=MESH_POINT_NAMES,
+        default=list(MESH_POINT_NAMES),
+        help="which mesh points: hsdp (4 ranks as 2 × 2), tp2, dp2tp2 (default: all)",
+    )
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dora_dist_scaling_cache"))
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dora_dist_scaling"))
     ap.add_argument("--timeout", type=int, default=900)
@@ -342,14 +434,30 @@ def main(argv=None) -> int:
     stem = Path(args.out) if args.out else RESULTS / f"scaling_{args.device}"
     if args.reproject:
         return reproject(args, stem)
+    if args.mesh_only:
+        args.ranks, args.bases, args.modes, args.multinode, args.mesh = [1], ["dense"], ["strong"], False, True
     cores = os.cpu_count() or 1
     machine = machine_name(args.device)
-    log(f"[scaling] {machine}; {len(points(args))} runs of {args.steps} steps")
     rows, calib, failures = [], {}, []
+    todo = points(args)
+    if args.mesh_only:  # calibrate on the saved one-rank run, when there is one, rather than run it again
+        saved = stem.with_suffix(".json")
+        base = [
+            r
+            for r in (json.loads(saved.read_text())["points"] if saved.exists() else [])
+            if r["world"] == 1 and r["base"] == "dense"
+        ]
+        if base:
+            p1 = Point("none", "dense", "strong", 1, "single")
+            calib["dense"] = (
+                base[0]["step_s"] / project_point(p1, args, Path(args.workdir) / "calib", None)["tokens_per_step"]
+            )
+            todo = [p for p in todo if p.world > 1]
+    log(f"[scaling] {machine}; {len(todo)} runs of {args.steps} steps")
     t0 = time.time()
-    for i, p in enumerate(points(args)):
-        out = Path(args.workdir) / f"{p.base}_{p.engine}_{p.mode}_w{p.world}_{p.launcher.replace('.', '')}"
-        log(f"[scaling] {i + 1}/{len(points(args))} {p} ...")
+    for i, p in enumerate(todo):
+        out = Path(args.workdir) / p.key
+        log(f"[scaling] {i + 1}/{len(todo)} {p} ...")
         try:
             run_point(p, args, out)
             m = collect(p, out, args.steps)
@@ -366,7 +474,9 @@ def main(argv=None) -> int:
                 {
                     **asdict(p),
                     "error": f"bytes: counted {row['per_rank'][0]['bytes']}, predicted "
-                    f"{ {k: row[f'predicted_{k}_bytes'] for k in KINDS} }",
+                    f"{ {k: row[f'predicted_{k}_bytes'] for k in KINDS} }; per mesh dimension counted "
+                    f"{row['per_rank'][0]['dim_bytes']}, predicted "
+                    f"{ {d: {k: row[f'predicted_{d}_{k}_bytes'] for k in KINDS} for d in MESH_DIMS} }",
                 }
             )
         rows.append(row)
@@ -376,9 +486,27 @@ def main(argv=None) -> int:
             f"{(row['live_bytes_peak'] or 0) / 2**20:.1f} MiB (prediction {100 * (row['memory_error'] or 0):+.1f}%),"
             f" {time.time() - t0:.0f}s elapsed"
         )
+    if args.mesh_only:
+        rows, failures = merge_saved(stem, rows, failures)
     write_outputs(rows, failures, stem, machine, args)
     print_summary(rows, failures)
     return 1 if failures else 0
+
+
+def row_key(r: dict) -> tuple:
+    return (r["engine"], r["base"], r["mode"], r["world"], r["launcher"], r.get("shard_group", 0), r.get("tp", 1))
+
+
+def merge_saved(stem: Path, rows: list[dict], failures: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The saved sweep's rows with these runs' rows in place of the same points (`--mesh-only`)."""
+    path = stem.with_suffix(".json")
+    if not path.exists():
+        return rows, failures
+    saved = json.loads(path.read_text())
+    new = {row_key(r) for r in rows} | {row_key(f) for f in failures}
+    kept = [r for r in saved["points"] if row_key(r) not in new]
+    kept_failures = [f for f in saved.get("failures", []) if row_key(f) not in new]
+    return kept + rows, kept_failures + failures
 
 
 def write_outputs(rows: list[dict], failures: list[dict], stem: Path, machine: str, args) -> None:
@@ -397,7 +525,8 @@ def write_outputs(rows: list[dict], failures: list[dict], stem: Path, machine: s
     flat = [{k: v for k, v in r.items() if k != "per_rank"} for r in rows]
     if flat:
         with stem.with_suffix(".csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(flat[0]))
+            names = list(dict.fromkeys(k for r in flat for k in r))  # rows of older sweeps lack the mesh keys
+            w = csv.DictWriter(f, fieldnames=names)
             w.writeheader()
             w.writerows(flat)
     from scaling_plots import plot_all  # noqa: E402  (sibling module, benchmarks/ is on sys.path)
@@ -407,18 +536,27 @@ def write_outputs(rows: list[dict], failures: list[dict], stem: Path, machine: s
 
 def print_summary(rows: list[dict], failures: list[dict]) -> None:
     print(
-        f"{'base':<5} {'engine':<6} {'mode':<6} {'ranks':>5} {'launcher':<18} {'tok/s':>8} {'MiB/step':>9} "
+        f"{'base':<5} {'engine':<6} {'mode':<6} {'ranks':>5} {'launcher':<18} {'layout':<12} {'tok/s':>8} "
+        f"{'MiB/step':>9} "
         f"{'bytes':>6} {'live MiB':>9} {'mem err':>8} {'time err':>8}"
     )
     for r in rows:
         te = f"{100 * r['time_error']:+.0f}%" if r["time_error"] is not None else "-"
         tps = f"{r['tokens_per_s']:,.0f}" + ("*" if r["oversubscribed"] else "")
         print(
-            f"{r['base']:<5} {r['engine']:<6} {r['mode']:<6} {r['world']:>5} {r['launcher']:<18} {tps:>8} "
+            f"{r['base']:<5} {r['engine']:<6} {r['mode']:<6} {r['world']:>5} {r['launcher']:<18} "
+            f"{r.get('layout', 'flat'):<12} {tps:>8} "
             f"{r['counted_bytes_per_step'] / 2**20:>9.2f} {'exact' if r['bytes_match'] else 'DIFF':>6} "
             f"{(r['live_bytes_peak'] or 0) / 2**20:>9.1f} {100 * (r['memory_error'] or 0):>+7.1f}% {te:>8}"
         )
     print("* oversubscribed (more processes than cores): bytes and memory valid, time is not scaling data")
+    for r in (r for r in rows if r.get("layout", "flat") != "flat"):
+        dims = ", ".join(
+            f"{d} {sum(r.get(f'counted_{d}_{k}_bytes', 0) for k in KINDS):,} B counted / "
+            f"{sum(r.get(f'predicted_{d}_{k}_bytes', 0) for k in KINDS):,} B predicted"
+            for d in MESH_DIMS
+        )
+        print(f"  {r['engine']} {r['layout']}: {dims} ({'exact' if r.get('dim_bytes_match') else 'DIFF'})")
     for f in failures:
         print(f"FAILED {f['engine']} {f['base']} {f['mode']} w{f['world']} {f['launcher']}: {f['error'][-300:]}")
 

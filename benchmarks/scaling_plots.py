@@ -1,5 +1,7 @@
-"""The four PNGs of benchmarks/scaling.py: tokens/s, memory per rank and collective bytes per step against the
-number of ranks, and projected against measured (bytes, memory, step time). Axes labelled, the machine named."""
+"""The PNGs of benchmarks/scaling.py: tokens/s, memory per rank and collective bytes per step against the number of
+ranks (flat meshes), projected against measured (bytes, memory, step time; every point), and for the HSDP / tp
+points their bytes per mesh dimension (counted vs predicted) beside the flat run of the same engine and ranks.
+Axes labelled, the machine named."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ def _series(rows, base, mode, engine):
         for r in rows
         if r["base"] == base
         and r["launcher"] in ("torchrun", "single")
+        and r.get("layout", "flat") == "flat"
         and ((r["world"] == 1) or (r["engine"] == engine and r["mode"] == mode))
     ]
     return sorted(pts, key=lambda r: r["world"])
@@ -144,4 +147,62 @@ def plot_all(rows: list[dict], stem: Path, machine: str) -> list[Path]:
         axes[0].scatter([], [], marker=MARKERS[eng], color=COLORS[eng], label=eng)
     axes[0].legend(fontsize=8)
     finish(fig, "projected_vs_measured")
+
+    mesh = [r for r in rows if r.get("layout", "flat") != "flat"]
+    if mesh:
+        plot_mesh(plt, rows, mesh, machine, finish)
     return out
+
+
+MESH_DIMS = ("dp", "dp_shard", "dp_replicate", "tp")
+KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "reduce", "other")
+
+
+def _dim_total(r: dict, prefix: str, dim: str) -> float:
+    """Bytes of one mesh dimension per step; "dp" (the flat group) is the total less the named dimensions."""
+    if dim != "dp":
+        return sum(r.get(f"{prefix}_{dim}_{k}_bytes") or 0 for k in KINDS)
+    total = sum(r.get(f"{prefix}_{k}_bytes") or 0 for k in KINDS)
+    return total - sum(_dim_total(r, prefix, d) for d in MESH_DIMS[1:])
+
+
+def plot_mesh(plt, rows, mesh, machine, finish) -> None:
+    """HSDP / tp points: bytes per mesh dimension, counted (solid) and predicted (hatched); tokens/s beside the
+    flat run of the same engine, base, mode and ranks."""
+    import numpy as np
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig.suptitle(
+        f"Hybrid sharding and tensor parallelism: bytes per mesh dimension and throughput\n{machine}", fontsize=10
+    )
+    x = np.arange(len(mesh))
+    width = 0.8 / len(MESH_DIMS)
+    colors = dict(zip(MESH_DIMS, ("tab:gray", "tab:orange", "tab:purple", "tab:cyan"), strict=True))
+    for i, d in enumerate(MESH_DIMS):
+        counted = [_dim_total(r, "counted", d) / 2**20 for r in mesh]
+        predicted = [_dim_total(r, "predicted", d) / 2**20 for r in mesh]
+        ax.bar(x + i * width, counted, width / 2, color=colors[d], label=f"{d} counted")
+        ax.bar(x + i * width + width / 2, predicted, width / 2, color="none", edgecolor=colors[d], hatch="//")
+    labels = [f"{r['engine']} {r['layout']}\n{r['world']} ranks" for r in mesh]
+    ax.set_xticks(x + 0.4 - width / 2, labels, fontsize=8)
+    ax.set(ylabel="MiB per step and rank (log)", yscale="log", title="collective bytes per mesh dimension")
+    ax.grid(alpha=0.3, axis="y", which="both")
+    from matplotlib.patches import Patch
+
+    handles, _ = ax.get_legend_handles_labels()
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="predicted"))
+    ax.legend(handles=handles, fontsize=7)
+    flat = {
+        (r["engine"], r["base"], r["mode"], r["world"]): r
+        for r in rows
+        if r.get("layout", "flat") == "flat" and r["launcher"] == "torchrun"
+    }
+    tps = [r["tokens_per_s"] for r in mesh]
+    ref = [(flat.get((r["engine"], r["base"], r["mode"], r["world"])) or {}).get("tokens_per_s", 0) for r in mesh]
+    bx.bar(x - 0.2, tps, 0.4, color="tab:orange", label="this mesh")
+    bx.bar(x + 0.2, ref, 0.4, color="tab:blue", label="flat, same engine and ranks")
+    bx.set_xticks(x, labels, fontsize=8)
+    bx.set(ylabel="tokens/s (global)", title="throughput (CPU: compute-bound, not a GPU scaling result)")
+    bx.grid(alpha=0.3, axis="y")
+    bx.legend(fontsize=8)
+    finish(fig, "mesh")

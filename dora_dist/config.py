@@ -187,9 +187,10 @@ class ParallelConfig:
     load_on_rank0: bool = True
     #: data-parallel processes that shard the base among themselves (FSDP2, ZeRO-3); the shard groups are then
     #: replicated over the rest. 0 = auto: the processes of one node (LOCAL_WORLD_SIZE / tp) when the job spans
-    #: several nodes, else all of them. Smaller than the data-parallel world: FSDP2 runs HSDP (a 2-D mesh:
-    #: replicate × shard) and zero3 ZeRO++ hierarchical partitioning (zero_hpz_partition_size). Must divide the
-    #: data-parallel world and, across nodes, fit the node layout (a group never straddles nodes unless it spans them)
+    #: several nodes and a node holds several, else all of them. Smaller than the data-parallel world: FSDP2 runs
+    #: HSDP (a 2-D mesh: replicate × shard) and zero3 ZeRO++ hierarchical partitioning (zero_hpz_partition_size).
+    #: Must divide the data-parallel world and, across nodes, fit the node layout (a group never straddles nodes
+    #: unless it spans them)
     shard_group: int = 0
     #: tensor-parallel degree: each block's linears split over this many processes of a node (1 = none); the mesh is
     #: dp × tp (dp = world / tp), tp innermost. Must divide the world size, the attention heads and the KV heads

@@ -56,11 +56,14 @@ def masked_loss_sum(model, batch: dict[str, torch.Tensor], denominator: int = 1)
 
 
 @torch.no_grad()
-def evaluate(model, dataset, env: DistEnv, batch_size: int, loss_fn: Callable = masked_loss_sum) -> dict[str, float]:
+def evaluate(
+    model, dataset, env: DistEnv, batch_size: int, loss_fn: Callable = masked_loss_sum, tp: int = 1
+) -> dict[str, float]:
     """{"eval_loss", "eval_ppl", "eval_tokens"} over all of `dataset`; loss_fn(model, batch, 1) is the batch's
     token-loss sum. COLLECTIVE: every rank calls it (with the same dataset); forwards per rank are equal; one
     all-reduce of two float64 numbers."""
-    batches, n_forwards = eval_batches(len(dataset), env.rank, env.world_size, batch_size)
+    # the ranks of a tensor-parallel group (tp consecutive ranks) evaluate the same batches together
+    batches, n_forwards = eval_batches(len(dataset), env.rank // tp, env.world_size // tp, batch_size)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
@@ -75,7 +78,7 @@ def evaluate(model, dataset, env: DistEnv, batch_size: int, loss_fn: Callable = 
                 count += dataset.n_targets(indices)
     finally:
         model.train(was_training)
-    totals = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=env.device)])
+    totals = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=env.device)]) / tp
     if env.distributed:
         dist.all_reduce(totals)  # COLLECTIVE: 2 float64
     total_loss, total_count = float(totals[0]), float(totals[1])
@@ -109,14 +112,14 @@ class EvalResult:
 
 
 def run_eval(
-    model, dataset, env: DistEnv, batch_size: int, step: int, loss_fn: Callable = masked_loss_sum
+    model, dataset, env: DistEnv, batch_size: int, step: int, loss_fn: Callable = masked_loss_sum, tp: int = 1
 ) -> EvalResult:
     """Evaluate `model` on all of `dataset` now (loss_fn: the trainer's micro_batch_loss), timed. COLLECTIVE (all
     ranks); changes nothing but the model's train/eval mode, which it restores."""
     import time
 
     t0 = time.perf_counter()
-    res = evaluate(model, dataset, env, batch_size, loss_fn)
+    res = evaluate(model, dataset, env, batch_size, loss_fn, tp)
     return EvalResult(step, res["eval_loss"], res["eval_ppl"], int(res["eval_tokens"]), time.perf_counter() - t0)
 
 

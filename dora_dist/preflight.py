@@ -100,6 +100,37 @@ def check_mesh(cfg: Config, world_size: int) -> None:
     from dora_dist.parallel.mesh import resolve_dims
 
     resolve_dims(cfg, world_size, launch_local_world_size(world_size))
+    if cfg.parallel.tp > 1:
+        from dora_dist.parallel.tp import tp_config_problem
+
+        problem = tp_config_problem(cfg, None)  # the base's kind first: no model config needed
+        if problem is None:
+            problem = tp_config_problem(cfg, _model_config_or_none(cfg))
+        if problem is not None:
+            raise ConfigError(problem)
+
+
+def _model_config_or_none(cfg: Config):
+    """The model's transformers config when it is known here without building or downloading anything (the built-in
+    model, a from-scratch config, an embedded known architecture, a local directory), else None: the heads are then
+    checked where the model is loaded (parallel/tp.py)."""
+    from dora_dist import models
+    from dora_dist.models.builtin import _arch
+
+    name = str(cfg.model.name_or_path or "")
+    try:
+        if name == models.BUILTIN_NAME:
+            return models.hf_config_from_dict({"model_type": "llama", **_arch(cfg.model.config)})
+        if cfg.model.builds_from_scratch:
+            return models.hf_config_from_dict(cfg.model.config)
+        arch = models.known_architecture(name)
+        if arch is not None:
+            return models.hf_config_from_dict(arch)
+        if (Path(name) / "config.json").is_file():
+            return models.model_config(cfg)
+    except Exception:  # noqa: BLE001 - a config that cannot be read now is read (and reported) at load time
+        return None
+    return None
 
 
 def check_deepspeed_config(cfg: Config, world_size: int) -> None:
@@ -135,7 +166,7 @@ def check_batch(cfg: Config, world_size: int) -> None:
     """training.global_batch_size splits evenly into micro-batches over the world."""
     from dora_dist.batching import Batching
 
-    Batching.accumulation(cfg.training, world_size)
+    Batching.accumulation(cfg.training, max(1, world_size // max(1, cfg.parallel.tp)))  # data-parallel ranks
 
 
 def check_quantization(cfg: Config, world_size: int) -> None:

@@ -35,6 +35,7 @@ from dora_dist.models.prequantized import adopt_checkpoint_quantization
 from dora_dist.nonfinite import NonFiniteLossError, applied_nonfinite_step, report_skipped_step, skip_reason  # noqa: F401 (re-exported)
 from dora_dist.optim import adamw_factory
 from dora_dist.parallel import DistEnv, Engine, make_engine, step_probe
+from dora_dist.parallel.mesh import data_parallel_rank
 from dora_dist.preemption import PreemptionGuard, exit_code_of, interrupted_now, stopped_line, write_requeue_marker
 from dora_dist.preflight import preflight, resume_error
 from dora_dist.run_state import (
@@ -227,7 +228,7 @@ def eval_and_keep_best(job: Job, loss_fn: Callable[..., torch.Tensor] | None = N
     if loss_fn is None:
         loss_fn = functools.partial(micro_batch_loss, chunk_tokens=job.cfg.training.loss_chunk_tokens)
     batch_size = job.cfg.training.eval_batch_size or job.batching.micro_batch_size
-    result = run_eval(job.model, job.eval_dataset, job.env, batch_size, job.step, loss_fn)
+    result = run_eval(job.model, job.eval_dataset, job.env, batch_size, job.step, loss_fn, job.cfg.parallel.tp)
     kept = False
     if job.state.improves(result.eval_loss):  # the same float on every rank: every rank decides alike
         job.state.best_eval = result.eval_loss
@@ -294,9 +295,10 @@ def build(cfg: Config, env: DistEnv, prior: PriorRun | None = None) -> Job:
     torch.manual_seed(tcfg.seed)
     tokenizer = models.load_tokenizer(cfg, env)
     dataset, eval_dataset = build_datasets(cfg, tokenizer, env)
-    batching = Batching.resolve(tcfg, env.world_size, len(dataset))
+    dp_rank, dp_size = data_parallel_rank(cfg, env.rank, env.world_size)  # a tp group shares its batches
+    batching = Batching.resolve(tcfg, dp_size, len(dataset))
     sampler = GlobalBatchSampler(
-        len(dataset), batching.micro_batch_size, batching.grad_accum, env.world_size, env.rank, tcfg.seed
+        len(dataset), batching.micro_batch_size, batching.grad_accum, dp_size, dp_rank, tcfg.seed
     )
 
     optimizer = adamw_factory(tcfg, batching.max_steps, env.device)  # the job's optimizer + LR policy (optim.py)
@@ -382,7 +384,8 @@ def train_step(job: Job) -> dict:
             loss = micro_batch_loss(job.model, batch, global_targets, chunk_tokens=job.cfg.training.loss_chunk_tokens)
             engine.backward(loss)
         local_loss += loss.detach().double()
-    step_loss = env.all_reduce_sum(local_loss)  # COLLECTIVE: one float (the global-batch mean loss)
+    # COLLECTIVE: one float (the global-batch mean loss); the tp ranks of a group each hold the same share
+    step_loss = env.all_reduce_sum(local_loss) / job.cfg.parallel.tp
     loss_ok = math.isfinite(step_loss)
     lr = engine.current_lr()
     result = engine.guarded_step(loss_ok)  # COLLECTIVE; skips (no update, no LR tick) a non-finite step

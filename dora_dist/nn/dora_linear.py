@@ -20,6 +20,7 @@ reused until train()/eval(), merge/unmerge, `invalidate_cache`, or a change of A
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -54,15 +55,22 @@ def safe_divide_norm(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tenso
 
 
 def dora_row_norms(
-    w_row_sq: torch.Tensor, w_times_a: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+    w_row_sq: torch.Tensor,
+    w_times_a: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    a_gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """‖W_i + s(BA)_i‖ from ‖W_i‖² and W·Aᵀ, for any set of rows (w_row_sq, w_times_a and lora_B hold the same rows:
-    the whole layer, or one rank's shard), ≥ fp32. The (rows, in) sum is never formed."""
+    the whole layer, or one rank's shard), ≥ fp32. The (rows, in) sum is never formed. a_gram: A·Aᵀ when the caller
+    has it (row-wise tensor parallelism sums it over the input shards), else computed from lora_A."""
     a = lora_A.detach()
     a = a.to(torch.promote_types(a.dtype, torch.float32))
     b = lora_B.detach().to(a.dtype)
     cross = (b * w_times_a.to(a.dtype)).sum(dim=1)
-    ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
+    gram = a @ a.t() if a_gram is None else a_gram.to(a.dtype)
+    ba_sq = ((b @ gram) * b).sum(dim=1)
     return (w_row_sq.to(a.dtype) + (2 * scaling) * cross + (scaling * scaling) * ba_sq).clamp_min(0).sqrt()
 
 
@@ -96,8 +104,16 @@ def dora_output(
     return base_out + (scale - 1) * base_out_dropped + (scale * scaling) * lora_out
 
 
+#: sums per-shard partial tensors over a group (one collective), returning the totals in the same order
+PartialSums = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
 class DoRALinear(nn.Module):
     """A frozen base layer plus trainable lora_A (r, in), lora_B (out, r) and magnitude (out,)."""
+
+    #: set (by parallel/tp.py) on a layer whose input columns are split over ranks (row-wise tensor parallelism):
+    #: its ‖W‖², W·Aᵀ and A·Aᵀ are then partial sums, which this adds up so the norm is the unsplit layer's
+    partial_sums: PartialSums | None = None
 
     def __init__(
         self,
@@ -232,7 +248,10 @@ class DoRALinear(nn.Module):
         copy of W) when the weight shows up on another device."""
         cached, device = self.base_row_sq, self.weight_source.device
         if cached is None:
-            self.base_row_sq = cached = self.weight_source.row_sq_norms()
+            cached = self.weight_source.row_sq_norms()
+            if self.partial_sums is not None:
+                (cached,) = self.partial_sums([cached])
+            self.base_row_sq = cached
         elif cached.device != device:
             self.base_row_sq = cached = cached.to(device)
         return cached
@@ -251,7 +270,11 @@ class DoRALinear(nn.Module):
             b = self.lora_B.detach().to(a.dtype)
             return source.reduce_rows(lambda w, i, j: (w + s * (b[i:j] @ a).to(w.dtype)).norm(dim=1), None)
         wa = source.times_A(self.lora_A) if w_times_a is None else w_times_a
-        return dora_row_norms(self.base_row_sq_norms(), wa, self.lora_A, self.lora_B, s)
+        if self.partial_sums is None:
+            return dora_row_norms(self.base_row_sq_norms(), wa, self.lora_A, self.lora_B, s)
+        a = at_least_fp32(self.lora_A.detach())
+        wa, gram = self.partial_sums([wa.to(a.dtype), a @ a.t()])  # one collective: (out × r) + (r × r)
+        return dora_row_norms(self.base_row_sq_norms(), wa, self.lora_A, self.lora_B, s, a_gram=gram)
 
     def dora_scale(self, w_times_a: torch.Tensor | None = None) -> torch.Tensor:
         """m / ‖W + sBA‖ with the norm detached: gradients reach m (and A, B through the output), not the norm."""

@@ -55,6 +55,7 @@ from dora_dist.batching import Batching
 from dora_dist.dist_env import DistEnv
 from dora_dist.errors import importable
 from dora_dist.parallel.capabilities import EngineCapabilities
+from dora_dist.parallel.mesh import JobMesh, build_mesh, data_parallel_rank, resolve_dims
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
@@ -142,13 +143,35 @@ class Engine:
         """The job's resolved batch arithmetic (given by the trainer; resolved from the config for a fixed
         max_steps when an engine is built on its own)."""
         if self._batching is None:
-            self._batching = Batching.resolve(self.cfg.training, self.env.world_size)
+            self._batching = Batching.resolve(self.cfg.training, self.dp_size)
         return self._batching
 
     @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks (world / parallel.tp): the ranks that see different batches."""
+        return data_parallel_rank(self.cfg, self.env.rank, self.env.world_size)[1]
+
+    @property
     def loss_scale(self) -> float:
-        """Factor applied in `backward` so that averaging gradients over ranks yields the global-batch gradient."""
-        return float(self.env.world_size)
+        """Factor applied in `backward` so that averaging gradients over data-parallel ranks yields the global-batch
+        gradient."""
+        return float(self.dp_size)
+
+    def job_mesh(self) -> JobMesh:
+        """The job's device mesh (parallel/mesh.py), built once (collective: every rank calls it)."""
+        mesh = getattr(self, "_job_mesh", None)
+        if mesh is None:
+            dims = resolve_dims(self.cfg, self.env.world_size, self.env.local_world_size or None, self.name)
+            mesh = self._job_mesh = build_mesh(dims, self.env.device.type)
+        return mesh
+
+    def apply_tensor_parallel(self, model: nn.Module) -> None:
+        """parallel.tp > 1: split the planned linears over the mesh's tp dimension (parallel/tp.py), before any
+        data-parallel wrapping. DoRA norms and magnitudes of the split layers are set here."""
+        if self.cfg.parallel.tp > 1:
+            from dora_dist.parallel.tp import apply_tensor_parallel
+
+            apply_tensor_parallel(model, self.job_mesh())
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model this engine cannot train (called first by `prepare`), naming the layer and the reason."""
@@ -189,7 +212,7 @@ class Engine:
     def init_magnitudes(self, model: nn.Module) -> None:
         """m = ‖W + s·B·A‖ per row, from the real (loaded) base weights. Default: each layer on its full weight."""
         for _, layer in dora_layers(model):
-            if layer.magnitude is not None:
+            if layer.magnitude is not None and getattr(layer, "_tp_spec", None) is None:  # TP: set when split
                 layer.init_magnitude()
 
     def build_optimizer(self, model: nn.Module):
@@ -285,9 +308,13 @@ class Engine:
         from dora_dist.adapters import adapter_state_dict as peft_state
 
         model = self.unwrap(model)
-        if not self.env.is_main:
-            return None
-        return {k: v.detach().cpu().clone() for k, v in peft_state(model).items()}
+        out = {}
+        for key, t in peft_state(model).items():  # same order on every rank
+            if hasattr(t, "full_tensor"):  # a tensor-parallel shard (DTensor): COLLECTIVE all-gather over tp
+                t = t.full_tensor()
+            if self.env.is_main:
+                out[key] = t.detach().cpu().clone()
+        return out if self.env.is_main else None
 
     # --- DoRA health (dora_dist/health.py) -------------------------------------------------------------
     def dora_row_views(self, model: nn.Module | None = None):
@@ -296,8 +323,14 @@ class Engine:
         rank 0 counts them and the others skip the work."""
         from dora_dist.health import RowView
 
+        dp_rank = data_parallel_rank(self.cfg, self.env.rank, self.env.world_size)[0]
         for name, layer in dora_layers(self.unwrap(model)):
             if layer.magnitude is not None and not layer.merged:
+                if getattr(layer, "_tp_spec", None) is not None:  # tensor-parallel: its rows per tp rank
+                    from dora_dist.parallel.tp import tp_row_view
+
+                    yield tp_row_view(clean_param_name(name), layer, dp_rank == 0, self.env.device)
+                    continue
                 yield RowView.whole_layer(clean_param_name(name), layer, owner=self.env.is_main)
 
     # --- checkpoints (content only; dir naming, atomicity, retention: checkpoint.CheckpointManager) ---

@@ -16,6 +16,10 @@ offloads) for the forward pass: computed here from the local rows in fp32, all-g
 and kept on the compute device (also with CPU offload), so forward never recomputes it from the (possibly bf16)
 unsharded weight. See `init_sharded_norms`. Collectives are marked `# COLLECTIVE`.
 
+HSDP (parallel.shard_group below the world; parallel/hsdp.py): the mesh is 2-D (dp_replicate, dp_shard), "rank k"
+above is the rank's place in its shard group, and every gather here runs inside the group; only gradients (FSDP2's
+all-reduce of the reduce-scattered shards) cross groups.
+
 Forward and backward: FSDP2 all-gathers each block's parameters before use and reduce-scatters gradients
 (averaged over ranks; `loss_scale` = world size compensates, see base.py). Under gradient accumulation,
 `set_requires_gradient_sync(False)` skips the reduce-scatter on all but the last micro-step.
@@ -32,6 +36,8 @@ from torch import nn
 from dora_dist.nn.dora_linear import dora_row_norms
 from dora_dist.parallel.base import Engine, dora_layers
 from dora_dist.parallel.capabilities import EngineCapabilities
+from dora_dist.parallel.hsdp import chunk_span as _chunk_span
+from dora_dist.parallel.hsdp import first_replica, row_shard_group, row_shards, same_row_sharding
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
@@ -41,7 +47,6 @@ try:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 except ImportError:  # pragma: no cover - torch < 2.6
     from torch.distributed._composable.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 
@@ -80,7 +85,7 @@ class FSDP2Engine(Engine):
 
     def __init__(self, cfg: Config, env: DistEnv, batching=None, optimizer_factory=None):
         super().__init__(cfg, env, batching, optimizer_factory)
-        self.mesh = None
+        self.mesh = None  # what fully_shard shards over: 1-D "dp", or 2-D (dp_replicate, dp_shard) under HSDP
 
     def unsupported_base(self, source) -> str | None:
         # bitsandbytes' Params4bit / Int8Params cannot be split by fully_shard (forward raises `quant_state is
@@ -116,7 +121,12 @@ class FSDP2Engine(Engine):
 
         if self.cfg.quantization.mode in ("nf4", "fp4"):  # 4-bit: packed row records, sharded by rows
             plan = LoadPlan("sharded_4bit", torch.device("meta"))
-        elif self.cfg.parallel.load_on_rank0 and self.env.world_size > 1 and self.cfg.quantization.mode == "none":
+        elif (
+            self.cfg.parallel.load_on_rank0
+            and self.env.world_size > 1
+            and self.cfg.quantization.mode == "none"
+            and self.cfg.parallel.tp == 1
+        ):
             plan = LoadPlan("rank0_broadcast", torch.device("cpu" if self.env.is_main else "meta"))
         else:
             plan = LoadPlan("direct", self.env.device)
@@ -128,7 +138,10 @@ class FSDP2Engine(Engine):
         if not self.env.distributed:
             raise RuntimeError("parallel.engine=fsdp2 needs several processes (launch with torchrun)")
         plan = self.plan or self.load_plan()
-        self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,), mesh_dim_names=("dp",))
+        # HSDP when parallel.shard_group is below the data-parallel world (shard inside each group, replicate across
+        # groups); parallel.tp > 1: split the linears over tp first, then shard over dp (as torchtitan)
+        self.apply_tensor_parallel(model)
+        self.mesh = self.job_mesh().data_parallel()
         kwargs = self.shard_kwargs()
         full_state = buffers = None
         if plan.kind == "rank0_broadcast":
@@ -198,8 +211,9 @@ class FSDP2Engine(Engine):
     # --- DoRA health ------------------------------------------------------------------------------------
     def dora_row_views(self, model: nn.Module | None = None):
         """Each rank's own rows (W, m and lora_B share the dim-0 shards): W·Aᵀ from the local weight rows, with every
-        layer's lora_A gathered by one all-gather (COLLECTIVE: Σ r·in floats), no weight gather. Conv1D bases, whose
-        shards hold input rows, gather that one layer's weight on every rank and rank 0 counts it."""
+        layer's lora_A gathered by one all-gather (COLLECTIVE: Σ r·in floats, inside the shard group), no weight
+        gather. Conv1D bases, whose shards hold input rows, gather that one layer's weight on every rank and rank 0
+        counts it. Under HSDP only the first shard group's ranks count their rows (the others hold replicas)."""
         from dora_dist.health import RowView
         from dora_dist.parallel.base import clean_param_name
 
@@ -209,6 +223,14 @@ class FSDP2Engine(Engine):
             for n, layer in dora_layers(self.unwrap(model))
             if layer.magnitude is not None and not layer.merged
         ]
+        if self.cfg.parallel.tp > 1:  # tensor-parallel layers: their tp rows (parallel/tp.py)
+            from dora_dist.parallel.tp import tp_row_view
+
+            split = [(n, layer) for n, layer in layers if getattr(layer, "_tp_spec", None) is not None]
+            layers = [(n, layer) for n, layer in layers if getattr(layer, "_tp_spec", None) is None]
+            first = self.env.rank // self.cfg.parallel.tp == 0
+            for name, layer in split:
+                yield tp_row_view(name, layer, first, device)
         sharded = [layer for _, layer in layers if isinstance(layer.base_layer.weight, DTensor)]
         whole_a = dict(
             zip(map(id, sharded), gather_dim0_shards([layer.lora_A for layer in sharded], device), strict=True)
@@ -234,8 +256,7 @@ class FSDP2Engine(Engine):
                 )
                 continue
             local = _local(weight)
-            mesh = weight.device_mesh
-            start, count = _chunk_span(layer.out_features, mesh.size(), mesh.get_local_rank())
+            start, count = _chunk_span(layer.out_features, *row_shards(weight))
             rows = torch.arange(start, start + count, device=device)
             source = layer.weight_source.over_rows(local)
             cached = layer.base_row_sq
@@ -249,24 +270,24 @@ class FSDP2Engine(Engine):
                 row_sq,
                 source.times_A(a).to(device),
                 layer.scaling,
+                owner=first_replica(weight),
             )
 
 
 def gather_dim0_shards(params: list, device: torch.device) -> list[torch.Tensor]:
-    """Whole copies of several dim-0-sharded DTensors (torch.chunk layout over one 1-D mesh) from ONE all-gather of
-    all their local shards, flattened and padded to the longest rank's total (instead of one collective each).
-    COLLECTIVE. Plain tensors are returned as they are; several dtypes or meshes fall back to one gather each."""
+    """Whole copies of several dim-0-sharded DTensors (torch.chunk layout over their shard group: the 1-D mesh, or
+    HSDP's dp_shard dimension) from ONE all-gather of all their local shards, flattened and padded to the longest
+    rank's total (instead of one collective each). COLLECTIVE, inside the shard group. Plain tensors are returned as
+    they are; several dtypes or shardings fall back to one gather each."""
     import torch.distributed as dist
 
     dts = [p for p in params if isinstance(p, DTensor)]
-    meshes = {id(p.device_mesh) for p in dts}
     dtypes = {p.dtype for p in dts}
-    if len(meshes) > 1 or len(dtypes) > 1 or any(p.device_mesh.ndim != 1 for p in dts):
+    if len(dtypes) > 1 or not same_row_sharding(dts):
         return [_full(p, device) for p in params]
     if not dts:
         return [p.detach().to(device) for p in params]
-    mesh = dts[0].device_mesh
-    world = mesh.size()
+    world, _ = row_shards(dts[0])
 
     def rows_of(p, k: int) -> int:
         return _chunk_span(p.shape[0], world, k)[1]
@@ -281,7 +302,7 @@ def gather_dim0_shards(params: list, device: torch.device) -> list[torch.Tensor]
         flat = torch.cat(pieces)
         local[: flat.numel()] = flat
     gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local, group=mesh.get_group())  # COLLECTIVE: Σ shards, padded
+    dist.all_gather(gathered, local, group=row_shard_group(dts[0]))  # COLLECTIVE: Σ shards, padded
     offsets = [0] * world
     whole = {}
     for p in dts:
@@ -292,14 +313,6 @@ def gather_dim0_shards(params: list, device: torch.device) -> list[torch.Tensor]
             offsets[k] += n
         whole[id(p)] = torch.cat(parts).view(p.shape)
     return [whole[id(p)] if isinstance(p, DTensor) else p.detach().to(device) for p in params]
-
-
-def _chunk_span(n: int, world: int, rank: int) -> tuple[int, int]:
-    """(first row, rows) of `rank`'s dim-0 shard of n rows: torch.chunk's layout, ceil(n/world) rows per rank, the
-    last ranks possibly fewer or none."""
-    size = -(-n // world)
-    start = min(n, rank * size)
-    return start, max(0, min(size, n - start))
 
 
 def _local(t: DTensor) -> torch.Tensor:
@@ -357,6 +370,8 @@ def init_sharded_norms(model: nn.Module, device: torch.device) -> int:
     for _, layer in dora_layers(model):
         weight, source = layer.base_layer.weight, layer.weight_source
         done += 1
+        if getattr(layer, "_tp_spec", None) is not None:
+            continue  # tensor-parallel: norms and magnitude set when it was split (parallel/tp.py)
         if not isinstance(weight, DTensor):
             layer.init_magnitude()  # not sharded (e.g. outside any fully_shard unit)
             continue
@@ -389,9 +404,8 @@ def _init_gathered_layer(layer: nn.Module, device: torch.device) -> None:
     if layer.magnitude is not None:
         a, b = layer.lora_A.full_tensor(), layer.lora_B.full_tensor()  # COLLECTIVE: adapter of one layer
         norm = dora_row_norms(row_sq, full.times_A(a).to(device), a.to(device), b.to(device), layer.scaling)
-        mesh = layer.magnitude.device_mesh
-        chunks = torch.chunk(norm, mesh.size())
-        rank = mesh.get_local_rank()
+        size, rank = row_shards(layer.magnitude)
+        chunks = torch.chunk(norm, size)
         magnitude = chunks[rank] if rank < len(chunks) else norm[:0]
     del weight
     layer.set_norms(row_sq, magnitude)

@@ -88,7 +88,8 @@ def resolve_dims(cfg: Config, world: int, local_world: int | None = None, engine
     dp, dp_per_node = world // tp, local // tp
     group = p.shard_group
     if group == 0:  # auto: one node's data-parallel ranks when the job spans nodes and the engine can hybrid-shard
-        group = dp_per_node if nodes > 1 and caps.hybrid_shard else dp
+        # (a node of one data-parallel process shards nothing inside it: flat, or the base would be whole on each)
+        group = dp_per_node if nodes > 1 and caps.hybrid_shard and dp_per_node > 1 else dp
     if group > dp or dp % group:
         raise ConfigError(
             f"parallel.shard_group={group} does not divide the {dp} data-parallel processes (world {world} / "
@@ -105,6 +106,13 @@ def resolve_dims(cfg: Config, world: int, local_world: int | None = None, engine
             f"parallel.engine={name} has no mode for; engines that do: {', '.join(engines_with('hybrid_shard'))}"
         )
     return MeshDims(dp_replicate=dp // group, dp_shard=group, tp=tp, nodes=nodes)
+
+
+def data_parallel_rank(cfg: Config, rank: int, world: int) -> tuple[int, int]:
+    """(this rank's data-parallel index, data-parallel size): the ranks of one tensor-parallel group (tp innermost,
+    consecutive) see the same batches, so data, batch arithmetic and loss scaling count world / tp ranks."""
+    tp = max(1, int(cfg.parallel.tp))
+    return rank // tp, max(1, world // tp)
 
 
 @dataclass(frozen=True)
@@ -143,4 +151,4 @@ def build_mesh(dims: MeshDims, device_type: str) -> JobMesh:
     return mesh
 
 
-__all__ = ["DIM_NAMES", "MeshDims", "JobMesh", "resolve_dims", "build_mesh"]
+__all__ = ["DIM_NAMES", "MeshDims", "JobMesh", "resolve_dims", "build_mesh", "data_parallel_rank"]

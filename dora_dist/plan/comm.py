@@ -14,8 +14,11 @@ Where the sizes come from (world N, gas = micro-steps per optimizer step, adapte
   training.precision=bf16, else the parameter's own; a 4-bit base gathers its packed row records, see
   quant/sharded4bit.py). Per micro-step the root (embeddings, head) is gathered once (it stays unsharded until the
   backward ends) and each block twice (forward, and again in backward after reshard_after_forward); adapter
-  gradients are reduce-scattered in fp32 (padded the same way) on the last micro-step; clipping all-reduces one
-  fp32 norm per trainable tensor (DTensor's partial norms, stacked).
+  gradients are reduce-scattered in fp32 under bf16, else in the adapters' dtype (padded the same way) on the last
+  micro-step; clipping all-reduces one norm per trainable tensor (DTensor's partial norms, stacked).
+- fsdp2 HSDP (dp_replicate R × dp_shard S): the same with N = S, all inside a shard group (dim "dp_shard"), plus
+  one all-reduce per unit across groups (dim "dp_replicate") of the unit's reduce-scattered shard (its
+  reduce-scatter bytes / S), on the last micro-step only. The loss all-reduce stays on "dp".
 - zero2: DeepSpeed all-reduces the adapter gradients (its contiguous buckets) on every micro-step, checks two fp32
   scalars, and after the optimizer step all-gathers each parameter group's flat fp32 partition, the group padded
   to a multiple of 2·N elements (nccl_start_alignment_factor = 2).
@@ -115,6 +118,42 @@ def _padded(numel: int, world: int) -> int:
     return ceil(numel / world) * world
 
 
+def fsdp2_collectives(cfg: Config, spec: ModelSpec, dims: MeshDims, gas: int) -> list[Collective]:
+    """FSDP2's collectives of one step, flat (one "dp" group) or HSDP: all-gathers, reduce-scatters and the
+    gradient-norm all-reduce run inside a shard group of S = dp_shard ranks (padding to multiples of S), and each
+    unit's reduce-scattered gradient shard (its reduce-scatter bytes / S) is all-reduced across the R = dp_replicate
+    groups, once per step (set_requires_gradient_sync(False) holds both back on the other micro-steps)."""
+    hsdp = dims.dp_replicate > 1
+    s, dim = dims.dp_shard, "dp_shard" if hsdp else "dp"
+    # gradients are reduced in fp32 under bf16 compute (MixedPrecisionPolicy), else in the adapters' own dtype
+    abytes = dtype_bytes(cfg.dora.adapter_dtype)
+    grad_bytes = 4 if cfg.training.precision == "bf16" else abytes
+    blocks = [u for u in spec.units if u >= 0]
+    root = fsdp2_unit_bytes(cfg, spec, -1, s)
+    block_bytes = sum(fsdp2_unit_bytes(cfg, spec, u, s) for u in blocks)
+    per_block = 2 if cfg.parallel.reshard_after_forward else 1
+    root_times = 1 if blocks or not cfg.parallel.reshard_after_forward else 2
+    what = f"decoder blocks, {'forward + backward' if per_block == 2 else 'forward'}"
+    rs, rs_calls = 0, 0
+    for u in spec.units:
+        unit_train = spec.select(trainable=True, block=u)
+        if unit_train:
+            rs += sum(_padded(p.shape[0], s) * (p.numel // p.shape[0]) * grad_bytes for p in unit_train)
+            rs_calls += 1
+    n_tensors = len(spec.select(trainable=True))
+    out = [
+        Collective("all_gather", gas * root_times * root, gas * root_times, False, "root unit (embeddings, head)", dim),
+        Collective("all_gather", gas * per_block * block_bytes, gas * per_block * len(blocks), True, what, dim),
+        Collective("reduce_scatter", rs, rs_calls, True, "adapter gradients (padded dim 0)", dim),
+        Collective("all_reduce", abytes * n_tensors, 1, False, "gradient norm (one value per tensor)", dim),
+    ]
+    if hsdp:
+        out.append(
+            Collective("all_reduce", rs // s, rs_calls, True, "gradient shards across shard groups", "dp_replicate")
+        )
+    return out
+
+
 def predict_collectives(
     cfg: Config, spec: ModelSpec, engine: str, world: int, dims: MeshDims | None = None
 ) -> list[Collective]:
@@ -125,7 +164,14 @@ def predict_collectives(
         return []
     if dims is None:
         dims = resolve_dims(cfg, world, None, engine)
-    if (dims.hybrid and caps.deepspeed_stage != 3) or dims.tp > 1 or dims.world != world:
+    if dims.tp > 1 and not dims.hybrid and dims.world == world:  # dp × tp (plan/comm_tp.py)
+        from dora_dist.plan.comm_tp import predict_tp_collectives
+
+        return [c for c in predict_tp_collectives(cfg, spec, engine, dims) if c.nbytes or c.calls]
+    fsdp2 = caps.shards_params and caps.deepspeed_stage is None
+    zero3_hpz = caps.deepspeed_stage == 3 and dims.hybrid
+    # modelled meshes: flat (every engine), FSDP2's HSDP and ZeRO-3's hpZ (dp_replicate × dp_shard, both > 1)
+    if (dims.dp_replicate > 1 and not ((fsdp2 or zero3_hpz) and dims.hybrid)) or dims.tp > 1 or dims.world != world:
         raise NotImplementedError(f"no communication model yet for the mesh {dims.describe()}")
     gas = grad_accum(cfg, world)
     abytes = dtype_bytes(cfg.dora.adapter_dtype)
@@ -137,34 +183,8 @@ def predict_collectives(
         cap = cfg.parallel.ddp_bucket_mb * 2**20
         calls = 1 + (ceil(max(0, nbytes - DDP_FIRST_BUCKET_BYTES) / cap) if nbytes > DDP_FIRST_BUCKET_BYTES else 0)
         out.append(Collective("all_reduce", nbytes, calls, True, "adapter gradients (DDP buckets)"))
-    elif caps.shards_params and caps.deepspeed_stage is None:  # FSDP2: sharded by rows
-        blocks = [u for u in spec.units if u >= 0]
-        root = fsdp2_unit_bytes(cfg, spec, -1, world)
-        block_bytes = sum(fsdp2_unit_bytes(cfg, spec, u, world) for u in blocks)
-        per_block = 2 if cfg.parallel.reshard_after_forward else 1
-        root_times = 1 if blocks or not cfg.parallel.reshard_after_forward else 2
-        out.append(
-            Collective(
-                "all_gather", gas * root_times * root, gas * root_times, False, "root unit (embeddings, norm, head)"
-            )
-        )
-        out.append(
-            Collective(
-                "all_gather",
-                gas * per_block * block_bytes,
-                gas * per_block * len(blocks),
-                True,
-                f"decoder blocks, {'forward + backward' if per_block == 2 else 'forward'}",
-            )
-        )
-        rs, rs_calls = 0, 0
-        for u in spec.units:
-            unit_train = spec.select(trainable=True, block=u)
-            if unit_train:
-                rs += sum(_padded(p.shape[0], world) * (p.numel // p.shape[0]) * 4 for p in unit_train)
-                rs_calls += 1
-        out.append(Collective("reduce_scatter", rs, rs_calls, True, "adapter gradients (fp32, padded dim 0)"))
-        out.append(Collective("all_reduce", 4 * len(trainable), 1, False, "gradient norm (one fp32 per tensor)"))
+    elif fsdp2:  # FSDP2: sharded by rows (inside each shard group under HSDP)
+        out += fsdp2_collectives(cfg, spec, dims, gas)
     elif caps.deepspeed_stage == 2:
         out.append(Collective("all_reduce", gas * n_train * abytes, gas, False, "adapter gradients, every micro-step"))
         out.append(Collective("all_reduce", 2 * 4, 2, False, "overflow / norm scalars"))

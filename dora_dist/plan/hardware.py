@@ -50,6 +50,9 @@ class Interconnect:
     #: from the DDP run gives 5.08 s of compute: 0.56 s of the predicted 0.69 s of all-gathers were not hidden
     #: (plan/FACTS.md)
     overlap_efficiency: float = 1.0
+    #: one such link per GPU (InfiniBand: a NIC per GPU; NVLink) or one per node shared by its GPUs (100 GbE): on a
+    #: per-node link the groups that cross nodes at the same time share its bandwidth (plan/links.py)
+    per_gpu: bool = True
 
 
 #: MFU for a GPU no cited run covers (and whose die and peak no covered GPU shares): the median of the derived ones
@@ -95,7 +98,7 @@ INTERCONNECTS: dict[str, Interconnect] = {
         Interconnect("nvlink", 360 * GB, 10e-6),  # NVLink 4 (H100 SXM), NCCL busbw
         Interconnect("pcie", 20 * GB, 15e-6, overlap_efficiency=0.2),  # PCIe 4.0 x16 through the host
         Interconnect("infiniband", 45 * GB, 20e-6),  # 400 Gb/s NDR, one NIC per GPU
-        Interconnect("ethernet", 10 * GB, 50e-6),  # 100 GbE per node, no RDMA
+        Interconnect("ethernet", 10 * GB, 50e-6, per_gpu=False),  # 100 GbE per node, no RDMA
         Interconnect("loopback", 1.5 * GB, 60e-6, overlaps=False),  # gloo over 127.0.0.1 (the CPU benchmarks)
     )
 }

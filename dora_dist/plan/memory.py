@@ -13,6 +13,12 @@ Components (bytes on one rank; `host` ones live in CPU memory under parallel.cpu
   the current and the prefetched block (dense in the compute dtype, 4-bit ones dequantized) and the prefetched
   block's all-gather buffer until its copy-out (packed bytes for a 4-bit base); ZeRO-3 holds every
   persistent (≤1e5 elements) parameter whole plus the non-persistent ones of the step.
+- secondary (zero3 with hpZ: parallel.shard_group below the data-parallel world): ZeRO++'s secondary partition, each
+  non-persistent parameter split over the shard group in the compute dtype, beside the primary partition over all
+  data-parallel ranks.
+
+The mesh (parallel/mesh.py MeshDims) decides the shard sizes: FSDP2 shards over dp_shard (HSDP: one shard group,
+not the world), ZeRO over all data-parallel ranks; under tp each rank first holds its tp slice (tp_layout.py).
 - activations: what autograd saves per token and decoder block (`activation_bytes_per_token`), times the
   micro-batch's tokens and the blocks; with gradient checkpointing only each block's input is kept, plus one block's
   full activations during its recomputation (which happens after the logits are freed: the larger of the two counts).
@@ -27,8 +33,10 @@ from math import ceil
 from typing import TYPE_CHECKING
 
 from dora_dist.parallel import capabilities
+from dora_dist.parallel.mesh import MeshDims
 from dora_dist.plan.comm import ZERO3_PERSISTENCE_THRESHOLD, four_bit, packed_row_bytes
 from dora_dist.plan.model_spec import ModelSpec, ParamSpec, base_dtype_bytes, dtype_bytes
+from dora_dist.plan.tp_layout import SEQUENCE_PARALLEL, leaf_split, tp_fraction
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
@@ -141,7 +149,9 @@ def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def activation_bytes_per_token(cfg: Config, spec: ModelSpec) -> float:
+def activation_bytes_per_token(
+    cfg: Config, spec: ModelSpec, tp: int = 1, sequence_parallel: bool | None = None
+) -> float:
     """Bytes autograd keeps per token for one decoder block (Llama-style: RMSNorm, attention, gated MLP, adapters on
     the targeted linears). Counted tensor by tensor from what each op saves for its backward (FACTS.md):
 
@@ -157,7 +167,13 @@ def activation_bytes_per_token(cfg: Config, spec: ModelSpec) -> float:
       DoRA then also runs the base matmul on the dropped input and saves that output (out features, a bytes).
 
     Per-call temporaries (the DoRA epilogue's fp32 blocks of ≤ 4M elements, 32 MiB) are not per token: the
-    allocator headroom covers them."""
+    allocator headroom covers them.
+
+    Under tensor parallelism (`tp` > 1, plan/tp_layout.py) a rank keeps 1/tp of what the split linears produce
+    (q, k, v and the attention output: heads are split; gate, up, silu; the column-wise outputs) and of the
+    row-wise linears' inputs; the norms' inputs stay whole (1/tp with `sequence_parallel`, tp_layout.py), as do
+    the column-wise linears' input, x·Aᵀ (lora_A replicated, or all-reduced for row-wise) and the row-wise
+    outputs."""
     a = compute_bytes(cfg)
     ab = dtype_bytes(cfg.dora.adapter_dtype)
     h, i, r = spec.hidden, spec.intermediate, cfg.dora.r
@@ -165,12 +181,15 @@ def activation_bytes_per_token(cfg: Config, spec: ModelSpec) -> float:
     mods = _adapted_modules(spec)
     leaves = {_leaf(k): v for k, v in mods.items()}
     dora = bool(spec.select(roles=("magnitude",), block=0))
-    total = 2 * 4 * h  # the two norms' fp32 inputs
-    total += a * (2 * h + 2 * kv)  # sdpa: q, k, v, output
-    total += 3 * a * i  # gate, up, silu(gate)
+    sp = tp if (SEQUENCE_PARALLEL if sequence_parallel is None else sequence_parallel) else 1
+    total = 2 * 4 * h / sp  # the two norms' fp32 inputs (1/tp of the tokens only under sequence parallelism)
+    total += a * (2 * h + 2 * kv) / tp  # sdpa: q, k, v, output (heads split under tp)
+    total += 3 * a * i / tp  # gate, up, silu(gate)
     shared_input = {"q_proj": h, "k_proj": h, "v_proj": h, "gate_proj": h, "up_proj": h}
     saved_inputs = set()
-    for leaf, (fin, fout) in leaves.items():
+    for leaf, (in_features, out_features) in leaves.items():
+        in_div, out_div = leaf_split(leaf, tp)
+        fin, fout = in_features / in_div, out_features / out_div
         if ab != a:
             total += ab * fin  # x.to(adapter dtype): one copy per linear
         else:
@@ -199,29 +218,53 @@ def logits_bytes(cfg: Config, spec: ModelSpec, tokens: int, style: str | None = 
     return float(tokens * spec.vocab * per)
 
 
-def estimate_memory(cfg: Config, spec: ModelSpec, engine: str, world: int, loss: str | None = None) -> MemoryEstimate:
+def shard_sizes(engine: str, dims: MeshDims) -> tuple[int, int]:
+    """(parameter shard, gradient / optimizer shard): how many ranks split each. FSDP2 shards everything over its
+    shard group (dp_shard: the whole data-parallel world when flat, one group under HSDP); ZeRO-3 partitions over
+    every data-parallel rank (hpZ adds a secondary copy, see estimate_memory), ZeRO-2 gradients and optimizer
+    state only; DDP nothing."""
+    caps = capabilities(engine)
+    if caps.deepspeed_stage is not None:
+        return (dims.dp if caps.shards_params else 1), dims.dp
+    if caps.shards_params:
+        return dims.dp_shard, dims.dp_shard
+    return 1, 1
+
+
+def estimate_memory(
+    cfg: Config,
+    spec: ModelSpec,
+    engine: str,
+    world: int,
+    loss: str | None = None,
+    dims: MeshDims | None = None,
+) -> MemoryEstimate:
     """Peak memory of one rank during a training step, by component (live tensors: what the caching allocator
     hands out; project.py adds its fragmentation and what lives outside it). `loss` is one of LOSS_STYLES (default:
-    what our trainer runs for this config)."""
+    what our trainer runs for this config); `dims` the job's mesh (default: one flat data-parallel group of
+    `world`). Under tp each rank holds its tp slice of every split parameter (plan/tp_layout.py) before the
+    data-parallel engine shards it."""
     est = MemoryEstimate(engine, world)
     caps = capabilities(engine)
+    dims = dims or MeshDims(dp_shard=world)
+    tp = dims.tp
     offload = bool(cfg.parallel.cpu_offload) and caps.cpu_offload
-    shard = world if caps.shards_params else 1
+    shard, grad_shard = shard_sizes(engine, dims)
     padded = (lambda n: ceil(n / shard)) if shard > 1 else (lambda n: n)
     abytes = dtype_bytes(cfg.dora.adapter_dtype)
     trainable = spec.select(trainable=True)
-    n_train = sum(p.numel for p in trainable)
+    local = {p.name: p.numel * tp_fraction(p, tp) for p in spec.params}  # elements on this tp rank
+    n_train = sum(local[p.name] for p in trainable)
 
-    base = sum(base_param_bytes(cfg, p, engine) for p in spec.select(trainable=False)) / shard
-    params = sum(padded(p.numel) for p in trainable) * abytes if shard > 1 else n_train * abytes
-    grad_shard = world if caps.shards_optimizer else 1
+    base = sum(base_param_bytes(cfg, p, engine) * tp_fraction(p, tp) for p in spec.select(trainable=False)) / shard
+    params = sum(padded(local[p.name]) for p in trainable) * abytes
     # torch.optim.AdamW keeps its moments, and autograd the gradients, in the parameter's dtype (dora.adapter_dtype);
     # DeepSpeed's optimizer works on fp32 partitions whatever the parameters' dtype
     grads = n_train * abytes / grad_shard
     optim = 2 * n_train * abytes / grad_shard
     if caps.deepspeed_stage is not None:
         grads = n_train * 4 / grad_shard
-        optim = 2 * n_train * 4 / grad_shard + n_train * 4 / world  # moments and the fp32 master partition
+        optim = 2 * n_train * 4 / grad_shard + n_train * 4 / dims.dp  # moments and the fp32 master partition
         grads += ds_reduce_bucket_elements(cfg) * 4  # the contiguous gradient bucket, allocated whole
     where = est.host if offload else est.device
     (est.host if offload and caps.offloads_params else est.device)["base"] = base
@@ -233,11 +276,19 @@ def estimate_memory(cfg: Config, spec: ModelSpec, engine: str, world: int, loss:
     if caps.shards_params and caps.deepspeed_stage is None:  # FSDP2
         from dora_dist.plan.comm import fsdp2_unit_bytes
 
-        units = [sum(p.numel for p in spec.select(block=u)) for u in spec.units]
+        units = [sum(local[p.name] for p in spec.select(block=u)) for u in spec.units]
         root, blocks = units[0], units[1:]
         biggest = sorted(blocks, reverse=True)[:2] if cfg.parallel.reshard_after_forward else blocks
-        # the prefetched block's all-gather output (packed bytes for a 4-bit base) lives until its copy-out
-        ag_buffer = max((fsdp2_unit_bytes(cfg, spec, u, world) for u in spec.units if u >= 0), default=0)
+        # the prefetched block's all-gather output (packed bytes for a 4-bit base) lives until its copy-out; a
+        # block's tp slice is gathered under tp (its share of the unit's elements)
+        ag_buffer = max(
+            (
+                fsdp2_unit_bytes(cfg, spec, u, shard) * units[i] / max(1, spec.numel(block=u))
+                for i, u in enumerate(spec.units)
+                if u >= 0
+            ),
+            default=0,
+        )
         est.device["gathered"] = (root + sum(biggest)) * c + ag_buffer
     elif caps.deepspeed_stage == 3:
         persistent = sum(
@@ -250,17 +301,23 @@ def estimate_memory(cfg: Config, spec: ModelSpec, engine: str, world: int, loss:
             reverse=True,
         )
         est.device["gathered"] = persistent + sum(big[:2])
+        if dims.dp_shard < dims.dp:  # hpZ: a secondary partition of every partitioned parameter per shard group
+            est.device["secondary"] = sum(
+                ceil(p.numel / dims.dp_shard) * c for p in spec.params if p.numel > ZERO3_PERSISTENCE_THRESHOLD
+            )
     elif four_bit(cfg):
         # bitsandbytes dequantizes one linear at a time for its matmul
-        est.device["gathered"] = max(p.numel for p in spec.select(roles=("linear",))) * c
+        est.device["gathered"] = max(local[p.name] for p in spec.select(roles=("linear",))) * c
 
     tokens = cfg.training.micro_batch_size * cfg.data.seq_len
-    per_block = tokens * activation_bytes_per_token(cfg, spec)
+    per_block = tokens * activation_bytes_per_token(cfg, spec, tp)
     logits = logits_bytes(cfg, spec, tokens, loss)
     if cfg.training.gradient_checkpointing:
         # the block inputs stay; one block's activations exist only while it is recomputed in backward, after the
         # logits and their gradient are freed, so only the larger of the two counts towards the peak
-        act = tokens * spec.n_blocks * spec.hidden * c + max(0.0, per_block - logits)
+        # (whole on every tp rank; 1/tp of the tokens under sequence parallelism)
+        sp = dims.tp if SEQUENCE_PARALLEL else 1
+        act = tokens * spec.n_blocks * spec.hidden * c / sp + max(0.0, per_block - logits)
     else:
         act = spec.n_blocks * per_block
     est.device["activations"] = act

@@ -125,7 +125,7 @@ def _spec_cached(key, hf, cfg: Config) -> ModelSpec:
 
 
 def dtype_bytes(name: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2}[name]
+    return {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2}[name]
 
 
 def base_dtype_bytes(cfg: Config) -> int:

@@ -28,11 +28,16 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dora_dist.errors import ConfigError
 from dora_dist.parallel import capabilities, engines_for, resolve_engine
-from dora_dist.plan.comm import Collective, bytes_by_kind, four_bit, grad_accum, predict_collectives, wire_bytes
-from dora_dist.plan.hardware import BACKEND_OVERLAPS, GB, Cluster, GiB
+from dora_dist.parallel.mesh import MeshDims, resolve_dims
+from dora_dist.plan.comm import Collective, bytes_by_dim, bytes_by_kind, four_bit, grad_accum, predict_collectives
+from dora_dist.plan.hardware import GB, Cluster, GiB
+from dora_dist.plan.links import bytes_by_link
+from dora_dist.plan.links import comm_time as link_comm_time
 from dora_dist.plan.memory import MemoryEstimate, estimate_memory, is_quantized
 from dora_dist.plan.model_spec import ModelSpec, model_spec
+from dora_dist.plan.tp_layout import model_split_problem, tp_fraction
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
@@ -72,6 +77,17 @@ class Projection:
     notes: list[str] = field(default_factory=list)
     reserved_bytes: float = 0.0  # what torch.cuda.max_memory_reserved would report: live peak + allocator overhead
     outside_bytes: float = 0.0  # CUDA context and NCCL buffers, outside the caching allocator
+    dims: MeshDims = field(default_factory=MeshDims)  # the job's mesh (dp_replicate × dp_shard × tp)
+    #: {"intra_node": bytes, "inter_node": bytes} per rank and step (plan/links.py)
+    link_bytes: dict[str, int] = field(default_factory=dict)
+    #: False where comm.predict_collectives has no model for this mesh yet: no time, not recommended
+    comm_modelled: bool = True
+
+    @property
+    def label(self) -> str:
+        """The engine and its layout, as the engine table prints it: "fsdp2 HSDP 2×8", "zero3 hpZ 2×8",
+        "fsdp2 tp=4", "ddp +offload"."""
+        return layout_label(self.engine, self.dims) + (" +offload" if self.cpu_offload else "")
 
     @property
     def step_s(self) -> float:
@@ -106,6 +122,24 @@ class Projection:
     def comm_bytes(self) -> dict[str, int]:
         return bytes_by_kind(self.collectives)
 
+    @property
+    def dim_bytes(self) -> dict[str, dict[str, int]]:
+        return bytes_by_dim(self.collectives)
+
+
+def layout_label(engine: str, dims: MeshDims) -> str:
+    """An engine with its mesh: HSDP (FSDP2) / hpZ (ZeRO-3) when the base is sharded in groups, "replicated" when
+    the groups are single ranks, tp=N."""
+    out = engine
+    if dims.hybrid:
+        hybrid = "hpZ" if capabilities(engine).deepspeed_stage else "HSDP"
+        out += f" {hybrid} {dims.dp_replicate}×{dims.dp_shard}"
+    elif dims.dp_replicate > 1:  # shard groups of one rank: every data-parallel rank holds the whole (tp slice)
+        out += f" replicated ×{dims.dp_replicate}"
+    if dims.tp > 1:
+        out += f" tp={dims.tp}"
+    return out
+
 
 def valid_engines(cfg: Config, world: int) -> list[str]:
     """The engines whose capabilities run `world` ranks over this job's base (registry order)."""
@@ -124,12 +158,21 @@ def model_linear_numel(spec: ModelSpec) -> int:
     return blocks + (head or spec.vocab * spec.hidden)
 
 
-def flops_per_token(cfg: Config, spec: ModelSpec) -> float:
-    """FLOPs per trained token of a micro-step (forward, backward, recomputation), the whole model's."""
-    n_lin = model_linear_numel(spec)
-    n_adapted = spec.numel(roles=("linear",))
-    n_adapt = spec.numel(trainable=True)
-    attn_fwd = 2 * cfg.data.seq_len * spec.hidden * spec.n_blocks
+def flops_per_token(cfg: Config, spec: ModelSpec, tp: int = 1) -> float:
+    """FLOPs per trained token of a micro-step (forward, backward, recomputation), the whole model's; under tensor
+    parallelism one tp rank's: its slices of the split linears and adapters (plan/tp_layout.py), 1/tp of the
+    attention (heads split), the whole replicated head."""
+    head = model_linear_numel(spec) - sum(
+        p.numel for p in spec.params if p.block >= 0 and len(p.shape) == 2 and p.role in ("linear", "base")
+    )
+    n_lin = head + sum(
+        p.numel * tp_fraction(p, tp)
+        for p in spec.params
+        if p.block >= 0 and len(p.shape) == 2 and p.role in ("linear", "base")
+    )
+    n_adapted = sum(p.numel * tp_fraction(p, tp) for p in spec.select(roles=("linear",)))
+    n_adapt = sum(p.numel * tp_fraction(p, tp) for p in spec.select(trainable=True))
+    attn_fwd = 2 * cfg.data.seq_len * spec.hidden * spec.n_blocks / tp
     fwd = 2 * n_lin + 2 * n_adapt + attn_fwd
     bwd = 2 * n_lin + 4 * n_adapt + 2 * attn_fwd
     if cfg.dora.use_dora and cfg.dora.dropout > 0:
@@ -141,28 +184,21 @@ def flops_per_token(cfg: Config, spec: ModelSpec) -> float:
     return total + norm
 
 
-def dequant_s_per_micro_step(cfg: Config, spec: ModelSpec, gpu) -> float:
+def dequant_s_per_micro_step(cfg: Config, spec: ModelSpec, gpu, tp: int = 1) -> float:
     """bitsandbytes dequantizes each 4-bit linear before its matmul: 0.5 byte read + 2 written + 2 read back per
     weight, once per pass (forward, backward, recomputation; DoRA's W·Aᵀ one more), at the GPU's memory bandwidth."""
     if not four_bit(cfg):
         return 0.0
     passes = 2 + (1 if cfg.training.gradient_checkpointing else 0) + (1 if cfg.dora.use_dora else 0)
-    n = sum(p.numel for p in spec.params if not p.trainable and is_quantized(cfg, p))
+    n = sum(p.numel * tp_fraction(p, tp) for p in spec.params if not p.trainable and is_quantized(cfg, p))
     return passes * n * 4.5 / gpu.mem_bandwidth
 
 
-def comm_time(collectives: list[Collective], cluster: Cluster) -> tuple[float, float]:
+def comm_time(collectives: list[Collective], cluster: Cluster, dims: MeshDims | None = None) -> tuple[float, float]:
     """(overlappable, not overlappable) seconds of communication per step: ring wire bytes / bandwidth + latency
-    × calls on the slowest link; overlappable only where the collective, the link and the backend allow it."""
-    link = cluster.link
-    overlaps = link.overlaps and BACKEND_OVERLAPS[cluster.backend]
-    ov = no = 0.0
-    for c in collectives:
-        t = wire_bytes(c, cluster.world) / link.bandwidth + link.latency_s * c.calls
-        if c.overlap and overlaps:
-            ov += t
-        else:
-            no += t
+    × calls, each collective on its mesh dimension's link (plan/links.py); overlappable only where the
+    collective, the link and the backend allow it."""
+    ov, no, _ = link_comm_time(collectives, cluster, dims)
     return ov, no
 
 
@@ -175,29 +211,50 @@ def project(
     mfu: float | None = None,
     compute_s_per_token: float | None = None,
     loss: str | None = None,
+    dims: MeshDims | None = None,
 ) -> Projection:
     """The projection of `cfg` on `cluster` with `engine` (default: the config's; auto resolved as the trainer).
-    mfu: default the GPU preset's; loss: the loss implementation to size (memory.LOSS_STYLES, default ours)."""
+    mfu: default the GPU preset's; loss: the loss implementation to size (memory.LOSS_STYLES, default ours);
+    dims: the mesh (default: what the trainer would build from parallel.shard_group / parallel.tp on this
+    cluster's node layout, `parallel.mesh.resolve_dims`, whose one-line errors it raises)."""
     cfg = copy.deepcopy(cfg)
     world = cluster.world
     engine = resolve_engine(engine or cfg.parallel.engine, world, cfg.quantization.mode)
     caps = capabilities(engine)
     if cpu_offload is not None:
         cfg.parallel.cpu_offload = cpu_offload
+    configured = dims is None
+    if dims is None:
+        dims = (
+            resolve_dims(cfg, world, cluster.gpus_per_node, engine)
+            if caps.runs_on(world)
+            else MeshDims(dp_shard=world, nodes=cluster.nodes)
+        )
+    cfg.parallel.tp, cfg.parallel.shard_group = dims.tp, dims.dp_shard
     spec = spec or model_spec(cfg)
-    gas = grad_accum(cfg, world)
+    problem = model_split_problem(spec, dims.tp) if configured and dims.tp > 1 else None
+    if problem:  # the trainer's preflight refuses it too (parallel/tp.py)
+        raise ConfigError(f"parallel.{problem}")
+    gas = grad_accum(cfg, dims.dp)
     tokens_rank = cfg.training.micro_batch_size * cfg.data.seq_len * gas
-    if compute_s_per_token is not None:
-        compute = tokens_rank * compute_s_per_token
+    if compute_s_per_token is not None:  # measured on one process: a tp rank does its share of those FLOPs
+        share = flops_per_token(cfg, spec, dims.tp) / flops_per_token(cfg, spec) if dims.tp > 1 else 1.0
+        compute = tokens_rank * compute_s_per_token * share
     else:
         mfu = mfu or cluster.gpu.mfu
-        compute = tokens_rank * flops_per_token(cfg, spec) / (cluster.gpu.peak_flops * mfu)
-        compute += gas * dequant_s_per_micro_step(cfg, spec, cluster.gpu)
-    colls = predict_collectives(cfg, spec, engine, world)
-    ov, no = comm_time(colls, cluster)
+        compute = tokens_rank * flops_per_token(cfg, spec, dims.tp) / (cluster.gpu.peak_flops * mfu)
+        compute += gas * dequant_s_per_micro_step(cfg, spec, cluster.gpu, dims.tp)
+    notes: list[str] = []
+    try:
+        colls = predict_collectives(cfg, spec, engine, world, dims)
+        modelled = True
+    except NotImplementedError as exc:  # a mesh whose engine branch has not landed its prediction yet
+        colls, modelled = [], False
+        notes.append(f"not projected: {exc}")
+    ov, no, efficiency = link_comm_time(colls, cluster, dims)
     # overlap composition: the link hides at most overlap_efficiency of what compute could cover (hardware.py)
-    exposed = ov - min(ov, compute) * cluster.link.overlap_efficiency + no
-    mem = estimate_memory(cfg, spec, engine, world, loss)
+    exposed = ov - min(ov, compute) * efficiency + no
+    mem = estimate_memory(cfg, spec, engine, world, loss, dims)
     offload = 0.0
     if cfg.parallel.cpu_offload and caps.offloads_params:
         gathers = 2 * gas
@@ -223,13 +280,17 @@ def project(
         ov + no,
         exposed,
         offload,
-        tokens_rank * world,
+        tokens_rank * dims.dp,
         need <= have and mem.host_total <= host_have,
         need,
         have,
         host_fits=mem.host_total <= host_have,
+        notes=notes,
         reserved_bytes=reserved,
         outside_bytes=outside,
+        dims=dims,
+        link_bytes=bytes_by_link(colls, cluster, dims),
+        comm_modelled=modelled,
     )
     if engine not in valid_engines(cfg, world):
         proj.fits = False
@@ -250,46 +311,10 @@ def project(
     return proj
 
 
-def candidates(cfg: Config, cluster: Cluster, spec: ModelSpec, **kw) -> list[Projection]:
-    """Every engine (and CPU offload where the engine has it) this job could run with on `cluster`."""
-    out = []
-    for engine in valid_engines(cfg, cluster.world):
-        for off in (False, True) if capabilities(engine).cpu_offload else (False,):
-            out.append(project(cfg, cluster, engine, off, spec, **kw))
-    return out
+def __getattr__(name: str):
+    """`candidates`, `layouts` and `recommend` live in plan/choose.py; still importable from here."""
+    if name in ("candidates", "layouts", "recommend", "layout_reason"):
+        from dora_dist.plan import choose
 
-
-def recommend(projs: list[Projection]) -> tuple[Projection | None, str]:
-    """The fastest projection that fits, and a sentence saying why."""
-    fitting = [p for p in projs if p.fits]
-    if not fitting:
-        best = min(projs, key=lambda p: p.need_bytes)
-        reason = (
-            f"needs {best.need_bytes / GiB:.1f} GiB per GPU, has {best.have_bytes / GiB:.0f} GiB"
-            if best.need_bytes > best.have_bytes
-            else "; ".join(best.notes)
-        )
-        return None, (
-            f"does not fit with any engine; the closest, {best.engine}"
-            f"{' + CPU offload' if best.cpu_offload else ''}, {reason}. Use more GPUs, a 4-bit base, "
-            "gradient checkpointing or a smaller micro-batch / sequence"
-        )
-    best = max(fitting, key=lambda p: (p.tokens_per_s, -p.need_bytes))
-    moved = sum(best.comm_bytes.values())
-    why = (
-        f"{best.engine}{' + CPU offload' if best.cpu_offload else ''}: fits ({best.need_bytes / GiB:.1f} of "
-        f"{best.have_bytes / GiB:.0f} GiB), {moved / 2**20:,.1f} MiB of collectives per step "
-        f"({best.exposed_comm_s * 1e3:.1f} ms not hidden behind {best.compute_s * 1e3:.0f} ms of compute), "
-        f"{best.tokens_per_s:,.0f} tokens/s"
-    )
-    others = [p for p in fitting if p is not best]
-    if others:
-        runner = max(others, key=lambda p: p.tokens_per_s)
-        why += (
-            f"; next: {runner.engine}{' + offload' if runner.cpu_offload else ''} at "
-            f"{runner.tokens_per_s:,.0f} tokens/s ({sum(runner.comm_bytes.values()) / 2**20:,.1f} MiB per step)"
-        )
-    unfit = sorted({p.engine for p in projs if not p.fits} - {p.engine for p in fitting})
-    if unfit:
-        why += f"; engines that do not fit: {', '.join(unfit)}"
-    return best, why
+        return getattr(choose, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,14 +17,16 @@ import argparse
 from typing import TYPE_CHECKING
 
 from dora_dist.parallel import capabilities
+from dora_dist.parallel.mesh import MeshDims
+from dora_dist.plan.choose import candidates, recommend
 from dora_dist.plan.hardware import GPUS, INTERCONNECTS, GiB, make_cluster
-from dora_dist.plan.project import MFU_SPREAD, Projection, candidates, project, recommend
+from dora_dist.plan.project import MFU_SPREAD, Projection, project
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
     from dora_dist.plan.hardware import Cluster
 
-COMPONENTS = ("base", "adapters", "grads", "optimizer", "gathered", "activations", "logits")
+COMPONENTS = ("base", "adapters", "grads", "optimizer", "gathered", "secondary", "activations", "logits")
 SWEEPS = ("seq_len", "micro_batch", "r")
 
 
@@ -89,19 +91,23 @@ def check_arguments(args, cfg: Config) -> None:
         raise ConfigError(f"--bandwidth-gbps must be > 0, got {args.bandwidth_gbps}")
     if args.latency_us is not None and not args.latency_us >= 0:
         raise ConfigError(f"--latency-us must be >= 0, got {args.latency_us}")
-    Batching.accumulation(cfg.training, args.nodes * args.gpus_per_node)
+    world = args.nodes * args.gpus_per_node
+    tp = cfg.parallel.tp
+    # the batch is split over the data-parallel ranks: a tp group shares its micro-batches
+    Batching.accumulation(cfg.training, world // tp if tp > 0 and world % tp == 0 else world)
 
 
 def _gb(x: float) -> str:
     return f"{x / GiB:8.2f}"
 
 
-def _line(p: Projection) -> str:
+def _line(p: Projection, nodes: int) -> str:
     moved = sum(p.comm_bytes.values())
     fit = "yes" if p.fits else "no"
+    inter = f" {p.link_bytes.get('inter_node', 0) / 2**20:>12,.1f}" if nodes > 1 else ""
     return (
-        f"  {p.engine + (' +offload' if p.cpu_offload else ''):<15} {p.need_bytes / GiB:>9.2f} {fit:>5} "
-        f"{moved / 2**20:>12,.1f} {p.step_s:>9.3f} {p.tokens_per_s:>12,.0f} {100 * p.efficiency:>6.1f}%"
+        f"  {p.label:<24} {p.need_bytes / GiB:>9.2f} {fit:>5} "
+        f"{moved / 2**20:>12,.1f}{inter} {p.step_s:>9.3f} {p.tokens_per_s:>12,.0f} {100 * p.efficiency:>6.1f}%"
     )
 
 
@@ -137,8 +143,9 @@ def run(args) -> int:
         + (f", between nodes {cluster.inter.name}" if cluster.nodes > 1 else "")
     )
     print(
-        f"\nconfigured engine: {job.engine}{' + CPU offload' if job.cpu_offload else ''} on {job.world} rank(s); "
-        "memory per rank (GiB):"
+        f"\nconfigured engine: {job.engine}{' + CPU offload' if job.cpu_offload else ''} on {job.world} rank(s)"
+        + (f", mesh {job.dims.describe()} ({job.label})" if job.dims.hybrid or job.dims.tp > 1 else "")
+        + "; memory per rank (GiB):"
     )
     for comp in COMPONENTS:
         dev, host = job.memory.device.get(comp), job.memory.host.get(comp)
@@ -151,6 +158,8 @@ def run(args) -> int:
     print(f"  {'outside':<12} {_gb(outside)}   (CUDA context{', NCCL buffers' if job.world > 1 else ''})")
     print(f"  {'total':<12} {_gb(job.need_bytes)}   of {cluster.gpu.memory_bytes / GiB:.0f} GiB")
     print(f"  (torch.cuda.max_memory_reserved would show about {job.reserved_bytes / GiB:.2f} GiB: the cache grows)")
+    for note in (n for n in job.notes if n.startswith("not projected")):
+        print(f"  {note} (time and collectives left out)")
     if not job.runnable:
         print(f"  cannot run: {'; '.join(job.notes)}")
     elif job.fits:
@@ -160,8 +169,10 @@ def run(args) -> int:
         if not job.host_fits:
             reason = "; ".join(job.notes)
         print(f"  does not fit: {reason}")
+    compute_only = "" if job.comm_modelled else " (compute only: this mesh's communication is not modelled yet)"
     print(
-        f"  projected: {job.tokens_per_s:,.0f} tokens/s, step {job.step_s:.3f} s (compute {job.compute_s:.3f} s, "
+        f"  projected{compute_only}: {job.tokens_per_s:,.0f} tokens/s, step {job.step_s:.3f} s "
+        f"(compute {job.compute_s:.3f} s, "
         f"exposed communication {job.exposed_comm_s:.3f} s, offload {job.offload_s:.3f} s), "
         f"scaling efficiency {100 * job.efficiency:.1f}%"
     )
@@ -173,21 +184,37 @@ def run(args) -> int:
         "published runs: README, Scaling)"
     )
     if cluster.nodes > 1:
-        one = project(cfg, cluster.with_size(1, cluster.gpus_per_node), job.engine, job.cpu_offload, spec, **kw)
+        # the same engine and tp on one node, data-parallel flat over its GPUs
+        flat = MeshDims(dp_shard=cluster.gpus_per_node // job.dims.tp, tp=job.dims.tp)
+        one = project(
+            cfg, cluster.with_size(1, cluster.gpus_per_node), job.engine, job.cpu_offload, spec, dims=flat, **kw
+        )
         eff = job.tokens_per_s / (cluster.nodes * one.tokens_per_s) if one.tokens_per_s else 0.0
         print(f"  against one node: {eff * 100:.1f}% ({one.tokens_per_s:,.0f} tokens/s on 1 node × {cluster.nodes})")
     kinds = {k: v for k, v in job.comm_bytes.items() if v}
     if kinds:
         print("  collectives per step: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in kinds.items()))
+        if job.dims.hybrid or job.dims.tp > 1:
+            dims = job.dim_bytes
+            print(
+                "  per mesh dimension: "
+                + "; ".join(f"{d} {sum(b.values()) / 2**20:,.1f} MiB" for d, b in dims.items() if sum(b.values()))
+            )
+        print(
+            f"  per link: inside a node {job.link_bytes.get('intra_node', 0) / 2**20:,.1f} MiB"
+            + (f", between nodes {job.link_bytes.get('inter_node', 0) / 2**20:,.1f} MiB" if cluster.nodes > 1 else "")
+            + " per rank and step"
+        )
 
     projs = candidates(cfg, cluster, spec, **kw)
+    inter = f" {'inter-node':>12}" if cluster.nodes > 1 else ""
     print(
-        f"\nengines on this cluster:\n  {'engine':<15} {'GiB/rank':>9} {'fits':>5} {'MiB/step':>12} "
+        f"\nengines on this cluster:\n  {'engine':<24} {'GiB/rank':>9} {'fits':>5} {'MiB/step':>12}{inter} "
         f"{'step s':>9} {'tokens/s':>12} {'eff':>7}"
     )
     for p in projs:
-        print(_line(p))
-    best, why = recommend(projs)
+        print(_line(p, cluster.nodes))
+    best, why = recommend(projs, cluster)
     print(f"\nrecommended: {why}" if best else f"\n{why}")
     return 0
 

@@ -364,7 +364,8 @@ class Sharded4bitTensor(torch.Tensor):
         if outer_size[0] % world:  # same answer on every rank: no rank is left waiting in the collective
             raise ValueError(
                 f"a 4-bit weight of shape {tuple(outer_size)} cannot be sharded evenly over {world} "
-                "ranks; FSDP2 sharding of Sharded4bitTensor needs out_features divisible by the world size"
+                "ranks; FSDP2 sharding of Sharded4bitTensor needs out_features divisible by the world size "
+                "(by parallel.shard_group under HSDP)"
             )
         return (self.qdata,), (self.meta, torch.Size(outer_size))
 

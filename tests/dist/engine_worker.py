@@ -81,7 +81,9 @@ GPT2_ARCH = {
 }  # no dropout: forwards are compared
 
 
-def magnitude_check(env, arch: dict = LLAMA_ARCH, probe: str | None = "model.layers.0.mlp.down_proj") -> dict:
+def magnitude_check(
+    env, arch: dict = LLAMA_ARCH, probe: str | None = "model.layers.0.mlp.down_proj", extra: tuple[str, ...] = ()
+) -> dict:
     from transformers import AutoModelForCausalLM
 
     from dora_dist.adapters import apply_dora, dora_layers
@@ -89,7 +91,7 @@ def magnitude_check(env, arch: dict = LLAMA_ARCH, probe: str | None = "model.lay
     from dora_dist.models import dora_config_from, hf_config_from_dict
     from dora_dist.parallel.fsdp2 import FSDP2Engine
 
-    cfg = load_config(None, ["parallel.engine=fsdp2", "parallel.load_on_rank0=false"])  # (training runs: true)
+    cfg = load_config(None, ["parallel.engine=fsdp2", "parallel.load_on_rank0=false", *extra])  # (training: true)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_config_from_dict(arch))
     apply_dora(model, dora_config_from(cfg), init_magnitude=False)

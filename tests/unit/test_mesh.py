@@ -22,6 +22,8 @@ def test_one_node_shards_over_everyone():
 def test_auto_shard_group_is_one_node_across_nodes():
     dims = resolve_dims(cfg("parallel.engine=fsdp2"), 4, local_world=2)
     assert (dims.dp_replicate, dims.dp_shard, dims.nodes) == (2, 2, 2) and dims.hybrid
+    # nodes of one process: nothing to shard inside a node, so one flat group (not a replicated whole base)
+    assert resolve_dims(cfg("parallel.engine=fsdp2"), 2, local_world=1).sizes() == (1, 2, 1)
     # an engine without hybrid sharding keeps one flat data-parallel group
     assert resolve_dims(cfg("parallel.engine=ddp"), 4, local_world=2).dp_shard == 4
 

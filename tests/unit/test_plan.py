@@ -126,7 +126,8 @@ def test_8b_on_one_nvlink_node_scales_above_90_percent():
 
 
 def test_communication_time_follows_bandwidth_and_engines_differ():
-    cfg = load_config(ROOT / "configs" / "llama3.1-8b-fsdp2-8gpu.yaml")
+    # a flat mesh over both nodes (the default on several nodes is one shard group per node: HSDP)
+    cfg = load_config(ROOT / "configs" / "llama3.1-8b-fsdp2-8gpu.yaml", ["parallel.shard_group=16"])
     slow, fast = make_cluster("h100-80gb", 2, 8, bandwidth_gbps=5), make_cluster("h100-80gb", 2, 8, bandwidth_gbps=10)
     a, b = project(cfg, slow, "fsdp2"), project(cfg, fast, "fsdp2")
     assert a.comm_s > b.comm_s and b.comm_s > 0
@@ -200,7 +201,11 @@ def test_gloo_waits_for_each_collective_nccl_overlaps():
     """The backend decides the overlap, not only the link: on CPUs (gloo) the step is compute + all communication,
     as measured over a shaped link between two emulated nodes (benchmarks/emulated_nodes.py); on GPUs (nccl) the
     prefetched all-gathers hide behind compute on the same link."""
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["data.seq_len=64", "training.micro_batch_size=2"])
+    # one flat group over the two one-process nodes (auto would make a shard group of one process per node)
+    cfg = load_config(
+        ROOT / "configs" / "quickstart.yaml",
+        ["data.seq_len=64", "training.micro_batch_size=2", "parallel.shard_group=2"],
+    )
     cpu = make_cluster("cpu", 2, 1, inter_node="ethernet", bandwidth_gbps=0.0125)
     gpu = make_cluster("h100-80gb", 2, 1, inter_node="ethernet", bandwidth_gbps=0.0125)
     assert (cpu.backend, gpu.backend) == ("gloo", "nccl")
