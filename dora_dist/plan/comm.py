@@ -164,7 +164,7 @@ def predict_collectives(
         return []
     if dims is None:
         dims = resolve_dims(cfg, world, None, engine)
-    if dims.tp > 1 and not dims.hybrid and dims.world == world:  # dp × tp (plan/comm_tp.py)
+    if dims.tp > 1 and dims.world == world:  # dp × tp, flat or HSDP dp (plan/comm_tp.py)
         from dora_dist.plan.comm_tp import predict_tp_collectives
 
         return [c for c in predict_tp_collectives(cfg, spec, engine, dims) if c.nbytes or c.calls]

@@ -16,7 +16,8 @@ value of a bytes per trainable tensor (DTensor norms, stacked) on tp — and on 
 are dp × tp DTensors; the step loss (8 bytes) runs on the world group, which is the tp group when dp = 1.
 
 The data-parallel part is the engine's own on the tp-local shapes (column-wise: dim 0 / tp; row-wise base weight and
-lora_A: dim 1 / tp) over dp ranks: fsdp2 gathers and reduce-scatters those shards; ddp all-reduces the tp-split
+lora_A: dim 1 / tp) over dp ranks: fsdp2 gathers and reduce-scatters those shards (under HSDP inside each shard
+group, with the shards all-reduced across groups: plan/comm.py fsdp2_collectives); ddp all-reduces the tp-split
 adapter gradients in one buffer (a · their local elements) on the last micro-step.
 """
 
@@ -142,18 +143,11 @@ def predict_tp_collectives(cfg: Config, spec: ModelSpec, engine: str, dims: Mesh
     if dp == 1:
         return [*out, Collective("all_reduce", 8, 1, False, "step loss (float64)", "tp")]
     caps = capabilities(engine)
-    dp_part = predict_collectives(cfg, local, engine, dp, MeshDims(dp_shard=dp))
-    if caps.shards_params:  # fsdp2: its own gathers / reduce-scatters on the local shards, in the gradients' dtype
-        reduce_bytes = 4 if cfg.training.precision == "bf16" else a  # (plan/comm.py counts fp32)
-        dp_part = [
-            replace(c, nbytes=a * len(trainable))
-            if c.what.startswith("gradient norm")
-            else replace(c, nbytes=c.nbytes * reduce_bytes // 4)
-            if c.kind == "reduce_scatter"
-            else c
-            for c in dp_part
-        ]
-    else:  # ddp: the tp-split adapter gradients in one buffer (parallel/tp.py average_dp_gradients)
+    # the data-parallel part: the engine's own model on the tp-local shapes (flat, or HSDP's two dimensions)
+    dp_part = predict_collectives(
+        cfg, local, engine, dp, MeshDims(dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard)
+    )
+    if not caps.shards_params:  # ddp: the tp-split adapter gradients in one buffer (tp.py average_dp_gradients)
         split = local.select(trainable=True)  # all tensor-parallel (parallel/tp.py refuses any other adapter)
         dp_part = [c for c in dp_part if not c.what.startswith("adapter gradients")]
         dp_part.append(Collective("all_reduce", a * sum(p.numel for p in split), 1, True, "tp-split adapter gradients"))

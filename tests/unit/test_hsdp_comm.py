@@ -47,8 +47,8 @@ def test_unmodelled_meshes_still_refused(cfg_spec):
     cfg, spec = cfg_spec
     with pytest.raises(NotImplementedError):  # shard groups of one process: pure replication through FSDP2
         predict_collectives(cfg, spec, "fsdp2", 4, MeshDims(dp_replicate=4, dp_shard=1))
-    with pytest.raises(NotImplementedError):  # HSDP × tp (dp × tp alone is plan/comm_tp.py's)
-        predict_collectives(cfg, spec, "fsdp2", 8, MeshDims(dp_replicate=2, dp_shard=2, tp=2))
+    with pytest.raises(NotImplementedError):  # zero2 has no hybrid mode to model
+        predict_collectives(cfg, spec, "zero2", 4, MeshDims(dp_replicate=2, dp_shard=2))
 
 
 @pytest.mark.parametrize(("rows", "group"), [(99, 2), (64, 4), (5, 4), (3, 4)])
