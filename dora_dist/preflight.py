@@ -305,9 +305,9 @@ def launch_world_size() -> int:
 
 
 def launch_local_world_size(world_size: int) -> int:
-    """LOCAL_WORLD_SIZE (processes per node) as torchrun sets it, or as launch/multinode.sh passes it to --check;
-    the whole world when unset (one node)."""
-    value = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    """LOCAL_WORLD_SIZE (processes per node) as torchrun sets it, or as launch/multinode.sh passes it to --check
+    (LOCAL_SIZE under the deepspeed launcher); the whole world when unset (one node)."""
+    value = (os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "").strip()
     return int(value) if value else world_size
 
 

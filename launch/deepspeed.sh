@@ -69,14 +69,18 @@ if [[ -n "${HOSTFILE:-}" && -f "$HOSTFILE" ]]; then   # processes in all: NUM_GP
     HOSTS=$(awk '!/^[[:space:]]*(#|$)/ {n++} END {print n+0}' "$HOSTFILE")
     SLOTS=$(awk '!/^[[:space:]]*(#|$)/ {for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) s += substr($i, 7)} END {print s+0}' "$HOSTFILE")
     CHECK_WORLD=$(( ${NUM_GPUS:-0} > 0 ? HOSTS * NUM_GPUS : SLOTS ))
+    # processes per node, for parallel.shard_group's node layout (empty when the hosts' slots differ)
+    CHECK_LOCAL=$(( ${NUM_GPUS:-0} > 0 ? NUM_GPUS : (HOSTS > 0 && SLOTS % HOSTS == 0 ? SLOTS / HOSTS : 0) ))
+    [[ "$CHECK_LOCAL" -gt 0 ]] || CHECK_LOCAL=""
 else
     CHECK_WORLD=${NUM_GPUS:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)")}
+    CHECK_LOCAL=$CHECK_WORLD
 fi
 # Validate the config for this world first: a config error is one line and exit code 2, before any launcher starts.
 # When DS_ARGS picks the processes (--include, --exclude, --num_nodes, --num_gpus) the world is the launcher's to
 # work out: the ranks then run the same checks themselves, at their real world size, before any work.
 if [[ ! "${DS_ARGS:-}" =~ --(include|exclude|num_nodes|num_gpus) ]]; then
-    WORLD_SIZE="$CHECK_WORLD" "$PYTHON" -m dora_dist.train --check "${CONFIG_ARGS[@]}" "parallel.engine=$ENGINE" \
+    WORLD_SIZE="$CHECK_WORLD" LOCAL_WORLD_SIZE="$CHECK_LOCAL" "$PYTHON" -m dora_dist.train --check "${CONFIG_ARGS[@]}" "parallel.engine=$ENGINE" \
         "${OVERRIDES[@]}" || exit $?
 fi
 

@@ -27,6 +27,9 @@ Magnitude init and ‖W‖² under ZeRO-3 (`init_magnitudes`), two paths; the de
 - "gather": `deepspeed.zero.GatheredParameters([base.weight, lora_A, lora_B])` around one layer at a time,
   computing the norm from the full weight; the gathered copies are released when the context exits. Moves the
   whole weight: out·in·itemsize bytes gathered per layer ((N-1)/N of it received per rank).
+Under ZeRO++ hpZ (parallel.shard_group below the world: zero_hpz_partition_size in the JSON) each parameter also has
+a secondary partition split over the rank's shard group only; the "partition" path reads it, so the all-reduce
+runs inside the group (the node), and the engine names DeepSpeed's hpZ group "dp_shard" for the collective counter.
 `norm_init_stats` records the layers and payload bytes of the last init (tiny test Llama, 14 layers: 2,080 bytes
 all-reduced vs 89,680 bytes gathered; Llama-3.1-8B, 224 layers: 5.5 MB vs the whole 14 GB bf16 base).
 
@@ -49,7 +52,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dora_dist.errors import ConfigError
-from dora_dist.parallel.base import Engine, dora_layers
+from dora_dist.parallel import zero_hpz
+from dora_dist.parallel.base import Engine, dora_layers, rank_zero_print
 from dora_dist.parallel.capabilities import EngineCapabilities
 from dora_dist.parallel.zero_base import (  # noqa: F401  (CHECKPOINT_TAG, CLIENT_KEY, ...: re-exported)
     CHECKPOINT_TAG,
@@ -220,6 +224,7 @@ class Zero3Engine(ZeroEngine):
 
         deepspeed.init_distributed(dist_backend=self.env.backend)  # wraps the process group the trainer made
         self.ds_config = self.make_ds_config()
+        zero_hpz.sync_group(zero_hpz.hpz_size(self.ds_config))  # zero.Init creates the hpZ group when it has none
         # zero.Init casts every floating tensor it creates to the DeepSpeed config's precision (fp32 when bf16/fp16
         # are off, as in our training config); the load-time copy names the base dtype instead, so a bf16 base
         # is partitioned in bf16, exactly as `model.dtype` asks.
@@ -242,6 +247,27 @@ class Zero3Engine(ZeroEngine):
             for p in layer.base_layer.parameters(recurse=False):
                 deepspeed.zero.register_external_parameter(layer, p)
         return model
+
+    # --- hpZ (ZeRO++ hierarchical partitioning, parallel.shard_group < world; see zero_hpz.py) ----------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """ZeroEngine.prepare, with the hpZ group made current and named "dp_shard" for the collective counter."""
+        if self.ds_config is None:
+            self.ds_config = self.make_ds_config()
+        zero_hpz.sync_group(zero_hpz.hpz_size(self.ds_config))
+        engine = super().prepare(model)
+        if (size := zero_hpz.hpz_size(self.ds_config)) > 1:
+            ranks = zero_hpz.register_group()
+            rank_zero_print(
+                self.env,
+                f"[dora_dist] ZeRO++ hpZ: weights gathered inside shard groups of {size} (this rank's: {ranks}); "
+                f"gradients reduced over all {self.env.world_size} ranks",
+            )
+        return engine
+
+    def close(self) -> None:
+        super().close()
+        if zero_hpz.hpz_size(self.ds_config) > 1:
+            zero_hpz.release_group()
 
     def init_magnitudes_after(self, ds_engine, ds_optimizer) -> None:
         self.init_magnitudes(ds_engine.module)
@@ -299,12 +325,13 @@ class Zero3Engine(ZeroEngine):
     def _row_sq_from_partition(self, layer: nn.Module, stats: dict) -> torch.Tensor:
         """‖W_i‖² (fp32, (out,)) from this rank's flat slice + one all-reduce of (out,) floats."""
         w = layer.base_layer.weight
-        start, _, _ = _partition_range(w)
+        flat, start, group = zero_hpz.norm_slice(w, (_local_slice(w), _partition_range(w)[0]))
         shape = tuple(int(d) for d in w.ds_shape)
         out_dim = 1 if layer.fan_in_fan_out else 0
-        partial = partial_row_sq_norms(_local_slice(w), start, shape, out_dim).to(self.env.device)
-        dist.all_reduce(partial, group=w.ds_process_group)  # COLLECTIVE: out floats
+        partial = partial_row_sq_norms(flat, start, shape, out_dim).to(self.env.device)
+        dist.all_reduce(partial, group=group)  # COLLECTIVE: out floats (inside the shard group under hpZ)
         stats["allreduce_bytes"] += partial.numel() * partial.element_size()
+        stats["allreduce_group_size"] = dist.get_world_size(group)
         return partial.to(torch.float32 if partial.dtype != torch.float64 else partial.dtype)
 
     def _norms_gathered(self, layer: nn.Module, stats: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -346,10 +373,10 @@ class Zero3Engine(ZeroEngine):
                 a, b, m = (p.detach().to(device).clone() for p in adapter)
             w = layer.base_layer.weight
             if _is_partitioned(w):
-                start, _, _ = _partition_range(w)
+                flat, start, group = zero_hpz.norm_slice(w, (_local_slice(w), _partition_range(w)[0]))
                 shape = tuple(int(d) for d in w.ds_shape)
-                wa = partial_times_A(_local_slice(w), start, shape, 1 if layer.fan_in_fan_out else 0, a).to(device)
-                dist.all_reduce(wa, group=w.ds_process_group)  # COLLECTIVE: (out, r) floats
+                wa = partial_times_A(flat, start, shape, 1 if layer.fan_in_fan_out else 0, a).to(device)
+                dist.all_reduce(wa, group=group)  # COLLECTIVE: (out, r) floats
                 row_sq = layer.base_row_sq
                 if row_sq is None:
                     row_sq = self._row_sq_from_partition(layer, {"allreduce_bytes": 0})  # COLLECTIVE

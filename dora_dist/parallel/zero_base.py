@@ -85,7 +85,13 @@ class ZeroEngine(Engine):
         return stage
 
     def make_ds_config(self) -> dict[str, Any]:
-        return build_ds_config(self.cfg, self.env.world_size, self.stage, grad_accum=self.batching.grad_accum)
+        return build_ds_config(
+            self.cfg,
+            self.env.world_size,
+            self.stage,
+            grad_accum=self.batching.grad_accum,
+            local_world=self.env.local_world_size,
+        )
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Prepare the bare model for deepspeed.initialize (the subclass adds what its stage needs)."""

@@ -15,6 +15,10 @@ computes on the same global batch:
 - gradient_clipping = training.max_grad_norm (0 disables, as in our config).
 - zero_optimization.stage = 2 or 3 (the engine); parallel.cpu_offload=true offloads the optimizer state to the CPU
   (ZeRO-2 and ZeRO-3) and, for ZeRO-3, the partitioned parameters too.
+- zero_optimization.zero_hpz_partition_size = the shard group (parallel.shard_group, resolved by parallel/mesh.py)
+  when ZeRO-3 runs several groups: ZeRO++ hierarchical partitioning (hpZ). Each rank keeps its 1/world primary
+  partition (optimizer, checkpoint, gradient reduce-scatter: the whole world) and a secondary copy of every frozen
+  parameter split over its shard group only, from which the forward/backward all-gathers run, inside the group.
 
 Keys the user JSON adds (bucket sizes, overlap_comm, stage3_* thresholds, offload details, ...) are merged in. A key
 set both ways with different values is an error naming the key and both values; "auto" (the Hugging Face
@@ -50,8 +54,23 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
         raise DeepSpeedConfigError(str(exc)) from exc
 
 
-def generated_config(cfg: Config, world_size: int, stage: int, grad_accum: int | None = None) -> dict[str, Any]:
-    """The DeepSpeed config implied by our config alone."""
+def hpz_partition_size(cfg: Config, world_size: int, stage: int, local_world: int | None = None) -> int:
+    """ZeRO++'s zero_hpz_partition_size for this job: the shard group when ZeRO-3 replicates groups, else 1.
+    local_world: processes per node (None: the launch's LOCAL_WORLD_SIZE, or one node)."""
+    if stage != 3 or world_size <= 1:
+        return 1
+    from dora_dist.parallel.mesh import resolve_dims
+    from dora_dist.preflight import launch_local_world_size
+
+    local = local_world if local_world is not None else launch_local_world_size(world_size)
+    dims = resolve_dims(cfg, world_size, local, "zero3")
+    return dims.dp_shard if dims.dp_replicate > 1 else 1
+
+
+def generated_config(
+    cfg: Config, world_size: int, stage: int, grad_accum: int | None = None, local_world: int | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed config implied by our config alone (local_world: processes per node, for the shard group)."""
     if stage not in (2, 3):
         raise ValueError(f"ZeRO stage must be 2 or 3, got {stage!r}")
     t = cfg.training
@@ -61,7 +80,8 @@ def generated_config(cfg: Config, world_size: int, stage: int, grad_accum: int |
         zero["offload_optimizer"] = {"device": "cpu"}
         if stage == 3:
             zero["offload_param"] = {"device": "cpu"}
-    if stage == 3:
+    if stage == 3:  # 1 (DeepSpeed's default) when one group spans the world; a user JSON cannot contradict it
+        zero["zero_hpz_partition_size"] = hpz_partition_size(cfg, world_size, stage, local_world)
         # We save adapters ourselves (gathering only adapter tensors); never gather the whole base on save.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     return {
@@ -105,6 +125,7 @@ _ORIGIN = {
     "zero_optimization.stage": "parallel.engine",
     "zero_optimization.offload_optimizer.device": "parallel.cpu_offload",
     "zero_optimization.offload_param.device": "parallel.cpu_offload",
+    "zero_optimization.zero_hpz_partition_size": "parallel.shard_group",
 }
 
 _REFUSED_SECTIONS = {
@@ -148,10 +169,15 @@ def _merge(ours: dict, theirs: dict, prefix: str, source: str) -> dict:
 
 
 def build_ds_config(
-    cfg: Config, world_size: int, stage: int, user: dict | str | Path | None = None, grad_accum: int | None = None
+    cfg: Config,
+    world_size: int,
+    stage: int,
+    user: dict | str | Path | None = None,
+    grad_accum: int | None = None,
+    local_world: int | None = None,
 ) -> dict[str, Any]:
     """Our generated config, merged with the user's JSON (a dict or a path; default parallel.deepspeed_config)."""
-    ours = generated_config(cfg, world_size, stage, grad_accum)
+    ours = generated_config(cfg, world_size, stage, grad_accum, local_world)
     if user is None:
         user = getattr(cfg.parallel, "deepspeed_config", None)
     if user is None:

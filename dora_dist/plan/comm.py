@@ -27,7 +27,9 @@ Where the sizes come from (world N, gas = micro-steps per optimizer step, adapte
   gathered once and stay whole; larger ones are gathered (together) at each micro-step's forward and, when the
   model's non-persistent elements exceed `stage3_max_reuse_distance` (1e9), again in backward. Gradients are
   reduce-scattered (fp32, each padded to N·ceil(numel/N)) on every micro-step; two float64 scalars are
-  all-reduced at the step.
+  all-reduced at the step. With shard groups (ZeRO++ hpZ, parallel.shard_group < N) the non-persistent gathers
+  run inside the group (dim "dp_shard"), but for an adapter's first gather after each step (`_hpz_gathers`);
+  gradients, the persistent re-gather and the scalars stay on all ranks (dim "dp").
 """
 
 from __future__ import annotations
@@ -167,8 +169,9 @@ def predict_collectives(
 
         return [c for c in predict_tp_collectives(cfg, spec, engine, dims) if c.nbytes or c.calls]
     fsdp2 = caps.shards_params and caps.deepspeed_stage is None
-    # modelled meshes: flat (every engine) and FSDP2's HSDP (dp_replicate × dp_shard, both > 1)
-    if (dims.dp_replicate > 1 and not (fsdp2 and dims.hybrid)) or dims.tp > 1 or dims.world != world:
+    zero3_hpz = caps.deepspeed_stage == 3 and dims.hybrid
+    # modelled meshes: flat (every engine), FSDP2's HSDP and ZeRO-3's hpZ (dp_replicate × dp_shard, both > 1)
+    if (dims.dp_replicate > 1 and not ((fsdp2 or zero3_hpz) and dims.hybrid)) or dims.tp > 1 or dims.world != world:
         raise NotImplementedError(f"no communication model yet for the mesh {dims.describe()}")
     gas = grad_accum(cfg, world)
     abytes = dtype_bytes(cfg.dora.adapter_dtype)
@@ -203,15 +206,18 @@ def predict_collectives(
         itemsize = lambda p: param_itemsize(cfg, p)  # noqa: E731
         big_bytes = sum(_padded(p.numel, world) * itemsize(p) for p in big)
         regather = 2 if sum(p.numel for p in big) > ZERO3_MAX_REUSE_DISTANCE else 1
-        out.append(
-            Collective(
-                "all_gather",
-                gas * regather * big_bytes,
-                gas * regather * (1 if big else 0),
-                True,
-                "non-persistent parameters, per micro-step",
+        if dims.hybrid:
+            out.extend(_hpz_gathers(cfg, big, world, gas * regather))
+        else:
+            out.append(
+                Collective(
+                    "all_gather",
+                    gas * regather * big_bytes,
+                    gas * regather * (1 if big else 0),
+                    True,
+                    "non-persistent parameters, per micro-step",
+                )
             )
-        )
         out.append(
             Collective(
                 "all_gather",
@@ -234,6 +240,33 @@ def predict_collectives(
     else:
         raise ValueError(f"no communication model for engine {engine!r}")
     return [c for c in out if c.nbytes or c.calls]
+
+
+def _hpz_gathers(cfg: Config, big: list[ParamSpec], world: int, gathers: int) -> list[Collective]:
+    """ZeRO++ hpZ's per-layer all-gathers of the non-persistent parameters (`gathers` per step: micro-steps × 1 or 2).
+    Each is gathered from its secondary partition (padded numel / shard group) inside the shard group, except a
+    trainable one's first gather of the step: DeepSpeed drops the secondary copies of updated parameters after
+    the optimizer step, so that gather reads the primary partitions over all ranks (and makes the new secondary
+    copy). The output has the same padded size either way (the secondary split pads to the world too)."""
+    nbytes = lambda ps: sum(_padded(p.numel, world) * param_itemsize(cfg, p) for p in ps)  # noqa: E731
+    frozen, train = [p for p in big if not p.trainable], [p for p in big if p.trainable]
+    return [
+        Collective(
+            "all_gather",
+            gathers * nbytes(frozen) + (gathers - 1) * nbytes(train),
+            gathers if big else 0,
+            True,
+            "non-persistent parameters per micro-step, from the shard group's secondary partitions",
+            dim="dp_shard",
+        ),
+        Collective(
+            "all_gather",
+            nbytes(train),
+            1 if train else 0,
+            True,
+            "non-persistent adapters' first gather after the step (secondary copy dropped)",
+        ),
+    ]
 
 
 def bytes_by_kind(collectives: list[Collective]) -> dict[str, int]:

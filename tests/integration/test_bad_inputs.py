@@ -130,6 +130,23 @@ CASES: list[Case] = [
     ),
     Case(
         "config",
+        "a user DeepSpeed JSON whose hpZ size contradicts parallel.shard_group",
+        lambda a: [
+            "train",
+            "--check",
+            *a.train(
+                "parallel.engine=zero3",
+                "parallel.shard_group=2",
+                "training.micro_batch_size=1",
+                f"parallel.deepspeed_config={a['ds_hpz']}",
+            )[1:],
+        ],
+        ("'zero_optimization.zero_hpz_partition_size' is 4", "gives 2 (from parallel.shard_group)"),
+        env=(("WORLD_SIZE", "4"), ("LOCAL_WORLD_SIZE", "2")),
+        entry="train",
+    ),
+    Case(
+        "config",
         "a shard group that does not divide the world (HSDP)",
         lambda a: ["train", "--check", *a.train("parallel.engine=fsdp2", "parallel.shard_group=3")[1:]],
         ("parallel.shard_group=3", "does not divide the 4"),
@@ -540,6 +557,8 @@ def assets(tmp_path_factory) -> Assets:
     f = a.files
     f["garbage"] = tmp / "garbage.jsonl"
     f["garbage"].write_text('this is not json\n{"text": \n')
+    f["ds_hpz"] = tmp / "ds_hpz.json"
+    f["ds_hpz"].write_text(json.dumps({"zero_optimization": {"zero_hpz_partition_size": 4}}))
     f["no_field"] = _jsonl(tmp / "no_field.jsonl", [{"prompt": "1 + 1 =", "answer": " 2"}] * 4)
     f["empty"] = tmp / "empty.jsonl"
     f["empty"].write_text("")
@@ -625,7 +644,7 @@ def run_case(case: Case, a: Assets, monkeypatch, capfd) -> tuple[int, str, str]:
 
     for package in case.block:
         monkeypatch.setitem(sys.modules, package, None)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
         monkeypatch.delenv(key, raising=False)
     for key, value in case.env:
         monkeypatch.setenv(key, value)

@@ -171,6 +171,19 @@ def test_deepspeed_sh_checks_the_config_before_the_launcher(work, deepspeed_laun
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+def test_deepspeed_sh_hostfile_checks_the_shard_group_against_the_nodes(work, deepspeed_launcher, tmp_path):
+    """Multi-node (HOSTFILE) mode passes the hosts' processes per node to --check: a zero3 shard group that
+    straddles nodes is one line and exit code 2 before the launcher (which would otherwise try to reach them)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=2\nnode2 slots=2\nnode3 slots=2\n")
+    proc = run(
+        ["bash", "launch/deepspeed.sh", *quick(work, "parallel.shard_group=3")], HOSTFILE=str(hostfile), ENGINE="zero3"
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(PREFIX) and "node layout (3 nodes × 2" in lines[0], proc.stderr
+
+
 def test_deepspeed_launcher_zero3_with_4bit(work, deepspeed_launcher):
     """The issue's example: every rank used to print a full traceback around the message."""
     cmd = [

@@ -215,3 +215,44 @@ def test_shipped_zero_configs_give_a_valid_deepspeed_config(path, monkeypatch):
             assert parsed.zero_config.offload_param.device == "cpu"
     if cfg.quantization.mode != "none":
         assert stage == 2, "4-bit bases need zero2 (zero3 refuses them)"
+
+
+# --- ZeRO++ hpZ from parallel.shard_group --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("shard_group", "world", "local", "hpz"),
+    [(0, 4, 2, 2), (2, 4, 2, 2), (4, 4, 2, 1), (0, 4, 4, 1), (0, 16, 8, 8), (2, 16, 8, 2)],
+)
+def test_zero3_shard_group_below_the_world_is_hpz(shard_group, world, local, hpz):
+    """parallel.shard_group (0: one node's processes across nodes) sets zero_hpz_partition_size; one group over the
+    world is plain ZeRO-3 (1, DeepSpeed's default); ZeRO-2 never gets the key."""
+    cfg = cfg_of(training={"global_batch_size": 16, "micro_batch_size": 1}, parallel={"shard_group": shard_group})
+    assert build_ds_config(cfg, world, 3, local_world=local)["zero_optimization"]["zero_hpz_partition_size"] == hpz
+    assert "zero_hpz_partition_size" not in build_ds_config(cfg_of(), 4, 2, local_world=2)["zero_optimization"]
+
+
+def test_zero3_node_layout_from_the_launch_environment(monkeypatch):
+    """Without an explicit local_world the launch's LOCAL_WORLD_SIZE, or the deepspeed launcher's LOCAL_SIZE."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    assert build_ds_config(cfg_of(), 4, 3)["zero_optimization"]["zero_hpz_partition_size"] == 2
+    monkeypatch.delenv("LOCAL_SIZE")
+    assert build_ds_config(cfg_of(), 4, 3)["zero_optimization"]["zero_hpz_partition_size"] == 1  # one node
+
+
+def test_user_json_hpz_size_must_agree_with_shard_group():
+    cfg = cfg_of(parallel={"shard_group": 2})
+    user = {"zero_optimization": {"zero_hpz_partition_size": 4}}
+    with pytest.raises(DeepSpeedConfigError, match=r"zero_hpz_partition_size.*parallel\.shard_group"):
+        build_ds_config(cfg, 4, 3, user=user, local_world=2)
+    agreeing = {"zero_optimization": {"zero_hpz_partition_size": 2}}
+    assert build_ds_config(cfg, 4, 3, user=agreeing, local_world=2)["zero_optimization"]["zero_hpz_partition_size"] == 2
+
+
+def test_deepspeed_accepts_the_hpz_config():
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = build_ds_config(cfg_of(parallel={"shard_group": 2}), 4, 3, local_world=2)
+    ds.update(train_batch_size=ds["train_micro_batch_size_per_gpu"], gradient_accumulation_steps=1)  # world size 1
+    parsed = DeepSpeedConfig(ds)
+    assert parsed.zero_config.zero_hpz_partition_size == 2
