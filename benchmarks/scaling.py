@@ -240,6 +240,7 @@ def collect(p: Point, out: Path, steps: int) -> dict:
                 "dim_bytes": {d: {k: last.get(f"comm_{d}_{k}_bytes", 0) for k in KINDS} for d in MESH_DIMS},
                 "calls": {k: last[f"comm_{k}_calls"] for k in KINDS},
                 "live_bytes_peak": last.get("live_bytes_peak"),
+                "padded_tokens": last.get("padded_tokens"),
                 "max_rss_bytes": last.get("max_rss_bytes"),
             }
         )
@@ -249,8 +250,9 @@ def collect(p: Point, out: Path, steps: int) -> dict:
     return {"ranks": ranks, "tokens_per_s": statistics.median(tps), "loss_last": metrics[-1]["loss"]}
 
 
-def project_point(p: Point, args, out: Path, cpt: float | None) -> dict:
-    """The projection of the same job: collective bytes per kind, memory per rank, step time."""
+def project_point(p: Point, args, out: Path, cpt: float | None, padded_tokens: int | None = None) -> dict:
+    """The projection of the same job: collective bytes per kind, memory per rank, step time. `padded_tokens`: the
+    tokens one rank's micro-batches computed in the probed step (tp's activation all-reduces scale with them)."""
     from dora_dist.config import load_config
     from dora_dist.parallel.mesh import resolve_dims
     from dora_dist.plan.comm import bytes_by_dim, bytes_by_kind, predict_collectives
@@ -268,7 +270,7 @@ def project_point(p: Point, args, out: Path, cpt: float | None) -> dict:
     cluster = make_cluster(gpu, p.nodes, p.world // p.nodes, link, inter_node=link or "infiniband")
     dims = resolve_dims(cfg, p.world, p.world // p.nodes, engine)  # the mesh the trainer builds (preflight's rule)
     proj = project(cfg, cluster, engine, spec=spec, compute_s_per_token=cpt, dims=dims)
-    colls = predict_collectives(cfg, spec, engine, p.world, dims)
+    colls = predict_collectives(cfg, spec, engine, p.world, dims, padded_tokens)
     per_dim = bytes_by_dim(colls)
     return {
         "bytes": bytes_by_kind(colls),
@@ -280,6 +282,12 @@ def project_point(p: Point, args, out: Path, cpt: float | None) -> dict:
         * (cfg.training.global_batch_size // cfg.training.micro_batch_size),
         "link_bytes": proj.link_bytes,
     }
+
+
+def ranks_bytes_match(p: Point, args, out: Path, rank: dict) -> bool:
+    """One rank's counted bytes (per kind and mesh dimension) equal the prediction for its own padded batches."""
+    pred = project_point(p, args, out, None, rank.get("padded_tokens"))
+    return rank["bytes"] == pred["bytes"] and rank["dim_bytes"] == pred["dim_bytes"]
 
 
 def measured_row(p: Point, m: dict, machine: str, cores: int) -> dict:
@@ -468,7 +476,10 @@ def main(argv=None) -> int:
         row = measured_row(p, m, machine, cores)
         if p.world == 1:
             calib[p.base] = row["step_s"] / project_point(p, args, out, None)["tokens_per_step"]  # s per token
-        add_projection(row, project_point(p, args, out, calib.get(p.base)))
+        first = m["ranks"][0].get("padded_tokens") if p.tp > 1 else None
+        add_projection(row, project_point(p, args, out, calib.get(p.base), first))
+        if p.tp > 1:  # tp groups compute different batches (padded lengths): each rank against its own prediction
+            row["bytes_match"] = all(ranks_bytes_match(p, args, out, r) for r in m["ranks"])
         if not row["bytes_match"]:
             failures.append(
                 {

@@ -380,6 +380,7 @@ def train_step(job: Job) -> dict:
     local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
     for j, indices in enumerate(micro_batches):
         batch = {k: v.to(env.device, non_blocking=True) for k, v in dataset.collate(indices).items()}
+        step_probe.note_batch(int(batch["input_ids"].numel()))
         with engine.accumulate(last=(j == len(micro_batches) - 1)):
             loss = micro_batch_loss(job.model, batch, global_targets, chunk_tokens=job.cfg.training.loss_chunk_tokens)
             engine.backward(loss)

@@ -44,6 +44,8 @@ _T0 = 0.0
 
 
 _TOP: list = []
+_PADDED = 0  # tokens of this step's micro-batches as computed (padding included): tensor parallelism's activation
+# all-reduces scale with them, so a benchmark holds the counted bytes against plan.comm for these exact shapes
 
 
 def live_tensor_bytes() -> int:
@@ -128,9 +130,16 @@ def _memory_step() -> bool:
     return bool(os.environ.get(MEMORY_ENV)) and int(os.environ[MEMORY_ENV]) == _STEP
 
 
+def note_batch(padded_tokens: int) -> None:
+    """One micro-batch of `padded_tokens` (batch × padded length) ran in this step (counted when the counter is on)."""
+    global _PADDED
+    _PADDED += padded_tokens
+
+
 def start_step(step: int = 0) -> None:
-    global _PROF, _BASE, _STEP, _T0, _LINK0
+    global _PROF, _BASE, _STEP, _T0, _LINK0, _PADDED
     _STEP = step + 1
+    _PADDED = 0
     if os.environ.get(LINK_ENV):
         _LINK0 = {**link_counters(os.environ[LINK_ENV]), **sched_times()}
     if _COUNTER is not None:
@@ -158,6 +167,7 @@ def end_step() -> dict:
     step_s = time.perf_counter() - _T0
     if _COUNTER is not None:
         rec.update(_COUNTER.end_step())
+        rec["padded_tokens"] = _PADDED
     if _LINK0 and os.environ.get(LINK_ENV):
         now = {**link_counters(os.environ[LINK_ENV]), **sched_times()}
         rec.update({k: now[k] - _LINK0[k] for k in now if k in _LINK0})

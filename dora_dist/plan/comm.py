@@ -155,10 +155,17 @@ def fsdp2_collectives(cfg: Config, spec: ModelSpec, dims: MeshDims, gas: int) ->
 
 
 def predict_collectives(
-    cfg: Config, spec: ModelSpec, engine: str, world: int, dims: MeshDims | None = None
+    cfg: Config,
+    spec: ModelSpec,
+    engine: str,
+    world: int,
+    dims: MeshDims | None = None,
+    padded_tokens: int | None = None,
 ) -> list[Collective]:
     """Every collective of one steady-state optimizer step on one rank (empty for one process). `dims`: the job's
-    mesh (default: `resolve_dims` for one node of `world` processes)."""
+    mesh (default: `resolve_dims` for one node of `world` processes). `padded_tokens`: the tokens this rank's
+    micro-batches of the step computed, padding included (only tensor parallelism's activation all-reduces depend
+    on them; default: full blocks, gas · micro_batch_size · seq_len)."""
     caps = capabilities(engine)
     if world <= 1 or caps.max_world == 1:
         return []
@@ -167,7 +174,7 @@ def predict_collectives(
     if dims.tp > 1 and dims.world == world:  # dp × tp, flat or HSDP dp (plan/comm_tp.py)
         from dora_dist.plan.comm_tp import predict_tp_collectives
 
-        return [c for c in predict_tp_collectives(cfg, spec, engine, dims) if c.nbytes or c.calls]
+        return [c for c in predict_tp_collectives(cfg, spec, engine, dims, padded_tokens) if c.nbytes or c.calls]
     fsdp2 = caps.shards_params and caps.deepspeed_stage is None
     zero3_hpz = caps.deepspeed_stage == 3 and dims.hybrid
     # modelled meshes: flat (every engine), FSDP2's HSDP and ZeRO-3's hpZ (dp_replicate × dp_shard, both > 1)

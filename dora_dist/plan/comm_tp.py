@@ -114,8 +114,12 @@ def tp_layer_bytes(cfg: Config, spec: ModelSpec, kinds: dict[str, str], tokens: 
     return fwd, fwd_calls, bwd, bwd_calls
 
 
-def predict_tp_collectives(cfg: Config, spec: ModelSpec, engine: str, dims: MeshDims) -> list[Collective]:
-    """Every collective of one steady-state optimizer step of a dp × tp job on one rank (see the docstring)."""
+def predict_tp_collectives(
+    cfg: Config, spec: ModelSpec, engine: str, dims: MeshDims, padded_tokens: int | None = None
+) -> list[Collective]:
+    """Every collective of one steady-state optimizer step of a dp × tp job on one rank (see the docstring).
+    `padded_tokens`: the step's micro-batches as computed on this rank (batch × padded length, summed; the step
+    probe's `padded_tokens`), for a step whose blocks are not all full; default gas · micro_batch · seq_len."""
     from dora_dist.parallel import capabilities
     from dora_dist.parallel.mesh import MeshDims
     from dora_dist.plan.comm import Collective, grad_accum, predict_collectives
@@ -124,20 +128,30 @@ def predict_tp_collectives(cfg: Config, spec: ModelSpec, engine: str, dims: Mesh
     gas = grad_accum(cfg, dp)
     local, kinds = tp_local_spec(spec, tp_plan_for(cfg), tp)
     tokens = cfg.training.micro_batch_size * cfg.data.seq_len
-    fwd, fwd_calls, bwd, bwd_calls = tp_layer_bytes(cfg, local, kinds, tokens)
+    # bytes are affine in the tokens: a per-micro-step part (DoRA's norm partials, adapter gradients) + per token
+    fwd0, fwd_calls, bwd0, bwd_calls = tp_layer_bytes(cfg, local, kinds, 0)
+    fwd1, _, bwd1, _ = tp_layer_bytes(cfg, local, kinds, 1)
+    total_tokens = gas * tokens if padded_tokens is None else padded_tokens
     recompute = 2 if cfg.training.gradient_checkpointing else 1
     a = dtype_bytes(cfg.dora.adapter_dtype)
     trainable = spec.select(trainable=True)
     out = [
         Collective(
             "all_reduce",
-            gas * recompute * fwd,
+            recompute * (gas * fwd0 + (fwd1 - fwd0) * total_tokens),
             gas * recompute * fwd_calls,
             False,
             "row-wise outputs and DoRA norm partials",
             "tp",
         ),
-        Collective("all_reduce", gas * bwd, gas * bwd_calls, False, "input and replicated-adapter gradients", "tp"),
+        Collective(
+            "all_reduce",
+            gas * bwd0 + (bwd1 - bwd0) * total_tokens,
+            gas * bwd_calls,
+            False,
+            "input and replicated-adapter gradients",
+            "tp",
+        ),
         Collective("all_reduce", a * len(trainable), 1, False, "gradient norm (one value per tensor)", "tp"),
     ]
     if dp == 1:

@@ -3,7 +3,8 @@ parallel.shard_group=2 and parallel.tp=2: the linears split over tp, the tp-loca
 group and replicated across the two groups). Float64: losses and the saved PEFT adapter equal a one-process run's to
 1e-10 (the runs differ by reduction order, ~1e-16 per sum, which 2 AdamW steps cannot amplify past that), and the
 collectives counted on each mesh dimension (tp, dp_shard, dp_replicate, dp) equal plan.comm's prediction on every
-rank and step. One torchrun launch of the real entry point (`python -m dora_dist.train`)."""
+rank and step (tp's activation all-reduces for the padded batch each rank computed: the step probe's
+padded_tokens). One torchrun launch of the real entry point (`python -m dora_dist.train`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from netutil import free_port  # noqa: E402
 
 TOL = 1e-10
-STEPS = 2  # full packed blocks on every rank (the corpus's short tail block would come at step 3)
+STEPS = 3  # the third step's batch on ranks 0-1 holds the corpus's short tail block (padded shorter)
 WORLD = 8
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "reduce", "other")
 
@@ -101,15 +102,20 @@ def test_collectives_per_dimension_equal_prediction(runs):
     work, cache = runs
     cfg = load_config(None, overrides(cache, work / "mesh", "fsdp2", *MESH))
     dims = MeshDims(dp_replicate=2, dp_shard=2, tp=2)
-    predicted = bytes_by_dim(predict_collectives(cfg, model_spec(cfg), "fsdp2", WORLD, dims))
-    assert {"tp", "dp_shard", "dp_replicate"} <= set(predicted)
-    assert predicted["dp_replicate"]["all_reduce"] > 0 and predicted["tp"]["all_reduce"] > 0
-    total = {k: sum(d.get(k, 0) for d in predicted.values()) for k in KINDS}
+    spec = model_spec(cfg)
+    full = bytes_by_dim(predict_collectives(cfg, spec, "fsdp2", WORLD, dims))
+    assert {"tp", "dp_shard", "dp_replicate"} <= set(full)
+    assert full["dp_replicate"]["all_reduce"] > 0 and full["tp"]["all_reduce"] > 0
+    padded = set()
     for rank in range(WORLD):
         steps = json.loads((work / "comm" / f"comm_rank{rank}.json").read_text())["steps"]
         assert [s["step"] for s in steps][-1] == STEPS
         for got in steps:
             where = f"rank {rank} step {got['step']}"
+            padded.add(got["padded_tokens"])
+            predicted = bytes_by_dim(predict_collectives(cfg, spec, "fsdp2", WORLD, dims, got["padded_tokens"]))
+            total = {k: sum(d.get(k, 0) for d in predicted.values()) for k in KINDS}
             assert {k: got[f"comm_{k}_bytes"] for k in KINDS} == total, where
             for dim in ("tp", "dp_shard", "dp_replicate"):
                 assert {k: got.get(f"comm_{dim}_{k}_bytes", 0) for k in KINDS} == predicted[dim], f"{where} {dim}"
+    assert len(padded) > 1  # full blocks and the short one: the prediction followed the batch shapes
