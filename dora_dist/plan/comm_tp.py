@@ -143,16 +143,9 @@ def predict_tp_collectives(cfg: Config, spec: ModelSpec, engine: str, dims: Mesh
         return [*out, Collective("all_reduce", 8, 1, False, "step loss (float64)", "tp")]
     caps = capabilities(engine)
     dp_part = predict_collectives(cfg, local, engine, dp, MeshDims(dp_shard=dp))
-    if caps.shards_params:  # fsdp2: its own gathers / reduce-scatters on the local shards, in the gradients' dtype
-        reduce_bytes = 4 if cfg.training.precision == "bf16" else a  # (plan/comm.py counts fp32)
-        dp_part = [
-            replace(c, nbytes=a * len(trainable))
-            if c.what.startswith("gradient norm")
-            else replace(c, nbytes=c.nbytes * reduce_bytes // 4)
-            if c.kind == "reduce_scatter"
-            else c
-            for c in dp_part
-        ]
+    if caps.shards_params:  # fsdp2: its own gathers / reduce-scatters on the local shards (plan/comm.py counts them
+        # in the gradients' dtype already); the gradient norm: one value per trainable tensor (DTensor norms, stacked)
+        dp_part = [replace(c, nbytes=a * len(trainable)) if c.what.startswith("gradient norm") else c for c in dp_part]
     else:  # ddp: the tp-split adapter gradients in one buffer (parallel/tp.py average_dp_gradients)
         split = local.select(trainable=True)  # all tensor-parallel (parallel/tp.py refuses any other adapter)
         dp_part = [c for c in dp_part if not c.what.startswith("adapter gradients")]
