@@ -133,7 +133,7 @@ def quantized_split_problem(config: Any, tp: int, blocksize: int = BNB_4BIT_BLOC
     blocks (quant/split4bit.py), or None (also when the config is not Llama-shaped: then checked at split time)."""
     hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
     inter = getattr(config, "intermediate_size", None)
-    if not all(isinstance(v, int) for v in (hidden, heads, inter)):
+    if not (isinstance(hidden, int) and isinstance(heads, int) and isinstance(inter, int)):
         return None
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
