@@ -344,8 +344,10 @@ def shard_dora_layer(name: str, layer: DoRALinear, kind: str, mesh: Any) -> None
             f"parallel.tp={tp} does not divide the {'output' if kind == 'colwise' else 'input'} width {width} of "
             f"{name} (a {kind} split); use a divisor of {width}"
         )
+    from dora_dist.quant.bnb import BnB4bitWeight  # imports bitsandbytes only when it is used
+
     source = layer.weight_source
-    four_bit = isinstance(source, _bnb_4bit_source())
+    four_bit = isinstance(source, BnB4bitWeight)
     if (source.quantized and not four_bit) or layer.fan_in_fan_out:
         raise ConfigError(
             f"parallel.tp={tp} cannot split {name}: tensor parallelism takes dense (out, in) nn.Linear and "
@@ -353,11 +355,13 @@ def shard_dora_layer(name: str, layer: DoRALinear, kind: str, mesh: Any) -> None
         )
     group = mesh.get_group()
     places = _PLACEMENTS[kind]
-    if four_bit:  # this rank's rows / columns of the packed codes, exactly (a plain Params4bit, not a DTensor)
+    if isinstance(
+        source, BnB4bitWeight
+    ):  # this rank's rows / columns of the packed codes, exactly (a plain Params4bit, not a DTensor)
         from dora_dist.quant.split4bit import split_linear4bit
 
         try:
-            split_linear4bit(name, source, kind, mesh.get_local_rank(), tp)  # type: ignore[arg-type]
+            split_linear4bit(name, source, kind, mesh.get_local_rank(), tp)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     else:
@@ -376,17 +380,6 @@ def shard_dora_layer(name: str, layer: DoRALinear, kind: str, mesh: Any) -> None
         row_sq = layer.base_row_sq_norms()  # row-wise: summed over tp (COLLECTIVE: out floats)
         norm = layer.weight_norm() if layer.magnitude is not None else None  # row-wise: COLLECTIVE (norm partials)
     layer.set_norms(row_sq, norm)
-
-
-def _bnb_4bit_source() -> type:
-    """The 4-bit weight source class where bitsandbytes is loaded (a class nothing is an instance of otherwise)."""
-    import sys
-
-    if "bitsandbytes" not in sys.modules:
-        return type("NoBnB4bit", (), {})
-    from dora_dist.quant.bnb import BnB4bitWeight
-
-    return BnB4bitWeight
 
 
 class DoRAColwiseParallel(ColwiseParallel):
