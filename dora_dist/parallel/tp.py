@@ -17,7 +17,9 @@ shards with the collectives spelled out:
 The attention modules of current transformers infer their local head count from the split projections (view(...,
 -1, head_dim)); head-count attributes of older ones are divided here. parallel.tp must divide the attention heads,
 the KV heads and every split width (checked by `tp_config_problem` before any process group, and here again).
-4/8-bit bases are refused with parallel.tp > 1 (not implemented).
+4-bit (bitsandbytes NF4/FP4) bases split under the ddp engine: each rank keeps its rows or columns of the packed
+codes and their block scales, exactly (quant/split4bit.py), where the split falls on whole quantization blocks;
+fsdp2 (row-sharded 4-bit storage) and 8-bit bases are refused with parallel.tp > 1.
 """
 
 from __future__ import annotations
@@ -112,16 +114,70 @@ def head_problem(config: Any, tp: int) -> str | None:
     return None
 
 
+#: bitsandbytes' 4-bit block size (transformers' BitsAndBytesConfig does not change it)
+BNB_4BIT_BLOCKSIZE = 64
+#: the Llama family's linears as (out, in) in units of (hidden, q width = heads·head_dim, kv width, intermediate)
+_LLAMA_SHAPES = {
+    "q_proj": ("q", "hidden"),
+    "k_proj": ("kv", "hidden"),
+    "v_proj": ("kv", "hidden"),
+    "o_proj": ("hidden", "q"),
+    "gate_proj": ("inter", "hidden"),
+    "up_proj": ("inter", "hidden"),
+    "down_proj": ("hidden", "inter"),
+}
+
+
+def quantized_split_problem(config: Any, tp: int, blocksize: int = BNB_4BIT_BLOCKSIZE) -> str | None:
+    """Why a 4-bit Llama-family model with this transformers config does not split `tp` ways in whole quantization
+    blocks (quant/split4bit.py), or None (also when the config is not Llama-shaped: then checked at split time)."""
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    inter = getattr(config, "intermediate_size", None)
+    if not (isinstance(hidden, int) and isinstance(heads, int) and isinstance(inter, int)):
+        return None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    dims = {"hidden": hidden, "q": heads * head_dim, "kv": kv_heads * head_dim, "inter": inter}
+    from dora_dist.quant.split4bit import split_width_problem
+
+    for pattern, kind in LLAMA_TP_PLAN.items():
+        out_dim, in_dim = _LLAMA_SHAPES[pattern.rpartition(".")[2]]
+        problem = split_width_problem(pattern, kind, dims[out_dim], dims[in_dim], tp, blocksize)
+        if problem:
+            return problem
+    return None
+
+
+def quantized_tp_problem(cfg: Config) -> str | None:
+    """Why parallel.tp > 1 cannot run over this job's quantized base whatever the model, or None."""
+    tp, mode = cfg.parallel.tp, cfg.quantization.mode
+    if mode == "int8":
+        return (
+            f"parallel.tp={tp} with quantization.mode=int8: tensor parallelism over 8-bit bases is not implemented; "
+            "use quantization.mode=nf4 or fp4, or parallel.tp=1"
+        )
+    from dora_dist.parallel import resolve_engine
+
+    engine = resolve_engine(cfg.parallel.engine, max(2, tp), mode)
+    if engine != "ddp":
+        return (
+            f"parallel.tp={tp} with quantization.mode={mode} runs on parallel.engine=ddp only (each rank keeps its "
+            f"part of the 4-bit base whole), not {engine}; use parallel.engine=ddp (or auto)"
+        )
+    return None
+
+
 def tp_config_problem(cfg: Config, model_config: Any | None) -> str | None:
     """Why parallel.tp cannot run this job (checked before any process group exists), or None."""
     tp = cfg.parallel.tp
     if tp <= 1:
         return None
     if cfg.quantization.mode != "none":
-        return (
-            f"parallel.tp={tp} with quantization.mode={cfg.quantization.mode}: tensor parallelism over 4/8-bit bases "
-            "is not implemented; use parallel.tp=1 (QDoRA with ddp or fsdp2) or a dense base"
-        )
+        problem = quantized_tp_problem(cfg)
+        if problem is None and model_config is not None:
+            problem = quantized_split_problem(model_config, tp)
+        if problem:
+            return problem
     if cfg.training.compile:
         return (
             f"training.compile=true with parallel.tp={tp} is not supported (the tensor-parallel layers swap in their "
@@ -228,7 +284,7 @@ def local_parameters(layer: DoRALinear, spec: TPSpec) -> Iterator[None]:
             swap(layer, name, local)
         base = layer.base_layer
         weight, bias = base._parameters["weight"], base._parameters.get("bias")
-        assert weight is not None  # a dense nn.Linear base (shard_dora_layer checked)
+        assert weight is not None  # a dense nn.Linear or split 4-bit base (shard_dora_layer checked)
         swap(base, "weight", _local(weight))
         if bias is not None:
             swap(base, "bias", None if spec.kind == "rowwise" else _local(bias))
@@ -288,13 +344,28 @@ def shard_dora_layer(name: str, layer: DoRALinear, kind: str, mesh: Any) -> None
             f"parallel.tp={tp} does not divide the {'output' if kind == 'colwise' else 'input'} width {width} of "
             f"{name} (a {kind} split); use a divisor of {width}"
         )
-    if layer.weight_source.quantized or layer.fan_in_fan_out:
+    from dora_dist.quant.bnb import BnB4bitWeight  # imports bitsandbytes only when it is used
+
+    source = layer.weight_source
+    four_bit = isinstance(source, BnB4bitWeight)
+    if (source.quantized and not four_bit) or layer.fan_in_fan_out:
         raise ConfigError(
-            f"parallel.tp={tp} cannot split {name}: tensor parallelism takes dense (out, in) nn.Linear bases only"
+            f"parallel.tp={tp} cannot split {name}: tensor parallelism takes dense (out, in) nn.Linear and "
+            "bitsandbytes 4-bit bases only"
         )
     group = mesh.get_group()
     places = _PLACEMENTS[kind]
-    _distribute(layer.base_layer, "weight", places["weight"], mesh)
+    if isinstance(
+        source, BnB4bitWeight
+    ):  # this rank's rows / columns of the packed codes, exactly (a plain Params4bit, not a DTensor)
+        from dora_dist.quant.split4bit import split_linear4bit
+
+        try:
+            split_linear4bit(name, source, kind, mesh.get_local_rank(), tp)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    else:
+        _distribute(layer.base_layer, "weight", places["weight"], mesh)
     _distribute(layer.base_layer, "bias", places["bias"], mesh)
     for pname in ("lora_A", "lora_B", "magnitude"):
         _distribute(layer, pname, places[pname], mesh)
@@ -402,8 +473,11 @@ def apply_tensor_parallel(model: nn.Module, job_mesh: JobMesh) -> dict[str, str]
         module = model.get_submodule(name)
         if isinstance(module, DoRALinear):
             module._tp_name = name  # type: ignore[assignment]  # for error messages
-        elif not isinstance(module, nn.Linear):
-            raise ConfigError(f"parallel.tp cannot split {name}, a {type(module).__name__} ({kind} in the plan)")
+        elif not isinstance(module, nn.Linear) or hasattr(module.weight, "quant_state"):
+            raise ConfigError(
+                f"parallel.tp cannot split {name}, a {type(module).__name__} ({kind} in the plan) without a DoRA "
+                "adapter; add it to dora.target_modules"
+            )
     for pname, p in model.named_parameters():
         if p.requires_grad and not any(pname.startswith(n + ".") for n in plan):
             raise ConfigError(
@@ -468,14 +542,19 @@ def tp_row_view(name: str, layer: DoRALinear, owner: bool, device: torch.device)
 
     spec: TPSpec = layer._tp_spec  # type: ignore[assignment]
     tp_rank = dist.get_rank(spec.group)
-    weight = _tp_local_copy(cast(torch.Tensor, layer.base_layer.weight), device)
-    source = layer.weight_source.over_rows(weight)
+    if layer.weight_source.quantized:  # a split 4-bit base: the layer's own source reads this rank's part
+        source = layer.weight_source
+        local_rows = source.out_features
+    else:
+        weight = _tp_local_copy(cast(torch.Tensor, layer.base_layer.weight), device)
+        source = layer.weight_source.over_rows(weight)
+        local_rows = weight.shape[0]
     magnitude = _tp_local_copy(layer.magnitude, device)
     lora_b = _tp_local_copy(layer.lora_B, device)
     row_sq = layer.base_row_sq_norms().to(device)
     if spec.kind == "colwise":
         a = _tp_local_copy(layer.lora_A, device)
-        k = weight.shape[0]
+        k = local_rows
         rows = torch.arange(tp_rank * k, (tp_rank + 1) * k, device=device)
         return RowView(name, rows, magnitude, lora_b, a, row_sq, source.times_A(a).to(device), layer.scaling, owner)
     a_local = _tp_local_copy(layer.lora_A, device)
@@ -496,6 +575,7 @@ __all__ = [
     "model_tp_plan",
     "head_problem",
     "tp_config_problem",
+    "quantized_split_problem",
     "apply_tensor_parallel",
     "is_tensor_parallel",
     "tp_spec",

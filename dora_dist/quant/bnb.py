@@ -113,6 +113,10 @@ class BnB4bitWeight(WeightSource):
             unpack_cpu_repacked(self.module.weight)  # repacked behind our back (a direct call of the base layer)
         return qs
 
+    def quant_state(self) -> Any:
+        """bitsandbytes' QuantState of the weight (recovered, and any CPU repacking undone)."""
+        return self._quant_state()
+
     @property
     def in_features(self) -> int:
         return self._quant_state().shape[1]

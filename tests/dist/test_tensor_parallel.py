@@ -3,8 +3,11 @@ fsdp2 and ddp, float64. Losses and the saved (PEFT-format) adapters equal a one-
 the runs differ by reduction order, ~1e-16 per sum, which 4 AdamW steps cannot amplify past ~1e-10); the magnitude
 init with nonzero lora_B equals the unsplit layer's norm (row-wise: partials summed over tp); the collectives counted
 on the tp and dp groups equal plan.comm's prediction byte for byte; a tp=2 checkpoint resumes on tp=1 (2 processes),
-in one process and on the same dp=2 × tp=2 mesh; DoRA's health and the eval loss equal one process's. One
-torchrun launch per world size (tests/dist/tp_worker.py)."""
+in one process and on the same dp=2 × tp=2 mesh; DoRA's health and the eval loss equal one process's. NF4 bases
+(ddp, each rank holding its rows / columns of the packed weight, quant/split4bit.py) in float32, bitsandbytes having
+no float64 dequantize: losses to fp32 rounding and adapters within AdamW's drift bound of a one-process NF4 run (the
+bound the project's other NF4 engine tests use), collectives equal to the prediction. One torchrun launch per world
+size (tests/dist/tp_worker.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "tests"))
 from netutil import free_port  # noqa: E402
-from tp_worker import RUNS, STEPS, overrides  # noqa: E402
+from test_engines import adamw_drift_bound  # noqa: E402
+from tp_worker import NF4, NF4_RUNS, RUNS, STEPS, overrides  # noqa: E402
 
 TOL = 1e-10
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
@@ -46,6 +50,7 @@ def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("tp")
     cache = str(tmp_path_factory.mktemp("cache"))
     _train_one_process(cache, work / "reference", [])  # also builds the model cache before the launches
+    _train_one_process(cache, work / "reference_nf4", NF4)  # and the NF4 runs' model
     for world in (2, 4):
         _run(
             [
@@ -118,14 +123,68 @@ def test_magnitude_init_and_forward_equal_unsplit(runs):
     assert res["forward_max_err"] < 1e-12
 
 
-@pytest.mark.parametrize("world,name", [(w, n) for w, names in RUNS.items() for n in names])
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", [n for world in NF4_RUNS.values() for n in world])
+def test_nf4_losses_and_adapter_equal_one_process(runs, name):
+    """float32: each loss is a mean over fp32 logits whose row-wise layers sum two partial outputs (one more
+    rounding, ~1e-7 relative per sum), so rel 1e-5 as the project's other fp32 NF4 engine tests; the adapters within
+    test_engines.adamw_drift_bound of the learning rates (a near-zero gradient whose sign differs by reduction order
+    moves its element by up to 2·lr a step)."""
+    work, _ = runs
+    ref, got = losses(work / "reference_nf4"), losses(work / name)
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    assert [got[s] for s in sorted(got)] == pytest.approx([ref[s] for s in sorted(ref)], rel=1e-5, abs=1e-6)
+    evals = [eval_losses(work / run) for run in ("reference_nf4", name)]
+    assert evals[0] and evals[1][-1] == pytest.approx(evals[0][-1], rel=1e-5), f"{name}: eval {evals}"
+    lrs = [r["lr"] for r in metrics(work / "reference_nf4") if "loss" in r and "eval_loss" not in r]
+    bound = adamw_drift_bound(lrs)
+    want, have = adapter(work / "reference_nf4"), adapter(work / name)
+    assert sorted(have) == sorted(want)
+    for key, t in want.items():
+        assert have[key].shape == t.shape and have[key].dtype == t.dtype == torch.float32, key
+        assert float((have[key] - t).abs().max()) <= bound, f"{name}: {key}"
+    assert any(float(t.abs().max()) > 0 for k, t in have.items() if "lora_B" in k)  # it trained
+    # DoRA's health through each rank's part of the packed weight: ΔM is a mean of |m - m0|, so it moves by at most
+    # the adapters' drift (m0 equal to fp32 rounding)
+    h_want = json.loads((work / "reference_nf4" / "summary.json").read_text())["dora_health"]
+    h_have = json.loads((work / name / "summary.json").read_text())["dora_health"]
+    assert sorted(h_have["groups"]) == sorted(h_want["groups"]) == ["attention", "mlp"]
+    for group, values in h_want["groups"].items():
+        assert abs(h_have["groups"][group]["delta_m"] - values["delta_m"]) <= bound, group
+
+
+def test_nf4_split_layers_equal_unsplit(runs):
+    """A tp=2 split of an NF4 model with nonzero lora_B (fp32): column-wise layers hold exactly the unsplit rows;
+    row-wise ones sum two partials. ‖W‖² per row within γ_n = n·u (u = 2⁻²⁴, n ≤ 256 inputs), W·Aᵀ within
+    2·n·u·(|W|·|A|ᵀ), the magnitudes and the forward within 1e-5 relative (≈ n·u), lora_A gathered exactly."""
+    work, _ = runs
+    res = json.loads((work / "results_w2.json").read_text())["nf4"]
+    assert set(res["plan"].values()) == {"colwise", "rowwise"}
+    assert max(res["magnitude_rel_err"].values()) < 1e-5, res["magnitude_rel_err"]
+    assert res["forward_rel_err"] < 1e-5
+    for name, h in res["health"].items():
+        kind = res["plan"][name]
+        assert h["row_sq_rel"] <= h["in_features"] * 2.0**-24, name
+        assert h["w_times_a"] <= h["w_times_a_bound"], name
+        assert h["lora_A"] == 0.0, name
+        # rank 0's rows: all of a row-wise layer (it counts them), the first half of a column-wise one
+        assert h["rows"] == list(range(h["out_features"] // (2 if kind == "colwise" else 1))), name
+
+
+ALL_RUNS = {w: {**RUNS[w], **NF4_RUNS[w]} for w in RUNS}
+
+
+@pytest.mark.parametrize("world,name", [(w, n) for w, names in ALL_RUNS.items() for n in names])
 def test_collectives_equal_prediction(runs, world, name):
     from dora_dist.config import load_config
     from dora_dist.plan.comm import KINDS, bytes_by_dim, predict_collectives
     from dora_dist.plan.model_spec import model_spec
 
     work, cache = runs
-    engine, extra = RUNS[world][name]
+    engine, extra = ALL_RUNS[world][name]
     cfg = load_config(None, overrides(cache, str(work / name), engine, extra))
     predicted = bytes_by_dim(predict_collectives(cfg, model_spec(cfg), engine, world))
     assert predicted["tp"]["all_reduce"] > 0

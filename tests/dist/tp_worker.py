@@ -1,12 +1,13 @@
 """Run under `torchrun --nproc-per-node 2` (tp=2) or `4` (dp=2 × tp=2) by tests/dist/test_tensor_parallel.py: one
 launch per world size, several cases, so the slow process start is paid once.
 
-- world 2: the magnitude init and forward of a tp=2 model with nonzero lora_B against the unsplit model; fsdp2 and
-  ddp training runs with tp=2 (float64, collectives counted); a ddp tp=2 run stopped at step 2 (checkpoint), then
+- world 2: the magnitude init and forward of a tp=2 model with nonzero lora_B against the unsplit model, dense and
+  NF4 (with the health rows of the split 4-bit layers); fsdp2 and ddp training runs with tp=2 (float64, collectives
+  counted) and a ddp NF4 run (float32, counted); a ddp tp=2 run stopped at step 2 (checkpoint), then
   resumed to step 4 with tp=1 (ddp over the same 2 processes); an fsdp2 tp=2 run stopped at step 2 that the test
   resumes in one process.
-- world 4: fsdp2 and ddp training runs on a dp=2 × tp=2 mesh (collectives counted); an fsdp2 dp=2 × tp=2 run
-  stopped at step 2 and resumed on the same mesh.
+- world 4: fsdp2 and ddp training runs on a dp=2 × tp=2 mesh, and a ddp NF4 one (collectives counted); an fsdp2
+  dp=2 × tp=2 run stopped at step 2 and resumed on the same mesh.
 Rank 0 writes <workdir>/results_w<world>.json; the test compares with one-process runs.
 """
 
@@ -52,6 +53,21 @@ def overrides(cache: str, out: str, engine: str, extra: list[str]) -> list[str]:
 RUNS = {
     2: {"fsdp2_tp2": ("fsdp2", ["parallel.tp=2"]), "ddp_tp2": ("ddp", ["parallel.tp=2"])},
     4: {"fsdp2_dp2tp2": ("fsdp2", ["parallel.tp=2"]), "ddp_dp2tp2": ("ddp", ["parallel.tp=2"])},
+}
+#: 4-bit (NF4) bases: float32 (bitsandbytes dequantizes to 16/32-bit floats only), ddp (the engine that splits them),
+#: a model whose split widths are whole 64-value quantization blocks per rank (the built-in's o_proj, 192 inputs, is
+#: not: 96 per rank)
+NF4_ARCH = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256}
+NF4 = [
+    "model.dtype=float32",
+    "dora.adapter_dtype=float32",
+    "quantization.mode=nf4",
+    "quantization.compute_dtype=float32",
+    "model.config={" + ", ".join(f"{k}: {v}" for k, v in {**NF4_ARCH, "num_hidden_layers": 2}.items()) + "}",
+]
+NF4_RUNS = {
+    2: {"ddp_tp2_nf4": ("ddp", ["parallel.tp=2", *NF4])},
+    4: {"ddp_dp2tp2_nf4": ("ddp", ["parallel.tp=2", *NF4])},
 }
 #: the resume case (world 2): tp=2 to step 2 with a checkpoint, then tp=1 to STEPS from it
 RESUME_FIRST = ["parallel.tp=2", "training.max_steps=2", "checkpoint.every_steps=2", "output.save_adapter=false"]
@@ -102,6 +118,73 @@ def magnitude_check() -> dict:
     return {"plan": plan, "magnitude_rel_err": errs, "forward_max_err": fwd}
 
 
+def _to_nf4(model: torch.nn.Module) -> None:
+    """Every decoder linear of `model` as a bitsandbytes NF4 Linear4bit (double quant, fp32 compute), in place."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+            q = bnb.nn.Linear4bit(
+                module.in_features, module.out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4"
+            )
+            q.load_state_dict({"weight": module.weight.detach().float()})
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, q.to("cpu"))  # bitsandbytes quantizes here
+
+
+def nf4_check() -> dict:
+    """magnitude_check on an NF4 base (fp32): the split model's magnitudes and forward against the unsplit one, and
+    each split layer's health rows (parallel/tp.py tp_row_view over the rank's part of the packed weight) against the
+    unsplit layer's rows."""
+    from transformers import AutoModelForCausalLM
+
+    from dora_dist.adapters import apply_dora, dora_layers
+    from dora_dist.config import load_config
+    from dora_dist.health import RowView
+    from dora_dist.models import dora_config_from, hf_config_from_dict
+    from dora_dist.parallel.mesh import build_mesh, resolve_dims
+    from dora_dist.parallel.tp import apply_tensor_parallel, tp_row_view
+
+    cfg = load_config(None, ["parallel.engine=ddp", "parallel.tp=2", "quantization.mode=nf4"])
+    arch = {"model_type": "llama", "vocab_size": 96, "num_hidden_layers": 1, **NF4_ARCH}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config_from_dict(arch)).float()
+    _to_nf4(model)
+    apply_dora(model, dora_config_from(cfg), init_magnitude=False)
+    with torch.no_grad():
+        for _, layer in dora_layers(model):
+            layer.lora_B.data = torch.randn_like(layer.lora_B) * 0.05
+    ref = copy.deepcopy(model)
+    for _, layer in dora_layers(ref):
+        layer.init_magnitude()
+    mesh = build_mesh(resolve_dims(cfg, dist.get_world_size(), None, "ddp"), "cpu")
+    plan = apply_tensor_parallel(model, mesh)
+    refs = dict(dora_layers(ref))
+    errs, health = {}, {}
+    for name, layer in dora_layers(model):
+        want = refs[name].magnitude
+        errs[name] = float((layer.magnitude.detach().full_tensor() - want).abs().max() / want.abs().max())
+        got = tp_row_view(name, layer, True, torch.device("cpu"))
+        whole = RowView.whole_layer(name, refs[name], True)
+        rows = got.rows
+        w = refs[name].weight_source.dense(torch.float32)
+        health[name] = {
+            "row_sq_rel": float(((got.row_sq - whole.row_sq[rows]) / whole.row_sq[rows]).abs().max()),
+            "w_times_a": float((got.w_times_a - whole.w_times_a[rows]).abs().max()),
+            # |Σ w·a computed in two orders| ≤ 2·n·u·Σ|w|·|a| (fp32, n = in_features terms)
+            "w_times_a_bound": float(2 * w.shape[1] * 2.0**-24 * (w.abs() @ whole.lora_A.abs().t()).max()),
+            "in_features": w.shape[1],
+            "out_features": w.shape[0],
+            "lora_A": float((got.lora_A - whole.lora_A).abs().max()),
+            "rows": rows.tolist(),
+        }
+    x = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        want_logits = ref(input_ids=x).logits
+        fwd = float((model(input_ids=x).logits - want_logits).abs().max() / want_logits.abs().max())
+    return {"plan": plan, "magnitude_rel_err": errs, "forward_rel_err": fwd, "health": health}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", required=True)
@@ -115,7 +198,8 @@ def main() -> int:
     results: dict = {}
     if world == 2:
         results["magnitude"] = magnitude_check()
-    for name, (engine, extra) in RUNS[world].items():
+        results["nf4"] = nf4_check()
+    for name, (engine, extra) in {**RUNS[world], **NF4_RUNS[world]}.items():
         out = os.path.join(args.workdir, name)
         os.environ.update(DORA_DIST_COUNT_COMM="1", DORA_DIST_COUNT_COMM_DIR=os.path.join(out, "probe"))
         train(load_config(None, overrides(args.cache, out, engine, extra)))

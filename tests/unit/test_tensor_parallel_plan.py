@@ -7,7 +7,13 @@ import pytest
 
 from dora_dist.config import load_config
 from dora_dist.errors import ConfigError
-from dora_dist.parallel.tp import LLAMA_TP_PLAN, head_problem, resolve_tp_plan, tp_config_problem
+from dora_dist.parallel.tp import (
+    LLAMA_TP_PLAN,
+    head_problem,
+    quantized_split_problem,
+    resolve_tp_plan,
+    tp_config_problem,
+)
 from dora_dist.plan.comm_tp import layer_kind, tp_local_spec
 from dora_dist.plan.model_spec import ModelSpec, ParamSpec
 
@@ -67,11 +73,28 @@ def test_tp_dividing_everything_is_fine():
     assert head_problem(_Cfg(num_attention_heads=6, num_key_value_heads=2, intermediate_size=512), 2) is None
 
 
-def test_quantized_base_with_tp_is_refused_in_one_line():
-    cfg = load_config(None, ["parallel.tp=2", "quantization.mode=nf4"])
-    msg = tp_config_problem(cfg, None)
-    assert msg is not None and "quantization.mode=nf4" in msg and "not implemented" in msg and "\n" not in msg
+def test_quantized_base_with_tp_runs_on_ddp_and_whole_blocks_only():
+    """4-bit + tp: ddp (or auto) with widths of whole 64-value blocks per rank; fsdp2 and int8 refused in one line."""
+    nf4 = ["parallel.tp=2", "quantization.mode=nf4"]
+    assert tp_config_problem(load_config(None, nf4), None) is None  # auto: ddp
+    assert tp_config_problem(load_config(None, [*nf4, "parallel.engine=ddp"]), None) is None
+    msg = tp_config_problem(load_config(None, [*nf4, "parallel.engine=fsdp2"]), None)
+    assert msg is not None and "parallel.engine=ddp" in msg and "not fsdp2" in msg and "\n" not in msg
+    msg = tp_config_problem(load_config(None, ["parallel.tp=2", "quantization.mode=int8"]), None)
+    assert msg is not None and "quantization.mode=int8" in msg and "not implemented" in msg and "\n" not in msg
     assert tp_config_problem(load_config(None, ["parallel.tp=1", "quantization.mode=nf4"]), None) is None
+    # the built-in model: o_proj's 192 inputs give 96 per rank, not whole blocks of 64
+    builtin = _Cfg(hidden_size=192, num_attention_heads=6, num_key_value_heads=2, intermediate_size=512)
+    msg = tp_config_problem(load_config(None, nf4), builtin)
+    assert msg is not None and "self_attn.o_proj" in msg and "input width 192" in msg and "\n" not in msg
+    assert quantized_split_problem(builtin, 2) == msg
+    ok = _Cfg(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
+    assert tp_config_problem(load_config(None, nf4), ok) is None
+    # down_proj: 256 inputs over tp=4 are 64 per rank (fine), over tp=8 32 (not)
+    msg = quantized_split_problem(
+        _Cfg(hidden_size=512, num_attention_heads=8, num_key_value_heads=8, intermediate_size=256), 8
+    )
+    assert msg is not None and "mlp.down_proj" in msg and "input width 256" in msg
 
 
 def test_preflight_refuses_tp_not_dividing_the_heads_before_any_model_work(tmp_path):
