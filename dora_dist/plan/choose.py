@@ -8,6 +8,7 @@ The reason says what the winning layout saves: for HSDP / hpZ the bytes that no 
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from dora_dist.errors import ConfigError
@@ -31,7 +32,20 @@ def layouts(cfg: Config, cluster: Cluster, spec: ModelSpec, engine: str) -> list
 
     def resolved(tp: int, group: int) -> MeshDims | None:
         c = copy.deepcopy(cfg)
-        c.parallel.tp, c.parallel.shard_group = tp, group
+        c.parallel.tp, c.parallel.shard_group, c.parallel.engine = tp, group, engine
+        if tp > 1 and c.quantization.mode != "none":
+            from dora_dist.parallel.tp import quantized_split_problem, quantized_tp_problem
+
+            widths = SimpleNamespace(
+                hidden_size=spec.hidden,
+                num_attention_heads=spec.n_heads,
+                num_key_value_heads=spec.n_kv_heads,
+                head_dim=spec.head_dim,
+                intermediate_size=spec.intermediate,
+            )
+            # what the trainer refuses: fsdp2 + tp over a 4-bit base, widths that are not whole quantization blocks
+            if quantized_tp_problem(c) or quantized_split_problem(widths, tp):
+                return None
         try:
             return resolve_dims(c, world, gpn, engine)
         except ConfigError:

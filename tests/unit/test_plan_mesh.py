@@ -188,6 +188,18 @@ def test_tp_layouts_offered_within_a_node(tiny):
     assert MeshDims(dp_replicate=2, dp_shard=4, tp=2, nodes=2) in fsdp2  # tp inside, one node's shard group
 
 
+def test_tp_layouts_over_a_4bit_base_only_where_the_trainer_runs_them():
+    """tp over an NF4 base runs on ddp only, in whole quantization blocks (parallel/tp.py): plan offers exactly
+    those layouts — none for fsdp2, none for the tiny model whose o_proj input (192 / 2 = 96) is not whole blocks."""
+    node = make_cluster("h100-80gb", 1, 8)
+    cfg = load_config(CFG_8B, ["quantization.mode=nf4"])
+    spec = model_spec(cfg)
+    assert {d.tp for d in layouts(cfg, node, spec, "fsdp2")} == {1}
+    assert {d.tp for d in layouts(cfg, node, spec, "ddp")} == {1, 2, 4, 8}
+    tiny = load_config(ROOT / "configs" / "quickstart.yaml", ["quantization.mode=nf4"])
+    assert {d.tp for d in layouts(tiny, node, model_spec(tiny), "ddp")} == {1}
+
+
 def test_tp_fits_70b_at_long_context_where_data_parallelism_does_not():
     cfg = load_config(
         ROOT / "configs" / "llama3.1-70b-fsdp2-2nodes.yaml",
