@@ -32,6 +32,14 @@ def _attempt_store(restart: str, rank: int, world: int, timeout: datetime.timede
     return dist.PrefixStore(f"dora_dist/attempt_{restart}", store)
 
 
+def launch_local_world_size(world_size: int) -> int:
+    """LOCAL_WORLD_SIZE (processes per node) as torchrun sets it, or as the launch scripts pass it to --check
+    (LOCAL_SIZE under the deepspeed launcher); the whole world when unset (one node). Read before any process
+    group exists (preflight, the DeepSpeed config)."""
+    value = (os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "").strip()
+    return int(value) if value else world_size
+
+
 @dataclass
 class DistEnv:
     rank: int = 0

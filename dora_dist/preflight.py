@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dora_dist.config import Config, register_load_rule
+from dora_dist.dist_env import launch_local_world_size
 from dora_dist.errors import CheckpointError, ConfigError, InputNotFoundError
 
 
@@ -101,7 +102,7 @@ def check_mesh(cfg: Config, world_size: int) -> None:
 
     resolve_dims(cfg, world_size, launch_local_world_size(world_size))
     if cfg.parallel.tp > 1:
-        from dora_dist.parallel.tp import tp_config_problem
+        from dora_dist.parallel.tp_plan import tp_config_problem
 
         problem = tp_config_problem(cfg, None)  # the base's kind first: no model config needed
         if problem is None:
@@ -302,13 +303,6 @@ def launch_world_size() -> int:
     """WORLD_SIZE as torchrun / the deepspeed launcher set it (1 when run alone)."""
     value = os.environ.get("WORLD_SIZE", "").strip()
     return int(value) if value else 1
-
-
-def launch_local_world_size(world_size: int) -> int:
-    """LOCAL_WORLD_SIZE (processes per node) as torchrun sets it, or as launch/multinode.sh passes it to --check
-    (LOCAL_SIZE under the deepspeed launcher); the whole world when unset (one node)."""
-    value = (os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "").strip()
-    return int(value) if value else world_size
 
 
 def preflight(cfg: Config, world_size: int | None = None, checkpoint_contents: bool = True) -> None:

@@ -59,8 +59,8 @@ def hpz_partition_size(cfg: Config, world_size: int, stage: int, local_world: in
     local_world: processes per node (None: the launch's LOCAL_WORLD_SIZE, or one node)."""
     if stage != 3 or world_size <= 1:
         return 1
+    from dora_dist.dist_env import launch_local_world_size
     from dora_dist.parallel.mesh import resolve_dims
-    from dora_dist.preflight import launch_local_world_size
 
     local = local_world if local_world is not None else launch_local_world_size(world_size)
     dims = resolve_dims(cfg, world_size, local, "zero3")

@@ -34,7 +34,7 @@ def layouts(cfg: Config, cluster: Cluster, spec: ModelSpec, engine: str) -> list
         c = copy.deepcopy(cfg)
         c.parallel.tp, c.parallel.shard_group, c.parallel.engine = tp, group, engine
         if tp > 1 and c.quantization.mode != "none":
-            from dora_dist.parallel.tp import quantized_split_problem, quantized_tp_problem
+            from dora_dist.parallel.tp_plan import quantized_split_problem, quantized_tp_problem
 
             widths = SimpleNamespace(
                 hidden_size=spec.hidden,

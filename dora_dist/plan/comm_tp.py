@@ -27,7 +27,7 @@ from dataclasses import replace
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
-from dora_dist.parallel.tp import shared_input_parents
+from dora_dist.parallel.tp_plan import shared_input_parents
 from dora_dist.plan.model_spec import ModelSpec, ParamSpec, base_dtype_bytes, dtype_bytes
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ LEAVES = {"linear": ".base_layer.weight", "lora_A": ".lora_A", "lora_B": ".lora_
 
 def tp_plan_for(cfg: Config) -> dict[str, str]:
     """{pattern: "colwise" | "rowwise"}: the model's base_model_tp_plan (transformers), else the Llama layout."""
-    from dora_dist.parallel.tp import LLAMA_TP_PLAN, STYLE_KINDS
+    from dora_dist.parallel.tp_plan import LLAMA_TP_PLAN, STYLE_KINDS
 
     plan = None
     try:

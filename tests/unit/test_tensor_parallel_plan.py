@@ -1,4 +1,4 @@
-"""The pure parts of tensor parallelism (parallel/tp.py, plan/comm_tp.py): which linears a plan splits and how,
+"""The pure parts of tensor parallelism (parallel/tp_plan.py, plan/comm_tp.py): which linears a plan splits and how,
 the one-line errors for what tp cannot split, and the tp-local parameter shapes the communication model uses."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 from dora_dist.config import load_config
 from dora_dist.errors import ConfigError
-from dora_dist.parallel.tp import (
+from dora_dist.parallel.tp_plan import (
     LLAMA_TP_PLAN,
     head_problem,
     quantized_split_problem,
