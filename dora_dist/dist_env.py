@@ -56,8 +56,7 @@ class DistEnv:
         """Build from torchrun/deepspeed variables; creates the default process group when world_size > 1."""
         rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
         local_rank = _env_int("LOCAL_RANK", 0)
-        # LOCAL_SIZE: the deepspeed launcher's name for it (it sets no LOCAL_WORLD_SIZE)
-        local_world = _env_int("LOCAL_WORLD_SIZE", _env_int("LOCAL_SIZE", world if world > 0 else 1))
+        local_world = launch_local_world_size(world if world > 0 else 1)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda"):

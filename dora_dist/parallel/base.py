@@ -211,8 +211,10 @@ class Engine:
     @torch.no_grad()
     def init_magnitudes(self, model: nn.Module) -> None:
         """m = ‖W + s·B·A‖ per row, from the real (loaded) base weights. Default: each layer on its full weight."""
+        from dora_dist.parallel.tp import is_tensor_parallel
+
         for _, layer in dora_layers(model):
-            if layer.magnitude is not None and getattr(layer, "_tp_spec", None) is None:  # TP: set when split
+            if layer.magnitude is not None and not is_tensor_parallel(layer):  # TP: set when split
                 layer.init_magnitude()
 
     def build_optimizer(self, model: nn.Module):
@@ -322,13 +324,12 @@ class Engine:
         iterates the same layers (an engine may run a collective per layer). Default: each rank holds whole layers,
         rank 0 counts them and the others skip the work."""
         from dora_dist.health import RowView
+        from dora_dist.parallel.tp import is_tensor_parallel, tp_row_view
 
         dp_rank = data_parallel_rank(self.cfg, self.env.rank, self.env.world_size)[0]
         for name, layer in dora_layers(self.unwrap(model)):
             if layer.magnitude is not None and not layer.merged:
-                if getattr(layer, "_tp_spec", None) is not None:  # tensor-parallel: its rows per tp rank
-                    from dora_dist.parallel.tp import tp_row_view
-
+                if is_tensor_parallel(layer):  # tensor-parallel: its rows per tp rank
                     yield tp_row_view(clean_param_name(name), layer, dp_rank == 0, self.env.device)
                     continue
                 yield RowView.whole_layer(clean_param_name(name), layer, owner=self.env.is_main)

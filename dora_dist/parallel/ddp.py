@@ -28,14 +28,14 @@ class DDPEngine(Engine):
 
     #: parallel.tp > 1: the adapter parameters (DTensors on the tp mesh, which DDP cannot hold), whose gradients this
     #: engine averages over the data-parallel ranks itself, in one buffer (parallel/tp.py average_dp_gradients)
-    tp_params: list = []
+    tp_params: tuple[nn.Parameter, ...] = ()
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if not self.env.distributed:
             raise RuntimeError("parallel.engine=ddp needs several processes (launch with torchrun)")
         if self.cfg.parallel.tp > 1:  # every trainable parameter is then tensor-parallel (tp.py refuses others)
             self.apply_tensor_parallel(model)
-            self.tp_params = [p for p in model.parameters() if p.requires_grad]
+            self.tp_params = tuple(p for p in model.parameters() if p.requires_grad)
             return model  # no DDP wrapper: see accumulate
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
         frozen += [n for n, _ in model.named_buffers()]
@@ -61,4 +61,4 @@ class DDPEngine(Engine):
         if last and self.tp_params and self.dp_size > 1:
             from dora_dist.parallel.tp import average_dp_gradients
 
-            average_dp_gradients(self.tp_params, self.job_mesh()["dp"].get_group(), self.dp_size)
+            average_dp_gradients(list(self.tp_params), self.job_mesh()["dp"].get_group(), self.dp_size)

@@ -38,6 +38,7 @@ from dora_dist.parallel.base import Engine, dora_layers
 from dora_dist.parallel.capabilities import EngineCapabilities
 from dora_dist.parallel.hsdp import chunk_span as _chunk_span
 from dora_dist.parallel.hsdp import first_replica, row_shard_group, row_shards, same_row_sharding
+from dora_dist.parallel.tp import is_tensor_parallel
 
 if TYPE_CHECKING:
     from dora_dist.config import Config
@@ -224,11 +225,12 @@ class FSDP2Engine(Engine):
             if layer.magnitude is not None and not layer.merged
         ]
         if self.cfg.parallel.tp > 1:  # tensor-parallel layers: their tp rows (parallel/tp.py)
+            from dora_dist.parallel.mesh import data_parallel_rank
             from dora_dist.parallel.tp import tp_row_view
 
-            split = [(n, layer) for n, layer in layers if getattr(layer, "_tp_spec", None) is not None]
-            layers = [(n, layer) for n, layer in layers if getattr(layer, "_tp_spec", None) is None]
-            first = self.env.rank // self.cfg.parallel.tp == 0
+            split = [(n, layer) for n, layer in layers if is_tensor_parallel(layer)]
+            layers = [(n, layer) for n, layer in layers if not is_tensor_parallel(layer)]
+            first = data_parallel_rank(self.cfg, self.env.rank, self.env.world_size)[0] == 0
             for name, layer in split:
                 yield tp_row_view(name, layer, first, device)
         sharded = [layer for _, layer in layers if isinstance(layer.base_layer.weight, DTensor)]
@@ -370,7 +372,7 @@ def init_sharded_norms(model: nn.Module, device: torch.device) -> int:
     for _, layer in dora_layers(model):
         weight, source = layer.base_layer.weight, layer.weight_source
         done += 1
-        if getattr(layer, "_tp_spec", None) is not None:
+        if is_tensor_parallel(layer):
             continue  # tensor-parallel: norms and magnitude set when it was split (parallel/tp.py)
         if not isinstance(weight, DTensor):
             layer.init_magnitude()  # not sharded (e.g. outside any fully_shard unit)

@@ -77,18 +77,24 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+def _summed_together(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> list[torch.Tensor]:
+    """`tensors` (detached, in the first one's dtype) summed over `group` by ONE all-reduce of their concatenation,
+    returned as views of it in their own shapes. COLLECTIVE."""
+    dtype = tensors[0].dtype
+    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start : start + t.numel()].view(t.shape))
+        start += t.numel()
+    return out
+
+
 def partial_sums_over(group: dist.ProcessGroup):
     """A DoRALinear.partial_sums: the tensors summed over `group` in ONE all-reduce of their concatenation."""
 
     def total(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        dtype = tensors[0].dtype
-        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
-        dist.all_reduce(flat, group=group)  # COLLECTIVE (tp): DoRA norm partials
-        out, start = [], 0
-        for t in tensors:
-            out.append(flat[start : start + t.numel()].view(t.shape))
-            start += t.numel()
-        return out
+        return _summed_together(tensors, group)  # COLLECTIVE (tp): DoRA norm partials
 
     return total
 
@@ -205,17 +211,15 @@ def shard_dora_layer(name: str, layer: DoRALinear, kind: str, mesh: Any) -> None
     from dora_dist.quant.bnb import BnB4bitWeight  # imports bitsandbytes only when it is used
 
     source = layer.weight_source
-    four_bit = isinstance(source, BnB4bitWeight)
-    if (source.quantized and not four_bit) or layer.fan_in_fan_out:
+    if (source.quantized and not isinstance(source, BnB4bitWeight)) or layer.fan_in_fan_out:
         raise ConfigError(
             f"parallel.tp={tp} cannot split {name}: tensor parallelism takes dense (out, in) nn.Linear and "
             "bitsandbytes 4-bit bases only"
         )
     group = mesh.get_group()
     places = _PLACEMENTS[kind]
-    if isinstance(
-        source, BnB4bitWeight
-    ):  # this rank's rows / columns of the packed codes, exactly (a plain Params4bit, not a DTensor)
+    if isinstance(source, BnB4bitWeight):
+        # this rank's rows / columns of the packed codes, exactly (a plain Params4bit, not a DTensor)
         from dora_dist.quant.split4bit import split_linear4bit
 
         try:
@@ -347,19 +351,8 @@ def average_dp_gradients(params: list[nn.Parameter], group: dist.ProcessGroup, d
             g = _local(p.grad)
             by_dtype.setdefault(g.dtype, []).append(g)
     for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)  # COLLECTIVE (dp): TP-split adapter gradients
-        flat.div_(dp)
-        start = 0
-        for g in grads:
-            g.copy_(flat[start : start + g.numel()].view_as(g))
-            start += g.numel()
-
-
-@torch.no_grad()
-def gather_tp_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A whole tensor from a DTensor (COLLECTIVE: all-gather over its mesh); a plain tensor as it is."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+        for g, total in zip(grads, _summed_together(grads, group), strict=True):  # COLLECTIVE (dp): TP-split grads
+            g.copy_(total.div_(dp))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -417,6 +410,5 @@ __all__ = [
     "tp_spec",
     "shard_dora_layer",
     "average_dp_gradients",
-    "gather_tp_tensor",
     "tp_row_view",
 ]

@@ -85,6 +85,12 @@ def _local_slice(p: torch.Tensor) -> torch.Tensor:
     return p.ds_tensor.view(-1).narrow(0, 0, stop - start)
 
 
+def _norm_slice(p: torch.Tensor) -> tuple[torch.Tensor, int, object]:
+    """(valid elements, their flat start, the group whose slices cover the weight) that the row norms of a ZeRO-3
+    parameter are computed from: its hpZ secondary partition (shard group), else its primary one (zero_hpz.py)."""
+    return zero_hpz.norm_slice(p, (_local_slice(p), _partition_range(p)[0]))
+
+
 def storage_row_pieces(flat: torch.Tensor, start: int, d1: int, chunk_rows: int = 4096):
     """Walk the elements of a row-major (d0, d1) weight that lie in flat[start:...] (one rank's ZeRO-3 partition):
     yields ("piece", row, col0, values) for a partial storage row (the head and tail: the slice may begin and end
@@ -325,7 +331,7 @@ class Zero3Engine(ZeroEngine):
     def _row_sq_from_partition(self, layer: nn.Module, stats: dict) -> torch.Tensor:
         """‖W_i‖² (fp32, (out,)) from this rank's flat slice + one all-reduce of (out,) floats."""
         w = layer.base_layer.weight
-        flat, start, group = zero_hpz.norm_slice(w, (_local_slice(w), _partition_range(w)[0]))
+        flat, start, group = _norm_slice(w)
         shape = tuple(int(d) for d in w.ds_shape)
         out_dim = 1 if layer.fan_in_fan_out else 0
         partial = partial_row_sq_norms(flat, start, shape, out_dim).to(self.env.device)
@@ -373,7 +379,7 @@ class Zero3Engine(ZeroEngine):
                 a, b, m = (p.detach().to(device).clone() for p in adapter)
             w = layer.base_layer.weight
             if _is_partitioned(w):
-                flat, start, group = zero_hpz.norm_slice(w, (_local_slice(w), _partition_range(w)[0]))
+                flat, start, group = _norm_slice(w)
                 shape = tuple(int(d) for d in w.ds_shape)
                 wa = partial_times_A(flat, start, shape, 1 if layer.fan_in_fan_out else 0, a).to(device)
                 dist.all_reduce(wa, group=group)  # COLLECTIVE: (out, r) floats

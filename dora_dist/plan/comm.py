@@ -176,9 +176,9 @@ def predict_collectives(
 
         return [c for c in predict_tp_collectives(cfg, spec, engine, dims, padded_tokens) if c.nbytes or c.calls]
     fsdp2 = caps.shards_params and caps.deepspeed_stage is None
-    zero3_hpz = caps.deepspeed_stage == 3 and dims.hybrid
     # modelled meshes: flat (every engine), FSDP2's HSDP and ZeRO-3's hpZ (dp_replicate × dp_shard, both > 1)
-    if (dims.dp_replicate > 1 and not ((fsdp2 or zero3_hpz) and dims.hybrid)) or dims.tp > 1 or dims.world != world:
+    hybrid_modelled = dims.hybrid and (fsdp2 or caps.deepspeed_stage == 3)
+    if (dims.dp_replicate > 1 and not hybrid_modelled) or dims.world != world:
         raise NotImplementedError(f"no communication model yet for the mesh {dims.describe()}")
     gas = grad_accum(cfg, world)
     abytes = dtype_bytes(cfg.dora.adapter_dtype)

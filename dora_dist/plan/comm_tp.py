@@ -90,6 +90,7 @@ def tp_layer_bytes(cfg: Config, spec: ModelSpec, kinds: dict[str, str], tokens: 
     g = max(a, 4)
     r = cfg.dora.r
     shapes = {p.name: p.shape for p in spec.params}
+    blocks = {p.name: p.block for p in spec.params}
     fwd = fwd_calls = bwd = bwd_calls = 0
     first = min((p.block for p in spec.params if p.block >= 0), default=0)
     shared = shared_input_parents(kinds)
@@ -99,8 +100,8 @@ def tp_layer_bytes(cfg: Config, spec: ModelSpec, kinds: dict[str, str], tokens: 
         has_dora = module + LEAVES["magnitude"] in shapes
         if kind == "colwise":
             parent = module.rpartition(".")[0]
-            block = next(p.block for p in spec.params if p.name == module + LEAVES["linear"])
-            needs_grad = not (block == first and ".self_attn." in module)  # the first attention reads embeddings
+            # the first block's attention reads the embeddings, whose gradient nothing needs
+            needs_grad = not (blocks[module + LEAVES["linear"]] == first and ".self_attn." in module)
             if needs_grad and (parent not in shared or parent not in counted):  # once per shared input
                 bwd, bwd_calls = bwd + tokens * in_f * e, bwd_calls + 1
                 counted.add(parent)
